@@ -1,0 +1,1022 @@
+"""The pnova engine: a NOVA-style filesystem on a PMem device, without FUSE.
+
+Every public method takes inode numbers and byte-string names (the shape of
+FUSE requests) and either returns a result or raises :class:`FsError` with an
+errno.  The FUSE layer, the tools and the benchmark harness all drive this
+class.  Persistent state changes only through the pmem layer; the Python
+objects here (inode cache, allocators, free-inode heaps) are DRAM caches that
+a mount rebuilds from the device.
+"""
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import stat
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import layout as L
+from . import log as plog
+from .alloc import Allocator
+from .errors import CorruptImage, FsError
+from .inode import Inode
+from .journal import Journal, JournalError
+from .pmem import DeviceError, PMem
+
+logger = logging.getLogger("pnova")
+
+_XATTR_NS_OK = (b"user.",)
+
+
+@dataclass(slots=True)
+class Attr:
+    """What stat(2) reports for an inode."""
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int          # 512-byte units
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    generation: int
+
+
+@dataclass(slots=True)
+class StatFs:
+    bsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    namemax: int
+
+
+def read_superblock(pm: PMem) -> tuple[L.Superblock, str]:
+    """Return (superblock, which) where which is 'primary' or 'replica'.
+
+    Raises CorruptImage with one line when neither copy is valid.
+    """
+    if pm.size < 16 * L.BLOCK:
+        raise CorruptImage(f"{pm.path}: too small to hold a pnova filesystem")
+    try:
+        return L.Superblock.unpack(pm.read(0, L.SB_SIZE)), "primary"
+    except ValueError as e1:
+        why1 = str(e1)
+    last = (pm.size // L.BLOCK - 1) * L.BLOCK
+    try:
+        sb = L.Superblock.unpack(pm.read(last, L.SB_SIZE))
+    except ValueError as e2:
+        if why1 == "bad magic" and str(e2) == "bad magic":
+            raise CorruptImage(f"{pm.path}: not a pnova filesystem (no superblock found)") from None
+        raise CorruptImage(f"{pm.path}: superblock unusable ({why1}) and its replica too "
+                           f"({e2}); run fsck.pnova") from None
+    if sb.total_blocks * L.BLOCK != pm.size - pm.size % L.BLOCK:
+        raise CorruptImage(f"{pm.path}: replica superblock does not match the device size")
+    return sb, "replica"
+
+
+def write_superblock(pm: PMem, sb: L.Superblock) -> None:
+    """Primary then replica, each fenced: a crash leaves at least one intact copy."""
+    raw = sb.pack()
+    pm.store(0, raw)
+    pm.persist(0, len(raw))
+    last = (sb.total_blocks - 1) * L.BLOCK
+    pm.store(last, raw)
+    pm.persist(last, len(raw))
+
+
+def read_regions(pm: PMem, sb: L.Superblock) -> list[L.Region]:
+    """Region descriptors, checked against the geometry the superblock implies."""
+    try:
+        expect = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
+                                sb.inodes_per_cpu)
+    except ValueError as e:
+        raise CorruptImage(f"{pm.path}: superblock geometry is impossible ({e})") from None
+    out = []
+    base = sb.region_table_block * L.BLOCK
+    for i in range(sb.ncpus):
+        raw = pm.read(base + i * L.REGION_SIZE, L.REGION_SIZE)
+        try:
+            r = L.Region.unpack(raw)
+        except ValueError:
+            r = None
+        if r != expect[i]:
+            # The table is derivable from the superblock: use the derived copy
+            # and let fsck rewrite the damaged descriptor.
+            logger.warning("region descriptor of CPU %d is damaged; using the geometry "
+                           "from the superblock", i)
+            r = expect[i]
+        out.append(r)
+    return out
+
+
+class FileSystem:
+    """A mounted pnova filesystem (one process, acting as one CPU)."""
+
+    def __init__(self, pm: PMem, sb: L.Superblock, regions: list[L.Region], *, cpu: int = 0,
+                 readonly: bool = False) -> None:
+        self.pm = pm
+        self.sb = sb
+        self.regions = regions
+        self.ncpus = sb.ncpus
+        self.cpu = cpu % self.ncpus
+        self.readonly = readonly
+        total = sb.total_blocks
+        self.alloc = Allocator(regions, sb.cpus_per_node,
+                               reserve=max(8, min(1024, total // 512)))
+        self.journals = [Journal(pm, r.journal_block) for r in regions]
+        self.free_inodes: list[list[int]] = [[] for _ in regions]
+        self.nfree_inodes = 0
+        self.cache: dict[int, Inode] = {}
+        self.seq = sb.next_seq
+        self.max_log_pages = total
+        self.mount_path = ""
+        self.mount_seconds = 0.0
+
+    # ------------------------------------------------------------------ mount
+    @classmethod
+    def mount(cls, path: str, *, cpu: int = 0, readonly: bool = False) -> "FileSystem":
+        """Open an image: clean images load saved state, others are recovered.
+
+        Raises CorruptImage (one line) when the image cannot be used.
+        """
+        t0 = time.monotonic()
+        try:
+            pm = PMem(path, readonly=readonly)
+        except DeviceError as e:
+            raise CorruptImage(str(e)) from None
+        try:
+            sb, which = read_superblock(pm)
+            if which == "replica":
+                logger.warning("%s: primary superblock is damaged; using the replica", path)
+            regions = read_regions(pm, sb)
+            fs = cls(pm, sb, regions, cpu=cpu, readonly=readonly)
+            if sb.clean:
+                fs._load_clean()
+                fs.mount_path = "clean"
+            else:
+                if readonly:
+                    raise CorruptImage(f"{path}: not cleanly unmounted; recovery needs a "
+                                       "read-write mount")
+                fs._recover()
+                fs.mount_path = "recovery"
+            if not readonly:
+                fs.sb.clean = 0
+                fs.sb.mount_count += 1
+                fs.sb.last_mount_ns = time.time_ns()
+                write_superblock(pm, fs.sb)
+        except BaseException:
+            pm.close()
+            raise
+        fs.mount_seconds = time.monotonic() - t0
+        logger.info("mounted %s via %s path in %.3f s (%d free blocks, %d free inodes)",
+                    path, fs.mount_path, fs.mount_seconds, fs.alloc.nfree, fs.nfree_inodes)
+        return fs
+
+    def _state_words(self, r: L.Region) -> np.ndarray:
+        words = self.pm.buf[r.itable_start * L.BLOCK:
+                            r.itable_start * L.BLOCK + self.sb.inodes_per_cpu * L.INODE_SIZE]
+        return words.view("<u8").reshape(-1, L.INODE_SIZE // 8)[:, L.I_STATE // 8]
+
+    def _build_free_inodes(self) -> list[int]:
+        """Free-inode heaps from the state words; return the live inode numbers."""
+        live: list[int] = []
+        self.nfree_inodes = 0
+        for r in self.regions:
+            st = self._state_words(r)
+            free = np.flatnonzero(st == L.STATE_FREE)
+            bad = np.flatnonzero((st != L.STATE_FREE) & (st != L.STATE_LIVE))
+            if len(bad):
+                ino = self.ino_of(r.cpu, int(bad[0]))
+                raise CorruptImage(f"{self.pm.path}: inode {ino} has a bad state word; "
+                                   "run fsck.pnova")
+            heap = free.tolist()
+            if r.cpu == 0 and heap and heap[0] == 0:
+                raise CorruptImage(f"{self.pm.path}: the root inode is not live; run fsck.pnova")
+            self.free_inodes[r.cpu] = heap           # sorted ascending: already a heap
+            self.nfree_inodes += len(heap)
+            idx = np.flatnonzero(st == L.STATE_LIVE)
+            live.extend((1 + idx * self.ncpus + r.cpu).tolist())
+        return live
+
+    def _load_clean(self) -> None:
+        self._build_free_inodes()
+        for ra in self.alloc.regions:
+            r = ra.region
+            raw = self.pm.buf[r.bitmap_start * L.BLOCK:(r.bitmap_start + r.bitmap_blocks) * L.BLOCK]
+            used = np.unpackbits(raw, bitorder="little")[:r.data_blocks].astype(bool)
+            ra.load_used_bitmap(used)
+
+    def _recover(self) -> None:
+        """Roll back open journals, then rebuild every index by replaying every log."""
+        t0 = time.monotonic()
+        undone = 0
+        for j in self.journals:
+            try:
+                recs = j.pending()
+            except JournalError as e:
+                raise CorruptImage(f"{self.pm.path}: lite journal damaged ({e}); "
+                                   "run fsck.pnova") from None
+            for addr, _old in recs or ():
+                if not self._is_inode_word(addr):
+                    raise CorruptImage(f"{self.pm.path}: lite journal points outside the "
+                                       "inode tables; run fsck.pnova")
+            undone += j.rollback()
+        live = self._build_free_inodes()
+        used = [np.zeros(ra.hi - ra.lo, dtype=bool) for ra in self.alloc.regions]
+        maxseq = self.sb.next_seq
+        orphans = []
+        for ino in live:
+            try:
+                inode, seq = self._read_inode(ino)
+            except (plog.LogError, ValueError) as e:
+                raise CorruptImage(f"{self.pm.path}: inode {ino}: {e}; run fsck.pnova") from None
+            maxseq = max(maxseq, seq + 1)
+            self.cache[ino] = inode
+            for b in inode.log_pages:
+                self._mark(used, b, ino)
+            if inode.pages:
+                for b in inode.pages.values():
+                    self._mark(used, b, ino)
+            if inode.nlink == 0:
+                orphans.append(inode)
+        for ra, u in zip(self.alloc.regions, used):
+            ra.load_used_bitmap(u)
+        self.seq = maxseq
+        if 1 not in self.cache:
+            raise CorruptImage(f"{self.pm.path}: the root inode is missing; run fsck.pnova")
+        for inode in orphans:
+            self._evict(inode)
+        logger.info("recovery: %d journal words undone, %d inodes replayed, %d orphans "
+                    "freed in %.3f s", undone, len(live), len(orphans), time.monotonic() - t0)
+
+    def _mark(self, used: list[np.ndarray], block: int, ino: int) -> None:
+        try:
+            ra = self.alloc.owner(block)
+        except AssertionError:
+            raise CorruptImage(f"{self.pm.path}: inode {ino} uses block {block}, outside "
+                               "the data area; run fsck.pnova") from None
+        u = used[ra.region.cpu]
+        if u[block - ra.lo]:
+            raise CorruptImage(f"{self.pm.path}: block {block} is used twice (inode {ino}); "
+                               "run fsck.pnova")
+        u[block - ra.lo] = True
+
+    def _is_inode_word(self, addr: int) -> bool:
+        for r in self.regions:
+            lo = r.itable_start * L.BLOCK
+            if lo <= addr < lo + self.sb.inodes_per_cpu * L.INODE_SIZE:
+                return (addr - lo) % L.INODE_SIZE in (L.I_STATE, L.I_LOG_HEAD, L.I_LOG_TAIL)
+        return False
+
+    def unmount(self) -> None:
+        """Clean unmount: free orphans, save allocator state, mark the image clean."""
+        if self.pm is None:
+            return
+        if not self.readonly:
+            for inode in [i for i in self.cache.values() if i.nlink == 0]:
+                self._evict(inode)
+            pm = self.pm
+            for ra in self.alloc.regions:
+                r = ra.region
+                bits = np.packbits(ra.used_bitmap(), bitorder="little")
+                off = r.bitmap_start * L.BLOCK
+                pm.store(off, bits.tobytes())
+                pm.flush(off, len(bits))
+            pm.fence()                                   # saved state durable before 'clean'
+            self.sb.clean = 1
+            self.sb.next_seq = self.seq
+            self.sb.last_unmount_ns = time.time_ns()
+            write_superblock(pm, self.sb)
+            pm.sync()
+        self.pm.close()
+        self.pm = None  # type: ignore[assignment]
+        logger.info("unmounted cleanly")
+
+    # --------------------------------------------------------------- helpers
+    def ino_of(self, cpu: int, idx: int) -> int:
+        return 1 + idx * self.ncpus + cpu
+
+    def inode_addr(self, ino: int) -> int:
+        cpu = (ino - 1) % self.ncpus
+        idx = (ino - 1) // self.ncpus
+        return self.regions[cpu].itable_start * L.BLOCK + idx * L.INODE_SIZE
+
+    def _valid_ino(self, ino: int) -> bool:
+        return 1 <= ino and (ino - 1) // self.ncpus < self.sb.inodes_per_cpu
+
+    def _read_inode(self, ino: int) -> tuple[Inode, int]:
+        """Build an Inode from its slot and log; return it and its highest seq."""
+        addr = self.inode_addr(ino)
+        pm = self.pm
+        st = L.InodeStatic.unpack(pm.read(addr, 64))
+        head = pm.read_u64(addr + L.I_LOG_HEAD)
+        tail = pm.read_u64(addr + L.I_LOG_TAIL)
+        inode = Inode(ino, st, head, tail)
+        maxseq = st.create_seq
+        pages: list[int] = []
+        for raw in plog.walk(pm, head, tail, ino, self.max_log_pages, pages):
+            e = L.decode_entry(raw)
+            if e[0] == L.E_NEXT_PAGE:
+                continue
+            if e[1] > maxseq:
+                maxseq = e[1]
+            inode.apply(e)
+        inode.log_pages = pages
+        return inode, maxseq
+
+    def get(self, ino: int) -> Inode:
+        """The cached inode, loaded from the device on first use."""
+        inode = self.cache.get(ino)
+        if inode is not None:
+            return inode
+        if not self._valid_ino(ino) or self.pm.read_u64(self.inode_addr(ino) + L.I_STATE) != L.STATE_LIVE:
+            raise FsError(errno.ENOENT)
+        try:
+            inode, _ = self._read_inode(ino)
+        except (plog.LogError, ValueError) as e:
+            logger.error("inode %d is damaged: %s (run fsck.pnova)", ino, e)
+            raise FsError(errno.EIO) from None
+        self.cache[ino] = inode
+        return inode
+
+    def _dir(self, ino: int) -> Inode:
+        d = self.get(ino)
+        if not d.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return d
+
+    def _next_seq(self) -> int:
+        s = self.seq
+        self.seq = s + 1
+        return s
+
+    def _rw(self) -> None:
+        if self.readonly:
+            raise FsError(errno.EROFS)
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > L.NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+            raise FsError(errno.EINVAL)
+
+    def _new_log_page(self) -> int:
+        return self.alloc.alloc_one(self.cpu, meta=True)
+
+    def attr(self, inode: Inode) -> Attr:
+        if inode.pages is not None:
+            blocks = len(inode.pages) * (L.BLOCK // 512)
+            size = inode.size
+        else:
+            blocks = len(inode.log_pages) * (L.BLOCK // 512)
+            size = L.BLOCK
+        return Attr(inode.ino, inode.mode, inode.nlink, inode.uid, inode.gid, inode.rdev,
+                    size, blocks, inode.atime, inode.mtime, inode.ctime, inode.generation)
+
+    # ------------------------------------------------------------ transactions
+    def _commit(self, changes: list[tuple[Inode, list[tuple]]],
+                extra: list[tuple[int, int]] = (), extra_pages: list[int] = ()) -> list[int]:
+        """Append entries to each inode's log and make them all visible atomically.
+
+        ``extra`` are further 8-byte words (inode state) set in the same
+        transaction.  ``extra_pages`` are blocks already allocated for this
+        operation, freed if it fails.  Returns the data blocks the entries
+        made unreferenced; the caller frees them (they are no longer needed
+        once this returns: the commit is durable).
+        """
+        pm = self.pm
+        appended: list[tuple[Inode, int, list[int], list[tuple]]] = []
+        try:
+            for inode, entries in changes:
+                raws = [L.encode_entry(e) for e in entries]
+                new_tail, pages = plog.append(pm, inode.tail, raws, inode.ino,
+                                              self._new_log_page)
+                appended.append((inode, new_tail, pages, entries))
+        except FsError as exc:
+            for p in getattr(exc, "pages", []):
+                self.alloc.free(p, 1)
+            for _, _, pages, _ in appended:
+                for p in pages:
+                    self.alloc.free(p, 1)
+            for p in extra_pages:
+                self.alloc.free(p, 1)
+            raise
+        if len(appended) == 1 and not extra:
+            inode, new_tail, _, _ = appended[0]
+            plog.commit_tail(pm, self.inode_addr(inode.ino) + L.I_LOG_TAIL, new_tail)
+        else:
+            updates = [(self.inode_addr(i.ino) + L.I_LOG_TAIL, t) for i, t, _, _ in appended]
+            self.journals[self.cpu].run(updates + list(extra))
+        freed: list[int] = []
+        for inode, new_tail, pages, entries in appended:
+            inode.tail = new_tail
+            for e in entries:
+                freed.extend(inode.apply(e))
+            if pages:
+                inode.log_pages.extend(pages)
+                self._maybe_compact(inode)
+        return freed
+
+    def _free_blocks(self, blocks: list[int]) -> None:
+        if not blocks:
+            return
+        blocks.sort()
+        start = prev = blocks[0]
+        for b in blocks[1:]:
+            if b != prev + 1:
+                self.alloc.free(start, prev - start + 1)
+                start = b
+            prev = b
+        self.alloc.free(start, prev - start + 1)
+
+    # --------------------------------------------------------- log compaction
+    def _maybe_compact(self, inode: Inode) -> None:
+        n = len(inode.log_pages)
+        if n >= 4 and n > 2 * (inode.live_log_estimate() // L.LOG_DATA + 1) + 1:
+            try:
+                self.compact(inode.ino)
+            except FsError:
+                pass    # no room for a new chain: keep the long one
+
+    def compact(self, ino: int) -> None:
+        """Thorough log GC: rewrite the live state as a new chain, swap head and tail."""
+        inode = self.get(ino)
+        entries: list[tuple] = []
+        if inode.is_dir:
+            entries.append((L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, inode.parent,
+                            stat.S_IFDIR >> 12, inode.ctime))
+            for cookie, name in inode.order.items():
+                child, dtype, _ = inode.dents[name]
+                entries.append((L.E_DENTRY, cookie, L.D_ADD, name, child, dtype, inode.mtime))
+        else:
+            run = None
+            for pg in sorted(inode.pages):
+                b = inode.pages[pg]
+                if run and run[0] + run[1] == pg and run[2] + run[1] == b:
+                    run[1] += 1
+                else:
+                    if run:
+                        entries.append((L.E_WRITE, self._next_seq(), run[0], run[1], run[2],
+                                        inode.size, inode.mtime))
+                    run = [pg, 1, b]
+            if run:
+                entries.append((L.E_WRITE, self._next_seq(), run[0], run[1], run[2],
+                                inode.size, inode.mtime))
+        for name, value in inode.xattrs.items():
+            entries.append((L.E_XATTR, self._next_seq(), L.X_SET, name, value, inode.ctime))
+        entries.append((L.E_SETATTR, self._next_seq(),
+                        L.SA_MODE | L.SA_UID | L.SA_GID | L.SA_SIZE | L.SA_ATIME | L.SA_MTIME | L.SA_CTIME,
+                        inode.mode & 0o7777, inode.uid, inode.gid, inode.size, inode.atime,
+                        inode.mtime, inode.ctime))
+        entries.append((L.E_LINK, self._next_seq(), inode.nlink, inode.ctime))
+        pm = self.pm
+        first = self._new_log_page()
+        plog.init_page(pm, first, ino)
+        try:
+            tail, pages = plog.append(pm, first * L.BLOCK, [L.encode_entry(e) for e in entries],
+                                      ino, self._new_log_page)
+        except FsError as exc:
+            for p in [first] + getattr(exc, "pages", []):
+                self.alloc.free(p, 1)
+            raise
+        addr = self.inode_addr(ino)
+        self.journals[self.cpu].run([(addr + L.I_LOG_HEAD, first * L.BLOCK),
+                                     (addr + L.I_LOG_TAIL, tail)])
+        old = inode.log_pages
+        inode.head, inode.tail, inode.log_pages = first * L.BLOCK, tail, [first] + pages
+        for p in old:
+            self.alloc.free(p, 1)
+
+    # ---------------------------------------------------------- inode life
+    def _alloc_ino(self) -> int:
+        order = [self.cpu] + [c for c in range(self.ncpus) if c != self.cpu]
+        for c in order:
+            heap = self.free_inodes[c]
+            if heap:
+                self.nfree_inodes -= 1
+                return self.ino_of(c, heapq.heappop(heap))
+        raise FsError(errno.ENOSPC)
+
+    def _release_ino(self, ino: int) -> None:
+        cpu = (ino - 1) % self.ncpus
+        heapq.heappush(self.free_inodes[cpu], (ino - 1) // self.ncpus)
+        self.nfree_inodes += 1
+
+    def _evict(self, inode: Inode) -> None:
+        """Free an inode with no links and no users: state word first, then blocks."""
+        addr = self.inode_addr(inode.ino)
+        self.pm.store_u64(addr + L.I_STATE, L.STATE_FREE)
+        self.pm.persist(addr + L.I_STATE, 8)             # after this the inode is gone
+        blocks = list(inode.log_pages)
+        if inode.pages:
+            blocks.extend(inode.pages.values())
+        self._free_blocks(blocks)
+        self.cache.pop(inode.ino, None)
+        self._release_ino(inode.ino)
+
+    def _maybe_evict(self, inode: Inode) -> None:
+        if inode.nlink == 0 and inode.lookups == 0:
+            self._evict(inode)
+
+    def _make_inode(self, mode: int, uid: int, gid: int, rdev: int,
+                    entries: list[tuple], data: bytes | None = None) -> tuple[Inode, int, list[int]]:
+        """Write a new inode slot (state still FREE) with its first log page.
+
+        Returns (inode object, slot address, blocks allocated).  The caller
+        flips the state word to LIVE inside its journal transaction.
+        """
+        pm = self.pm
+        ino = self._alloc_ino()
+        allocated: list[int] = []
+        try:
+            page = self.alloc.alloc_one(self.cpu, meta=False)
+            allocated.append(page)
+            plog.init_page(pm, page, ino)
+            if data is not None:            # symlink target: one data block
+                blk = self.alloc.alloc_one(self.cpu, meta=False)
+                allocated.append(blk)
+                pm.store(blk * L.BLOCK, data)
+                pm.store_zero(blk * L.BLOCK + len(data), L.BLOCK - len(data))
+                pm.flush(blk * L.BLOCK, L.BLOCK)
+                entries = entries + [(L.E_WRITE, self._next_seq(), 0, 1, blk, len(data),
+                                      entries[0][-1] if entries else time.time_ns())]
+            now = time.time_ns()
+            seq = self._next_seq()
+            st = L.InodeStatic(mode, uid, gid, 0, rdev, seq, now, seq)
+            tail, more = plog.append(pm, page * L.BLOCK, [L.encode_entry(e) for e in entries],
+                                     ino, self._new_log_page)
+            allocated.extend(more)
+        except FsError as exc:
+            for b in allocated + getattr(exc, "pages", []):
+                self.alloc.free(b, 1)
+            self._release_ino(ino)
+            raise
+        addr = self.inode_addr(ino)
+        pm.store(addr, st.pack())
+        line1 = bytearray(64)
+        line1[L.I_LOG_HEAD - 64:L.I_LOG_HEAD - 56] = (page * L.BLOCK).to_bytes(8, "little")
+        line1[L.I_LOG_TAIL - 64:L.I_LOG_TAIL - 56] = tail.to_bytes(8, "little")
+        pm.store(addr + 64, bytes(line1))                 # state word stays FREE (0)
+        pm.flush(addr, L.INODE_SIZE)
+        inode = Inode(ino, st, page * L.BLOCK, tail)
+        inode.log_pages = [page] + more
+        for e in entries:
+            inode.apply(e)
+        return inode, addr, allocated
+
+    def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+                target: bytes | None = None) -> Attr:
+        self._rw()
+        self._check_name(name)
+        d = self._dir(parent)
+        if d.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if name in d.dents:
+            raise FsError(errno.EEXIST)
+        now = time.time_ns()
+        is_dir = stat.S_ISDIR(mode)
+        own = [(L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, parent, stat.S_IFDIR >> 12, now)] \
+            if is_dir else []
+        inode, addr, allocated = self._make_inode(mode, uid, gid, rdev, own, target)
+        pentries = [(L.E_DENTRY, self._next_seq(), L.D_ADD, name, inode.ino,
+                     stat.S_IFMT(mode) >> 12, now)]
+        if is_dir:
+            pentries.append((L.E_LINK, self._next_seq(), d.nlink + 1, now))
+        try:
+            self._commit([(d, pentries)], extra=[(addr + L.I_STATE, L.STATE_LIVE)],
+                         extra_pages=allocated)
+        except FsError:
+            self._release_ino(inode.ino)
+            raise
+        self.cache[inode.ino] = inode
+        return self.attr(inode)
+
+    # ------------------------------------------------------------- namespace
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        d = self._dir(parent)
+        if name == b".":
+            return self.attr(d)
+        if name == b"..":
+            return self.attr(self.get(d.parent or parent))
+        if len(name) > L.NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        ent = d.dents.get(name)
+        if ent is None:
+            raise FsError(errno.ENOENT)
+        return self.attr(self.get(ent[0]))
+
+    def getattr(self, ino: int) -> Attr:
+        return self.attr(self.get(ino))
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
+        """Create a regular file (mode without type bits means a regular file)."""
+        return self._create(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, uid: int = 0,
+              gid: int = 0) -> Attr:
+        fmt = stat.S_IFMT(mode) or stat.S_IFREG
+        if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise FsError(errno.EINVAL)
+        return self._create(parent, name, fmt | (mode & 0o7777), uid, gid, rdev)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
+        return self._create(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int = 0,
+                gid: int = 0) -> Attr:
+        if not target or b"\0" in target:
+            raise FsError(errno.EINVAL)
+        if len(target) >= L.BLOCK:
+            raise FsError(errno.ENAMETOOLONG)
+        return self._create(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.get(ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EINVAL)
+        return self._read(inode, 0, inode.size)
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        self._rw()
+        self._check_name(new_name)
+        target = self.get(ino)
+        if target.is_dir:
+            raise FsError(errno.EPERM)
+        d = self._dir(new_parent)
+        if d.nlink == 0 or target.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if new_name in d.dents:
+            raise FsError(errno.EEXIST)
+        now = time.time_ns()
+        self._commit([
+            (d, [(L.E_DENTRY, self._next_seq(), L.D_ADD, new_name, ino,
+                  stat.S_IFMT(target.mode) >> 12, now)]),
+            (target, [(L.E_LINK, self._next_seq(), target.nlink + 1, now)]),
+        ])
+        return self.attr(target)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._rw()
+        d = self._dir(parent)
+        ent = d.dents.get(name) if len(name) <= L.NAME_MAX else None
+        if ent is None:
+            raise FsError(errno.ENAMETOOLONG if len(name) > L.NAME_MAX else errno.ENOENT)
+        victim = self.get(ent[0])
+        if victim.is_dir:
+            raise FsError(errno.EISDIR)
+        now = time.time_ns()
+        self._commit([
+            (d, [(L.E_DENTRY, self._next_seq(), L.D_REMOVE, name, 0, 0, now)]),
+            (victim, [(L.E_LINK, self._next_seq(), victim.nlink - 1, now)]),
+        ])
+        self._maybe_evict(victim)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._rw()
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        if name == b"..":
+            raise FsError(errno.ENOTEMPTY)
+        d = self._dir(parent)
+        ent = d.dents.get(name)
+        if ent is None:
+            raise FsError(errno.ENOENT)
+        victim = self.get(ent[0])
+        if not victim.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if victim.dents:
+            raise FsError(errno.ENOTEMPTY)
+        now = time.time_ns()
+        self._commit([
+            (d, [(L.E_DENTRY, self._next_seq(), L.D_REMOVE, name, 0, 0, now),
+                 (L.E_LINK, self._next_seq(), d.nlink - 1, now)]),
+            (victim, [(L.E_LINK, self._next_seq(), 0, now)]),
+        ])
+        self._maybe_evict(victim)
+
+    def _is_ancestor(self, anc: int, ino: int) -> bool:
+        """True if directory ``anc`` is ``ino`` or one of its ancestors."""
+        seen = 0
+        while True:
+            if ino == anc:
+                return True
+            if ino == L.ROOT_INO or seen > self.sb.inodes_per_cpu * self.ncpus:
+                return False
+            ino = self.get(ino).parent
+            seen += 1
+
+    def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0) -> None:
+        """rename(2) / renameat2 with RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2)."""
+        self._rw()
+        noreplace, exchange = flags & 1, flags & 2
+        if flags & ~3 or (noreplace and exchange):
+            raise FsError(errno.EINVAL)
+        for n in (n1, n2):
+            self._check_name(n)
+        d1, d2 = self._dir(p1), self._dir(p2)
+        e1 = d1.dents.get(n1)
+        if e1 is None:
+            raise FsError(errno.ENOENT)
+        e2 = d2.dents.get(n2)
+        if d2.nlink == 0:
+            raise FsError(errno.ENOENT)
+        src = self.get(e1[0])
+        dst = self.get(e2[0]) if e2 else None
+        if exchange and dst is None:
+            raise FsError(errno.ENOENT)
+        if noreplace and dst is not None:
+            raise FsError(errno.EEXIST)
+        if dst is not None and dst.ino == src.ino:
+            if p1 == p2 and n1 == n2 or not exchange:
+                return                                  # same file: rename does nothing
+        if src.is_dir and p1 != p2 and self._is_ancestor(src.ino, p2):
+            raise FsError(errno.EINVAL)
+        if exchange and dst.is_dir and p1 != p2 and self._is_ancestor(dst.ino, p1):
+            raise FsError(errno.EINVAL)
+        if dst is not None and not exchange:
+            if src.is_dir and not dst.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not src.is_dir and dst.is_dir:
+                raise FsError(errno.EISDIR)
+            if dst.is_dir and dst.dents:
+                raise FsError(errno.ENOTEMPTY)
+        now = time.time_ns()
+        ent: dict[int, list[tuple]] = {}
+        objs: dict[int, Inode] = {}
+
+        def add(inode: Inode, e: tuple) -> None:
+            objs[inode.ino] = inode
+            ent.setdefault(inode.ino, []).append(e)
+
+        nlink_delta: dict[int, int] = {}
+        dt = lambda i: stat.S_IFMT(i.mode) >> 12  # noqa: E731
+        if exchange:
+            add(d1, (L.E_DENTRY, self._next_seq(), L.D_ADD, n1, dst.ino, dt(dst), now))
+            add(d2, (L.E_DENTRY, self._next_seq(), L.D_ADD, n2, src.ino, dt(src), now))
+            if p1 != p2:
+                for moved, to in ((src, p2), (dst, p1)):
+                    if moved.is_dir:
+                        add(moved, (L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, to,
+                                    stat.S_IFDIR >> 12, now))
+                        nlink_delta[to] = nlink_delta.get(to, 0) + 1
+                        frm = p1 if to == p2 else p2
+                        nlink_delta[frm] = nlink_delta.get(frm, 0) - 1
+            for i in (src, dst):
+                if not (i.is_dir and p1 != p2):
+                    add(i, self._ctime_entry(i, now))
+        else:
+            add(d1, (L.E_DENTRY, self._next_seq(), L.D_REMOVE, n1, 0, 0, now))
+            add(d2, (L.E_DENTRY, self._next_seq(), L.D_ADD, n2, src.ino, dt(src), now))
+            if src.is_dir and p1 != p2:
+                add(src, (L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, p2,
+                          stat.S_IFDIR >> 12, now))
+                nlink_delta[p1] = nlink_delta.get(p1, 0) - 1
+                nlink_delta[p2] = nlink_delta.get(p2, 0) + 1
+            else:
+                add(src, self._ctime_entry(src, now))
+            if dst is not None:
+                add(dst, (L.E_LINK, self._next_seq(), 0 if dst.is_dir else dst.nlink - 1, now))
+                if dst.is_dir:
+                    nlink_delta[p2] = nlink_delta.get(p2, 0) - 1
+        for pino, delta in nlink_delta.items():
+            if delta:
+                pd = d1 if pino == p1 else d2
+                add(pd, (L.E_LINK, self._next_seq(), pd.nlink + delta, now))
+        self._commit([(objs[i], es) for i, es in ent.items()])
+        if dst is not None and not exchange:
+            self._maybe_evict(dst)
+
+    def _ctime_entry(self, inode: Inode, now: int) -> tuple:
+        return (L.E_SETATTR, self._next_seq(), L.SA_CTIME, 0, 0, 0, 0, 0, 0, now)
+
+    def readdir(self, ino: int, off: int = 0) -> list[tuple[bytes, int, int]]:
+        """Entries after cookie ``off``: (name, ino, next cookie), '.' and '..' first."""
+        d = self._dir(ino)
+        out: list[tuple[bytes, int, int]] = []
+        if off < 1:
+            out.append((b".", ino, 1))
+        if off < 2:
+            out.append((b"..", d.parent or ino, 2))
+        for cookie in d.order.irange(minimum=max(0, off - 2)):
+            if cookie + 3 <= off:
+                continue
+            name = d.order[cookie]
+            out.append((name, d.dents[name][0], cookie + 3))
+        return out
+
+    # ------------------------------------------------------------- reference counts
+    def ref(self, ino: int, n: int = 1) -> None:
+        """The kernel (or another user) now holds ``n`` more references."""
+        self.get(ino).lookups += n
+
+    def forget(self, ino: int, n: int = 1) -> None:
+        inode = self.cache.get(ino)
+        if inode is None:
+            return
+        inode.lookups = max(0, inode.lookups - n)
+        if not self.readonly:
+            self._maybe_evict(inode)
+
+    # ------------------------------------------------------------------ data
+    def _read(self, inode: Inode, off: int, size: int) -> bytes:
+        end = min(inode.size, off + size)
+        if off >= end:
+            return b""
+        pages = inode.pages
+        mm = self.pm.mm
+        first, last = off // L.BLOCK, (end - 1) // L.BLOCK
+        if first == last:
+            b = pages.get(first)
+            if b is None:
+                return bytes(end - off)
+            base = b * L.BLOCK - first * L.BLOCK
+            return mm[base + off:base + end]
+        out = bytearray(end - off)
+        pos = off
+        for pg in range(first, last + 1):
+            lo = max(off, pg * L.BLOCK)
+            hi = min(end, (pg + 1) * L.BLOCK)
+            b = pages.get(pg)
+            if b is not None:
+                src = b * L.BLOCK + lo - pg * L.BLOCK
+                out[lo - off:hi - off] = mm[src:src + hi - lo]
+            pos = hi
+        return bytes(out)
+
+    def read(self, ino: int, off: int, size: int) -> bytes:
+        inode = self.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if off < 0:
+            raise FsError(errno.EINVAL)
+        return self._read(inode, off, size)
+
+    def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
+        """Copy-on-write: new blocks, one log entry per extent, one atomic commit."""
+        self._rw()
+        n = len(data)
+        if off < 0:
+            raise FsError(errno.EINVAL)
+        if n == 0:
+            return 0
+        if off + n > L.MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        inode = self.get(ino)
+        if inode.pages is None:
+            raise FsError(errno.EISDIR)
+        pm = self.pm
+        first, last = off // L.BLOCK, (off + n - 1) // L.BLOCK
+        extents = self.alloc.alloc(self.cpu, last - first + 1)
+        pages = inode.pages
+        now = time.time_ns()
+        size = max(inode.size, off + n)
+        entries = []
+        pg = first
+        src = memoryview(data)
+        for start, count in extents:
+            dst = start * L.BLOCK
+            lo = pg * L.BLOCK                     # file offset of this extent's first page
+            hi = lo + count * L.BLOCK
+            a, b = max(off, lo), min(off + n, hi)
+            if a > lo:                            # head of the first page: old bytes or zeros
+                old = pages.get(pg)
+                if old is not None:
+                    pm.store_copy(dst, old * L.BLOCK, a - lo)
+                else:
+                    pm.store_zero(dst, a - lo)
+            pm.store(dst + a - lo, src[a - off:b - off])
+            if b < hi:                            # tail of the last page
+                lp = (hi // L.BLOCK) - 1
+                old = pages.get(lp)
+                if old is not None:
+                    pm.store_copy(dst + b - lo, old * L.BLOCK + b - lp * L.BLOCK, hi - b)
+                else:
+                    pm.store_zero(dst + b - lo, hi - b)
+            pm.flush(dst, count * L.BLOCK)
+            entries.append((L.E_WRITE, self._next_seq(), pg, count, start, size, now))
+            pg += count
+        try:
+            freed = self._commit([(inode, entries)])
+        except FsError:
+            for s, c in extents:
+                self.alloc.free(s, c)
+            raise
+        self._free_blocks(freed)
+        return n
+
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, ctime_ns: int | None = None) -> Attr:
+        """chmod / chown / truncate / utimens; ctime always moves."""
+        self._rw()
+        inode = self.get(ino)
+        now = time.time_ns()
+        mask = L.SA_CTIME
+        entries: list[tuple] = []
+        new_blocks: list[tuple[int, int]] = []
+        if mode is not None:
+            mask |= L.SA_MODE
+        if uid is not None:
+            mask |= L.SA_UID
+        if gid is not None:
+            mask |= L.SA_GID
+        if atime_ns is not None:
+            mask |= L.SA_ATIME
+        if mtime_ns is not None:
+            mask |= L.SA_MTIME
+        if size is not None:
+            if inode.is_dir:
+                raise FsError(errno.EISDIR)
+            if size < 0:
+                raise FsError(errno.EINVAL)
+            if size > L.MAX_FILE_SIZE:
+                raise FsError(errno.EFBIG)
+            mask |= L.SA_SIZE
+            if mtime_ns is None and size != inode.size:
+                mask |= L.SA_MTIME
+                mtime_ns = now
+            rem = size % L.BLOCK
+            old = inode.pages.get(size // L.BLOCK)
+            if size < inode.size and rem and old is not None:
+                # Keep the bytes past EOF in the last page zero: copy it with a zeroed tail.
+                blk = self.alloc.alloc_one(self.cpu, meta=False)
+                new_blocks.append((blk, 1))
+                pm = self.pm
+                pm.store_copy(blk * L.BLOCK, old * L.BLOCK, rem)
+                pm.store_zero(blk * L.BLOCK + rem, L.BLOCK - rem)
+                pm.flush(blk * L.BLOCK, L.BLOCK)
+                entries.append((L.E_WRITE, self._next_seq(), size // L.BLOCK, 1, blk,
+                                inode.size, inode.mtime))
+        entries.append((L.E_SETATTR, self._next_seq(), mask,
+                        mode & 0o7777 if mode is not None else 0, uid or 0, gid or 0,
+                        size or 0, atime_ns or 0, mtime_ns or 0, ctime_ns or now))
+        try:
+            freed = self._commit([(inode, entries)])
+        except FsError:
+            for s, c in new_blocks:
+                self.alloc.free(s, c)
+            raise
+        self._free_blocks(freed)
+        return self.attr(inode)
+
+    def fsync(self, ino: int) -> None:
+        """Every returned operation is already durable; fence for good measure."""
+        self.get(ino)
+        self.pm.fence()
+
+    # ------------------------------------------------------------------ xattrs
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        """flags: XATTR_CREATE (1) fails if present, XATTR_REPLACE (2) if absent."""
+        self._rw()
+        inode = self.get(ino)
+        if not name.startswith(_XATTR_NS_OK):
+            raise FsError(errno.EOPNOTSUPP)
+        if len(name) > L.NAME_MAX or len(name) <= len(b"user."):
+            raise FsError(errno.ERANGE if len(name) > L.NAME_MAX else errno.EINVAL)
+        if len(value) > L.XATTR_VALUE_MAX:
+            raise FsError(errno.E2BIG)
+        if not (stat.S_ISREG(inode.mode) or stat.S_ISDIR(inode.mode)):
+            raise FsError(errno.EPERM)
+        exists = name in inode.xattrs
+        if flags & 1 and exists:
+            raise FsError(errno.EEXIST)
+        if flags & 2 and not exists:
+            raise FsError(errno.ENODATA)
+        self._commit([(inode, [(L.E_XATTR, self._next_seq(), L.X_SET, name, bytes(value),
+                                time.time_ns())])])
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        inode = self.get(ino)
+        v = inode.xattrs.get(name)
+        if v is None:
+            raise FsError(errno.ENODATA)
+        return v
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return list(self.get(ino).xattrs)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._rw()
+        inode = self.get(ino)
+        if name not in inode.xattrs:
+            raise FsError(errno.ENODATA)
+        self._commit([(inode, [(L.E_XATTR, self._next_seq(), L.X_REMOVE, name, b"",
+                                time.time_ns())])])
+
+    # ------------------------------------------------------------------ statfs
+    def statfs(self) -> StatFs:
+        a = self.alloc
+        return StatFs(bsize=L.BLOCK, blocks=a.ntotal, bfree=a.nfree,
+                      bavail=max(0, a.nfree - a.reserve),
+                      files=self.sb.inodes_per_cpu * self.ncpus, ffree=self.nfree_inodes,
+                      namemax=L.NAME_MAX)

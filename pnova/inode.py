@@ -1,0 +1,139 @@
+"""DRAM state of one inode, rebuilt by replaying its log.
+
+An inode's persistent state is its static line (written once at creation) plus
+its log.  :class:`Inode` is the per-core cache of the result: attributes, the
+page index of a file (page offset -> data block), the name index of a
+directory, the xattrs.  It is derived state only and can always be rebuilt.
+"""
+from __future__ import annotations
+
+import stat
+
+from sortedcontainers import SortedDict
+
+from . import layout as L
+
+
+def initial_nlink(mode: int) -> int:
+    """Link count of a freshly created inode (before any LINK entry)."""
+    return 2 if stat.S_ISDIR(mode) else 1
+
+
+class Inode:
+    """Attributes and indexes of one live inode."""
+
+    __slots__ = ("ino", "mode", "uid", "gid", "rdev", "generation", "nlink", "size",
+                 "atime", "mtime", "ctime", "head", "tail", "log_pages", "pages",
+                 "dents", "order", "parent", "dent_bytes", "xattrs", "lookups")
+
+    def __init__(self, ino: int, st: L.InodeStatic, head: int, tail: int) -> None:
+        self.ino = ino
+        self.mode = st.mode
+        self.uid = st.uid
+        self.gid = st.gid
+        self.rdev = st.rdev
+        self.generation = st.generation
+        self.nlink = initial_nlink(st.mode)
+        self.size = 0
+        self.atime = self.mtime = self.ctime = st.ctime_ns
+        self.head = head
+        self.tail = tail
+        self.log_pages: list[int] = []
+        self.xattrs: dict[bytes, bytes] = {}
+        self.lookups = 0
+        self.parent = 0
+        self.dent_bytes = 0
+        if stat.S_ISDIR(st.mode):
+            self.pages = None
+            self.dents: dict[bytes, tuple[int, int, int]] | None = {}   # name -> (ino, dtype, cookie)
+            self.order: SortedDict | None = SortedDict()                 # cookie -> name
+        else:
+            self.pages: dict[int, int] | None = {}
+            self.dents = None
+            self.order = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.dents is not None
+
+    def apply(self, e: tuple) -> list[int]:
+        """Apply one decoded entry; return data blocks it made unreferenced."""
+        t = e[0]
+        freed: list[int] = []
+        if t == L.E_WRITE:
+            _, _seq, pgoff, npages, block, size, mtime = e
+            pages = self.pages
+            if pages is None:
+                raise ValueError("write entry in a directory log")
+            for i in range(npages):
+                old = pages.get(pgoff + i)
+                if old is not None:
+                    freed.append(old)
+                pages[pgoff + i] = block + i
+            self.size = size
+            self.mtime = self.ctime = mtime
+        elif t == L.E_SETATTR:
+            _, _seq, mask, mode, uid, gid, size, atime, mtime, ctime = e
+            if mask & L.SA_MODE:
+                self.mode = (self.mode & ~0o7777) | (mode & 0o7777)
+            if mask & L.SA_UID:
+                self.uid = uid
+            if mask & L.SA_GID:
+                self.gid = gid
+            if mask & L.SA_SIZE:
+                freed = self.truncate_index(size)
+                self.size = size
+            if mask & L.SA_ATIME:
+                self.atime = atime
+            if mask & L.SA_MTIME:
+                self.mtime = mtime
+            if mask & L.SA_CTIME:
+                self.ctime = ctime
+        elif t == L.E_LINK:
+            self.nlink = e[2]
+            self.ctime = e[3]
+        elif t == L.E_DENTRY:
+            _, seq, op, name, ino, dtype, time_ns = e
+            if self.dents is None:
+                raise ValueError("dentry in a file log")
+            if name == L.DOTDOT:
+                self.parent = ino
+                self.ctime = time_ns
+                return freed
+            old = self.dents.pop(name, None)
+            if old is not None:
+                del self.order[old[2]]
+                self.dent_bytes -= (47 + len(name)) & ~7
+            if op == L.D_ADD:
+                self.dents[name] = (ino, dtype, seq)
+                self.order[seq] = name
+                self.dent_bytes += (47 + len(name)) & ~7
+            self.mtime = self.ctime = time_ns
+        elif t == L.E_XATTR:
+            _, _seq, op, name, value, time_ns = e
+            if op == L.X_SET:
+                self.xattrs[name] = value
+            else:
+                self.xattrs.pop(name, None)
+            self.ctime = time_ns
+        return freed
+
+    def truncate_index(self, size: int) -> list[int]:
+        """Drop pages wholly past ``size``; return their blocks."""
+        pages = self.pages
+        if pages is None:
+            return []
+        keep = (size + L.BLOCK - 1) // L.BLOCK
+        if not pages or max(pages) < keep:
+            return []
+        drop = [p for p in pages if p >= keep]
+        return [pages.pop(p) for p in drop]
+
+    def live_log_estimate(self) -> int:
+        """Upper bound, in bytes, of this inode's log after compaction."""
+        n = 64 + 32 + 16 + sum((39 + len(k) + len(v)) & ~7 for k, v in self.xattrs.items())
+        if self.pages is not None:
+            n += 64 * len(self.pages)
+        else:
+            n += self.dent_bytes + 48
+        return n

@@ -1,0 +1,401 @@
+"""On-media format v1: every structure's offsets, sizes and codecs.
+
+docs/SPEC.md is the normative description; this module is its executable
+form.  All integers are little-endian.  A "block" is 4096 bytes; device
+addresses inside structures are *byte offsets* from the start of the device
+unless the field name says ``block``.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from crc32c import crc32c
+
+FORMAT_VERSION = 1
+BLOCK = 4096
+CACHELINE = 64
+MAX_CPUS = 64                  # one 64-byte region descriptor each in block 1
+NAME_MAX = 255
+# File size limit: page offsets must fit the index and 2**44 bytes is beyond any
+# emulated device; writes past it get EFBIG.
+MAX_FILE_SIZE = 1 << 44
+
+# ---------------------------------------------------------------------------
+# Superblock: block 0 (primary) and the last block (replica), 256 bytes used.
+# ---------------------------------------------------------------------------
+SB_MAGIC = b"PNOVASB\x00"
+SB_SIZE = 256
+_SB = struct.Struct("<8sIIQIII I16sQ II Q Q Q Q 32s")
+# fields: magic, version, block_size, total_blocks, numa_nodes, cpus_per_node,
+#         inodes_per_cpu, region_table_block, uuid, mkfs_time_ns,
+#         clean, flags, mount_count, next_seq, last_mount_ns, last_unmount_ns,
+#         label ; then zero padding up to byte 252 and crc32c at 252.
+SB_CRC_OFF = 252
+SB_CLEAN_OFF = 64
+
+
+@dataclass
+class Superblock:
+    total_blocks: int
+    numa_nodes: int
+    cpus_per_node: int
+    inodes_per_cpu: int
+    uuid: bytes
+    mkfs_time_ns: int
+    clean: int = 0
+    flags: int = 0
+    mount_count: int = 0
+    next_seq: int = 1
+    last_mount_ns: int = 0
+    last_unmount_ns: int = 0
+    label: bytes = b""
+    version: int = FORMAT_VERSION
+    block_size: int = BLOCK
+    region_table_block: int = 1
+
+    @property
+    def ncpus(self) -> int:
+        return self.numa_nodes * self.cpus_per_node
+
+    def pack(self) -> bytes:
+        body = _SB.pack(SB_MAGIC, self.version, self.block_size, self.total_blocks,
+                        self.numa_nodes, self.cpus_per_node, self.inodes_per_cpu,
+                        self.region_table_block, self.uuid, self.mkfs_time_ns,
+                        self.clean, self.flags, self.mount_count, self.next_seq,
+                        self.last_mount_ns, self.last_unmount_ns,
+                        self.label.ljust(32, b"\0")[:32])
+        body = body.ljust(SB_CRC_OFF, b"\0")
+        return body + struct.pack("<I", crc32c(body))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "Superblock":
+        """Decode; raises ValueError with a reason when the block is not valid."""
+        if raw[:8] != SB_MAGIC:
+            raise ValueError("bad magic")
+        (crc,) = struct.unpack_from("<I", raw, SB_CRC_OFF)
+        if crc32c(raw[:SB_CRC_OFF]) != crc:
+            raise ValueError("checksum mismatch")
+        f = _SB.unpack_from(raw, 0)
+        sb = cls(total_blocks=f[3], numa_nodes=f[4], cpus_per_node=f[5],
+                 inodes_per_cpu=f[6], uuid=f[8], mkfs_time_ns=f[9], clean=f[10],
+                 flags=f[11], mount_count=f[12], next_seq=f[13], last_mount_ns=f[14],
+                 last_unmount_ns=f[15], label=f[16].rstrip(b"\0"), version=f[1],
+                 block_size=f[2], region_table_block=f[7])
+        if sb.version != FORMAT_VERSION:
+            raise ValueError(f"unsupported format version {sb.version}")
+        if sb.block_size != BLOCK:
+            raise ValueError(f"unsupported block size {sb.block_size}")
+        if not (1 <= sb.ncpus <= MAX_CPUS):
+            raise ValueError(f"bad CPU geometry {sb.numa_nodes}x{sb.cpus_per_node}")
+        return sb
+
+    def geometry(self) -> tuple:
+        """The fields that never change after mkfs (compared against the replica)."""
+        return (self.version, self.block_size, self.total_blocks, self.numa_nodes,
+                self.cpus_per_node, self.inodes_per_cpu, self.region_table_block,
+                self.uuid, self.mkfs_time_ns, self.label)
+
+
+# ---------------------------------------------------------------------------
+# Region table: block 1, one 64-byte descriptor per CPU.
+# ---------------------------------------------------------------------------
+REGION_SIZE = 64
+_REGION = struct.Struct("<IIQQQQQQI")
+INODE_SIZE = 128
+INODES_PER_BLOCK = BLOCK // INODE_SIZE
+
+
+@dataclass
+class Region:
+    """The part of the device one CPU's allocator owns (inside its NUMA partition)."""
+    cpu: int
+    node: int
+    start: int           # first block of the region
+    nblocks: int         # blocks in the region, metadata included
+    itable_start: int    # first block of this CPU's inode table
+    itable_blocks: int
+    journal_block: int   # this CPU's lite journal
+    bitmap_start: int    # saved allocator bitmap (valid only on a clean image)
+    bitmap_blocks: int
+
+    @property
+    def data_start(self) -> int:
+        return self.bitmap_start + self.bitmap_blocks
+
+    @property
+    def end(self) -> int:
+        return self.start + self.nblocks
+
+    @property
+    def data_blocks(self) -> int:
+        return self.end - self.data_start
+
+    def pack(self) -> bytes:
+        body = _REGION.pack(self.cpu, self.node, self.start, self.nblocks,
+                            self.itable_start, self.itable_blocks, self.journal_block,
+                            self.bitmap_start, self.bitmap_blocks)
+        return body + struct.pack("<I", crc32c(body))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "Region":
+        (crc,) = struct.unpack_from("<I", raw, 60)
+        if crc32c(raw[:60]) != crc:
+            raise ValueError("checksum mismatch")
+        return cls(*_REGION.unpack_from(raw, 0))
+
+
+def plan_regions(total_blocks: int, numa_nodes: int, cpus_per_node: int,
+                 inodes_per_cpu: int) -> list[Region]:
+    """Split blocks [2, total-1) into one partition per node, one region per CPU."""
+    first, last = 2, total_blocks - 1          # last block holds the replica superblock
+    usable = last - first
+    regions: list[Region] = []
+    itable_blocks = -(-inodes_per_cpu // INODES_PER_BLOCK)
+    node_start = first
+    for node in range(numa_nodes):
+        node_len = usable // numa_nodes if node < numa_nodes - 1 else last - node_start
+        cpu_start = node_start
+        for c in range(cpus_per_node):
+            cpu = node * cpus_per_node + c
+            n = node_len // cpus_per_node if c < cpus_per_node - 1 else node_start + node_len - cpu_start
+            meta = itable_blocks + 1
+            rest = n - meta
+            bitmap_blocks = max(1, -(-rest // (BLOCK * 8)))
+            if rest - bitmap_blocks < 16:
+                raise ValueError("device too small for this geometry")
+            regions.append(Region(cpu, node, cpu_start, n, cpu_start, itable_blocks,
+                                  cpu_start + itable_blocks, cpu_start + itable_blocks + 1,
+                                  bitmap_blocks))
+            cpu_start += n
+        node_start += node_len
+    return regions
+
+
+# ---------------------------------------------------------------------------
+# Inodes: 128 bytes, in per-CPU tables.  ino = 1 + index * ncpus + cpu.
+# Line 0 (bytes 0..63) is written once at creation and carries a CRC;
+# line 1 (64..127) holds the words updated in place, each an atomic 8-byte store.
+# ---------------------------------------------------------------------------
+ROOT_INO = 1
+_INODE_STATIC = struct.Struct("<IIIIQQQQ")  # 48 bytes
+INODE_CRC_OFF = 60
+I_STATE = 64        # u64: 0 free, 1 live
+I_LOG_HEAD = 72     # u64: byte offset of the first log page (0: none)
+I_LOG_TAIL = 80     # u64: byte offset just past the last committed entry
+I_LOG_ARRAY = 88    # u64: block of the per-core log array (0: single log)
+STATE_FREE = 0
+STATE_LIVE = 1
+
+
+@dataclass
+class InodeStatic:
+    mode: int
+    uid: int
+    gid: int
+    flags: int
+    rdev: int
+    generation: int
+    ctime_ns: int      # creation time: initial atime = mtime = ctime
+    create_seq: int
+
+    def pack(self) -> bytes:
+        body = _INODE_STATIC.pack(self.mode, self.uid, self.gid, self.flags, self.rdev,
+                                  self.generation, self.ctime_ns, self.create_seq)
+        body = body.ljust(INODE_CRC_OFF, b"\0")
+        return body + struct.pack("<I", crc32c(body))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "InodeStatic":
+        (crc,) = struct.unpack_from("<I", raw, INODE_CRC_OFF)
+        if crc32c(raw[:INODE_CRC_OFF]) != crc:
+            raise ValueError("inode checksum mismatch")
+        return cls(*_INODE_STATIC.unpack_from(raw, 0))
+
+
+# ---------------------------------------------------------------------------
+# Log pages: 4096 bytes; entries in bytes 0..4063, a 32-byte tail at 4064.
+# ---------------------------------------------------------------------------
+LOG_DATA = 4064
+PT_NEXT = 4064      # u64 byte offset of the next log page (0: none); not in the CRC
+PT_OWNER = 4072     # u64 owning inode number
+PT_MAGIC = 4080     # u32 b"PLOG"
+PT_CRC = 4092       # u32 crc32c of bytes 4072..4091
+LOG_MAGIC = 0x474F4C50  # b"PLOG" little-endian
+
+
+def pack_page_tail(owner: int) -> bytes:
+    """The 32-byte tail of a fresh log page (next = 0)."""
+    body = struct.pack("<QIII", owner, LOG_MAGIC, 0, 0)
+    return struct.pack("<Q", 0) + body + struct.pack("<I", crc32c(body))
+
+
+def check_page_tail(raw: bytes, owner: int | None = None) -> str | None:
+    """Return None if the 32-byte page tail is well formed, else a reason."""
+    body = raw[8:28]
+    (crc,) = struct.unpack_from("<I", raw, 28)
+    if crc32c(body) != crc:
+        return "log page tail checksum mismatch"
+    own, magic = struct.unpack_from("<QI", raw, 8)
+    if magic != LOG_MAGIC:
+        return "log page tail has a bad magic"
+    if owner is not None and own != owner:
+        return f"log page belongs to inode {own}"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Log entries.  Every entry starts with an 8-byte header:
+#   u8 type, u8 flags, u16 size (bytes, a multiple of 8), u32 crc32c of the
+#   whole entry computed with the crc field zero; then u64 seq.
+# ---------------------------------------------------------------------------
+E_WRITE = 1
+E_SETATTR = 2
+E_LINK = 3
+E_DENTRY = 4
+E_XATTR = 5
+E_NEXT_PAGE = 6
+
+ENTRY_NAMES = {E_WRITE: "file write", E_SETATTR: "setattr", E_LINK: "link change",
+               E_DENTRY: "dentry", E_XATTR: "xattr", E_NEXT_PAGE: "next page"}
+
+_HDR = struct.Struct("<BBHI")
+_WRITE = struct.Struct("<BBHIQQIIQQQQ")       # 64 bytes
+_SETATTR = struct.Struct("<BBHIQIIIIQQQQ")    # 64 bytes
+_LINK = struct.Struct("<BBHIQQQ")             # 32 bytes
+_DENTRY = struct.Struct("<BBHIQQQBBBBI")      # 40 bytes + name
+_XATTR = struct.Struct("<BBHIQQBBHI")         # 32 bytes + name + value
+
+SA_MODE, SA_UID, SA_GID, SA_SIZE, SA_ATIME, SA_MTIME, SA_CTIME = 1, 2, 4, 8, 16, 32, 64
+D_ADD, D_REMOVE = 1, 2
+X_SET, X_REMOVE = 1, 2
+DOTDOT = b".."
+XATTR_VALUE_MAX = 3584
+
+
+def _seal(body: bytearray) -> bytes:
+    """Fill in the CRC of an entry whose crc field (bytes 4..7) is zero."""
+    struct.pack_into("<I", body, 4, crc32c(body))
+    return bytes(body)
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def write_entry(seq: int, pgoff: int, npages: int, block: int, size: int, mtime: int) -> bytes:
+    return _seal(bytearray(_WRITE.pack(E_WRITE, 0, 64, 0, seq, pgoff, npages, 0, block,
+                                       size, mtime, 0)))
+
+
+def setattr_entry(seq: int, mask: int, mode: int, uid: int, gid: int, size: int,
+                  atime: int, mtime: int, ctime: int) -> bytes:
+    return _seal(bytearray(_SETATTR.pack(E_SETATTR, 0, 64, 0, seq, mask, mode, uid, gid,
+                                         size, atime, mtime, ctime)))
+
+
+def link_entry(seq: int, nlink: int, ctime: int) -> bytes:
+    return _seal(bytearray(_LINK.pack(E_LINK, 0, 32, 0, seq, nlink, ctime)))
+
+
+def dentry_entry(seq: int, op: int, name: bytes, ino: int, dtype: int, time_ns: int) -> bytes:
+    size = _pad8(40 + len(name))
+    body = bytearray(size)
+    _DENTRY.pack_into(body, 0, E_DENTRY, 0, size, 0, seq, ino, time_ns, len(name), dtype,
+                      op, 0, 0)
+    body[40:40 + len(name)] = name
+    return _seal(body)
+
+
+def xattr_entry(seq: int, op: int, name: bytes, value: bytes, time_ns: int) -> bytes:
+    size = _pad8(32 + len(name) + len(value))
+    body = bytearray(size)
+    _XATTR.pack_into(body, 0, E_XATTR, 0, size, 0, seq, time_ns, len(name), op,
+                     len(value), 0)
+    body[32:32 + len(name)] = name
+    body[32 + len(name):32 + len(name) + len(value)] = value
+    return _seal(body)
+
+
+NEXT_PAGE_ENTRY = _seal(bytearray(_HDR.pack(E_NEXT_PAGE, 0, 8, 0)))
+
+
+def entry_header(raw: bytes | memoryview, off: int = 0) -> tuple[int, int, int, int]:
+    """(type, flags, size, crc) of the entry at ``off``."""
+    return _HDR.unpack_from(raw, off)
+
+
+def entry_crc_ok(raw: bytes) -> bool:
+    body = bytearray(raw)
+    (crc,) = struct.unpack_from("<I", body, 4)
+    body[4:8] = b"\0\0\0\0"
+    return crc32c(body) == crc
+
+
+# Decoded entries are plain tuples (fast to build); their layouts:
+#   WRITE   (E_WRITE, seq, pgoff, npages, block, size, mtime)
+#   SETATTR (E_SETATTR, seq, mask, mode, uid, gid, size, atime, mtime, ctime)
+#   LINK    (E_LINK, seq, nlink, ctime)
+#   DENTRY  (E_DENTRY, seq, op, name, ino, dtype, time)
+#   XATTR   (E_XATTR, seq, op, name, value, time)
+def decode_entry(raw: bytes) -> tuple:
+    """Decode one entry (its CRC already checked); raises ValueError if malformed."""
+    etype, _flags, size, _crc = _HDR.unpack_from(raw, 0)
+    if etype == E_WRITE and size == 64:
+        f = _WRITE.unpack_from(raw, 0)
+        return (E_WRITE, f[4], f[5], f[6], f[8], f[9], f[10])
+    if etype == E_SETATTR and size == 64:
+        f = _SETATTR.unpack_from(raw, 0)
+        return (E_SETATTR, f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12])
+    if etype == E_LINK and size == 32:
+        f = _LINK.unpack_from(raw, 0)
+        return (E_LINK, f[4], f[5], f[6])
+    if etype == E_DENTRY and size >= 48:
+        f = _DENTRY.unpack_from(raw, 0)
+        nlen = f[7]
+        if not 1 <= nlen <= NAME_MAX or _pad8(40 + nlen) != size or f[9] not in (D_ADD, D_REMOVE):
+            raise ValueError("malformed dentry")
+        return (E_DENTRY, f[4], f[9], bytes(raw[40:40 + nlen]), f[5], f[8], f[6])
+    if etype == E_XATTR and size >= 40:
+        f = _XATTR.unpack_from(raw, 0)
+        nlen, vlen = f[6], f[8]
+        if not 1 <= nlen <= NAME_MAX or _pad8(32 + nlen + vlen) != size or f[7] not in (X_SET, X_REMOVE):
+            raise ValueError("malformed xattr entry")
+        return (E_XATTR, f[4], f[7], bytes(raw[32:32 + nlen]),
+                bytes(raw[32 + nlen:32 + nlen + vlen]), f[5])
+    if etype == E_NEXT_PAGE and size == 8:
+        return (E_NEXT_PAGE,)
+    raise ValueError(f"unknown entry type {etype} or bad size {size}")
+
+
+# ---------------------------------------------------------------------------
+# Lite journal: one block per CPU.
+#   bytes 0..7: u32 count (live undo records; 0 = no transaction), u32 crc32c
+#               of the records -- one 8-byte word, stored atomically.
+#   bytes 64..: records of 16 bytes: u64 device byte offset, u64 old value.
+# ---------------------------------------------------------------------------
+J_RECORDS = 64
+J_RECORD = 16
+J_MAX_RECORDS = (BLOCK - J_RECORDS) // J_RECORD
+
+
+def journal_word(count: int, records: bytes) -> int:
+    return count | (crc32c(records) << 32)
+
+
+def encode_entry(e: tuple) -> bytes:
+    """Inverse of :func:`decode_entry`."""
+    t = e[0]
+    if t == E_WRITE:
+        return write_entry(e[1], e[2], e[3], e[4], e[5], e[6])
+    if t == E_SETATTR:
+        return setattr_entry(*e[1:])
+    if t == E_LINK:
+        return link_entry(e[1], e[2], e[3])
+    if t == E_DENTRY:
+        _, seq, op, name, ino, dtype, time_ns = e
+        return dentry_entry(seq, op, name, ino, dtype, time_ns)
+    if t == E_XATTR:
+        _, seq, op, name, value, time_ns = e
+        return xattr_entry(seq, op, name, value, time_ns)
+    raise ValueError(f"cannot encode entry type {t}")

@@ -1,0 +1,134 @@
+"""The persistent-memory device: the only code that writes to the mapped image.
+
+A pnova device is a regular file mapped MAP_SHARED.  Every change to it goes
+through :class:`PMem` as *store* (bytes land in the "CPU cache", i.e. the
+mapping), *flush* (write back the 64-byte lines that cover a range, like
+``clwb``) and *fence* (order and wait, like ``sfence``).  On the emulated
+device the mapping itself is the medium, so in the default fast mode flush and
+fence only count; a tracked mode that keeps a separate durable image (for crash
+injection) subclasses this class and overrides the four primitives, so callers
+never change.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import numpy as np
+
+CACHELINE = 64
+
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+
+class DeviceError(Exception):
+    """The device file cannot be opened or mapped (one-line message)."""
+
+
+class PMem:
+    """A device file mapped shared, with store / flush / fence primitives."""
+
+    def __init__(self, path: str, *, size: int | None = None, create: bool = False,
+                 readonly: bool = False) -> None:
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        if create:
+            flags |= os.O_CREAT
+        try:
+            self.fd = os.open(path, flags, 0o644)
+        except OSError as e:
+            raise DeviceError(f"cannot open {path}: {e.strerror}") from None
+        self.path = path
+        try:
+            st = os.fstat(self.fd)
+            if create and size is not None and st.st_size != size:
+                os.ftruncate(self.fd, size)
+            self.size = os.fstat(self.fd).st_size
+            if self.size == 0:
+                raise DeviceError(f"{path}: device is empty")
+            prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+            self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot)
+        except OSError as e:
+            os.close(self.fd)
+            raise DeviceError(f"cannot map {path}: {e.strerror}") from None
+        except DeviceError:
+            os.close(self.fd)
+            raise
+        self.readonly = readonly
+        # numpy view of the whole mapping; reads go through it, writes only
+        # through the primitives below.
+        self.buf = np.frombuffer(self.mm, dtype=np.uint8)
+        if readonly:
+            self.buf.flags.writeable = False
+        self.mv = memoryview(self.mm)
+        self.stores = 0
+        self.flushes = 0
+        self.fences = 0
+
+    # -- reads -------------------------------------------------------------
+    def read(self, off: int, n: int) -> bytes:
+        """Return a copy of ``n`` bytes at ``off``."""
+        return self.mm[off:off + n]
+
+    def view(self, off: int, n: int) -> memoryview:
+        """Zero-copy read-only view of ``n`` bytes at ``off``."""
+        return self.mv[off:off + n].toreadonly()
+
+    def read_u64(self, off: int) -> int:
+        return _U64.unpack_from(self.mm, off)[0]
+
+    def read_u32(self, off: int) -> int:
+        return _U32.unpack_from(self.mm, off)[0]
+
+    # -- the persistence primitives -----------------------------------------
+    def store(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        """Write bytes into the mapping (not yet durable)."""
+        self.mm[off:off + len(data)] = data
+        self.stores += 1
+
+    def store_u64(self, off: int, value: int) -> None:
+        """An aligned 8-byte store: the unit of atomicity."""
+        _U64.pack_into(self.mm, off, value)
+        self.stores += 1
+
+    def store_zero(self, off: int, n: int) -> None:
+        """Store ``n`` zero bytes at ``off``."""
+        self.buf_w[off:off + n] = 0
+        self.stores += 1
+
+    def store_copy(self, dst: int, src: int, n: int) -> None:
+        """Copy ``n`` bytes inside the device (copy-on-write page fill)."""
+        self.buf_w[dst:dst + n] = self.buf[src:src + n]
+        self.stores += 1
+
+    @property
+    def buf_w(self) -> np.ndarray:
+        return self.buf
+
+    def flush(self, off: int, n: int) -> None:
+        """Write back every cache line that covers [off, off+n)."""
+        self.flushes += ((off + n + CACHELINE - 1) // CACHELINE) - off // CACHELINE
+
+    def fence(self) -> None:
+        """Order: every flushed line is durable once this returns."""
+        self.fences += 1
+
+    def persist(self, off: int, n: int) -> None:
+        """flush + fence."""
+        self.flush(off, n)
+        self.fence()
+
+    # -- lifetime --------------------------------------------------------------
+    def sync(self) -> None:
+        """Push the whole mapping to the backing file (msync); used on unmount."""
+        if not self.readonly:
+            self.mm.flush()
+
+    def close(self) -> None:
+        self.buf = None  # type: ignore[assignment]
+        self.mv.release()
+        try:
+            self.mm.close()
+        finally:
+            os.close(self.fd)

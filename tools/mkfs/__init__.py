@@ -1,0 +1,1 @@
+"""mkfs.pnova: the command-line front end of pnova.mkfs."""
