@@ -44,7 +44,7 @@ def format_device(path: str, size: int, *, numa_nodes: int = 1, cpus_per_node: i
         sb = L.Superblock(total_blocks=total, numa_nodes=numa_nodes,
                           cpus_per_node=cpus_per_node, inodes_per_cpu=inodes_per_cpu,
                           uuid=uuidlib.uuid4().bytes, mkfs_time_ns=time.time_ns(),
-                          label=label[:32], clean=1, next_seq=2)
+                          label=label[:32], clean=1, next_seq=3)
         # Zero the metadata areas (inode tables, journals, bitmaps): a reused
         # file may hold anything.
         pm.store_zero(0, 2 * L.BLOCK)
@@ -60,8 +60,11 @@ def format_device(path: str, size: int, *, numa_nodes: int = 1, cpus_per_node: i
                            os.getgid() if gid is None else gid, 0, 0, 1, now, 1)
         addr = regions[0].itable_start * L.BLOCK
         pm.store(addr, st.pack())
+        # The root's '..' names the root itself, like every directory's '..' entry.
+        dotdot = L.dentry_entry(2, L.D_ADD, L.DOTDOT, L.ROOT_INO, stat.S_IFDIR >> 12, now)
+        pm.store(root_page * L.BLOCK, dotdot)
         pm.store_u64(addr + L.I_LOG_HEAD, root_page * L.BLOCK)
-        pm.store_u64(addr + L.I_LOG_TAIL, root_page * L.BLOCK)
+        pm.store_u64(addr + L.I_LOG_TAIL, root_page * L.BLOCK + len(dotdot))
         pm.store_u64(addr + L.I_STATE, L.STATE_LIVE)
         # Saved allocator state: everything free but the root's log page.
         for r in regions:

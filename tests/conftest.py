@@ -1,0 +1,34 @@
+"""Shared fixtures: a freshly formatted small image and a mounted engine on it."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from pnova.engine import FileSystem
+from pnova.mkfs import format_device
+
+settings.register_profile("ci", deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", deadline=None, max_examples=500,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def image(tmp_path) -> str:
+    """Path of a freshly formatted 32 MiB image with 2 CPUs on 1 node."""
+    path = str(tmp_path / "pnova.img")
+    format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=2)
+    return path
+
+
+@pytest.fixture
+def fs(image):
+    """The engine mounted on ``image``; unmounted cleanly afterwards if still mounted."""
+    f = FileSystem.mount(image)
+    holder = {"fs": f}
+    yield f
+    if f.pm is not None:
+        f.unmount()

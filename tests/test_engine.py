@@ -1,0 +1,367 @@
+"""Engine semantics users and test suites rely on (no FUSE involved)."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+
+import pytest
+
+from pnova import layout as L
+from pnova.engine import FileSystem
+from pnova.errors import FsError
+from pnova.mkfs import format_device
+
+ROOT = 1
+
+
+def err(fn, *a, **kw) -> int:
+    with pytest.raises(FsError) as ei:
+        fn(*a, **kw)
+    return ei.value.errno
+
+
+def remount(fs: FileSystem, clean: bool = True) -> FileSystem:
+    path = fs.pm.path
+    if clean:
+        fs.unmount()
+    else:
+        fs.pm.close()          # no clean shutdown: the next mount must recover
+        fs.pm = None
+    new = FileSystem.mount(path)
+    assert new.mount_path == ("clean" if clean else "recovery")
+    return new
+
+
+def test_fresh_filesystem(fs):
+    a = fs.getattr(ROOT)
+    assert stat.S_ISDIR(a.mode) and a.nlink == 2
+    assert [n for n, _, _ in fs.readdir(ROOT)] == [b".", b".."]
+    s = fs.statfs()
+    assert s.bsize == 4096 and s.namemax == 255 and 0 < s.bavail <= s.bfree <= s.blocks
+    assert s.ffree == s.files - 1
+
+
+def test_write_read_shapes(fs):
+    f = fs.create(ROOT, b"f", 0o644).ino
+    assert fs.write(f, 0, b"a" * 5000) == 5000            # unaligned, two pages
+    assert fs.write(f, 4090, b"B" * 20) == 20              # straddles a page boundary
+    data = fs.read(f, 0, 10000)
+    assert data == b"a" * 4090 + b"B" * 20 + b"a" * 890
+    fs.write(f, 3 * 4096 + 7, b"z")                        # past EOF: hole reads zeros
+    assert fs.getattr(f).size == 3 * 4096 + 8
+    assert fs.read(f, 5000, 3 * 4096 + 7 - 5000) == bytes(3 * 4096 + 7 - 5000)
+    assert fs.read(f, 3 * 4096 + 7, 100) == b"z"
+    assert fs.read(f, 10 ** 6, 10) == b""
+    big = os.urandom(300_000)
+    fs.write(f, 1_000_000, big)
+    assert fs.read(f, 1_000_000, 300_000) == big
+
+
+def test_truncate_both_ways_zero_fills(fs):
+    f = fs.create(ROOT, b"f", 0o644).ino
+    fs.write(f, 0, b"x" * 10000)
+    fs.setattr(f, size=100)
+    assert fs.getattr(f).size == 100
+    fs.setattr(f, size=9000)                               # grow: old bytes must not come back
+    assert fs.read(f, 0, 9000) == b"x" * 100 + bytes(8900)
+    fs.write(f, 12000, b"y")                               # write past EOF after a shrink
+    assert fs.read(f, 100, 12000) == bytes(11900) + b"y"
+    fs.setattr(f, size=0)
+    assert fs.read(f, 0, 100) == b"" and fs.getattr(f).blocks == 0
+
+
+def test_file_size_limit(fs):
+    f = fs.create(ROOT, b"f", 0o644).ino
+    assert err(fs.write, f, L.MAX_FILE_SIZE - 1, b"ab") == errno.EFBIG
+    assert err(fs.setattr, f, size=L.MAX_FILE_SIZE + 1) == errno.EFBIG
+
+
+def test_name_rules(fs):
+    assert err(fs.create, ROOT, b"n" * 256, 0o644) == errno.ENAMETOOLONG
+    assert err(fs.lookup, ROOT, b"n" * 256) == errno.ENAMETOOLONG
+    fs.create(ROOT, b"n" * 255, 0o644)
+    assert fs.lookup(ROOT, b"n" * 255).size == 0
+    assert err(fs.create, ROOT, b"n" * 255, 0o644) == errno.EEXIST
+    assert err(fs.lookup, ROOT, b"missing") == errno.ENOENT
+
+
+def test_directory_errors_and_link_counts(fs):
+    d = fs.mkdir(ROOT, b"d", 0o755).ino
+    assert fs.getattr(ROOT).nlink == 3
+    sub = fs.mkdir(d, b"s", 0o755).ino
+    fs.create(d, b"f", 0o644)
+    assert fs.getattr(d).nlink == 3
+    assert err(fs.rmdir, ROOT, b"d") == errno.ENOTEMPTY
+    assert err(fs.unlink, ROOT, b"d") == errno.EISDIR
+    assert err(fs.rmdir, d, b"f") == errno.ENOTDIR
+    assert err(fs.create, fs.lookup(d, b"f").ino, b"x", 0o644) == errno.ENOTDIR
+    assert err(fs.rename, ROOT, b"d", sub, b"inside") == errno.EINVAL
+    assert err(fs.rename, ROOT, b"d", d, b"self") == errno.EINVAL
+    fs.rmdir(d, b"s")
+    assert fs.getattr(d).nlink == 2
+    assert err(fs.getattr, sub) == errno.ENOENT
+    assert fs.lookup(d, b"..").ino == ROOT
+
+
+def test_parent_times_move(fs):
+    d = fs.mkdir(ROOT, b"d", 0o755).ino
+    ops = [
+        lambda: fs.create(d, b"f", 0o644),
+        lambda: fs.mkdir(d, b"sub", 0o755),
+        lambda: fs.rename(d, b"f", d, b"g"),
+        lambda: fs.unlink(d, b"g"),
+        lambda: fs.rmdir(d, b"sub"),
+        lambda: fs.symlink(d, b"l", b"target"),
+    ]
+    for op in ops:
+        before = fs.getattr(d)
+        time.sleep(0.002)
+        op()
+        after = fs.getattr(d)
+        assert after.mtime_ns > before.mtime_ns and after.ctime_ns > before.ctime_ns
+
+
+def test_ctime_on_link_count_change(fs):
+    f = fs.create(ROOT, b"f", 0o644).ino
+    c0 = fs.getattr(f).ctime_ns
+    time.sleep(0.002)
+    fs.link(f, ROOT, b"g")
+    a = fs.getattr(f)
+    assert a.nlink == 2 and a.ctime_ns > c0
+    time.sleep(0.002)
+    fs.unlink(ROOT, b"f")
+    b = fs.getattr(f)
+    assert b.nlink == 1 and b.ctime_ns > a.ctime_ns
+    assert err(fs.link, fs.lookup(ROOT, b".").ino, ROOT, b"dirlink") == errno.EPERM
+
+
+def test_rename_forms(fs):
+    a = fs.mkdir(ROOT, b"a", 0o755).ino
+    b = fs.mkdir(ROOT, b"b", 0o755).ino
+    f = fs.create(a, b"f", 0o644).ino
+    fs.write(f, 0, b"one")
+    g = fs.create(b, b"g", 0o644).ino
+    fs.write(g, 0, b"two")
+    fs.rename(a, b"f", a, b"f2")                              # within a directory
+    assert fs.lookup(a, b"f2").ino == f and err(fs.lookup, a, b"f") == errno.ENOENT
+    fs.rename(a, b"f2", b, b"g")                              # across, over a file
+    assert fs.lookup(b, b"g").ino == f and err(fs.getattr, g) == errno.ENOENT
+    h = fs.create(a, b"h", 0o644).ino
+    assert err(fs.rename, a, b"h", b, b"g", 1) == errno.EEXIST  # RENAME_NOREPLACE
+    fs.rename(a, b"h", b, b"g", 2)                            # RENAME_EXCHANGE
+    assert fs.lookup(b, b"g").ino == h and fs.lookup(a, b"h").ino == f
+    assert err(fs.rename, a, b"h", b, b"nothing", 2) == errno.ENOENT
+    # directories: move across, replace an empty one, exchange file and directory
+    s = fs.mkdir(a, b"s", 0o755).ino
+    fs.rename(a, b"s", b, b"s")
+    assert fs.lookup(s, b"..").ino == b
+    assert fs.getattr(a).nlink == 2 and fs.getattr(b).nlink == 3
+    e = fs.mkdir(a, b"empty", 0o755).ino
+    fs.rename(b, b"s", a, b"empty")
+    assert err(fs.getattr, e) == errno.ENOENT and fs.lookup(a, b"empty").ino == s
+    assert fs.getattr(a).nlink == 3 and fs.getattr(b).nlink == 2
+    fs.create(s, b"x", 0o644)
+    t = fs.mkdir(b, b"t", 0o755).ino
+    assert err(fs.rename, b, b"t", a, b"empty") == errno.ENOTEMPTY
+    assert err(fs.rename, b, b"g", a, b"empty") == errno.EISDIR
+    assert err(fs.rename, b, b"t", a, b"h") == errno.ENOTDIR
+    fs.rename(a, b"empty", b, b"g", 2)                        # dir <-> file across parents
+    assert fs.lookup(s, b"..").ino == b
+    assert fs.getattr(a).nlink == 2 and fs.getattr(b).nlink == 4
+    fs.create(t, b"x", 0o644)
+    assert err(fs.rename, ROOT, b"b", t, b"x", 2) == errno.EINVAL   # b would enter itself
+    # hard links to the same file: rename does nothing
+    fs.link(h, a, b"h2")
+    fs.rename(a, b"h2", b, b"t2")
+    fs.rename(b, b"t2", b, b"t2")
+    assert fs.getattr(h).nlink == 2
+    fs2 = remount(fs, clean=False)
+    assert fs2.lookup(s, b"..").ino == b and fs2.getattr(b).nlink == 4
+    assert fs2.read(fs2.lookup(a, b"h").ino, 0, 10) == b"one"
+    fs2.unmount()
+
+
+def test_chmod_chown_utimens(fs):
+    f = fs.create(ROOT, b"f", 0o600).ino
+    a = fs.setattr(f, mode=0o4755, uid=12, gid=34, atime_ns=1_000_000_001, mtime_ns=2_000_000_002)
+    assert stat.S_ISREG(a.mode) and stat.S_IMODE(a.mode) == 0o4755
+    assert (a.uid, a.gid, a.atime_ns, a.mtime_ns) == (12, 34, 1_000_000_001, 2_000_000_002)
+    fs = remount(fs)
+    b = fs.getattr(f)
+    assert (b.mode, b.uid, b.gid, b.atime_ns, b.mtime_ns) == (a.mode, 12, 34, 1_000_000_001,
+                                                               2_000_000_002)
+    fs.unmount()
+
+
+def test_symlink_and_special_files(fs):
+    ln = fs.symlink(ROOT, b"l", b"some/where" * 50).ino
+    assert fs.readlink(ln) == b"some/where" * 50
+    assert stat.S_ISLNK(fs.getattr(ln).mode)
+    assert err(fs.symlink, ROOT, b"l2", b"x" * 4096) == errno.ENAMETOOLONG
+    p = fs.mknod(ROOT, b"fifo", stat.S_IFIFO | 0o644).ino
+    assert stat.S_ISFIFO(fs.getattr(p).mode)
+    c = fs.mknod(ROOT, b"chr", stat.S_IFCHR | 0o600, rdev=os.makedev(1, 3)).ino
+    assert fs.getattr(c).rdev == os.makedev(1, 3)
+    assert err(fs.readlink, p) == errno.EINVAL
+
+
+def test_xattrs(fs):
+    f = fs.create(ROOT, b"f", 0o644).ino
+    fs.setxattr(f, b"user.a", b"1")
+    fs.setxattr(f, b"user.b", b"")
+    assert err(fs.setxattr, f, b"user.a", b"2", 1) == errno.EEXIST     # XATTR_CREATE
+    assert err(fs.setxattr, f, b"user.c", b"2", 2) == errno.ENODATA    # XATTR_REPLACE
+    assert err(fs.setxattr, f, b"trusted.x", b"2") == errno.EOPNOTSUPP
+    assert err(fs.setxattr, f, b"user.big", b"v" * 4000) == errno.E2BIG
+    fs.setxattr(f, b"user.a", b"v" * L.XATTR_VALUE_MAX)
+    assert sorted(fs.listxattr(f)) == [b"user.a", b"user.b"]
+    fs.removexattr(f, b"user.b")
+    assert err(fs.getxattr, f, b"user.b") == errno.ENODATA
+    assert err(fs.getxattr, f, b"security.capability") == errno.ENODATA
+    fs = remount(fs, clean=False)
+    assert fs.getxattr(f, b"user.a") == b"v" * L.XATTR_VALUE_MAX
+    fs.unmount()
+
+
+def test_unlinked_while_open(fs):
+    f = fs.create(ROOT, b"f", 0o644).ino
+    fs.ref(f)                       # the kernel holds a reference (an open file)
+    fs.write(f, 0, b"x" * 100_000)
+    used = fs.statfs().bfree
+    fs.unlink(ROOT, b"f")
+    assert err(fs.lookup, ROOT, b"f") == errno.ENOENT
+    fs.write(f, 100_000, b"tail")
+    assert fs.read(f, 99_998, 10) == b"xxtail" and fs.getattr(f).nlink == 0
+    fs.forget(f)
+    assert err(fs.getattr, f) == errno.ENOENT
+    assert fs.statfs().bfree > used
+
+
+def test_orphan_freed_by_recovery(fs):
+    free0 = fs.statfs().bfree
+    f = fs.create(ROOT, b"f", 0o644).ino
+    fs.ref(f)
+    fs.write(f, 0, b"x" * 50_000)
+    fs.unlink(ROOT, b"f")
+    fs2 = remount(fs, clean=False)
+    assert err(fs2.getattr, f) == errno.ENOENT
+    assert fs2.statfs().bfree == free0
+    fs2.unmount()
+
+
+def test_enospc_and_recovery_from_it(tmp_path):
+    path = str(tmp_path / "small.img")
+    format_device(path, 2 << 20, numa_nodes=1, cpus_per_node=1)
+    fs = FileSystem.mount(path)
+    f = fs.create(ROOT, b"fill", 0o644).ino
+    chunk = b"q" * 65536
+    off = 0
+    with pytest.raises(FsError) as ei:
+        while True:
+            fs.write(f, off, chunk)
+            off += len(chunk)
+    assert ei.value.errno == errno.ENOSPC
+    size = fs.getattr(f).size
+    assert size == off and fs.read(f, 0, 16) == b"q" * 16
+    # the full filesystem still takes metadata changes and deletes
+    fs.mkdir(ROOT, b"d", 0o755)
+    fs.unlink(ROOT, b"fill")
+    g = fs.create(ROOT, b"again", 0o644).ino
+    fs.write(g, 0, chunk)
+    fs = remount(fs, clean=False)
+    assert fs.read(fs.lookup(ROOT, b"again").ino, 0, 65536) == chunk
+    fs.unmount()
+
+
+def test_inodes_run_out(tmp_path):
+    path = str(tmp_path / "few.img")
+    format_device(path, 4 << 20, numa_nodes=1, cpus_per_node=1, inodes_per_cpu=32)
+    fs = FileSystem.mount(path)
+    for i in range(31):
+        fs.create(ROOT, b"f%d" % i, 0o644)
+    assert err(fs.create, ROOT, b"one-more", 0o644) == errno.ENOSPC
+    fs.unlink(ROOT, b"f0")
+    fs.create(ROOT, b"one-more", 0o644)
+    fs.unmount()
+
+
+def test_overwrites_keep_the_log_short(fs):
+    f = fs.create(ROOT, b"f", 0o644).ino
+    free0 = fs.statfs().bfree
+    for i in range(3000):
+        fs.write(f, (i % 3) * 4096, bytes([i % 256]) * 4096)
+    assert len(fs.get(f).log_pages) <= 4
+    assert fs.statfs().bfree >= free0 - 3 - 4
+    expect = b"".join(bytes([(2997 + k) % 256]) * 4096 for k in range(3))
+    assert fs.read(f, 0, 3 * 4096) == expect
+    fs = remount(fs, clean=False)
+    assert fs.read(f, 0, 3 * 4096) == expect
+    fs.unmount()
+
+
+def test_big_directory_survives_compaction_and_remount(fs):
+    d = fs.mkdir(ROOT, b"d", 0o755).ino
+    names = [b"file-%04d" % i for i in range(600)]
+    for n in names:
+        fs.create(d, n, 0o644)
+    for n in names[::2]:
+        fs.unlink(d, n)
+    listed = [n for n, _, _ in fs.readdir(d)][2:]
+    assert listed == names[1::2]                       # creation order, stable cookies
+    fs = remount(fs, clean=False)
+    assert [n for n, _, _ in fs.readdir(d)][2:] == names[1::2]
+    # resuming a listing from a cookie returns the rest
+    ents = fs.readdir(d)
+    assert [n for n, _, _ in fs.readdir(d, ents[100][2])] == [n for n, _, _ in ents[101:]]
+    fs.unmount()
+
+
+def test_clean_and_dirty_remount_preserve_everything(fs):
+    d = fs.mkdir(ROOT, b"dir", 0o700).ino
+    f = fs.create(d, b"file", 0o640).ino
+    payload = os.urandom(70_000)
+    fs.write(f, 123, payload)
+    fs.link(f, ROOT, b"hard")
+    fs.symlink(ROOT, b"sym", b"dir/file")
+    fs.setxattr(d, b"user.k", b"v")
+    free = fs.statfs().bfree
+    for clean in (True, False, True):
+        fs = remount(fs, clean=clean)
+        assert fs.statfs().bfree == free
+        assert fs.read(fs.lookup(d, b"file").ino, 123, 70_000) == payload
+        assert fs.getattr(f).nlink == 2
+        assert fs.readlink(fs.lookup(ROOT, b"sym").ino) == b"dir/file"
+        assert fs.getxattr(d, b"user.k") == b"v"
+        assert stat.S_IMODE(fs.getattr(d).mode) == 0o700
+    fs.unmount()
+
+
+def test_readonly_mount(image):
+    fs = FileSystem.mount(image)
+    fs.create(ROOT, b"f", 0o644)
+    fs.unmount()
+    ro = FileSystem.mount(image, readonly=True)
+    assert ro.lookup(ROOT, b"f").size == 0
+    assert err(ro.create, ROOT, b"g", 0o644) == errno.EROFS
+    ro.unmount()
+    assert FileSystem.mount(image).mount_path == "clean"
+
+
+def test_geometry_numa_regions(tmp_path):
+    path = str(tmp_path / "numa.img")
+    sb = format_device(path, 64 << 20, numa_nodes=2, cpus_per_node=2)
+    regs = L.plan_regions(sb.total_blocks, 2, 2, sb.inodes_per_cpu)
+    assert [r.node for r in regs] == [0, 0, 1, 1]
+    assert all(a.end == b.start for a, b in zip(regs, regs[1:]))
+    assert regs[-1].end == sb.total_blocks - 1
+    fs = FileSystem.mount(path, cpu=3)
+    f = fs.create(ROOT, b"f", 0o644).ino
+    assert (f - 1) % 4 == 3                                     # inode from CPU 3's table
+    fs.write(f, 0, b"x" * 4096)
+    blk = fs.get(f).pages[0]
+    assert regs[3].data_start <= blk < regs[3].end              # local write first
+    order = [r.region.cpu for r in fs.alloc.order(3)]
+    assert order == [3, 2, 0, 1]
+    fs.unmount()
