@@ -67,7 +67,11 @@ def read_superblock(pm: PMem) -> tuple[L.Superblock, str]:
     if pm.size < 16 * L.BLOCK:
         raise CorruptImage(f"{pm.path}: too small to hold a pnova filesystem")
     try:
-        return L.Superblock.unpack(pm.read(0, L.SB_SIZE)), "primary"
+        sb = L.Superblock.unpack(pm.read(0, L.SB_SIZE))
+        if sb.total_blocks != pm.size // L.BLOCK:
+            raise ValueError(f"it describes {sb.total_blocks} blocks but the device has "
+                             f"{pm.size // L.BLOCK}")
+        return sb, "primary"
     except ValueError as e1:
         why1 = str(e1)
     last = (pm.size // L.BLOCK - 1) * L.BLOCK
@@ -78,8 +82,9 @@ def read_superblock(pm: PMem) -> tuple[L.Superblock, str]:
             raise CorruptImage(f"{pm.path}: not a pnova filesystem (no superblock found)") from None
         raise CorruptImage(f"{pm.path}: superblock unusable ({why1}) and its replica too "
                            f"({e2}); run fsck.pnova") from None
-    if sb.total_blocks * L.BLOCK != pm.size - pm.size % L.BLOCK:
-        raise CorruptImage(f"{pm.path}: replica superblock does not match the device size")
+    if sb.total_blocks != pm.size // L.BLOCK:
+        raise CorruptImage(f"{pm.path}: superblock unusable ({why1}) and the replica does "
+                           "not match the device size")
     return sb, "replica"
 
 
@@ -191,7 +196,9 @@ class FileSystem:
         live: list[int] = []
         self.nfree_inodes = 0
         for r in self.regions:
-            st = self._state_words(r)
+            # A copy: a view of the mapping kept alive by a CorruptImage traceback
+            # would make pm.close() fail with BufferError.
+            st = self._state_words(r).copy()
             free = np.flatnonzero(st == L.STATE_FREE)
             bad = np.flatnonzero((st != L.STATE_FREE) & (st != L.STATE_LIVE))
             if len(bad):
@@ -325,8 +332,6 @@ class FileSystem:
         pages: list[int] = []
         for raw in plog.walk(pm, head, tail, ino, self.max_log_pages, pages):
             e = L.decode_entry(raw)
-            if e[0] == L.E_NEXT_PAGE:
-                continue
             if e[1] > maxseq:
                 maxseq = e[1]
             inode.apply(e)

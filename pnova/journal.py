@@ -1,7 +1,7 @@
 """Lite undo journal: makes updates of several 8-byte words atomic.
 
-Multi-inode operations (create, link, unlink, rename, mkdir, rmdir, symlink,
-log compaction) first append their entries to every inode's log without
+Multi-inode operations (create, mknod, mkdir, symlink, link, unlink, rmdir,
+rename) and log compaction (head and tail of one inode) first append their entries to every inode's log without
 moving the tails, then move all tails (and flip inode state words) through
 one journal transaction:
 

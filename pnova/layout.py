@@ -1,9 +1,10 @@
 """On-media format v1: every structure's offsets, sizes and codecs.
 
 docs/SPEC.md is the normative description; this module is its executable
-form.  All integers are little-endian.  A "block" is 4096 bytes; device
-addresses inside structures are *byte offsets* from the start of the device
-unless the field name says ``block``.
+form.  All integers are little-endian.  A "block" is 4096 bytes.  Log
+pointers (log head/tail, page links, journal record addresses) are *byte
+offsets* from the start of the device; region fields and data-block fields of
+write entries are *block numbers*.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ _SB = struct.Struct("<8sIIQIII I16sQ II Q Q Q Q 32s")
 #         clean, flags, mount_count, next_seq, last_mount_ns, last_unmount_ns,
 #         label ; then zero padding up to byte 252 and crc32c at 252.
 SB_CRC_OFF = 252
-SB_CLEAN_OFF = 64
 
 
 @dataclass

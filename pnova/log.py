@@ -150,7 +150,7 @@ def _check_tail(pm: PMem, page: int, owner: int) -> None:
 
 
 def pages_of(pm: PMem, head: int, tail: int) -> list[int]:
-    """Block numbers of the pages of a (validated) chain, head page to tail page."""
+    """Block numbers of a (validated) chain's pages, head page to tail page."""
     if head == 0:
         return []
     out = [head // L.BLOCK]

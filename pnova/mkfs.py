@@ -45,9 +45,17 @@ def format_device(path: str, size: int, *, numa_nodes: int = 1, cpus_per_node: i
                           cpus_per_node=cpus_per_node, inodes_per_cpu=inodes_per_cpu,
                           uuid=uuidlib.uuid4().bytes, mkfs_time_ns=time.time_ns(),
                           label=label[:32], clean=1, next_seq=3)
+        # First make any old filesystem unrecognisable: both superblock copies
+        # go, durably, before anything else changes, so an interrupted mkfs
+        # never leaves a stale replica describing the old geometry.
+        pm.store_zero(0, L.BLOCK)
+        pm.store_zero((total - 1) * L.BLOCK, L.BLOCK)
+        pm.flush(0, L.BLOCK)
+        pm.flush((total - 1) * L.BLOCK, L.BLOCK)
+        pm.fence()
         # Zero the metadata areas (inode tables, journals, bitmaps): a reused
         # file may hold anything.
-        pm.store_zero(0, 2 * L.BLOCK)
+        pm.store_zero(L.BLOCK, L.BLOCK)
         for r in regions:
             pm.store_zero(r.start * L.BLOCK, (r.data_start - r.start) * L.BLOCK)
         table = b"".join(r.pack() for r in regions)

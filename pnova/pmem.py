@@ -7,7 +7,9 @@ mapping), *flush* (write back the 64-byte lines that cover a range, like
 device the mapping itself is the medium, so in the default fast mode flush and
 fence only count; a tracked mode that keeps a separate durable image (for crash
 injection) subclasses this class and overrides the four primitives, so callers
-never change.
+never change: ``store``, ``store_u64``, ``store_zero``, ``store_copy``,
+``flush`` and ``fence`` are the whole set of mutating calls.  The numpy view
+``buf`` handed to readers is read-only, so no caller can bypass them.
 """
 from __future__ import annotations
 
@@ -56,11 +58,11 @@ class PMem:
             os.close(self.fd)
             raise
         self.readonly = readonly
-        # numpy view of the whole mapping; reads go through it, writes only
-        # through the primitives below.
-        self.buf = np.frombuffer(self.mm, dtype=np.uint8)
-        if readonly:
-            self.buf.flags.writeable = False
+        # numpy views of the whole mapping: ``buf`` (read-only) for readers,
+        # ``_wbuf`` for the primitives below and nothing else.
+        self._wbuf = np.frombuffer(self.mm, dtype=np.uint8)
+        self.buf = self._wbuf.view()
+        self.buf.flags.writeable = False
         self.mv = memoryview(self.mm)
         self.stores = 0
         self.flushes = 0
@@ -94,17 +96,13 @@ class PMem:
 
     def store_zero(self, off: int, n: int) -> None:
         """Store ``n`` zero bytes at ``off``."""
-        self.buf_w[off:off + n] = 0
+        self._wbuf[off:off + n] = 0
         self.stores += 1
 
     def store_copy(self, dst: int, src: int, n: int) -> None:
         """Copy ``n`` bytes inside the device (copy-on-write page fill)."""
-        self.buf_w[dst:dst + n] = self.buf[src:src + n]
+        self._wbuf[dst:dst + n] = self._wbuf[src:src + n]
         self.stores += 1
-
-    @property
-    def buf_w(self) -> np.ndarray:
-        return self.buf
 
     def flush(self, off: int, n: int) -> None:
         """Write back every cache line that covers [off, off+n)."""
@@ -126,7 +124,7 @@ class PMem:
             self.mm.flush()
 
     def close(self) -> None:
-        self.buf = None  # type: ignore[assignment]
+        self.buf = self._wbuf = None  # type: ignore[assignment]
         self.mv.release()
         try:
             self.mm.close()

@@ -52,3 +52,23 @@ def test_bad_input_gets_one_line(tmp_path):
         r = run(*args)
         assert r.returncode != 0
         assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_interrupted_reformat_leaves_no_stale_superblock(tmp_path, monkeypatch):
+    """A re-format cut short must not leave the old replica describing old geometry."""
+    import pytest
+
+    import pnova.mkfs as mkfs
+    from pnova.errors import CorruptImage
+
+    img = str(tmp_path / "r.img")
+    mkfs.format_device(img, 16 << 20, numa_nodes=1, cpus_per_node=4)
+
+    def crash(*_a, **_k):
+        raise RuntimeError("power lost before the superblock was written")
+
+    monkeypatch.setattr(mkfs, "write_superblock", crash)
+    with pytest.raises(RuntimeError):
+        mkfs.format_device(img, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    with pytest.raises(CorruptImage, match="not a pnova filesystem"):
+        FileSystem.mount(img)
