@@ -1,0 +1,387 @@
+"""pnova: mount a pnova image through FUSE.
+
+    pnova IMAGE MOUNTPOINT [-f] [-d] [-o opt[,opt...]]
+
+Options may follow the positionals, which is how mount(8) runs helpers
+(``mount -t fuse.pnova IMAGE DIR`` becomes ``pnova IMAGE DIR -o rw,...``).
+By default the command returns once the filesystem answers requests and a
+daemon keeps serving it, logging to ``IMAGE.log``.  Unmounting
+(``fusermount3 -u DIR``, ``umount DIR``) or SIGINT/SIGTERM to the daemon leaves
+the image clean.
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import os
+import signal
+import stat
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, NoReturn
+
+import pyfuse3
+import trio
+
+from .engine import FileSystem
+from .errors import CorruptImage
+from .fuse_ops import PnovaOperations
+from .util import lock_image
+
+log = logging.getLogger("pnova.mount")
+
+# mount(8) options that only matter to mount(8) itself or to the boot
+# sequence: accepted and ignored.  The atime variants libfuse cannot pass on
+# are ignored too: the filesystem does not update atime on reads.
+_IGNORED = frozenset({"auto", "noauto", "nofail", "_netdev", "user", "nouser", "users",
+                      "owner", "group", "defaults", "default_permissions",
+                      "relatime", "norelatime", "strictatime", "nostrictatime",
+                      "diratime", "nodiratime", "lazytime", "nolazytime"})
+# VFS mount flags libfuse hands to the kernel as they are.
+_VFS_FLAGS = frozenset({"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec",
+                        "atime", "noatime", "sync", "async", "dirsync"})
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+
+_EPILOG = """\
+mount options (-o, comma-separated, may be repeated):
+  ro                  mount read-only
+  rw                  mount read-write (the default)
+  allow_other         let users other than the mounter access the filesystem
+  default_permissions kernel permission checks (always on)
+  logfile=PATH        daemon log file (default: IMAGE.log)
+  debug               same as -d
+  dev,nodev,suid,nosuid,exec,noexec,atime,noatime,sync,async,dirsync
+                      passed to the kernel
+  auto,noauto,nofail,_netdev,user,users,defaults,relatime,lazytime,...
+                      accepted for fstab, ignored
+
+fstab:  /path/pnova.img  /mnt/pnova  fuse.pnova  defaults,noauto  0  0
+unmount: fusermount3 -u MOUNTPOINT   (or umount MOUNTPOINT as root)
+"""
+
+
+class UsageError(Exception):
+    """Bad command line: one line for the user, exit status 1."""
+
+
+@dataclass
+class Config:
+    """What the command line asks for."""
+    image: str
+    mountpoint: str
+    foreground: bool = False
+    debug: bool = False
+    readonly: bool = False
+    logfile: str | None = None
+    fuse_options: set[str] = field(default_factory=set)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def parse_args(argv: list[str]) -> Config:
+    """Command line -> Config; raises UsageError with a one-line reason."""
+    ap = _Parser(prog="pnova", description="Mount a pnova persistent-memory filesystem image.",
+                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("image", help="image file made by mkfs.pnova")
+    ap.add_argument("mountpoint", help="directory to mount it on")
+    ap.add_argument("-f", "--foreground", action="store_true",
+                    help="stay in the foreground, logging to stderr")
+    ap.add_argument("-d", "--debug", action="store_true",
+                    help="debug logging of every request (implies -f)")
+    ap.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                    help="mount options, see below")
+    a = ap.parse_args(argv)
+    cfg = Config(image=os.path.abspath(a.image), mountpoint=os.path.abspath(a.mountpoint),
+                 foreground=a.foreground, debug=a.debug)
+    # Always on: without it FUSE does no permission checks at all.
+    opts = {"default_permissions"}
+    for group in a.options:
+        for opt in group.split(","):
+            opt = opt.strip()
+            key, _, value = opt.partition("=")
+            if not opt or opt in _IGNORED or opt.startswith(("x-", "comment=")):
+                continue
+            if opt in _VFS_FLAGS:
+                opts.add(opt)
+            elif opt == "ro":
+                cfg.readonly = True
+                opts.discard("rw")
+                opts.add("ro")
+            elif opt == "allow_other":
+                opts.add(opt)
+            elif opt == "debug":
+                cfg.debug = True
+            elif key == "logfile" and value:
+                cfg.logfile = os.path.abspath(value)
+            elif key in ("fsname", "subtype") and value:
+                opts.add(opt)                       # an explicit name wins
+            else:
+                raise UsageError(f"unknown mount option {opt!r} (see pnova -h)")
+    if cfg.readonly:
+        opts.discard("rw")
+    if not any(o.startswith("fsname=") for o in opts):
+        opts.add(f"fsname={cfg.image}")
+    if not any(o.startswith("subtype=") for o in opts):
+        opts.add("subtype=pnova")
+    if cfg.debug:
+        cfg.foreground = True
+        opts.add("debug")                           # libfuse traces every request
+    cfg.fuse_options = opts
+    if cfg.logfile is None:
+        cfg.logfile = cfg.image + ".log"
+    return cfg
+
+
+# ---------------------------------------------------------------- serving
+def serve(fs: FileSystem, mountpoint: str, fuse_options: set[str], *,
+          on_ready: Callable[[], None] | None = None) -> int:
+    """Mount ``fs`` on ``mountpoint`` and answer requests until unmounted.
+
+    Returns 0 after an unmount (fusermount3 -u, umount, or a signal), 1 if the
+    request loop failed.  The caller unmounts the engine afterwards.  Raises
+    RuntimeError when the kernel mount itself fails.
+    """
+    ops = PnovaOperations(fs, on_init=on_ready)
+    # Signals stay blocked until the trio receiver exists, so a SIGTERM that
+    # arrives right after the mount appears still unmounts cleanly.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    pyfuse3.init(ops, mountpoint, fuse_options)
+    signalled = False
+
+    async def watch_signals() -> None:
+        nonlocal signalled
+        with trio.open_signal_receiver(*_SIGNALS) as received:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            try:
+                async for signum in received:
+                    log.info("%s received: unmounting", signal.Signals(signum).name)
+                    signalled = True
+                    pyfuse3.terminate()
+                    return
+            finally:
+                # Blocked again before the receiver goes: no signal may hit
+                # a default handler while the engine is being unmounted.
+                signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_signals)
+            # Handlers never await, so one worker task serves as well as many.
+            await pyfuse3.main(min_tasks=1, max_tasks=1)
+            nursery.cancel_scope.cancel()
+
+    rc = 0
+    try:
+        trio.run(run)
+    except BaseException:
+        log.exception("the request loop failed")
+        rc = 1
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        # After fusermount3 -u the kernel mount is already gone; after a
+        # signal or a failure it is still there and must be taken down.
+        pyfuse3.close(unmount=signalled or rc != 0)
+    if rc == 0:
+        log.info("%s unmounted", mountpoint)
+    return rc
+
+
+# ---------------------------------------------------------------- the command
+def _setup_logging(cfg: Config) -> logging.Handler | None:
+    """Foreground: stderr.  Daemon: the log file, plus warnings on stderr until
+    the fork (returned so that the daemon can drop it)."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+    if not cfg.debug:
+        logging.getLogger("pyfuse3").setLevel(logging.INFO)
+    fmt = logging.Formatter(_LOG_FORMAT)
+    if cfg.foreground:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        root.addHandler(h)
+        return None
+    try:
+        fh = logging.FileHandler(cfg.logfile, encoding="utf-8")
+    except OSError as e:
+        print(f"pnova: warning: cannot write log file {cfg.logfile}: {e.strerror}; "
+              "logging nowhere", file=sys.stderr)
+        cfg.logfile = None
+    else:
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("pnova: %(message)s"))
+    # Messages printed by the command itself are not repeated by the log.
+    console.addFilter(lambda record: getattr(record, "console", True))
+    root.addHandler(console)
+    return console
+
+
+def _check_paths(cfg: Config) -> None:
+    try:
+        st = os.stat(cfg.image)
+    except OSError as e:
+        raise UsageError(f"{cfg.image}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{cfg.image}: is a directory, not an image")
+    try:
+        st = os.stat(cfg.mountpoint)
+    except OSError as e:
+        raise UsageError(f"mount point {cfg.mountpoint}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"mount point {cfg.mountpoint}: not a directory")
+
+
+def _redirect_stdio(logfile: str | None) -> None:
+    """Detach from the terminal: stdin from /dev/null, stdout/stderr to the log
+    (so that libfuse messages and fatal-error dumps are kept)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    out = null
+    if logfile is not None:
+        try:
+            out = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError:
+            out = null
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for fd in {null, out}:
+        if fd > 2:
+            os.close(fd)
+
+
+class _StartupReport:
+    """The daemon's one message to the parent waiting in the shell: 'ok' once
+    the filesystem answers requests, or a one-line error."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd = fd
+
+    def send(self, msg: str) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, msg.encode())
+        except OSError:
+            pass                     # the parent is gone: nobody to tell
+        os.close(self.fd)
+        self.fd = None
+
+
+def _start_daemon(logfile: str | None) -> int | _StartupReport:
+    """Fork.  The parent waits for the daemon's report and returns the exit
+    status; the daemon (the child) returns the report channel."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+        os.close(r)
+        report = b"".join(chunks).decode(errors="replace")
+        if report == "ok":
+            return 0
+        os.waitpid(pid, 0)
+        if not report:
+            report = "the daemon died during start-up" + (f"; see {logfile}" if logfile else "")
+        print(f"pnova: {report}", file=sys.stderr)
+        return 1
+    os.close(r)
+    os.setsid()
+    os.chdir("/")              # do not pin the directory we were started from
+    _redirect_stdio(logfile)
+    return _StartupReport(w)
+
+
+def _fail(cfg: Config, msg: str) -> int:
+    """One line on stderr (and in the daemon's log); exit status 1."""
+    print(f"pnova: {msg}", file=sys.stderr)
+    if not cfg.foreground:
+        log.error("%s", msg, extra={"console": False})
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pnova`` command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_args(argv)
+        _check_paths(cfg)
+    except UsageError as e:
+        print(f"pnova: {e}", file=sys.stderr)
+        return 1
+
+    console = _setup_logging(cfg)
+    try:
+        lock_fd = lock_image(cfg.image)
+    except BlockingIOError:
+        # Not logged: the log file belongs to the mount that holds the image.
+        print(f"pnova: {cfg.image} is already mounted (or being checked by fsck.pnova)",
+              file=sys.stderr)
+        return 1
+    except OSError as e:
+        return _fail(cfg, f"{cfg.image}: {e.strerror}")
+    try:
+        fs = FileSystem.mount(cfg.image, readonly=cfg.readonly)
+    except CorruptImage as e:
+        os.close(lock_fd)
+        return _fail(cfg, f"cannot mount: {e}")
+    except Exception as e:
+        # A bug rather than a bad image: the traceback goes to the log file
+        # (or to stderr with -d), the user gets one line.
+        if cfg.debug or not cfg.foreground:
+            log.error("engine mount failed", exc_info=True, extra={"console": False})
+        os.close(lock_fd)
+        return _fail(cfg, f"cannot mount {cfg.image}: {type(e).__name__}: {e}")
+
+    report = _StartupReport()
+    if not cfg.foreground:
+        started = _start_daemon(cfg.logfile)
+        if isinstance(started, int):
+            return started           # the parent: the daemon owns fs and the lock now
+        report = started
+        logging.getLogger().removeHandler(console)
+        if cfg.logfile is not None:
+            faulthandler.enable()    # fatal errors dump to stderr, i.e. the log
+
+    def ready() -> None:
+        log.info("%s mounted on %s%s", cfg.image, cfg.mountpoint,
+                 " (read-only)" if cfg.readonly else "")
+        report.send("ok")
+
+    rc = 1
+    try:
+        rc = serve(fs, cfg.mountpoint, cfg.fuse_options, on_ready=ready)
+    except RuntimeError as e:        # the kernel mount failed
+        if cfg.foreground:
+            _fail(cfg, f"cannot mount on {cfg.mountpoint}: {e}")
+        else:
+            log.error("cannot mount on %s: %s", cfg.mountpoint, e)
+            where = f" (details in {cfg.logfile})" if cfg.logfile else ""
+            report.send(f"cannot mount on {cfg.mountpoint}: {e}{where}")
+    except BaseException as e:
+        log.exception("unexpected failure")
+        report.send(f"unexpected failure: {e}")
+    finally:
+        try:
+            fs.unmount()
+        except Exception:
+            log.exception("saving the filesystem state failed; run fsck.pnova")
+            rc = 1
+        os.close(lock_fd)
+        report.send("the daemon stopped during start-up")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,774 @@
+"""The mounted filesystem as a user meets it: real FUSE mounts in a subprocess.
+
+Every mount is torn down by the fixture whatever happens in the test
+(fusermount3 -u, then a lazy unmount, then SIGKILL of what is left), and every
+wait polls with a deadline.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import filecmp
+import importlib.util
+import logging
+import mmap
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyfuse3
+import pytest
+import trio
+
+from pnova.engine import FileSystem
+from pnova.errors import CorruptImage, FsError
+from pnova.fuse_ops import PnovaOperations
+from pnova.util import image_locked
+
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
+
+BIN = Path(sys.executable).parent
+PNOVA = [str(BIN / "pnova")] if (BIN / "pnova").exists() else [sys.executable, "-m",
+                                                                  "pnova.mount"]
+FUSERMOUNT = shutil.which("fusermount3")
+WAIT = 20.0                                      # seconds; nothing here should come close
+
+needs_fuse = pytest.mark.skipif(
+    not (os.path.exists("/dev/fuse") and FUSERMOUNT),
+    reason="needs /dev/fuse and fusermount3")
+
+
+# ---------------------------------------------------------------- helpers
+def wait_for(pred: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """Poll ``pred`` with a short back-off until it holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def is_mounted(path: Path) -> bool:
+    """True while ``path`` is a mount point, even one whose daemon died
+    (os.path.ismount says False then: stat fails with ENOTCONN)."""
+    target = str(path).replace(" ", "\\040")
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def mount_entry(path: Path) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == str(path):
+                return fields
+    raise AssertionError(f"{path} is not mounted")
+
+
+def daemon_pids(image: str) -> list[int]:
+    """Processes serving ``image`` (found by their command line)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if image.encode() in argv and any(b"pnova" in a for a in argv):
+            pids.append(int(d))
+    return pids
+
+
+def one_line(text: str) -> bool:
+    return text.strip() != "" and "\n" not in text.strip() and "Traceback" not in text
+
+
+class Mount:
+    """One image and one mount point; knows how to start and always stop a mount."""
+
+    def __init__(self, image: str, mnt: Path) -> None:
+        self.image = image
+        self.mnt = mnt
+        self.log = image + ".log"
+        self.fg: subprocess.Popen | None = None
+        mnt.mkdir(exist_ok=True)
+
+    def run(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([*PNOVA, self.image, str(self.mnt), *args], capture_output=True,
+                              text=True, timeout=WAIT, env=env)
+
+    def start(self, *args: str) -> None:
+        """Mount as a daemon; the command returns only once the mount answers."""
+        r = self.run(*args)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == ""
+        assert os.path.ismount(self.mnt)            # no waiting: it is there already
+
+    def start_foreground(self, *args: str) -> subprocess.Popen:
+        self.fg = subprocess.Popen([*PNOVA, self.image, str(self.mnt), "-f", *args],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: os.path.ismount(self.mnt) or self.fg.poll() is not None, "the mount")
+        assert self.fg.poll() is None, self.fg.stderr.read()
+        return self.fg
+
+    def stop(self) -> None:
+        """fusermount3 -u, then wait until the daemon has saved state and exited."""
+        r = subprocess.run([FUSERMOUNT, "-u", str(self.mnt)], capture_output=True, text=True,
+                           timeout=WAIT)
+        assert r.returncode == 0, r.stderr
+        self.wait_gone()
+
+    def wait_gone(self) -> None:
+        # The daemon holds the image lock until its last step (engine unmount).
+        wait_for(lambda: not image_locked(self.image), "the daemon to exit")
+        if self.fg is not None:
+            self.fg.wait(timeout=WAIT)
+
+    def cleanup(self) -> None:
+        """Whatever state the test left: no mount, no daemon."""
+        try:
+            if is_mounted(self.mnt):
+                subprocess.run([FUSERMOUNT, "-u", str(self.mnt)], capture_output=True,
+                               timeout=WAIT)
+            if is_mounted(self.mnt):
+                subprocess.run([FUSERMOUNT, "-u", "-z", str(self.mnt)], capture_output=True,
+                               timeout=WAIT)
+            if is_mounted(self.mnt) and os.geteuid() == 0:
+                subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True,
+                               timeout=WAIT)
+            try:
+                wait_for(lambda: not daemon_pids(self.image), "the daemon to exit", 5)
+            except AssertionError:
+                pass
+        finally:
+            for pid in daemon_pids(self.image):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if self.fg is not None and self.fg.poll() is None:
+                self.fg.kill()
+                self.fg.wait(timeout=WAIT)
+
+
+@pytest.fixture
+def mnt(tmp_path: Path, image: str) -> Iterator[Mount]:
+    m = Mount(image, tmp_path / "mnt")
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+@pytest.fixture
+def mounted(mnt: Mount) -> Mount:
+    mnt.start()
+    return mnt
+
+
+def engine_state(image: str) -> str:
+    """How the engine would mount the image now: 'clean', or 'recovery' when it
+    was not cleanly unmounted (a read-only mount refuses that case)."""
+    try:
+        fs = FileSystem.mount(image, readonly=True)
+    except CorruptImage:
+        return "recovery"
+    path = fs.mount_path
+    fs.unmount()
+    return path
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def build_tree(root: Path) -> Path:
+    """A few hundred files: the pnova sources plus generated binaries of awkward sizes,
+    nested directories, symlinks and an empty directory."""
+    src = root / "src"
+    pkg = Path(__file__).resolve().parent.parent / "pnova"
+    shutil.copytree(pkg, src / "pnova", ignore=shutil.ignore_patterns("__pycache__"))
+    rng = random.Random(1234)
+    sizes = [0, 1, 100, 4095, 4096, 4097, 8192, 12289, 65536, 100_003]
+    for d in range(12):
+        sub = src / f"dir{d:02d}" / ("deep" if d % 3 == 0 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        for i in range(22):
+            size = sizes[(d + i) % len(sizes)] if i % 4 else rng.randrange(0, 30000)
+            (sub / f"file{i:02d}.bin").write_bytes(rng.randbytes(size))
+        (sub / "link").symlink_to(f"file{d:02d}.bin")
+    (src / "empty").mkdir()
+    (src / "dangling").symlink_to("does/not/exist")
+    os.chmod(src / "dir01" / "file03.bin", 0o600)
+    return src
+
+
+def assert_same_tree(a: Path, b: Path) -> int:
+    """Names, types, modes, sizes, mtimes, symlink targets and bytes agree; returns files."""
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(a):
+        rel = Path(dirpath).relative_to(a)
+        other = b / rel
+        assert sorted(os.listdir(other)) == sorted(dirnames + filenames), rel
+        for name in dirnames + filenames:
+            p, q = Path(dirpath) / name, other / name
+            sp, sq = os.lstat(p), os.lstat(q)
+            assert stat.S_IFMT(sp.st_mode) == stat.S_IFMT(sq.st_mode), p
+            if stat.S_ISLNK(sp.st_mode):
+                assert os.readlink(p) == os.readlink(q)
+                continue
+            assert stat.S_IMODE(sp.st_mode) == stat.S_IMODE(sq.st_mode), p
+            if stat.S_ISREG(sp.st_mode):
+                assert sp.st_size == sq.st_size, p
+                assert sp.st_mtime_ns == sq.st_mtime_ns, p
+                assert filecmp.cmp(p, q, shallow=False), p
+                n += 1
+    return n
+
+
+# ---------------------------------------------------------------- file operations
+@needs_fuse
+def test_file_operations_and_kernel_cache(mounted: Mount) -> None:
+    m = mounted.mnt
+    root_links = os.stat(m).st_nlink
+    (m / "d").mkdir()
+    assert os.stat(m).st_nlink == root_links + 1
+    f = m / "d" / "f"
+    with pytest.raises(FileNotFoundError):
+        os.stat(f)                                       # a negative entry, then create
+    f.write_bytes(b"hello")
+    assert f.read_bytes() == b"hello"
+    os.utime(f, ns=(0, 0))
+    with open(f, "ab") as fh:
+        fh.write(b" world")
+    st = os.stat(f)
+    assert f.read_bytes() == b"hello world" and st.st_size == 11
+    assert st.st_mtime_ns > 0                            # not the cached attributes
+    os.truncate(f, 4)
+    assert f.read_bytes() == b"hell"
+    os.truncate(f, 6000)
+    assert f.read_bytes() == b"hell" + bytes(5996)
+    f.write_bytes(b"new")                                # open(O_TRUNC) on an existing file
+    assert f.read_bytes() == b"new" and os.stat(f).st_size == 3
+    os.utime(f, ns=(0, 0))
+    os.close(os.open(f, os.O_WRONLY | os.O_TRUNC))       # truncation alone
+    st = os.stat(f)
+    assert st.st_size == 0 and f.read_bytes() == b"" and st.st_mtime_ns > 0
+    fd = os.open(f, os.O_RDWR)
+    os.pwrite(fd, b"XY", 8192)
+    assert os.pread(fd, 10, 8190) == b"\0\0XY"
+    os.ftruncate(fd, 1)
+    assert os.fstat(fd).st_size == 1
+    os.close(fd)
+
+    # Hard links: the kernel's cached link count follows every change.
+    a, b, c = m / "a", m / "b", m / "c"
+    a.write_bytes(b"A")
+    os.link(a, b)
+    os.link(a, c)
+    assert os.stat(a).st_nlink == 3
+    os.unlink(b)
+    assert os.stat(a).st_nlink == 2 and os.stat(c).st_nlink == 2
+    assert not b.exists()
+
+    # rename over a file that has another link: the replaced inode drops a link.
+    x, y, y2 = m / "x", m / "y", m / "y2"
+    x.write_bytes(b"X")
+    y.write_bytes(b"Y")
+    os.link(y, y2)
+    ino_x = os.stat(x).st_ino
+    os.rename(x, y)
+    assert os.stat(y).st_ino == ino_x and y.read_bytes() == b"X"
+    assert os.stat(y2).st_nlink == 1 and y2.read_bytes() == b"Y"
+    assert not x.exists()
+
+    # renameat2 flags pass through.
+    with pytest.raises(FileExistsError):
+        renameat2(y, y2, 1)                              # RENAME_NOREPLACE
+    renameat2(y, y2, 2)                                  # RENAME_EXCHANGE
+    assert y.read_bytes() == b"Y" and y2.read_bytes() == b"X"
+
+    # chmod / utime: the cached attributes are the new ones.
+    os.chmod(a, 0o640)
+    assert stat.S_IMODE(os.stat(a).st_mode) == 0o640
+    fd = os.open(a, os.O_RDONLY)
+    os.fchmod(fd, 0o604)
+    assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o604
+    os.close(fd)
+    os.utime(a, ns=(1_000_000_123, 2_000_000_456))
+    st = os.stat(a)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
+    ctime = st.st_ctime_ns
+    os.chmod(a, 0o644)
+    assert os.stat(a).st_ctime_ns >= ctime
+
+    # Directories: moving one between parents moves a link between them.
+    (m / "e").mkdir()
+    (m / "d" / "sub").mkdir()
+    d_links, e_links = os.stat(m / "d").st_nlink, os.stat(m / "e").st_nlink
+    os.rename(m / "d" / "sub", m / "e" / "sub")
+    assert os.stat(m / "d").st_nlink == d_links - 1
+    assert os.stat(m / "e").st_nlink == e_links + 1
+    with pytest.raises(OSError) as ei:
+        os.rmdir(m / "e")
+    assert ei.value.errno == errno.ENOTEMPTY
+    os.rmdir(m / "e" / "sub")
+    os.rmdir(m / "e")
+    assert not (m / "e").exists()
+
+    # Symlinks, FIFOs.
+    os.symlink("d/f", m / "s")
+    assert os.readlink(m / "s") == "d/f" and stat.S_ISLNK(os.lstat(m / "s").st_mode)
+    assert (m / "s").read_bytes() == b"\0"
+    os.mkfifo(m / "fifo")
+    assert stat.S_ISFIFO(os.stat(m / "fifo").st_mode)
+    if os.geteuid() == 0:
+        os.mknod(m / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        assert os.stat(m / "null").st_rdev == os.makedev(1, 3)
+        os.unlink(m / "null")
+
+    assert sorted(os.listdir(m)) == ["a", "c", "d", "fifo", "s", "y", "y2"]
+    st = os.stat(a)
+    assert st.st_blksize == 4096 and st.st_uid == os.getuid()
+
+
+@needs_fuse
+def test_xattrs(mounted: Mount) -> None:
+    p = mounted.mnt / "x"
+    p.write_bytes(b"data")
+    os.setxattr(p, "user.colour", b"blue")
+    assert os.getxattr(p, "user.colour") == b"blue"
+    assert os.listxattr(p) == ["user.colour"]
+    with pytest.raises(FileExistsError):
+        os.setxattr(p, "user.colour", b"red", os.XATTR_CREATE)
+    with pytest.raises(OSError) as ei:
+        os.setxattr(p, "user.size", b"1", os.XATTR_REPLACE)
+    assert ei.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as ei:
+        os.getxattr(p, "user.missing")
+    assert ei.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as ei:
+        os.getxattr(p, "security.capability")
+    assert ei.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as ei:
+        os.setxattr(p, "trusted.x", b"1")
+    assert ei.value.errno in (errno.EOPNOTSUPP, errno.EPERM)
+    os.removexattr(p, "user.colour")
+    assert os.listxattr(p) == []
+    p.write_bytes(b"still writable")                    # the write path asks for xattrs
+    assert p.read_bytes() == b"still writable"
+
+
+@needs_fuse
+def test_copy_a_real_tree_and_compare(mounted: Mount, tmp_path: Path) -> None:
+    src = build_tree(tmp_path)
+    dst = mounted.mnt / "tree"
+    shutil.copytree(src, dst, symlinks=True)
+    n = assert_same_tree(src, dst)
+    assert n > 250
+    r = subprocess.run(["cp", "-a", str(src), str(mounted.mnt / "cpa")], capture_output=True,
+                       text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["diff", "-r", "--no-dereference", str(src), str(mounted.mnt / "cpa")],
+                       capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # And it is all still there after a clean unmount and a fresh mount.
+    mounted.stop()
+    assert engine_state(mounted.image) == "clean"
+    mounted.start()
+    assert_same_tree(src, dst)
+    assert_same_tree(src, mounted.mnt / "cpa")
+
+
+@needs_fuse
+def test_statvfs(mounted: Mount) -> None:
+    m = mounted.mnt
+    s0 = os.statvfs(m)
+    assert s0.f_namemax == 255
+    assert s0.f_bsize == 4096 and s0.f_frsize == 4096
+    assert 0 < s0.f_bavail <= s0.f_bfree < s0.f_blocks
+    assert s0.f_blocks * 4096 <= os.path.getsize(mounted.image)
+    assert 0 < s0.f_ffree < s0.f_files
+    (m / "big").write_bytes(os.urandom(1 << 20))
+    s1 = os.statvfs(m)
+    assert s0.f_bfree - s1.f_bfree >= 256
+    assert s1.f_ffree == s0.f_ffree - 1
+    os.unlink(m / "big")
+    wait_for(lambda: os.statvfs(m).f_bfree >= s0.f_bfree - 2, "the space to come back")
+    r = subprocess.run(["df", "-P", str(m)], capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0 and mounted.image in r.stdout
+
+
+@needs_fuse
+def test_unlinked_open_file_lives_until_closed(mounted: Mount) -> None:
+    m = mounted.mnt
+    base = os.statvfs(m).f_bfree
+    data = os.urandom(100_000)
+    fd = os.open(m / "u", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.unlink(m / "u")
+        assert not (m / "u").exists() and os.listdir(m) == []
+        assert os.pread(fd, len(data), 0) == data
+        os.pwrite(fd, b"y" * 5000, len(data))
+        st = os.fstat(fd)
+        assert st.st_size == len(data) + 5000 and st.st_nlink == 0
+        assert os.pread(fd, 5000, len(data)) == b"y" * 5000
+        assert os.statvfs(m).f_bfree <= base - 26        # still holds its blocks
+    finally:
+        os.close(fd)
+    wait_for(lambda: os.statvfs(m).f_bfree >= base - 2, "the blocks of the closed file")
+
+    # The same for a file replaced by rename while open.
+    (m / "old").write_bytes(b"old contents")
+    (m / "new").write_bytes(b"new contents")
+    with open(m / "old", "r+b") as fh:
+        os.rename(m / "new", m / "old")
+        assert fh.read() == b"old contents" and os.fstat(fh.fileno()).st_nlink == 0
+        fh.write(b"!")
+        fh.flush()
+        fh.seek(0)
+        assert fh.read() == b"old contents!"
+    assert (m / "old").read_bytes() == b"new contents" and os.listdir(m) == ["old"]
+
+
+@needs_fuse
+def test_name_too_long(mounted: Mount) -> None:
+    m = mounted.mnt
+    for call in (lambda p: p.write_bytes(b""), lambda p: p.mkdir(),
+                 lambda p: os.symlink("t", p), lambda p: os.stat(p)):
+        with pytest.raises(OSError) as ei:
+            call(m / ("n" * 256))
+        assert ei.value.errno == errno.ENAMETOOLONG
+    ok = m / ("n" * 255)
+    ok.write_bytes(b"fits")
+    with pytest.raises(OSError) as ei:
+        os.rename(ok, m / ("r" * 256))
+    assert ei.value.errno == errno.ENAMETOOLONG
+    assert os.listdir(m) == ["n" * 255]
+
+
+# ---------------------------------------------------------------- the command
+@needs_fuse
+def test_second_mount_is_refused(mounted: Mount, tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    r = subprocess.run([*PNOVA, mounted.image, str(tmp_path / "other")], capture_output=True,
+                       text=True, timeout=WAIT)
+    assert r.returncode == 1 and one_line(r.stderr) and "already mounted" in r.stderr
+    assert not os.path.ismount(tmp_path / "other")
+    (mounted.mnt / "ok").write_bytes(b"first mount unharmed")
+    assert (mounted.mnt / "ok").read_bytes() == b"first mount unharmed"
+
+
+def test_command_line_errors(tmp_path: Path, image: str) -> None:
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "file").write_bytes(b"")
+    garbage = tmp_path / "garbage.img"
+    garbage.write_bytes(os.urandom(1 << 20))
+    cases = [
+        ([image, str(tmp_path / "mnt"), "-o", "rw,frobnicate"], "unknown mount option"),
+        ([str(garbage), str(tmp_path / "mnt")], "not a pnova filesystem"),
+        ([image, str(tmp_path / "missing")], "No such file"),
+        ([image, str(tmp_path / "file")], "not a directory"),
+        ([str(tmp_path / "missing.img"), str(tmp_path / "mnt")], "No such file"),
+        ([image], "required"),
+    ]
+    for args, words in cases:
+        r = subprocess.run([*PNOVA, *args], capture_output=True, text=True, timeout=WAIT)
+        assert r.returncode == 1, (args, r.stderr)
+        assert one_line(r.stderr) and words in r.stderr, (args, r.stderr)
+    assert not image_locked(image)
+    r = subprocess.run([*PNOVA, "-h"], capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0 and "fuse.pnova" in r.stdout and "-o" in r.stdout
+
+
+@needs_fuse
+def test_mount_options_and_proc_mounts(mnt: Mount) -> None:
+    # What mount(8) passes, plus fstab-only options: all accepted.
+    mnt.start("-o", "rw,dev,suid,noauto", "-o", "nofail,_netdev,relatime,defaults")
+    source, _, fstype, opts = mount_entry(mnt.mnt)[:4]
+    assert source == mnt.image and fstype == "fuse.pnova"
+    assert "default_permissions" in opts
+    (mnt.mnt / "f").write_bytes(b"rw")
+    mnt.stop()
+    with open(mnt.log) as f:
+        text = f.read()
+    assert "via clean path" in text and "unmounted cleanly" in text   # the engine's lines
+
+    mnt.start("-o", "ro,nosuid,nodev")
+    opts = mount_entry(mnt.mnt)[3].split(",")
+    assert "ro" in opts and "nosuid" in opts
+    assert (mnt.mnt / "f").read_bytes() == b"rw"
+    with pytest.raises(OSError) as ei:
+        (mnt.mnt / "g").write_bytes(b"")
+    assert ei.value.errno == errno.EROFS
+    mnt.stop()
+
+
+@needs_fuse
+@pytest.mark.skipif(not os.path.exists("/sbin/mount.fuse3"), reason="no /sbin/mount.fuse3")
+def test_mount_helper(mnt: Mount) -> None:
+    # mount(8) runs /sbin/mount.fuse3 IMAGE DIR -t fuse.pnova -o OPTS, which runs
+    # `pnova IMAGE DIR -o OPTS` through /bin/sh.  mount(8) itself drops PATH (the
+    # shell then searches /usr/local/bin and the system directories), so here
+    # the helper is run directly with the virtual environment first in PATH.
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    r = subprocess.run(["/sbin/mount.fuse3", mnt.image, str(mnt.mnt), "-t", "fuse.pnova",
+                        "-o", "rw,noauto"], capture_output=True, text=True, timeout=WAIT,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    assert mount_entry(mnt.mnt)[2] == "fuse.pnova"
+    (mnt.mnt / "via-helper").write_bytes(b"1")
+    mnt.stop()
+    assert engine_state(mnt.image) == "clean"
+
+
+def _helpers_installed() -> bool:
+    installed = Path("/usr/local/bin/pnova")
+    return installed.exists() and installed.resolve() == (BIN / "pnova").resolve()
+
+
+@needs_fuse
+@pytest.mark.skipif(os.geteuid() != 0 or not _helpers_installed(),
+                    reason="needs root and `make install-helpers` (mount(8) resets PATH)")
+def test_mount_t_fuse_pnova(mnt: Mount) -> None:
+    r = subprocess.run(["mount", "-t", "fuse.pnova", mnt.image, str(mnt.mnt)],
+                       capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stderr
+    assert mount_entry(mnt.mnt)[2] == "fuse.pnova"
+    (mnt.mnt / "via-mount").write_bytes(b"1")
+    r = subprocess.run(["umount", str(mnt.mnt)], capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stderr
+    mnt.wait_gone()
+    assert engine_state(mnt.image) == "clean"
+
+
+# ---------------------------------------------------------------- unmount and crashes
+@needs_fuse
+def test_unmount_leaves_image_clean(mounted: Mount) -> None:
+    (mounted.mnt / "keep").write_bytes(b"kept" * 5000)
+    os.setxattr(mounted.mnt / "keep", "user.k", b"v")
+    with open(mounted.mnt / "mapped", "w+b") as fh:      # writes through a shared mapping
+        fh.truncate(8192)
+        with mmap.mmap(fh.fileno(), 8192) as mm:
+            mm[4000:4010] = b"via mmap!!"
+            mm.flush()
+    mounted.stop()
+    assert not is_mounted(mounted.mnt)
+    assert engine_state(mounted.image) == "clean"
+    mounted.start()
+    assert (mounted.mnt / "keep").read_bytes() == b"kept" * 5000
+    assert os.getxattr(mounted.mnt / "keep", "user.k") == b"v"
+    data = (mounted.mnt / "mapped").read_bytes()
+    assert data[4000:4010] == b"via mmap!!" and len(data) == 8192
+
+
+@needs_fuse
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(mnt: Mount, sig: signal.Signals) -> None:
+    proc = mnt.start_foreground()
+    (mnt.mnt / "f").write_bytes(b"before the signal")
+    proc.send_signal(sig)
+    assert proc.wait(timeout=WAIT) == 0, proc.stderr.read()
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "unmounted cleanly" in err
+    assert not is_mounted(mnt.mnt)
+    fs = FileSystem.mount(mnt.image, readonly=True)
+    try:
+        assert fs.mount_path == "clean"
+        ino = fs.lookup(1, b"f").ino
+        assert fs.read(ino, 0, 100) == b"before the signal"
+    finally:
+        fs.unmount()
+
+
+_WRITER = r"""
+import os, sys
+mnt = sys.argv[1]
+fds = [os.open(os.path.join(mnt, f"f{k}"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+       for k in range(4)]
+i = 0
+try:
+    while True:
+        os.write(fds[i % 4], b"%08d" % i * 128)
+        if i % 8 == 0:
+            os.fsync(fds[i % 4])
+        if i % 50 == 49:
+            tmp = os.path.join(mnt, f"n{i}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(b"%d" % i)
+            os.rename(tmp, os.path.join(mnt, f"n{i}"))
+        print(i, flush=True)
+        i += 1
+except OSError as e:
+    print("stopped", e.errno, flush=True)
+"""
+
+
+@needs_fuse
+def test_kill9_daemon_mid_workload_recovers(mounted: Mount) -> None:
+    m = mounted.mnt
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(m)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    done: list[int] = []
+    enough = threading.Event()
+
+    def collect() -> None:
+        for line in writer.stdout:
+            if line.strip().isdigit():
+                done.append(int(line))
+                if len(done) >= 400:
+                    enough.set()
+        enough.set()
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    try:
+        assert enough.wait(WAIT), "the writer made no progress"
+        assert len(done) >= 400, writer.stderr.read()
+        pids = daemon_pids(mounted.image)
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGKILL)
+        writer.wait(timeout=WAIT)
+        reader.join(timeout=WAIT)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(timeout=WAIT)
+    returned = done[:]
+    assert returned == list(range(len(returned)))
+    wait_for(lambda: not image_locked(mounted.image), "the killed daemon's lock to go")
+    # The dead mount stays until someone unmounts it.
+    assert is_mounted(m)
+    r = subprocess.run([FUSERMOUNT, "-u", str(m)], capture_output=True, timeout=WAIT)
+    if r.returncode != 0:
+        subprocess.run([FUSERMOUNT, "-u", "-z", str(m)], capture_output=True, timeout=WAIT)
+    assert not is_mounted(m)
+
+    log_before = os.path.getsize(mounted.log)
+    mounted.start()
+    with open(mounted.log) as f:
+        f.seek(log_before)
+        assert "via recovery path" in f.read()
+    for i in returned:
+        with open(m / f"f{i % 4}", "rb") as f:
+            f.seek((i // 4) * 1024)
+            assert f.read(1024) == b"%08d" % i * 128, i
+        if i % 50 == 49:
+            assert (m / f"n{i}").read_bytes() == b"%d" % i
+    mounted.stop()
+    assert engine_state(mounted.image) == "clean"
+    if _fsck_available():
+        r = subprocess.run([str(BIN / "fsck.pnova"), "-n", "-f", mounted.image],
+                           capture_output=True, text=True, timeout=WAIT)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _fsck_available() -> bool:
+    """fsck.pnova is usable (the checker and its command-line front end exist)."""
+    try:
+        return (importlib.util.find_spec("pnova.fsck") is not None
+                and importlib.util.find_spec("pnova_fsck.cli") is not None
+                and (BIN / "fsck.pnova").exists())
+    except ModuleNotFoundError:
+        return False
+
+
+# ---------------------------------------------------------------- engine failures
+class _Broken(FileSystem):
+    """An engine whose getattr fails the way a bug would."""
+
+    def getattr(self, ino: int):  # type: ignore[override]
+        raise RuntimeError("injected engine failure")
+
+
+def test_operations_translate_errors(image: str, caplog: pytest.LogCaptureFixture) -> None:
+    fs = _Broken.mount(image)
+    try:
+        ops = PnovaOperations(fs)
+        with caplog.at_level(logging.ERROR, logger="pnova.fuse"):
+            with pytest.raises(pyfuse3.FUSEError) as ei:
+                trio.run(ops.getattr, 1, None)
+        assert ei.value.errno == errno.EIO
+        rec = [r for r in caplog.records if "internal error in getattr" in r.getMessage()]
+        assert rec and rec[0].exc_info is not None
+        assert "injected engine failure" in caplog.text and "Traceback" in caplog.text
+
+        # Engine errors keep their errno; the same object keeps answering.
+        with pytest.raises(pyfuse3.FUSEError) as ei:
+            trio.run(ops.rmdir, 1, b"missing", None)
+        assert ei.value.errno == errno.ENOENT
+        neg = trio.run(ops.lookup, 1, b"missing", None)
+        assert neg.st_ino == 0 and neg.entry_timeout > 0      # cached negative entry
+
+        # Lookup counts: a reply that hands out an inode takes a reference;
+        # forget gives it back and an unlinked inode then goes.
+        a = fs.create(1, b"f", 0o644)
+        e = trio.run(ops.lookup, 1, b"f", None)
+        assert e.st_ino == a.ino and fs.get(a.ino).lookups == 1
+        fs.unlink(1, b"f")
+        assert a.ino in fs.cache                              # still referenced
+        trio.run(ops.forget, [(a.ino, 1)])
+        assert a.ino not in fs.cache
+        trio.run(ops.forget, [(a.ino, 1), (10**9, 3)])        # unknown inodes: no error
+    finally:
+        fs.unmount()
+    fs = FileSystem.mount(image)
+    try:
+        with pytest.raises(FsError):
+            fs.lookup(1, b"f")
+    finally:
+        fs.unmount()
+
+
+_BROKEN_DAEMON = r"""
+import logging, sys
+from pnova.engine import FileSystem
+from pnova.mount import serve
+
+class Broken(FileSystem):
+    def getxattr(self, ino, name):
+        raise RuntimeError("injected engine failure")
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+fs = Broken.mount(sys.argv[1])
+rc = serve(fs, sys.argv[2], {"default_permissions", "fsname=" + sys.argv[1], "subtype=pnova"})
+fs.unmount()
+sys.exit(rc)
+"""
+
+
+@needs_fuse
+def test_engine_exception_is_eio_and_mount_stays_up(mnt: Mount) -> None:
+    mnt.fg = subprocess.Popen([sys.executable, "-c", _BROKEN_DAEMON, mnt.image, str(mnt.mnt)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: os.path.ismount(mnt.mnt) or mnt.fg.poll() is not None, "the mount")
+    p = mnt.mnt / "f"
+    p.write_bytes(b"x")
+    for _ in range(3):
+        with pytest.raises(OSError) as ei:
+            os.getxattr(p, "user.k")
+        assert ei.value.errno == errno.EIO
+    p.write_bytes(b"still serving")                     # the daemon is alive
+    assert p.read_bytes() == b"still serving" and os.listdir(mnt.mnt) == ["f"]
+    mnt.stop()
+    assert mnt.fg.wait(timeout=WAIT) == 0
+    err = mnt.fg.stderr.read()
+    assert err.count("Traceback") == 3 and "injected engine failure" in err
+    assert engine_state(mnt.image) == "clean"
