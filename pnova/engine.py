@@ -79,7 +79,8 @@ def read_superblock(pm: PMem) -> tuple[L.Superblock, str]:
         sb = L.Superblock.unpack(pm.read(last, L.SB_SIZE))
     except ValueError as e2:
         if why1 == "bad magic" and str(e2) == "bad magic":
-            raise CorruptImage(f"{pm.path}: not a pnova filesystem (no superblock found)") from None
+            raise CorruptImage(f"{pm.path}: not a pnova filesystem (no superblock found; if it "
+                               "held one, fsck.pnova can rebuild it)") from None
         raise CorruptImage(f"{pm.path}: superblock unusable ({why1}) and its replica too "
                            f"({e2}); run fsck.pnova") from None
     if sb.total_blocks != pm.size // L.BLOCK:
@@ -148,16 +149,22 @@ class FileSystem:
 
     # ------------------------------------------------------------------ mount
     @classmethod
-    def mount(cls, path: str, *, cpu: int = 0, readonly: bool = False) -> "FileSystem":
+    def mount(cls, path: str, *, cpu: int = 0, readonly: bool = False,
+              device: PMem | None = None) -> "FileSystem":
         """Open an image: clean images load saved state, others are recovered.
 
+        ``device`` is an already opened pmem device for ``path`` (the tracked
+        mode of crash injection); by default the image is opened in fast mode.
         Raises CorruptImage (one line) when the image cannot be used.
         """
         t0 = time.monotonic()
-        try:
-            pm = PMem(path, readonly=readonly)
-        except DeviceError as e:
-            raise CorruptImage(str(e)) from None
+        if device is not None:
+            pm = device
+        else:
+            try:
+                pm = PMem(path, readonly=readonly)
+            except DeviceError as e:
+                raise CorruptImage(str(e)) from None
         try:
             sb, which = read_superblock(pm)
             if which == "replica":
@@ -330,8 +337,18 @@ class FileSystem:
         inode = Inode(ino, st, head, tail)
         maxseq = st.create_seq
         pages: list[int] = []
+        total = self.sb.total_blocks
         for raw in plog.walk(pm, head, tail, ino, self.max_log_pages, pages):
             e = L.decode_entry(raw)
+            # A CRC only proves the entry is what was written: check that its
+            # ranges make sense before replay acts on them.
+            if e[0] == L.E_WRITE:
+                if not (1 <= e[3] <= total and 2 <= e[4] and e[4] + e[3] <= total
+                        and e[2] + e[3] <= L.MAX_FILE_SIZE // L.BLOCK and e[5] <= L.MAX_FILE_SIZE):
+                    raise ValueError(f"write entry (seq {e[1]}) maps {e[3]} page(s) at block "
+                                     f"{e[4]}, outside the device")
+            elif e[0] == L.E_SETATTR and e[2] & L.SA_SIZE and e[6] > L.MAX_FILE_SIZE:
+                raise ValueError(f"setattr entry (seq {e[1]}) sets an impossible size")
             if e[1] > maxseq:
                 maxseq = e[1]
             inode.apply(e)
@@ -588,6 +605,12 @@ class FileSystem:
             raise FsError(errno.ENOENT)
         if name in d.dents:
             raise FsError(errno.EEXIST)
+        if d.mode & stat.S_ISGID:
+            # BSD group semantics of a setgid directory: entries take its group,
+            # subdirectories inherit the bit.
+            gid = d.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
         now = time.time_ns()
         is_dir = stat.S_ISDIR(mode)
         own = [(L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, parent, stat.S_IFDIR >> 12, now)] \

@@ -105,6 +105,8 @@ class Inode:
                 del self.order[old[2]]
                 self.dent_bytes -= (47 + len(name)) & ~7
             if op == L.D_ADD:
+                if seq in self.order:
+                    raise ValueError(f"two names share directory position {seq}")
                 self.dents[name] = (ino, dtype, seq)
                 self.order[seq] = name
                 self.dent_bytes += (47 + len(name)) & ~7

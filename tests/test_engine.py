@@ -365,3 +365,37 @@ def test_geometry_numa_regions(tmp_path):
     order = [r.region.cpu for r in fs.alloc.order(3)]
     assert order == [3, 2, 0, 1]
     fs.unmount()
+
+
+def test_setgid_directory_hands_down_its_group(fs):
+    d = fs.mkdir(ROOT, b"shared", 0o755, uid=0, gid=0).ino
+    fs.setattr(d, mode=0o2775, gid=100)
+    f = fs.create(d, b"f", 0o644, uid=65534, gid=65534)
+    sub = fs.mkdir(d, b"sub", 0o755, uid=65534, gid=65534)
+    assert f.gid == 100 and not f.mode & stat.S_ISGID
+    assert sub.gid == 100 and sub.mode & stat.S_ISGID
+
+
+def test_recovery_refuses_a_write_entry_outside_the_device(image):
+    """A checksummed but absurd entry is corruption, not a memory blow-up."""
+    from pnova.engine import read_regions, read_superblock, write_superblock
+    from pnova.errors import CorruptImage
+    from pnova.pmem import PMem
+
+    fs = FileSystem.mount(image)
+    f = fs.create(ROOT, b"f", 0o644).ino
+    fs.write(f, 0, b"x")
+    addr = fs.inode_addr(f)
+    fs.unmount()
+    pm = PMem(image)
+    sb, _ = read_superblock(pm)
+    data_start = read_regions(pm, sb)[0].data_start
+    tail = pm.read_u64(addr + L.I_LOG_TAIL)
+    e = L.write_entry(10 ** 6, 0, 1 << 31, data_start + 5, 1, 1)
+    pm.store(tail, e)
+    pm.store_u64(addr + L.I_LOG_TAIL, tail + len(e))
+    sb.clean = 0
+    write_superblock(pm, sb)
+    pm.close()
+    with pytest.raises(CorruptImage, match="outside the device; run fsck.pnova"):
+        FileSystem.mount(image)

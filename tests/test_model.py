@@ -7,6 +7,7 @@ dirty remounts are steps too, and fsck must find nothing after each remount.
 from __future__ import annotations
 
 import errno
+import io
 import stat
 
 import hypothesis.strategies as st
@@ -18,10 +19,7 @@ from pnova.engine import FileSystem
 from pnova.errors import FsError
 from pnova.mkfs import format_device
 
-try:
-    from pnova.fsck import check_image
-except ImportError:  # pragma: no cover - fsck ships in the same package
-    check_image = None
+from pnova.fsck import Checker
 
 NAMES = st.sampled_from([b"a", b"b", b"c", b"dd", b"e" * 40])
 MAXSIZE = 40_000
@@ -233,9 +231,8 @@ class EngineVsModel(RuleBasedStateMachine):
         else:
             self.fs.pm.close()
             self.fs.pm = None
-        if check_image is not None:
-            report = check_image(path, force=True)
-            assert report.errors == 0, report.messages
+        out = io.StringIO()
+        assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
         self.fs = FileSystem.mount(path)
         assert self.fs.mount_path == ("clean" if clean else "recovery")
 

@@ -1,0 +1,1398 @@
+"""Offline consistency check and repair of a pnova image (the engine side of fsck.pnova).
+
+:class:`Checker` runs ordered ``check_*`` passes; each one reports what it
+finds in plain words, counts it, and repairs it when the answer policy says
+so.  The passes, in order:
+
+1. superblock and replica (CRC, geometry; dynamic fields may lag after a crash);
+2. region table against the geometry the superblock implies;
+3. lite journals (an open transaction on a dirty image is normal: the check
+   then looks at the state *after* a virtual rollback, as mount would see it);
+4. inodes: state word, static line CRC and file type, log chain (via
+   :func:`pnova.log.walk`: bounds, loops, page tails, entry CRCs), entry
+   well-formedness while replaying it;
+5. blocks: every log page and data page lies in a data area and is owned once;
+6. saved allocator bitmaps (clean images only) against the blocks in use;
+7. directory tree: dentries point to live inodes of their type, each
+   directory has one name and the right '..', no loops, everything reachable;
+8. link counts; 9. file sizes against mapped pages (and zero bytes past EOF).
+
+How repairs are made
+--------------------
+Every write goes through the pmem layer (store / flush / fence).  Repairs of
+a single word or of one inode's log are made directly: a bad state word, a
+log tail moved back to the last good entry, a link-change, setattr, dentry
+or write entry appended with :func:`pnova.log.append` and committed with one
+atomic tail store.  Before the first such write the image is marked dirty
+(after really rolling back any open journal), so that a crash during fsck
+leaves an image the next mount recovers.
+
+Allocation is never patched bit by bit: after repairs (or when the saved
+bitmaps are wrong) fsck mounts the image with the engine, whose recovery
+rebuilds the allocator from the logs and frees unlinked inodes, reconnects
+unreferenced inodes into /lost+found (created if missing) through the
+engine's transaction path, and unmounts cleanly, which saves fresh bitmaps.
+So a leaked block is fixed by that rebuild, and a repaired image is left
+clean: a second check finds nothing.
+
+Blocks fsck needs for a repair (a copy of a block used twice, a new log
+page) are taken from blocks that no inode claims, not even a damaged one,
+and that the saved bitmap (on a clean image) does not mark in use.
+"""
+from __future__ import annotations
+
+import errno
+import stat
+import time
+import uuid as uuidlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import numpy as np
+
+from . import layout as L
+from . import log as plog
+from .engine import FileSystem, write_superblock
+from .errors import CorruptImage, FsError
+from .inode import Inode
+from .journal import Journal, JournalError
+from .pmem import DeviceError, PMem
+
+# Answer policies.
+NO, YES, PREEN = "no", "yes", "preen"
+
+_FILE_TYPES = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory",
+               stat.S_IFLNK: "symbolic link", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket",
+               stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
+_MAX_PAGES = L.MAX_FILE_SIZE // L.BLOCK
+_LIST_MAX = 20          # block ranges listed in one message
+
+
+class CheckAborted(Exception):
+    """The check cannot go on (cannot open, not pnova, no usable geometry): one line."""
+
+
+@dataclass(eq=False)
+class _Rec:
+    """What the scan learned about one non-free inode slot."""
+    ino: int
+    addr: int
+    state: int
+    static: L.InodeStatic | None = None
+    static_err: str | None = None
+    head: int = 0
+    tail: int = 0
+    inode: Inode | None = None
+    log_err: str | None = None
+    bad_tail: bool = False
+    good_end: int | None = None          # None: the log cannot be used at all
+    log_pages: list[int] = field(default_factory=list)   # pages up to the (new) tail
+    walked: list[int] = field(default_factory=list)      # every page validated
+    maxseq: int = 0
+    fate: str = "live"                   # live | clear (state -> FREE)
+    frozen: bool = False                 # a structural repair was declined: no appends
+
+    @property
+    def is_dir(self) -> bool:
+        return self.static is not None and stat.S_ISDIR(self.static.mode)
+
+
+def _ftype(mode: int) -> str:
+    return _FILE_TYPES.get(stat.S_IFMT(mode), f"type {stat.S_IFMT(mode):#o}")
+
+
+def _ranges(blocks: list[int]) -> str:
+    """'3, 7-9, 12' for sorted block numbers, cut after _LIST_MAX ranges."""
+    out: list[str] = []
+    i = 0
+    while i < len(blocks) and len(out) < _LIST_MAX:
+        j = i
+        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
+            j += 1
+        out.append(str(blocks[i]) if i == j else f"{blocks[i]}-{blocks[j]}")
+        i = j + 1
+    if i < len(blocks):
+        out.append(f"and {len(blocks) - i} more")
+    return ", ".join(out)
+
+
+class Checker:
+    """Check (and, as the answer policy allows, repair) one pnova image.
+
+    ``policy`` is NO (read-only), YES (repair everything), PREEN (repair only
+    what cannot lose data) or a callable asked each question, returning
+    True to repair.  ``progress(phase, fraction)`` is called during long
+    passes.  :meth:`run` returns the fsck(8) exit status (0, 1, 4 or 5) and
+    raises :class:`CheckAborted` for operational errors.
+    """
+
+    def __init__(self, path: str, *, policy: str | Callable[[str], bool] = NO,
+                 force: bool = False, verbose: bool = False,
+                 progress: Callable[[str, float], None] | None = None,
+                 out: TextIO | None = None) -> None:
+        self.path = path
+        self.policy = policy
+        self.readonly = policy == NO
+        self.force = force
+        self.verbose = verbose
+        self.progress = progress
+        self.out = out
+        self.found = self.fixed = self.left = 0
+        self.unsafe_declined = 0
+        self.pm: PMem | None = None
+        self.sb: L.Superblock | None = None
+        self.clean = False
+        self.regions: list[L.Region] = []
+        self.overlay: dict[int, int] = {}        # virtual journal rollback: addr -> value
+        self.pending_rollback: list[Journal] = []
+        self.recs: dict[int, _Rec] = {}
+        self.wrote = False                       # anything written: finish with a mount
+        self.prepared = False                    # journals rolled back, image marked dirty
+        self.deferred = 0                        # repairs counted as fixed, done by finish()
+        self.expected: dict[int, int] = {}       # ino -> link count after repair
+        self.rebuild_alloc = False
+        self.reconnect: list[int] = []
+        self.next_seq = 0
+        self.maxseq = 0
+        self.claimed: np.ndarray | None = None   # blocks fsck must not hand out
+        self.allocated: set[int] = set()         # blocks fsck handed out
+        self.released: set[int] = set()          # blocks a repair (planned) stops using
+        self.owner: np.ndarray | None = None     # block -> first owning inode
+        self.paths: dict[int, str] = {}
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------------ output
+    def say(self, line: str) -> None:
+        print(line, file=self.out)
+
+    def info(self, line: str) -> None:
+        if self.verbose:
+            self.say(line)
+
+    def problem(self, msg: str, fix: str | None, *, safe: bool) -> bool:
+        """Report one problem; return True if it is to be repaired now."""
+        self.found += 1
+        if fix is None:
+            self.say(f"{msg}.")
+            self.left += 1
+            return False
+        pol = self.policy
+        if callable(pol):
+            self.say(f"{msg}.")
+            ok = bool(pol(fix))
+        else:
+            ok = pol == YES or (pol == PREEN and safe)
+            if pol == PREEN and not safe:
+                self.unsafe_declined += 1
+            self.say(f"{msg}.  {fix}? {'yes' if ok else 'no'}")
+        if ok:
+            self.fixed += 1
+        else:
+            self.left += 1
+        return ok
+
+    def _desc(self, ino: int) -> str:
+        """'directory 7 ('/a/b')' or 'inode 12 ('/f')' or 'inode 12'."""
+        rec = self.recs.get(ino)
+        kind = "directory" if rec is not None and rec.is_dir else "inode"
+        p = self.paths.get(ino)
+        return f"{kind} {ino} ('{p}')" if p else f"{kind} {ino}"
+
+    def _tick(self, phase: str, done: int, total: int) -> None:
+        if self.progress is not None and total:
+            self.progress(phase, done / total)
+
+    # ------------------------------------------------------------ the run
+    def run(self) -> int:
+        """Run every pass; return the fsck exit status (without the operational bit)."""
+        try:
+            self.pm = PMem(self.path, readonly=self.readonly)
+        except DeviceError as e:
+            raise CheckAborted(str(e)) from None
+        try:
+            if self.pm.size < 16 * L.BLOCK:
+                raise CheckAborted(f"{self.path}: not a pnova filesystem (too small)")
+            self.check_superblock()
+            if not self.force and self._quick_clean():
+                return 0
+            self.check_regions()
+            self.check_journals()
+            self.check_inodes()
+            self.check_blocks()
+            self.check_bitmaps()
+            self.check_tree()
+            self.check_links()
+            self.check_sizes()
+            if self.verbose:
+                self.report_usage()
+            nfiles, nblocks = self._counts()
+        except FsError as e:             # a repair found no room (ENOSPC)
+            raise CheckAborted(f"{self.path}: cannot complete a repair: {e}") from None
+        finally:
+            if self.pm is not None:
+                self.pm.close()
+                self.pm = None
+        self.finish()
+        self._summary(nfiles, nblocks)
+        return (1 if self.fixed else 0) | (4 if self.left else 0)
+
+    def _summary(self, nfiles: int, nblocks: int) -> None:
+        sb = self.sb
+        ninodes = sb.inodes_per_cpu * sb.ncpus
+        ndata = sum(r.data_blocks for r in self.regions)
+        for n in self.notes:
+            self.say(n)
+        if self.unsafe_declined:
+            self.say(f"{self.path}: UNEXPECTED INCONSISTENCY; run fsck.pnova without -p "
+                     "(or with -y) to repair it.")
+        if self.found == 0:
+            state = "no problems found"
+        else:
+            state = f"{self.found} problem(s) found, {self.fixed} fixed"
+            if self.left:
+                state += f", {self.left} left"
+        self.say(f"{self.path}: {nfiles}/{ninodes} files, {nblocks}/{ndata} blocks; {state}")
+
+    # ------------------------------------------------------------ low-level access
+    def _u64(self, addr: int) -> int:
+        v = self.overlay.get(addr)
+        return self.pm.read_u64(addr) if v is None else v
+
+    def _prepare_write(self) -> None:
+        """Before the first inode/log write: undo open journals for real, mark dirty."""
+        self.wrote = True
+        if self.prepared:
+            return
+        self.prepared = True
+        for j in self.pending_rollback:
+            j.rollback()
+        self.pending_rollback.clear()
+        self.overlay.clear()
+        if self.sb.clean:
+            self.sb.clean = 0
+            write_superblock(self.pm, self.sb)
+
+    def _put_u64(self, addr: int, value: int) -> None:
+        self._prepare_write()
+        self.pm.store_u64(addr, value)
+        self.pm.persist(addr, 8)
+
+    def _seq(self) -> int:
+        s = self.next_seq
+        self.next_seq += 1
+        return s
+
+    def _alloc_block(self) -> int:
+        """A block nobody claims, for a repair; raises FsError(ENOSPC) if none."""
+        for r in self.regions:
+            free = np.flatnonzero(~self.claimed[r.data_start:r.end])
+            if len(free):
+                b = r.data_start + int(free[0])
+                self.claimed[b] = True
+                self.allocated.add(b)
+                return b
+        raise FsError(errno.ENOSPC, "no free block left for the repair")
+
+    def _append(self, rec: _Rec, entries: list[tuple]) -> None:
+        """Append entries to an inode's log and commit them with one tail store."""
+        if rec.frozen:
+            # An earlier repair of this inode's log was declined: writing after
+            # its tail now would silently make that repair.
+            self.say(f"  not done: inode {rec.ino}'s damaged log was left as it is")
+            self.fixed -= 1
+            self.left += 1
+            return
+        self._prepare_write()
+        pm = self.pm
+        raws = [L.encode_entry(e) for e in entries]
+        tail, pages = plog.append(pm, rec.tail, raws, rec.ino, self._alloc_block)
+        plog.commit_tail(pm, rec.addr + L.I_LOG_TAIL, tail)
+        rec.tail = tail
+        rec.log_pages.extend(pages)
+        for e in entries:
+            rec.inode.apply(e)
+
+    def _inode_addr(self, ino: int) -> int:
+        cpu = (ino - 1) % self.sb.ncpus
+        idx = (ino - 1) // self.sb.ncpus
+        return self.regions[cpu].itable_start * L.BLOCK + idx * L.INODE_SIZE
+
+    def _valid_ino(self, ino: int) -> bool:
+        return 1 <= ino and (ino - 1) // self.sb.ncpus < self.sb.inodes_per_cpu
+
+    def _in_data(self, block: int) -> bool:
+        return any(r.data_start <= block < r.end for r in self.regions)
+
+    # ------------------------------------------------------------ pass 1: superblock
+    def check_superblock(self) -> None:
+        """Primary vs replica: CRC, plausibility, equal geometry."""
+        pm = self.pm
+        nblocks = pm.size // L.BLOCK
+        prim, why_p = self._read_sb(0)
+        repl_at = nblocks - 1
+        repl, why_r = self._read_sb(repl_at * L.BLOCK)
+        if prim is None and repl is None:
+            sb, how = self._salvage_sb()
+            if sb is None:
+                if why_p == "bad magic" and why_r == "bad magic":
+                    raise CheckAborted(f"{self.path}: not a pnova filesystem (no superblock "
+                                       "found)")
+                raise CheckAborted(f"{self.path}: superblock ({why_p}) and replica ({why_r}) "
+                                   "are both unusable and the region table does not give "
+                                   "the geometry back")
+            self.sb = sb
+            if self.problem(f"primary superblock is damaged ({why_p}) and so is its replica "
+                            f"({why_r}); geometry {how}", "Rewrite both superblocks",
+                            safe=False):
+                write_superblock(pm, sb)
+                self.wrote = True
+            self.clean = False
+            return
+        if prim is not None and repl is not None:
+            if prim.geometry() == repl.geometry():
+                self.sb = prim
+                if (prim.clean, prim.mount_count, prim.next_seq) != \
+                        (repl.clean, repl.mount_count, repl.next_seq):
+                    self.info("replica superblock lags behind the primary (normal after a "
+                              "crash)")
+            else:
+                # Trust the copy that agrees with the device and the region table.
+                good, bad, name = (prim, repl, "replica") if self._sb_fits(prim) else \
+                    (repl, prim, "primary")
+                self.sb = good
+                if self.problem(f"superblock and replica disagree on the geometry; the "
+                                f"{name} is wrong", f"Rewrite the {name} superblock",
+                                safe=True):
+                    self._write_sb_copy(good, 0 if name == "primary" else
+                                        (good.total_blocks - 1) * L.BLOCK)
+        elif prim is not None:
+            self.sb = prim
+            if self.problem(f"replica superblock (block {repl_at}) is damaged ({why_r}); the "
+                            "primary is intact", "Rewrite the replica from the primary",
+                            safe=True):
+                self._write_sb_copy(prim, (prim.total_blocks - 1) * L.BLOCK)
+        else:
+            self.sb = repl
+            if self.problem(f"primary superblock (block 0) is damaged ({why_p}); the replica "
+                            "is intact", "Rewrite the primary from the replica", safe=True):
+                self._write_sb_copy(repl, 0)
+        sb = self.sb
+        try:
+            L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node, sb.inodes_per_cpu)
+        except ValueError as e:
+            raise CheckAborted(f"{self.path}: superblock geometry is impossible ({e})") from None
+        self.clean = bool(sb.clean)
+
+    def _read_sb(self, off: int) -> tuple[L.Superblock | None, str]:
+        try:
+            sb = L.Superblock.unpack(self.pm.read(off, L.SB_SIZE))
+        except ValueError as e:
+            return None, str(e)
+        if sb.region_table_block != 1 or sb.inodes_per_cpu < 1:
+            return None, "implausible fields"
+        n = self.pm.size // L.BLOCK
+        if sb.total_blocks != n:           # the engine, too, refuses such a copy
+            return None, f"it describes {sb.total_blocks} blocks but the device has {n}"
+        return sb, ""
+
+    def _write_sb_copy(self, sb: L.Superblock, off: int) -> None:
+        raw = sb.pack()
+        self.pm.store(off, raw)
+        self.pm.persist(off, len(raw))
+
+    def _table(self, ncpus: int | None = None) -> list[L.Region]:
+        """Leading region descriptors that pass their CRC."""
+        out = []
+        for i in range(ncpus or L.MAX_CPUS):
+            try:
+                r = L.Region.unpack(self.pm.read(L.BLOCK + i * L.REGION_SIZE, L.REGION_SIZE))
+            except ValueError:
+                break
+            if r.cpu != i:
+                break
+            out.append(r)
+        return out
+
+    def _sb_fits(self, sb: L.Superblock) -> bool:
+        if sb.total_blocks != self.pm.size // L.BLOCK:
+            return False
+        try:
+            plan = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
+                                  sb.inodes_per_cpu)
+        except ValueError:
+            return False
+        return self._table(sb.ncpus) == plan
+
+    def _salvage_sb(self) -> tuple[L.Superblock | None, str]:
+        """Both copies failed: a copy whose fields fit the region table, or the table alone."""
+        for off in (0, (self.pm.size // L.BLOCK - 1) * L.BLOCK):
+            raw = self.pm.read(off, L.SB_SIZE)
+            if raw[:8] != L.SB_MAGIC:
+                continue
+            f = L._SB.unpack_from(raw, 0)
+            sb = L.Superblock(total_blocks=f[3], numa_nodes=f[4], cpus_per_node=f[5],
+                              inodes_per_cpu=f[6], uuid=f[8], mkfs_time_ns=f[9], clean=0,
+                              flags=f[11], mount_count=f[12], next_seq=f[13],
+                              last_mount_ns=f[14], last_unmount_ns=f[15],
+                              label=f[16].rstrip(b"\0"))
+            if 1 <= sb.ncpus <= L.MAX_CPUS and f[1] == L.FORMAT_VERSION and \
+                    f[2] == L.BLOCK and f[7] == 1 and self._sb_fits(sb):
+                return sb, "taken from the damaged copy, confirmed by the region table"
+        table = self._table()
+        if not table:
+            return None, ""
+        nodes = table[-1].node + 1
+        if len(table) % nodes:
+            return None, ""
+        total = self.pm.size // L.BLOCK
+        ipc = table[0].itable_blocks * L.INODES_PER_BLOCK
+        try:
+            plan = L.plan_regions(total, nodes, len(table) // nodes, ipc)
+        except ValueError:
+            return None, ""
+        if plan != table:
+            return None, ""
+        root = table[0].itable_start * L.BLOCK
+        try:
+            made = L.InodeStatic.unpack(self.pm.read(root, 64)).ctime_ns
+        except ValueError:
+            made = time.time_ns()
+        sb = L.Superblock(total_blocks=total, numa_nodes=nodes,
+                          cpus_per_node=len(table) // nodes, inodes_per_cpu=ipc,
+                          uuid=uuidlib.uuid4().bytes, mkfs_time_ns=made, clean=0, next_seq=2)
+        return sb, "rebuilt from the region table (label and UUID are lost)"
+
+    def _quick_clean(self) -> bool:
+        """Clean image without -f: print the one-line state if nothing cheap looks wrong."""
+        sb = self.sb
+        if not sb.clean or self.found:
+            return False
+        try:
+            regions = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
+                                     sb.inodes_per_cpu)
+        except ValueError:
+            return False
+        if self._table(sb.ncpus) != regions:
+            return False
+        self.regions = regions
+        files = used = total = 0
+        for r in regions:
+            files += int(np.count_nonzero(self._states(r) == L.STATE_LIVE))
+            used += int(self._bitmap(r).sum())
+            total += r.data_blocks
+        self.say(f"{self.path}: clean, {files}/{sb.inodes_per_cpu * sb.ncpus} files, "
+                 f"{used}/{total} blocks")
+        return True
+
+    def _states(self, r: L.Region) -> np.ndarray:
+        base = r.itable_start * L.BLOCK
+        words = self.pm.buf[base:base + self.sb.inodes_per_cpu * L.INODE_SIZE]
+        return words.view("<u8").reshape(-1, L.INODE_SIZE // 8)[:, L.I_STATE // 8].copy()
+
+    def _bitmap(self, r: L.Region) -> np.ndarray:
+        raw = self.pm.buf[r.bitmap_start * L.BLOCK:(r.bitmap_start + r.bitmap_blocks) * L.BLOCK]
+        return np.unpackbits(raw, bitorder="little")[:r.data_blocks].astype(bool)
+
+    # ------------------------------------------------------------ pass 2: region table
+    def check_regions(self) -> None:
+        """Each CPU's descriptor must equal what the superblock's geometry implies."""
+        sb = self.sb
+        expect = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
+                                sb.inodes_per_cpu)
+        base = sb.region_table_block * L.BLOCK
+        for r in expect:
+            off = base + r.cpu * L.REGION_SIZE
+            raw = self.pm.read(off, L.REGION_SIZE)
+            try:
+                got = L.Region.unpack(raw)
+                why = None if got == r else (f"says blocks {got.start}-{got.end - 1}, "
+                                             f"expected {r.start}-{r.end - 1}"
+                                             if (got.start, got.nblocks) != (r.start, r.nblocks)
+                                             else "does not match the geometry")
+            except ValueError:
+                why = "fails its checksum"
+            if why and self.problem(f"region descriptor of CPU {r.cpu} {why}",
+                                    "Rewrite it from the superblock's geometry", safe=True):
+                self.pm.store(off, r.pack())
+                self.pm.persist(off, L.REGION_SIZE)
+        self.regions = expect
+
+    # ------------------------------------------------------------ pass 3: journals
+    def _is_inode_word(self, addr: int) -> bool:
+        for r in self.regions:
+            lo = r.itable_start * L.BLOCK
+            if lo <= addr < lo + self.sb.inodes_per_cpu * L.INODE_SIZE:
+                return (addr - lo) % L.INODE_SIZE in (L.I_STATE, L.I_LOG_HEAD, L.I_LOG_TAIL)
+        return False
+
+    def check_journals(self) -> None:
+        """Lite journals: closed, or (dirty image) an intact transaction mount rolls back."""
+        for r in self.regions:
+            j = Journal(self.pm, r.journal_block)
+            where = f"lite journal of CPU {r.cpu} (block {r.journal_block})"
+            try:
+                recs = j.pending()
+                why = None
+                if recs and not all(self._is_inode_word(a) for a, _ in recs):
+                    why = "points outside the inode tables"
+            except JournalError as e:
+                recs, why = None, str(e)
+            if why is None and not recs:
+                continue
+            if self.clean:
+                # A clean unmount commits everything: mount ignores this journal, and a
+                # later crash would roll back words that were long committed.
+                if self.problem(f"{where} holds an open transaction although the image was "
+                                "cleanly unmounted", "Close it", safe=True):
+                    self._clear_journal(j)
+                continue
+            if why is not None:
+                if self.problem(f"{where} is damaged ({why}); mount refuses such an image",
+                                "Discard the unfinished transaction", safe=False):
+                    self._clear_journal(j)
+                continue
+            # A crash in the middle of a multi-inode operation: normal.  Look at the
+            # image the way mount will, after the rollback.
+            self.notes.append(f"{self.path}: the {where} holds an unfinished operation "
+                              f"({len(recs)} words); mount rolls it back")
+            for addr, old in reversed(recs):
+                self.overlay[addr] = old
+            if not self.readonly:
+                self.pending_rollback.append(j)
+
+    def _clear_journal(self, j: Journal) -> None:
+        self.pm.store_u64(j.base, 0)
+        self.pm.persist(j.base, 8)
+        self.wrote = True
+
+    # ------------------------------------------------------------ pass 4: inodes and logs
+    def check_inodes(self) -> None:
+        """State words, static lines, log chains and entries of every inode in use."""
+        sb = self.sb
+        slots: list[tuple[int, int]] = []
+        over = {a for a in self.overlay}
+        for r in self.regions:
+            base = r.itable_start * L.BLOCK
+            idx = set(np.flatnonzero(self._states(r) != L.STATE_FREE).tolist())
+            idx |= {(a - base) // L.INODE_SIZE for a in over
+                    if base <= a < base + sb.inodes_per_cpu * L.INODE_SIZE}
+            slots.extend((1 + i * sb.ncpus + r.cpu, i) for i in idx)
+        slots.sort()
+        if not any(ino == L.ROOT_INO for ino, _ in slots):
+            slots.insert(0, (L.ROOT_INO, 0))
+        for n, (ino, _) in enumerate(slots):
+            addr = self._inode_addr(ino)
+            state = self._u64(addr + L.I_STATE)
+            if state == L.STATE_FREE and ino != L.ROOT_INO:
+                continue
+            self.recs[ino] = self._scan(ino, addr, state)
+            if n % 256 == 0:
+                self._tick("inodes", n, len(slots))
+        self._tick("inodes", 1, 1)
+        self.maxseq = max([sb.next_seq - 1] + [r.maxseq for r in self.recs.values()])
+        self.next_seq = self.maxseq + 1
+        self._decide_fates()
+        self._build_claimed()
+        self._build_paths()
+        for ino in sorted(self.recs):
+            self._report_inode(self.recs[ino])
+        if self.clean and self.sb.next_seq <= max(r.maxseq for r in self.recs.values()):
+            top = max(r.maxseq for r in self.recs.values())
+            if self.problem(f"superblock's next sequence number ({self.sb.next_seq}) is not "
+                            f"above the highest one in use ({top})",
+                            "Raise it", safe=True):
+                self.sb.next_seq = top + 1
+                if not self.wrote:
+                    write_superblock(self.pm, self.sb)
+
+    def _scan(self, ino: int, addr: int, state: int) -> _Rec:
+        rec = _Rec(ino, addr, state)
+        try:
+            st = L.InodeStatic.unpack(self.pm.read(addr, 64))
+            if stat.S_IFMT(st.mode) not in _FILE_TYPES:
+                rec.static_err = f"unknown file type ({st.mode:#o})"
+            elif ino == L.ROOT_INO and not stat.S_ISDIR(st.mode):
+                rec.static_err = f"it is a {_ftype(st.mode)}, not a directory"
+            else:
+                rec.static = st
+        except ValueError:
+            rec.static_err = "inode fields fail their checksum"
+        if rec.static is None and ino == L.ROOT_INO:
+            # The root is rebuilt rather than cleared: read its log as a directory's.
+            rec.static = L.InodeStatic(stat.S_IFDIR | 0o755, 0, 0, 0, 0, 1, time.time_ns(), 1)
+        rec.head = self._u64(addr + L.I_LOG_HEAD)
+        rec.tail = self._u64(addr + L.I_LOG_TAIL)
+        if rec.static is not None:
+            self._parse_log(rec, rec.static)
+        else:
+            # Cleared anyway, but learn which blocks it holds (so that they are not
+            # handed out by a repair nor reported as leaked).
+            for mode in (stat.S_IFREG, stat.S_IFDIR):
+                self._parse_log(rec, L.InodeStatic(mode, 0, 0, 0, 0, 0, 0, 0))
+                if not (rec.log_err or "").endswith("(dentry in a file log)"):
+                    break
+                rec.log_err = None
+        return rec
+
+    def _sane(self, e: tuple) -> None:
+        """Reject decoded entries the replay would choke on (raises ValueError)."""
+        t = e[0]
+        if t == L.E_WRITE:
+            _, _seq, pgoff, npages, block, size, _m = e
+            if npages < 1 or pgoff + npages > _MAX_PAGES or size > L.MAX_FILE_SIZE:
+                raise ValueError("impossible page range or size")
+            if block + npages > self.sb.total_blocks:
+                raise ValueError(f"blocks {block}-{block + npages - 1} lie past the device end")
+        elif t == L.E_SETATTR and e[2] & L.SA_SIZE and e[6] > L.MAX_FILE_SIZE:
+            raise ValueError("impossible size")
+
+    def _parse_log(self, rec: _Rec, st: L.InodeStatic) -> None:
+        """Replay the log into an Inode; on damage remember where the good part ends."""
+        pm, ino, head, tail = self.pm, rec.ino, rec.head, rec.tail
+        dev = pm.size
+        rec.maxseq = st.create_seq
+        if head == 0:
+            # walk() accepts an empty log, but the engine appends after the tail
+            # and needs a page there: an inode in use always has one.
+            rec.log_err = "its log has no page" if tail == 0 else \
+                f"log tail {tail:#x} is set but the log has no head page"
+            return
+        if not (L.BLOCK <= tail < dev) or tail % L.BLOCK > L.LOG_DATA or \
+                (tail % L.BLOCK == 0 and tail != head):
+            rec.log_err = f"log tail {tail:#x} is not a valid log position"
+            rec.bad_tail = True
+            end = self._find_end(head, ino)
+            if end is None:
+                rec.log_err += "; the head page is unusable too"
+                return
+            tail = end
+        inode = Inode(ino, st, head, tail)
+        pages: list[int] = []
+        seen: set[int] = set()
+        checked = 0
+        pos = good_end = head
+        err: str | None = None
+
+        def check_new_pages() -> None:
+            # walk() validated these pages' tails; they must also be new and in a data area
+            nonlocal checked
+            for b in pages[checked:]:
+                if b in seen:
+                    raise plog.LogError(f"log chain loops back to page {b * L.BLOCK:#x}")
+                if not self._in_data(b):
+                    raise plog.LogError(f"log page {b * L.BLOCK:#x} lies outside the data area")
+                seen.add(b)
+            checked = len(pages)
+
+        try:
+            for raw in plog.walk(pm, head, tail, ino, self.sb.total_blocks, pages):
+                if len(pages) != checked:
+                    check_new_pages()
+                    pos = pages[-1] * L.BLOCK
+                epos = pos
+                pos += len(raw)
+                try:
+                    e = L.decode_entry(raw)
+                    self._sane(e)
+                    inode.apply(e)
+                except (ValueError, KeyError) as ve:
+                    name = L.ENTRY_NAMES.get(raw[0], f"type {raw[0]}")
+                    raise plog.LogError(f"{name} entry at {epos:#x} is malformed "
+                                        f"({ve})") from None
+                if e[1] > rec.maxseq:
+                    rec.maxseq = e[1]
+                good_end = pos
+            check_new_pages()
+        except plog.LogError as le:
+            err = str(le)
+        rec.walked = list(dict.fromkeys(pages))
+        valid: list[int] = []
+        for b in pages:                     # the prefix of the chain that can be kept
+            if b in valid or not self._in_data(b):
+                break
+            valid.append(b)
+        if rec.bad_tail and err:
+            rec.log_err += f"; {err}"
+        elif err:
+            rec.log_err = err
+        if not valid:
+            return                          # the head page itself is unusable
+        # good_end only advanced on pages already checked, so it lies in ``valid``.
+        rec.log_pages = valid[:valid.index(good_end // L.BLOCK) + 1]
+        rec.good_end = good_end
+        rec.inode = inode
+
+    def _find_end(self, head: int, ino: int) -> int | None:
+        """With no trustworthy tail: the position after the last valid entry from head."""
+        pm, mm, dev = self.pm, self.pm.mm, self.pm.size
+        if head % L.BLOCK or not (L.BLOCK <= head < dev) or \
+                L.check_page_tail(mm[head + L.PT_NEXT:head + L.BLOCK], ino):
+            return None
+        page = pos = head
+        seen = {head}
+        while True:
+            inp = pos - page
+            if inp < L.LOG_DATA:
+                etype, _f, size, _c = L.entry_header(mm, pos)
+                if not (etype == L.E_NEXT_PAGE and size == 8):
+                    if size < 8 or size % 8 or inp + size > L.LOG_DATA:
+                        return pos
+                    raw = mm[pos:pos + size]
+                    if not L.entry_crc_ok(raw):
+                        return pos
+                    try:
+                        L.decode_entry(raw)
+                    except ValueError:
+                        return pos
+                    pos += size
+                    continue
+            nxt = pm.read_u64(page + L.PT_NEXT)
+            if nxt == 0 or nxt % L.BLOCK or not (L.BLOCK <= nxt < dev) or nxt in seen or \
+                    L.check_page_tail(mm[nxt + L.PT_NEXT:nxt + L.BLOCK], ino):
+                return pos
+            seen.add(nxt)
+            page = pos = nxt
+
+    def _decide_fates(self) -> None:
+        """Which slots stay in use: bad static/log -> clear; bad state -> in use iff named."""
+        for rec in self.recs.values():
+            if rec.ino == L.ROOT_INO:
+                continue                    # the root is always kept (rebuilt if needed)
+            if rec.static is None or rec.good_end is None:
+                rec.fate = "clear"
+        garbage = {r.ino for r in self.recs.values()
+                   if r.state not in (L.STATE_FREE, L.STATE_LIVE) and r.fate == "live"
+                   and r.ino != L.ROOT_INO}
+        live = [i for i, r in self.recs.items() if r.fate == "live" and i not in garbage]
+        named: set[int] = set()
+        while live:                          # a rescued directory may name more of them
+            d = self.recs[live.pop()].inode
+            if d is None or d.dents is None:
+                continue
+            for c, _t, _k in d.dents.values():
+                if c in garbage and c not in named:
+                    named.add(c)
+                    live.append(c)
+        for g in garbage - named:
+            self.recs[g].fate = "clear"
+
+    def _live(self) -> list[_Rec]:
+        return [self.recs[i] for i in sorted(self.recs) if self.recs[i].fate == "live"]
+
+    def _build_claimed(self) -> None:
+        """Blocks a repair must not take: everything any scanned inode points at."""
+        total = self.sb.total_blocks
+        claimed = np.zeros(total, dtype=bool)
+        for rec in self.recs.values():
+            for b in rec.walked:
+                claimed[b] = True
+            if rec.inode is not None and rec.inode.pages:
+                for b in rec.inode.pages.values():
+                    claimed[b] = True
+        if self.clean:
+            for r in self.regions:
+                claimed[r.data_start:r.end] |= self._bitmap(r)
+        self.claimed = claimed
+        # Blocks the planned repairs stop using (not reported again as leaks).
+        for rec in self.recs.values():
+            kept = set(rec.log_pages) if rec.fate == "live" else set()
+            self.released.update(b for b in rec.walked if b not in kept)
+            if rec.fate != "live" and rec.inode is not None and rec.inode.pages:
+                self.released.update(rec.inode.pages.values())
+
+    def _build_paths(self) -> None:
+        """Best-effort '/a/b' names for messages (first name found from the root)."""
+        self.paths = {L.ROOT_INO: "/"}
+        q = deque([L.ROOT_INO])
+        while q:
+            p = q.popleft()
+            rec = self.recs.get(p)
+            if rec is None or rec.inode is None or rec.inode.dents is None:
+                continue
+            for name in sorted(rec.inode.dents):
+                c = rec.inode.dents[name][0]
+                if c in self.paths:
+                    continue
+                base = self.paths[p]
+                self.paths[c] = base.rstrip("/") + "/" + name.decode("utf-8", "replace")
+                q.append(c)
+
+    def _declined(self, rec: _Rec) -> None:
+        """A repair of this inode was refused: leave its log and its names alone."""
+        if not self.readonly:          # read-only: report as if every repair were made
+            rec.frozen = True
+
+    def _report_inode(self, rec: _Rec) -> None:
+        ino, desc = rec.ino, self._desc(rec.ino)
+        if ino == L.ROOT_INO:
+            self._report_root(rec)
+            return
+        if rec.state not in (L.STATE_FREE, L.STATE_LIVE):
+            named = rec.fate == "live"
+            fix = "Mark it in use (a directory names it)" if named else "Mark it free"
+            if self.problem(f"inode {ino} has a bad state word ({rec.state:#x})", fix,
+                            safe=False):
+                self._put_u64(rec.addr + L.I_STATE, L.STATE_LIVE if named else L.STATE_FREE)
+            else:
+                self._declined(rec)
+            if not named:
+                return
+        if rec.static_err:
+            if self.problem(f"{desc}: {rec.static_err}", "Clear the inode", safe=False):
+                self._put_u64(rec.addr + L.I_STATE, L.STATE_FREE)
+            else:
+                self._declined(rec)
+            return
+        if rec.log_err is None:
+            return
+        if rec.good_end is None:
+            if self.problem(f"{desc}: {rec.log_err}", "Clear the inode (its log is lost)",
+                            safe=False):
+                self._put_u64(rec.addr + L.I_STATE, L.STATE_FREE)
+            else:
+                self._declined(rec)
+            return
+        fix = "Set the log tail after the last valid entry" if rec.bad_tail else \
+            "Truncate the log after the last good entry"
+        if self.problem(f"{desc}: {rec.log_err}", fix, safe=False):
+            self._put_u64(rec.addr + L.I_LOG_TAIL, rec.good_end)
+            rec.tail = rec.good_end
+        else:
+            self._declined(rec)
+
+    def _report_root(self, rec: _Rec) -> None:
+        """The root can't be cleared: rebuild its static line / log / state instead."""
+        if rec.static_err:
+            if self.problem(f"the root directory (inode 1): {rec.static_err}",
+                            "Rebuild the root inode", safe=False):
+                st = L.InodeStatic(stat.S_IFDIR | 0o755, 0, 0, 0, 0, 1, time.time_ns(), 1)
+                self._prepare_write()
+                self.pm.store(rec.addr, st.pack())
+                self.pm.persist(rec.addr, 64)
+        if rec.log_err is not None:
+            if rec.good_end is None:
+                if self.problem(f"the root directory (inode 1): {rec.log_err}",
+                                "Give the root directory a new empty log", safe=False):
+                    page = self._alloc_block()
+                    self._prepare_write()
+                    plog.init_page(self.pm, page, L.ROOT_INO)
+                    self.pm.fence()
+                    self._put_u64(rec.addr + L.I_LOG_HEAD, page * L.BLOCK)
+                    self._put_u64(rec.addr + L.I_LOG_TAIL, page * L.BLOCK)
+                    rec.log_pages = [page]
+                    rec.head = rec.tail = page * L.BLOCK
+                else:
+                    rec.head = rec.tail = 0
+                    self._declined(rec)
+                rec.inode = Inode(L.ROOT_INO, rec.static, rec.head, rec.tail)
+                rec.good_end = rec.tail
+            else:
+                fix = "Set the log tail after the last valid entry" if rec.bad_tail else \
+                    "Truncate the log after the last good entry"
+                if self.problem(f"the root directory (inode 1): {rec.log_err}", fix,
+                                safe=False):
+                    self._put_u64(rec.addr + L.I_LOG_TAIL, rec.good_end)
+                    rec.tail = rec.good_end
+                else:
+                    self._declined(rec)
+        if rec.state != L.STATE_LIVE:
+            what = "is not marked in use" if rec.state == L.STATE_FREE else \
+                f"has a bad state word ({rec.state:#x})"
+            if self.problem(f"the root directory (inode 1) {what}", "Mark it in use",
+                            safe=False):
+                self._put_u64(rec.addr + L.I_STATE, L.STATE_LIVE)
+        rec.fate = "live"
+
+    # ------------------------------------------------------------ pass 5: block ownership
+    def check_blocks(self) -> None:
+        """Every page of every kept inode in a data area and owned exactly once."""
+        owner = np.zeros(self.sb.total_blocks, dtype=np.int64)
+        where: dict[int, str] = {}          # block -> description of its first owner
+        remap: dict[int, list[tuple[int, int, bool]]] = {}   # ino -> [(pgoff, block, copy)]
+        live = self._live()
+        for rec in live:
+            for b in rec.log_pages:
+                owner[b] = rec.ino          # log chains were validated: in bounds, no loops
+        for n, rec in enumerate(live):
+            pages = rec.inode.pages if rec.inode is not None else None
+            if not pages:
+                continue
+            for pg in sorted(pages):
+                b = pages[pg]
+                desc = self._desc(rec.ino)
+                if not self._in_data(b):
+                    if self.problem(f"{desc}: page {pg} points to block {b}, outside the "
+                                    "data area", "Replace it with a zeroed block", safe=False):
+                        remap.setdefault(rec.ino, []).append((pg, b, False))
+                    continue
+                o = int(owner[b])
+                if o == 0:
+                    owner[b] = rec.ino
+                    where[b] = f"page {pg}"
+                    continue
+                first = where.get(b)
+                if first is None:
+                    msg = (f"block {b} used by inode {o} (log page) and inode {rec.ino} "
+                           f"(page {pg}): {desc} points into another inode's log")
+                    fix, copy = "Give it a zeroed block instead", False
+                else:
+                    msg = f"block {b} used by inode {o} ({first}) and inode {rec.ino} (page {pg})"
+                    fix, copy = f"Give inode {rec.ino} its own copy", True
+                if self.problem(msg, fix, safe=False):
+                    remap.setdefault(rec.ino, []).append((pg, b, copy))
+            if n % 256 == 0:
+                self._tick("blocks", n, len(live))
+        self._tick("blocks", 1, 1)
+        self.owner = owner
+        for ino, items in remap.items():
+            self._remap(self.recs[ino], items)
+
+    def _remap(self, rec: _Rec, items: list[tuple[int, int, bool]]) -> None:
+        """Point pages at fresh blocks (copies or zeros) with appended write entries."""
+        pm = self.pm
+        inode = rec.inode
+        entries = []
+        self._prepare_write()
+        for pg, old, copy in items:
+            nb = self._alloc_block()
+            dst = nb * L.BLOCK
+            if copy:
+                pm.store_copy(dst, old * L.BLOCK, L.BLOCK)
+            else:
+                pm.store_zero(dst, L.BLOCK)
+            pm.flush(dst, L.BLOCK)
+            entries.append((L.E_WRITE, self._seq(), pg, 1, nb, inode.size, inode.mtime))
+        self._append(rec, entries)
+
+    # ------------------------------------------------------------ pass 6: saved bitmaps
+    def check_bitmaps(self) -> None:
+        """Clean image: the saved allocator bitmaps must equal the blocks in use."""
+        if not self.clean:
+            self.info("image was not cleanly unmounted: saved bitmaps are not checked "
+                      "(mount rebuilds them)")
+            return
+        skip = self.released | self.allocated
+        for r in self.regions:
+            saved = self._bitmap(r)
+            used = self.owner[r.data_start:r.end] != 0
+            leaked = [r.data_start + int(i) for i in np.flatnonzero(saved & ~used)]
+            lost = [r.data_start + int(i) for i in np.flatnonzero(used & ~saved)]
+            leaked = [b for b in leaked if b not in skip]
+            lost = [b for b in lost if b not in skip]
+            if leaked:
+                one = len(leaked) == 1
+                msg = (f"block {leaked[0]} is marked in use but nothing owns it (leak)" if one
+                       else f"blocks {_ranges(leaked)} are marked in use but nothing owns "
+                       f"them (leak)")
+                if self.problem(msg, "Rebuild the allocation bitmaps", safe=True):
+                    self.rebuild_alloc = True
+                    self.deferred += 1
+            if lost:
+                users = sorted({int(self.owner[b]) for b in lost})
+                msg = (f"block {lost[0]} is used by inode {users[0]} but marked free"
+                       if len(lost) == 1 else
+                       f"blocks {_ranges(lost)} are in use (by inode(s) "
+                       f"{', '.join(map(str, users[:10]))}) but marked free")
+                if self.problem(msg, "Rebuild the allocation bitmaps", safe=True):
+                    self.rebuild_alloc = True
+                    self.deferred += 1
+
+    # ------------------------------------------------------------ pass 7: directory tree
+    def check_tree(self) -> None:
+        """Dentries, one name per directory, '..', loops, reachability, orphans."""
+        live = {r.ino: r for r in self._live()}
+        dirs = {i for i, r in live.items() if r.inode.dents is not None}
+        # Unlinked directories (link count 0, named nowhere) are orphans; their
+        # entries do not count.  Iterate: dropping one may orphan another.
+        kept = set(dirs)
+        while True:
+            refd = {c for p in kept for c, _t, _k in live[p].inode.dents.values()}
+            orph = {d for d in kept if d != L.ROOT_INO and live[d].inode.nlink == 0
+                    and d not in refd}
+            if not orph:
+                break
+            kept -= orph
+        edges = self._check_dentries(live, kept)
+        # Give each directory one parent, preferring the one its '..' names.
+        parent: dict[int, tuple[int, bytes]] = {}
+        reached = {L.ROOT_INO}
+        attached: set[int] = set()          # tops of detached subtrees -> /lost+found
+        cut: set[int] = set()               # loop members whose names all go
+
+        def spread(start: int) -> None:
+            queue: deque[int] = deque([start])
+            later: deque[tuple[int, bytes, int]] = deque()
+            while True:
+                while queue:
+                    p = queue.popleft()
+                    for name, c in edges.get(p, ()):
+                        if c in reached or c not in kept:
+                            continue
+                        if live[c].inode.parent == p:
+                            reached.add(c)
+                            parent[c] = (p, name)
+                            queue.append(c)
+                        else:
+                            later.append((p, name, c))
+                while later and later[0][2] in reached:
+                    later.popleft()
+                if not later:
+                    return
+                p, name, c = later.popleft()
+                reached.add(c)
+                parent[c] = (p, name)
+                queue.append(c)
+
+        spread(L.ROOT_INO)
+        # Directories the root does not reach: detached subtrees, then loops.
+        while True:
+            lost = sorted(d for d in kept if d not in reached)
+            if not lost:
+                break
+            lost_set = set(lost)
+            into: dict[int, int] = {}       # lost dir -> a lost dir naming it
+            for p in lost:
+                for _n, c in edges.get(p, ()):
+                    if c in lost_set:
+                        into.setdefault(c, p)
+            tops = [d for d in lost if d not in into]
+            if tops:
+                top = tops[0]
+                if self.problem(f"{self._desc(top)} is not referenced by any directory",
+                                "Connect it to /lost+found", safe=True):
+                    self._defer_reconnect(top)
+            else:
+                d, path = lost[0], []
+                while d not in path:
+                    path.append(d)
+                    d = into[d]
+                loop = sorted(path[path.index(d):])
+                top = loop[0]
+                if self.problem(f"directories {', '.join(map(str, loop))} form a loop that "
+                                "is not connected to the root",
+                                f"Disconnect directory {top} and connect it to /lost+found",
+                                safe=False):
+                    self._defer_reconnect(top)
+                    cut.add(top)
+            attached.add(top)
+            reached.add(top)
+            spread(top)
+        # Every other name of a directory goes.
+        removals: dict[int, list[tuple]] = {}
+        for p in sorted(kept):
+            for name, c in edges.get(p, ()):
+                if c not in kept or parent.get(c) == (p, name):
+                    continue
+                rm = (L.E_DENTRY, 0, L.D_REMOVE, name, 0, 0, live[p].inode.mtime)
+                if c in cut:
+                    removals.setdefault(p, []).append(rm)
+                    continue
+                if c in attached:
+                    continue                # its loop repair was declined
+                shown = self.paths.get(p, f"<directory {p}>").rstrip("/") + "/" + \
+                    name.decode("utf-8", "replace")
+                why = "; it names itself" if c == p else \
+                    "; this name makes a loop" if self._is_below(p, c, parent) else ""
+                if self.problem(f"{self._desc(c)} is also entered as '{shown}'; a directory "
+                                f"can have only one name{why}", "Remove that entry",
+                                safe=False):
+                    removals.setdefault(p, []).append(rm)
+        for p, entries in removals.items():
+            self._append(live[p], [e[:1] + (self._seq(),) + e[2:] for e in entries])
+        # '..' of every directory.
+        for d in sorted(kept):
+            inode = live[d].inode
+            want = L.ROOT_INO if d == L.ROOT_INO else parent[d][0] if d in parent else None
+            if want is None or inode.parent == want or (d == L.ROOT_INO and inode.parent == 0):
+                continue                    # attached ones get lost+found as parent
+            if self.problem(f"{self._desc(d)}: '..' points to inode {inode.parent} instead "
+                            f"of {'the root' if d == L.ROOT_INO else f'its parent {want}'}",
+                            "Correct '..'", safe=True):
+                self._append(live[d], [(L.E_DENTRY, self._seq(), L.D_ADD, L.DOTDOT, want,
+                                        stat.S_IFDIR >> 12, inode.ctime)])
+        # Expected link counts; files without a name are orphans or lost.
+        names: dict[int, int] = {}
+        for p in kept:
+            for _n, c in edges.get(p, ()):
+                if c not in dirs:
+                    names[c] = names.get(c, 0) + 1
+        subdirs: dict[int, int] = {}
+        for c, (p, _n) in parent.items():
+            subdirs[p] = subdirs.get(p, 0) + 1
+        for d in kept:
+            self.expected[d] = 2 + subdirs.get(d, 0)
+        for ino, rec in live.items():
+            if ino in kept:
+                continue
+            if ino in dirs:
+                self._orphan(rec)
+                continue
+            n = names.get(ino, 0)
+            if n:
+                self.expected[ino] = n
+            elif rec.inode.nlink == 0:
+                self._orphan(rec)
+            elif self.problem(f"{self._desc(ino)} is not referenced by any directory",
+                              "Connect it to /lost+found", safe=True):
+                self._defer_reconnect(ino)
+        self._tree_paths(parent, attached)
+
+    def _check_dentries(self, live: dict[int, _Rec], kept: set[int]
+                        ) -> dict[int, list[tuple[bytes, int]]]:
+        """Check every entry of every kept directory; return the valid (name, child) pairs."""
+        edges: dict[int, list[tuple[bytes, int]]] = {}
+        for p in sorted(kept):
+            d = live[p].inode
+            fixes: list[tuple] = []
+            for name in sorted(d.dents):
+                c, dtype, _cookie = d.dents[name]
+                shown = name.decode("utf-8", "replace")
+                where = f"{self._desc(p)}: entry '{shown}'"
+                rm = (L.E_DENTRY, 0, L.D_REMOVE, name, 0, 0, d.mtime)
+                if b"/" in name or b"\0" in name or name == b".":
+                    if self.problem(f"{where} has an invalid name", "Remove the entry",
+                                    safe=False):
+                        fixes.append(rm)
+                    continue
+                if c not in live:
+                    crec = self.recs.get(c)
+                    if crec is not None and crec.frozen:
+                        continue            # clearing it was declined: keep its name
+                    why = "which does not exist" if not self._valid_ino(c) else \
+                        "which is not in use"
+                    if self.problem(f"{where} points to inode {c}, {why}",
+                                    "Remove the entry", safe=True):
+                        fixes.append(rm)
+                    continue
+                if c == L.ROOT_INO:
+                    if self.problem(f"{where} names the root directory", "Remove the entry",
+                                    safe=False):
+                        fixes.append(rm)
+                    continue
+                real = stat.S_IFMT(live[c].inode.mode) >> 12
+                if dtype != real:
+                    if self.problem(f"{where} says it is a {_ftype(dtype << 12)} but inode {c} "
+                                    f"is a {_ftype(real << 12)}", "Correct the entry",
+                                    safe=True):
+                        fixes.append((L.E_DENTRY, 0, L.D_ADD, name, c, real, d.mtime))
+                edges.setdefault(p, []).append((name, c))
+            if fixes:
+                self._append(live[p], [e[:1] + (self._seq(),) + e[2:] for e in fixes])
+        return edges
+
+    def _defer_reconnect(self, ino: int) -> None:
+        self.reconnect.append(ino)
+        self.deferred += 1
+
+    def _orphan(self, rec: _Rec) -> None:
+        """In use, no links, no name: normal after a crash, a leak on a clean image."""
+        if not self.clean:
+            self.info(f"inode {rec.ino} is unlinked but still in use (open when the image "
+                      "was last used); mount frees it")
+            return
+        if self.problem(f"inode {rec.ino} has no links and no name but is still marked in "
+                        "use", "Free it", safe=True):
+            self.rebuild_alloc = True
+            self.deferred += 1
+
+    def _is_below(self, p: int, c: int, parent: dict[int, tuple[int, bytes]]) -> bool:
+        """True if directory ``p`` is ``c`` or lies below it in the repaired tree."""
+        seen = set()
+        while p not in seen:
+            if p == c:
+                return True
+            seen.add(p)
+            if p not in parent:
+                return False
+            p = parent[p][0]
+        return False
+
+    def _tree_paths(self, parent: dict[int, tuple[int, bytes]], attached: set[int]) -> None:
+        """Paths in the repaired tree (for the messages of later passes)."""
+        children: dict[int, list[tuple[int, bytes]]] = {}
+        for d, (p, name) in parent.items():
+            children.setdefault(p, []).append((d, name))
+        paths = {L.ROOT_INO: "/"}
+        paths.update({d: f"/lost+found/#{d}" for d in attached})
+        queue = deque(paths)                 # iterative: trees may be deeper than the stack
+        while queue:
+            p = queue.popleft()
+            for d, name in children.get(p, ()):
+                if d not in paths:
+                    paths[d] = paths[p].rstrip("/") + "/" + name.decode("utf-8", "replace")
+                    queue.append(d)
+        for ino, path in self.paths.items():
+            if ino not in paths and ino in self.recs and not self.recs[ino].is_dir:
+                paths[ino] = path
+        self.paths = paths
+
+    # ------------------------------------------------------------ pass 8: link counts
+    def check_links(self) -> None:
+        """Directories: 2 + subdirectories; files: the number of names."""
+        expected = self.expected
+        for rec in self._live():
+            want = expected.get(rec.ino)
+            if want is None:
+                continue                     # orphan or reconnected: handled elsewhere
+            have = rec.inode.nlink
+            if have != want:
+                if self.problem(f"{self._desc(rec.ino)} has link count {have}, expected {want}",
+                                "Fix the link count", safe=True):
+                    self._append(rec, [(L.E_LINK, self._seq(), want, rec.inode.ctime)])
+
+    # ------------------------------------------------------------ pass 9: sizes
+    def check_sizes(self) -> None:
+        """No page mapped wholly past EOF; bytes past EOF in the last page are zero."""
+        mm = self.pm.mm
+        for rec in self._live():
+            inode = rec.inode
+            if not inode.pages:
+                continue
+            size = inode.size
+            npages = (size + L.BLOCK - 1) // L.BLOCK
+            beyond = [pg for pg in inode.pages if pg >= npages]
+            if beyond:
+                if self.problem(f"{self._desc(rec.ino)} has {len(beyond)} page(s) mapped "
+                                f"past its end (size {size}, last page {max(beyond)})",
+                                "Drop those pages", safe=True):
+                    self._append(rec, [(L.E_SETATTR, self._seq(), L.SA_SIZE, 0, 0, 0, size,
+                                        0, 0, 0)])
+            rem = size % L.BLOCK
+            b = inode.pages.get(size // L.BLOCK)
+            if rem and b is not None and self._in_data(b) and \
+                    (self.owner[b] == rec.ino or b in self.allocated):
+                off = b * L.BLOCK
+                if any(mm[off + rem:off + L.BLOCK]):
+                    if self.problem(f"{self._desc(rec.ino)}: bytes past the end of the file "
+                                    f"in its last page (block {b}) are not zero",
+                                    "Zero them", safe=True):
+                        self._zero_tail(rec, size // L.BLOCK, b, rem)
+
+    def _zero_tail(self, rec: _Rec, pg: int, old: int, rem: int) -> None:
+        """Copy-on-write like the engine: a new block with the tail zeroed."""
+        self._prepare_write()
+        pm = self.pm
+        nb = self._alloc_block()
+        pm.store_copy(nb * L.BLOCK, old * L.BLOCK, rem)
+        pm.store_zero(nb * L.BLOCK + rem, L.BLOCK - rem)
+        pm.flush(nb * L.BLOCK, L.BLOCK)
+        self._append(rec, [(L.E_WRITE, self._seq(), pg, 1, nb, rec.inode.size,
+                            rec.inode.mtime)])
+
+    # ------------------------------------------------------------ verbose statistics
+    def report_usage(self) -> None:
+        """Free space and fragmentation of every CPU region."""
+        used_all = np.zeros(self.sb.total_blocks, dtype=bool)
+        for rec in self._live():
+            for b in rec.log_pages:
+                used_all[b] = True
+            if rec.inode.pages:
+                for b in rec.inode.pages.values():
+                    if b < len(used_all):
+                        used_all[b] = True
+        for r in self.regions:
+            used = used_all[r.data_start:r.end]
+            free = ~used
+            d = np.diff(np.concatenate(([0], free.view(np.int8), [0])))
+            lens = np.flatnonzero(d == -1) - np.flatnonzero(d == 1)
+            nfree = int(free.sum())
+            largest = int(lens.max()) if len(lens) else 0
+            frag = 0.0 if nfree == 0 else 100.0 * (1 - largest / nfree)
+            st = self._states(r)
+            self.say(f"CPU {r.cpu} (node {r.node}): blocks {r.start}-{r.end - 1}, "
+                     f"{r.data_blocks} data blocks, {r.data_blocks - nfree} used, {nfree} free "
+                     f"in {len(lens)} extent(s) (largest {largest}), fragmentation {frag:.1f}%; "
+                     f"inodes {int(np.count_nonzero(st == L.STATE_LIVE))}/{len(st)}")
+
+    def _counts(self) -> tuple[int, int]:
+        used: set[int] = set()
+        files = 0
+        for rec in self._live():
+            files += 1
+            used.update(rec.log_pages)
+            if rec.inode.pages:
+                used.update(rec.inode.pages.values())
+        return files, len(used)
+
+    # ------------------------------------------------------------ finishing repairs
+    def finish(self) -> None:
+        """Rebuild allocation and reconnect lost inodes by mounting with the engine."""
+        if self.readonly or not (self.wrote or self.rebuild_alloc or self.reconnect):
+            return
+        if self.left:
+            # Declined repairs may leave something the engine's replay chokes on;
+            # the image stays marked dirty for the next (checked) attempt.
+            self._undo_deferred()
+            if self.wrote:
+                self.say(f"{self.path}: problems remain, so allocation was not rebuilt; "
+                         "run fsck.pnova -y before mounting")
+            return
+        pm = PMem(self.path)
+        try:
+            self.sb.clean = 0        # force recovery: it rebuilds allocation from the logs
+            write_superblock(pm, self.sb)
+        finally:
+            pm.close()
+        try:
+            fs = FileSystem.mount(self.path)
+        except CorruptImage as e:
+            self.say(f"{self.path}: cannot finish the repairs ({e}); the image is left for "
+                     "the next mount to recover")
+            self._undo_deferred()
+            return
+        try:
+            if self.reconnect:
+                self._reconnect(fs)
+        except FsError as e:
+            self.say(f"{self.path}: cannot reconnect to /lost+found: {e}")
+            self._undo_deferred()
+        finally:
+            fs.unmount()
+
+    def _undo_deferred(self) -> None:
+        self.fixed -= self.deferred
+        self.left += self.deferred
+        self.deferred = 0
+        self.reconnect = []
+
+    def _reconnect(self, fs: FileSystem) -> None:
+        """Name each lost inode '#ino' in /lost+found (one engine transaction each)."""
+        lf, lf_name = self._lost_found(fs)
+        for ino in sorted(set(self.reconnect)):
+            try:
+                child = fs.get(ino)
+            except FsError:
+                continue
+            d = fs.get(lf)
+            name = f"#{ino}".encode()
+            k = 1
+            while name in d.dents:
+                name = f"#{ino}.{k}".encode()
+                k += 1
+            now = time.time_ns()
+            pent = [(L.E_DENTRY, fs._next_seq(), L.D_ADD, name, ino,
+                     stat.S_IFMT(child.mode) >> 12, now)]
+            if child.is_dir:
+                pent.append((L.E_LINK, fs._next_seq(), d.nlink + 1, now))
+                cent = [(L.E_DENTRY, fs._next_seq(), L.D_ADD, L.DOTDOT, lf,
+                         stat.S_IFDIR >> 12, now)]
+            else:
+                cent = [(L.E_LINK, fs._next_seq(), 1, now)]
+            fs._commit([(d, pent), (child, cent)])
+            self.say(f"inode {ino} is now /{lf_name}/{name.decode()}")
+
+    def _lost_found(self, fs: FileSystem) -> tuple[int, str]:
+        """The /lost+found directory, created (like e2fsck) when missing."""
+        root = fs.get(L.ROOT_INO)
+        name = b"lost+found"
+        k = 0
+        while True:
+            ent = root.dents.get(name)
+            if ent is None:
+                return fs.mkdir(L.ROOT_INO, name, 0o700).ino, name.decode()
+            if fs.get(ent[0]).is_dir:
+                return ent[0], name.decode()
+            k += 1
+            name = f"lost+found.{k}".encode()

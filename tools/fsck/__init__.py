@@ -1,0 +1,1 @@
+"""fsck.pnova: the command-line front end of pnova.fsck."""
