@@ -1,6 +1,9 @@
 # make run   : install everything, format pnova.img (1 GiB) if absent, mount it on ./mnt
 # make test  : install everything, run the whole test suite
 # make umount: unmount ./mnt
+# make crashtest / crashtest-long: crash injection (seq1 in seconds; seq2 + random in minutes)
+# make install-helpers: (root) link pnova, mkfs.pnova, fsck.pnova into /usr/local/bin
+#                       so that mount -t fuse.pnova, mkfs -t pnova, fsck -t pnova work
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +12,7 @@ MNT ?= mnt
 SIZE ?= 1G
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps venv umount clean
+.PHONY: run test deps venv umount clean install-helpers crashtest crashtest-long
 
 deps:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
@@ -26,7 +29,20 @@ $(STAMP): pyproject.toml | deps
 
 venv: deps $(STAMP)
 
-run: venv
+# mount(8) starts its helpers without the caller's PATH (the shell's default path,
+# which includes /usr/local/bin, applies), so the commands must be linked there.
+HELPER_DIR ?= /usr/local/bin
+HELPERS := pnova mkfs.pnova fsck.pnova
+
+install-helpers: venv
+	@if [ "$$(id -u)" = 0 ]; then \
+		for h in $(HELPERS); do ln -sfn "$(abspath $(VENV))/bin/$$h" "$(HELPER_DIR)/$$h"; done; \
+		echo "linked $(HELPERS) into $(HELPER_DIR)"; \
+	else \
+		echo "hint: as root, run 'make install-helpers' so that mount -t fuse.pnova finds pnova"; \
+	fi
+
+run: venv install-helpers
 	@if [ -e "$(IMAGE)" ]; then echo "$(IMAGE) exists: mounting it as is"; \
 	else $(VENV)/bin/mkfs.pnova --size $(SIZE) $(IMAGE); fi
 	@mkdir -p $(MNT)
@@ -36,8 +52,16 @@ run: venv
 umount:
 	fusermount3 -u $(MNT)
 
-test: venv
+test: venv install-helpers
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+crashtest: venv
+	$(VENV)/bin/pnova-crashtest --workload seq1 --max-k 2
+
+# Every ordered pair of seq1 operations, then seeded random sequences (minutes).
+crashtest-long: venv
+	$(VENV)/bin/pnova-crashtest --workload seq2 --max-k 2 --jobs $$(nproc)
+	for seed in 1 2 3 4 5 6 7 8; do $(VENV)/bin/pnova-crashtest --workload random --seed $$seed --max-k 2 --jobs $$(nproc) || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,8 +6,8 @@ mapping), *flush* (write back the 64-byte lines that cover a range, like
 ``clwb``) and *fence* (order and wait, like ``sfence``).  On the emulated
 device the mapping itself is the medium, so in the default fast mode flush and
 fence only count; a tracked mode that keeps a separate durable image (for crash
-injection) subclasses this class and overrides the four primitives, so callers
-never change: ``store``, ``store_u64``, ``store_zero``, ``store_copy``,
+injection, :class:`TrackedPMem`) subclasses this class and overrides the
+primitives, so callers never change: ``store``, ``store_u64``, ``store_zero``, ``store_copy``,
 ``flush`` and ``fence`` are the whole set of mutating calls.  The numpy view
 ``buf`` handed to readers is read-only, so no caller can bypass them.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable
 
 import numpy as np
 
@@ -130,3 +131,94 @@ class PMem:
             self.mm.close()
         finally:
             os.close(self.fd)
+
+
+class TrackedPMem(PMem):
+    """Crash-injection mode: the mapping is the *volatile* image, ``durable`` the medium.
+
+    Persistence model (x86 with clwb/sfence): a store makes its 64-byte lines
+    *in flight*; ``flush`` marks in-flight lines *pending*; ``fence`` makes
+    pending lines durable (copies them into ``durable``).  A line stored again
+    after its flush is in flight again and needs another flush.  At a crash any
+    subset of the in-flight lines may have reached the medium, and an aligned
+    8-byte word is the unit that cannot tear.
+
+    Every store call is one *unit*: the lines it touched.  Crash-state
+    enumeration works on units (subsets of whole stores, as Chipmunk does) and
+    adds torn variants of multi-line units at 8-byte granularity.
+    ``on_fence(pm)`` is called at the start of every fence: a crash point.
+    """
+
+    def __init__(self, path: str, **kw) -> None:
+        super().__init__(path, **kw)
+        self.durable = np.array(self.buf, copy=True)
+        self.inflight: dict[int, int] = {}     # line -> unit (store call) that last wrote it
+        self.pending: set[int] = set()
+        self.unit_seq = 0
+        self.on_fence: Callable[["TrackedPMem"], None] | None = None
+
+    def _mark(self, off: int, n: int) -> None:
+        self.unit_seq += 1
+        u = self.unit_seq
+        for line in range(off // CACHELINE, (off + n + CACHELINE - 1) // CACHELINE):
+            self.inflight[line] = u
+            self.pending.discard(line)
+
+    def store(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        super().store(off, data)
+        self._mark(off, len(data))
+
+    def store_u64(self, off: int, value: int) -> None:
+        super().store_u64(off, value)
+        self._mark(off, 8)
+
+    def store_zero(self, off: int, n: int) -> None:
+        super().store_zero(off, n)
+        self._mark(off, n)
+
+    def store_copy(self, dst: int, src: int, n: int) -> None:
+        super().store_copy(dst, src, n)
+        self._mark(dst, n)
+
+    def flush(self, off: int, n: int) -> None:
+        super().flush(off, n)
+        inflight = self.inflight
+        for line in range(off // CACHELINE, (off + n + CACHELINE - 1) // CACHELINE):
+            if line in inflight:
+                self.pending.add(line)
+
+    def fence(self) -> None:
+        super().fence()
+        if self.on_fence is not None:
+            self.on_fence(self)
+        if self.pending:
+            lines = np.fromiter(self.pending, dtype=np.int64)
+            idx = (lines[:, None] * CACHELINE + np.arange(CACHELINE)).ravel()
+            self.durable[idx] = self.buf[idx]
+            for line in self.pending:
+                del self.inflight[line]
+            self.pending.clear()
+
+    def units(self) -> list[list[int]]:
+        """The in-flight lines grouped by the store that last wrote them."""
+        by: dict[int, list[int]] = {}
+        for line, u in self.inflight.items():
+            by.setdefault(u, []).append(line)
+        return [sorted(v) for _, v in sorted(by.items())]
+
+    def crash_image(self, lines: list[int] = (), torn: dict[int, int] | None = None) -> np.ndarray:
+        """The durable image plus ``lines`` from the volatile image.
+
+        ``torn`` maps a line to an 8-bit mask of the 8-byte words of that line
+        that reached the medium (the others keep their durable value).
+        """
+        img = self.durable.copy()
+        for line in lines:
+            a = line * CACHELINE
+            img[a:a + CACHELINE] = self.buf[a:a + CACHELINE]
+        for line, mask in (torn or {}).items():
+            a = line * CACHELINE
+            for w in range(8):
+                if mask >> w & 1:
+                    img[a + 8 * w:a + 8 * w + 8] = self.buf[a + 8 * w:a + 8 * w + 8]
+        return img

@@ -1,0 +1,779 @@
+"""Systematic crash injection: every crash state at every fence must recover atomically.
+
+A workload case is a few setup operations and the operations under test,
+written as path-based steps.  The case runs on the engine over a
+:class:`~pnova.pmem.TrackedPMem`; at every fence (and at the end of every
+operation under test) the harness builds crash states from the durable image
+and the stores still in flight:
+
+* the durable image alone and with every in-flight line;
+* with every subset of size 1..k of the in-flight *atoms*: each line of a
+  small store (up to four lines: log entries, inode lines, journal records,
+  tail pointers) is an atom of its own, a larger store (data pages) is one;
+* a seeded random sample of larger subsets;
+* variants of each large store: a prefix of its lines plus one torn line (a
+  random subset of that line's 8-byte words), and a random subset of its lines.
+
+Each state is mounted (recovery must succeed), checked by fsck (nothing may
+be found), compared with the model before and after the interrupted
+operation (one of them must match exactly: names, types, modes, owners,
+sizes, contents, link counts, symlink targets, xattrs, times set
+explicitly), and finally used: a new file is written, everything is removed,
+fsck must again be clean and only the root's log may still hold blocks.
+
+Every state has an ID ``WORKLOAD:CASE:POINT:STATE`` (``random`` workloads
+carry their seed: ``random@SEED``); ``--replay ID --keep IMAGE`` rebuilds
+exactly that state, writes it to IMAGE and reports the check.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import io
+import itertools
+import multiprocessing
+import os
+import random
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import layout as L
+from .engine import FileSystem
+from .errors import FsError
+from .mkfs import format_device
+from .pmem import CACHELINE, TrackedPMem
+
+IMAGE_SIZE = 1 << 20
+SAMPLE_BEYOND_K = 4          # random larger subsets per crash point
+TORN_PER_UNIT = 2            # torn variants per multi-line store
+SMALL_STORE_LINES = 4        # stores up to this many lines are enumerated line by line
+
+
+# ---------------------------------------------------------------- the model
+class Node:
+    """A model inode (shared by all its hard links)."""
+
+    def __init__(self, kind: str, mode: int) -> None:
+        self.kind = kind                      # 'f', 'd' or 'l'
+        self.mode = mode
+        self.uid = 0
+        self.gid = 0
+        self.data = bytearray()
+        self.target = b""
+        self.xattrs: dict[bytes, bytes] = {}
+        self.times: tuple[int, int] | None = None   # (atime, mtime) once set explicitly
+        self.children: dict[bytes, Node] = {}
+
+
+Step = tuple
+
+
+def _split(path: str) -> tuple[list[bytes], bytes]:
+    parts = [p.encode() for p in path.strip("/").split("/")]
+    return parts[:-1], parts[-1]
+
+
+class Model:
+    """A plain in-memory tree with the operations the workloads use."""
+
+    def __init__(self) -> None:
+        self.root = Node("d", 0o755)
+
+    def node(self, path: str) -> Node:
+        n = self.root
+        for p in path.strip("/").split("/"):
+            if p:
+                n = n.children[p.encode()]
+        return n
+
+    def parent(self, path: str) -> tuple[Node, bytes]:
+        dirs, name = _split(path)
+        n = self.root
+        for p in dirs:
+            n = n.children[p]
+        return n, name
+
+    def apply(self, step: Step) -> None:
+        op = step[0]
+        if op in ("create", "mkdir"):
+            d, name = self.parent(step[1])
+            d.children[name] = Node("f" if op == "create" else "d", step[2])
+        elif op == "symlink":
+            d, name = self.parent(step[2])
+            n = Node("l", 0o777)
+            n.target = step[1].encode()
+            d.children[name] = n
+        elif op == "write":
+            _, path, off, n, byte = step
+            f = self.node(path)
+            f.times = None                    # a write moves mtime: no longer pinned
+            if off > len(f.data):
+                f.data.extend(bytes(off - len(f.data)))
+            f.data[off:off + n] = bytes([byte]) * n
+        elif op == "truncate":
+            f = self.node(step[1])
+            f.times = None
+            size = step[2]
+            if size < len(f.data):
+                del f.data[size:]
+            else:
+                f.data.extend(bytes(size - len(f.data)))
+        elif op == "link":
+            d, name = self.parent(step[2])
+            d.children[name] = self.node(step[1])
+        elif op in ("unlink", "rmdir"):
+            d, name = self.parent(step[1])
+            del d.children[name]
+        elif op == "rename":
+            _, src, dst, flags = step
+            sd, sn = self.parent(src)
+            dd, dn = self.parent(dst)
+            s = sd.children[sn]
+            if flags == 2:
+                sd.children[sn], dd.children[dn] = dd.children[dn], s
+            elif dd.children.get(dn) is not s:
+                del sd.children[sn]
+                dd.children[dn] = s
+        elif op == "chmod":
+            self.node(step[1]).mode = step[2]
+        elif op == "chown":
+            n = self.node(step[1])
+            n.uid, n.gid = step[2], step[3]
+        elif op == "utimens":
+            self.node(step[1]).times = (step[2], step[3])
+        elif op == "setxattr":
+            self.node(step[1]).xattrs[step[2]] = step[3]
+        elif op == "removexattr":
+            del self.node(step[1]).xattrs[step[2]]
+        else:
+            raise ValueError(f"unknown step {step!r}")
+
+    def dump(self) -> dict:
+        """Canonical description of the whole tree, keyed by path."""
+        out: dict[str, tuple] = {}
+        ids: dict[int, str] = {}
+
+        def visit(path: str, n: Node) -> None:
+            links = ids.setdefault(id(n), path)
+            out[path] = _desc(n.kind, n.mode, n.uid, n.gid, bytes(n.data), n.target,
+                              n.xattrs, n.times, links, _nlink_of(n, self.root))
+            for name, c in sorted(n.children.items()):
+                visit(path.rstrip("/") + "/" + name.decode(), c)
+
+        visit("/", self.root)
+        return out
+
+
+def _nlink_of(n: Node, root: Node) -> int:
+    if n.kind == "d":
+        return 2 + sum(1 for c in n.children.values() if c.kind == "d")
+    count = 0
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        for c in d.children.values():
+            if c is n:
+                count += 1
+            if c.kind == "d":
+                stack.append(c)
+    return count
+
+
+def _desc(kind: str, mode: int, uid: int, gid: int, data: bytes, target: bytes,
+          xattrs: dict, times, first_path: str, nlink: int) -> tuple:
+    return (kind, mode & 0o7777, uid, gid, len(data), hashlib.sha1(data).hexdigest(),
+            target, tuple(sorted(xattrs.items())), times, first_path, nlink)
+
+
+# -------------------------------------------------------- driving the engine
+class Driver:
+    """Runs path-based steps on a FileSystem."""
+
+    def __init__(self, fs: FileSystem) -> None:
+        self.fs = fs
+
+    def ino(self, path: str) -> int:
+        ino = L.ROOT_INO
+        for p in path.strip("/").split("/"):
+            if p:
+                ino = self.fs.lookup(ino, p.encode()).ino
+        return ino
+
+    def parent(self, path: str) -> tuple[int, bytes]:
+        dirs, name = _split(path)
+        return self.ino("/" + "/".join(d.decode() for d in dirs)), name
+
+    def apply(self, step: Step) -> None:
+        fs, op = self.fs, step[0]
+        if op == "create":
+            fs.create(*self.parent(step[1]), step[2])
+        elif op == "mkdir":
+            fs.mkdir(*self.parent(step[1]), step[2])
+        elif op == "symlink":
+            fs.symlink(*self.parent(step[2]), step[1].encode())
+        elif op == "write":
+            _, path, off, n, byte = step
+            fs.write(self.ino(path), off, bytes([byte]) * n)
+        elif op == "truncate":
+            fs.setattr(self.ino(step[1]), size=step[2])
+        elif op == "link":
+            fs.link(self.ino(step[1]), *self.parent(step[2]))
+        elif op == "unlink":
+            fs.unlink(*self.parent(step[1]))
+        elif op == "rmdir":
+            fs.rmdir(*self.parent(step[1]))
+        elif op == "rename":
+            _, src, dst, flags = step
+            fs.rename(*self.parent(src), *self.parent(dst), flags)
+        elif op == "chmod":
+            fs.setattr(self.ino(step[1]), mode=step[2])
+        elif op == "chown":
+            fs.setattr(self.ino(step[1]), uid=step[2], gid=step[3])
+        elif op == "utimens":
+            fs.setattr(self.ino(step[1]), atime_ns=step[2], mtime_ns=step[3])
+        elif op == "setxattr":
+            fs.setxattr(self.ino(step[1]), step[2], step[3])
+        elif op == "removexattr":
+            fs.removexattr(self.ino(step[1]), step[2])
+        else:
+            raise ValueError(f"unknown step {step!r}")
+
+    def dump(self, explicit_times: set[str]) -> dict:
+        """The engine's tree in the model's canonical form."""
+        fs = self.fs
+        out: dict[str, tuple] = {}
+        first: dict[int, str] = {}
+
+        def visit(path: str, ino: int) -> None:
+            a = fs.getattr(ino)
+            kind = "d" if stat.S_ISDIR(a.mode) else "l" if stat.S_ISLNK(a.mode) else "f"
+            data = fs.read(ino, 0, a.size) if kind == "f" else b""
+            target = fs.readlink(ino) if kind == "l" else b""
+            xattrs = {k: fs.getxattr(ino, k) for k in fs.listxattr(ino)}
+            links = first.setdefault(ino, path)
+            times = (a.atime_ns, a.mtime_ns) if links in explicit_times else None
+            out[path] = _desc(kind, a.mode, a.uid, a.gid, data, target, xattrs, times, links,
+                              a.nlink)
+            if kind == "d":
+                for name, child, _ in sorted(fs.readdir(ino)[2:]):
+                    visit(path.rstrip("/") + "/" + name.decode(), child)
+
+        visit("/", L.ROOT_INO)
+        return out
+
+
+def _explicit_times(model: Model) -> set[str]:
+    return {p for p, d in model.dump().items() if d[8] is not None}
+
+
+# ----------------------------------------------------------------- workloads
+SETUP: list[Step] = [
+    ("mkdir", "/A", 0o755),
+    ("mkdir", "/B", 0o755),
+    ("create", "/A/foo", 0o644),
+    ("write", "/A/foo", 0, 6000, 0x61),
+    ("create", "/bar", 0o600),
+    ("write", "/bar", 0, 4096, 0x62),
+    ("link", "/bar", "/B/barlink"),
+    ("mkdir", "/A/C", 0o700),
+    ("symlink", "A/foo", "/sym"),
+    ("setxattr", "/A/foo", b"user.k", b"v1"),
+]
+
+SEQ1_OPS: list[Step] = [
+    ("create", "/A/new", 0o644),
+    ("mkdir", "/B/newdir", 0o755),
+    ("write", "/A/foo", 0, 4096, 0x71),            # aligned overwrite
+    ("write", "/A/foo", 100, 300, 0x72),           # unaligned overwrite inside a page
+    ("write", "/A/foo", 5000, 5000, 0x73),         # extending, straddling pages
+    ("write", "/bar", 20000, 100, 0x74),           # sparse: leaves a hole
+    ("write", "/bar", 0, 12288, 0x75),             # multi-page overwrite
+    ("truncate", "/A/foo", 20000),                 # grow
+    ("truncate", "/A/foo", 1000),                  # shrink to a partial page
+    ("truncate", "/bar", 0),
+    ("link", "/A/foo", "/B/foolink"),
+    ("unlink", "/A/foo"),
+    ("unlink", "/bar"),                            # one of two links
+    ("symlink", "../bar", "/B/newsym"),
+    ("rename", "/A/foo", "/A/foo2", 0),            # within a directory
+    ("rename", "/A/foo", "/B/foo", 0),             # across directories
+    ("rename", "/A/foo", "/bar", 0),               # over an existing file
+    ("rename", "/A/C", "/B/C", 0),                 # a directory across directories
+    ("rename", "/A/foo", "/bar", 1),               # RENAME_NOREPLACE onto a new name? (see below)
+    ("rename", "/A/foo", "/bar", 2),               # RENAME_EXCHANGE
+    ("rename", "/A/C", "/sym", 2),                 # exchange a directory and a symlink
+    ("chmod", "/A/foo", 0o4711),
+    ("chown", "/A/foo", 1000, 100),
+    ("utimens", "/A/foo", 1_000_000_000, 2_000_000_000),
+    ("setxattr", "/A/foo", b"user.k", b"v2-longer-value"),
+    ("setxattr", "/B", b"user.new", b"x"),
+    ("removexattr", "/A/foo", b"user.k"),
+    ("rmdir", "/A/C"),
+]
+# RENAME_NOREPLACE must target a free name to succeed.
+SEQ1_OPS[SEQ1_OPS.index(("rename", "/A/foo", "/bar", 1))] = ("rename", "/A/foo", "/B/fresh", 1)
+
+
+def _valid(model: Model, step: Step) -> bool:
+    """Whether ``step`` is a legal operation on the model's tree (for pairs)."""
+    def exists(p: str) -> bool:
+        try:
+            model.node(p)
+            return True
+        except KeyError:
+            return False
+
+    def parent_dir(p: str) -> bool:
+        try:
+            d, _ = model.parent(p)
+            return d.kind == "d"
+        except KeyError:
+            return False
+
+    op = step[0]
+    if op in ("create", "mkdir"):
+        return parent_dir(step[1]) and not exists(step[1])
+    if op == "symlink":
+        return parent_dir(step[2]) and not exists(step[2])
+    if op in ("write", "truncate"):
+        return exists(step[1]) and model.node(step[1]).kind == "f"
+    if op == "link":
+        return exists(step[1]) and model.node(step[1]).kind == "f" and parent_dir(step[2]) \
+            and not exists(step[2])
+    if op == "unlink":
+        return exists(step[1]) and model.node(step[1]).kind != "d"
+    if op == "rmdir":
+        return exists(step[1]) and model.node(step[1]).kind == "d" and \
+            not model.node(step[1]).children and step[1] != "/"
+    if op == "rename":
+        _, src, dst, flags = step
+        if not exists(src) or not parent_dir(dst) or dst.startswith(src.rstrip("/") + "/"):
+            return False
+        s = model.node(src)
+        if flags == 2:
+            if not exists(dst):
+                return False
+            d = model.node(dst)
+            return not (d.kind == "d" and src.startswith(dst.rstrip("/") + "/"))
+        if exists(dst):
+            if flags == 1:
+                return False
+            d = model.node(dst)
+            if s.kind == "d":
+                return d.kind == "d" and not d.children
+            return d.kind != "d"
+        return True
+    if op in ("chmod", "chown", "utimens"):
+        return exists(step[1])
+    if op == "setxattr":
+        return exists(step[1]) and model.node(step[1]).kind != "l"
+    if op == "removexattr":
+        return exists(step[1]) and step[2] in model.node(step[1]).xattrs
+    return False
+
+
+def seq1_cases() -> list[tuple[list[Step], list[Step]]]:
+    return [(SETUP, [op]) for op in SEQ1_OPS]
+
+
+def seq2_cases() -> list[tuple[list[Step], list[Step]]]:
+    out = []
+    for a, b in itertools.product(SEQ1_OPS, repeat=2):
+        m = Model()
+        for s in SETUP:
+            m.apply(s)
+        if not _valid(m, a):
+            continue
+        m.apply(a)
+        if _valid(m, b):
+            out.append((SETUP, [a, b]))
+    return out
+
+
+def random_steps(rng: random.Random, model: Model, n: int) -> list[Step]:
+    """``n`` random legal steps on a copy of ``model``."""
+    m = copy.deepcopy(model)
+    names = ["a", "b", "c", "dir", "x" * 30]
+    steps: list[Step] = []
+    tries = 0
+    while len(steps) < n and tries < n * 50:
+        tries += 1
+        paths = [p for p in m.dump() if p != "/"]
+        dirs = ["/"] + [p for p in paths if m.node(p).kind == "d"]
+        d = rng.choice(dirs).rstrip("/")
+        fresh = f"{d}/{rng.choice(names)}"
+        any_path = rng.choice(paths) if paths else "/A"
+        op = rng.choice(["create", "mkdir", "write", "write", "truncate", "link", "unlink",
+                         "rmdir", "rename", "symlink", "chmod", "setxattr", "removexattr"])
+        if op in ("create", "mkdir"):
+            step: Step = (op, fresh, rng.choice([0o644, 0o755]))
+        elif op == "write":
+            step = ("write", any_path, rng.choice([0, 100, 4096, 5000, 20000]),
+                    rng.choice([1, 300, 4096, 9000]), rng.randrange(1, 256))
+        elif op == "truncate":
+            step = ("truncate", any_path, rng.choice([0, 1000, 4096, 30000]))
+        elif op == "link":
+            step = ("link", any_path, fresh)
+        elif op in ("unlink", "rmdir", "chmod"):
+            step = (op, any_path) if op != "chmod" else (op, any_path, 0o700)
+        elif op == "rename":
+            step = ("rename", any_path, rng.choice([fresh, rng.choice(paths or ["/A"])]),
+                    rng.choice([0, 0, 1, 2]))
+        elif op == "symlink":
+            step = ("symlink", rng.choice(["a", "../b", "x" * 100]), fresh)
+        elif op == "setxattr":
+            step = ("setxattr", any_path, rng.choice([b"user.p", b"user.q"]),
+                    bytes([rng.randrange(256)]) * rng.choice([1, 50]))
+        else:
+            step = ("removexattr", any_path, rng.choice([b"user.p", b"user.q"]))
+        if _valid(m, step):
+            m.apply(step)
+            steps.append(step)
+    return steps
+
+
+def random_cases(seed: int, count: int = 20, length: int = 4) -> list[tuple[list[Step], list[Step]]]:
+    rng = random.Random(seed)
+    base = Model()
+    for s in SETUP:
+        base.apply(s)
+    return [(SETUP, random_steps(rng, base, length)) for _ in range(count)]
+
+
+def cases_for(workload: str, seed: int) -> list[tuple[list[Step], list[Step]]]:
+    if workload == "seq1":
+        return seq1_cases()
+    if workload == "seq2":
+        return seq2_cases()
+    if workload == "random":
+        return random_cases(seed)
+    raise ValueError(f"unknown workload {workload!r} (seq1, seq2, random)")
+
+
+# ------------------------------------------------------------- crash states
+def crash_states(units: list[list[int]], k: int, rng: random.Random
+                 ) -> Iterator[tuple[list[int], dict[int, int]]]:
+    """(lines to persist, torn lines) for every crash state of one crash point."""
+    seen: set[tuple] = set()
+
+    def emit(lines, torn):
+        key = (tuple(sorted(lines)), tuple(sorted(torn.items())))
+        if key not in seen:
+            seen.add(key)
+            return True
+        return False
+
+    # Small stores (metadata: entries, inode lines, journal records) persist
+    # line by line in any order; a large store (data pages) is one atom whose
+    # partial persistence the torn variants below cover.
+    big = [u for u in units if len(u) > SMALL_STORE_LINES]
+    units = [[ln] for u in units if len(u) <= SMALL_STORE_LINES for ln in u] + big
+    if emit([], {}):
+        yield [], {}
+    everything = [ln for u in units for ln in u]
+    if units and emit(everything, {}):
+        yield everything, {}
+    for size in range(1, min(k, len(units)) + 1):
+        for combo in itertools.combinations(range(len(units)), size):
+            lines = [ln for i in combo for ln in units[i]]
+            if emit(lines, {}):
+                yield lines, {}
+    if len(units) > k + 1:
+        for _ in range(SAMPLE_BEYOND_K):
+            size = rng.randint(k + 1, len(units) - 1)
+            combo = rng.sample(range(len(units)), size)
+            lines = [ln for i in combo for ln in units[i]]
+            if emit(lines, {}):
+                yield lines, {}
+    for u in big:
+        for _ in range(TORN_PER_UNIT):
+            cut = rng.randrange(1, len(u))       # lines before the cut made it; one is torn
+            torn = {u[cut]: rng.randrange(1, 255)}
+            if emit(u[:cut], torn):
+                yield u[:cut], torn
+        lines = sorted(rng.sample(u, rng.randrange(1, len(u))))   # any lines, any order
+        if emit(lines, {}):
+            yield lines, {}
+
+
+# ------------------------------------------------------------------ oracle
+@dataclass
+class Failure:
+    id: str
+    reason: str
+
+
+def check_state(img_path: str, allowed: list[tuple[dict, set[str]]]) -> str | None:
+    """Mount a crash image and check the oracle; return None or what went wrong.
+
+    ``allowed`` holds (tree, paths whose times the tree pins) for the state
+    before and the state after the interrupted operation.
+    """
+    from .fsck import Checker          # fsck imports the engine; keep import order simple
+    try:
+        fs = FileSystem.mount(img_path)
+    except Exception as e:                                   # noqa: BLE001
+        # The temporary image's path would make the reason differ between runs.
+        return f"recovery failed: {type(e).__name__}: {str(e).replace(img_path + ': ', '')}"
+    try:
+        try:
+            trees = [(Driver(fs).dump(times), want) for want, times in allowed]
+        except FsError as e:
+            return f"reading the recovered tree failed: {e}"
+        if not any(got == want for got, want in trees):
+            got, want = trees[-1]
+            return "recovered tree matches neither the state before nor after: " + \
+                _diff(got, want)
+    finally:
+        fs.unmount()
+    out = io.StringIO()
+    rc = Checker(img_path, force=True, out=out).run()
+    if rc != 0:
+        return "fsck after recovery: " + " | ".join(out.getvalue().strip().splitlines()[:4])
+    # The recovered filesystem must accept new work and give everything back.
+    fs = FileSystem.mount(img_path)
+    try:
+        d = Driver(fs)
+        fs.write(fs.create(L.ROOT_INO, b"after-crash", 0o644).ino, 0, b"z" * 5000)
+        _remove_all(fs, L.ROOT_INO)
+        root_pages = len(fs.get(L.ROOT_INO).log_pages)
+        st = fs.statfs()
+        if st.blocks - st.bfree != root_pages:
+            return f"{st.blocks - st.bfree - root_pages} blocks still in use after removing " \
+                "everything"
+        if st.ffree != st.files - 1:
+            return f"{st.files - 1 - st.ffree} inodes still in use after removing everything"
+        del d
+    except FsError as e:
+        return f"using the recovered filesystem failed: {e}"
+    finally:
+        fs.unmount()
+    out = io.StringIO()
+    if Checker(img_path, force=True, out=out).run() != 0:
+        return "fsck after removing everything: " + out.getvalue().strip().splitlines()[0]
+    return None
+
+
+def _remove_all(fs: FileSystem, dino: int) -> None:
+    for name, child, _ in fs.readdir(dino)[2:]:
+        if stat.S_ISDIR(fs.getattr(child).mode):
+            _remove_all(fs, child)
+            fs.rmdir(dino, name)
+        else:
+            fs.unlink(dino, name)
+
+
+def _diff(tree: dict, ref: dict) -> str:
+    for p in sorted(set(tree) | set(ref)):
+        if tree.get(p) != ref.get(p):
+            return f"{p}: got {tree.get(p)!r}, after-state has {ref.get(p)!r}"
+    return "?"
+
+
+# ------------------------------------------------------------------ runner
+@dataclass
+class CaseResult:
+    case: int
+    checked: int = 0
+    failures: list[Failure] = field(default_factory=list)
+
+
+def run_case(workload: str, seed: int, case_no: int, k: int, *,
+             only: tuple[int, int] | None = None, keep: str | None = None,
+             tick: Callable[[int], None] | None = None) -> CaseResult:
+    """Run one case of a workload, checking every crash state (or only (point, state))."""
+    setup, ops = cases_for(workload, seed)[case_no]
+    ident = workload if workload != "random" else f"random@{seed}"
+    return run_steps(setup, ops, k, ident=ident, case_no=case_no, only=only, keep=keep,
+                     tick=tick)
+
+
+def run_steps(setup: list[Step], ops: list[Step], k: int, *, ident: str = "custom",
+              case_no: int = 0, only: tuple[int, int] | None = None, keep: str | None = None,
+              tmpdir: str | None = None,
+              tick: Callable[[int], None] | None = None) -> CaseResult:
+    """Apply ``setup`` normally, then ``ops`` with every crash state checked."""
+    res = CaseResult(case_no)
+    with tempfile.TemporaryDirectory(dir=tmpdir or _shm()) as tmp:
+        img = os.path.join(tmp, "dev.img")
+        crash = os.path.join(tmp, "crash.img")
+        format_device(img, IMAGE_SIZE, numa_nodes=1, cpus_per_node=1, inodes_per_cpu=64)
+        model = Model()
+        fs = FileSystem.mount(img)
+        drv = Driver(fs)
+        for s in setup:
+            drv.apply(s)
+            model.apply(s)
+        fs.unmount()
+        pm = TrackedPMem(img)
+        fs = FileSystem.mount(img, device=pm)
+        drv = Driver(fs)
+        point = 0
+        rng_base = f"{ident}:{case_no}"
+        cache: dict[bytes, str | None] = {}
+        for op in ops:
+            before = model.dump()
+            after_model = copy.deepcopy(model)
+            after_model.apply(op)
+            allowed = [(before, _explicit_times(model)),
+                       (after_model.dump(), _explicit_times(after_model))]
+
+            def at_crash_point(p: TrackedPMem) -> None:
+                nonlocal point
+                this = point
+                point += 1
+                if only is not None and only[0] != this:
+                    return
+                rng = random.Random(f"{rng_base}:{this}")
+                for sno, (lines, torn) in enumerate(crash_states(p.units(), k, rng)):
+                    if only is not None and only[1] != sno:
+                        continue
+                    image = p.crash_image(lines, torn)
+                    raw = image.tobytes()
+                    sid = f"{ident}:{case_no}:{this}:{sno}"
+                    if keep is not None:
+                        with open(keep, "wb") as f:
+                            f.write(raw)
+                    h = hashlib.sha1(raw).digest()
+                    if h in cache and keep is None:
+                        why = cache[h]
+                    else:
+                        with open(crash, "wb") as f:
+                            f.write(raw)
+                        why = check_state(crash, allowed)
+                        cache[h] = why
+                    res.checked += 1
+                    if why is not None:
+                        res.failures.append(Failure(sid, why))
+                    if tick is not None:
+                        tick(1)
+
+            pm.on_fence = at_crash_point
+            drv.apply(op)
+            at_crash_point(pm)                 # the end of the operation is a crash point too
+            pm.on_fence = None
+            model = after_model
+        fs.unmount()
+    return res
+
+
+def _shm() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _worker(args: tuple) -> CaseResult:
+    workload, seed, case_no, k = args
+    return run_case(workload, seed, case_no, k)
+
+
+def run(workload: str, k: int, seed: int, jobs: int = 1,
+        progress: Callable[[int, int, int, int], None] | None = None) -> list[CaseResult]:
+    """Check every case of a workload; ``progress(cases_done, cases, states, failed)``."""
+    n = len(cases_for(workload, seed))
+    results: list[CaseResult] = []
+    states = failed = 0
+    if jobs <= 1:
+        it: Iterator[CaseResult] = (run_case(workload, seed, i, k) for i in range(n))
+        pool = None
+    else:
+        pool = multiprocessing.get_context("fork").Pool(jobs)
+        it = pool.imap_unordered(_worker, [(workload, seed, i, k) for i in range(n)])
+    try:
+        for r in it:
+            results.append(r)
+            states += r.checked
+            failed += len(r.failures)
+            if progress is not None:
+                progress(len(results), n, states, failed)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    results.sort(key=lambda r: r.case)
+    return results
+
+
+def parse_id(ident: str) -> tuple[str, int, int, int, int]:
+    """'seq1:3:7:12' or 'random@5:3:7:12' -> (workload, seed, case, point, state)."""
+    try:
+        wl, case, point, state = ident.split(":")
+        seed = 0
+        if wl.startswith("random@"):
+            wl, seed = "random", int(wl.split("@", 1)[1])
+        return wl, seed, int(case), int(point), int(state)
+    except ValueError:
+        raise ValueError(f"bad crash state ID {ident!r} (expected WORKLOAD:CASE:POINT:STATE)") \
+            from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="pnova-crashtest",
+        description="Check that every crash state at every fence recovers atomically.")
+    ap.add_argument("--workload", default="seq1", choices=["seq1", "seq2", "random"])
+    ap.add_argument("--max-k", type=int, default=2,
+                    help="persist every subset of up to K in-flight stores (default 2)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of samples and random workloads")
+    ap.add_argument("--jobs", "-j", type=int, default=1, help="worker processes")
+    ap.add_argument("--replay", metavar="ID", help="rebuild one crash state and check it")
+    ap.add_argument("--keep", metavar="IMAGE", help="with --replay: write the crash image here")
+    a = ap.parse_args(argv)
+    if a.replay:
+        try:
+            wl, seed, case, point, state = parse_id(a.replay)
+            ncases = len(cases_for(wl, seed))
+            if not 0 <= case < ncases:
+                raise ValueError(f"{wl} has cases 0..{ncases - 1}")
+        except ValueError as e:
+            print(f"pnova-crashtest: {e}", file=sys.stderr)
+            return 2
+        res = run_case(wl, seed, case, a.max_k, only=(point, state), keep=a.keep)
+        if res.checked == 0:
+            print(f"pnova-crashtest: no crash state {a.replay} (with --max-k {a.max_k})",
+                  file=sys.stderr)
+            return 2
+        setup, ops = cases_for(wl, seed)[case]
+        print(f"case {case}: {' ; '.join(map(repr, ops))}")
+        for f in res.failures:
+            print(f"FAILED {f.id}: {f.reason}")
+        if a.keep:
+            print(f"crash image written to {a.keep}")
+        print(f"crash states: {res.checked} checked, {len(res.failures)} failed")
+        return 1 if res.failures else 0
+    tty = sys.stderr.isatty()
+    t0 = time.monotonic()
+
+    def progress(done: int, n: int, states: int, failed: int) -> None:
+        width = 30
+        bar = "#" * (width * done // n) + "-" * (width - width * done // n)
+        line = f"[{bar}] {done}/{n} cases, {states} states, {failed} failed, " \
+               f"{time.monotonic() - t0:.0f}s"
+        print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
+              flush=True)
+
+    try:
+        results = run(a.workload, a.max_k, a.seed, a.jobs, progress)
+    except KeyboardInterrupt:
+        print("\npnova-crashtest: interrupted", file=sys.stderr)
+        return 130
+    if tty:
+        print(file=sys.stderr)
+    checked = sum(r.checked for r in results)
+    failures = [f for r in results for f in r.failures]
+    for f in failures:
+        print(f"FAILED {f.id}: {f.reason}")
+    if failures:
+        print(f"reproduce one with: pnova-crashtest --replay {failures[0].id} --keep crash.img")
+    print(f"crash states: {checked} checked, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

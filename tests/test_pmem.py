@@ -1,0 +1,69 @@
+"""The pmem layer's persistence model (tracked mode) and its fast mode counters."""
+from __future__ import annotations
+
+import numpy as np
+
+from pnova.pmem import PMem, TrackedPMem
+
+
+def make(tmp_path, cls=TrackedPMem):
+    path = str(tmp_path / "dev")
+    with open(path, "wb") as f:
+        f.truncate(4096)
+    return cls(path)
+
+
+def test_fast_mode_counts_lines_and_fences(tmp_path):
+    pm = make(tmp_path, PMem)
+    pm.store(60, b"x" * 10)           # straddles two lines
+    pm.flush(60, 10)
+    pm.fence()
+    assert (pm.flushes, pm.fences) == (2, 1)
+    assert pm.read(60, 10) == b"x" * 10
+    pm.close()
+
+
+def test_only_flushed_and_fenced_lines_are_durable(tmp_path):
+    pm = make(tmp_path)
+    pm.store(0, b"a" * 64)
+    pm.store(128, b"b" * 64)
+    pm.flush(0, 64)
+    assert not pm.durable[:64].any()              # flushed but not fenced
+    pm.fence()
+    assert bytes(pm.durable[:64]) == b"a" * 64
+    assert not pm.durable[128:192].any()          # never flushed: still in flight
+    assert pm.units() == [[2]]
+    pm.close()
+
+
+def test_store_after_flush_needs_another_flush(tmp_path):
+    pm = make(tmp_path)
+    pm.store(0, b"a" * 8)
+    pm.flush(0, 8)
+    pm.store(8, b"b" * 8)                          # same line, after the flush
+    pm.fence()
+    assert not pm.durable[:16].any() and pm.units() == [[0]]
+    pm.flush(0, 16)
+    pm.fence()
+    assert bytes(pm.durable[:16]) == b"a" * 8 + b"b" * 8
+    pm.close()
+
+
+def test_crash_images_and_fence_hook(tmp_path):
+    pm = make(tmp_path)
+    seen = []
+    pm.on_fence = lambda p: seen.append(p.units())
+    pm.store(0, b"x" * 200)                        # one store, four lines
+    pm.store_u64(1024, 7)
+    pm.flush(0, 200)
+    pm.flush(1024, 8)
+    pm.fence()
+    assert seen == [[[0, 1, 2, 3], [16]]]
+    pm.store(2048, b"y" * 64)
+    img = pm.crash_image([32])
+    assert bytes(img[2048:2112]) == b"y" * 64 and bytes(img[:200]) == b"x" * 200
+    torn = pm.crash_image(torn={32: 0b101})
+    assert bytes(torn[2048:2056]) == b"y" * 8 and not torn[2056:2064].any()
+    assert bytes(torn[2064:2072]) == b"y" * 8
+    assert isinstance(img, np.ndarray) and not pm.crash_image()[2048:2112].any()
+    pm.close()
