@@ -1,0 +1,331 @@
+"""Lock schemes for file data, shared by every worker process of a device.
+
+Four schemes, chosen per mount (``-o lock=``), so that they can be compared on
+the same workload:
+
+``inode``
+    NOVA's baseline: one reader/writer semaphore per inode.  Writers to any
+    part of a file exclude each other.
+``rangetree``
+    pNOVA's first step: a range lock over an interval table (page-granular
+    ranges held by (inode, first page, last page, mode)) guarded by one lock
+    word.  Writers to disjoint ranges proceed; every acquire and release goes
+    through the guard, which is what limited its scaling.
+``segment``
+    The light-weight segment range lock: a file is cut into segments of
+    ``segment_pages`` pages, each with a 32-bit semaphore (top bit = writer,
+    low 31 bits = reader count) changed with compare-and-swap and fetch-add.
+``pnova``
+    Segment locks plus per-core local logs fed by lock-free rings of log
+    pointers (:mod:`pnova.ring`); the locking itself is the segment scheme's.
+
+Semaphore words (all schemes use them):  a reader moves the word from ``v``
+to ``v + 1`` by compare-and-swap while the writer bit is clear and leaves
+with a fetch-add of -1; a writer moves it from 0 to ``WRITER | (cpu + 1)``.
+While the writer bit is set the reader count is necessarily 0, so the low
+bits name the writing CPU: that is how a waiter recognises a dead holder.
+
+Dead holders: a waiter that has waited for ``LEASE`` seconds looks up the
+holder's process in the shared area's registry; if it has exited, the waiter
+releases the lock on its behalf (a writer word by compare-and-swap back to 0,
+a reader's share by the records each CPU keeps of its read locks).  A reader
+killed in the few instructions between its compare-and-swap and its record (or
+between dropping the record and its fetch-add) leaves a share nobody owns:
+waiters on that lock then fail with :class:`LockTimeout` after ``TIMEOUT``
+seconds instead of hanging, and a worker that takes over the CPU resets every
+lock word the old one held.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .shared import HELD_MAX, RANGE_ENTRY, RANGE_MAX, SEG_SLOTS, SharedArea, process_alive
+
+WRITER = 0x80000000
+LEASE = 0.2
+TIMEOUT = 30.0
+SCHEMES = ("inode", "rangetree", "segment", "pnova")
+
+
+class LockTimeout(Exception):
+    """A lock was not granted within TIMEOUT seconds (its holder is gone)."""
+
+
+class Semaphores:
+    """Reader/writer semaphore words in the shared area, used as ``cpu``."""
+
+    def __init__(self, area: SharedArea, cpu: int) -> None:
+        self.area = area
+        self.w = area.w
+        self.cpu = cpu
+        self.mine = WRITER | (cpu + 1)
+        self.records = [area.held_slot(cpu, i) for i in range(HELD_MAX)]
+        self.free_records = list(self.records)
+        self.record_of: dict[int, list[int]] = {}
+        self.waits = 0                     # acquisitions that had to wait (contention)
+
+    # -- writers -------------------------------------------------------------
+    def wlock(self, off: int) -> None:
+        w = self.w
+        if not w.cas32(off, 0, self.mine):
+            self.waits += 1
+            self._wait(off, lambda: w.cas32(off, 0, self.mine))
+
+    def wunlock(self, off: int) -> None:
+        self.w.store32(off, 0)
+
+    # -- readers -------------------------------------------------------------
+    def _try_read(self, off: int) -> bool:
+        v = self.w.load32(off)
+        return not v & WRITER and self.w.cas32(off, v, v + 1)
+
+    def rlock(self, off: int) -> None:
+        if not self._try_read(off):
+            self.waits += 1
+            self._wait(off, lambda: self._try_read(off))
+        rec = self.free_records.pop()          # IndexError: more than HELD_MAX at once
+        self.w.store64(rec, off + 1)
+        self.record_of.setdefault(off, []).append(rec)
+
+    def runlock(self, off: int) -> None:
+        rec = self.record_of[off].pop()
+        self.w.store64(rec, 0)
+        self.free_records.append(rec)
+        self.w.add32(off, -1)
+
+    # -- waiting and dead holders -----------------------------------------------
+    def _wait(self, off: int, attempt) -> None:
+        spins = 0
+        start = time.monotonic()
+        while True:
+            if attempt():
+                return
+            spins += 1
+            if spins < 32:
+                continue
+            os.sched_yield()                   # two cores: let the holder run
+            if spins % 64 == 0:
+                waited = time.monotonic() - start
+                if waited > LEASE:
+                    self.reap(off)
+                if waited > TIMEOUT:
+                    raise LockTimeout(f"lock word at {off:#x} not granted in {TIMEOUT:.0f} s")
+
+    def reap(self, off: int) -> bool:
+        """Release what exited processes hold of the word at ``off``; True if any."""
+        w, area = self.w, self.area
+        v = w.load32(off)
+        if v & WRITER:
+            owner = (v & ~WRITER) - 1
+            if 0 <= owner < area.ncpus and owner != self.cpu and \
+                    not process_alive(area.pid_of(owner)):
+                return w.cas32(off, v, 0)
+            return False
+        freed = False
+        for cpu in range(area.ncpus):
+            if cpu == self.cpu or process_alive(area.pid_of(cpu)):
+                continue
+            for i in range(HELD_MAX):
+                rec = area.held_slot(cpu, i)
+                if w.load64(rec) == off + 1 and w.cas64(rec, off + 1, 0):
+                    w.add32(off, -1)
+                    freed = True
+        return freed
+
+    def take_over(self) -> None:
+        """Become ``cpu``: release every lock a previous (dead) worker held as it."""
+        area, w = self.area, self.w
+        for i in range(HELD_MAX):
+            rec = area.held_slot(self.cpu, i)
+            off = w.load64(rec)
+            if off and w.cas64(rec, off, 0):
+                w.add32(off - 1, -1)
+        # inode, log and segment lock words, and the range table's guard
+        n = (area.range_table + 4 - area.inode_locks) // 4
+        words = np.frombuffer(area.mm, dtype="<u4", count=n, offset=area.inode_locks)
+        for idx in np.flatnonzero(words == self.mine).tolist():
+            w.cas32(area.inode_locks + 4 * idx, self.mine, 0)
+        del words
+        for i in range(RANGE_MAX):
+            e = area.range_table + 64 + RANGE_ENTRY * i
+            if w.load64(e) and w.load32(e + 24) == self.cpu + 1:
+                w.store64(e, 0)
+        area.register(self.cpu)
+
+
+# ---------------------------------------------------------------- the schemes
+class Scheme:
+    """lock(ino, first page, last page, write) -> token; unlock(token)."""
+
+    name = ""
+
+    def __init__(self, area: SharedArea, cpu: int, segment_pages: int = 16) -> None:
+        self.area = area
+        self.sem = Semaphores(area, cpu)
+        self.segment_pages = segment_pages
+
+    def close(self) -> None:
+        """Drop views into the shared area (so that it can be unmapped)."""
+
+    def lock(self, ino: int, first: int, last: int, write: bool):
+        raise NotImplementedError
+
+    def unlock(self, token) -> None:
+        raise NotImplementedError
+
+    def log_lock(self, ino: int) -> None:
+        """Serialise appends to the inode's single log (schemes without per-core logs)."""
+        self.sem.wlock(self.area.log_locks + 4 * (ino - 1))
+
+    def log_unlock(self, ino: int) -> None:
+        self.sem.wunlock(self.area.log_locks + 4 * (ino - 1))
+
+
+class InodeScheme(Scheme):
+    """NOVA: one reader/writer semaphore per inode (it also covers the log)."""
+
+    name = "inode"
+
+    def lock(self, ino: int, first: int, last: int, write: bool):
+        off = self.area.inode_locks + 4 * (ino - 1)
+        (self.sem.wlock if write else self.sem.rlock)(off)
+        return off, write
+
+    def unlock(self, token) -> None:
+        off, write = token
+        (self.sem.wunlock if write else self.sem.runlock)(off)
+
+    def log_lock(self, ino: int) -> None:
+        pass                                   # the inode write lock already excludes
+
+    def log_unlock(self, ino: int) -> None:
+        pass
+
+
+class SegmentScheme(Scheme):
+    """pNOVA's light-weight segment range lock."""
+
+    name = "segment"
+
+    def slots(self, ino: int, first: int, last: int) -> list[int]:
+        """Lock words of the segments covering pages first..last, in address order.
+
+        Segments hash into a fixed table; two segments of one range may share
+        a word, so the list is de-duplicated (and sorted, which also fixes a
+        global acquisition order: no deadlock between two ranges).
+        """
+        sp = self.segment_pages
+        base = self.area.seg_locks
+        h = {base + 4 * ((ino * 0x9E3779B1 + s * 0x85EBCA77) & (SEG_SLOTS - 1))
+             for s in range(first // sp, last // sp + 1)}
+        return sorted(h)
+
+    def lock(self, ino: int, first: int, last: int, write: bool):
+        offs = self.slots(ino, first, last)
+        acquire = self.sem.wlock if write else self.sem.rlock
+        for off in offs:
+            acquire(off)
+        return offs, write
+
+    def unlock(self, token) -> None:
+        offs, write = token
+        release = self.sem.wunlock if write else self.sem.runlock
+        for off in reversed(offs):
+            release(off)
+
+
+class PnovaScheme(SegmentScheme):
+    """Segment locks; log appends go to per-core logs, so no log lock at all."""
+
+    name = "pnova"
+
+    def log_lock(self, ino: int) -> None:
+        pass
+
+    def log_unlock(self, ino: int) -> None:
+        pass
+
+
+class RangeTreeScheme(Scheme):
+    """Page-granular range lock: an interval table guarded by one lock word."""
+
+    name = "rangetree"
+    READ, WRITE = 1, 2
+
+    def __init__(self, area: SharedArea, cpu: int, segment_pages: int = 16) -> None:
+        super().__init__(area, cpu, segment_pages)
+        self.guard = area.range_table
+        self.entries = area.range_table + 64
+        # Read-only numpy view of the table for the overlap scan (plain loads;
+        # entries change only under the guard, except a release zeroing 'ino').
+        self.table = np.frombuffer(area.mm, dtype=np.dtype([("ino", "<u8"), ("first", "<u8"),
+                                                            ("last", "<u8"), ("owner", "<u4"),
+                                                            ("mode", "<u4")]),
+                                   count=RANGE_MAX, offset=self.entries)
+        self.owner = self.sem.cpu + 1
+
+    def close(self) -> None:
+        self.table = None
+
+    def _conflict(self, ino: int, first: int, last: int, write: bool) -> bool:
+        t = self.table
+        hit = (t["ino"] == ino) & (t["first"] <= last) & (t["last"] >= first)
+        if not write:
+            hit &= t["mode"] == self.WRITE
+        return bool(hit.any())
+
+    def lock(self, ino: int, first: int, last: int, write: bool):
+        sem, w = self.sem, self.area.w
+        start = time.monotonic()
+        spins = 0
+        while True:
+            sem.wlock(self.guard)
+            try:
+                if not self._conflict(ino, first, last, write):
+                    free = np.flatnonzero(self.table["ino"] == 0)
+                    if len(free):
+                        i = int(free[0])
+                        e = self.entries + RANGE_ENTRY * i
+                        w.store64(e + 8, first)
+                        w.store64(e + 16, last)
+                        w.store32(e + 24, self.owner)
+                        w.store32(e + 28, self.WRITE if write else self.READ)
+                        w.store64(e, ino)      # last: the entry is live
+                        return e
+            finally:
+                sem.wunlock(self.guard)
+            spins += 1
+            sem.waits += spins == 1
+            os.sched_yield()
+            if spins % 64 == 0:
+                waited = time.monotonic() - start
+                if waited > LEASE:
+                    self._reap()
+                if waited > TIMEOUT:
+                    raise LockTimeout(f"range {first}-{last} of inode {ino} not granted")
+
+    def unlock(self, token) -> None:
+        self.area.w.store64(token, 0)
+
+    def _reap(self) -> None:
+        area, w = self.area, self.area.w
+        for i in np.flatnonzero(self.table["ino"] != 0).tolist():
+            e = self.entries + RANGE_ENTRY * i
+            owner = w.load32(e + 24) - 1
+            if owner != self.sem.cpu and 0 <= owner < area.ncpus and \
+                    not process_alive(area.pid_of(owner)):
+                w.store64(e, 0)
+
+
+def make_scheme(name: str, area: SharedArea, cpu: int, segment_pages: int = 16) -> Scheme:
+    """The scheme called ``name`` for ``cpu``; raises ValueError for an unknown name."""
+    classes = {"inode": InodeScheme, "rangetree": RangeTreeScheme, "segment": SegmentScheme,
+               "pnova": PnovaScheme}
+    if name not in classes:
+        raise ValueError(f"unknown lock scheme {name!r} (choose from {', '.join(SCHEMES)})")
+    if segment_pages < 1:
+        raise ValueError("segment size must be at least one page")
+    return classes[name](area, cpu, segment_pages)

@@ -1,0 +1,164 @@
+"""The shared area: DRAM state that the worker processes of one device share.
+
+Each worker process acts as one logical CPU.  What they must agree on lives
+here, in one MAP_SHARED mapping changed only with atomics (:mod:`pnova.atomics`):
+the sequence counter, the lock words of every lock scheme, the per-CPU log
+pointer rings and the registry of workers (so that a waiter can tell that the
+holder of a lock has died).  None of it is persistent: a fresh mount starts a
+fresh area, sized from the device geometry.
+
+The mapping is either anonymous (inherited by workers forked from one parent)
+or a named file in /dev/shm (``SharedArea.create(path=...)`` and
+``SharedArea.attach(path)``), so that independent processes can join.
+
+Layout (byte offsets; every region starts on a 64-byte line)::
+
+    0       header line: magic u64, version u32, ncpus u32, seq u64 (next
+            sequence number), segment-table slots u32, range-table entries u32
+    64      worker registry: one line per CPU: pid u64, held-read records
+            (HELD_MAX u64 lock offsets, 0 = empty)
+    ...     inode lock words: one u32 per inode slot
+    ...     inode log-tail lock words: one u32 per inode slot
+    ...     segment lock words: SEG_SLOTS u32, hashed by (inode, segment)
+    ...     range table: a guard word, then RANGE_MAX entries of 32 bytes
+            (inode u64, first page u64, last page u64, owner CPU + 1 u32, mode u32)
+    ...     per-CPU rings: head line, tail line, RING_SLOTS u64 slots
+"""
+from __future__ import annotations
+
+import mmap
+import os
+
+from .atomics import SharedWords
+
+MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
+VERSION = 1
+LINE = 64
+HELD_MAX = 6                  # read locks one CPU may hold at once
+SEG_SLOTS = 1 << 16
+RANGE_MAX = 256
+RANGE_ENTRY = 32
+RING_SLOTS = 256
+
+H_MAGIC, H_VERSION, H_NCPUS, H_SEQ, H_SEG_SLOTS, H_RANGE_MAX = 0, 8, 12, 16, 24, 28
+
+
+def _line(n: int) -> int:
+    return (n + LINE - 1) // LINE * LINE
+
+
+def _offsets(ncpus: int, ninodes: int) -> tuple[int, ...]:
+    """(registry, inode locks, log locks, segment locks, range table, rings, ring size,
+    total)."""
+    registry = LINE
+    inode_locks = registry + ncpus * LINE
+    log_locks = inode_locks + _line(4 * ninodes)
+    seg_locks = log_locks + _line(4 * ninodes)
+    range_table = seg_locks + _line(4 * SEG_SLOTS)
+    rings = range_table + LINE + _line(RANGE_ENTRY * RANGE_MAX)
+    ring_size = 2 * LINE + _line(8 * RING_SLOTS)
+    return (registry, inode_locks, log_locks, seg_locks, range_table, rings, ring_size,
+            rings + ncpus * ring_size)
+
+
+class SharedArea:
+    """One mapping plus the offsets of each table inside it."""
+
+    def __init__(self, mm: mmap.mmap, ncpus: int, ninodes: int, path: str | None) -> None:
+        self.mm = mm
+        self.path = path
+        self.ncpus = ncpus
+        self.ninodes = ninodes
+        self.w = SharedWords(mm)
+        (self.registry, self.inode_locks, self.log_locks, self.seg_locks, self.range_table,
+         self.rings, self.ring_size, self.size) = _offsets(ncpus, ninodes)
+
+    @staticmethod
+    def size_for(ncpus: int, ninodes: int) -> int:
+        return _offsets(ncpus, ninodes)[-1]
+
+    @classmethod
+    def create(cls, ncpus: int, ninodes: int, *, path: str | None = None,
+               first_seq: int = 1) -> "SharedArea":
+        """A fresh, zeroed area; anonymous unless ``path`` names a /dev/shm file."""
+        size = cls.size_for(ncpus, ninodes)
+        if path is None:
+            mm = mmap.mmap(-1, size, mmap.MAP_SHARED)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+        area = cls(mm, ncpus, ninodes, path)
+        w = area.w
+        w.store32(H_VERSION, VERSION)
+        w.store32(H_NCPUS, ncpus)
+        w.store64(H_SEQ, first_seq)
+        w.store32(H_SEG_SLOTS, SEG_SLOTS)
+        w.store32(H_RANGE_MAX, RANGE_MAX)
+        w.store64(H_MAGIC, MAGIC)                # last: the area is ready
+        return area
+
+    @classmethod
+    def attach(cls, path: str, ninodes: int) -> "SharedArea":
+        """Map an existing named area (created by another process)."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        w = SharedWords(mm)
+        if w.load64(H_MAGIC) != MAGIC or w.load32(H_VERSION) != VERSION:
+            w.release()
+            mm.close()
+            raise ValueError(f"{path} is not a pnova shared area")
+        ncpus = w.load32(H_NCPUS)
+        w.release()
+        area = cls(mm, ncpus, ninodes, path)
+        if area.size != size:
+            area.close()
+            raise ValueError(f"{path} does not match this device's geometry")
+        return area
+
+    def close(self) -> None:
+        self.w.release()
+        self.mm.close()
+
+    # ---------------------------------------------------------- sequence numbers
+    def next_seq(self, n: int = 1) -> int:
+        """Reserve ``n`` sequence numbers; return the first."""
+        return self.w.add64(H_SEQ, n)
+
+    # ----------------------------------------------------------- worker registry
+    def register(self, cpu: int, pid: int | None = None) -> None:
+        """Record that process ``pid`` now acts as ``cpu`` (clears its records)."""
+        base = self.registry + cpu * LINE
+        for i in range(HELD_MAX):
+            self.w.store64(base + 8 + 8 * i, 0)
+        self.w.store64(base, os.getpid() if pid is None else pid)
+
+    def pid_of(self, cpu: int) -> int:
+        return self.w.load64(self.registry + cpu * LINE)
+
+    def held_slot(self, cpu: int, i: int) -> int:
+        """Offset of record ``i`` of ``cpu``'s held read locks."""
+        return self.registry + cpu * LINE + 8 + 8 * i
+
+    def ring_base(self, cpu: int) -> int:
+        return self.rings + cpu * self.ring_size
+
+
+def process_alive(pid: int) -> bool:
+    """True unless ``pid`` has exited (a zombie counts as dead)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3]
+    return state not in (b"Z", b"X")

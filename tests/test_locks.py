@@ -1,0 +1,269 @@
+"""Shared-memory atomics, semaphores, lock schemes and rings under contention.
+
+Workers are real processes (fork), as they are when several processes serve
+one device; every wait is bounded.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+
+from pnova import locks
+from pnova.locks import WRITER, LockTimeout, Semaphores, make_scheme
+from pnova.ring import Ring, refill
+from pnova.shared import SharedArea
+
+NINODES = 64
+
+
+@pytest.fixture
+def area():
+    a = SharedArea.create(4, NINODES)
+    a.register(0)
+    yield a
+    a.close()
+
+
+def fork(fn) -> int:
+    """Run ``fn()`` in a child process; the child exits 0 if it returns."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def join(pid: int, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("child did not finish")
+
+
+def wait_for(pred, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition never became true"
+        time.sleep(0.001)
+
+
+def test_atomic_counter_from_two_processes(area):
+    n = 20000
+    pids = [fork(lambda: [area.next_seq() for _ in range(n)]) for _ in range(2)]
+    for p in pids:
+        join(p)
+    assert area.next_seq() == 1 + 2 * n
+
+
+def test_write_lock_excludes_across_processes(area):
+    """A read-modify-write of two plain words under the lock never loses an update."""
+    word, a, b = area.inode_locks, area.rings - 64, area.rings - 56   # scratch words
+    n = 3000
+
+    def worker(cpu):
+        area.register(cpu)
+        sem = Semaphores(area, cpu)
+        w = area.w
+        for _ in range(n):
+            sem.wlock(word)
+            assert w.load32(word) == WRITER | (cpu + 1)      # the word names the writer
+            v = w.load64(a)
+            w.store64(a, v + 1)
+            w.store64(b, w.load64(b) + 1)
+            sem.wunlock(word)
+
+    pids = [fork(lambda c=c: worker(c)) for c in (1, 2)]
+    for p in pids:
+        join(p)
+    assert area.w.load64(a) == area.w.load64(b) == 2 * n
+
+
+def test_readers_share_and_exclude_writers(area):
+    word = area.inode_locks + 8
+    sem = Semaphores(area, 0)
+    sem.rlock(word)
+    flag = area.rings - 64
+
+    def reader():
+        area.register(1)
+        s = Semaphores(area, 1)
+        s.rlock(word)                      # granted while cpu 0 reads too
+        assert s.waits == 0
+        area.w.store64(flag, 1)
+        wait_for(lambda: area.w.load64(flag) == 2)
+        s.runlock(word)
+
+    pid = fork(reader)
+    wait_for(lambda: area.w.load64(flag) == 1)
+    assert area.w.load32(word) == 2                     # two readers counted
+    t0 = time.monotonic()
+    sem.runlock(word)
+
+    def writer():
+        area.register(2)
+        s = Semaphores(area, 2)
+        s.wlock(word)                                   # waits for the other reader
+        area.w.store64(flag, 3)
+        s.wunlock(word)
+
+    wpid = fork(writer)
+    time.sleep(0.05)
+    assert area.w.load64(flag) == 1                     # still excluded by the reader
+    area.w.store64(flag, 2)
+    join(pid)
+    join(wpid)
+    assert area.w.load64(flag) == 3 and area.w.load32(word) == 0
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("mode", ["write", "read"])
+def test_dead_holder_does_not_wedge_the_lock(area, mode):
+    word = area.seg_locks + 40
+    held = area.rings - 64
+
+    def die_holding():
+        area.register(3)
+        s = Semaphores(area, 3)
+        (s.wlock if mode == "write" else s.rlock)(word)
+        area.w.store64(held, 1)
+        os._exit(0)                                     # killed while holding it
+
+    pid = fork(die_holding)
+    wait_for(lambda: area.w.load64(held) == 1)
+    os.waitpid(pid, 0)
+    sem = Semaphores(area, 0)
+    t0 = time.monotonic()
+    sem.wlock(word)                                     # granted once the lease has passed
+    assert locks.LEASE <= time.monotonic() - t0 < 5
+    sem.wunlock(word)
+    assert area.w.load32(word) == 0
+
+
+def test_new_worker_takes_over_a_dead_cpu(area):
+    word = area.inode_locks + 16
+
+    def die_holding():
+        area.register(2)
+        Semaphores(area, 2).wlock(word)
+        os._exit(0)
+
+    os.waitpid(fork(die_holding), 0)
+    assert area.w.load32(word) == WRITER | 3
+    Semaphores(area, 2).take_over()                     # the replacement worker for cpu 2
+    assert area.w.load32(word) == 0
+
+
+def test_unowned_reader_share_times_out(area, monkeypatch):
+    monkeypatch.setattr(locks, "TIMEOUT", 0.5)
+    word = area.seg_locks + 80
+    area.w.add32(word, 1)                               # a share with no record
+    with pytest.raises(LockTimeout):
+        Semaphores(area, 0).wlock(word)
+
+
+@settings(max_examples=50, deadline=None)
+@given(ino=st.integers(1, NINODES), first=st.integers(0, 10 ** 6), n=st.integers(0, 300),
+       seg=st.sampled_from([1, 4, 16, 64]))
+def test_segment_slots_are_sorted_and_unique(ino, first, n, seg):
+    a = SharedArea.create(1, NINODES)
+    try:
+        sch = make_scheme("segment", a, 0, seg)
+        slots = sch.slots(ino, first, first + n)
+        assert slots == sorted(set(slots))
+        assert 1 <= len(slots) <= (first + n) // seg - first // seg + 1
+        tok = sch.lock(ino, first, first + n, True)     # never deadlocks on itself
+        sch.unlock(tok)
+        assert all(a.w.load32(o) == 0 for o in slots)
+    finally:
+        a.close()
+
+
+@pytest.mark.parametrize("name", ["inode", "rangetree", "segment", "pnova"])
+def test_schemes_conflict_exactly_where_they_should(area, name):
+    """Disjoint ranges of one file: only the inode scheme makes them wait."""
+    mine = make_scheme(name, area, 0, 4)
+    other_gate = area.rings - 64
+    tok = mine.lock(5, 0, 3, True)                      # pages 0-3 (segment 0)
+
+    def other():
+        area.register(1)
+        s = make_scheme(name, area, 1, 4)
+        t = s.lock(5, 100, 103, True)                   # a different segment
+        area.w.store64(other_gate, 1 + s.sem.waits)
+        s.unlock(t)
+        t = s.lock(5, 2, 2, False)                      # overlaps: must wait for cpu 0
+        area.w.store64(other_gate, 10)
+        s.unlock(t)
+        s.close()
+
+    pid = fork(other)
+    wait_for(lambda: area.w.load64(other_gate) != 0 or name == "inode", 10)
+    if name == "inode":
+        time.sleep(0.05)
+        assert area.w.load64(other_gate) == 0           # the whole file is locked
+    else:
+        assert area.w.load64(other_gate) == 1           # granted without waiting
+        time.sleep(0.05)
+        assert area.w.load64(other_gate) == 1           # the overlapping read waits
+    mine.unlock(tok)
+    join(pid)
+    assert area.w.load64(other_gate) == 10
+    mine.close()
+
+
+def test_unknown_scheme_is_refused(area):
+    with pytest.raises(ValueError, match="unknown lock scheme"):
+        make_scheme("spin", area, 0)
+
+
+def test_ring_across_processes_keeps_order_and_loses_nothing(area):
+    ring = Ring(area, 2)
+    n = 20000
+    out = area.rings - 64
+
+    def consumer():
+        area.register(2)
+        r = Ring(area, 2)
+        expect = 0
+        while expect < n:
+            v = r.pop()
+            if v is None:
+                os.sched_yield()
+                continue
+            assert v == expect * 7 + 1
+            expect += 1
+        area.w.store64(out, expect)
+
+    pid = fork(consumer)
+    i = 0
+    while i < n:
+        if ring.push(i * 7 + 1):
+            i += 1
+        else:
+            os.sched_yield()
+    join(pid)
+    assert area.w.load64(out) == n and len(ring) == 0
+
+
+def test_refill_tops_up_low_rings(area):
+    rings = [Ring(area, c) for c in range(4)]
+    counter = iter(range(1, 10 ** 6))
+    rings[1].push(999)
+    pushed = refill(rings, lambda k: [next(counter) for _ in range(k)], low=8)
+    assert pushed == 4 * rings[0].n - 1
+    assert rings[1].pop() == 999 and len(rings[0]) == rings[0].n
+    assert refill(rings, lambda k: [next(counter) for _ in range(k)], low=8) == 0
