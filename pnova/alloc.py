@@ -1,108 +1,199 @@
-"""Block allocation: one allocator per CPU region, NUMA partitions, local write first.
+"""Block allocation: one bitmap per CPU region, NUMA partitions, local write first.
 
-Each CPU owns a region of the device (inside its NUMA node's partition) and
-keeps that region's free blocks as a sorted map of free extents
-(start -> length).  An allocation is served from the calling CPU's region
-first, then from the other regions of the same node, then from remote nodes
-("Local Write First").  A freed block always returns to the region that owns
-it, found by address.  Allocator state is DRAM only: a clean unmount saves it
-as a bitmap, and crash recovery rebuilds it from the logs.
+Each CPU owns a region of the device inside its NUMA node's partition.  The
+region's free blocks are a bitmap (1 = in use) kept in the shared area, so
+every worker process sees one truth and changes it with atomic
+compare-and-swap on 64-bit words: no global lock anywhere.
+
+* An allocation is served from the calling CPU's region first, then from the
+  other regions of the same node, then from remote nodes ("Local Write First").
+* A freed block clears its bit in the region that owns it, whoever frees it:
+  a block freed by another CPU goes straight back to its owner region.
+* Each region has an atomic free counter and a cursor (where its last
+  allocation ended), so the common case touches one or two words.
+
+The bit layout is the on-media layout of the saved allocator state (SPEC
+"Saved allocator bitmap"): a clean unmount copies the words to the device,
+a clean mount copies them back, and crash recovery rebuilds them from the logs.
 """
 from __future__ import annotations
 
 import bisect
+import errno
 
 import numpy as np
-from sortedcontainers import SortedDict
 
+from .errors import FsError
 from .layout import Region
+from .shared import SharedArea
+
+ALL = (1 << 64) - 1
 
 
-class RegionAllocator:
-    """Free extents of one CPU's data area."""
+class RegionBitmap:
+    """The bitmap, counter and cursor of one CPU's data area (in the shared area)."""
 
-    def __init__(self, region: Region) -> None:
+    def __init__(self, area: SharedArea, region: Region) -> None:
         self.region = region
         self.lo = region.data_start
         self.hi = region.end
-        self.free_map: SortedDict = SortedDict()   # start -> length
-        self.nfree = 0
+        self.n = self.hi - self.lo
+        self.nwords = (self.n + 63) // 64
+        self.w = area.w
+        self.mm = area.mm
+        base = area.regions[region.cpu]
+        self.counter = base
+        self.cursor = base + 8
+        self.words = base + 64
 
-    def reset_free(self) -> None:
-        """Mark the whole data area free."""
-        self.free_map.clear()
-        self.free_map[self.lo] = self.hi - self.lo
-        self.nfree = self.hi - self.lo
+    def view(self) -> np.ndarray:
+        """A read-only snapshot-free view of the bitmap words (plain loads)."""
+        v = np.frombuffer(self.mm, dtype="<u8", count=self.nwords, offset=self.words)
+        v.flags.writeable = False
+        return v
 
-    def load_used_bitmap(self, used: np.ndarray) -> None:
-        """Build free extents from a bool array (True = in use) over the data area."""
-        self.free_map.clear()
-        free = ~used
-        # run boundaries of the free runs
-        d = np.diff(np.concatenate(([0], free.view(np.int8), [0])))
-        starts = np.flatnonzero(d == 1)
-        ends = np.flatnonzero(d == -1)
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            self.free_map[self.lo + s] = e - s
-        self.nfree = int(free.sum())
+    @property
+    def nfree(self) -> int:
+        return self.w.load64(self.counter)
 
-    def used_bitmap(self) -> np.ndarray:
-        used = np.ones(self.hi - self.lo, dtype=bool)
-        for s, n in self.free_map.items():
-            used[s - self.lo:s - self.lo + n] = False
-        return used
+    def load(self, used: np.ndarray) -> None:
+        """Set the bitmap from a bool array over the data area (True = in use).
+
+        Only while no other process allocates (mount time).
+        """
+        bits = np.ones(self.nwords * 64, dtype=bool)      # past the end: never free
+        bits[:self.n] = used
+        packed = np.packbits(bits, bitorder="little")
+        self.mm[self.words:self.words + len(packed)] = packed.tobytes()
+        self.w.store64(self.counter, int(self.n - np.count_nonzero(used)))
+        self.w.store64(self.cursor, 0)
+
+    def used(self) -> np.ndarray:
+        """Bool array over the data area, True = in use."""
+        raw = np.frombuffer(self.mm, dtype=np.uint8, count=self.nwords * 8, offset=self.words)
+        out = np.unpackbits(raw, bitorder="little")[:self.n].astype(bool)
+        del raw
+        return out
 
     def alloc(self, n: int) -> list[tuple[int, int]]:
-        """Take up to ``n`` blocks as extents, lowest address first."""
+        """Take up to ``n`` blocks; return extents (start block, count)."""
+        w = self.w
         out: list[tuple[int, int]] = []
-        fm = self.free_map
-        while n > 0 and fm:
-            start, length = fm.peekitem(0)
-            take = min(n, length)
-            del fm[start]
-            if take < length:
-                fm[start + take] = length - take
-            out.append((start, take))
-            n -= take
-            self.nfree -= take
+        if n <= 0 or w.load64(self.counter) == 0:
+            return out
+        start = w.load64(self.cursor) % self.nwords
+        if n < 64:
+            # Fast path: the cursor's word usually has room for a small request.
+            off = self.words + 8 * start
+            v = w.load64(off)
+            free = ~v & ALL
+            if free and free.bit_count() >= n:
+                mask = 0
+                for _ in range(n):
+                    low = free & -free
+                    mask |= low
+                    free ^= low
+                if w.cas64(off, v, v | mask):
+                    _extents(out, self.lo + 64 * start, mask)
+                    w.add64(self.counter, -n)
+                    return out
+        view = self.view()
+        # words with a free bit, from the cursor on, then from the start
+        cand = np.flatnonzero(view != ALL)
+        del view
+        if len(cand) == 0:
+            return out
+        k = int(np.searchsorted(cand, start))
+        order = np.concatenate((cand[k:], cand[:k])).tolist()
+        got = 0
+        last_j = start
+        for j in order:
+            off = self.words + 8 * j
+            while got < n:
+                v = w.load64(off)
+                if v == ALL:
+                    break
+                need = n - got
+                if v == 0 and need >= 64:
+                    mask = ALL
+                else:
+                    mask = 0
+                    free = ~v & ALL
+                    c = 0
+                    while free and c < need:
+                        low = free & -free
+                        mask |= low
+                        free ^= low
+                        c += 1
+                if w.cas64(off, v, v | mask):
+                    got += _extents(out, self.lo + 64 * j, mask)
+                    last_j = j
+                    break
+            if got >= n:
+                break
+        if got:
+            w.add64(self.counter, -got)
+            w.store64(self.cursor, last_j)
         return out
 
     def free(self, start: int, n: int) -> None:
-        """Return [start, start+n) and merge it with its neighbours."""
-        fm = self.free_map
-        self.nfree += n
-        i = fm.bisect_left(start)
-        if i > 0:
-            pstart, plen = fm.peekitem(i - 1)
-            if pstart + plen > start:
-                raise AssertionError(f"double free of block {start}")
-            if pstart + plen == start:
-                start, n = pstart, plen + n
-                del fm[pstart]
-                i -= 1
-        if i < len(fm):
-            nstart, nlen = fm.peekitem(i)
-            if start + n > nstart:
-                raise AssertionError(f"double free of block {nstart}")
-            if start + n == nstart:
-                n += nlen
-                del fm[nstart]
-        fm[start] = n
+        """Clear the bits of [start, start+n) (all inside this region)."""
+        w = self.w
+        b = start - self.lo
+        end = b + n
+        while b < end:
+            j, bit = divmod(b, 64)
+            take = min(64 - bit, end - b)
+            mask = (ALL >> (64 - take)) << bit
+            off = self.words + 8 * j
+            while True:
+                v = w.load64(off)
+                if v & mask != mask:
+                    raise AssertionError(f"double free in blocks {start}..{start + n - 1}")
+                if w.cas64(off, v, v & ~mask):
+                    break
+            b += take
+        w.add64(self.counter, n)
 
     def contains(self, block: int) -> bool:
         return self.lo <= block < self.hi
+
+    def stats(self) -> tuple[int, int]:
+        """(free extents, largest free extent) of this region."""
+        free = ~self.used()
+        d = np.diff(np.concatenate(([0], free.view(np.int8), [0])))
+        starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+        return len(starts), int((ends - starts).max()) if len(starts) else 0
+
+
+def _extents(out: list[tuple[int, int]], base: int, mask: int) -> int:
+    """Append the runs of set bits of ``mask`` (block ``base`` = bit 0); return the count."""
+    count = 0
+    while mask:
+        low = (mask & -mask).bit_length() - 1
+        run = ((~(mask >> low)) & ((mask >> low) + 1)).bit_length() - 1
+        if out and out[-1][0] + out[-1][1] == base + low:
+            s, c = out[-1]
+            out[-1] = (s, c + run)
+        else:
+            out.append((base + low, run))
+        mask &= ~(((1 << run) - 1) << low)
+        count += run
+    return count
 
 
 class Allocator:
     """All regions, with the Local-Write-First policy and a reserve for deletes."""
 
-    def __init__(self, regions: list[Region], cpus_per_node: int, reserve: int) -> None:
-        self.regions = [RegionAllocator(r) for r in regions]
+    def __init__(self, area: SharedArea, regions: list[Region], cpus_per_node: int,
+                 reserve: int) -> None:
+        self.regions = [RegionBitmap(area, r) for r in regions]
         self.cpus_per_node = cpus_per_node
-        self._starts = [r.region.start for r in self.regions]
+        self._starts = [r.start for r in regions]
         # Blocks kept back for metadata so that unlink/rmdir still work on a
         # full device (they must append to the parent's log).
         self.reserve = reserve
+        self._orders = [self._order(c) for c in range(len(regions))]
 
     @property
     def nfree(self) -> int:
@@ -110,43 +201,43 @@ class Allocator:
 
     @property
     def ntotal(self) -> int:
-        return sum(r.hi - r.lo for r in self.regions)
+        return sum(r.n for r in self.regions)
 
-    def order(self, cpu: int) -> list[RegionAllocator]:
-        """Regions in Local-Write-First order for ``cpu``."""
+    def _order(self, cpu: int) -> list[RegionBitmap]:
         node = cpu // self.cpus_per_node
         local = self.regions[node * self.cpus_per_node:(node + 1) * self.cpus_per_node]
         same = [local[cpu % self.cpus_per_node]] + [r for r in local if r.region.cpu != cpu]
         remote = [r for r in self.regions if r.region.node != node]
         return same + remote
 
+    def order(self, cpu: int) -> list[RegionBitmap]:
+        """Regions in Local-Write-First order for ``cpu``."""
+        return self._orders[cpu]
+
     def alloc(self, cpu: int, n: int, *, meta: bool = False) -> list[tuple[int, int]]:
         """Allocate ``n`` blocks as extents; raise ENOSPC (after undoing) if short.
 
         Data allocations may not dip into the reserve; metadata (log pages) may.
         """
-        from .errors import FsError
-        import errno
         if n > self.nfree - (0 if meta else self.reserve):
             raise FsError(errno.ENOSPC)
         out: list[tuple[int, int]] = []
-        for ra in self.order(cpu):
-            if n == 0:
-                break
-            got = ra.alloc(n)
-            out.extend(got)
-            n -= sum(c for _, c in got)
-        if n:
-            for s, c in out:
-                self.free(s, c)
-            raise FsError(errno.ENOSPC)
-        return out
+        got = 0
+        for ra in self._orders[cpu]:
+            ext = ra.alloc(n - got)
+            out.extend(ext)
+            got += sum(c for _, c in ext)
+            if got == n:
+                return out
+        for s, c in out:
+            self.free(s, c)
+        raise FsError(errno.ENOSPC)
 
     def alloc_one(self, cpu: int, *, meta: bool = True) -> int:
         ((start, _),) = self.alloc(cpu, 1, meta=meta)
         return start
 
-    def owner(self, block: int) -> RegionAllocator:
+    def owner(self, block: int) -> RegionBitmap:
         i = bisect.bisect_right(self._starts, block) - 1
         ra = self.regions[i]
         if not ra.contains(block):

@@ -25,6 +25,7 @@ from .errors import CorruptImage, FsError
 from .inode import Inode
 from .journal import Journal, JournalError
 from .pmem import DeviceError, PMem
+from .shared import H_SEQ, SharedArea
 
 logger = logging.getLogger("pnova")
 
@@ -128,7 +129,7 @@ class FileSystem:
     """A mounted pnova filesystem (one process, acting as one CPU)."""
 
     def __init__(self, pm: PMem, sb: L.Superblock, regions: list[L.Region], *, cpu: int = 0,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, area: SharedArea | None = None) -> None:
         self.pm = pm
         self.sb = sb
         self.regions = regions
@@ -136,13 +137,17 @@ class FileSystem:
         self.cpu = cpu % self.ncpus
         self.readonly = readonly
         total = sb.total_blocks
-        self.alloc = Allocator(regions, sb.cpus_per_node,
+        self._own_area = area is None
+        if area is None:
+            area = SharedArea.create(sb.ncpus, sb.ncpus * sb.inodes_per_cpu,
+                                     [r.data_blocks for r in regions], first_seq=sb.next_seq)
+        self.area = area
+        self.alloc = Allocator(area, regions, sb.cpus_per_node,
                                reserve=max(8, min(1024, total // 512)))
         self.journals = [Journal(pm, r.journal_block) for r in regions]
         self.free_inodes: list[list[int]] = [[] for _ in regions]
         self.nfree_inodes = 0
         self.cache: dict[int, Inode] = {}
-        self.seq = sb.next_seq
         self.max_log_pages = total
         self.mount_path = ""
         self.mount_seconds = 0.0
@@ -227,7 +232,7 @@ class FileSystem:
             r = ra.region
             raw = self.pm.buf[r.bitmap_start * L.BLOCK:(r.bitmap_start + r.bitmap_blocks) * L.BLOCK]
             used = np.unpackbits(raw, bitorder="little")[:r.data_blocks].astype(bool)
-            ra.load_used_bitmap(used)
+            ra.load(used)
 
     def _recover(self) -> None:
         """Roll back open journals, then rebuild every index by replaying every log."""
@@ -263,8 +268,8 @@ class FileSystem:
             if inode.nlink == 0:
                 orphans.append(inode)
         for ra, u in zip(self.alloc.regions, used):
-            ra.load_used_bitmap(u)
-        self.seq = maxseq
+            ra.load(u)
+        self.area.w.store64(H_SEQ, maxseq)
         if 1 not in self.cache:
             raise CorruptImage(f"{self.pm.path}: the root inode is missing; run fsck.pnova")
         for inode in orphans:
@@ -301,18 +306,20 @@ class FileSystem:
             pm = self.pm
             for ra in self.alloc.regions:
                 r = ra.region
-                bits = np.packbits(ra.used_bitmap(), bitorder="little")
+                bits = np.packbits(ra.used(), bitorder="little")
                 off = r.bitmap_start * L.BLOCK
                 pm.store(off, bits.tobytes())
                 pm.flush(off, len(bits))
             pm.fence()                                   # saved state durable before 'clean'
             self.sb.clean = 1
-            self.sb.next_seq = self.seq
+            self.sb.next_seq = self.area.w.load64(H_SEQ)
             self.sb.last_unmount_ns = time.time_ns()
             write_superblock(pm, self.sb)
             pm.sync()
         self.pm.close()
         self.pm = None  # type: ignore[assignment]
+        if self._own_area:
+            self.area.close()
         logger.info("unmounted cleanly")
 
     # --------------------------------------------------------------- helpers
@@ -377,9 +384,7 @@ class FileSystem:
         return d
 
     def _next_seq(self) -> int:
-        s = self.seq
-        self.seq = s + 1
-        return s
+        return self.area.next_seq()
 
     def _rw(self) -> None:
         if self.readonly:

@@ -23,6 +23,9 @@ Layout (byte offsets; every region starts on a 64-byte line)::
     ...     range table: a guard word, then RANGE_MAX entries of 32 bytes
             (inode u64, first page u64, last page u64, owner CPU + 1 u32, mode u32)
     ...     per-CPU rings: head line, tail line, RING_SLOTS u64 slots
+    ...     per region (one per CPU): a line with the free-block counter u64 and
+            the allocation cursor u64, then the block bitmap (u64 words, bit i
+            of word j = data block 64*j + i of the region, 1 = in use)
 """
 from __future__ import annotations
 
@@ -47,41 +50,55 @@ def _line(n: int) -> int:
     return (n + LINE - 1) // LINE * LINE
 
 
-def _offsets(ncpus: int, ninodes: int) -> tuple[int, ...]:
-    """(registry, inode locks, log locks, segment locks, range table, rings, ring size,
-    total)."""
-    registry = LINE
-    inode_locks = registry + ncpus * LINE
-    log_locks = inode_locks + _line(4 * ninodes)
-    seg_locks = log_locks + _line(4 * ninodes)
-    range_table = seg_locks + _line(4 * SEG_SLOTS)
-    rings = range_table + LINE + _line(RANGE_ENTRY * RANGE_MAX)
-    ring_size = 2 * LINE + _line(8 * RING_SLOTS)
-    return (registry, inode_locks, log_locks, seg_locks, range_table, rings, ring_size,
-            rings + ncpus * ring_size)
+def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, int]:
+    """Offsets of every table; region_blocks = data blocks of each CPU region."""
+    o: dict[str, int] = {"registry": LINE}
+    o["inode_locks"] = o["registry"] + ncpus * LINE
+    o["log_locks"] = o["inode_locks"] + _line(4 * ninodes)
+    o["seg_locks"] = o["log_locks"] + _line(4 * ninodes)
+    o["range_table"] = o["seg_locks"] + _line(4 * SEG_SLOTS)
+    o["rings"] = o["range_table"] + LINE + _line(RANGE_ENTRY * RANGE_MAX)
+    o["ring_size"] = 2 * LINE + _line(8 * RING_SLOTS)
+    off = o["rings"] + ncpus * o["ring_size"]
+    for i, n in enumerate(region_blocks):
+        o[f"region{i}"] = off
+        off += LINE + _line(8 * ((n + 63) // 64))
+    o["size"] = off
+    return o
 
 
 class SharedArea:
     """One mapping plus the offsets of each table inside it."""
 
-    def __init__(self, mm: mmap.mmap, ncpus: int, ninodes: int, path: str | None) -> None:
+    def __init__(self, mm: mmap.mmap, ncpus: int, ninodes: int, region_blocks: list[int],
+                 path: str | None) -> None:
         self.mm = mm
         self.path = path
         self.ncpus = ncpus
         self.ninodes = ninodes
+        self.region_blocks = region_blocks
         self.w = SharedWords(mm)
-        (self.registry, self.inode_locks, self.log_locks, self.seg_locks, self.range_table,
-         self.rings, self.ring_size, self.size) = _offsets(ncpus, ninodes)
+        o = _offsets(ncpus, ninodes, region_blocks)
+        self.registry = o["registry"]
+        self.inode_locks = o["inode_locks"]
+        self.log_locks = o["log_locks"]
+        self.seg_locks = o["seg_locks"]
+        self.range_table = o["range_table"]
+        self.rings = o["rings"]
+        self.ring_size = o["ring_size"]
+        self.regions = [o[f"region{i}"] for i in range(len(region_blocks))]
+        self.size = o["size"]
 
     @staticmethod
-    def size_for(ncpus: int, ninodes: int) -> int:
-        return _offsets(ncpus, ninodes)[-1]
+    def size_for(ncpus: int, ninodes: int, region_blocks: list[int]) -> int:
+        return _offsets(ncpus, ninodes, region_blocks)["size"]
 
     @classmethod
-    def create(cls, ncpus: int, ninodes: int, *, path: str | None = None,
-               first_seq: int = 1) -> "SharedArea":
+    def create(cls, ncpus: int, ninodes: int, region_blocks: list[int] | None = None, *,
+               path: str | None = None, first_seq: int = 1) -> "SharedArea":
         """A fresh, zeroed area; anonymous unless ``path`` names a /dev/shm file."""
-        size = cls.size_for(ncpus, ninodes)
+        region_blocks = list(region_blocks or [])
+        size = cls.size_for(ncpus, ninodes, region_blocks)
         if path is None:
             mm = mmap.mmap(-1, size, mmap.MAP_SHARED)
         else:
@@ -91,7 +108,7 @@ class SharedArea:
                 mm = mmap.mmap(fd, size, mmap.MAP_SHARED)
             finally:
                 os.close(fd)
-        area = cls(mm, ncpus, ninodes, path)
+        area = cls(mm, ncpus, ninodes, region_blocks, path)
         w = area.w
         w.store32(H_VERSION, VERSION)
         w.store32(H_NCPUS, ncpus)
@@ -102,7 +119,7 @@ class SharedArea:
         return area
 
     @classmethod
-    def attach(cls, path: str, ninodes: int) -> "SharedArea":
+    def attach(cls, path: str, ninodes: int, region_blocks: list[int]) -> "SharedArea":
         """Map an existing named area (created by another process)."""
         fd = os.open(path, os.O_RDWR)
         try:
@@ -117,7 +134,7 @@ class SharedArea:
             raise ValueError(f"{path} is not a pnova shared area")
         ncpus = w.load32(H_NCPUS)
         w.release()
-        area = cls(mm, ncpus, ninodes, path)
+        area = cls(mm, ncpus, ninodes, list(region_blocks), path)
         if area.size != size:
             area.close()
             raise ValueError(f"{path} does not match this device's geometry")
