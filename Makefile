@@ -57,6 +57,7 @@ test: venv install-helpers
 
 crashtest: venv
 	$(VENV)/bin/pnova-crashtest --workload seq1 --max-k 2
+	$(VENV)/bin/pnova-crashtest --workload dual --max-k 2
 
 # Every ordered pair of seq1 operations, then seeded random sequences (minutes).
 crashtest-long: venv

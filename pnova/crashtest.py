@@ -102,6 +102,8 @@ class Model:
 
     def apply(self, step: Step) -> None:
         op = step[0]
+        if op == "cpu":                       # ("cpu", n, step): which CPU runs it is
+            return self.apply(step[2])        # invisible in the resulting tree
         if op in ("create", "mkdir"):
             d, name = self.parent(step[1])
             d.children[name] = Node("f" if op == "create" else "d", step[2])
@@ -338,6 +340,8 @@ def _valid(model: Model, step: Step) -> bool:
             return False
 
     op = step[0]
+    if op == "cpu":
+        return _valid(model, step[2])
     if op in ("create", "mkdir"):
         return parent_dir(step[1]) and not exists(step[1])
     if op == "symlink":
@@ -447,14 +451,32 @@ def random_cases(seed: int, count: int = 20, length: int = 4) -> list[tuple[list
     return [(SETUP, random_steps(rng, base, length)) for _ in range(count)]
 
 
+# Two CPUs writing one file in turn: CPU 0 is the file's home CPU (its writes
+# go to the global log), CPU 1 appends to its own local log; replay must merge
+# the logs by sequence number.  Each case is checked at every fence of every
+# step, so crash states fall between and inside interleaved writes.
+DUAL_CASES: list[list[Step]] = [
+    [("cpu", 1, ("write", "/A/foo", 0, 4096, 0x41)), ("cpu", 0, ("write", "/A/foo", 0, 4096, 0x42)),
+     ("cpu", 1, ("write", "/A/foo", 0, 4096, 0x43))],
+    [("cpu", 0, ("write", "/A/foo", 100, 5000, 0x44)), ("cpu", 1, ("write", "/A/foo", 2000, 9000, 0x45)),
+     ("cpu", 0, ("truncate", "/A/foo", 3000)), ("cpu", 1, ("write", "/A/foo", 0, 10, 0x46))],
+    [("cpu", 1, ("write", "/A/foo", 8192, 4096, 0x47)), ("cpu", 1, ("truncate", "/A/foo", 100)),
+     ("cpu", 0, ("write", "/A/foo", 20000, 50, 0x48)), ("cpu", 1, ("setxattr", "/A/foo", b"user.k", b"v3"))],
+    [("cpu", 1, ("write", "/bar", 0, 12288, 0x49)), ("cpu", 0, ("unlink", "/bar")),
+     ("cpu", 1, ("write", "/B/barlink", 4096, 100, 0x4A)), ("cpu", 0, ("write", "/B/barlink", 0, 10, 0x4B))],
+]
+
+
 def cases_for(workload: str, seed: int) -> list[tuple[list[Step], list[Step]]]:
     if workload == "seq1":
         return seq1_cases()
+    if workload == "dual":
+        return [(SETUP, ops) for ops in DUAL_CASES]
     if workload == "seq2":
         return seq2_cases()
     if workload == "random":
         return random_cases(seed)
-    raise ValueError(f"unknown workload {workload!r} (seq1, seq2, random)")
+    raise ValueError(f"unknown workload {workload!r} (seq1, seq2, random, dual)")
 
 
 # ------------------------------------------------------------- crash states
@@ -601,10 +623,11 @@ def run_steps(setup: list[Step], ops: list[Step], k: int, *, ident: str = "custo
               tick: Callable[[int], None] | None = None) -> CaseResult:
     """Apply ``setup`` normally, then ``ops`` with every crash state checked."""
     res = CaseResult(case_no)
+    ncpus = 2 if any(s[0] == "cpu" for s in ops) else 1
     with tempfile.TemporaryDirectory(dir=tmpdir or _shm()) as tmp:
         img = os.path.join(tmp, "dev.img")
         crash = os.path.join(tmp, "crash.img")
-        format_device(img, IMAGE_SIZE, numa_nodes=1, cpus_per_node=1, inodes_per_cpu=64)
+        format_device(img, IMAGE_SIZE, numa_nodes=1, cpus_per_node=ncpus, inodes_per_cpu=64)
         model = Model()
         fs = FileSystem.mount(img)
         drv = Driver(fs)
@@ -614,7 +637,7 @@ def run_steps(setup: list[Step], ops: list[Step], k: int, *, ident: str = "custo
         fs.unmount()
         pm = TrackedPMem(img)
         fs = FileSystem.mount(img, device=pm)
-        drv = Driver(fs)
+        drivers = {0: Driver(fs)}
         point = 0
         rng_base = f"{ident}:{case_no}"
         cache: dict[bytes, str | None] = {}
@@ -656,7 +679,10 @@ def run_steps(setup: list[Step], ops: list[Step], k: int, *, ident: str = "custo
                         tick(1)
 
             pm.on_fence = at_crash_point
-            drv.apply(op)
+            cpu, step = (op[1], op[2]) if op[0] == "cpu" else (0, op)
+            if cpu not in drivers:
+                drivers[cpu] = Driver(FileSystem.attach(fs, cpu))
+            drivers[cpu].apply(step)
             at_crash_point(pm)                 # the end of the operation is a crash point too
             pm.on_fence = None
             model = after_model
@@ -717,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="pnova-crashtest",
         description="Check that every crash state at every fence recovers atomically.")
-    ap.add_argument("--workload", default="seq1", choices=["seq1", "seq2", "random"])
+    ap.add_argument("--workload", default="seq1", choices=["seq1", "seq2", "random", "dual"])
     ap.add_argument("--max-k", type=int, default=2,
                     help="persist every subset of up to K in-flight stores (default 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of samples and random workloads")

@@ -10,6 +10,7 @@ a mount rebuilds from the device.
 from __future__ import annotations
 
 import errno
+import functools
 import heapq
 import logging
 import stat
@@ -25,11 +26,19 @@ from .errors import CorruptImage, FsError
 from .inode import Inode
 from .journal import Journal, JournalError
 from .pmem import DeviceError, PMem
-from .shared import H_SEQ, SharedArea
+from .locks import make_scheme
+from .ring import Ring, refill
+from .shared import H_NS_LOCK, H_SEQ, HELD_MAX, SharedArea
 
 logger = logging.getLogger("pnova")
 
 _XATTR_NS_OK = (b"user.",)
+# How often an optimistic read of an inode's logs is repeated before giving up.
+_RETRIES = 100
+# Largest piece of a read done under one range lock.  A segment scheme takes
+# one read lock per segment, and a CPU can record only HELD_MAX of them at once
+# in the shared area, so there a piece spans at most HELD_MAX - 2 segments.
+READ_CHUNK = 1 << 20
 
 
 @dataclass(slots=True)
@@ -75,6 +84,10 @@ def read_superblock(pm: PMem) -> tuple[L.Superblock, str]:
         return sb, "primary"
     except ValueError as e1:
         why1 = str(e1)
+        if why1.startswith("unsupported format version"):
+            raise CorruptImage(f"{pm.path}: {why1}; this pnova reads version "
+                               f"{L.FORMAT_VERSION} only (copy the data out with the pnova "
+                               "that made it, then mkfs.pnova)") from None
     last = (pm.size // L.BLOCK - 1) * L.BLOCK
     try:
         sb = L.Superblock.unpack(pm.read(last, L.SB_SIZE))
@@ -125,11 +138,41 @@ def read_regions(pm: PMem, sb: L.Superblock) -> list[L.Region]:
     return out
 
 
+def _namespace(fn):
+    """Directory operations: serialised by the namespace lock when processes share
+    the device; the log compaction they asked for runs before the lock goes."""
+    @functools.wraps(fn)
+    def op(self: "FileSystem", *args, **kwargs):
+        shared = self.shared and not self._ns_held
+        if shared:
+            self.scheme.sem.wlock(H_NS_LOCK)
+            self._ns_held = True
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            try:
+                if self._compact_wanted:
+                    self._compact_pending()
+            finally:
+                if shared:
+                    self._ns_held = False
+                    self.scheme.sem.wunlock(H_NS_LOCK)
+    return op
+
+
 class FileSystem:
-    """A mounted pnova filesystem (one process, acting as one CPU)."""
+    """A mounted pnova filesystem: one process, acting as one CPU.
+
+    Several processes can work on one device at once: the primary calls
+    :meth:`prepare_workers`, forks, and each child calls :meth:`become_worker`
+    with its CPU.  They then share the allocator, sequence counter, locks and
+    log-page rings (the shared area) and validate their inode caches against
+    the device before every use.
+    """
 
     def __init__(self, pm: PMem, sb: L.Superblock, regions: list[L.Region], *, cpu: int = 0,
-                 readonly: bool = False, area: SharedArea | None = None) -> None:
+                 readonly: bool = False, area: SharedArea | None = None,
+                 lock: str = "pnova", segment_pages: int = 16) -> None:
         self.pm = pm
         self.sb = sb
         self.regions = regions
@@ -145,9 +188,21 @@ class FileSystem:
         self.alloc = Allocator(area, regions, sb.cpus_per_node,
                                reserve=max(8, min(1024, total // 512)))
         self.journals = [Journal(pm, r.journal_block) for r in regions]
+        self.lock_name = lock
+        self.segment_pages = segment_pages
+        self.scheme = make_scheme(lock, area, self.cpu, segment_pages)
+        self.read_chunk = READ_CHUNK if lock in ("inode", "rangetree") else \
+            min(READ_CHUNK, (HELD_MAX - 2) * segment_pages * L.BLOCK)
+        self.local_logs = lock == "pnova"        # per-core logs for file writes
+        self.rings: list[Ring] = [Ring(area, c) for c in range(self.ncpus)]
+        # True once several processes use the device: caches are then
+        # validated against the device before every use.
+        self.shared = False
         self.free_inodes: list[list[int]] = [[] for _ in regions]
         self.nfree_inodes = 0
         self.cache: dict[int, Inode] = {}
+        self._compact_wanted: set[int] = set()
+        self._ns_held = False                    # this process holds the namespace lock
         self.max_log_pages = total
         self.mount_path = ""
         self.mount_seconds = 0.0
@@ -155,13 +210,18 @@ class FileSystem:
     # ------------------------------------------------------------------ mount
     @classmethod
     def mount(cls, path: str, *, cpu: int = 0, readonly: bool = False,
-              device: PMem | None = None) -> "FileSystem":
+              device: PMem | None = None, lock: str = "pnova",
+              segment_pages: int = 16) -> "FileSystem":
         """Open an image: clean images load saved state, others are recovered.
 
         ``device`` is an already opened pmem device for ``path`` (the tracked
         mode of crash injection); by default the image is opened in fast mode.
-        Raises CorruptImage (one line) when the image cannot be used.
+        ``lock`` chooses the lock scheme for file data (inode, rangetree,
+        segment, pnova) and ``segment_pages`` the segment size of the segment
+        schemes.  Raises CorruptImage (one line) when the image cannot be
+        used, ValueError for a bad lock option.
         """
+        make_scheme(lock, None, 0, segment_pages)        # reject bad options early
         t0 = time.monotonic()
         if device is not None:
             pm = device
@@ -175,7 +235,8 @@ class FileSystem:
             if which == "replica":
                 logger.warning("%s: primary superblock is damaged; using the replica", path)
             regions = read_regions(pm, sb)
-            fs = cls(pm, sb, regions, cpu=cpu, readonly=readonly)
+            fs = cls(pm, sb, regions, cpu=cpu, readonly=readonly, lock=lock,
+                     segment_pages=segment_pages)
             if sb.clean:
                 fs._load_clean()
                 fs.mount_path = "clean"
@@ -260,11 +321,8 @@ class FileSystem:
                 raise CorruptImage(f"{self.pm.path}: inode {ino}: {e}; run fsck.pnova") from None
             maxseq = max(maxseq, seq + 1)
             self.cache[ino] = inode
-            for b in inode.log_pages:
+            for b in self._blocks_of(inode):
                 self._mark(used, b, ino)
-            if inode.pages:
-                for b in inode.pages.values():
-                    self._mark(used, b, ino)
             if inode.nlink == 0:
                 orphans.append(inode)
         for ra, u in zip(self.alloc.regions, used):
@@ -293,7 +351,8 @@ class FileSystem:
         for r in self.regions:
             lo = r.itable_start * L.BLOCK
             if lo <= addr < lo + self.sb.inodes_per_cpu * L.INODE_SIZE:
-                return (addr - lo) % L.INODE_SIZE in (L.I_STATE, L.I_LOG_HEAD, L.I_LOG_TAIL)
+                return (addr - lo) % L.INODE_SIZE in (L.I_STATE, L.I_LOG_HEAD, L.I_LOG_TAIL,
+                                                      L.I_LOG_ARRAY)
         return False
 
     def unmount(self) -> None:
@@ -301,6 +360,12 @@ class FileSystem:
         if self.pm is None:
             return
         if not self.readonly:
+            if self.shared:
+                for inode in list(self.cache.values()):
+                    self._validate(inode)
+            for ring in self.rings:                  # pages handed out but never used
+                while (blk := ring.pop()):
+                    self.alloc.free(blk, 1)
             for inode in [i for i in self.cache.values() if i.nlink == 0]:
                 self._evict(inode)
             pm = self.pm
@@ -318,9 +383,44 @@ class FileSystem:
             pm.sync()
         self.pm.close()
         self.pm = None  # type: ignore[assignment]
+        self.scheme.close()
         if self._own_area:
             self.area.close()
         logger.info("unmounted cleanly")
+
+    # ---------------------------------------------------------- many processes
+    def prepare_workers(self) -> None:
+        """Switch to shared mode; call in the primary before forking workers."""
+        self.shared = True
+        self.scheme.sem.take_over()              # registers this process as its CPU
+        self.refill_rings()
+
+    @classmethod
+    def attach(cls, primary: "FileSystem", cpu: int) -> "FileSystem":
+        """Another CPU on the same device in this process (tests, crash injection).
+
+        It shares the primary's device and shared area but has its own caches,
+        exactly like a worker process; both are switched to shared mode.
+        """
+        if not primary.shared:
+            primary.prepare_workers()
+        fs = cls(primary.pm, primary.sb, primary.regions, cpu=cpu, area=primary.area,
+                 lock=primary.lock_name, segment_pages=primary.segment_pages)
+        fs.shared = True
+        fs.scheme.sem.take_over()
+        fs.free_inodes = [list(h) for h in primary.free_inodes]
+        fs.nfree_inodes = primary.nfree_inodes
+        return fs
+
+    def become_worker(self, cpu: int) -> None:
+        """In a forked child: act as ``cpu`` (its allocator region, journal, rings)."""
+        if not self.shared:
+            raise RuntimeError("prepare_workers() must be called before forking")
+        self.cpu = cpu % self.ncpus
+        self.scheme.close()
+        self.scheme = make_scheme(self.lock_name, self.area, self.cpu, self.segment_pages)
+        self.scheme.sem.take_over()
+        self._compact_wanted = set()
 
     # --------------------------------------------------------------- helpers
     def ino_of(self, cpu: int, idx: int) -> int:
@@ -334,39 +434,218 @@ class FileSystem:
     def _valid_ino(self, ino: int) -> bool:
         return 1 <= ino and (ino - 1) // self.ncpus < self.sb.inodes_per_cpu
 
+    def _check_entry(self, e: tuple) -> None:
+        """A CRC only proves an entry is what was written: check its ranges too."""
+        if e[0] == L.E_WRITE:
+            total = self.sb.total_blocks
+            if not (1 <= e[3] <= total and 2 <= e[4] and e[4] + e[3] <= total
+                    and e[2] + e[3] <= L.MAX_FILE_SIZE // L.BLOCK and e[5] <= L.MAX_FILE_SIZE):
+                raise ValueError(f"write entry (seq {e[1]}) maps {e[3]} page(s) at block "
+                                 f"{e[4]}, outside the device")
+        elif e[0] == L.E_SETATTR and e[2] & L.SA_SIZE and e[6] > L.MAX_FILE_SIZE:
+            raise ValueError(f"setattr entry (seq {e[1]}) sets an impossible size")
+
+    def _entries(self, head: int, tail: int, ino: int, pages: list[int],
+                 start: int = 0) -> list[tuple]:
+        out = []
+        for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, pages, start):
+            e = L.decode_entry(raw)
+            self._check_entry(e)
+            out.append(e)
+        return out
+
+    def _local_lines(self, array: int) -> list[tuple[int, int, int]]:
+        """(cpu, head, tail) of every live local log in a per-core log array."""
+        if not (self.regions[0].data_start <= array < self.sb.total_blocks - 1):
+            raise ValueError(f"per-core log array at block {array} is outside the device")
+        base = array * L.BLOCK
+        out = []
+        for cpu in range(self.ncpus):
+            head = self.pm.read_u64(base + cpu * L.LA_LINE + L.LA_HEAD)
+            tail = self.pm.read_u64(base + cpu * L.LA_LINE + L.LA_TAIL)
+            if head and tail:            # a head without a tail: a log never committed
+                out.append((cpu, head, tail))
+        return out
+
     def _read_inode(self, ino: int) -> tuple[Inode, int]:
-        """Build an Inode from its slot and log; return it and its highest seq."""
+        """Build an Inode from its slot and logs; return it and its highest seq.
+
+        A file's entries may sit in its global log and in per-core local logs:
+        they are merged by sequence number.  A directory has one log, replayed
+        in order.  With several processes the read is optimistic (see
+        :meth:`_validate`): it is repeated if a compaction moved the head or
+        the array meanwhile.
+        """
+        if not self.shared:
+            return self._read_inode_once(ino)
+        addr = self.inode_addr(ino)
+        err: Exception | None = None
+        for _ in range(_RETRIES):
+            head = self.pm.read_u64(addr + L.I_LOG_HEAD)
+            array = self.pm.read_u64(addr + L.I_LOG_ARRAY)
+            try:
+                got = self._read_inode_once(ino)
+            except (plog.LogError, ValueError) as e:
+                got, err = None, e
+            if self.pm.read_u64(addr + L.I_LOG_HEAD) == head and \
+                    self.pm.read_u64(addr + L.I_LOG_ARRAY) == array:
+                if got is None:
+                    raise err
+                return got
+        raise err or plog.LogError("the log kept changing while it was read")
+
+    def _read_inode_once(self, ino: int) -> tuple[Inode, int]:
         addr = self.inode_addr(ino)
         pm = self.pm
         st = L.InodeStatic.unpack(pm.read(addr, 64))
         head = pm.read_u64(addr + L.I_LOG_HEAD)
-        tail = pm.read_u64(addr + L.I_LOG_TAIL)
-        inode = Inode(ino, st, head, tail)
+        array = pm.read_u64(addr + L.I_LOG_ARRAY)
+        inode = Inode(ino, st, head, 0)
+        if array:
+            if inode.is_dir:
+                raise ValueError("a directory has per-core logs")
+            self._local_lines(array)             # checks where the array lies
+        entries, inode.tail, inode.log_pages, inode.local = self._gather(ino, head, array, 0, {})
+        inode.array = array
+        if array:
+            entries.sort(key=lambda e: e[1])
         maxseq = st.create_seq
-        pages: list[int] = []
-        total = self.sb.total_blocks
-        for raw in plog.walk(pm, head, tail, ino, self.max_log_pages, pages):
-            e = L.decode_entry(raw)
-            # A CRC only proves the entry is what was written: check that its
-            # ranges make sense before replay acts on them.
-            if e[0] == L.E_WRITE:
-                if not (1 <= e[3] <= total and 2 <= e[4] and e[4] + e[3] <= total
-                        and e[2] + e[3] <= L.MAX_FILE_SIZE // L.BLOCK and e[5] <= L.MAX_FILE_SIZE):
-                    raise ValueError(f"write entry (seq {e[1]}) maps {e[3]} page(s) at block "
-                                     f"{e[4]}, outside the device")
-            elif e[0] == L.E_SETATTR and e[2] & L.SA_SIZE and e[6] > L.MAX_FILE_SIZE:
-                raise ValueError(f"setattr entry (seq {e[1]}) sets an impossible size")
+        for e in entries:
             if e[1] > maxseq:
                 maxseq = e[1]
             inode.apply(e)
-        inode.log_pages = pages
         return inode, maxseq
 
+    def _gather(self, ino: int, head: int, array: int, gtail: int,
+                known: dict[int, list]) -> tuple[list[tuple], int, list[int], dict[int, list]]:
+        """Collect every entry committed past the given positions of an inode's logs.
+
+        ``gtail`` is how far the global log was read (0: not at all), ``known``
+        maps a CPU to [head, tail, pages] of its local log as far as read.
+        Tails are read one after the other, so a pass can see a later write in
+        one log without an earlier conflicting write in a log it read before;
+        the passes repeat until one finds no tail moved, which closes that gap
+        (the earlier write committed before the later one could take its lock).
+        Returns (entries, global tail, new global pages, local positions, with
+        each log's page list holding only pages not in ``known``).
+        """
+        pm = self.pm
+        addr = self.inode_addr(ino)
+        local = {c: [h, t, []] for c, (h, t, _) in known.items()}
+        gpages: list[int] = []
+        out: list[tuple] = []
+        base = array * L.BLOCK
+        while True:
+            moved = False
+            tail = pm.read_u64(addr + L.I_LOG_TAIL)
+            if tail != gtail:
+                out += self._entries(head, tail, ino, gpages, gtail)
+                gtail = tail
+                moved = True
+            if array:
+                for cpu in range(self.ncpus):
+                    line = base + cpu * L.LA_LINE
+                    ltail = pm.read_u64(line + L.LA_TAIL)
+                    have = local.get(cpu)
+                    if ltail == (have[1] if have else 0):
+                        continue
+                    lhead = pm.read_u64(line + L.LA_HEAD)
+                    if not (lhead and ltail):
+                        continue                 # a local log never committed
+                    if have is None or have[0] != lhead:
+                        have = local[cpu] = [lhead, 0, []]
+                    got = self._entries(lhead, ltail, ino, have[2], have[1])
+                    if any(e[0] != L.E_WRITE for e in got):
+                        raise ValueError(f"the local log of CPU {cpu} holds an entry "
+                                         "other than a file write")
+                    out += got
+                    have[1] = ltail
+                    moved = True
+            if not moved:
+                return out, gtail, gpages, local
+
+    def _blocks_of(self, inode: Inode) -> list[int]:
+        """Every block an inode owns: log pages, local logs, log array, data pages."""
+        blocks = list(inode.log_pages)
+        for _, _, lpages in inode.local.values():
+            blocks.extend(lpages)
+        if inode.array:
+            blocks.append(inode.array)
+        if inode.pages:
+            blocks.extend(inode.pages.values())
+        return blocks
+
+    def _validate(self, inode: Inode) -> Inode | None:
+        """Bring a cached inode up to date with the device (other processes write it).
+
+        Returns the inode (caught up, or reloaded), or None if it is gone.
+        Entries appended since the cache last looked are replayed in sequence
+        order; a new log head or array (compaction) means a reload.
+
+        No lock is taken: the read is optimistic.  Compaction changes head,
+        tail and array through the journal, one word at a time, so a reader
+        can see a mix; it re-reads head and array after walking and starts
+        again if either moved (every compaction moves the head).
+        """
+        pm = self.pm
+        addr = self.inode_addr(inode.ino)
+        for _ in range(_RETRIES):
+            if pm.read_u64(addr + L.I_STATE) != L.STATE_LIVE or \
+                    pm.read_u64(addr + L.I_GENERATION) != inode.generation:
+                self.cache.pop(inode.ino, None)
+                return None
+            head = pm.read_u64(addr + L.I_LOG_HEAD)
+            array = pm.read_u64(addr + L.I_LOG_ARRAY)
+            if head != inode.head or array != inode.array:
+                return self._reload(inode)
+            try:
+                new, tail, gpages, local = self._gather(inode.ino, head, array, inode.tail,
+                                                        inode.local)
+                torn = False
+            except (plog.LogError, ValueError):
+                torn = True
+            if pm.read_u64(addr + L.I_LOG_HEAD) != head or \
+                    pm.read_u64(addr + L.I_LOG_ARRAY) != array:
+                continue                    # compacted meanwhile: look again
+            if torn:
+                return self._reload(inode)
+            inode.tail = tail
+            inode.log_pages.extend(gpages)
+            for cpu, (lhead, ltail, lpages) in local.items():
+                have = inode.local.get(cpu)
+                if have is not None and have[0] == lhead:
+                    have[1] = ltail
+                    have[2].extend(lpages)
+                else:
+                    inode.local[cpu] = [lhead, ltail, lpages]
+            if new:
+                if array:
+                    new.sort(key=lambda e: e[1])
+                for e in new:
+                    inode.apply(e)
+            return inode
+        return self._reload(inode)
+
+    def _reload(self, old: Inode) -> Inode:
+        try:
+            inode, _ = self._read_inode(old.ino)
+        except (plog.LogError, ValueError) as e:
+            logger.error("inode %d is damaged: %s (run fsck.pnova)", old.ino, e)
+            raise FsError(errno.EIO) from None
+        inode.lookups = old.lookups
+        self.cache[old.ino] = inode
+        return inode
+
     def get(self, ino: int) -> Inode:
-        """The cached inode, loaded from the device on first use."""
+        """The cached inode, loaded from the device on first use (validated first
+        when several processes share the device)."""
         inode = self.cache.get(ino)
         if inode is not None:
-            return inode
+            if not self.shared:
+                return inode
+            inode = self._validate(inode)
+            if inode is not None:
+                return inode
         if not self._valid_ino(ino) or self.pm.read_u64(self.inode_addr(ino) + L.I_STATE) != L.STATE_LIVE:
             raise FsError(errno.ENOENT)
         try:
@@ -413,46 +692,170 @@ class FileSystem:
     # ------------------------------------------------------------ transactions
     def _commit(self, changes: list[tuple[Inode, list[tuple]]],
                 extra: list[tuple[int, int]] = (), extra_pages: list[int] = ()) -> list[int]:
-        """Append entries to each inode's log and make them all visible atomically.
+        """Append entries to each inode's global log and make them visible atomically.
 
         ``extra`` are further 8-byte words (inode state) set in the same
         transaction.  ``extra_pages`` are blocks already allocated for this
-        operation, freed if it fails.  Returns the data blocks the entries
-        made unreferenced; the caller frees them (they are no longer needed
-        once this returns: the commit is durable).
+        operation, freed if it fails.  Each inode's log lock is held from the
+        append to the commit, and sequence numbers are taken under it, so a
+        log's order is its sequence order.  Returns the data blocks the
+        entries made unreferenced; the caller frees them (the commit is
+        durable when this returns).
         """
         pm = self.pm
+        sch = self.scheme
+        locked = sorted({inode.ino for inode, _ in changes})
+        for ino in locked:
+            sch.log_lock(ino)
         appended: list[tuple[Inode, int, list[int], list[tuple]]] = []
         try:
-            for inode, entries in changes:
-                raws = [L.encode_entry(e) for e in entries]
-                new_tail, pages = plog.append(pm, inode.tail, raws, inode.ino,
-                                              self._new_log_page)
-                appended.append((inode, new_tail, pages, entries))
-        except FsError as exc:
-            for p in getattr(exc, "pages", []):
-                self.alloc.free(p, 1)
-            for _, _, pages, _ in appended:
-                for p in pages:
+            try:
+                for inode, entries in changes:
+                    if self.shared:
+                        # Catch up with appends by other processes (a reload
+                        # gives a new object: the entries go to that one).
+                        inode = self._validate(inode)
+                        if inode is None:
+                            raise FsError(errno.ENOENT)
+                    entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
+                    raws = [L.encode_entry(e) for e in entries]
+                    new_tail, pages = plog.append(pm, inode.tail, raws, inode.ino,
+                                                  self._new_log_page)
+                    appended.append((inode, new_tail, pages, entries))
+            except FsError as exc:
+                for p in getattr(exc, "pages", []):
                     self.alloc.free(p, 1)
-            for p in extra_pages:
-                self.alloc.free(p, 1)
-            raise
-        if len(appended) == 1 and not extra:
-            inode, new_tail, _, _ = appended[0]
-            plog.commit_tail(pm, self.inode_addr(inode.ino) + L.I_LOG_TAIL, new_tail)
-        else:
-            updates = [(self.inode_addr(i.ino) + L.I_LOG_TAIL, t) for i, t, _, _ in appended]
-            self.journals[self.cpu].run(updates + list(extra))
-        freed: list[int] = []
-        for inode, new_tail, pages, entries in appended:
-            inode.tail = new_tail
-            for e in entries:
-                freed.extend(inode.apply(e))
-            if pages:
-                inode.log_pages.extend(pages)
-                self._maybe_compact(inode)
+                for _, _, pages, _ in appended:
+                    for p in pages:
+                        self.alloc.free(p, 1)
+                for p in extra_pages:
+                    self.alloc.free(p, 1)
+                raise
+            if len(appended) == 1 and not extra:
+                inode, new_tail, _, _ = appended[0]
+                plog.commit_tail(pm, self.inode_addr(inode.ino) + L.I_LOG_TAIL, new_tail)
+            else:
+                updates = [(self.inode_addr(i.ino) + L.I_LOG_TAIL, t) for i, t, _, _ in appended]
+                self.journals[self.cpu].run(updates + list(extra))
+            freed: list[int] = []
+            for inode, new_tail, pages, entries in appended:
+                inode.tail = new_tail
+                for e in entries:
+                    freed.extend(inode.apply(e))
+                if pages:
+                    inode.log_pages.extend(pages)
+                    self._want_compaction(inode)
+        finally:
+            for ino in reversed(locked):
+                sch.log_unlock(ino)
         return freed
+
+    def _commit_local(self, inode: Inode, entries: list[tuple]) -> list[int]:
+        """Append file-write entries to this CPU's local log and commit them.
+
+        Only this CPU ever appends to its local log, so no lock is taken: the
+        commit is the one 8-byte store of the local tail, as for a global log.
+        """
+        pm = self.pm
+        cpu = self.cpu
+        if not inode.array:
+            inode = self._ensure_array(inode)
+        entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
+        raws = [L.encode_entry(e) for e in entries]
+        line = inode.array * L.BLOCK + cpu * L.LA_LINE
+        have = inode.local.get(cpu)
+        if have is None:
+            page = self._local_page()
+            try:
+                plog.init_page(pm, page, inode.ino)
+                tail, more = plog.append(pm, page * L.BLOCK, raws, inode.ino, self._local_page)
+            except FsError as exc:
+                for p in [page] + getattr(exc, "pages", []):
+                    self.alloc.free(p, 1)
+                raise
+            pm.fence()                                 # entries durable before the log exists
+            pm.store_u64(line + L.LA_HEAD, page * L.BLOCK)
+            pm.flush(line + L.LA_HEAD, 8)
+            pm.fence()                                 # head before tail: tail 0 = no log yet
+            pm.store_u64(line + L.LA_TAIL, tail)
+            pm.flush(line + L.LA_TAIL, 8)
+            pm.fence()                                 # committed
+            have = inode.local[cpu] = [page * L.BLOCK, tail, [page] + more]
+        else:
+            try:
+                tail, more = plog.append(pm, have[1], raws, inode.ino, self._local_page)
+            except FsError as exc:
+                for p in getattr(exc, "pages", []):
+                    self.alloc.free(p, 1)
+                raise
+            plog.commit_tail(pm, line + L.LA_TAIL, tail)
+            have[1] = tail
+            if more:
+                have[2].extend(more)
+                self._want_compaction(inode)
+        freed: list[int] = []
+        for e in entries:
+            freed.extend(inode.apply(e))
+        return freed
+
+    def _ensure_array(self, inode: Inode) -> Inode:
+        """Give a file its per-core log array (an empty block, then one 8-byte store).
+
+        Returns the current cache object of the inode (another process may
+        have made the array first, which reloads it).
+        """
+        sch = self.scheme
+        sch.log_lock(inode.ino)
+        try:
+            if self.shared:
+                inode = self._validate(inode)
+                if inode is None:
+                    raise FsError(errno.ENOENT)
+            if inode.array:
+                return inode
+            pm = self.pm
+            blk = self.alloc.alloc_one(self.cpu, meta=True)
+            pm.store_zero(blk * L.BLOCK, L.BLOCK)
+            pm.flush(blk * L.BLOCK, L.BLOCK)
+            pm.fence()                                 # zeroed lines before the pointer
+            addr = self.inode_addr(inode.ino) + L.I_LOG_ARRAY
+            pm.store_u64(addr, blk)
+            pm.flush(addr, 8)
+            pm.fence()
+            inode.array = blk
+            return inode
+        finally:
+            sch.log_unlock(inode.ino)
+
+    def _local_page(self) -> int:
+        """A log page for this CPU's local logs: from its ring, else allocated now."""
+        v = self.rings[self.cpu].pop() if self.shared else None
+        return v if v else self.alloc.alloc_one(self.cpu, meta=True)
+
+    def refill_rings(self, low: int = 32) -> int:
+        """The designated refiller: top up every CPU's ring of free log pages.
+
+        Pages come from each CPU's own region (local write first); the pages
+        in the rings are allocated but owned by no log, so a crash frees them.
+        """
+        if not self.local_logs:
+            return 0
+        supply_cpu = [0]
+
+        def supply(n: int) -> list[int]:
+            out: list[int] = []
+            try:
+                for s, c in self.alloc.alloc(supply_cpu[0], n, meta=False):
+                    out.extend(range(s, s + c))
+            except FsError:
+                pass
+            return out
+
+        pushed = 0
+        for cpu, ring in enumerate(self.rings):
+            supply_cpu[0] = cpu
+            pushed += refill([ring], supply, low)
+        return pushed
 
     def _free_blocks(self, blocks: list[int]) -> None:
         if not blocks:
@@ -467,17 +870,61 @@ class FileSystem:
         self.alloc.free(start, prev - start + 1)
 
     # --------------------------------------------------------- log compaction
-    def _maybe_compact(self, inode: Inode) -> None:
-        n = len(inode.log_pages)
+    def _log_pages(self, inode: Inode) -> int:
+        return len(inode.log_pages) + sum(len(v[2]) for v in inode.local.values())
+
+    def _want_compaction(self, inode: Inode) -> None:
+        """Note an inode whose logs have grown well past its live state."""
+        n = self._log_pages(inode)
         if n >= 4 and n > 2 * (inode.live_log_estimate() // L.LOG_DATA + 1) + 1:
+            self._compact_wanted.add(inode.ino)
+
+    def _compact_pending(self) -> None:
+        """Compact what the last operation asked for (no locks are held here)."""
+        while self._compact_wanted:
+            ino = self._compact_wanted.pop()
             try:
-                self.compact(inode.ino)
+                self.compact(ino)
             except FsError:
-                pass    # no room for a new chain: keep the long one
+                pass                    # no room for a new chain: keep the long one
 
     def compact(self, ino: int) -> None:
-        """Thorough log GC: rewrite the live state as a new chain, swap head and tail."""
+        """Thorough log GC: rewrite the live state as one new chain.
+
+        The new chain replaces the global log and every per-core local log in
+        one journal transaction (head, tail and the log-array word); the old
+        pages are freed after it.  A file is compacted under its size lock and
+        a write lock over its whole range, so no writer is in the middle of an
+        append; a directory under its log lock (and, with several processes,
+        the namespace lock its callers hold).
+        """
+        sch = self.scheme
         inode = self.get(ino)
+        if inode.is_dir and self.shared and not self._ns_held:
+            # a directory changes only under the namespace lock
+            return _namespace(FileSystem.compact)(self, ino)
+        tok = None
+        if not inode.is_dir:
+            sch.size_lock(ino)
+        try:
+            if not inode.is_dir:
+                inode = self.get(ino)
+                last = max(inode.size // L.BLOCK, max(inode.pages, default=0))
+                tok = sch.lock(ino, 0, last, True)
+            sch.log_lock(ino)
+            try:
+                inode = self.get(ino)
+                self._compact_locked(inode)
+            finally:
+                sch.log_unlock(ino)
+        finally:
+            if tok is not None:
+                sch.unlock(tok)
+            if not inode.is_dir:
+                sch.size_unlock(ino)
+
+    def _compact_locked(self, inode: Inode) -> None:
+        ino = inode.ino
         entries: list[tuple] = []
         if inode.is_dir:
             entries.append((L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, inode.parent,
@@ -517,21 +964,32 @@ class FileSystem:
                 self.alloc.free(p, 1)
             raise
         addr = self.inode_addr(ino)
-        self.journals[self.cpu].run([(addr + L.I_LOG_HEAD, first * L.BLOCK),
-                                     (addr + L.I_LOG_TAIL, tail)])
-        old = inode.log_pages
+        updates = [(addr + L.I_LOG_HEAD, first * L.BLOCK), (addr + L.I_LOG_TAIL, tail)]
+        if inode.array:
+            updates.append((addr + L.I_LOG_ARRAY, 0))
+        self.journals[self.cpu].run(updates)
+        old = list(inode.log_pages)
+        for _, _, lpages in inode.local.values():
+            old.extend(lpages)
+        if inode.array:
+            old.append(inode.array)
         inode.head, inode.tail, inode.log_pages = first * L.BLOCK, tail, [first] + pages
-        for p in old:
-            self.alloc.free(p, 1)
+        inode.array = 0
+        inode.local = {}
+        self._free_blocks(old)
 
     # ---------------------------------------------------------- inode life
     def _alloc_ino(self) -> int:
         order = [self.cpu] + [c for c in range(self.ncpus) if c != self.cpu]
         for c in order:
             heap = self.free_inodes[c]
-            if heap:
+            while heap:
                 self.nfree_inodes -= 1
-                return self.ino_of(c, heapq.heappop(heap))
+                ino = self.ino_of(c, heapq.heappop(heap))
+                # Another process may have taken this slot (its heap is a copy).
+                if not self.shared or \
+                        self.pm.read_u64(self.inode_addr(ino) + L.I_STATE) == L.STATE_FREE:
+                    return ino
         raise FsError(errno.ENOSPC)
 
     def _release_ino(self, ino: int) -> None:
@@ -544,14 +1002,13 @@ class FileSystem:
         addr = self.inode_addr(inode.ino)
         self.pm.store_u64(addr + L.I_STATE, L.STATE_FREE)
         self.pm.persist(addr + L.I_STATE, 8)             # after this the inode is gone
-        blocks = list(inode.log_pages)
-        if inode.pages:
-            blocks.extend(inode.pages.values())
-        self._free_blocks(blocks)
+        self._free_blocks(self._blocks_of(inode))
         self.cache.pop(inode.ino, None)
         self._release_ino(inode.ino)
 
     def _maybe_evict(self, inode: Inode) -> None:
+        # _commit may have replaced the cache object (a reload): use the current one
+        inode = self.cache.get(inode.ino, inode)
         if inode.nlink == 0 and inode.lookups == 0:
             self._evict(inode)
 
@@ -601,6 +1058,7 @@ class FileSystem:
             inode.apply(e)
         return inode, addr, allocated
 
+    @_namespace
     def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
                 target: bytes | None = None) -> Attr:
         self._rw()
@@ -679,6 +1137,7 @@ class FileSystem:
             raise FsError(errno.EINVAL)
         return self._read(inode, 0, inode.size)
 
+    @_namespace
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         self._rw()
         self._check_name(new_name)
@@ -696,8 +1155,9 @@ class FileSystem:
                   stat.S_IFMT(target.mode) >> 12, now)]),
             (target, [(L.E_LINK, self._next_seq(), target.nlink + 1, now)]),
         ])
-        return self.attr(target)
+        return self.attr(self.cache.get(ino, target))
 
+    @_namespace
     def unlink(self, parent: int, name: bytes) -> None:
         self._rw()
         d = self._dir(parent)
@@ -714,6 +1174,7 @@ class FileSystem:
         ])
         self._maybe_evict(victim)
 
+    @_namespace
     def rmdir(self, parent: int, name: bytes) -> None:
         self._rw()
         if name == b".":
@@ -748,6 +1209,7 @@ class FileSystem:
             ino = self.get(ino).parent
             seen += 1
 
+    @_namespace
     def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0) -> None:
         """rename(2) / renameat2 with RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2)."""
         self._rw()
@@ -887,15 +1349,37 @@ class FileSystem:
         return bytes(out)
 
     def read(self, ino: int, off: int, size: int) -> bytes:
+        """Read under a read lock of the range (in chunks of at most READ_CHUNK bytes)."""
         inode = self.get(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
         if off < 0:
             raise FsError(errno.EINVAL)
-        return self._read(inode, off, size)
+        end = min(off + size, inode.size)
+        if off >= end:
+            return b""
+        sch = self.scheme
+        parts = []
+        while off < end:
+            n = min(end - off, self.read_chunk)
+            tok = sch.lock(ino, off // L.BLOCK, (off + n - 1) // L.BLOCK, False)
+            try:
+                if self.shared:
+                    inode = self.get(ino)
+                parts.append(self._read(inode, off, n))
+            finally:
+                sch.unlock(tok)
+            off += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
-        """Copy-on-write: new blocks, one log entry per extent, one atomic commit."""
+        """Copy-on-write: new blocks, one log entry per extent, one atomic commit.
+
+        The written range is locked with the mount's lock scheme; a write that
+        extends the file also takes the size lock (first, so that every path
+        takes size lock, range locks, log lock in that order).  With per-core
+        logs, a CPU other than the file's home CPU appends to its local log.
+        """
         self._rw()
         n = len(data)
         if off < 0:
@@ -907,12 +1391,38 @@ class FileSystem:
         inode = self.get(ino)
         if inode.pages is None:
             raise FsError(errno.EISDIR)
-        pm = self.pm
+        sch = self.scheme
         first, last = off // L.BLOCK, (off + n - 1) // L.BLOCK
+        sized = off + n > inode.size
+        if sized:
+            sch.size_lock(ino)
+        tok = sch.lock(ino, first, last, True)
+        try:
+            if self.shared:
+                inode = self.get(ino)
+                if not sized and off + n > inode.size:
+                    # It became an extending write meanwhile: take the size lock in order.
+                    sch.unlock(tok)
+                    sch.size_lock(ino)
+                    sized = True
+                    tok = sch.lock(ino, first, last, True)
+                    inode = self.get(ino)
+            freed = self._write_locked(inode, off, data, first, last)
+        finally:
+            sch.unlock(tok)
+            if sized:
+                sch.size_unlock(ino)
+        self._free_blocks(freed)
+        if self._compact_wanted:
+            self._compact_pending()
+        return n
+
+    def _write_locked(self, inode: Inode, off: int, data, first: int, last: int) -> list[int]:
+        pm = self.pm
+        n = len(data)
         extents = self.alloc.alloc(self.cpu, last - first + 1)
         pages = inode.pages
         now = time.time_ns()
-        size = max(inode.size, off + n)
         entries = []
         pg = first
         src = memoryview(data)
@@ -936,23 +1446,53 @@ class FileSystem:
                 else:
                     pm.store_zero(dst + b - lo, hi - b)
             pm.flush(dst, count * L.BLOCK)
-            entries.append((L.E_WRITE, self._next_seq(), pg, count, start, size, now))
+            # the size field is the end this write reaches; replay takes the maximum
+            entries.append((L.E_WRITE, 0, pg, count, start, off + n, now))
             pg += count
         try:
-            freed = self._commit([(inode, entries)])
+            if self.local_logs and self.cpu != (inode.ino - 1) % self.ncpus:
+                return self._commit_local(inode, entries)
+            return self._commit([(inode, entries)])
         except FsError:
             for s, c in extents:
                 self.alloc.free(s, c)
             raise
-        self._free_blocks(freed)
-        return n
 
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None, ctime_ns: int | None = None) -> Attr:
-        """chmod / chown / truncate / utimens; ctime always moves."""
+        """chmod / chown / truncate / utimens; ctime always moves.
+
+        A size change holds the size lock and a write lock over the pages
+        between the old and the new end.
+        """
         self._rw()
+        args = (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns)
         inode = self.get(ino)
+        if size is None:
+            return self._setattr_locked(inode, *args)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if not 0 <= size <= L.MAX_FILE_SIZE:
+            raise FsError(errno.EINVAL if size < 0 else errno.EFBIG)
+        sch = self.scheme
+        sch.size_lock(ino)
+        try:
+            inode = self.get(ino)
+            lo, hi = sorted((size, inode.size))
+            tok = sch.lock(ino, lo // L.BLOCK, hi // L.BLOCK, True)
+            try:
+                a = self._setattr_locked(self.get(ino), *args)
+            finally:
+                sch.unlock(tok)
+        finally:
+            sch.size_unlock(ino)
+        if self._compact_wanted:
+            self._compact_pending()
+        return a
+
+    def _setattr_locked(self, inode: Inode, mode, uid, gid, size, atime_ns, mtime_ns,
+                        ctime_ns) -> Attr:
         now = time.time_ns()
         mask = L.SA_CTIME
         entries: list[tuple] = []
@@ -1025,8 +1565,10 @@ class FileSystem:
             raise FsError(errno.EEXIST)
         if flags & 2 and not exists:
             raise FsError(errno.ENODATA)
-        self._commit([(inode, [(L.E_XATTR, self._next_seq(), L.X_SET, name, bytes(value),
+        self._commit([(inode, [(L.E_XATTR, 0, L.X_SET, name, bytes(value),
                                 time.time_ns())])])
+        if self._compact_wanted:
+            self._compact_pending()
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         inode = self.get(ino)
@@ -1043,13 +1585,19 @@ class FileSystem:
         inode = self.get(ino)
         if name not in inode.xattrs:
             raise FsError(errno.ENODATA)
-        self._commit([(inode, [(L.E_XATTR, self._next_seq(), L.X_REMOVE, name, b"",
+        self._commit([(inode, [(L.E_XATTR, 0, L.X_REMOVE, name, b"",
                                 time.time_ns())])])
+        if self._compact_wanted:
+            self._compact_pending()
 
     # ------------------------------------------------------------------ statfs
     def statfs(self) -> StatFs:
         a = self.alloc
+        ffree = self.nfree_inodes
+        if self.shared:                 # other processes create and delete too
+            ffree = sum(int(np.count_nonzero(self._state_words(r) == L.STATE_FREE))
+                        for r in self.regions)
         return StatFs(bsize=L.BLOCK, blocks=a.ntotal, bfree=a.nfree,
                       bavail=max(0, a.nfree - a.reserve),
-                      files=self.sb.inodes_per_cpu * self.ncpus, ffree=self.nfree_inodes,
+                      files=self.sb.inodes_per_cpu * self.ncpus, ffree=ffree,
                       namemax=L.NAME_MAX)

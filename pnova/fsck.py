@@ -1,17 +1,27 @@
 """Offline consistency check and repair of a pnova image (the engine side of fsck.pnova).
 
-:class:`Checker` runs ordered ``check_*`` passes; each one reports what it
-finds in plain words, counts it, and repairs it when the answer policy says
-so.  The passes, in order:
+:class:`Checker` understands on-media format version 2 (an image of another
+version is refused with one line).  It runs ordered ``check_*`` passes; each
+one reports what it finds in plain words, counts it, and repairs it when the
+answer policy says so.  The passes, in order:
 
-1. superblock and replica (CRC, geometry; dynamic fields may lag after a crash);
+1. superblock and replica (CRC, version, geometry; dynamic fields may lag
+   after a crash);
 2. region table against the geometry the superblock implies;
 3. lite journals (an open transaction on a dirty image is normal: the check
    then looks at the state *after* a virtual rollback, as mount would see it);
 4. inodes: state word, static line CRC and file type, log chain (via
    :func:`pnova.log.walk`: bounds, loops, page tails, entry CRCs), entry
-   well-formedness while replaying it;
-5. blocks: every log page and data page lies in a data area and is owned once;
+   well-formedness while replaying it.  A file may also have a per-core log
+   array (one line per CPU: head and tail of that CPU's local log): the
+   pointer must lie in a data area, belong to a file and be used by nothing
+   else; each live local log (head and tail set; a head without a tail is a
+   log whose creation never committed, which is legal) is walked like the
+   global log and may hold only file writes; reserved bytes are zero.  A
+   file's state is the replay of all its entries, global and local, merged by
+   sequence number (stable), exactly as the engine replays it;
+5. blocks: every log page, local log page, log array and data page lies in a
+   data area and is owned once;
 6. saved allocator bitmaps (clean images only) against the blocks in use;
 7. directory tree: dentries point to live inodes of their type, each
    directory has one name and the right '..', no loops, everything reachable;
@@ -23,9 +33,12 @@ Every write goes through the pmem layer (store / flush / fence).  Repairs of
 a single word or of one inode's log are made directly: a bad state word, a
 log tail moved back to the last good entry, a link-change, setattr, dentry
 or write entry appended with :func:`pnova.log.append` and committed with one
-atomic tail store.  Before the first such write the image is marked dirty
-(after really rolling back any open journal), so that a crash during fsck
-leaves an image the next mount recovers.
+atomic tail store.  A damaged local log is cut the same way, by moving that
+CPU's tail in the log array back (to 0 when nothing in it is usable: a head
+without a tail is legal); a bad log array pointer is set to 0, which drops
+the local logs it leads to.  Before the first such write the image is marked
+dirty (after really rolling back any open journal), so that a crash during
+fsck leaves an image the next mount recovers.
 
 Allocation is never patched bit by bit: after repairs (or when the saved
 bitmaps are wrong) fsck mounts the image with the engine, whose recovery
@@ -43,6 +56,7 @@ from __future__ import annotations
 
 import errno
 import stat
+import struct
 import time
 import uuid as uuidlib
 from collections import deque
@@ -51,6 +65,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 import numpy as np
+from crc32c import crc32c
 
 from . import layout as L
 from . import log as plog
@@ -75,6 +90,32 @@ class CheckAborted(Exception):
 
 
 @dataclass(eq=False)
+class _Chain:
+    """One log chain (an inode's global log or a local log), as far as it is good."""
+    head: int
+    tail: int
+    err: str | None = None
+    bad_tail: bool = False               # the tail itself is not a log position
+    good_end: int | None = None          # None: nothing of it can be used
+    pages: list[int] = field(default_factory=list)      # pages up to good_end
+    walked: list[int] = field(default_factory=list)     # every page validated
+    entries: list[tuple] = field(default_factory=list)  # the entries before good_end
+
+    @property
+    def new_tail(self) -> int | None:
+        """For a local log: None if it stays, else the tail a repair stores (0: dropped)."""
+        if self.err is None:
+            return None
+        if self.good_end is None or self.good_end == self.head:
+            return 0                     # nothing usable; the head may stay (legal)
+        return self.good_end
+
+    @property
+    def kept(self) -> bool:
+        return self.new_tail != 0
+
+
+@dataclass(eq=False)
 class _Rec:
     """What the scan learned about one non-free inode slot."""
     ino: int
@@ -93,10 +134,54 @@ class _Rec:
     maxseq: int = 0
     fate: str = "live"                   # live | clear (state -> FREE)
     frozen: bool = False                 # a structural repair was declined: no appends
+    # Per-core logs (files only).
+    replay_static: L.InodeStatic | None = None   # what the file's state is replayed from
+    global_entries: list[tuple] = field(default_factory=list)
+    array: int = 0                       # block of the per-core log array, 0: none
+    array_err: str | None = None         # the pointer is bad: cleared, local logs dropped
+    array_clash: bool = False            # ... because something else uses that block
+    lines: dict[int, _Chain] = field(default_factory=dict)   # cpu -> live local log
+    local_walked: list[int] = field(default_factory=list)    # every local page validated
+    headless: list[int] = field(default_factory=list)  # cpus whose line has a tail, no head
+    reserved: list[int] = field(default_factory=list)  # cpus whose line has reserved bytes set
+    beyond: bool = False                 # bytes past the last CPU's line are set
 
     @property
     def is_dir(self) -> bool:
         return self.static is not None and stat.S_ISDIR(self.static.mode)
+
+    @property
+    def cut(self) -> bool:
+        """A repair drops part of its logs, so mappings they had replaced come back."""
+        return self.log_err is not None or self.array_err is not None or \
+            any(ch.err for ch in self.lines.values())
+
+    def local_kept(self) -> list[_Chain]:
+        """The local logs that remain after the planned repairs."""
+        if not self.array or self.array_err:
+            return []
+        return [ch for _, ch in sorted(self.lines.items()) if ch.kept]
+
+    def meta_blocks(self) -> list[tuple[int, str]]:
+        """(block, what) of every log block the inode keeps: log pages and the array."""
+        out = [(b, "log page") for b in self.log_pages]
+        for ch in self.local_kept():
+            out.extend((b, "log page") for b in ch.pages)
+        if self.array and not self.array_err:
+            out.append((self.array, "per-core log array"))
+        return out
+
+
+def _file_entry(e: tuple) -> None:
+    """Entries a file's global log may not hold (the rest is checked by replay)."""
+    if e[0] == L.E_DENTRY:
+        raise ValueError("dentry in a file log")
+
+
+def _local_entry(e: tuple) -> None:
+    """A local log holds only file writes."""
+    if e[0] != L.E_WRITE:
+        raise ValueError("a per-core log holds only file writes")
 
 
 def _ftype(mode: int) -> str:
@@ -334,6 +419,12 @@ class Checker:
         repl_at = nblocks - 1
         repl, why_r = self._read_sb(repl_at * L.BLOCK)
         if prim is None and repl is None:
+            other = self._other_version()
+            if other is not None:
+                # An intact superblock of another format: nothing here may be
+                # read (let alone "repaired") with this version's rules.
+                raise CheckAborted(f"{self.path}: on-media format version {other} is not "
+                                   f"supported (fsck.pnova checks version {L.FORMAT_VERSION})")
             sb, how = self._salvage_sb()
             if sb is None:
                 if why_p == "bad magic" and why_r == "bad magic":
@@ -396,6 +487,20 @@ class Checker:
         if sb.total_blocks != n:           # the engine, too, refuses such a copy
             return None, f"it describes {sb.total_blocks} blocks but the device has {n}"
         return sb, ""
+
+    def _other_version(self) -> int | None:
+        """The version of a superblock copy that is intact but of another format."""
+        for off in (0, (self.pm.size // L.BLOCK - 1) * L.BLOCK):
+            raw = self.pm.read(off, L.SB_SIZE)
+            if raw[:8] != L.SB_MAGIC:
+                continue
+            (crc,) = struct.unpack_from("<I", raw, L.SB_CRC_OFF)
+            if crc32c(raw[:L.SB_CRC_OFF]) != crc:
+                continue
+            version = L._SB.unpack_from(raw, 0)[1]
+            if version != L.FORMAT_VERSION:
+                return version
+        return None
 
     def _write_sb_copy(self, sb: L.Superblock, off: int) -> None:
         raw = sb.pack()
@@ -524,7 +629,8 @@ class Checker:
         for r in self.regions:
             lo = r.itable_start * L.BLOCK
             if lo <= addr < lo + self.sb.inodes_per_cpu * L.INODE_SIZE:
-                return (addr - lo) % L.INODE_SIZE in (L.I_STATE, L.I_LOG_HEAD, L.I_LOG_TAIL)
+                return (addr - lo) % L.INODE_SIZE in (L.I_STATE, L.I_LOG_HEAD, L.I_LOG_TAIL,
+                                                      L.I_LOG_ARRAY)
         return False
 
     def check_journals(self) -> None:
@@ -594,6 +700,7 @@ class Checker:
         self.maxseq = max([sb.next_seq - 1] + [r.maxseq for r in self.recs.values()])
         self.next_seq = self.maxseq + 1
         self._decide_fates()
+        self._check_array_clashes()
         self._build_claimed()
         self._build_paths()
         for ino in sorted(self.recs):
@@ -624,6 +731,7 @@ class Checker:
             rec.static = L.InodeStatic(stat.S_IFDIR | 0o755, 0, 0, 0, 0, 1, time.time_ns(), 1)
         rec.head = self._u64(addr + L.I_LOG_HEAD)
         rec.tail = self._u64(addr + L.I_LOG_TAIL)
+        rec.array = self._u64(addr + L.I_LOG_ARRAY)
         if rec.static is not None:
             self._parse_log(rec, rec.static)
         else:
@@ -649,26 +757,77 @@ class Checker:
             raise ValueError("impossible size")
 
     def _parse_log(self, rec: _Rec, st: L.InodeStatic) -> None:
-        """Replay the log into an Inode; on damage remember where the good part ends."""
-        pm, ino, head, tail = self.pm, rec.ino, rec.head, rec.tail
-        dev = pm.size
+        """Replay the logs into an Inode; on damage remember where the good parts end.
+
+        A directory's entries are applied while its log is walked; a file's
+        global and local entries are merged by sequence number first.
+        """
+        ino, head, tail = rec.ino, rec.head, rec.tail
         rec.maxseq = st.create_seq
+        rec.inode, rec.good_end, rec.bad_tail = None, None, False
+        rec.log_pages, rec.walked, rec.global_entries = [], [], []
+        rec.array_err, rec.array_clash, rec.beyond = None, False, False
+        rec.lines, rec.local_walked, rec.headless, rec.reserved = {}, [], [], []
         if head == 0:
             # walk() accepts an empty log, but the engine appends after the tail
             # and needs a page there: an inode in use always has one.
             rec.log_err = "its log has no page" if tail == 0 else \
                 f"log tail {tail:#x} is set but the log has no head page"
             return
-        if not (L.BLOCK <= tail < dev) or tail % L.BLOCK > L.LOG_DATA or \
+        is_dir = stat.S_ISDIR(st.mode)
+        inode = Inode(ino, st, head, tail)
+        ch = self._walk_chain(ino, head, tail, inode.apply if is_dir else _file_entry, set())
+        rec.log_err, rec.bad_tail, rec.walked = ch.err, ch.bad_tail, ch.walked
+        if rec.array:
+            # Even for an inode that goes, learn which blocks its local logs hold.
+            self._parse_array(rec, is_dir, set(ch.walked))
+        if ch.good_end is None:
+            return                          # the head page itself is unusable
+        rec.log_pages, rec.good_end = ch.pages, ch.good_end
+        if is_dir:
+            rec.inode = inode
+            rec.maxseq = max([st.create_seq] + [e[1] for e in ch.entries])
+        else:
+            rec.replay_static, rec.global_entries = st, ch.entries
+            self._replay_file(rec)
+
+    def _replay_file(self, rec: _Rec) -> None:
+        """A file's state: its kept global and local entries, merged by sequence number.
+
+        Exactly the engine's replay: with a log array, the global log followed
+        by the local logs in CPU order, stably sorted by sequence number;
+        without one, the global log in its own order.
+        """
+        entries = list(rec.global_entries)
+        if rec.array and not rec.array_err:
+            for ch in rec.local_kept():
+                entries.extend(ch.entries)
+            entries.sort(key=lambda e: e[1])
+        inode = Inode(rec.ino, rec.replay_static, rec.head, rec.good_end)
+        for e in entries:
+            inode.apply(e)
+        rec.inode = inode
+        rec.maxseq = max([rec.replay_static.create_seq] + [e[1] for e in entries])
+
+    def _walk_chain(self, ino: int, head: int, tail: int, check: Callable[[tuple], object],
+                    other: set[int]) -> _Chain:
+        """Walk one log chain (``head`` != 0) and keep what is good of it.
+
+        ``check`` rejects a decoded entry this chain may not hold (ValueError
+        or KeyError); ``other`` are blocks of the inode's other logs and of its
+        log array, which no page of this chain may be.
+        """
+        pm = self.pm
+        ch = _Chain(head, tail)
+        if not (L.BLOCK <= tail < pm.size) or tail % L.BLOCK > L.LOG_DATA or \
                 (tail % L.BLOCK == 0 and tail != head):
-            rec.log_err = f"log tail {tail:#x} is not a valid log position"
-            rec.bad_tail = True
+            ch.err = f"log tail {tail:#x} is not a valid log position"
+            ch.bad_tail = True
             end = self._find_end(head, ino)
             if end is None:
-                rec.log_err += "; the head page is unusable too"
-                return
+                ch.err += "; the head page is unusable too"
+                return ch
             tail = end
-        inode = Inode(ino, st, head, tail)
         pages: list[int] = []
         seen: set[int] = set()
         checked = 0
@@ -681,6 +840,9 @@ class Checker:
             for b in pages[checked:]:
                 if b in seen:
                     raise plog.LogError(f"log chain loops back to page {b * L.BLOCK:#x}")
+                if b in other:
+                    raise plog.LogError(f"log page {b * L.BLOCK:#x} is also used by another "
+                                        "log of this inode")
                 if not self._in_data(b):
                     raise plog.LogError(f"log page {b * L.BLOCK:#x} lies outside the data area")
                 seen.add(b)
@@ -696,33 +858,83 @@ class Checker:
                 try:
                     e = L.decode_entry(raw)
                     self._sane(e)
-                    inode.apply(e)
+                    check(e)
                 except (ValueError, KeyError) as ve:
                     name = L.ENTRY_NAMES.get(raw[0], f"type {raw[0]}")
                     raise plog.LogError(f"{name} entry at {epos:#x} is malformed "
                                         f"({ve})") from None
-                if e[1] > rec.maxseq:
-                    rec.maxseq = e[1]
+                ch.entries.append(e)
                 good_end = pos
             check_new_pages()
         except plog.LogError as le:
             err = str(le)
-        rec.walked = list(dict.fromkeys(pages))
+        ch.walked = list(dict.fromkeys(pages))
         valid: list[int] = []
+        kept: set[int] = set()
         for b in pages:                     # the prefix of the chain that can be kept
-            if b in valid or not self._in_data(b):
+            if b in kept or b in other or not self._in_data(b):
                 break
             valid.append(b)
-        if rec.bad_tail and err:
-            rec.log_err += f"; {err}"
-        elif err:
-            rec.log_err = err
+            kept.add(b)
+        if err:
+            ch.err = f"{ch.err}; {err}" if ch.bad_tail else err
         if not valid:
-            return                          # the head page itself is unusable
+            return ch
         # good_end only advanced on pages already checked, so it lies in ``valid``.
-        rec.log_pages = valid[:valid.index(good_end // L.BLOCK) + 1]
-        rec.good_end = good_end
-        rec.inode = inode
+        ch.pages = valid[:valid.index(good_end // L.BLOCK) + 1]
+        ch.good_end = good_end
+        return ch
+
+    def _parse_array(self, rec: _Rec, is_dir: bool, other: set[int]) -> None:
+        """The per-core log array of a file: its pointer, every line, every live local log."""
+        blk = rec.array
+        if not self._in_data(blk):
+            rec.array_err = "lies outside the data area"
+            return
+        if is_dir:
+            rec.array_err = "is set, but a directory has only its one log"
+            return
+        raw = self.pm.read(blk * L.BLOCK, L.BLOCK)
+        other = other | {blk}
+        theirs: set[int] = set()        # other inodes whose logs the lines lead to
+        ncpus = self.sb.ncpus
+        for cpu in range(ncpus):
+            off = cpu * L.LA_LINE
+            head, tail = struct.unpack_from("<QQ", raw, off + L.LA_HEAD)
+            if any(raw[off + 16:off + L.LA_LINE]):
+                rec.reserved.append(cpu)
+            if tail == 0:
+                continue                # no log, or one whose creation never committed
+            if head == 0:
+                rec.headless.append(cpu)
+                continue
+            owner = self._page_owner(head)
+            if owner is not None and owner != rec.ino:
+                theirs.add(owner)
+            ch = self._walk_chain(rec.ino, head, tail, _local_entry, other)
+            other |= set(ch.walked)
+            rec.local_walked.extend(ch.walked)
+            rec.lines[cpu] = ch
+        rec.beyond = any(raw[ncpus * L.LA_LINE:])
+        if any(ch.good_end is not None for ch in rec.lines.values()):
+            return                      # some line leads to a log of this inode
+        # The engine zeroes an array before it points to it, and its lines lead
+        # to pages of this inode only: otherwise the pointer itself is wrong.
+        if theirs:
+            rec.array_err = ("does not point to this inode's per-core log array (its lines "
+                             f"lead to logs of inode {', '.join(map(str, sorted(theirs)))})")
+        elif rec.reserved or rec.beyond:
+            rec.array_err = ("does not point to a per-core log array (reserved bytes are set "
+                             "and no line leads to a log of this inode)")
+
+    def _page_owner(self, head: int) -> int | None:
+        """The owner a well-formed log page at ``head`` names, else None."""
+        if head % L.BLOCK or not (L.BLOCK <= head < self.pm.size):
+            return None
+        tail = self.pm.mm[head + L.PT_NEXT:head + L.BLOCK]
+        if L.check_page_tail(tail) is not None:
+            return None
+        return self.pm.read_u64(head + L.PT_OWNER)
 
     def _find_end(self, head: int, ino: int) -> int | None:
         """With no trustworthy tail: the position after the last valid entry from head."""
@@ -778,6 +990,34 @@ class Checker:
         for g in garbage - named:
             self.recs[g].fate = "clear"
 
+    def _check_array_clashes(self) -> None:
+        """A log array block may be used by nothing else: else its pointer is cleared.
+
+        An array has no checksum that could tell which user is right, while
+        log pages carry their owner and data pages are checked later, so the
+        array is the one that goes (its local logs with it).
+        """
+        live = self._live()
+        used: dict[int, str] = {}
+        for rec in live:
+            for b, what in rec.meta_blocks():
+                if what == "log page":
+                    used.setdefault(b, f"a log page of inode {rec.ino}")
+            if rec.inode is not None and rec.inode.pages:
+                for b in rec.inode.pages.values():
+                    used.setdefault(b, f"a data page of inode {rec.ino}")
+        for rec in live:
+            if not rec.array or rec.array_err:
+                continue
+            what = used.get(rec.array)
+            if what is None:
+                used[rec.array] = f"the per-core log array of inode {rec.ino}"
+                continue
+            rec.array_err = f"is also {what}"
+            rec.array_clash = True
+            if rec.replay_static is not None and rec.good_end is not None:
+                self._replay_file(rec)      # its state without the local logs
+
     def _live(self) -> list[_Rec]:
         return [self.recs[i] for i in sorted(self.recs) if self.recs[i].fate == "live"]
 
@@ -788,6 +1028,10 @@ class Checker:
         for rec in self.recs.values():
             for b in rec.walked:
                 claimed[b] = True
+            for b in rec.local_walked:
+                claimed[b] = True
+            if 0 < rec.array < total:
+                claimed[rec.array] = True
             if rec.inode is not None and rec.inode.pages:
                 for b in rec.inode.pages.values():
                     claimed[b] = True
@@ -797,9 +1041,13 @@ class Checker:
         self.claimed = claimed
         # Blocks the planned repairs stop using (not reported again as leaks).
         for rec in self.recs.values():
-            kept = set(rec.log_pages) if rec.fate == "live" else set()
+            live = rec.fate == "live"
+            kept = {b for b, _ in rec.meta_blocks()} if live else set()
             self.released.update(b for b in rec.walked if b not in kept)
-            if rec.fate != "live" and rec.inode is not None and rec.inode.pages:
+            self.released.update(b for b in rec.local_walked if b not in kept)
+            if rec.array and rec.array not in kept and not rec.array_clash:
+                self.released.add(rec.array)
+            if not live and rec.inode is not None and rec.inode.pages:
                 self.released.update(rec.inode.pages.values())
 
     def _build_paths(self) -> None:
@@ -845,22 +1093,75 @@ class Checker:
             else:
                 self._declined(rec)
             return
-        if rec.log_err is None:
+        if rec.log_err is not None:
+            if rec.good_end is None:
+                if self.problem(f"{desc}: {rec.log_err}", "Clear the inode (its log is lost)",
+                                safe=False):
+                    self._put_u64(rec.addr + L.I_STATE, L.STATE_FREE)
+                else:
+                    self._declined(rec)
+                return
+            fix = "Set the log tail after the last valid entry" if rec.bad_tail else \
+                "Truncate the log after the last good entry"
+            if self.problem(f"{desc}: {rec.log_err}", fix, safe=False):
+                self._put_u64(rec.addr + L.I_LOG_TAIL, rec.good_end)
+                rec.tail = rec.good_end
+            else:
+                self._declined(rec)
+        self._report_array(rec)
+
+    def _report_array(self, rec: _Rec) -> None:
+        """The per-core log array of a kept inode: pointer, lines, local logs."""
+        if not rec.array:
             return
-        if rec.good_end is None:
-            if self.problem(f"{desc}: {rec.log_err}", "Clear the inode (its log is lost)",
-                            safe=False):
-                self._put_u64(rec.addr + L.I_STATE, L.STATE_FREE)
+        desc = self._desc(rec.ino)
+        if rec.array_err:
+            if self.problem(f"{desc}: per-core log array pointer (block {rec.array}) "
+                            f"{rec.array_err}", "Clear the pointer (the per-core logs it "
+                            "leads to are lost)", safe=False):
+                self._put_u64(rec.addr + L.I_LOG_ARRAY, 0)
             else:
                 self._declined(rec)
             return
-        fix = "Set the log tail after the last valid entry" if rec.bad_tail else \
-            "Truncate the log after the last good entry"
-        if self.problem(f"{desc}: {rec.log_err}", fix, safe=False):
-            self._put_u64(rec.addr + L.I_LOG_TAIL, rec.good_end)
-            rec.tail = rec.good_end
-        else:
-            self._declined(rec)
+        base = rec.array * L.BLOCK
+        where = f"{desc}: per-core log array (block {rec.array})"
+        for cpu in rec.headless:
+            line = base + cpu * L.LA_LINE
+            # Ignored by replay, but a later head store would make it a live log.
+            if self.problem(f"{where}: the line of CPU {cpu} has a tail "
+                            f"({self.pm.read_u64(line + L.LA_TAIL):#x}) but no head",
+                            "Clear that tail", safe=True):
+                self._put_u64(line + L.LA_TAIL, 0)
+        for cpu, ch in sorted(rec.lines.items()):
+            if ch.err is None:
+                continue
+            new = ch.new_tail
+            fix = "Drop that log (nothing in it can be used)" if new == 0 else \
+                "Set its tail after the last valid entry" if ch.bad_tail else \
+                "Truncate it after the last good entry"
+            if self.problem(f"{desc}: per-core log of CPU {cpu}: {ch.err}", fix, safe=False):
+                self._put_u64(base + cpu * L.LA_LINE + L.LA_TAIL, new)
+            else:
+                self._declined(rec)
+        if rec.reserved or rec.beyond:
+            what = []
+            if rec.reserved:
+                cpus = ", ".join(map(str, rec.reserved))
+                what.append(f"reserved bytes of the line(s) of CPU {cpus}")
+            if rec.beyond:
+                what.append("bytes past the last CPU's line")
+            if self.problem(f"{where}: {' and '.join(what)} are not zero", "Zero them",
+                            safe=True):
+                self._prepare_write()
+                pm = self.pm
+                spans = [(base + cpu * L.LA_LINE + 16, L.LA_LINE - 16) for cpu in rec.reserved]
+                if rec.beyond:
+                    end = self.sb.ncpus * L.LA_LINE
+                    spans.append((base + end, L.BLOCK - end))
+                for off, n in spans:
+                    pm.store_zero(off, n)
+                    pm.flush(off, n)
+                pm.fence()
 
     def _report_root(self, rec: _Rec) -> None:
         """The root can't be cleared: rebuild its static line / log / state instead."""
@@ -904,17 +1205,22 @@ class Checker:
                             safe=False):
                 self._put_u64(rec.addr + L.I_STATE, L.STATE_LIVE)
         rec.fate = "live"
+        self._report_array(rec)
 
     # ------------------------------------------------------------ pass 5: block ownership
     def check_blocks(self) -> None:
         """Every page of every kept inode in a data area and owned exactly once."""
         owner = np.zeros(self.sb.total_blocks, dtype=np.int64)
-        where: dict[int, str] = {}          # block -> description of its first owner
+        where: dict[int, int] = {}          # block -> page of its first owner (data pages)
         remap: dict[int, list[tuple[int, int, bool]]] = {}   # ino -> [(pgoff, block, copy)]
+        meta: dict[int, str] = {}           # block -> 'log page' or 'per-core log array'
         live = self._live()
         for rec in live:
-            for b in rec.log_pages:
-                owner[b] = rec.ino          # log chains were validated: in bounds, no loops
+            # Log chains were validated (in bounds, no loops, one owner per page) and
+            # arrays clashing with anything were dropped: each block is listed once.
+            for b, what in rec.meta_blocks():
+                owner[b] = rec.ino
+                meta[b] = what
         for n, rec in enumerate(live):
             pages = rec.inode.pages if rec.inode is not None else None
             if not pages:
@@ -930,15 +1236,34 @@ class Checker:
                 o = int(owner[b])
                 if o == 0:
                     owner[b] = rec.ino
-                    where[b] = f"page {pg}"
+                    where[b] = pg
                     continue
                 first = where.get(b)
+                stale = self._stale_user(self.recs[o], rec) if first is not None else None
+                if stale is not None:
+                    # A cut log brought back a mapping to a block its inode had
+                    # let go, which another inode now uses: the cut one gets zeros
+                    # (never the other inode's data).
+                    spg = first if stale == o else pg
+                    msg = (f"block {b} used by inode {o} (page {first}) and inode {rec.ino} "
+                           f"(page {pg}); inode {stale}'s log was cut, so its mapping is stale")
+                    if self.problem(msg, f"Give inode {stale} a zeroed block instead",
+                                    safe=False):
+                        remap.setdefault(stale, []).append((spg, b, False))
+                        if stale == o:
+                            owner[b] = rec.ino
+                            where[b] = pg
+                    continue
                 if first is None:
-                    msg = (f"block {b} used by inode {o} (log page) and inode {rec.ino} "
-                           f"(page {pg}): {desc} points into another inode's log")
+                    what = meta.get(b, "log page")
+                    whose = "its own" if o == rec.ino else "another inode's"
+                    into = "log" if what == "log page" else what
+                    msg = (f"block {b} used by inode {o} ({what}) and inode {rec.ino} "
+                           f"(page {pg}): {desc} points into {whose} {into}")
                     fix, copy = "Give it a zeroed block instead", False
                 else:
-                    msg = f"block {b} used by inode {o} ({first}) and inode {rec.ino} (page {pg})"
+                    msg = f"block {b} used by inode {o} (page {first}) and inode {rec.ino} " \
+                        f"(page {pg})"
                     fix, copy = f"Give inode {rec.ino} its own copy", True
                 if self.problem(msg, fix, safe=False):
                     remap.setdefault(rec.ino, []).append((pg, b, copy))
@@ -948,6 +1273,13 @@ class Checker:
         self.owner = owner
         for ino, items in remap.items():
             self._remap(self.recs[ino], items)
+
+    @staticmethod
+    def _stale_user(a: _Rec, b: _Rec) -> int | None:
+        """Of two inodes mapping one data block, the one whose log was cut (if only one)."""
+        if a.cut == b.cut:
+            return None
+        return a.ino if a.cut else b.ino
 
     def _remap(self, rec: _Rec, items: list[tuple[int, int, bool]]) -> None:
         """Point pages at fresh blocks (copies or zeros) with appended write entries."""
@@ -1286,7 +1618,7 @@ class Checker:
         """Free space and fragmentation of every CPU region."""
         used_all = np.zeros(self.sb.total_blocks, dtype=bool)
         for rec in self._live():
-            for b in rec.log_pages:
+            for b, _ in rec.meta_blocks():
                 used_all[b] = True
             if rec.inode.pages:
                 for b in rec.inode.pages.values():
@@ -1311,7 +1643,7 @@ class Checker:
         files = 0
         for rec in self._live():
             files += 1
-            used.update(rec.log_pages)
+            used.update(b for b, _ in rec.meta_blocks())
             if rec.inode.pages:
                 used.update(rec.inode.pages.values())
         return files, len(used)

@@ -24,7 +24,8 @@ class Inode:
 
     __slots__ = ("ino", "mode", "uid", "gid", "rdev", "generation", "nlink", "size",
                  "atime", "mtime", "ctime", "head", "tail", "log_pages", "pages",
-                 "dents", "order", "parent", "dent_bytes", "xattrs", "lookups")
+                 "dents", "order", "parent", "dent_bytes", "xattrs", "lookups",
+                 "array", "local")
 
     def __init__(self, ino: int, st: L.InodeStatic, head: int, tail: int) -> None:
         self.ino = ino
@@ -43,6 +44,9 @@ class Inode:
         self.lookups = 0
         self.parent = 0
         self.dent_bytes = 0
+        self.array = 0                     # block of the per-core log array, 0: none
+        # cpu -> [head, tail, pages] of that CPU's local log, as far as replayed
+        self.local: dict[int, list] = {}
         if stat.S_ISDIR(st.mode):
             self.pages = None
             self.dents: dict[bytes, tuple[int, int, int]] | None = {}   # name -> (ino, dtype, cookie)
@@ -70,7 +74,11 @@ class Inode:
                 if old is not None:
                     freed.append(old)
                 pages[pgoff + i] = block + i
-            self.size = size
+            # Writes only ever grow the size (their field is the end they
+            # reach): writes on different cores then commute, and only a
+            # setattr, ordered by its sequence number, makes a file shorter.
+            if size > self.size:
+                self.size = size
             self.mtime = self.ctime = mtime
         elif t == L.E_SETATTR:
             _, _seq, mask, mode, uid, gid, size, atime, mtime, ctime = e

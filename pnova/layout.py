@@ -1,4 +1,4 @@
-"""On-media format v1: every structure's offsets, sizes and codecs.
+"""The on-media format (version FORMAT_VERSION): every structure's offsets, sizes and codecs.
 
 docs/SPEC.md is the normative description; this module is its executable
 form.  All integers are little-endian.  A "block" is 4096 bytes.  Log
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from crc32c import crc32c
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BLOCK = 4096
 CACHELINE = 64
 MAX_CPUS = 64                  # one 64-byte region descriptor each in block 1
@@ -183,7 +183,13 @@ INODE_CRC_OFF = 60
 I_STATE = 64        # u64: 0 free, 1 live
 I_LOG_HEAD = 72     # u64: byte offset of the first log page (0: none)
 I_LOG_TAIL = 80     # u64: byte offset just past the last committed entry
-I_LOG_ARRAY = 88    # u64: block of the per-core log array (0: single log)
+I_LOG_ARRAY = 88    # u64: block number of the per-core log array (0: none)
+I_GENERATION = 24   # u64 in line 0: tells a reused slot from the inode a cache knew
+
+# Per-core log array: one 64-byte line per CPU, holding that CPU's local log.
+LA_LINE = 64
+LA_HEAD = 0         # u64: byte offset of the local log's first page (0: none)
+LA_TAIL = 8         # u64: just past its last committed entry (0: empty, see SPEC)
 STATE_FREE = 0
 STATE_LIVE = 1
 

@@ -83,6 +83,8 @@ class Semaphores:
         return not v & WRITER and self.w.cas32(off, v, v + 1)
 
     def rlock(self, off: int) -> None:
+        if not self.free_records:
+            raise RuntimeError(f"a CPU may hold at most {HELD_MAX} read locks at once")
         if not self._try_read(off):
             self.waits += 1
             self._wait(off, lambda: self._try_read(off))
@@ -120,8 +122,10 @@ class Semaphores:
         v = w.load32(off)
         if v & WRITER:
             owner = (v & ~WRITER) - 1
-            if 0 <= owner < area.ncpus and owner != self.cpu and \
-                    not process_alive(area.pid_of(owner)):
+            # The holder is whoever last registered as that CPU; it may be this
+            # CPU's previous process (a dead worker this process took over from).
+            pid = area.pid_of(owner) if 0 <= owner < area.ncpus else 0
+            if pid and pid != os.getpid() and not process_alive(pid):
                 return w.cas32(off, v, 0)
             return False
         freed = False
@@ -153,6 +157,8 @@ class Semaphores:
             e = area.range_table + 64 + RANGE_ENTRY * i
             if w.load64(e) and w.load32(e + 24) == self.cpu + 1:
                 w.store64(e, 0)
+        from .shared import H_NS_LOCK
+        w.cas32(H_NS_LOCK, self.mine, 0)
         area.register(self.cpu)
 
 
@@ -176,8 +182,15 @@ class Scheme:
     def unlock(self, token) -> None:
         raise NotImplementedError
 
+    def size_lock(self, ino: int) -> None:
+        """Exclude other size changes (extending writes, truncates, compaction)."""
+        self.sem.wlock(self.area.inode_locks + 4 * (ino - 1))
+
+    def size_unlock(self, ino: int) -> None:
+        self.sem.wunlock(self.area.inode_locks + 4 * (ino - 1))
+
     def log_lock(self, ino: int) -> None:
-        """Serialise appends to the inode's single log (schemes without per-core logs)."""
+        """Serialise appends to the inode's global log."""
         self.sem.wlock(self.area.log_locks + 4 * (ino - 1))
 
     def log_unlock(self, ino: int) -> None:
@@ -198,10 +211,10 @@ class InodeScheme(Scheme):
         off, write = token
         (self.sem.wunlock if write else self.sem.runlock)(off)
 
-    def log_lock(self, ino: int) -> None:
-        pass                                   # the inode write lock already excludes
+    def size_lock(self, ino: int) -> None:
+        pass                                   # writers hold the whole inode already
 
-    def log_unlock(self, ino: int) -> None:
+    def size_unlock(self, ino: int) -> None:
         pass
 
 
@@ -238,15 +251,9 @@ class SegmentScheme(Scheme):
 
 
 class PnovaScheme(SegmentScheme):
-    """Segment locks; log appends go to per-core logs, so no log lock at all."""
+    """Segment locks; file writes append to per-core logs, which need no log lock."""
 
     name = "pnova"
-
-    def log_lock(self, ino: int) -> None:
-        pass
-
-    def log_unlock(self, ino: int) -> None:
-        pass
 
 
 class RangeTreeScheme(Scheme):
@@ -320,12 +327,18 @@ class RangeTreeScheme(Scheme):
                 w.store64(e, 0)
 
 
-def make_scheme(name: str, area: SharedArea, cpu: int, segment_pages: int = 16) -> Scheme:
-    """The scheme called ``name`` for ``cpu``; raises ValueError for an unknown name."""
+def make_scheme(name: str, area: SharedArea | None, cpu: int,
+                segment_pages: int = 16) -> Scheme | None:
+    """The scheme called ``name`` for ``cpu``; raises ValueError for an unknown name.
+
+    With ``area`` None only the options are checked.
+    """
     classes = {"inode": InodeScheme, "rangetree": RangeTreeScheme, "segment": SegmentScheme,
                "pnova": PnovaScheme}
     if name not in classes:
         raise ValueError(f"unknown lock scheme {name!r} (choose from {', '.join(SCHEMES)})")
     if segment_pages < 1:
         raise ValueError("segment size must be at least one page")
+    if area is None:
+        return None                       # options checked only
     return classes[name](area, cpu, segment_pages)

@@ -79,10 +79,12 @@ def commit_tail(pm: PMem, tail_addr: int, new_tail: int) -> None:
 
 
 def walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
-         pages: list[int] | None = None) -> Iterator[bytes]:
+         pages: list[int] | None = None, start: int = 0) -> Iterator[bytes]:
     """Yield every committed entry (raw bytes), validating as it goes.
 
     The blocks of the chain's pages are appended to ``pages`` if given.
+    ``start`` resumes an earlier walk at a position it reached (the old tail
+    of a log that has grown since); the pages before it are not listed again.
     Raises LogError on a pointer out of bounds, a loop, a bad page tail, a
     torn or unknown entry, or a tail that is never reached.
     """
@@ -97,12 +99,15 @@ def walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
             (tail % L.BLOCK == 0 and tail != head):
         raise LogError(f"log tail {tail:#x} is not a valid log position")
     mm = pm.mm
-    page = head
-    _check_tail(pm, page, owner)
-    if pages is not None:
-        pages.append(page // L.BLOCK)
+    if start:
+        pos = start
+        page = start - start % L.BLOCK
+    else:
+        pos = page = head
+        _check_tail(pm, page, owner)
+        if pages is not None:
+            pages.append(page // L.BLOCK)
     npages = 1
-    pos = head
     while pos != tail:
         in_page = pos - page
         tail_here = page <= tail <= page + L.LOG_DATA

@@ -27,6 +27,7 @@ import trio
 from .engine import FileSystem
 from .errors import CorruptImage
 from .fuse_ops import PnovaOperations
+from .locks import SCHEMES
 from .util import lock_image
 
 log = logging.getLogger("pnova.mount")
@@ -52,6 +53,8 @@ mount options (-o, comma-separated, may be repeated):
   allow_other         let users other than the mounter access the filesystem
   default_permissions kernel permission checks (always on)
   logfile=PATH        daemon log file (default: IMAGE.log)
+  lock=SCHEME         file data locking: inode, rangetree, segment, pnova (default)
+  segment_pages=N     pages per segment of the segment and pnova schemes (default 16)
   debug               same as -d
   dev,nodev,suid,nosuid,exec,noexec,atime,noatime,sync,async,dirsync
                       passed to the kernel
@@ -76,6 +79,8 @@ class Config:
     debug: bool = False
     readonly: bool = False
     logfile: str | None = None
+    lock: str = "pnova"
+    segment_pages: int = 16
     fuse_options: set[str] = field(default_factory=set)
 
 
@@ -119,6 +124,14 @@ def parse_args(argv: list[str]) -> Config:
                 cfg.debug = True
             elif key == "logfile" and value:
                 cfg.logfile = os.path.abspath(value)
+            elif key == "lock":
+                if value not in SCHEMES:
+                    raise UsageError(f"lock={value}: choose one of {', '.join(SCHEMES)}")
+                cfg.lock = value
+            elif key == "segment_pages":
+                if not value.isdigit() or int(value) < 1:
+                    raise UsageError(f"segment_pages={value}: give a positive number of pages")
+                cfg.segment_pages = int(value)
             elif key in ("fsname", "subtype") and value:
                 opts.add(opt)                       # an explicit name wins
             else:
@@ -332,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return _fail(cfg, f"{cfg.image}: {e.strerror}")
     try:
-        fs = FileSystem.mount(cfg.image, readonly=cfg.readonly)
+        fs = FileSystem.mount(cfg.image, readonly=cfg.readonly, lock=cfg.lock,
+                              segment_pages=cfg.segment_pages)
     except CorruptImage as e:
         os.close(lock_fd)
         return _fail(cfg, f"cannot mount: {e}")

@@ -14,7 +14,8 @@ or a named file in /dev/shm (``SharedArea.create(path=...)`` and
 Layout (byte offsets; every region starts on a 64-byte line)::
 
     0       header line: magic u64, version u32, ncpus u32, seq u64 (next
-            sequence number), segment-table slots u32, range-table entries u32
+            sequence number), segment-table slots u32, range-table entries u32,
+            namespace lock word u32
     64      worker registry: one line per CPU: pid u64, held-read records
             (HELD_MAX u64 lock offsets, 0 = empty)
     ...     inode lock words: one u32 per inode slot
@@ -44,6 +45,7 @@ RANGE_ENTRY = 32
 RING_SLOTS = 256
 
 H_MAGIC, H_VERSION, H_NCPUS, H_SEQ, H_SEG_SLOTS, H_RANGE_MAX = 0, 8, 12, 16, 24, 28
+H_NS_LOCK = 32                # u32: the namespace lock (directory operations)
 
 
 def _line(n: int) -> int:

@@ -109,7 +109,20 @@ class Img:
     def entries(self, ino: int) -> list[tuple[int, bytes]]:
         """(device offset, raw entry) of every committed entry of ino's log."""
         a = self.addr(ino)
-        head, tail = self.u64(a + L.I_LOG_HEAD), self.u64(a + L.I_LOG_TAIL)
+        return self.chain(ino, self.u64(a + L.I_LOG_HEAD), self.u64(a + L.I_LOG_TAIL))
+
+    def array(self, ino: int) -> int:
+        return self.u64(self.addr(ino) + L.I_LOG_ARRAY)
+
+    def line(self, ino: int, cpu: int) -> int:
+        """Device offset of CPU ``cpu``'s line in ino's per-core log array."""
+        return self.array(ino) * L.BLOCK + cpu * L.LA_LINE
+
+    def local_entries(self, ino: int, cpu: int) -> list[tuple[int, bytes]]:
+        line = self.line(ino, cpu)
+        return self.chain(ino, self.u64(line + L.LA_HEAD), self.u64(line + L.LA_TAIL))
+
+    def chain(self, ino: int, head: int, tail: int) -> list[tuple[int, bytes]]:
         pages: list[int] = []
         out, seen, pos = [], 0, head
         for raw in plog.walk(self.pm, head, tail, ino, self.sb.total_blocks, pages):
@@ -191,6 +204,58 @@ def repair_cycle(capsys, path: str, *expect: str, tmp_dir: str,
     assert rc == 0, again
     assert "no problems found" in again
     return out, fixed
+
+
+def away(ino: int) -> int:
+    """The CPU (of two) that is not ino's home CPU: its writes go to a local log."""
+    return 1 - (ino - 1) % 2
+
+
+def local_workload(path: str, crash: bool = False) -> tuple[dict[str, int], dict[int, bytes]]:
+    """Two files written by both CPUs (so both have a per-core local log) and a
+    directory; returns inode numbers and the expected file contents."""
+    fs = FileSystem.mount(path)
+    ino = {"f": fs.create(ROOT, b"f", 0o644).ino, "g": fs.create(ROOT, b"g", 0o644).ino,
+           "z": fs.create(ROOT, b"z", 0o644).ino, "d": fs.mkdir(ROOT, b"d", 0o755).ino}
+    cpus = {0: fs, 1: FileSystem.attach(fs, 1)}
+    want: dict[int, bytes] = {}
+    for name in ("f", "g"):
+        i = ino[name]
+        home, other = cpus[1 - away(i)], cpus[away(i)]
+        model = bytearray()
+
+        def put(on: FileSystem, off: int, data: bytes) -> None:
+            on.write(i, off, data)
+            model[len(model):] = bytes(max(0, off + len(data) - len(model)))
+            model[off:off + len(data)] = data
+
+        put(home, 0, b"A" * 5000)                       # the global log
+        put(other, 4096, b"B" * 8192)                   # the other CPU's local log
+        put(home, 100, b"C" * 10)
+        for k in range(80):                             # a second local log page
+            put(other, 13000 + 10 * k, b"%010d" % k)
+        want[i] = bytes(model)
+    fs.write(ino["z"], 0, bytes(L.BLOCK))               # a data page of zeros
+    for i, data in want.items():
+        assert fs.read(i, 0, len(data) + 10) == data
+    if crash:
+        fs.pm.close()
+    else:
+        fs.unmount()
+    return ino, want
+
+
+def check_contents(path: str, want: dict[int, bytes]) -> None:
+    fs = FileSystem.mount(path)
+    for i, data in want.items():
+        assert fs.getattr(i).size == len(data)
+        assert fs.read(i, 0, len(data) + 10) == data
+    fs.unmount()
+
+
+def mark_dirty(m: "Img") -> None:
+    m.sb.clean = 0
+    write_superblock(m.pm, m.sb)
 
 
 # ---------------------------------------------------------------------- clean images
@@ -678,6 +743,212 @@ def test_bytes_past_eof_not_zero(img, capsys, tmp_path):
     fs.unmount()
 
 
+# ---------------------------------------------------------------------- per-core local logs
+def test_local_logs_clean(img, capsys):
+    ino, want = local_workload(img)
+    with Img(img) as m:
+        for name in ("f", "g"):
+            i = ino[name]
+            assert m.array(i) and len(m.local_entries(i, away(i))) >= 81
+            assert m.u64(m.line(i, 1 - away(i)) + L.LA_TAIL) == 0
+    rc, out = fsck(capsys, img)
+    assert rc == 0 and "clean" in out
+    for opts in (["-f", "-n"], ["-f", "-y"], ["-f", "-p"], ["-f", "-v", "-n"]):
+        rc, out = fsck(capsys, img, *opts)
+        assert rc == 0, out
+        assert "no problems found" in out
+    fs = FileSystem.mount(img)
+    assert fs.mount_path == "clean"        # -y found nothing and wrote nothing
+    fs.unmount()
+    check_contents(img, want)
+
+
+def test_local_logs_dirty_stop_is_clean(img, capsys):
+    ino, want = local_workload(img, crash=True)
+    rc, out = fsck(capsys, img)            # not clean: checked without -f
+    assert rc == 0, out
+    assert "no problems found" in out
+    assert fsck(capsys, img, "-y")[0] == 0
+    fs = FileSystem.mount(img)
+    assert fs.mount_path == "recovery"
+    fs.unmount()
+    check_contents(img, want)
+    assert fsck(capsys, img, "-f", "-n")[0] == 0
+
+
+@pytest.mark.parametrize("which", ["later", "first"])
+def test_local_log_entry_damaged(img, capsys, tmp_path, which):
+    ino, want = local_workload(img)
+    f, cpu = ino["f"], away(ino["f"])
+    with Img(img) as m:
+        line = m.line(f, cpu)
+        head = m.u64(line + L.LA_HEAD)
+        ents = m.local_entries(f, cpu)
+        # 'later': the entry of loop write 40 (its size field is the end it reached)
+        pos, raw = ents[0] if which == "first" else \
+            next((p, r) for p, r in ents if struct.unpack_from("<Q", r, 40)[0] == 13410)
+        assert raw[0] == L.E_WRITE
+        m.flip(pos + 20)
+        mark_dirty(m)
+    fix = "Truncate it after the last good entry? yes" if which == "later" else \
+        "Drop that log (nothing in it can be used)? yes"
+    out, fixed = repair_cycle(capsys, img, f"inode {f} ('/f'): per-core log of CPU {cpu}: "
+                              f"file write entry at {pos:#x} fails its checksum",
+                              tmp_dir=str(tmp_path), mount="refused")
+    assert fix in fixed
+    with Img(img) as m:
+        tail = m.u64(line + L.LA_TAIL)
+        assert m.u64(line + L.LA_HEAD) == head       # a head without a tail is legal
+        assert tail == (pos if which == "later" else 0)
+    fs = FileSystem.mount(img)
+    if which == "later":                             # writes 40.. of the loop are gone
+        size = 13000 + 10 * 40
+        assert fs.getattr(f).size == size
+        assert fs.read(f, 0, size + 10) == want[f][:size]
+    else:                                            # only the global log is left
+        assert fs.getattr(f).size == 5000
+        assert fs.read(f, 0, 4096) == want[f][:4096]
+    g = ino["g"]
+    assert fs.read(g, 0, len(want[g])) == want[g]   # the other file is untouched
+    fs.unmount()
+
+
+@pytest.mark.parametrize("kind", ["metadata block", "past the device", "data page",
+                                  "another array"])
+def test_bad_log_array_pointer(img, capsys, tmp_path, kind):
+    ino, want = local_workload(img)
+    f, g = ino["f"], ino["g"]
+    victim = g if kind == "another array" else f
+    with Img(img) as m:
+        if kind == "metadata block":
+            blk = m.regions[1].itable_start
+            why = "lies outside the data area"
+        elif kind == "past the device":
+            blk = 1 << 40
+            why = "lies outside the data area"
+        elif kind == "data page":
+            blk = next(struct.unpack_from("<Q", raw, 32)[0] for _, raw in m.entries(ino["z"])
+                       if raw[0] == L.E_WRITE)
+            why = f"is also a data page of inode {ino['z']}"
+        else:
+            blk = m.array(f)
+            why = f"does not point to this inode's per-core log array (its lines lead to " \
+                  f"logs of inode {f})"
+        m.put64(m.addr(victim) + L.I_LOG_ARRAY, blk)
+        mark_dirty(m)
+    out, fixed = repair_cycle(capsys, img, f"inode {victim} ('/{'g' if victim == g else 'f'}'): "
+                              f"per-core log array pointer (block {blk}) {why}",
+                              tmp_dir=str(tmp_path), mount="refused")
+    assert "Clear the pointer (the per-core logs it leads to are lost)? yes" in fixed
+    with Img(img) as m:
+        assert m.array(victim) == 0
+    fs = FileSystem.mount(img)
+    assert fs.getattr(victim).size == 5000                  # the global log's state
+    assert fs.read(victim, 0, 4096) == want[victim][:4096]
+    keep = f if victim == g else g
+    assert fs.read(keep, 0, len(want[keep]) + 1) == want[keep]
+    fs.unmount()
+
+
+def test_directory_with_log_array(img, capsys, tmp_path):
+    ino, want = local_workload(img)
+    d = ino["d"]
+    with Img(img) as m:
+        blk = m.regions[1].end - 1                          # a free data block
+        m.put64(m.addr(d) + L.I_LOG_ARRAY, blk)
+        mark_dirty(m)
+    out, fixed = repair_cycle(capsys, img, f"directory {d} ('/d'): per-core log array pointer "
+                              f"(block {blk}) is set, but a directory has only its one log",
+                              tmp_dir=str(tmp_path), mount="refused")
+    with Img(img) as m:
+        assert m.array(d) == 0
+    check_contents(img, want)
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_local_log_head_without_tail_is_legal(img, capsys, crash):
+    ino, want = local_workload(img, crash=crash)
+    with Img(img) as m:
+        f, g = ino["f"], ino["g"]
+        # A local log whose creation never committed: head stored, tail still 0.
+        m.put64(m.line(f, 1 - away(f)) + L.LA_HEAD, (m.regions[0].end - 1) * L.BLOCK)
+        m.put64(m.line(g, 1 - away(g)) + L.LA_HEAD, 0x1234)
+    rc, out = fsck(capsys, img, "-f", "-n")
+    assert rc == 0 and "no problems found" in out, out
+    assert fsck(capsys, img, "-f", "-y")[0] == 0
+    check_contents(img, want)
+    assert fsck(capsys, img, "-f", "-n")[0] == 0
+
+
+def test_log_array_line_words_preened(img, capsys):
+    ino, want = local_workload(img)
+    f = ino["f"]
+    with Img(img) as m:
+        m.put64(m.line(f, 1 - away(f)) + L.LA_TAIL, 0x1238)           # a tail, no head
+        m.put(m.line(f, away(f)) + 40, b"\x01")                       # reserved byte
+        m.put(m.array(f) * L.BLOCK + 3000, b"\x02")                   # past the lines
+    rc, out = fsck(capsys, img, "-f", "-n")
+    assert rc == 4
+    assert f"the line of CPU {1 - away(f)} has a tail (0x1238) but no head" in out
+    assert f"reserved bytes of the line(s) of CPU {away(f)} and bytes past the last CPU's " \
+        "line are not zero" in out
+    rc, out = fsck(capsys, img, "-f", "-p")
+    assert rc == 1, out
+    assert "Clear that tail? yes" in out and "Zero them? yes" in out
+    rc, out = fsck(capsys, img, "-f", "-n")
+    assert rc == 0, out
+    with Img(img) as m:
+        assert not any(m.pm.read(m.array(f) * L.BLOCK + 16, L.BLOCK - 16)[k]
+                       for k in range(L.BLOCK - 16) if (k + 16) % L.LA_LINE >= 16)
+    check_contents(img, want)
+
+
+def test_open_journal_with_log_array_word(img, capsys):
+    """A compaction cut short: its transaction restores head, tail and the array word."""
+    ino, want = local_workload(img)
+    f = ino["f"]
+    fs = FileSystem.mount(img)
+    a = fs.inode_addr(f)
+    words = [a + L.I_LOG_HEAD, a + L.I_LOG_TAIL, a + L.I_LOG_ARRAY]
+    old = [(w, fs.pm.read_u64(w)) for w in words]
+    assert old[2][1] != 0
+    fs.compact(f)
+    assert fs.pm.read_u64(a + L.I_LOG_ARRAY) == 0
+    fs.pm.close()                          # crash before the journal closed (F3..F4)
+    with Img(img) as m:
+        recs = b"".join(struct.pack("<QQ", w, v) for w, v in old)
+        jb = m.regions[0].journal_block * L.BLOCK
+        m.put(jb + L.J_RECORDS, recs)
+        m.put64(jb, L.journal_word(len(old), recs))
+    rc, out = fsck(capsys, img, "-n")
+    assert rc == 0, out
+    assert "holds an unfinished operation (3 words); mount rolls it back" in out
+    assert "no problems found" in out
+    assert fsck(capsys, img, "-y")[0] == 0
+    fs = FileSystem.mount(img)
+    assert fs.pm.read_u64(a + L.I_LOG_ARRAY) == old[2][1]       # rolled back
+    fs.unmount()
+    check_contents(img, want)
+    assert fsck(capsys, img, "-f", "-n")[0] == 0
+
+
+def test_other_format_version_is_refused(img, capsys):
+    workload(img)
+    with Img(img) as m:
+        sb = read_superblock(m.pm)[0]
+        sb.version = 1
+        m.put(0, sb.pack())
+        m.put((sb.total_blocks - 1) * L.BLOCK, sb.pack())
+    with open(img, "rb") as f:
+        before = hashlib.sha1(f.read()).digest()
+    for opts in (["-n"], ["-y", "-f"], ["-p"]):
+        rc, out = fsck(capsys, img, *opts)
+        assert rc == 8, out
+        assert out.count("\n") == 1 and "format version 1 is not supported" in out, out
+    with open(img, "rb") as f:
+        assert hashlib.sha1(f.read()).digest() == before
+
+
 # ---------------------------------------------------------------------- modes and CLI
 def test_preen_repairs_only_safe_problems(img, capsys):
     ino = workload(img)
@@ -811,3 +1082,77 @@ def test_random_damage_is_repaired(base_image, tmp_path, seed):
                 fs.read(c, 0, min(a.size, 1 << 20))
     walk(ROOT)
     fs.unmount()
+
+
+@pytest.fixture(scope="module")
+def local_base_image(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("local") / "local.img")
+    format_device(path, 8 << 20, numa_nodes=1, cpus_per_node=2)
+    local_workload(path)
+    return path
+
+
+def _damage_local(path: str, rnd: random.Random) -> None:
+    """Damage per-core logs: their entries, pages, array lines and array pointers."""
+    with Img(path) as m:
+        files = [i for i in range(1, m.sb.inodes_per_cpu * m.sb.ncpus + 1)
+                 if m.u64(m.addr(i) + L.I_STATE) == L.STATE_LIVE and m.array(i)]
+        for _ in range(rnd.randint(1, 3)):
+            ino = rnd.choice(files)
+            if not 0 < m.array(ino) < m.sb.total_blocks:
+                continue                                 # its pointer was damaged already
+            cpu = away(ino)
+            kind = rnd.randrange(5)
+            try:
+                ents = m.local_entries(ino, cpu)
+            except plog.LogError:
+                ents = []
+            if kind == 0 and ents:                       # a field of an entry, CRC fixed up
+                pos, raw = rnd.choice(ents)
+                body = bytearray(raw)
+                j = rnd.choice([k for k in range(1, len(body)) if not 4 <= k < 8])
+                body[j] = rnd.choice([0, 1, 2, 0xFF, body[j] ^ 1, rnd.randrange(256)])
+                m.put(pos, reseal(body))
+            elif kind == 1 and ents:                     # a raw byte of a local log page
+                page = rnd.choice(sorted({p // L.BLOCK for p, _ in ents}))
+                m.flip(page * L.BLOCK + rnd.choice([rnd.randrange(512),
+                                                    L.PT_NEXT + rnd.randrange(32)]))
+            elif kind == 2:                              # a head or tail word of a line
+                a = m.line(ino, rnd.randrange(2)) + rnd.choice([L.LA_HEAD, L.LA_TAIL])
+                m.put64(a, rnd.choice([0, 8, m.u64(a) + 8, max(0, m.u64(a) - 8),
+                                       m.u64(a) + L.BLOCK, rnd.randrange(1 << 32)]))
+            elif kind == 3:                              # the array pointer
+                a = m.addr(ino) + L.I_LOG_ARRAY
+                m.put64(a, rnd.choice([m.u64(a) + 1, m.u64(a) - 1, rnd.randrange(2048),
+                                       m.u64(m.addr(rnd.choice(files)) + L.I_LOG_ARRAY),
+                                       1 << 33]))
+            else:                                        # any byte of the array block
+                m.flip(m.array(ino) * L.BLOCK + rnd.randrange(L.BLOCK))
+        if rnd.random() < 0.5:
+            mark_dirty(m)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_local_log_damage_is_repaired(local_base_image, tmp_path, seed):
+    path = str(tmp_path / "d.img")
+    shutil.copyfile(local_base_image, path)
+    _damage_local(path, random.Random(seed))
+    with open(path, "rb") as f:
+        before = hashlib.sha1(f.read()).digest()
+    Checker(path, policy=NO, force=True, out=io.StringIO()).run()
+    with open(path, "rb") as f:
+        assert hashlib.sha1(f.read()).digest() == before, "-n changed the image"
+    out = io.StringIO()
+    assert Checker(path, policy=YES, force=True, out=out).run() in (0, 1), out.getvalue()
+    again = io.StringIO()
+    assert Checker(path, policy=NO, force=True, out=again).run() == 0, \
+        out.getvalue() + "---\n" + again.getvalue()
+    fs = FileSystem.mount(path)
+    for name, c, _ in fs.readdir(ROOT)[2:]:
+        a = fs.getattr(c)
+        if stat.S_ISREG(a.mode):
+            n = min(a.size, 1 << 20)                 # a damaged size may be huge (sparse)
+            assert len(fs.read(c, 0, n)) == n
+            fs.write(c, n, b"more")                  # the repaired logs take appends
+    fs.unmount()
+    assert Checker(path, policy=NO, force=True, out=io.StringIO()).run() == 0

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from pnova import layout as L
 from pnova.engine import FileSystem
 
 MKFS = os.path.join(os.path.dirname(sys.executable), "mkfs.pnova")
@@ -20,7 +21,7 @@ def test_summary_line_and_mountable(tmp_path):
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip()
     assert "\n" not in line
-    for part in ("64.0 MiB", "2 NUMA node(s) x 2 CPU(s)", "inodes", "format v1"):
+    for part in ("64.0 MiB", "2 NUMA node(s) x 2 CPU(s)", "inodes", f"format v{L.FORMAT_VERSION}"):
         assert part in line
     assert os.path.getsize(img) == 64 << 20
     fs = FileSystem.mount(img)

@@ -772,3 +772,14 @@ def test_engine_exception_is_eio_and_mount_stays_up(mnt: Mount) -> None:
     err = mnt.fg.stderr.read()
     assert err.count("Traceback") == 3 and "injected engine failure" in err
     assert engine_state(mnt.image) == "clean"
+
+
+def test_lock_scheme_options(tmp_path):
+    """-o lock= and segment_pages= are accepted; bad values get one line and exit 1."""
+    from pnova.mount import UsageError, parse_args
+
+    cfg = parse_args([str(tmp_path / "i"), str(tmp_path), "-o", "rw,lock=rangetree,segment_pages=4"])
+    assert (cfg.lock, cfg.segment_pages) == ("rangetree", 4)
+    for bad in ("lock=spin", "segment_pages=0", "segment_pages=x"):
+        with pytest.raises(UsageError, match=bad.split("=")[0]):
+            parse_args([str(tmp_path / "i"), str(tmp_path), "-o", bad])

@@ -6,6 +6,7 @@ import os
 import sys
 
 from pnova.fsck import NO, PREEN, YES, CheckAborted, Checker
+from pnova.layout import FORMAT_VERSION
 from pnova.util import image_locked, lock_image
 
 EXIT_OK, EXIT_FIXED, EXIT_LEFT, EXIT_OPERATIONAL, EXIT_USAGE = 0, 1, 4, 8, 16
@@ -22,7 +23,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> _Parser:
-    ap = _Parser(prog=PROG, description="Check a pnova filesystem image and repair it.",
+    ap = _Parser(prog=PROG, description="Check a pnova filesystem image (on-media format "
+                 f"version {FORMAT_VERSION}) and repair it.",
                  epilog="Exit status (summed): 0 no errors, 1 errors corrected, 4 errors "
                  "left uncorrected, 8 operational error, 16 usage error.")
     ap.add_argument("device", help="the image file")

@@ -1,0 +1,325 @@
+"""The worker pool: forked processes pinned to CPUs, a start barrier, a timed loop.
+
+How one run goes (FxMark's protocol):
+
+1. The parent forks ``n`` workers.  Worker ``k`` pins itself to one CPU
+   (``cpus[k % len(cpus)]``), runs ``setup(k)`` (which returns the per-op
+   function) and reports "ready" on its own pipe.
+2. When every worker is ready the parent writes the common stop time
+   (now + duration, CLOCK_MONOTONIC, which all processes share) into a small
+   shared mapping and closes the write end of the "go" pipe: every worker,
+   blocked reading that pipe, wakes at once.
+3. Each worker reads its own start time, calls ``op(1)``, ``op(2)``, ... until
+   the stop time, and reports its op count, its elapsed time and the CPU time
+   it used during the loop (``resource.getrusage``), as one JSON line.
+4. Meanwhile the parent only waits, calling the target's housekeeping
+   (``background``) every few milliseconds if it has any.
+5. The parent collects the reports; a worker that raised, died, never got
+   ready, or did not finish within a grace period (it is then killed) is a
+   failure with a one-line reason.
+
+A worker that started late runs for less than the duration; the caller
+decides what is too short (the 90% rule lives in :func:`summarise`).
+
+Test hook: ``fail_worker=k`` makes worker ``k`` raise :class:`InjectedFailure`
+in its tenth op (the ``fxmark`` command sets it from the environment variable
+``FXMARK_FAIL_WORKER``).  It exists to test that failures are reported as
+failures; with it unset the timed loop is not touched.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import resource
+import select
+import signal
+import struct
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from .workloads import Op
+
+INJECT_AFTER = 10              # the op in which an injected failure happens
+READY_TIMEOUT = 120.0          # seconds for every worker to finish its setup
+GRACE = 60.0                   # seconds past the stop time before a worker is killed;
+                               # longer than pnova's 30 s lock timeout, so a worker stuck
+                               # on a dead holder's lock reports that itself
+MIN_FRACTION = 0.9             # a worker must run this share of the duration
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the test hook (``fail_worker``)."""
+
+
+@dataclass
+class WorkerResult:
+    """What one worker reported (or what the parent found out about it)."""
+    wid: int
+    cpu: int
+    ops: int = 0
+    elapsed: float = 0.0       # seconds in the timed loop
+    utime: float = 0.0         # user CPU seconds in the timed loop
+    stime: float = 0.0         # system CPU seconds in the timed loop
+    error: str | None = None
+
+
+@dataclass
+class PoolResult:
+    """All workers' results and the first failure, if any."""
+    duration: float
+    workers: list[WorkerResult] = field(default_factory=list)
+    failed: str | None = None
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on, in order (what workers are pinned to)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:                       # pragma: no cover - not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def _child(wid: int, cpu: int, setup: Callable[[int], Op], go_r: int, out_w: int,
+           stop_at: mmap.mmap, fail_worker: int | None) -> None:
+    """Body of worker ``wid``; never returns (os._exit), never raises."""
+    res = WorkerResult(wid, cpu)
+    status = 0
+    n = 0
+    try:
+        os.sched_setaffinity(0, {cpu})
+        op = setup(wid)
+        if fail_worker == wid:
+            op = _failing(op)
+        os.write(out_w, b"ready\n")
+        os.read(go_r, 1)                         # returns b"" when the parent closes it
+        deadline = struct.unpack_from("d", stop_at, 0)[0]
+        mono = time.monotonic
+        getrusage = resource.getrusage
+        ru0 = getrusage(resource.RUSAGE_SELF)
+        t0 = t = mono()
+        while t < deadline:
+            n += 1
+            op(n)
+            t = mono()
+        ru1 = getrusage(resource.RUSAGE_SELF)
+        res.ops, res.elapsed = n, t - t0
+        res.utime = ru1.ru_utime - ru0.ru_utime
+        res.stime = ru1.ru_stime - ru0.ru_stime
+    except BaseException as e:                   # noqa: BLE001 - reported, not swallowed
+        res.error = _one_line(e)
+        res.ops = max(0, n - 1)                  # the ops completed before the failure
+        status = 1
+    try:
+        os.write(out_w, json.dumps(asdict(res)).encode() + b"\n")
+    finally:
+        # _exit: no atexit handlers, no flushing of buffers inherited from the
+        # parent, no unmount: the parent owns the filesystem.
+        os._exit(status)
+
+
+def _failing(op: Op) -> Op:
+    def failing_op(seq: int) -> object:
+        if seq == INJECT_AFTER:
+            raise InjectedFailure(f"injected failure in op {seq} (test hook)")
+        return op(seq)
+    return failing_op
+
+
+def _one_line(e: BaseException) -> str:
+    """'Type: message (file:line)' of the innermost frame: enough to find the fault."""
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" ({os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg}{where}" if msg else f"{type(e).__name__}{where}"
+
+
+class _Pipes:
+    """Line-oriented reading of every worker's pipe, with one timeout."""
+
+    def __init__(self, fds: dict[int, int]) -> None:
+        self.fd_of = fds                          # wid -> read fd
+        self.buf = {wid: b"" for wid in fds}
+        self.eof: set[int] = set()
+
+    def lines(self, wid: int) -> list[bytes]:
+        return self.buf[wid].split(b"\n")[:-1]
+
+    def wait(self, done: Callable[[int], bool], until: float,
+             tick: Callable[[], object] | None = None, every: float = 1.0) -> list[int]:
+        """Read until ``done(wid)`` or EOF for every worker, or ``until``; return the rest.
+
+        ``tick`` is called about every ``every`` seconds meanwhile.
+        """
+        next_tick = time.monotonic() + every
+        while True:
+            todo = [w for w in self.fd_of if not done(w) and w not in self.eof]
+            now = time.monotonic()
+            left = until - now
+            if not todo or left <= 0:
+                return todo
+            if tick is not None:
+                if now >= next_tick:
+                    tick()
+                    next_tick = now + every
+                left = min(left, max(0.0, next_tick - now))
+            ready, _, _ = select.select([self.fd_of[w] for w in todo], [], [], left)
+            for w in todo:
+                if self.fd_of[w] in ready:
+                    chunk = os.read(self.fd_of[w], 65536)
+                    if chunk:
+                        self.buf[w] += chunk
+                    else:
+                        self.eof.add(w)
+
+
+def run_workers(n: int, setup: Callable[[int], Op], duration: float, *,
+                cpus: list[int] | None = None, fail_worker: int | None = None,
+                grace: float = GRACE, background: Callable[[], object] | None = None,
+                interval: float = 0.01) -> PoolResult:
+    """Run ``n`` workers for ``duration`` seconds; see the module docstring.
+
+    ``background``, if given, is called in the parent every ``interval``
+    seconds while the workers run (a filesystem's housekeeping, such as
+    pNOVA's designated refiller of log-pointer rings).  If it raises, the run
+    fails with its error and it is not called again.
+    """
+    tick_error: list[str] = []
+
+    def tick() -> None:
+        if background is None or tick_error:
+            return
+        try:
+            background()
+        except Exception as e:                  # noqa: BLE001 - reported as the failure
+            tick_error.append(f"parent housekeeping: {_one_line(e)}")
+
+    cpus = cpus or usable_cpus()
+    out = PoolResult(duration)
+    stop_at = mmap.mmap(-1, mmap.PAGESIZE)       # anonymous, shared with the children
+    go_r, go_w = os.pipe()
+    pids: dict[int, int] = {}
+    fds: dict[int, int] = {}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        for wid in range(n):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:                         # the worker
+                os.close(go_w)
+                os.close(r)
+                _child(wid, cpus[wid % len(cpus)], setup, go_r, w, stop_at, fail_worker)
+            os.close(w)
+            pids[wid], fds[wid] = pid, r
+        pipes = _Pipes(fds)
+        not_ready = pipes.wait(lambda w: b"ready" in pipes.lines(w),
+                               time.monotonic() + READY_TIMEOUT)
+        not_ready += [w for w in fds if w not in not_ready and b"ready" not in pipes.lines(w)]
+        # Release the workers (a stop time of "now" when one of them is not
+        # ready: the others then stop at once instead of measuring nothing).
+        stop = time.monotonic() + (0.0 if not_ready else duration)
+        struct.pack_into("d", stop_at, 0, stop)
+        os.close(go_w)
+        go_w = -1
+        unfinished = pipes.wait(lambda w: len(pipes.lines(w)) >= 2, stop + grace,
+                                tick if background is not None else None, interval)
+        for wid in unfinished:
+            os.kill(pids[wid], signal.SIGKILL)   # our own child, stuck
+        statuses = {wid: os.waitpid(pid, 0)[1] for wid, pid in pids.items()}
+        pids.clear()
+        for wid in range(n):
+            res = _parse(wid, cpus[wid % len(cpus)], pipes.lines(wid))
+            if res.error is None:
+                if wid in unfinished:
+                    res.error = f"did not finish within {grace:g} s of the stop time; killed"
+                elif wid in not_ready:
+                    res.error = "never became ready"
+                elif statuses[wid] != 0:
+                    res.error = _describe_status(statuses[wid])
+            out.workers.append(res)
+        for res in out.workers:
+            if res.error is not None:
+                out.failed = f"worker {res.wid}: {res.error}"
+                break
+        if out.failed is None and tick_error:
+            out.failed = tick_error[0]
+    finally:
+        if go_w >= 0:
+            os.close(go_w)
+        for pid in pids.values():               # only after an error in the parent itself
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+        for r in fds.values():
+            os.close(r)
+        os.close(go_r)
+        stop_at.close()
+    return out
+
+
+def _parse(wid: int, cpu: int, lines: list[bytes]) -> WorkerResult:
+    for line in lines:
+        if line.startswith(b"{"):
+            try:
+                return WorkerResult(**json.loads(line))
+            except (ValueError, TypeError):
+                return WorkerResult(wid, cpu, error="sent an unreadable report")
+    return WorkerResult(wid, cpu)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name} without a report"
+    return f"exited with status {os.waitstatus_to_exitcode(status)} without a report"
+
+
+def summarise(pool: PoolResult) -> dict:
+    """The numbers of a run, or its failure.
+
+    Returns a dict with ``ops`` (sum over workers), ``seconds`` (mean elapsed
+    time of the workers), ``worker_ops`` and ``worker_seconds``, and either
+    ``ops_per_sec`` = ops / seconds and ``cpu``, or ``failed`` (a reason) when
+    a worker failed or ran less than 90% of the duration.
+
+    ``cpu`` = {user, sys, idle}, fractions of the CPU time the workers had:
+    user = sum of the workers' user CPU seconds / sum of their elapsed
+    seconds (wall time x workers), sys likewise, idle = 1 - user - sys
+    (clamped at 0).  CPU seconds come from getrusage(RUSAGE_SELF) of each
+    worker, taken right before and after its timed loop.  Idle covers time
+    a worker was blocked or waiting for a CPU; a worker spinning on a lock
+    counts as busy (user), as in FxMark.
+    """
+    ws = pool.workers
+    rec: dict = {
+        "worker_ops": [w.ops for w in ws],
+        "worker_seconds": [round(w.elapsed, 6) for w in ws],
+    }
+    if pool.failed is None:
+        short = [w for w in ws if w.elapsed < MIN_FRACTION * pool.duration]
+        if short:
+            w = short[0]
+            pool.failed = (f"worker {w.wid} ran {w.elapsed:.3f} s of the requested "
+                           f"{pool.duration:g} s (less than {MIN_FRACTION:.0%})")
+    if pool.failed is not None:
+        rec["failed"] = pool.failed
+        return rec
+    ops = sum(w.ops for w in ws)
+    seconds = sum(w.elapsed for w in ws) / len(ws)
+    busy = sum(w.elapsed for w in ws)
+    user = sum(w.utime for w in ws) / busy
+    sys_ = sum(w.stime for w in ws) / busy
+    rec.update(ops=ops, seconds=seconds, ops_per_sec=ops / seconds,
+               cpu={"user": round(user, 4), "sys": round(sys_, 4),
+                    "idle": round(max(0.0, 1.0 - user - sys_), 4)})
+    return rec
