@@ -1388,7 +1388,9 @@ class FileSystem:
             return 0
         if off + n > L.MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
-        inode = self.get(ino)
+        # Before the locks the cached size is a hint (is this write extending?);
+        # the inode is validated once, under the locks.
+        inode = self.cache.get(ino) or self.get(ino)
         if inode.pages is None:
             raise FsError(errno.EISDIR)
         sch = self.scheme

@@ -753,6 +753,10 @@ class Checker:
                 raise ValueError("impossible page range or size")
             if block + npages > self.sb.total_blocks:
                 raise ValueError(f"blocks {block}-{block + npages - 1} lie past the device end")
+            if block < 2:               # replay refuses these, so a remap would not help
+                what = f"block {block} overlaps" if npages == 1 else \
+                    f"blocks {block}-{block + npages - 1} overlap"
+                raise ValueError(f"{what} the superblock or the region table")
         elif t == L.E_SETATTR and e[2] & L.SA_SIZE and e[6] > L.MAX_FILE_SIZE:
             raise ValueError("impossible size")
 

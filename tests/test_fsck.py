@@ -813,6 +813,31 @@ def test_local_log_entry_damaged(img, capsys, tmp_path, which):
     fs.unmount()
 
 
+def test_local_write_entry_into_block_1_is_cut(img, capsys, tmp_path):
+    """Replay refuses a write to blocks 0-1, so remapping the page would not do."""
+    ino, want = local_workload(img)
+    f, cpu = ino["f"], away(ino["f"])
+    with Img(img) as m:
+        pos, raw = m.local_entries(f, cpu)[-1]
+        body = bytearray(raw)
+        struct.pack_into("<Q", body, 32, 1)
+        m.put(pos, reseal(body))
+        mark_dirty(m)
+    out, fixed = repair_cycle(capsys, img, f"inode {f} ('/f'): per-core log of CPU {cpu}: "
+                              f"file write entry at {pos:#x} is malformed (block 1 overlaps "
+                              "the superblock or the region table)", tmp_dir=str(tmp_path),
+                              mount="refused")
+    assert "Truncate it after the last good entry? yes" in fixed
+    fs = FileSystem.mount(img)
+    size = 13000 + 10 * 79                           # the last write is gone
+    data = fs.read(f, 0, size + 10)
+    assert len(data) == size and data[:12288] == want[f][:12288]
+    # Page 3 is mapped as before the last write, to a block that write let go
+    # of: still its old bytes, or zeros if another file took it meanwhile.
+    assert data[12288:] in (want[f][12288:size], bytes(size - 12288))
+    fs.unmount()
+
+
 @pytest.mark.parametrize("kind", ["metadata block", "past the device", "data page",
                                   "another array"])
 def test_bad_log_array_pointer(img, capsys, tmp_path, kind):
@@ -898,8 +923,10 @@ def test_log_array_line_words_preened(img, capsys):
     rc, out = fsck(capsys, img, "-f", "-n")
     assert rc == 0, out
     with Img(img) as m:
-        assert not any(m.pm.read(m.array(f) * L.BLOCK + 16, L.BLOCK - 16)[k]
-                       for k in range(L.BLOCK - 16) if (k + 16) % L.LA_LINE >= 16)
+        raw = m.pm.read(m.array(f) * L.BLOCK, L.BLOCK)
+        assert not any(raw[2 * L.LA_LINE:])
+        assert not any(any(raw[c * L.LA_LINE + 16:(c + 1) * L.LA_LINE]) for c in range(2))
+        assert struct.unpack_from("<Q", raw, (1 - away(f)) * L.LA_LINE + L.LA_TAIL)[0] == 0
     check_contents(img, want)
 
 

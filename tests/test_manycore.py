@@ -209,3 +209,71 @@ def test_catch_up_sees_an_earlier_write_committed_mid_scan(tmp_path):
     assert got == b"yyyy"
     assert fs0.read(ino, 0, 4) == b"yyyy"          # and the next catch-up keeps it
     fs0.unmount()
+
+
+def test_a_killed_worker_does_not_wedge_the_others(tmp_path):
+    """kill -9 of a worker that holds the write locks of the pages the survivor
+    writes: the survivor takes them over once the lease has passed and keeps
+    going; a crash recovery afterwards gives an fsck-clean device, whole pages."""
+    import signal
+
+    path = str(tmp_path / "kill.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs = FileSystem.mount(path, lock="segment", segment_pages=4)
+    ino = fs.create(1, b"f", 0o644).ino
+    fs.write(ino, 0, bytes(8 * PAGE))
+    fs.prepare_workers()
+    progress = tmp_path / "progress"
+
+    def loop(cpu: int, count: int | None) -> None:
+        fs.become_worker(cpu)
+        i = 0
+        while count is None or i < count:
+            p = i % 8
+            fs.write(ino, p * PAGE, struct.pack("<Q", tag(cpu, i, p)) * (PAGE // 8))
+            i += 1
+            if cpu == 1 and i == 50:
+                # die holding the lock of the pages the survivor will write
+                fs.scheme.lock(ino, 0, 7, True)
+                progress.write_text("holding")
+                time.sleep(60)
+
+    victim = os.fork()
+    if victim == 0:
+        try:
+            loop(1, None)
+        finally:
+            os._exit(1)
+    deadline = time.monotonic() + 30
+    while not progress.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    os.kill(victim, signal.SIGKILL)
+    os.waitpid(victim, 0)
+    from pnova.locks import WRITER
+    slots = fs.scheme.slots(ino, 0, 7)
+    assert all(fs.area.w.load32(o) == WRITER | 2 for o in slots)   # held by dead CPU 1
+    survivor = os.fork()
+    if survivor == 0:
+        code = 1
+        try:
+            loop(0, 2000)
+            code = 0
+        finally:
+            os._exit(code)
+    while True:
+        done, status = os.waitpid(survivor, os.WNOHANG)
+        if done:
+            break
+        assert time.monotonic() < deadline + 30, "the survivor is stuck behind a dead lock"
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert all(fs.area.w.load32(o) == 0 for o in slots)
+    fs.pm.close()                                  # the whole thing crashes now
+    fs.pm = None
+    rec = FileSystem.mount(path)
+    data = rec.read(ino, 0, 8 * PAGE)
+    check_pages(data, 0, "after the kill")
+    rec.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
