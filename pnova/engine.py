@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import heapq
+import struct
 import logging
 import stat
 import time
@@ -33,8 +34,11 @@ from .shared import H_NS_LOCK, H_SEQ, HELD_MAX, SharedArea
 logger = logging.getLogger("pnova")
 
 _XATTR_NS_OK = (b"user.",)
+_U64 = struct.Struct("<Q")
 # How often an optimistic read of an inode's logs is repeated before giving up.
 _RETRIES = 100
+# generation (line 0) and the four words of line 1, read in one call
+_SLOT_WORDS = struct.Struct("<Q32xQQQQ")
 # Largest piece of a read done under one range lock.  A segment scheme takes
 # one read lock per segment, and a CPU can record only HELD_MAX of them at once
 # in the shared area, so there a piece spans at most HELD_MAX - 2 segments.
@@ -202,6 +206,8 @@ class FileSystem:
         self.nfree_inodes = 0
         self.cache: dict[int, Inode] = {}
         self._compact_wanted: set[int] = set()
+        # all heads and tails of a per-core log array, read in one call
+        self._lines = struct.Struct("<" + "QQ48x" * self.ncpus)
         self._ns_held = False                    # this process holds the namespace lock
         self.max_log_pages = total
         self.mount_path = ""
@@ -529,29 +535,27 @@ class FileSystem:
         Returns (entries, global tail, new global pages, local positions, with
         each log's page list holding only pages not in ``known``).
         """
-        pm = self.pm
-        addr = self.inode_addr(ino)
+        mm = self.pm.mm
+        tail_addr = self.inode_addr(ino) + L.I_LOG_TAIL
         local = {c: [h, t, []] for c, (h, t, _) in known.items()}
         gpages: list[int] = []
         out: list[tuple] = []
         base = array * L.BLOCK
+        lines = self._lines
         while True:
             moved = False
-            tail = pm.read_u64(addr + L.I_LOG_TAIL)
+            tail = _U64.unpack_from(mm, tail_addr)[0]
             if tail != gtail:
                 out += self._entries(head, tail, ino, gpages, gtail)
                 gtail = tail
                 moved = True
             if array:
+                words = lines.unpack_from(mm, base)
                 for cpu in range(self.ncpus):
-                    line = base + cpu * L.LA_LINE
-                    ltail = pm.read_u64(line + L.LA_TAIL)
+                    lhead, ltail = words[2 * cpu], words[2 * cpu + 1]
                     have = local.get(cpu)
-                    if ltail == (have[1] if have else 0):
-                        continue
-                    lhead = pm.read_u64(line + L.LA_HEAD)
-                    if not (lhead and ltail):
-                        continue                 # a local log never committed
+                    if ltail == (have[1] if have else 0) or not (lhead and ltail):
+                        continue                 # unchanged, or a log never committed
                     if have is None or have[0] != lhead:
                         have = local[cpu] = [lhead, 0, []]
                     got = self._entries(lhead, ltail, ino, have[2], have[1])
@@ -587,15 +591,13 @@ class FileSystem:
         can see a mix; it re-reads head and array after walking and starts
         again if either moved (every compaction moves the head).
         """
-        pm = self.pm
+        mm = self.pm.mm
         addr = self.inode_addr(inode.ino)
         for _ in range(_RETRIES):
-            if pm.read_u64(addr + L.I_STATE) != L.STATE_LIVE or \
-                    pm.read_u64(addr + L.I_GENERATION) != inode.generation:
+            gen, state, head, _tail, array = _SLOT_WORDS.unpack_from(mm, addr + L.I_GENERATION)
+            if state != L.STATE_LIVE or gen != inode.generation:
                 self.cache.pop(inode.ino, None)
                 return None
-            head = pm.read_u64(addr + L.I_LOG_HEAD)
-            array = pm.read_u64(addr + L.I_LOG_ARRAY)
             if head != inode.head or array != inode.array:
                 return self._reload(inode)
             try:
@@ -604,8 +606,8 @@ class FileSystem:
                 torn = False
             except (plog.LogError, ValueError):
                 torn = True
-            if pm.read_u64(addr + L.I_LOG_HEAD) != head or \
-                    pm.read_u64(addr + L.I_LOG_ARRAY) != array:
+            _g, _s, head2, _t, array2 = _SLOT_WORDS.unpack_from(mm, addr + L.I_GENERATION)
+            if head2 != head or array2 != array:
                 continue                    # compacted meanwhile: look again
             if torn:
                 return self._reload(inode)

@@ -176,8 +176,6 @@ def test_catch_up_sees_an_earlier_write_committed_mid_scan(tmp_path):
     """A cache scanning local tails in CPU order must not apply a later write of
     CPU 2 before an earlier, conflicting one of CPU 1 that committed while it
     was looking at CPU 2's log (the scan repeats until no tail moves)."""
-    from pnova import layout as L
-
     path = str(tmp_path / "race.img")
     format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=3)
     fs0 = FileSystem.mount(path, lock="pnova")
@@ -187,24 +185,28 @@ def test_catch_up_sees_an_earlier_write_committed_mid_scan(tmp_path):
     fs1.write(ino, 0, b"1" * PAGE)                 # both CPUs now have local logs
     fs2.write(ino, 0, b"2" * PAGE)
     assert fs0.read(ino, 0, 4) == b"2222"
-    line1 = fs0.get(ino).array * L.BLOCK + 1 * L.LA_LINE + L.LA_TAIL
-    pm = fs0.pm
-    real = pm.read_u64
+    real = fs0._lines
     armed = [True]
 
-    def read_u64(off: int) -> int:
-        v = real(off)
-        if off == line1 and armed[0]:
-            armed[0] = False                       # CPU 0 has just read CPU 1's tail:
+    class TornRead:
+        """Reads the array lines as a scan would if x and y committed between its
+        read of CPU 1's line and its read of CPU 2's line."""
+
+        def unpack_from(self, buf, off):
+            before = real.unpack_from(buf, off)
+            if not armed[0]:
+                return before
+            armed[0] = False
             fs1.write(ino, 0, b"x" * PAGE)         # x commits, then the later y
             fs2.write(ino, 0, b"y" * PAGE)
-        return v
+            after = real.unpack_from(buf, off)
+            return before[:4] + after[4:]          # CPU 0 and 1 old, CPU 2 new
 
-    pm.read_u64 = read_u64
+    fs0._lines = TornRead()
     try:
         got = fs0.read(ino, 0, 4)
     finally:
-        del pm.read_u64
+        fs0._lines = real
     assert not armed[0]
     assert got == b"yyyy"
     assert fs0.read(ino, 0, 4) == b"yyyy"          # and the next catch-up keeps it
