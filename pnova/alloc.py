@@ -79,7 +79,7 @@ class RegionBitmap:
         """Take up to ``n`` blocks; return extents (start block, count)."""
         w = self.w
         out: list[tuple[int, int]] = []
-        if n <= 0 or w.load64(self.counter) == 0:
+        if n <= 0:
             return out
         start = w.load64(self.cursor) % self.nwords
         if n < 64:
@@ -97,6 +97,8 @@ class RegionBitmap:
                     _extents(out, self.lo + 64 * start, mask)
                     w.add64(self.counter, -n)
                     return out
+        if w.load64(self.counter) == 0:
+            return out
         view = self.view()
         # words with a free bit, from the cursor on, then from the start
         cand = np.flatnonzero(view != ALL)
@@ -219,7 +221,10 @@ class Allocator:
 
         Data allocations may not dip into the reserve; metadata (log pages) may.
         """
-        if n > self.nfree - (0 if meta else self.reserve):
+        own = self._orders[cpu][0]
+        # The own region alone usually shows there is room: one counter read
+        # instead of the sum over every region.
+        if own.nfree < n + self.reserve and n > self.nfree - (0 if meta else self.reserve):
             raise FsError(errno.ENOSPC)
         out: list[tuple[int, int]] = []
         got = 0

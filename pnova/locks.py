@@ -232,8 +232,11 @@ class SegmentScheme(Scheme):
         """
         sp = self.segment_pages
         base = self.area.seg_locks
+        s0 = first // sp
+        if s0 == last // sp:                   # the common case: one segment
+            return [base + 4 * ((ino * 0x9E3779B1 + s0 * 0x85EBCA77) & (SEG_SLOTS - 1))]
         h = {base + 4 * ((ino * 0x9E3779B1 + s * 0x85EBCA77) & (SEG_SLOTS - 1))
-             for s in range(first // sp, last // sp + 1)}
+             for s in range(s0, last // sp + 1)}
         return sorted(h)
 
     def lock(self, ino: int, first: int, last: int, write: bool):
