@@ -716,9 +716,16 @@ class FileSystem:
                     if self.shared:
                         # Catch up with appends by other processes (a reload
                         # gives a new object: the entries go to that one).
-                        inode = self._validate(inode)
-                        if inode is None:
-                            raise FsError(errno.ENOENT)
+                        # Under the log lock the global log cannot move, so
+                        # unchanged slot words mean the cache is current for it.
+                        gen, state, head, tail, array = _SLOT_WORDS.unpack_from(
+                            pm.mm, self.inode_addr(inode.ino) + L.I_GENERATION)
+                        if (gen, state, head, tail, array) != (inode.generation, L.STATE_LIVE,
+                                                               inode.head, inode.tail,
+                                                               inode.array):
+                            inode = self._validate(inode)
+                            if inode is None:
+                                raise FsError(errno.ENOENT)
                     entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
                     raws = [L.encode_entry(e) for e in entries]
                     new_tail, pages = plog.append(pm, inode.tail, raws, inode.ino,
