@@ -626,12 +626,7 @@ class Checker:
 
     # ------------------------------------------------------------ pass 3: journals
     def _is_inode_word(self, addr: int) -> bool:
-        for r in self.regions:
-            lo = r.itable_start * L.BLOCK
-            if lo <= addr < lo + self.sb.inodes_per_cpu * L.INODE_SIZE:
-                return (addr - lo) % L.INODE_SIZE in (L.I_STATE, L.I_LOG_HEAD, L.I_LOG_TAIL,
-                                                      L.I_LOG_ARRAY)
-        return False
+        return L.is_journaled_word(addr, self.regions, self.sb.inodes_per_cpu)
 
     def check_journals(self) -> None:
         """Lite journals: closed, or (dirty image) an intact transaction mount rolls back."""

@@ -385,6 +385,19 @@ J_RECORD = 16
 J_MAX_RECORDS = (BLOCK - J_RECORDS) // J_RECORD
 
 
+# The inode words a lite-journal record may name (its undo target).
+JOURNALED_WORDS = (I_STATE, I_LOG_HEAD, I_LOG_TAIL, I_LOG_ARRAY)
+
+
+def is_journaled_word(addr: int, regions: list[Region], inodes_per_cpu: int) -> bool:
+    """True if ``addr`` is a word of an inode slot that a journal record may restore."""
+    for r in regions:
+        lo = r.itable_start * BLOCK
+        if lo <= addr < lo + inodes_per_cpu * INODE_SIZE:
+            return (addr - lo) % INODE_SIZE in JOURNALED_WORDS
+    return False
+
+
 def journal_word(count: int, records: bytes) -> int:
     return count | (crc32c(records) << 32)
 
