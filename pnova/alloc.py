@@ -30,18 +30,20 @@ from .shared import SharedArea
 ALL = (1 << 64) - 1
 
 
-class RegionBitmap:
-    """The bitmap, counter and cursor of one CPU's data area (in the shared area)."""
+class SharedBitmap:
+    """A bitmap (1 = in use) with a free counter and a cursor, in the shared area.
 
-    def __init__(self, area: SharedArea, region: Region) -> None:
-        self.region = region
-        self.lo = region.data_start
-        self.hi = region.end
-        self.n = self.hi - self.lo
-        self.nwords = (self.n + 63) // 64
+    Items are numbered ``lo .. lo + n - 1`` (blocks of a region, or slots of
+    an inode table).
+    """
+
+    def __init__(self, area: SharedArea, base: int, lo: int, n: int) -> None:
+        self.lo = lo
+        self.hi = lo + n
+        self.n = n
+        self.nwords = (n + 63) // 64
         self.w = area.w
         self.mm = area.mm
-        base = area.regions[region.cpu]
         self.counter = base
         self.cursor = base + 8
         self.words = base + 64
@@ -159,6 +161,14 @@ class RegionBitmap:
 
     def contains(self, block: int) -> bool:
         return self.lo <= block < self.hi
+
+
+class RegionBitmap(SharedBitmap):
+    """The free blocks of one CPU's data area."""
+
+    def __init__(self, area: SharedArea, region: Region) -> None:
+        super().__init__(area, area.regions[region.cpu], region.data_start, region.data_blocks)
+        self.region = region
 
     def stats(self) -> tuple[int, int]:
         """(free extents, largest free extent) of this region."""

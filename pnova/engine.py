@@ -4,14 +4,13 @@ Every public method takes inode numbers and byte-string names (the shape of
 FUSE requests) and either returns a result or raises :class:`FsError` with an
 errno.  The FUSE layer, the tools and the benchmark harness all drive this
 class.  Persistent state changes only through the pmem layer; the Python
-objects here (inode cache, allocators, free-inode heaps) are DRAM caches that
+objects here (inode cache, allocators, free-inode bitmaps) are DRAM caches that
 a mount rebuilds from the device.
 """
 from __future__ import annotations
 
 import errno
 import functools
-import heapq
 import struct
 import logging
 import stat
@@ -22,7 +21,7 @@ import numpy as np
 
 from . import layout as L
 from . import log as plog
-from .alloc import Allocator
+from .alloc import Allocator, SharedBitmap
 from .errors import CorruptImage, FsError
 from .inode import Inode
 from .journal import Journal, JournalError
@@ -202,8 +201,9 @@ class FileSystem:
         # True once several processes use the device: caches are then
         # validated against the device before every use.
         self.shared = False
-        self.free_inodes: list[list[int]] = [[] for _ in regions]
-        self.nfree_inodes = 0
+        # free inode slots of each CPU's table, shared by every worker process
+        self.free_inodes = [SharedBitmap(area, area.itables[c], 0, sb.inodes_per_cpu)
+                            for c in range(self.ncpus)]
         self.cache: dict[int, Inode] = {}
         self._compact_wanted: set[int] = set()
         # all heads and tails of a per-core log array, read in one call
@@ -271,27 +271,25 @@ class FileSystem:
         return words.view("<u8").reshape(-1, L.INODE_SIZE // 8)[:, L.I_STATE // 8]
 
     def _build_free_inodes(self) -> list[int]:
-        """Free-inode heaps from the state words; return the live inode numbers."""
+        """Free-inode bitmaps from the state words; return the live inode numbers."""
         live: list[int] = []
-        self.nfree_inodes = 0
         for r in self.regions:
-            # A copy: a view of the mapping kept alive by a CorruptImage traceback
-            # would make pm.close() fail with BufferError.
-            st = self._state_words(r).copy()
-            free = np.flatnonzero(st == L.STATE_FREE)
+            st = self._state_words(r).copy()      # a copy: no view outlives an error
             bad = np.flatnonzero((st != L.STATE_FREE) & (st != L.STATE_LIVE))
             if len(bad):
                 ino = self.ino_of(r.cpu, int(bad[0]))
                 raise CorruptImage(f"{self.pm.path}: inode {ino} has a bad state word; "
                                    "run fsck.pnova")
-            heap = free.tolist()
-            if r.cpu == 0 and heap and heap[0] == 0:
+            if r.cpu == 0 and st[0] == L.STATE_FREE:
                 raise CorruptImage(f"{self.pm.path}: the root inode is not live; run fsck.pnova")
-            self.free_inodes[r.cpu] = heap           # sorted ascending: already a heap
-            self.nfree_inodes += len(heap)
+            self.free_inodes[r.cpu].load(st != L.STATE_FREE)
             idx = np.flatnonzero(st == L.STATE_LIVE)
             live.extend((1 + idx * self.ncpus + r.cpu).tolist())
         return live
+
+    @property
+    def nfree_inodes(self) -> int:
+        return sum(b.nfree for b in self.free_inodes)
 
     def _load_clean(self) -> None:
         self._build_free_inodes()
@@ -409,8 +407,6 @@ class FileSystem:
                  lock=primary.lock_name, segment_pages=primary.segment_pages)
         fs.shared = True
         fs.scheme.sem.take_over()
-        fs.free_inodes = [list(h) for h in primary.free_inodes]
-        fs.nfree_inodes = primary.nfree_inodes
         return fs
 
     def become_worker(self, cpu: int) -> None:
@@ -984,22 +980,16 @@ class FileSystem:
 
     # ---------------------------------------------------------- inode life
     def _alloc_ino(self) -> int:
+        """A free inode slot: this CPU's table first, then the others."""
         order = [self.cpu] + [c for c in range(self.ncpus) if c != self.cpu]
         for c in order:
-            heap = self.free_inodes[c]
-            while heap:
-                self.nfree_inodes -= 1
-                ino = self.ino_of(c, heapq.heappop(heap))
-                # Another process may have taken this slot (its heap is a copy).
-                if not self.shared or \
-                        self.pm.read_u64(self.inode_addr(ino) + L.I_STATE) == L.STATE_FREE:
-                    return ino
+            got = self.free_inodes[c].alloc(1)
+            if got:
+                return self.ino_of(c, got[0][0])
         raise FsError(errno.ENOSPC)
 
     def _release_ino(self, ino: int) -> None:
-        cpu = (ino - 1) % self.ncpus
-        heapq.heappush(self.free_inodes[cpu], (ino - 1) // self.ncpus)
-        self.nfree_inodes += 1
+        self.free_inodes[(ino - 1) % self.ncpus].free((ino - 1) // self.ncpus, 1)
 
     def _evict(self, inode: Inode) -> None:
         """Free an inode with no links and no users: state word first, then blocks."""
@@ -1600,9 +1590,6 @@ class FileSystem:
     def statfs(self) -> StatFs:
         a = self.alloc
         ffree = self.nfree_inodes
-        if self.shared:                 # other processes create and delete too
-            ffree = sum(int(np.count_nonzero(self._state_words(r) == L.STATE_FREE))
-                        for r in self.regions)
         return StatFs(bsize=L.BLOCK, blocks=a.ntotal, bfree=a.nfree,
                       bavail=max(0, a.nfree - a.reserve),
                       files=self.sb.inodes_per_cpu * self.ncpus, ffree=ffree,

@@ -27,6 +27,7 @@ Layout (byte offsets; every region starts on a 64-byte line)::
     ...     per region (one per CPU): a line with the free-block counter u64 and
             the allocation cursor u64, then the block bitmap (u64 words, bit i
             of word j = data block 64*j + i of the region, 1 = in use)
+    ...     per CPU inode table: the same (counter, cursor, bitmap of its slots)
 """
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     for i, n in enumerate(region_blocks):
         o[f"region{i}"] = off
         off += LINE + _line(8 * ((n + 63) // 64))
+    per_cpu = ninodes // ncpus
+    for c in range(ncpus):
+        o[f"itable{c}"] = off
+        off += LINE + _line(8 * ((per_cpu + 63) // 64))
     o["size"] = off
     return o
 
@@ -89,6 +94,7 @@ class SharedArea:
         self.rings = o["rings"]
         self.ring_size = o["ring_size"]
         self.regions = [o[f"region{i}"] for i in range(len(region_blocks))]
+        self.itables = [o[f"itable{c}"] for c in range(ncpus)]
         self.size = o["size"]
 
     @staticmethod

@@ -279,3 +279,37 @@ def test_a_killed_worker_does_not_wedge_the_others(tmp_path):
     rec.unmount()
     out = io.StringIO()
     assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
+
+
+def test_inode_slots_are_shared_between_processes(tmp_path):
+    """A slot freed by one process is free for the others at once, and two
+    processes creating files at the same time never get the same inode."""
+    path = str(tmp_path / "ino.img")
+    format_device(path, 8 << 20, numa_nodes=1, cpus_per_node=2, inodes_per_cpu=32)
+    fs = FileSystem.mount(path)
+    d = [fs.mkdir(1, b"d%d" % c, 0o755).ino for c in range(2)]
+    fs.prepare_workers()
+    free0 = fs.statfs().ffree
+    pids = []
+    for c in range(2):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fs.become_worker(c)
+                for i in range(20):
+                    fs.create(d[c], b"f%d" % i, 0o644)
+                for i in range(0, 20, 2):
+                    fs.unlink(d[c], b"f%d" % i)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert fs.statfs().ffree == free0 - 20                 # 40 made, 20 freed, seen here
+    inos = {fs.lookup(d[c], b"f%d" % i).ino for c in range(2) for i in range(1, 20, 2)}
+    assert len(inos) == 20
+    fs.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
