@@ -625,7 +625,6 @@ class FileSystem:
         except (plog.LogError, ValueError) as e:
             logger.error("inode %d is damaged: %s (run fsck.pnova)", old.ino, e)
             raise FsError(errno.EIO) from None
-        inode.lookups = old.lookups
         self.cache[old.ino] = inode
         return inode
 
@@ -1000,10 +999,14 @@ class FileSystem:
         self.cache.pop(inode.ino, None)
         self._release_ino(inode.ino)
 
+    def _refs(self, ino: int) -> int:
+        return self.area.w.load32(self.area.refs + 4 * (ino - 1))
+
     def _maybe_evict(self, inode: Inode) -> None:
+        """Free an inode once it has no name and no reference in any process."""
         # _commit may have replaced the cache object (a reload): use the current one
         inode = self.cache.get(inode.ino, inode)
-        if inode.nlink == 0 and inode.lookups == 0:
+        if inode.nlink == 0 and self._refs(inode.ino) == 0:
             self._evict(inode)
 
     def _make_inode(self, mode: int, uid: int, gid: int, rdev: int,
@@ -1305,16 +1308,35 @@ class FileSystem:
 
     # ------------------------------------------------------------- reference counts
     def ref(self, ino: int, n: int = 1) -> None:
-        """The kernel (or another user) now holds ``n`` more references."""
-        self.get(ino).lookups += n
+        """The kernel (or another user) now holds ``n`` more references.
+
+        The count lives in the shared area, so an inode unlinked by one
+        process stays alive while another still holds references.
+        """
+        self.get(ino)
+        self.area.w.add32(self.area.refs + 4 * (ino - 1), n)
 
     def forget(self, ino: int, n: int = 1) -> None:
-        inode = self.cache.get(ino)
-        if inode is None:
+        """Drop ``n`` references; the last one frees an inode that has no name."""
+        if not self._valid_ino(ino):
             return
-        inode.lookups = max(0, inode.lookups - n)
-        if not self.readonly:
-            self._maybe_evict(inode)
+        off = self.area.refs + 4 * (ino - 1)
+        old = self.area.w.add32(off, -n)
+        if old < n:                              # more forgets than refs: clamp at 0
+            self.area.w.add32(off, n - old)
+            old = n
+        if old == n and not self.readonly:
+            self._forget_last(ino)
+
+    @_namespace
+    def _forget_last(self, ino: int) -> None:
+        # Under the namespace lock no unlink or rename can change the link
+        # count between the check and the eviction.
+        try:
+            inode = self.get(ino)
+        except FsError:
+            return                               # already gone
+        self._maybe_evict(inode)
 
     # ------------------------------------------------------------------ data
     def _read(self, inode: Inode, off: int, size: int) -> bytes:

@@ -24,7 +24,7 @@ class Inode:
 
     __slots__ = ("ino", "mode", "uid", "gid", "rdev", "generation", "nlink", "size",
                  "atime", "mtime", "ctime", "head", "tail", "log_pages", "pages",
-                 "dents", "order", "parent", "dent_bytes", "xattrs", "lookups",
+                 "dents", "order", "parent", "dent_bytes", "xattrs",
                  "array", "local")
 
     def __init__(self, ino: int, st: L.InodeStatic, head: int, tail: int) -> None:
@@ -41,7 +41,6 @@ class Inode:
         self.tail = tail
         self.log_pages: list[int] = []
         self.xattrs: dict[bytes, bytes] = {}
-        self.lookups = 0
         self.parent = 0
         self.dent_bytes = 0
         self.array = 0                     # block of the per-core log array, 0: none

@@ -148,11 +148,11 @@ class Semaphores:
             if off and w.cas64(rec, off, 0):
                 w.add32(off - 1, -1)
         # inode, log and segment lock words, and the range table's guard
-        n = (area.range_table + 4 - area.inode_locks) // 4
-        words = np.frombuffer(area.mm, dtype="<u4", count=n, offset=area.inode_locks)
-        for idx in np.flatnonzero(words == self.mine).tolist():
-            w.cas32(area.inode_locks + 4 * idx, self.mine, 0)
-        del words
+        for lo, hi in ((area.inode_locks, area.refs), (area.seg_locks, area.range_table + 4)):
+            words = np.frombuffer(area.mm, dtype="<u4", count=(hi - lo) // 4, offset=lo)
+            for idx in np.flatnonzero(words == self.mine).tolist():
+                w.cas32(lo + 4 * idx, self.mine, 0)
+            del words
         for i in range(RANGE_MAX):
             e = area.range_table + 64 + RANGE_ENTRY * i
             if w.load64(e) and w.load32(e + 24) == self.cpu + 1:

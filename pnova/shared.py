@@ -20,6 +20,7 @@ Layout (byte offsets; every region starts on a 64-byte line)::
             (HELD_MAX u64 lock offsets, 0 = empty)
     ...     inode lock words: one u32 per inode slot
     ...     inode log-tail lock words: one u32 per inode slot
+    ...     reference counts (kernel lookups, open handles): one u32 per inode slot
     ...     segment lock words: SEG_SLOTS u32, hashed by (inode, segment)
     ...     range table: a guard word, then RANGE_MAX entries of 32 bytes
             (inode u64, first page u64, last page u64, owner CPU + 1 u32, mode u32)
@@ -58,7 +59,8 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     o: dict[str, int] = {"registry": LINE}
     o["inode_locks"] = o["registry"] + ncpus * LINE
     o["log_locks"] = o["inode_locks"] + _line(4 * ninodes)
-    o["seg_locks"] = o["log_locks"] + _line(4 * ninodes)
+    o["refs"] = o["log_locks"] + _line(4 * ninodes)
+    o["seg_locks"] = o["refs"] + _line(4 * ninodes)
     o["range_table"] = o["seg_locks"] + _line(4 * SEG_SLOTS)
     o["rings"] = o["range_table"] + LINE + _line(RANGE_ENTRY * RANGE_MAX)
     o["ring_size"] = 2 * LINE + _line(8 * RING_SLOTS)
@@ -89,6 +91,7 @@ class SharedArea:
         self.registry = o["registry"]
         self.inode_locks = o["inode_locks"]
         self.log_locks = o["log_locks"]
+        self.refs = o["refs"]
         self.seg_locks = o["seg_locks"]
         self.range_table = o["range_table"]
         self.rings = o["rings"]

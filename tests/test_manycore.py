@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from pnova.engine import FileSystem
+from pnova.errors import FsError
 from pnova.fsck import Checker
 from pnova.mkfs import format_device
 
@@ -310,6 +311,36 @@ def test_inode_slots_are_shared_between_processes(tmp_path):
     assert fs.statfs().ffree == free0 - 20                 # 40 made, 20 freed, seen here
     inos = {fs.lookup(d[c], b"f%d" % i).ino for c in range(2) for i in range(1, 20, 2)}
     assert len(inos) == 20
+    fs.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
+
+
+def test_a_file_open_in_one_process_survives_unlink_by_another(tmp_path):
+    path = str(tmp_path / "open.img")
+    format_device(path, 8 << 20, numa_nodes=1, cpus_per_node=2)
+    fs = FileSystem.mount(path)
+    ino = fs.create(1, b"f", 0o644).ino
+    fs.write(ino, 0, b"keep me" * 1000)
+    fs.prepare_workers()
+    fs.ref(ino)                                    # this process has it open
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fs.become_worker(1)
+            fs.unlink(1, b"f")                     # another process removes the name
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert fs.getattr(ino).nlink == 0
+    assert fs.read(ino, 0, 7) == b"keep me"        # still readable here
+    free = fs.statfs().bfree
+    fs.forget(ino)                                 # the last reference goes
+    assert fs.statfs().bfree > free
+    with pytest.raises(FsError):
+        fs.getattr(ino)
     fs.unmount()
     out = io.StringIO()
     assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
