@@ -572,16 +572,10 @@ class Checker:
     def _quick_clean(self) -> bool:
         """Clean image without -f: print the one-line state if nothing cheap looks wrong."""
         sb = self.sb
-        if not sb.clean or self.found:
+        if not sb.clean or self.found or not self._sb_fits(sb):
             return False
-        try:
-            regions = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
-                                     sb.inodes_per_cpu)
-        except ValueError:
-            return False
-        if self._table(sb.ncpus) != regions:
-            return False
-        self.regions = regions
+        regions = self.regions = L.plan_regions(sb.total_blocks, sb.numa_nodes,
+                                                sb.cpus_per_node, sb.inodes_per_cpu)
         files = used = total = 0
         for r in regions:
             files += int(np.count_nonzero(self._states(r) == L.STATE_LIVE))
