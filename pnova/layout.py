@@ -33,6 +33,7 @@ _SB = struct.Struct("<8sIIQIII I16sQ II Q Q Q Q 32s")
 #         clean, flags, mount_count, next_seq, last_mount_ns, last_unmount_ns,
 #         label ; then zero padding up to byte 252 and crc32c at 252.
 SB_CRC_OFF = 252
+_U32 = struct.Struct("<I")
 
 
 @dataclass
@@ -331,11 +332,13 @@ def entry_header(raw: bytes | memoryview, off: int = 0) -> tuple[int, int, int, 
     return _HDR.unpack_from(raw, off)
 
 
+_ZERO4 = bytes(4)
+
+
 def entry_crc_ok(raw: bytes) -> bool:
-    body = bytearray(raw)
-    (crc,) = struct.unpack_from("<I", body, 4)
-    body[4:8] = b"\0\0\0\0"
-    return crc32c(body) == crc
+    """The entry's CRC, computed as if its crc field were zero (no copy made)."""
+    (crc,) = _U32.unpack_from(raw, 4)
+    return crc32c(raw[8:], crc32c(_ZERO4, crc32c(raw[:4]))) == crc
 
 
 # Decoded entries are plain tuples (fast to build); their layouts:
