@@ -32,7 +32,7 @@ venv: deps $(STAMP)
 # mount(8) starts its helpers without the caller's PATH (the shell's default path,
 # which includes /usr/local/bin, applies), so the commands must be linked there.
 HELPER_DIR ?= /usr/local/bin
-HELPERS := pnova mkfs.pnova fsck.pnova
+HELPERS := pnova mkfs.pnova fsck.pnova pnova-crashtest fxmark
 
 install-helpers: venv
 	@if [ "$$(id -u)" = 0 ]; then \
