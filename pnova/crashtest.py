@@ -42,13 +42,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from . import layout as L
 from .engine import FileSystem
 from .errors import FsError
 from .mkfs import format_device
-from .pmem import CACHELINE, TrackedPMem
+from .pmem import TrackedPMem
 
 IMAGE_SIZE = 1 << 20
 SAMPLE_BEYOND_K = 4          # random larger subsets per crash point

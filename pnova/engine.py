@@ -839,22 +839,17 @@ class FileSystem:
         """
         if not self.local_logs:
             return 0
-        supply_cpu = [0]
 
-        def supply(n: int) -> list[int]:
-            out: list[int] = []
-            try:
-                for s, c in self.alloc.alloc(supply_cpu[0], n, meta=False):
-                    out.extend(range(s, s + c))
-            except FsError:
-                pass
-            return out
+        def supplier(cpu: int):
+            def supply(n: int) -> list[int]:
+                try:
+                    extents = self.alloc.alloc(cpu, n, meta=False)
+                except FsError:                  # full: the rings stay short
+                    return []
+                return [b for s, c in extents for b in range(s, s + c)]
+            return supply
 
-        pushed = 0
-        for cpu, ring in enumerate(self.rings):
-            supply_cpu[0] = cpu
-            pushed += refill([ring], supply, low)
-        return pushed
+        return sum(refill([ring], supplier(cpu), low) for cpu, ring in enumerate(self.rings))
 
     def _free_blocks(self, blocks: list[int]) -> None:
         if not blocks:
@@ -1352,16 +1347,14 @@ class FileSystem:
                 return bytes(end - off)
             base = b * L.BLOCK - first * L.BLOCK
             return mm[base + off:base + end]
-        out = bytearray(end - off)
-        pos = off
+        out = bytearray(end - off)                # holes stay zero
         for pg in range(first, last + 1):
-            lo = max(off, pg * L.BLOCK)
-            hi = min(end, (pg + 1) * L.BLOCK)
             b = pages.get(pg)
             if b is not None:
+                lo = max(off, pg * L.BLOCK)
+                hi = min(end, (pg + 1) * L.BLOCK)
                 src = b * L.BLOCK + lo - pg * L.BLOCK
                 out[lo - off:hi - off] = mm[src:src + hi - lo]
-            pos = hi
         return bytes(out)
 
     def read(self, ino: int, off: int, size: int) -> bytes:

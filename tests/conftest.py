@@ -28,7 +28,6 @@ def image(tmp_path) -> str:
 def fs(image):
     """The engine mounted on ``image``; unmounted cleanly afterwards if still mounted."""
     f = FileSystem.mount(image)
-    holder = {"fs": f}
     yield f
     if f.pm is not None:
         f.unmount()
