@@ -2,6 +2,8 @@
 # make test  : install everything, run the whole test suite
 # make umount: unmount ./mnt
 # make crashtest / crashtest-long: crash injection (seq1 in seconds; seq2 + random in minutes)
+# make compare: the pNOVA comparison (DWOM, DRBM, DWOL x lock schemes x 1..N workers,
+#               engine, pnova mount, tmpfs), written into docs/PERFORMANCE.md (minutes)
 # make install-helpers: (root) link pnova, mkfs.pnova, fsck.pnova into /usr/local/bin
 #                       so that mount -t fuse.pnova, mkfs -t pnova, fsck -t pnova work
 SHELL := /bin/bash
@@ -12,7 +14,7 @@ MNT ?= mnt
 SIZE ?= 1G
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps venv umount clean install-helpers crashtest crashtest-long
+.PHONY: run test deps venv umount clean install-helpers crashtest crashtest-long compare
 
 deps:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
@@ -63,6 +65,11 @@ crashtest: venv
 crashtest-long: venv
 	$(VENV)/bin/pnova-crashtest --workload seq2 --max-k 2 --jobs $$(nproc)
 	for seed in 1 2 3 4 5 6 7 8; do $(VENV)/bin/pnova-crashtest --workload random --seed $$seed --max-k 2 --jobs $$(nproc) || exit 1; done
+
+COMPARE_DURATION ?= 5
+compare: venv install-helpers
+	$(VENV)/bin/fxmark reproduce --duration $(COMPARE_DURATION) --out results/pnova-comparison \
+		--doc docs/PERFORMANCE.md --figure docs/figures/pnova-comparison
 
 clean:
 	rm -rf $(VENV) build *.egg-info

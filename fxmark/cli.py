@@ -1,11 +1,14 @@
 """The ``fxmark`` command.
 
-    fxmark run --target engine --workload DWOM --scheme inode,rangetree,segment,pnova \\
-               --workers 1,2 --duration 5 --out results/
+    fxmark run --workload DWOM,DRBM --target engine --target pnova --target tmpfs=/dev/shm \\
+               --scheme inode,rangetree,segment,pnova --workers 1,2 --duration 5 --out results/
+    fxmark report results/          # Markdown tables
+    fxmark plot results/            # results/fxmark.png and .svg
 
-runs every (scheme, worker count), prints a table and appends one record per
-run to OUT/results.jsonl.  Exit status: 0 when every run succeeded, 1 when any
-failed (each failed run is printed as FAILED with its reason), 2 for bad usage.
+``run`` runs every (workload, target, scheme, worker count), prints a table
+row as each run ends and appends one record per run to OUT/results.jsonl.
+Exit status: 0 when every run succeeded, 1 when any failed (each failed run is
+printed as FAILED with its reason), 2 for bad usage.
 """
 from __future__ import annotations
 
@@ -17,10 +20,10 @@ from pnova.locks import SCHEMES
 from pnova.util import parse_size
 
 from . import results, workloads
-from .engine_target import EngineConfig, run_engine
+from .progress import Progress
+from .targets import NO_SCHEME, RunConfig, Target, parse_target
 
 FAIL_ENV = "FXMARK_FAIL_WORKER"
-TARGETS = ("engine",)
 
 
 def _int_list(s: str) -> list[int]:
@@ -49,50 +52,120 @@ def _size(s: str) -> int:
         raise argparse.ArgumentTypeError(str(e))
 
 
-def _workload(s: str) -> workloads.Workload:
-    try:
-        return workloads.get(s)
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"unknown workload {s!r}; choose from "
-                                         f"{', '.join(workloads.WORKLOADS)}")
+def _workloads(s: str) -> list[workloads.Workload]:
+    names = [x.strip() for x in s.split(",") if x.strip()]
+    if [n.lower() for n in names] == ["all"]:
+        return list(workloads.WORKLOADS.values())
+    out = []
+    for name in names:
+        try:
+            out.append(workloads.get(name))
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"unknown workload {name!r}; choose from "
+                                             f"{', '.join(workloads.WORKLOADS)} or all")
+    if not out:
+        raise argparse.ArgumentTypeError("no workload named")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fxmark", description="FxMark-style microbenchmarks "
-                                 "of pnova.")
+                                 "of pnova and of any mounted filesystem.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # 'plot' and 'report' (over results.jsonl) are to sit beside 'run'.
     run = sub.add_parser(
         "run", help="run workloads and record the results",
-        description="Run a workload for every (scheme, worker count); print a table and "
+        description="Run every (workload, target, scheme, worker count); print a table and "
         "append one JSON record per run to OUT/results.jsonl.",
-        epilog=f"Test hook: with {FAIL_ENV}=K in the environment, worker K raises in its "
-        "tenth op, so that the run must be reported as FAILED.")
-    run.add_argument("--target", choices=TARGETS, default="engine",
-                     help="what to drive: 'engine' = the pnova engine, directly, from "
-                     "worker processes (default)")
-    run.add_argument("--workload", type=_workload, default=workloads.DWOM,
-                     help=f"one of {', '.join(workloads.WORKLOADS)} (default DWOM)")
+        epilog=f"Workloads: {', '.join(workloads.WORKLOADS)}.  Test hook: with "
+        f"{FAIL_ENV}=K in the environment, worker K raises in its tenth op, so that the run "
+        "must be reported as FAILED.")
+    run.add_argument("--target", action="append", default=[], metavar="TARGET",
+                     help="'engine' (the pnova engine driven directly by worker processes), "
+                     "'pnova' (a fresh pnova FUSE mount per run), or a directory, DIR or "
+                     "LABEL=DIR, on any filesystem; may be repeated (default: engine)")
+    run.add_argument("--workload", type=_workloads, default=[workloads.DWOM],
+                     help="comma-separated workloads, or 'all' (default DWOM)")
     run.add_argument("--scheme", type=_schemes, default=list(SCHEMES),
-                     help=f"comma-separated lock schemes (default {','.join(SCHEMES)})")
+                     help=f"comma-separated lock schemes for 'engine' and 'pnova' targets "
+                     f"(default {','.join(SCHEMES)})")
     run.add_argument("--workers", type=_int_list, default=[1, 2],
                      help="comma-separated worker counts (default 1,2)")
     run.add_argument("--duration", type=float, default=5.0,
                      help="seconds each run measures (default 5)")
+    run.add_argument("--direct", action="store_true",
+                     help="open data files with O_DIRECT on directory and pnova targets "
+                     "(the engine has no page cache either way)")
     run.add_argument("--out", required=True, help="directory for results.jsonl")
     run.add_argument("--device-size", type=_size, default=None,
-                     help="device image size, e.g. 512M (default 256M, or enough for "
-                     "the workload's files)")
+                     help="pnova image size, e.g. 2G (default 1G, or more when the "
+                     "workload's files need it)")
     run.add_argument("--segment-pages", type=int, default=16,
                      help="pages per segment of the segment lock schemes (default 16)")
     run.add_argument("--image-dir", default=None,
-                     help="where device images go (default /dev/shm if writable, else "
-                     "the temporary directory)")
+                     help="where pnova images go (default /dev/shm if writable, else the "
+                     "temporary directory)")
     run.add_argument("--keep", action="store_true",
-                     help="keep each device image (its path is printed and recorded)")
+                     help="keep each pnova image and directory target's run directory "
+                     "(their paths are recorded)")
     run.add_argument("--no-verify", dest="verify", action="store_false",
-                     help="skip the check of the file contents after each run")
+                     help="skip the checks after each run (contents, and fsck of pnova "
+                     "images)")
+    run.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress line on stderr (it is only shown on a terminal)")
+
+    rep = sub.add_parser("report", help="Markdown tables of recorded results",
+                         description="Print (or write) Markdown tables of DIR/results.jsonl: "
+                         "one table per workload, ops/s per worker count.")
+    rep.add_argument("dir", help="directory holding results.jsonl")
+    rep.add_argument("-o", "--output", default=None, help="write to this file, not stdout")
+
+    plot = sub.add_parser("plot", help="draw recorded results (PNG and SVG)",
+                          description="Draw ops/s against workers, one line per target and "
+                          "scheme, one panel per workload, from DIR/results.jsonl.")
+    plot.add_argument("dir", help="directory holding results.jsonl")
+    plot.add_argument("-o", "--output", default=None,
+                      help="file name without extension (default DIR/fxmark): "
+                      "OUTPUT.png and OUTPUT.svg are written")
+    plot.add_argument("--title", default=None, help="figure title")
+
+    from .reproduce import WORKLOADS as REPRO, default_workers
+    repro = sub.add_parser(
+        "reproduce", help="the pNOVA comparison, written into docs/PERFORMANCE.md",
+        description="Run DWOM, DRBM and DWOL with every lock scheme on 1..N workers against "
+        "the engine and a pnova mount, with tmpfs as the reference; write the tables, the "
+        "figure and the machine's description into the marked section of the document.")
+    repro.add_argument("--workers", type=_int_list, default=_int_list(default_workers()),
+                     help="comma-separated worker counts (default 1..number of CPUs)")
+    repro.add_argument("--duration", type=float, default=5.0,
+                     help="seconds each run measures (default 5)")
+    repro.add_argument("--schemes", type=_schemes, default=list(SCHEMES),
+                     help=f"lock schemes (default {','.join(SCHEMES)})")
+    repro.add_argument("--workloads", type=_workloads,
+                     default=[workloads.get(w) for w in REPRO],
+                     help=f"workloads (default {','.join(REPRO)})")
+    repro.add_argument("--tmpfs", default="/dev/shm",
+                     help="a tmpfs directory for the reference (default /dev/shm)")
+    repro.add_argument("--out", default="results/pnova-comparison",
+                     help="directory for results.jsonl (default results/pnova-comparison)")
+    repro.add_argument("--doc", default="docs/PERFORMANCE.md",
+                     help="document whose marked section is replaced "
+                     "(default docs/PERFORMANCE.md)")
+    repro.add_argument("--figure", default="docs/figures/pnova-comparison",
+                     help="figure path without extension "
+                     "(default docs/figures/pnova-comparison)")
+    repro.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress line on stderr")
     return ap
+
+
+def _targets(specs: list[str]) -> list[Target]:
+    out: list[Target] = []
+    for spec in specs or ["engine"]:
+        t = parse_target(spec, {x.label for x in out})
+        if any(x.label == t.label for x in out):
+            raise ValueError(f"target {t.label!r} given twice")
+        out.append(t)
+    return out
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -102,6 +175,11 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.segment_pages < 1:
         print("fxmark: --segment-pages must be 1 or more", file=sys.stderr)
         return 2
+    try:
+        targets = _targets(a.target)
+    except ValueError as e:
+        print(f"fxmark: {e}", file=sys.stderr)
+        return 2
     fail_worker = None
     if os.environ.get(FAIL_ENV, "").strip():
         try:
@@ -109,30 +187,94 @@ def cmd_run(a: argparse.Namespace) -> int:
         except ValueError:
             print(f"fxmark: {FAIL_ENV} must be a worker number", file=sys.stderr)
             return 2
-    cfg = EngineConfig(ncpus=max(a.workers), device_size=a.device_size,
-                       segment_pages=a.segment_pages, image_dir=a.image_dir, keep=a.keep,
-                       verify=a.verify, fail_worker=fail_worker)
+    cfg = RunConfig(ncpus=max(a.workers), device_size=a.device_size,
+                    segment_pages=a.segment_pages, image_dir=a.image_dir, keep=a.keep,
+                    verify=a.verify, direct=a.direct, fail_worker=fail_worker)
+    return 1 if run_plan(a.workload, targets, a.scheme, a.workers, a.duration, cfg, a.out,
+                         a.progress) else 0
+
+
+def run_plan(wls: list[workloads.Workload], targets: list[Target], schemes: list[str],
+             workers: list[int], duration: float, cfg: RunConfig, out: str,
+             show_progress: bool = True) -> int:
+    """Run every (workload, target, scheme, workers); print the table; return the failures."""
+    plan = [(w, t, s, n) for w in wls for t in targets
+            for s in (schemes if t.uses_schemes else [NO_SCHEME]) for n in workers]
+    progress = Progress(len(plan), duration, enabled=show_progress and sys.stderr.isatty())
     table = results.Table(sys.stdout)
     table.header()
     failed = 0
-    for scheme in a.scheme:
-        for n in a.workers:
-            rec = run_engine(a.workload, scheme, n, a.duration, cfg)
-            path = results.append(a.out, rec)
-            table.row(rec)
-            if a.keep:
-                print(f"  image kept: {rec['image']}", flush=True)
-            failed += "failed" in rec
-    print(f"{failed} of {len(a.scheme) * len(a.workers)} runs failed; " if failed else "",
-          f"results appended to {path}", sep="")
+    path = os.path.join(out, "results.jsonl")
+    for w, t, scheme, n in plan:
+        progress.start(f"{w.name} {t.label} {scheme} {n}w")
+        rec = t.run(w, scheme, n, duration, cfg, progress.tick)
+        progress.clear()
+        path = results.append(out, rec)
+        table.row(rec)
+        for key in ("image", "kept"):
+            if key in rec:
+                print(f"  kept: {rec[key]}", flush=True)
+        failed += "failed" in rec
+    print(f"{failed} of {len(plan)} runs failed; " if failed else "",
+          f"results appended to {path}", sep="", flush=True)
+    return failed
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import markdown
+    try:
+        recs = results.load(os.path.join(a.dir, "results.jsonl"))
+    except (OSError, ValueError) as e:
+        print(f"fxmark: {e}", file=sys.stderr)
+        return 2
+    text = markdown(recs)
+    if a.output:
+        with open(a.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_plot(a: argparse.Namespace) -> int:
+    from .plot import plot
+    try:
+        recs = results.load(os.path.join(a.dir, "results.jsonl"))
+    except (OSError, ValueError) as e:
+        print(f"fxmark: {e}", file=sys.stderr)
+        return 2
+    base = a.output or os.path.join(a.dir, "fxmark")
+    try:
+        files = plot(recs, base, title=a.title)
+    except ValueError as e:
+        print(f"fxmark: {e}", file=sys.stderr)
+        return 2
+    for f in files:
+        print(f)
+    return 0
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+    if a.duration <= 0:
+        print("fxmark: --duration must be positive", file=sys.stderr)
+        return 2
+    cfg = RunConfig(ncpus=max(a.workers))
+    try:
+        failed = reproduce(workers=a.workers, duration=a.duration, out=a.out, doc=a.doc,
+                           figure=a.figure, tmpfs=a.tmpfs, schemes=a.schemes,
+                           wls=[w.name for w in a.workloads], cfg=cfg,
+                           show_progress=a.progress)
+    except ValueError as e:
+        print(f"fxmark: {e}", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    if a.command == "run":
-        return cmd_run(a)
-    return 2                                   # pragma: no cover - argparse rejects others
+    return {"run": cmd_run, "report": cmd_report, "plot": cmd_plot,
+            "reproduce": cmd_reproduce}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,15 @@ of every record: workload, target, scheme, workers, duration (requested
 seconds), worker_ops and worker_seconds (per worker), and either
 
 * ops (total), seconds (mean elapsed time of the workers), ops_per_sec
-  (= ops / seconds) and cpu ({user, sys, idle} fractions, see
-  :func:`fxmark.workers.summarise`), or
+  (= ops / seconds), cpu ({user, sys, idle, iowait, steal}: fractions of the
+  time of the CPUs the workers ran on) and worker_cpu ({user, sys}: the
+  workers' own share), see :func:`fxmark.workers.summarise`, or
 * failed: a one-line reason, and no throughput at all.
 
-Targets add their own settings (the engine target: segment_pages, ncpus,
-device_size, and image when the device image was kept).
+Also: direct (O_DIRECT asked for), host_cpus, started, worker_paused when a
+workload replenished (untimed) what it uses up.  Targets add their own
+settings: engine and pnova: segment_pages, ncpus, device_size (and image
+when kept); directory targets: path and fstype (and kept).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import json
 import os
 from typing import Any, TextIO
 
-COLUMNS = (("workload", 8), ("target", 8), ("scheme", 10), ("workers", 7),
+COLUMNS = (("workload", 8), ("target", 10), ("scheme", 9), ("workers", 7),
            ("ops/s", 12), ("speed-up", 8), ("user", 5), ("sys", 5), ("idle", 5))
 
 
@@ -32,9 +35,29 @@ def append(out_dir: str, rec: dict[str, Any]) -> str:
 
 
 def load(path: str) -> list[dict[str, Any]]:
-    """Every record of a results.jsonl file."""
+    """Every record of a results.jsonl file (ValueError names a bad line)."""
+    out = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{path}:{no}: not a JSON record") from None
+            if not isinstance(rec, dict) or not {"workload", "target", "scheme",
+                                                  "workers"} <= rec.keys():
+                raise ValueError(f"{path}:{no}: not an fxmark record")
+            out.append(rec)
+    return out
+
+
+def latest(recs: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], dict[str, Any]]:
+    """The last record of each (workload, target, scheme, workers): a re-run replaces."""
+    out: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+    for r in recs:
+        out[(r["workload"], r["target"], r["scheme"], int(r["workers"]))] = r
+    return out
 
 
 class Table:

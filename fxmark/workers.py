@@ -7,16 +7,20 @@ How one run goes (FxMark's protocol):
    function) and reports "ready" on its own pipe.
 2. When every worker is ready the parent writes the common stop time
    (now + duration, CLOCK_MONOTONIC, which all processes share) into a small
-   shared mapping and closes the write end of the "go" pipe: every worker,
-   blocked reading that pipe, wakes at once.
+   shared mapping, reads /proc/stat, and closes the write end of the "go"
+   pipe: every worker, blocked reading that pipe, wakes at once.
 3. Each worker reads its own start time, calls ``op(1)``, ``op(2)``, ... until
    the stop time, and reports its op count, its elapsed time and the CPU time
-   it used during the loop (``resource.getrusage``), as one JSON line.
-4. Meanwhile the parent only waits, calling the target's housekeeping
-   (``background``) every few milliseconds if it has any.
-5. The parent collects the reports; a worker that raised, died, never got
-   ready, or did not finish within a grace period (it is then killed) is a
-   failure with a one-line reason.
+   it used during the loop (``resource.getrusage``), as one JSON line.  An op
+   that had to replenish what the workload uses up (see
+   :mod:`fxmark.workloads`) returns the seconds that took: they are taken out
+   of the worker's elapsed time and its stop time moves back by as much.
+4. Meanwhile the parent only waits, calling the target's housekeeping and
+   the progress display (``background``) every few milliseconds.
+5. The parent reads /proc/stat again when the last worker has reported, and
+   collects the reports; a worker that raised, died, never got ready, or did
+   not finish within a grace period (it is then killed) is a failure with a
+   one-line reason.
 
 A worker that started late runs for less than the duration; the caller
 decides what is too short (the 90% rule lives in :func:`summarise`).
@@ -49,6 +53,7 @@ GRACE = 60.0                   # seconds past the stop time before a worker is k
                                # longer than pnova's 30 s lock timeout, so a worker stuck
                                # on a dead holder's lock reports that itself
 MIN_FRACTION = 0.9             # a worker must run this share of the duration
+MAX_PAUSED = 3.0               # replenishing may take this many times the duration
 
 
 class InjectedFailure(RuntimeError):
@@ -64,6 +69,7 @@ class WorkerResult:
     elapsed: float = 0.0       # seconds in the timed loop
     utime: float = 0.0         # user CPU seconds in the timed loop
     stime: float = 0.0         # system CPU seconds in the timed loop
+    paused: float = 0.0        # untimed seconds (replenishing), not in elapsed
     error: str | None = None
 
 
@@ -73,6 +79,7 @@ class PoolResult:
     duration: float
     workers: list[WorkerResult] = field(default_factory=list)
     failed: str | None = None
+    cpu: dict[str, float] | None = None     # /proc/stat breakdown of the workers' CPUs
 
 
 def usable_cpus() -> list[int]:
@@ -99,14 +106,22 @@ def _child(wid: int, cpu: int, setup: Callable[[int], Op], go_r: int, out_w: int
         deadline = struct.unpack_from("d", stop_at, 0)[0]
         mono = time.monotonic
         getrusage = resource.getrusage
+        paused = 0.0
+        max_paused = MAX_PAUSED * max(0.0, deadline - mono())
         ru0 = getrusage(resource.RUSAGE_SELF)
         t0 = t = mono()
         while t < deadline:
             n += 1
-            op(n)
+            x = op(n)
+            if x:                                # untimed replenishing inside that op
+                paused += x
+                deadline += x
+                if paused > max_paused:
+                    raise RuntimeError(f"replenishing took {paused:.1f} s, more than "
+                                       f"{MAX_PAUSED:g} times the measured time")
             t = mono()
         ru1 = getrusage(resource.RUSAGE_SELF)
-        res.ops, res.elapsed = n, t - t0
+        res.ops, res.elapsed, res.paused = n, t - t0 - paused, paused
         res.utime = ru1.ru_utime - ru0.ru_utime
         res.stime = ru1.ru_stime - ru0.ru_stime
     except BaseException as e:                   # noqa: BLE001 - reported, not swallowed
@@ -184,8 +199,9 @@ def run_workers(n: int, setup: Callable[[int], Op], duration: float, *,
 
     ``background``, if given, is called in the parent every ``interval``
     seconds while the workers run (a filesystem's housekeeping, such as
-    pNOVA's designated refiller of log-pointer rings).  If it raises, the run
-    fails with its error and it is not called again.
+    pNOVA's designated refiller of log-pointer rings, and the progress
+    display).  If it raises, the run fails with its error and it is not
+    called again.
     """
     tick_error: list[str] = []
 
@@ -223,10 +239,14 @@ def run_workers(n: int, setup: Callable[[int], Op], duration: float, *,
         # ready: the others then stop at once instead of measuring nothing).
         stop = time.monotonic() + (0.0 if not_ready else duration)
         struct.pack_into("d", stop_at, 0, stop)
+        used = sorted({cpus[w % len(cpus)] for w in range(n)})
+        stat0 = cpu_times(used)
         os.close(go_w)
         go_w = -1
-        unfinished = pipes.wait(lambda w: len(pipes.lines(w)) >= 2, stop + grace,
+        unfinished = pipes.wait(lambda w: len(pipes.lines(w)) >= 2,
+                                stop + MAX_PAUSED * duration + grace,
                                 tick if background is not None else None, interval)
+        out.cpu = cpu_breakdown(stat0, cpu_times(used))
         for wid in unfinished:
             os.kill(pids[wid], signal.SIGKILL)   # our own child, stuck
         statuses = {wid: os.waitpid(pid, 0)[1] for wid, pid in pids.items()}
@@ -263,6 +283,45 @@ def run_workers(n: int, setup: Callable[[int], Op], duration: float, *,
     return out
 
 
+CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_times(cpus: list[int]) -> dict[str, int] | None:
+    """Clock ticks per /proc/stat field, summed over ``cpus``; None where unreadable."""
+    want = {f"cpu{c}" for c in cpus}
+    total = dict.fromkeys(CPU_FIELDS, 0)
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] in want:
+                    for name, value in zip(CPU_FIELDS, parts[1:]):
+                        total[name] += int(value)
+    except OSError:                              # pragma: no cover - not Linux
+        return None
+    return total
+
+
+def cpu_breakdown(before: dict[str, int] | None,
+                  after: dict[str, int] | None) -> dict[str, float] | None:
+    """FxMark's CPU breakdown of the workers' CPUs over the run, as fractions.
+
+    user = user + nice; sys = system + irq + softirq; idle; iowait; steal (time
+    a virtual machine's CPU was taken by the host).  They add up to 1.  The
+    whole CPU counts, not only the workers: a FUSE daemon or kernel threads
+    running on those CPUs show up here, which is the point.
+    """
+    if before is None or after is None:
+        return None
+    d = {k: after[k] - before[k] for k in CPU_FIELDS}
+    total = sum(d.values())
+    if total <= 0:
+        return None
+    parts = {"user": d["user"] + d["nice"], "sys": d["system"] + d["irq"] + d["softirq"],
+             "idle": d["idle"], "iowait": d["iowait"], "steal": d["steal"]}
+    return {k: round(v / total, 4) for k, v in parts.items()}
+
+
 def _parse(wid: int, cpu: int, lines: list[bytes]) -> WorkerResult:
     for line in lines:
         if line.startswith(b"{"):
@@ -292,19 +351,21 @@ def summarise(pool: PoolResult) -> dict:
     ``ops_per_sec`` = ops / seconds and ``cpu``, or ``failed`` (a reason) when
     a worker failed or ran less than 90% of the duration.
 
-    ``cpu`` = {user, sys, idle}, fractions of the CPU time the workers had:
-    user = sum of the workers' user CPU seconds / sum of their elapsed
-    seconds (wall time x workers), sys likewise, idle = 1 - user - sys
-    (clamped at 0).  CPU seconds come from getrusage(RUSAGE_SELF) of each
-    worker, taken right before and after its timed loop.  Idle covers time
-    a worker was blocked or waiting for a CPU; a worker spinning on a lock
-    counts as busy (user), as in FxMark.
+    ``cpu`` is FxMark's breakdown of the CPUs the workers ran on (see
+    :func:`cpu_breakdown`): everything those CPUs did during the run.
+    ``worker_cpu`` = {user, sys}: the workers' own share, from
+    getrusage(RUSAGE_SELF) of each worker right before and after its timed
+    loop, as fractions of their elapsed time (a worker spinning on a lock
+    counts as busy, as in FxMark).  ``worker_paused`` lists the untimed
+    seconds each worker spent replenishing (see :mod:`fxmark.workloads`).
     """
     ws = pool.workers
     rec: dict = {
         "worker_ops": [w.ops for w in ws],
         "worker_seconds": [round(w.elapsed, 6) for w in ws],
     }
+    if any(w.paused for w in ws):
+        rec["worker_paused"] = [round(w.paused, 6) for w in ws]
     if pool.failed is None:
         short = [w for w in ws if w.elapsed < MIN_FRACTION * pool.duration]
         if short:
@@ -316,10 +377,13 @@ def summarise(pool: PoolResult) -> dict:
         return rec
     ops = sum(w.ops for w in ws)
     seconds = sum(w.elapsed for w in ws) / len(ws)
-    busy = sum(w.elapsed for w in ws)
+    busy = sum(w.elapsed + w.paused for w in ws)
     user = sum(w.utime for w in ws) / busy
     sys_ = sum(w.stime for w in ws) / busy
-    rec.update(ops=ops, seconds=seconds, ops_per_sec=ops / seconds,
-               cpu={"user": round(user, 4), "sys": round(sys_, 4),
-                    "idle": round(max(0.0, 1.0 - user - sys_), 4)})
+    cpu = pool.cpu
+    if cpu is None:                              # no /proc/stat: the workers' own share
+        cpu = {"user": round(user, 4), "sys": round(sys_, 4),
+               "idle": round(max(0.0, 1.0 - user - sys_), 4), "iowait": 0.0, "steal": 0.0}
+    rec.update(ops=ops, seconds=seconds, ops_per_sec=ops / seconds, cpu=cpu,
+               worker_cpu={"user": round(user, 4), "sys": round(sys_, 4)})
     return rec

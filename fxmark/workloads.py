@@ -1,58 +1,49 @@
-"""FxMark workloads, written against a small file-operations interface.
+"""FxMark's microbenchmarks, written once against :class:`fxmark.fileops.FileOps`.
 
-A workload has three parts, each a plain function:
+A workload has these parts, each a plain function:
 
 ``prepare(fops, nworkers) -> shared``
-    Runs once, before the workers exist (FxMark's worker 0 preparing the
-    shared files).  Returns whatever the workers need (handles, sizes); it is
-    inherited by the forked workers, so it need not be picklable.
+    Runs once in the parent before the workers exist (FxMark's worker 0
+    preparing the files).  What it returns is inherited by the forked workers.
 ``worker(fops, shared, wid) -> op``
-    Runs in worker ``wid`` before the start barrier; returns the per-op
-    function ``op(seq)``, called with seq = 1, 2, 3, ... in the timed loop.
-    Everything that is not the measured operation (buffers, offsets) is set
-    up here, so that ``op`` does only what FxMark times.
+    Runs in worker ``wid`` before the start barrier (it opens the worker's
+    own handles and builds its buffers) and returns the per-op function
+    ``op(seq)``, called with seq = 1, 2, 3, ... in the timed loop.
+``op(seq) -> None | float``
+    Does exactly one of the operations FxMark times.  Workloads that use up
+    something (pre-created files to unlink, a file to shrink, space to
+    append to) replenish it inside an op when it runs out and return the
+    seconds that took: the worker loop takes them out of the measured time
+    and moves the worker's stop time back by as much (see
+    :mod:`fxmark.workers`).  FxMark instead pre-creates files or fills the
+    device until ENOSPC and lets a worker stop early; a bounded pool keeps
+    preparation short and the device small whatever the run's length.
 ``check(fops, shared, nworkers, worker_ops) -> str | None``
-    After the run, on a fresh mount: verifies the file contents given how
-    many ops each worker completed; returns None or a one-line reason.
+    After the run: verifies what is on the target given how many ops each
+    worker completed; returns None, or a one-line reason (the run is then
+    reported as failed).
 
-The interface, :class:`FileOps`, is what a target provides (the engine
-target maps it onto :class:`pnova.engine.FileSystem`; a mounted target would
-map it onto os.open/os.pwrite).
+The operations follow FxMark's definitions (Min et al., ATC'16); the file
+and directory names, pool sizes and the few deliberate differences are
+stated on each workload and in docs/PERFORMANCE.md.
 """
 from __future__ import annotations
 
+import random
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
+
+from .fileops import FileOps, read
 
 PAGE = 4096
 MiB = 1 << 20
+_HDR = struct.Struct("<QQ")        # (worker id, op sequence number) at the start of a page
 
-
-class FileOps(Protocol):
-    """The file operations a workload may use; handles are target-specific."""
-
-    def create(self, name: str) -> Any:
-        """Create an empty regular file in the root directory; return a handle."""
-
-    def open(self, name: str) -> Any:
-        """Return a handle of an existing file in the root directory."""
-
-    def pwrite(self, h: Any, data: bytes | bytearray | memoryview, off: int) -> int:
-        """Write ``data`` at ``off``; return the number of bytes written."""
-
-    def pread(self, h: Any, size: int, off: int) -> bytes:
-        """Read up to ``size`` bytes at ``off``."""
-
-    def fsync(self, h: Any) -> None:
-        """Make the file durable."""
-
-    def size(self, h: Any) -> int:
-        """The file's size in bytes."""
-
-
-Op = Callable[[int], object]
+Op = Callable[[int], "float | None"]
+Check = Callable[[FileOps, Any, int, "list[int]"], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -60,88 +51,677 @@ class Workload:
     """One FxMark microbenchmark (see the module docstring for the parts)."""
     name: str
     summary: str
-    sharing: str                                   # low / medium / high, as FxMark labels it
+    sharing: str                    # low / medium / high, as FxMark labels it
     prepare: Callable[[FileOps, int], Any]
     worker: Callable[[FileOps, Any, int], Op]
-    check: Callable[[FileOps, Any, int, list[int]], str | None]
-    space: Callable[[int], int]                    # bytes of file data for n workers
+    check: Check
+    space: Callable[[int], int]     # bytes of file data for n workers (device sizing)
 
 
-# --------------------------------------------------------------------- DWOM
-DWOM_STRIDE = 8 * MiB          # each worker's page sits at wid x 8 MiB
-DWOM_FILE = "dwom"
-DWOM_FILL = 0x5A               # pre-fill byte: tells pre-filled data from holes
-DWOM_CHUNK = 1 * MiB           # pre-fill write size ("big chunks")
-_HDR = struct.Struct("<QQ")    # (worker id, op sequence number) at the start of each page
-
-
-def dwom_page(wid: int, seq: int) -> bytes:
+def page_pattern(wid: int, seq: int) -> bytes:
     """The page worker ``wid`` writes in its op number ``seq``."""
     page = bytearray([0x41 + wid % 26]) * PAGE
     _HDR.pack_into(page, 0, wid, seq)
     return bytes(page)
 
 
-def _dwom_prepare(fops: FileOps, nworkers: int) -> tuple[Any, int]:
-    h = fops.create(DWOM_FILE)
-    size = (nworkers + 1) * DWOM_STRIDE
-    chunk = bytes([DWOM_FILL]) * DWOM_CHUNK
-    for off in range(0, size, DWOM_CHUNK):
-        fops.pwrite(h, chunk, off)
-    fops.fsync(h)
-    return h, size
+def _page_buffer(fops: FileOps, wid: int, seq: int = 0) -> Any:
+    buf = fops.buffer(PAGE)
+    buf[:] = page_pattern(wid, seq)
+    return buf
 
 
-def _dwom_worker(fops: FileOps, shared: tuple[Any, int], wid: int) -> Op:
-    h = shared[0]
-    off = wid * DWOM_STRIDE
-    # One buffer, changed in place: only the 16-byte header differs between
-    # ops, so building the page costs next to nothing inside the timed loop.
-    page = bytearray(dwom_page(wid, 0))
-    pack_into = _HDR.pack_into
-    pwrite = fops.pwrite
+def _fill(fops: FileOps, h: Any, size: int, byte: int, start: int = 0) -> None:
+    """Write ``byte`` over [start, size) in 1 MiB pieces (preparation, never timed)."""
+    chunk = fops.buffer(MiB)
+    chunk[:] = bytes([byte]) * MiB
+    view = memoryview(chunk)
+    off = start
+    while off < size:
+        n = min(MiB, size - off)
+        fops.pwrite(h, view[:n], off)
+        off += n
+
+
+def _untimed(fn: Callable[[], object]) -> float:
+    t = time.monotonic()
+    fn()
+    return time.monotonic() - t
+
+
+def _expect_page(fops: FileOps, h: Any, off: int, want: bytes, what: str) -> str | None:
+    got = read(fops, h, PAGE, off)
+    if got == want:
+        return None
+    if len(got) >= _HDR.size and len(want) >= _HDR.size and got[16:] == want[16:]:
+        w, s = _HDR.unpack_from(got)
+        ww, ws = _HDR.unpack_from(want)
+        return f"{what}: holds op {s} of worker {w}, expected op {ws} of worker {ww}"
+    return f"{what}: wrong contents at offset {off}"
+
+
+def _expect_names(fops: FileOps, path: str, want: set[str], prefix: str = "") -> str | None:
+    got = {n for n in fops.listdir(path) if n.startswith(prefix)}
+    if got == want:
+        return None
+    missing, extra = sorted(want - got), sorted(got - want)
+    where = path or "the root directory"
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (first {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} unexpected (first {extra[0]})")
+    return f"{where}: {', '.join(parts)}"
+
+
+# =====================================================================
+# Data workloads
+# =====================================================================
+
+# ------------------------------------------------------------- DWOL / DWSL / DRBL
+def _own_page_prepare(fname: str) -> Callable[[FileOps, int], Any]:
+    """Each worker gets directory <id>/ holding a one-page file."""
+    def prepare(fops: FileOps, n: int) -> None:
+        for wid in range(n):
+            fops.mkdir(str(wid))
+            h = fops.create(f"{wid}/{fname}", data=True)
+            fops.pwrite(h, _page_buffer(fops, wid), 0)
+            fops.close(h)
+    return prepare
+
+
+def _dwol_worker(sync: bool, fname: str) -> Callable[[FileOps, Any, int], Op]:
+    def worker(fops: FileOps, shared: Any, wid: int) -> Op:
+        h = fops.open(f"{wid}/{fname}", data=True)
+        buf = _page_buffer(fops, wid)
+        pack_into, pwrite, fsync = _HDR.pack_into, fops.pwrite, fops.fsync
+
+        if sync:
+            def op(seq: int) -> None:
+                pack_into(buf, 0, wid, seq)
+                pwrite(h, buf, 0)
+                fsync(h)
+        else:
+            def op(seq: int) -> None:
+                pack_into(buf, 0, wid, seq)
+                pwrite(h, buf, 0)
+        return op
+    return worker
+
+
+def _own_page_check(fname: str, written: bool) -> Check:
+    def check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+        for wid in range(n):
+            h = fops.open(f"{wid}/{fname}")
+            try:
+                if fops.size(h) != PAGE:
+                    return f"{wid}/{fname}: size {fops.size(h)}, expected {PAGE}"
+                seq = worker_ops[wid] if written else 0
+                why = _expect_page(fops, h, 0, page_pattern(wid, seq), f"{wid}/{fname}")
+            finally:
+                fops.close(h)
+            if why:
+                return why
+        return None
+    return check
+
+
+DWOL = Workload("DWOL", "overwrite 4 KiB at offset 0 of its own file", "low",
+                _own_page_prepare("dwol.dat"), _dwol_worker(False, "dwol.dat"),
+                _own_page_check("dwol.dat", True), lambda n: n * PAGE)
+DWSL = Workload("DWSL", "pwrite 4 KiB at offset 0 of its own file, then fsync", "low",
+                _own_page_prepare("dwsl.dat"), _dwol_worker(True, "dwsl.dat"),
+                _own_page_check("dwsl.dat", True), lambda n: n * PAGE)
+
+
+def _drbl_worker(fops: FileOps, shared: Any, wid: int) -> Op:
+    h = fops.open(f"{wid}/drbl.dat", data=True)
+    return _reader(fops, h, 0)
+
+
+def _reader(fops: FileOps, h: Any, off: int) -> Op:
+    buf = fops.buffer(PAGE)
+    pread_into = fops.pread_into
 
     def op(seq: int) -> None:
-        pack_into(page, 0, wid, seq)
-        pwrite(h, page, off)
-
+        if pread_into(h, buf, off) != PAGE:
+            raise OSError(f"short read at offset {off}")
     return op
 
 
-def _dwom_check(fops: FileOps, shared: tuple[Any, int], nworkers: int,
-                worker_ops: list[int]) -> str | None:
-    h = fops.open(DWOM_FILE)
-    want_size = shared[1]
-    if fops.size(h) != want_size:
-        return f"{DWOM_FILE}: size {fops.size(h)}, expected {want_size}"
-    fill = bytes([DWOM_FILL]) * PAGE
-    for wid in range(nworkers):
-        off = wid * DWOM_STRIDE
-        got = fops.pread(h, PAGE, off)
-        want = dwom_page(wid, worker_ops[wid]) if worker_ops[wid] else fill
-        if got != want:
-            if len(got) >= _HDR.size and got[_HDR.size:] == want[_HDR.size:]:
-                w, s = _HDR.unpack_from(got)
-                return (f"{DWOM_FILE}: worker {wid}'s page holds op {s} of worker {w}, "
-                        f"expected op {worker_ops[wid]}")
-            return f"{DWOM_FILE}: worker {wid}'s page at offset {off} has wrong content"
-        # The page after it was never written by anyone: still the pre-fill.
-        if fops.pread(h, PAGE, off + PAGE) != fill:
-            return f"{DWOM_FILE}: the page after worker {wid}'s page lost its pre-fill"
+DRBL = Workload("DRBL", "pread 4 KiB at offset 0 of its own file", "low",
+                _own_page_prepare("drbl.dat"), _drbl_worker,
+                _own_page_check("drbl.dat", False), lambda n: n * PAGE)
+
+# ------------------------------------------------------------- DWAL
+DWAL_WRAP = 64 * MiB           # a worker's file is emptied (untimed) when it reaches this
+
+
+def _dwal_prepare(fops: FileOps, n: int) -> None:
+    for wid in range(n):
+        fops.mkdir(str(wid))
+        fops.close(fops.create(f"{wid}/dwal.dat", data=True))
+
+
+def _dwal_worker(fops: FileOps, shared: Any, wid: int) -> Op:
+    h = fops.open(f"{wid}/dwal.dat", data=True)
+    buf = _page_buffer(fops, wid)
+    pack_into, pwrite = _HDR.pack_into, fops.pwrite
+    end = [0]
+
+    def op(seq: int) -> float | None:
+        pack_into(buf, 0, wid, seq)
+        off = end[0]
+        pwrite(h, buf, off)
+        off += PAGE
+        if off < DWAL_WRAP:
+            end[0] = off
+            return None
+        end[0] = 0
+        return _untimed(lambda: fops.ftruncate(h, 0))
+    return op
+
+
+def _dwal_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+    per_file = DWAL_WRAP // PAGE
+    for wid in range(n):
+        path = f"{wid}/dwal.dat"
+        ops = worker_ops[wid]
+        pages = ops % per_file
+        h = fops.open(path)
+        try:
+            if fops.size(h) != pages * PAGE:
+                return f"{path}: size {fops.size(h)}, expected {pages * PAGE}"
+            if pages:
+                # The first and the last page of the current round.
+                for page, seq in ((0, ops - pages + 1), (pages - 1, ops)):
+                    why = _expect_page(fops, h, page * PAGE, page_pattern(wid, seq), path)
+                    if why:
+                        return why
+        finally:
+            fops.close(h)
     return None
 
 
-DWOM = Workload(
-    name="DWOM",
-    summary="pwrite 4 KiB at offset id x 8 MiB of one shared file",
-    sharing="medium",
-    prepare=_dwom_prepare,
-    worker=_dwom_worker,
-    check=_dwom_check,
-    space=lambda n: (n + 1) * DWOM_STRIDE,
-)
+DWAL = Workload("DWAL", "append 4 KiB to its own file", "low",
+                _dwal_prepare, _dwal_worker, _dwal_check, lambda n: n * DWAL_WRAP)
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (DWOM,)}
+# ------------------------------------------------------------- DWTL
+DWTL_PAGES = 4096              # each worker's file starts at 16 MiB
+
+
+def _dwtl_prepare(fops: FileOps, n: int) -> None:
+    for wid in range(n):
+        fops.mkdir(str(wid))
+        h = fops.create(f"{wid}/dwtl.dat", data=True)
+        _fill(fops, h, DWTL_PAGES * PAGE, 0x41 + wid % 26)
+        fops.close(h)
+
+
+def _dwtl_worker(fops: FileOps, shared: Any, wid: int) -> Op:
+    h = fops.open(f"{wid}/dwtl.dat", data=True)
+    ftruncate = fops.ftruncate
+    pages = [DWTL_PAGES]
+
+    def regrow() -> None:
+        _fill(fops, h, DWTL_PAGES * PAGE, 0x41 + wid % 26, start=PAGE)
+
+    def op(seq: int) -> float | None:
+        p = pages[0] - 1
+        ftruncate(h, p * PAGE)
+        if p > 1:
+            pages[0] = p
+            return None
+        # Down to one page, as FxMark's loop ends: write the file back to its
+        # full size, untimed, and go on shrinking.
+        pages[0] = DWTL_PAGES
+        return _untimed(regrow)
+    return op
+
+
+def _dwtl_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+    for wid in range(n):
+        path = f"{wid}/dwtl.dat"
+        pages = DWTL_PAGES - worker_ops[wid] % (DWTL_PAGES - 1)
+        h = fops.open(path)
+        try:
+            if fops.size(h) != pages * PAGE:
+                return f"{path}: size {fops.size(h)}, expected {pages * PAGE}"
+            fill = bytes([0x41 + wid % 26]) * PAGE
+            for off in (0, (pages - 1) * PAGE):
+                if read(fops, h, PAGE, off) != fill:
+                    return f"{path}: wrong contents at offset {off}"
+        finally:
+            fops.close(h)
+    return None
+
+
+DWTL = Workload("DWTL", "shrink its own file by 4 KiB with ftruncate", "low",
+                _dwtl_prepare, _dwtl_worker, _dwtl_check, lambda n: n * DWTL_PAGES * PAGE)
+
+# ------------------------------------------------------------- DWOM / DRBM
+STRIDE = 8 * MiB               # worker k's page sits at k x 8 MiB of the shared file
+FILL = 0x5A                    # pre-fill byte: tells pre-filled data from holes
+
+
+def _shared_prepare(fname: str) -> Callable[[FileOps, int], Any]:
+    """One shared file of (n + 1) x 8 MiB, pre-filled in big pieces and fsynced."""
+    def prepare(fops: FileOps, n: int) -> int:
+        h = fops.create(fname, data=True)
+        size = (n + 1) * STRIDE
+        _fill(fops, h, size, FILL)
+        fops.fsync(h)
+        fops.close(h)
+        return size
+    return prepare
+
+
+def _dwom_worker(fops: FileOps, size: int, wid: int) -> Op:
+    h = fops.open("dwom.dat", data=True)     # each worker opens the file itself
+    off = wid * STRIDE
+    # One buffer changed in place: only the 16-byte header differs between
+    # ops, so building the page costs next to nothing inside the timed loop.
+    buf = _page_buffer(fops, wid)
+    pack_into, pwrite = _HDR.pack_into, fops.pwrite
+
+    def op(seq: int) -> None:
+        pack_into(buf, 0, wid, seq)
+        pwrite(h, buf, off)
+    return op
+
+
+def _shared_check(fname: str, written: bool) -> Check:
+    def check(fops: FileOps, size: int, n: int, worker_ops: list[int]) -> str | None:
+        h = fops.open(fname)
+        try:
+            if fops.size(h) != size:
+                return f"{fname}: size {fops.size(h)}, expected {size}"
+            fill = bytes([FILL]) * PAGE
+            for wid in range(n):
+                off = wid * STRIDE
+                want = page_pattern(wid, worker_ops[wid]) if written and worker_ops[wid] \
+                    else fill
+                why = _expect_page(fops, h, off, want, f"{fname}, worker {wid}'s page")
+                if why:
+                    return why
+                # The page after it was never written by anyone: still the pre-fill.
+                if read(fops, h, PAGE, off + PAGE) != fill:
+                    return f"{fname}: the page after worker {wid}'s page lost its pre-fill"
+            if read(fops, h, PAGE, size - PAGE) != fill:
+                return f"{fname}: the last page lost its pre-fill"
+        finally:
+            fops.close(h)
+        return None
+    return check
+
+
+def _drbm_worker(fops: FileOps, size: int, wid: int) -> Op:
+    return _reader(fops, fops.open("drbm.dat", data=True), wid * STRIDE)
+
+
+DWOM = Workload("DWOM", "pwrite 4 KiB at offset id x 8 MiB of one shared file", "medium",
+                _shared_prepare("dwom.dat"), _dwom_worker, _shared_check("dwom.dat", True),
+                lambda n: (n + 1) * STRIDE)
+DRBM = Workload("DRBM", "pread 4 KiB at offset id x 8 MiB of one shared file", "medium",
+                _shared_prepare("drbm.dat"), _drbm_worker, _shared_check("drbm.dat", False),
+                lambda n: (n + 1) * STRIDE)
+
+# ------------------------------------------------------------- DRBH
+
+
+def _drbh_prepare(fops: FileOps, n: int) -> None:
+    h = fops.create("drbh.dat", data=True)
+    fops.pwrite(h, _page_buffer(fops, 0), 0)
+    fops.fsync(h)
+    fops.close(h)
+
+
+def _drbh_worker(fops: FileOps, shared: Any, wid: int) -> Op:
+    return _reader(fops, fops.open("drbh.dat", data=True), 0)
+
+
+def _drbh_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+    h = fops.open("drbh.dat")
+    try:
+        if fops.size(h) != PAGE:
+            return f"drbh.dat: size {fops.size(h)}, expected {PAGE}"
+        return _expect_page(fops, h, 0, page_pattern(0, 0), "drbh.dat")
+    finally:
+        fops.close(h)
+
+
+DRBH = Workload("DRBH", "pread 4 KiB at offset 0 of one shared one-page file", "high",
+                _drbh_prepare, _drbh_worker, _drbh_check, lambda n: PAGE)
+
+# =====================================================================
+# Metadata workloads
+# =====================================================================
+
+
+def _own_dirs(fops: FileOps, n: int) -> None:
+    for wid in range(n):
+        fops.mkdir(str(wid))
+
+
+# ------------------------------------------------------------- MWCL / MWCM
+def _mwcl_worker(fops: FileOps, shared: Any, wid: int) -> Op:
+    create, close = fops.create, fops.close
+    prefix = f"{wid}/c-"
+
+    def op(seq: int) -> None:
+        close(create(prefix + str(seq)))
+    return op
+
+
+def _mwcl_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+    for wid in range(n):
+        why = _expect_names(fops, str(wid), {f"c-{i}" for i in range(1, worker_ops[wid] + 1)})
+        if why:
+            return why
+    return None
+
+
+def _mwcm_worker(fops: FileOps, shared: Any, wid: int) -> Op:
+    create, close, pwrite = fops.create, fops.close, fops.pwrite
+    buf = _page_buffer(fops, wid)
+    pack_into = _HDR.pack_into
+    prefix = f"m-{wid}-"
+
+    def op(seq: int) -> None:
+        pack_into(buf, 0, wid, seq)
+        h = create(prefix + str(seq), data=True)
+        pwrite(h, buf, 0)
+        close(h)
+    return op
+
+
+def _mwcm_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+    for wid in range(n):
+        ops = worker_ops[wid]
+        prefix = f"m-{wid}-"
+        why = _expect_names(fops, "", {f"{prefix}{i}" for i in range(1, ops + 1)}, prefix)
+        if why:
+            return why
+        if ops:
+            h = fops.open(f"{prefix}{ops}")
+            try:
+                why = _expect_page(fops, h, 0, page_pattern(wid, ops), f"{prefix}{ops}")
+            finally:
+                fops.close(h)
+            if why:
+                return why
+    return None
+
+
+MWCL = Workload("MWCL", "create and close an empty file in its own directory", "low",
+                _own_dirs, _mwcl_worker, _mwcl_check, lambda n: 0)
+MWCM = Workload("MWCM", "create, write 4 KiB, close a file in the shared directory",
+                "medium", lambda fops, n: None, _mwcm_worker, _mwcm_check,
+                lambda n: 256 * MiB)
+
+# ------------------------------------------------------------- MWUL / MWUM / MWRM
+POOL = 4096                    # files pre-created per worker, and per refill
+
+
+def _pool_dir(shared_dir: bool, wid: int) -> tuple[str, str]:
+    """(directory, name prefix) of worker wid's pool of files."""
+    return ("", f"u-{wid}-") if shared_dir else (str(wid), "u-")
+
+
+def _join(d: str, name: str) -> str:
+    return f"{d}/{name}" if d else name
+
+
+def _make_pool(fops: FileOps, d: str, prefix: str, start: int) -> None:
+    for k in range(start, start + POOL):
+        fops.close(fops.create(_join(d, f"{prefix}{k}")))
+
+
+def _pool_created(ops: int) -> int:
+    """Files a worker has created after ``ops`` ops: a pool, plus one per exhaustion."""
+    return POOL * max(1, -(-ops // POOL))
+
+
+def _unlink_prepare(shared_dir: bool) -> Callable[[FileOps, int], None]:
+    def prepare(fops: FileOps, n: int) -> None:
+        for wid in range(n):
+            d, prefix = _pool_dir(shared_dir, wid)
+            if d:
+                fops.mkdir(d)
+            _make_pool(fops, d, prefix, 0)
+    return prepare
+
+
+def _unlink_worker(shared_dir: bool) -> Callable[[FileOps, Any, int], Op]:
+    def worker(fops: FileOps, shared: Any, wid: int) -> Op:
+        d, prefix = _pool_dir(shared_dir, wid)
+        base = _join(d, prefix)
+        unlink = fops.unlink
+        created = [POOL]
+
+        def op(seq: int) -> float | None:
+            k = seq - 1
+            paused = None
+            if k == created[0]:
+                # The pool is used up: make the next one (untimed).
+                paused = _untimed(lambda: _make_pool(fops, d, prefix, k))
+                created[0] += POOL
+            unlink(base + str(k))
+            return paused
+        return op
+    return worker
+
+
+def _unlink_check(shared_dir: bool) -> Check:
+    def check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+        for wid in range(n):
+            d, prefix = _pool_dir(shared_dir, wid)
+            ops = worker_ops[wid]
+            want = {f"{prefix}{k}" for k in range(ops, _pool_created(ops))}
+            why = _expect_names(fops, d, want, prefix)
+            if why:
+                return why
+        return None
+    return check
+
+
+MWUL = Workload("MWUL", "unlink a pre-created file in its own directory", "low",
+                _unlink_prepare(False), _unlink_worker(False), _unlink_check(False),
+                lambda n: 0)
+MWUM = Workload("MWUM", "unlink a pre-created file in the shared directory", "medium",
+                _unlink_prepare(True), _unlink_worker(True), _unlink_check(True),
+                lambda n: 0)
+
+
+def _mwrm_prepare(fops: FileOps, n: int) -> None:
+    for wid in range(n):
+        fops.mkdir(str(wid))
+        _make_pool(fops, str(wid), f"u-{wid}-", 0)
+
+
+def _mwrm_worker(fops: FileOps, shared: Any, wid: int) -> Op:
+    d, prefix = str(wid), f"u-{wid}-"
+    rename = fops.rename
+    created = [POOL]
+
+    def op(seq: int) -> float | None:
+        k = seq - 1
+        paused = None
+        if k == created[0]:
+            paused = _untimed(lambda: _make_pool(fops, d, prefix, k))
+            created[0] += POOL
+        name = prefix + str(k)
+        rename(f"{d}/{name}", name)
+        return paused
+    return op
+
+
+def _mwrm_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+    for wid in range(n):
+        prefix, ops = f"u-{wid}-", worker_ops[wid]
+        why = (_expect_names(fops, "", {f"{prefix}{k}" for k in range(ops)}, prefix)
+               or _expect_names(fops, str(wid),
+                                {f"{prefix}{k}" for k in range(ops, _pool_created(ops))}))
+        if why:
+            return why
+    return None
+
+
+MWRM = Workload("MWRM", "rename a file from its own directory into the shared one",
+                "medium", _mwrm_prepare, _mwrm_worker, _mwrm_check, lambda n: 0)
+
+# ------------------------------------------------------------- MWRL
+
+
+def _mwrl_prepare(fops: FileOps, n: int) -> None:
+    for wid in range(n):
+        fops.mkdir(str(wid))
+        fops.close(fops.create(f"{wid}/r-0"))
+
+
+def _mwrl_worker(fops: FileOps, shared: Any, wid: int) -> Op:
+    rename = fops.rename
+    prefix = f"{wid}/r-"
+
+    def op(seq: int) -> None:
+        rename(prefix + str(seq - 1), prefix + str(seq))
+    return op
+
+
+def _mwrl_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+    for wid in range(n):
+        why = _expect_names(fops, str(wid), {f"r-{worker_ops[wid]}"})
+        if why:
+            return why
+    return None
+
+
+MWRL = Workload("MWRL", "rename a file within its own directory", "low",
+                _mwrl_prepare, _mwrl_worker, _mwrl_check, lambda n: 0)
+
+# ------------------------------------------------------------- MRPL / MRPM / MRPH
+FANOUT, DEPTH = 8, 5           # the shared tree: 8^4 directories, 8 files in each
+_PATHS = 4096                  # random paths a MRPM worker cycles through
+
+
+def _mrpl_prepare(fops: FileOps, n: int) -> None:
+    for wid in range(n):
+        path = str(wid)
+        fops.mkdir(path)
+        for _ in range(DEPTH - 2):
+            path += "/0"
+            fops.mkdir(path)
+        fops.close(fops.create(path + "/0"))
+
+
+def _stat_worker(paths_of: Callable[[int], list[str]]) -> Callable[[FileOps, Any, int], Op]:
+    def worker(fops: FileOps, shared: Any, wid: int) -> Op:
+        paths = paths_of(wid)
+        mask = len(paths) - 1          # a power of two
+        stat = fops.stat
+
+        def op(seq: int) -> None:
+            stat(paths[seq & mask])
+        return op
+    return worker
+
+
+def _tree_prepare(fops: FileOps, n: int) -> None:
+    def make(prefix: str, level: int) -> None:
+        for i in range(FANOUT):
+            path = f"{prefix}{i}"
+            if level == DEPTH:
+                fops.close(fops.create(path))
+            else:
+                fops.mkdir(path)
+                make(path + "/", level + 1)
+    make("", 1)
+
+
+def _random_paths(wid: int) -> list[str]:
+    # Chosen before the clock starts, so the loop does only the stat; each
+    # worker has its own sequence.
+    rng = random.Random(wid)
+    return ["/".join(str(rng.randrange(FANOUT)) for _ in range(DEPTH)) for _ in range(_PATHS)]
+
+
+def _stat_check(paths_of: Callable[[int], list[str]]) -> Check:
+    def check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+        for wid in range(n):
+            for path in paths_of(wid)[:64]:
+                try:
+                    fops.stat(path)
+                except OSError as e:
+                    return f"{path}: {e.strerror}"
+        return None
+    return check
+
+
+def _mrpl_paths(wid: int) -> list[str]:
+    return [f"{wid}" + "/0" * (DEPTH - 1)]
+
+
+def _mrph_paths(wid: int) -> list[str]:
+    return ["/".join("0" * DEPTH)]
+
+
+MRPL = Workload("MRPL", "stat a path in its own directory tree", "low",
+                _mrpl_prepare, _stat_worker(_mrpl_paths), _stat_check(_mrpl_paths),
+                lambda n: 0)
+MRPM = Workload("MRPM", "stat a random path of one shared tree", "medium",
+                _tree_prepare, _stat_worker(_random_paths), _stat_check(_random_paths),
+                lambda n: 0)
+MRPH = Workload("MRPH", "stat one path of one shared tree", "high",
+                _tree_prepare, _stat_worker(_mrph_paths), _stat_check(_mrph_paths),
+                lambda n: 0)
+
+# ------------------------------------------------------------- MRDL / MRDM
+DIR_FILES = 1024               # entries in each directory that is read
+
+
+def _mrd_prepare(shared_dir: bool) -> Callable[[FileOps, int], None]:
+    def prepare(fops: FileOps, n: int) -> None:
+        for d in ([""] if shared_dir else [str(w) for w in range(n)]):
+            if d:
+                fops.mkdir(d)
+            for k in range(DIR_FILES):
+                fops.close(fops.create(_join(d, f"d-{k}")))
+    return prepare
+
+
+def _mrd_worker(shared_dir: bool) -> Callable[[FileOps, Any, int], Op]:
+    def worker(fops: FileOps, shared: Any, wid: int) -> Op:
+        d = "" if shared_dir else str(wid)
+        listdir = fops.listdir
+
+        def op(seq: int) -> None:
+            # One op reads the whole directory (FxMark counts readdir calls,
+            # including empty ones past its end).
+            if len(listdir(d)) != DIR_FILES:
+                raise OSError(f"directory {d or '/'} lost entries")
+        return op
+    return worker
+
+
+def _mrd_check(shared_dir: bool) -> Check:
+    def check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+        want = {f"d-{k}" for k in range(DIR_FILES)}
+        for d in ([""] if shared_dir else [str(w) for w in range(n)]):
+            why = _expect_names(fops, d, want, "d-")
+            if why:
+                return why
+        return None
+    return check
+
+
+MRDL = Workload("MRDL", "read its own directory", "low",
+                _mrd_prepare(False), _mrd_worker(False), _mrd_check(False), lambda n: 0)
+MRDM = Workload("MRDM", "read the shared directory", "medium",
+                _mrd_prepare(True), _mrd_worker(True), _mrd_check(True), lambda n: 0)
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (
+    DWAL, DWOL, DWOM, DWSL, DWTL, DRBL, DRBM, DRBH,
+    MWCL, MWCM, MWUL, MWUM, MWRL, MWRM, MRPL, MRPM, MRPH, MRDL, MRDM)}
 
 
 def get(name: str) -> Workload:

@@ -1,76 +1,212 @@
-"""The fxmark harness: DWOM against the engine with 1 and 2 worker processes.
+"""The fxmark harness: every workload on the engine, on a directory and through a
+pnova mount; the checks that turn wrong contents into failed runs; failure
+reporting; report and plot on recorded results.
 
 Throughput numbers are only checked for sanity (positive, consistent with the
-op count and elapsed time), never compared with each other: timings depend on
-the machine.
+op counts and elapsed times), never compared with each other: timings depend
+on the machine.
 """
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
-import struct
+import time
+from pathlib import Path
 
 import pytest
 
-from fxmark import cli
-from fxmark.workers import PoolResult, WorkerResult, summarise
+from fxmark import cli, workloads
+from fxmark.fileops import EngineOps, PosixOps
+from fxmark.progress import Progress
+from fxmark.workers import (PoolResult, WorkerResult, cpu_breakdown, run_workers,
+                            summarise)
+from fxmark.workloads import WORKLOADS
 from pnova.engine import FileSystem
-from pnova.locks import SCHEMES
+from pnova.mkfs import format_device
 
-DURATION = 0.5
-STRIDE = 8 << 20
-PAGE = 4096
-KEYS = {"workload", "target", "scheme", "workers", "ops", "seconds", "ops_per_sec", "cpu"}
+DURATION = 0.3
+KEYS = {"workload", "target", "scheme", "workers", "ops", "seconds", "ops_per_sec", "cpu",
+        "worker_cpu", "worker_ops", "worker_seconds", "direct"}
+
+
+@pytest.fixture
+def fast_dir(tmp_path):
+    """A temporary directory in RAM (tmpfs) where there is one: many files, quickly."""
+    import shutil
+    import tempfile
+    if os.access("/dev/shm", os.W_OK | os.X_OK):
+        d = tempfile.mkdtemp(prefix="fxmark-test-", dir="/dev/shm")
+        yield d
+        shutil.rmtree(d, ignore_errors=True)
+    else:
+        yield str(tmp_path / "fast")
 
 
 def _run(tmp_path, *args: str) -> tuple[int, list[dict]]:
     out = tmp_path / "out"
-    rc = cli.main(["run", "--target", "engine", "--workload", "DWOM",
-                   "--duration", str(DURATION), "--out", str(out),
-                   "--image-dir", str(tmp_path), *args])
+    rc = cli.main(["run", "--duration", str(DURATION), "--out", str(out),
+                   "--image-dir", str(tmp_path), "--no-progress", *args])
     path = out / "results.jsonl"
     recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return rc, recs
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_dwom_records_and_contents(tmp_path, scheme, capsys):
-    rc, recs = _run(tmp_path, "--scheme", scheme, "--workers", "1,2", "--keep")
+def _sane(r: dict, workload: str, target: str, scheme: str) -> None:
+    assert "failed" not in r, r["failed"]
+    assert KEYS <= r.keys()
+    assert (r["workload"], r["target"], r["scheme"]) == (workload, target, scheme)
+    assert r["ops"] > 0 and r["ops"] == sum(r["worker_ops"])
+    assert len(r["worker_ops"]) == r["workers"]
+    assert all(n > 0 for n in r["worker_ops"])
+    # Each worker measured about the duration (replenishing is not counted).
+    assert all(0.9 * DURATION <= s <= DURATION + 1.0 for s in r["worker_seconds"])
+    assert r["ops_per_sec"] == pytest.approx(r["ops"] / r["seconds"])
+    cpu = r["cpu"]
+    assert {"user", "sys", "idle"} <= cpu.keys()
+    assert all(0.0 <= v <= 1.0 for v in cpu.values())
+    assert sum(cpu.values()) == pytest.approx(1.0, abs=0.01)
+
+
+# ------------------------------------------------------------------ every workload
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_every_workload_on_the_engine(tmp_path, name, capsys):
+    rc, recs = _run(tmp_path, "--target", "engine", "--workload", name, "--scheme", "pnova",
+                    "--workers", "2")
+    assert rc == 0, capsys.readouterr().out
+    [r] = recs
+    _sane(r, name, "engine", "pnova")
+    assert not any(p.name.startswith("fxmark-") for p in tmp_path.iterdir())   # cleaned up
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_every_workload_on_a_directory(tmp_path, fast_dir, name, capsys):
+    d = Path(fast_dir) / "dir"
+    d.mkdir(parents=True)
+    rc, recs = _run(tmp_path, "--target", f"local={d}", "--workload", name, "--workers", "2")
+    assert rc == 0, capsys.readouterr().out
+    [r] = recs
+    _sane(r, name, "local", "-")
+    assert r["path"] == str(d) and r["fstype"]
+    assert list(d.iterdir()) == []                  # the run directory was removed
+
+
+@pytest.mark.mount
+def test_pnova_mount_target(tmp_path, capsys):
+    rc, recs = _run(tmp_path, "--target", "pnova", "--workload", "DWOM,MWCL",
+                    "--scheme", "inode,pnova", "--workers", "1,2")
     table = capsys.readouterr().out
     assert rc == 0, table
-    assert "FAILED" not in table
-    assert [r["workers"] for r in recs] == [1, 2]         # one line per run
+    assert [(r["workload"], r["scheme"], r["workers"]) for r in recs] == [
+        (w, s, n) for w in ("DWOM", "MWCL") for s in ("inode", "pnova") for n in (1, 2)]
     for r in recs:
-        assert KEYS <= r.keys() and "failed" not in r
-        assert (r["workload"], r["target"], r["scheme"]) == ("DWOM", "engine", scheme)
-        assert r["ops"] > 0 and r["ops"] == sum(r["worker_ops"])
-        assert all(n > 0 for n in r["worker_ops"])
-        assert 0.45 <= r["seconds"] <= 2.0
-        assert r["ops_per_sec"] == pytest.approx(r["ops"] / r["seconds"])
-        cpu = r["cpu"]
-        assert set(cpu) == {"user", "sys", "idle"}
-        assert all(v >= 0.0 for v in cpu.values())
-        assert cpu["idle"] == pytest.approx(max(0.0, 1.0 - cpu["user"] - cpu["sys"]), abs=1e-3)
-        _check_image(r["image"], r["workers"], r["worker_ops"])
+        _sane(r, r["workload"], "pnova", r["scheme"])
+        assert r["fstype"] == "fuse.pnova"
+    assert not any(p.name.startswith("fxmark-") for p in tmp_path.iterdir())
 
 
-def _check_image(image: str, n: int, worker_ops: list[int]) -> None:
-    """Each worker's page holds the last pattern it wrote; the rest is the pre-fill."""
-    fs = FileSystem.mount(image)
+def test_targets_side_by_side_with_direct_io(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    rc, recs = _run(tmp_path, "--target", "engine", "--target", f"one={a}",
+                    "--target", f"two={b}", "--workload", "DWOL", "--scheme", "segment",
+                    "--workers", "1", "--direct")
+    out = capsys.readouterr().out
+    if rc != 0 and "Invalid argument" in out:
+        pytest.fail(f"O_DIRECT refused on {tmp_path}'s filesystem: {out}")
+    assert rc == 0, out
+    assert [(r["target"], r["scheme"]) for r in recs] == [
+        ("engine", "segment"), ("one", "-"), ("two", "-")]
+    assert all(r["direct"] for r in recs)
+
+
+# ------------------------------------------------------------------ checks bite
+SMALL = {"POOL": 8, "DWAL_WRAP": 4 * workloads.PAGE, "DWTL_PAGES": 6}
+OPS = [3, 20]                  # crosses the small pool / wrap / regrow sizes above
+
+
+def _drive(monkeypatch, base: str, name: str):
+    """Prepare a workload for 2 workers and run OPS[k] ops of worker k, in this process."""
+    for k, v in SMALL.items():
+        monkeypatch.setattr(workloads, k, v)
+    w = WORKLOADS[name]
+    fops = PosixOps(str(base))
+    shared = w.prepare(fops, 2)
+    for wid, n in enumerate(OPS):
+        op = w.worker(fops, shared, wid)
+        for seq in range(1, n + 1):
+            op(seq)
+    return w, fops, shared
+
+
+def _spoil(name: str, base: str) -> None:
+    """Damage what a read-only workload's check looks at."""
+    if name.startswith("DRB"):
+        path = {"DRBL": "0/drbl.dat", "DRBM": "drbm.dat", "DRBH": "drbh.dat"}[name]
+        with open(os.path.join(base, path), "r+b") as f:
+            f.seek(20)
+            f.write(b"?")
+    elif name == "MRPL":
+        os.unlink(os.path.join(base, "1/0/0/0/0"))
+    elif name in ("MRPM", "MRPH"):
+        os.unlink(os.path.join(base, "0/0/0/0/0"))
+        for p in workloads._random_paths(0)[:1]:
+            if os.path.exists(os.path.join(base, p)):
+                os.unlink(os.path.join(base, p))
+    else:                                           # MRDL / MRDM
+        os.unlink(os.path.join(base, "1/d-7" if name == "MRDL" else "d-7"))
+
+
+READ_ONLY = {"DRBL", "DRBM", "DRBH", "MRPL", "MRPM", "MRPH", "MRDL", "MRDM"}
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_check_accepts_the_truth_and_rejects_damage(monkeypatch, fast_dir, name):
+    os.makedirs(fast_dir, exist_ok=True)
+    w, fops, shared = _drive(monkeypatch, fast_dir, name)
+    assert w.check(fops, shared, 2, OPS) is None
+    if name in READ_ONLY:
+        _spoil(name, fast_dir)
+        assert w.check(fops, shared, 2, OPS) is not None
+    else:
+        # One op more or fewer than happened is not what is on the target.
+        assert w.check(fops, shared, 2, [OPS[0] + 1, OPS[1]]) is not None
+        assert w.check(fops, shared, 2, [OPS[0], OPS[1] - 1]) is not None
+
+
+def test_engine_ops_match_posix_ops(tmp_path):
+    """The same ops give the same tree on the engine as through system calls."""
+    img = str(tmp_path / "img")
+    format_device(img, 64 << 20, numa_nodes=1, cpus_per_node=1)
+    fs = FileSystem.mount(img)
     try:
-        ino = fs.lookup(1, b"dwom").ino
-        assert fs.getattr(ino).size == (n + 1) * STRIDE
-        for wid in range(n):
-            page = fs.read(ino, wid * STRIDE, PAGE)
-            assert struct.unpack_from("<QQ", page) == (wid, worker_ops[wid])
-            assert page[16:] == bytes([0x41 + wid]) * (PAGE - 16)
-            assert fs.read(ino, wid * STRIDE + PAGE, PAGE) == b"\x5a" * PAGE
-        assert fs.read(ino, n * STRIDE, PAGE) == b"\x5a" * PAGE
+        e, p = EngineOps(fs), PosixOps(str(tmp_path / "d"))
+        os.mkdir(tmp_path / "d")
+        for ops in (e, p):
+            ops.mkdir("x")
+            h = ops.create("x/f", data=True)
+            buf = ops.buffer(4096)
+            buf[:5] = b"hello"
+            assert ops.pwrite(h, buf, 8192) == 4096
+            ops.ftruncate(h, 8192 + 5)
+            ops.rename("x/f", "g")
+            assert sorted(ops.listdir("")) == ["g", "x"] and ops.listdir("x") == []
+            assert ops.size(h) == 8197
+            got = ops.buffer(4096)
+            assert ops.pread_into(h, got, 8192) == 5 and bytes(got[:5]) == b"hello"
+            ops.close(h)
+            with pytest.raises(FileNotFoundError):
+                ops.unlink("x/f")
+            ops.unlink("g")
+            with pytest.raises(FileNotFoundError):
+                ops.stat("g")
     finally:
         fs.unmount()
-    os.unlink(image)
 
 
+# ------------------------------------------------------------------ failures
 def test_failing_worker_is_reported_as_failed(tmp_path, monkeypatch, capsys):
     # The documented test hook: worker 1 raises in its tenth op.
     monkeypatch.setenv(cli.FAIL_ENV, "1")
@@ -85,6 +221,17 @@ def test_failing_worker_is_reported_as_failed(tmp_path, monkeypatch, capsys):
     assert not any(p.name.startswith("fxmark-") for p in tmp_path.iterdir())   # cleaned up
 
 
+def test_wrong_contents_fail_the_run(tmp_path, monkeypatch, capsys):
+    # A check that finds the data wrong turns the run into a failure.
+    wl = dataclasses.replace(workloads.DWOL, check=lambda *a: "page 0 is not what was written")
+    monkeypatch.setitem(WORKLOADS, "DWOL", wl)
+    rc, recs = _run(tmp_path, "--workload", "DWOL", "--scheme", "inode", "--workers", "1")
+    assert rc == 1
+    [r] = recs
+    assert r["failed"] == "wrong contents after the run: page 0 is not what was written"
+    assert "ops_per_sec" not in r
+
+
 def test_short_run_is_a_failure():
     ws = [WorkerResult(0, 0, ops=100, elapsed=1.0), WorkerResult(1, 1, ops=10, elapsed=0.5)]
     rec = summarise(PoolResult(1.0, ws))
@@ -94,12 +241,165 @@ def test_short_run_is_a_failure():
 def test_summary_numbers():
     ws = [WorkerResult(0, 0, ops=100, elapsed=1.0, utime=0.5, stime=0.25),
           WorkerResult(1, 1, ops=300, elapsed=1.0, utime=1.0, stime=0.0)]
-    rec = summarise(PoolResult(1.0, ws))
+    cpu = {"user": 0.5, "sys": 0.25, "idle": 0.25, "iowait": 0.0, "steal": 0.0}
+    rec = summarise(PoolResult(1.0, ws, cpu=cpu))
     assert rec["ops"] == 400 and rec["seconds"] == 1.0 and rec["ops_per_sec"] == 400.0
-    assert rec["cpu"] == {"user": 0.75, "sys": 0.125, "idle": 0.125}
+    assert rec["worker_cpu"] == {"user": 0.75, "sys": 0.125}
+    assert rec["cpu"] == cpu
 
 
-def test_bad_usage():
+def test_cpu_breakdown_from_proc_stat_fields():
+    before = dict(user=100, nice=0, system=50, idle=1000, iowait=0, irq=0, softirq=0, steal=0)
+    after = dict(user=160, nice=20, system=70, idle=1080, iowait=10, irq=5, softirq=5, steal=0)
+    assert cpu_breakdown(before, after) == {"user": 0.4, "sys": 0.15, "idle": 0.4,
+                                            "iowait": 0.05, "steal": 0.0}
+    assert cpu_breakdown(before, before) is None
+
+
+def test_replenishing_time_is_not_measured():
+    # Every 20th op spends 0.05 s "replenishing" and says so: the worker's
+    # measured time excludes it (about 0.6 s in all) and its stop time moves
+    # back by as much.
+    def setup(wid):
+        def op(seq):
+            time.sleep(0.001)
+            if seq % 20 == 0:
+                t = time.monotonic()
+                time.sleep(0.05)
+                return time.monotonic() - t
+            return None
+        return op
+    pool = run_workers(1, setup, 0.3)
+    rec = summarise(pool)
+    assert "failed" not in rec
+    [w] = pool.workers
+    assert w.paused >= 0.05 * (w.ops // 20) >= 0.25
+    assert 0.28 <= w.elapsed < 0.3 + 0.1
+    assert rec["worker_paused"] == [round(w.paused, 6)]
+
+
+def test_endless_replenishing_fails_the_run():
+    def setup(wid):
+        def op(seq):
+            time.sleep(0.01)
+            return 0.01                     # all of its time is "replenishing"
+        return op
+    rec = summarise(run_workers(1, setup, 0.1))
+    assert "replenishing took" in rec["failed"] and "ops_per_sec" not in rec
+
+
+def test_bad_usage(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["run", "--scheme", "nope", "--out", "x"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--workload", "DWXX", "--out", "x"])
+    assert e.value.code == 2
+    assert cli.main(["run", "--target", str(tmp_path / "missing"), "--out", "x"]) == 2
+    assert "not 'engine', 'pnova' or a directory" in capsys.readouterr().err
+    assert cli.main(["run", "--target", f"a={tmp_path}", "--target", f"a={tmp_path}",
+                     "--out", "x"]) == 2
+    assert cli.main(["report", str(tmp_path / "none")]) == 2
+
+
+def test_progress_line():
+    out = io.StringIO()
+    p = Progress(2, 5.0, enabled=True, out=out)
+    p.start("DWOM engine pnova 2w")
+    p.tick()
+    p.clear()
+    text = out.getvalue()
+    assert "[1/2] DWOM engine pnova 2w  preparing" in text and "0.0/5 s" in text
+    quiet = io.StringIO()
+    q = Progress(1, 5.0, enabled=False, out=quiet)
+    q.start("x")
+    q.tick()
+    q.clear()
+    assert quiet.getvalue() == ""
+
+
+# ------------------------------------------------------------------ report and plot
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> str:
+    """A results directory with real runs (engine, two schemes, 1 and 2 workers) and
+    one failed run."""
+    base = tmp_path_factory.mktemp("recorded")
+    out = base / "out"
+    rc = cli.main(["run", "--workload", "DWOM,DRBH", "--scheme", "inode,pnova",
+                   "--workers", "1,2", "--duration", "0.2", "--out", str(out),
+                   "--image-dir", str(base), "--no-progress"])
+    assert rc == 0
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps({"workload": "MWCL", "target": "engine", "scheme": "pnova",
+                            "workers": 2, "failed": "worker 1: OSError: No space"}) + "\n")
+    return str(out)
+
+
+def test_report(recorded, tmp_path, capsys):
+    assert cli.main(["report", recorded]) == 0
+    text = capsys.readouterr().out
+    assert "## DWOM: pwrite 4 KiB" in text and "## DRBH" in text and "## MWCL" in text
+    assert "| engine | inode |" in text and "| engine | pnova |" in text
+    assert "x) |" in text                           # a speed-up at 2 workers
+    assert "FAILED" in text and "- engine pnova 2 workers: worker 1: OSError: No space" in text
+    dest = tmp_path / "r.md"
+    assert cli.main(["report", recorded, "-o", str(dest)]) == 0
+    assert dest.read_text() == text
+
+
+def test_plot(recorded, tmp_path, capsys):
+    base = tmp_path / "fig"
+    assert cli.main(["plot", recorded, "-o", str(base), "--title", "engine"]) == 0
+    assert capsys.readouterr().out.split() == [f"{base}.png", f"{base}.svg"]
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (tmp_path / "fig.svg").read_text()
+    for text in ("DWOM", "DRBH", "engine/inode", "engine/pnova", "workers"):
+        assert text in svg
+    assert "MWCL" not in svg                        # only failed runs: no panel
+
+
+def test_plot_with_nothing_to_draw(tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_text(json.dumps(
+        {"workload": "DWOM", "target": "engine", "scheme": "pnova", "workers": 1,
+         "failed": "x"}) + "\n")
+    assert cli.main(["plot", str(tmp_path)]) == 2
+    assert "no successful run" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ reproduction
+@pytest.mark.mount
+def test_reproduce_refreshes_the_marked_section(tmp_path, fast_dir, capsys):
+    from fxmark.reproduce import BEGIN, END
+    doc = tmp_path / "PERF.md"
+    doc.write_text(f"# perf\n\nintro stays\n\n{BEGIN}\nold tables\n{END}\n\n## after\nstays too\n")
+    os.makedirs(fast_dir, exist_ok=True)
+    fig = tmp_path / "figs" / "cmp"
+    rc = cli.main(["reproduce", "--workers", "1,2", "--duration", "0.2", "--schemes",
+                   "inode,pnova", "--workloads", "DWOM", "--tmpfs", fast_dir,
+                   "--out", str(tmp_path / "out"), "--doc", str(doc), "--figure", str(fig),
+                   "--no-progress"])
+    assert rc == 0, capsys.readouterr().out
+    text = doc.read_text()
+    assert text.startswith("# perf\n\nintro stays\n\n" + BEGIN)
+    assert text.endswith(f"{END}\n\n## after\nstays too\n")
+    assert "old tables" not in text
+    body = text[text.index(BEGIN):text.index(END)]
+    assert "Machine: " in body and "CPUs" in body and "Python " in body
+    assert "fxmark reproduce --workers 1,2 --duration 0.2 --schemes inode,pnova" in body
+    assert "![ops/s against workers, one panel per workload](figs/cmp.svg)" in body
+    for row in ("| engine | inode |", "| engine | pnova |", "| pnova | inode |",
+                "| pnova | pnova |", "| tmpfs | - |"):
+        assert row in body
+    assert "FAILED" not in body
+    assert (tmp_path / "figs" / "cmp.png").exists() and (tmp_path / "figs" / "cmp.svg").exists()
+    recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().split("\n")
+            if x]
+    assert len(recs) == 10                          # (2 schemes x 2 targets + tmpfs) x 2
+    # A second reproduction replaces the section instead of adding one.
+    rc = cli.main(["reproduce", "--workers", "1", "--duration", "0.2", "--schemes", "pnova",
+                   "--workloads", "DWOL", "--tmpfs", fast_dir, "--out", str(tmp_path / "out"),
+                   "--doc", str(doc), "--figure", str(fig), "--no-progress"])
+    assert rc == 0
+    text = doc.read_text()
+    assert text.count(BEGIN) == 1 and "\n## DWOL" not in text and "\n### DWOL" in text
+    assert "### DWOM" not in text                   # the old results were set aside

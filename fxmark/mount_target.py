@@ -1,0 +1,187 @@
+"""Targets used through system calls: any directory, and pnova mounts the harness makes.
+
+:class:`DirTarget` runs each workload in a fresh subdirectory of a directory
+the user names (tmpfs, ext4, a pnova mount made by hand, ...) and removes it
+afterwards.  :class:`PnovaMountTarget` formats a fresh image for each run,
+mounts it with ``pnova -f -o lock=SCHEME`` on a temporary mount point, runs
+the workload there, checks the contents through the mount, unmounts, and
+checks the image with fsck: the same engine, lock schemes and checks as the
+``engine`` target, with the kernel's FUSE layer in between.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pnova.mkfs import format_device
+
+from .engine_target import fsck_problem
+from .fileops import PosixOps
+from .targets import (RunConfig, base_record, default_image_dir, device_size_for, fail,
+                      measure, one_line)
+from .workloads import Workload
+
+MOUNT_TIMEOUT = 30.0           # seconds for a pnova daemon to mount or to exit
+
+
+def fstype_of(path: str) -> str:
+    """The filesystem type of the mount holding ``path`` (from /proc/self/mountinfo)."""
+    real = os.path.realpath(path)
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mnt = left.split()[4].replace("\\040", " ")
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and \
+                        len(mnt) >= len(best):
+                    best, kind = mnt, right.split()[0]
+    except OSError:                              # pragma: no cover - not Linux
+        pass
+    return kind
+
+
+class _PosixRun:
+    """The part of a run that is the same for every system-call target."""
+
+    @staticmethod
+    def measure_in(rec: dict[str, Any], workload: Workload, base: str, nworkers: int,
+                   duration: float, cfg: RunConfig,
+                   tick: Callable[[], object] | None) -> None:
+        fops = PosixOps(base, direct=cfg.direct)
+        shared = workload.prepare(fops, nworkers)
+        rec.update(measure(workload, fops, shared, nworkers, duration, cfg, None, tick))
+        if cfg.verify and "failed" not in rec:
+            why = workload.check(PosixOps(base), shared, nworkers, rec["worker_ops"])
+            if why:
+                fail(rec, f"wrong contents after the run: {why}")
+
+
+class DirTarget:
+    """A directory on any mounted filesystem."""
+
+    uses_schemes = False
+
+    def __init__(self, label: str, path: str, fstype: str) -> None:
+        self.label, self.path, self.fstype = label, path, fstype
+
+    def run(self, workload: Workload, scheme: str, nworkers: int, duration: float,
+            cfg: RunConfig, tick: Callable[[], object] | None) -> dict[str, Any]:
+        rec = base_record(workload, self.label, scheme, nworkers, duration, cfg)
+        rec.update(path=self.path, fstype=self.fstype)
+        base = None
+        try:
+            base = tempfile.mkdtemp(prefix=f"fxmark-{workload.name.lower()}-{nworkers}-",
+                                    dir=self.path)
+            _PosixRun.measure_in(rec, workload, base, nworkers, duration, cfg, tick)
+        except Exception as e:                 # noqa: BLE001 - a failed run, reported as such
+            fail(rec, one_line(e))
+        finally:
+            if base is not None:
+                if cfg.keep:
+                    rec["kept"] = base
+                else:
+                    shutil.rmtree(base, ignore_errors=True)
+        return rec
+
+
+def _pnova_command() -> list[str]:
+    """The pnova daemon of this very installation (not whatever is first on PATH)."""
+    return [sys.executable, "-m", "pnova.mount"]
+
+
+class PnovaMountTarget:
+    """A fresh pnova FUSE mount per run, with the lock scheme under test."""
+
+    label = "pnova"
+    uses_schemes = True
+
+    def run(self, workload: Workload, scheme: str, nworkers: int, duration: float,
+            cfg: RunConfig, tick: Callable[[], object] | None) -> dict[str, Any]:
+        rec = base_record(workload, self.label, scheme, nworkers, duration, cfg)
+        size = cfg.device_size or device_size_for(workload, nworkers)
+        rec.update(segment_pages=cfg.segment_pages, ncpus=cfg.ncpus, device_size=size,
+                   fstype="fuse.pnova")
+        tmp = tempfile.mkdtemp(prefix=f"fxmark-{workload.name.lower()}-{scheme}-{nworkers}-",
+                               dir=cfg.image_dir or default_image_dir())
+        image, mnt = os.path.join(tmp, "pnova.img"), os.path.join(tmp, "mnt")
+        logpath = os.path.join(tmp, "pnova.log")
+        daemon: subprocess.Popen | None = None
+        try:
+            format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus)
+            os.mkdir(mnt)
+            daemon = self._mount(image, mnt, scheme, cfg, logpath)
+            run_dir = os.path.join(mnt, "fxmark")
+            os.mkdir(run_dir)
+            _PosixRun.measure_in(rec, workload, run_dir, nworkers, duration, cfg, tick)
+            self._unmount(daemon, mnt, logpath)
+            daemon = None
+            if cfg.verify and "failed" not in rec:
+                why = fsck_problem(image)
+                if why:
+                    fail(rec, why)
+        except Exception as e:                 # noqa: BLE001 - a failed run, reported as such
+            fail(rec, one_line(e))
+        finally:
+            if daemon is not None:             # something failed while mounted
+                subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+                try:
+                    daemon.wait(MOUNT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+                    daemon.wait()
+            if cfg.keep:
+                rec["image"] = image
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return rec
+
+    @staticmethod
+    def _mount(image: str, mnt: str, scheme: str, cfg: RunConfig,
+               logpath: str) -> subprocess.Popen:
+        cmd = _pnova_command() + [image, mnt, "-f", "-o",
+                                  f"lock={scheme},segment_pages={cfg.segment_pages}"]
+        with open(logpath, "ab") as log:
+            daemon = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not os.path.ismount(mnt):
+            if daemon.poll() is not None:
+                raise RuntimeError(f"pnova exited with status {daemon.returncode} before "
+                                   f"mounting: {_last_line(logpath)}")
+            if time.monotonic() > deadline:
+                daemon.kill()
+                daemon.wait()
+                raise RuntimeError(f"pnova did not mount within {MOUNT_TIMEOUT:g} s")
+            time.sleep(0.02)
+        return daemon
+
+    @staticmethod
+    def _unmount(daemon: subprocess.Popen, mnt: str, logpath: str) -> None:
+        r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"fusermount3 -u failed: {r.stderr.strip()}")
+        try:
+            rc = daemon.wait(MOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+            raise RuntimeError(f"pnova did not exit within {MOUNT_TIMEOUT:g} s of the "
+                               "unmount") from None
+        if rc != 0:
+            raise RuntimeError(f"pnova exited with status {rc}: {_last_line(logpath)}")
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(no output)"

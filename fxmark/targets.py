@@ -1,0 +1,157 @@
+"""What a workload runs against, and the steps every run shares.
+
+``--target`` values:
+
+``engine``
+    The pnova engine driven directly by the worker processes, one fresh
+    device image per run (:mod:`fxmark.engine_target`).
+``pnova``
+    A pnova FUSE mount made by the harness for each run: a fresh image,
+    mounted with the lock scheme under test, used through system calls,
+    unmounted and checked with fsck afterwards (:mod:`fxmark.mount_target`).
+``DIR`` or ``LABEL=DIR``
+    Any mounted directory (tmpfs, ext4 on a loop device, a pnova mount made
+    by hand, ...), used through system calls; each run works in a fresh
+    subdirectory that is removed afterwards.  The label (default: the
+    filesystem type, then the path if two targets share a type) names the
+    target in the results.
+
+Lock schemes apply to ``engine`` and ``pnova``; a directory target runs once
+per worker count with scheme ``-``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .fileops import FileOps
+from .workers import PoolResult, run_workers, summarise, usable_cpus
+from .workloads import Op, Workload
+
+NO_SCHEME = "-"
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by every run of one invocation."""
+    ncpus: int                             # logical CPUs of formatted devices (max workers)
+    device_size: int | None = None         # None: device_size_for(...)
+    segment_pages: int = 16
+    image_dir: str | None = None           # where device images go; None: default_image_dir()
+    keep: bool = False                     # keep images / run directories (paths recorded)
+    verify: bool = True                    # check contents (and fsck) after each run
+    direct: bool = False                   # O_DIRECT for data files of directory targets
+    fail_worker: int | None = None         # test hook, see fxmark.workers
+
+
+class Target(Protocol):
+    """One thing to benchmark."""
+    label: str
+    uses_schemes: bool
+
+    def run(self, workload: Workload, scheme: str, nworkers: int, duration: float,
+            cfg: RunConfig, tick: Callable[[], object] | None) -> dict[str, Any]:
+        """One run; returns its record (see :mod:`fxmark.results`)."""
+
+
+MiB = 1 << 20
+DEFAULT_DEVICE = 1024 * MiB
+
+
+def device_size_for(workload: Workload, nworkers: int) -> int:
+    """1 GiB, or more when the workload's files need it.
+
+    Copy-on-write needs room for a second copy of what is overwritten while
+    old blocks wait to be freed, and logs and per-CPU reserves take some: twice
+    the data plus 64 MiB, rounded up to a MiB.  Images are sparse files, so
+    only what a run touches takes memory.
+    """
+    need = 2 * workload.space(nworkers) + 64 * MiB
+    return max(DEFAULT_DEVICE, (need + MiB - 1) // MiB * MiB)
+
+
+def default_image_dir() -> str:
+    """/dev/shm when writable (the device then lives in RAM, like pmem), else the temp dir."""
+    import tempfile
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK):
+        return "/dev/shm"
+    return tempfile.gettempdir()
+
+
+def base_record(workload: Workload, target: str, scheme: str, nworkers: int,
+                duration: float, cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "workload": workload.name, "target": target, "scheme": scheme,
+        "workers": nworkers, "duration": duration, "direct": cfg.direct,
+        "host_cpus": len(usable_cpus()),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def fail(rec: dict[str, Any], reason: str) -> dict[str, Any]:
+    """Turn ``rec`` into a failed record: a reason and no throughput at all."""
+    for k in ("ops", "seconds", "ops_per_sec", "cpu", "worker_cpu"):
+        rec.pop(k, None)
+    rec["failed"] = reason.splitlines()[0] if reason else "failed"
+    return rec
+
+
+def one_line(e: BaseException) -> str:
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def measure(workload: Workload, fops: FileOps, shared: Any, nworkers: int,
+            duration: float, cfg: RunConfig, setup: Callable[[int], None] | None,
+            background: Callable[[], object] | None) -> dict[str, Any]:
+    """Run the workers of a prepared workload and summarise the run.
+
+    ``setup(wid)``, if given, runs first in each forked worker (the engine
+    target makes the worker a logical CPU of the filesystem there).
+    """
+    def worker_setup(wid: int) -> Op:
+        if setup is not None:
+            setup(wid)
+        return workload.worker(fops, shared, wid)
+
+    pool: PoolResult = run_workers(nworkers, worker_setup, duration,
+                                   fail_worker=cfg.fail_worker, background=background)
+    return summarise(pool)
+
+
+def chain(*fns: Callable[[], object] | None) -> Callable[[], None] | None:
+    """One callable running every given one in turn (None if there are none)."""
+    todo = [f for f in fns if f is not None]
+    if not todo:
+        return None
+
+    def run() -> None:
+        for f in todo:
+            f()
+    return run
+
+
+def parse_target(spec: str, taken: set[str]) -> Target:
+    """The target a ``--target`` value names; ``taken`` holds labels already in use."""
+    from .engine_target import EngineTarget
+    from .mount_target import DirTarget, PnovaMountTarget, fstype_of
+    if spec == "engine":
+        return EngineTarget()
+    if spec == "pnova":
+        return PnovaMountTarget()
+    label, sep, path = spec.partition("=")
+    if not sep:
+        label, path = "", spec
+    if not os.path.isdir(path):
+        raise ValueError(f"target {spec!r}: not 'engine', 'pnova' or a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"target {spec!r}: directory not writable")
+    fstype = fstype_of(path)
+    if not label:
+        label = fstype if fstype not in taken else os.path.abspath(path)
+    if label in taken or label in ("engine", "pnova"):
+        raise ValueError(f"target label {label!r} used twice; name it with LABEL=DIR")
+    return DirTarget(label, os.path.abspath(path), fstype)
