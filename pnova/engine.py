@@ -184,6 +184,7 @@ class FileSystem:
         self.readonly = readonly
         total = sb.total_blocks
         self._own_area = area is None
+        self._attached: list[FileSystem] = []   # other CPUs attached in this process
         if area is None:
             area = SharedArea.create(sb.ncpus, sb.ncpus * sb.inodes_per_cpu,
                                      [r.data_blocks for r in regions], first_seq=sb.next_seq)
@@ -383,6 +384,10 @@ class FileSystem:
         self.pm.close()
         self.pm = None  # type: ignore[assignment]
         self.scheme.close()
+        for other in self._attached:             # they share this device: done too
+            if other.pm is not None:
+                other.scheme.close()
+                other.pm = None  # type: ignore[assignment]
         if self._own_area:
             self.area.close()
         logger.info("unmounted cleanly")
@@ -400,6 +405,7 @@ class FileSystem:
 
         It shares the primary's device and shared area but has its own caches,
         exactly like a worker process; both are switched to shared mode.
+        Unmount the primary only: that ends the attached ones too.
         """
         if not primary.shared:
             primary.prepare_workers()
@@ -407,6 +413,7 @@ class FileSystem:
                  lock=primary.lock_name, segment_pages=primary.segment_pages)
         fs.shared = True
         fs.scheme.sem.take_over()
+        primary._attached.append(fs)
         return fs
 
     def become_worker(self, cpu: int) -> None:
@@ -1408,17 +1415,22 @@ class FileSystem:
         if sized:
             sch.size_lock(ino)
         tok = sch.lock(ino, first, last, True)
+        slots: list[int] = []
         try:
             if self.shared:
-                inode = self.get(ino)
+                inode, slots = self._current_for_write(ino, first, last)
                 if not sized and off + n > inode.size:
                     # It became an extending write meanwhile: take the size lock in order.
                     sch.unlock(tok)
                     sch.size_lock(ino)
                     sized = True
                     tok = sch.lock(ino, first, last, True)
-                    inode = self.get(ino)
-            freed = self._write_locked(inode, off, data, first, last)
+                    inode, slots = self._current_for_write(ino, first, last)
+            try:
+                freed = self._write_locked(inode, off, data, first, last)
+            finally:
+                if slots:
+                    self._bump_versions(ino, inode, slots)
         finally:
             sch.unlock(tok)
             if sized:
@@ -1427,6 +1439,58 @@ class FileSystem:
         if self._compact_wanted:
             self._compact_pending()
         return n
+
+    def _current_for_write(self, ino: int, first: int, last: int) -> tuple[Inode, list[int]]:
+        """The cached inode, exact for pages first..last, and their version words.
+
+        Called with pages first..last write-locked.  Every change of a page's
+        mapping adds one to its group's version (in the shared area) before
+        the writer unlocks, and every size change adds one to the inode's size
+        epoch.  If the versions and the epoch still have the values this
+        process recorded when its cache last covered them, and the slot's
+        generation, head and array are unchanged, no other process has
+        changed these pages or the size since: the cache is exact for this
+        write, and catching up with the other processes' entries (writes to
+        other pages, attribute changes) can wait for an operation that needs
+        them (:meth:`get` always catches up).  Otherwise the values are read
+        first and the cache caught up after, so that what is recorded never
+        counts a change the cache lacks.  Returns the inode and the version
+        words (the size epoch's last).
+        """
+        area = self.area
+        q = area.u64
+        slots = area.version_slots(ino, first, last)
+        vals = [q[a >> 3] for a in slots]
+        inode = self.cache.get(ino)
+        if inode is not None:
+            gen, state, head, _tail, array = _SLOT_WORDS.unpack_from(
+                self.pm.mm, self.inode_addr(ino) + L.I_GENERATION)
+            if (gen == inode.generation and state == L.STATE_LIVE and head == inode.head
+                    and array == inode.array):
+                vers = inode.vers
+                for a, v in zip(slots, vals):
+                    if vers.get(a) != v:
+                        break
+                else:
+                    return inode, slots
+        inode = self.get(ino)
+        inode.vers.update(zip(slots, vals))
+        return inode, slots
+
+    def _bump_versions(self, ino: int, inode: Inode, slots: list[int]) -> None:
+        """Count this write in its groups' versions (the last slot is the epoch: not
+        bumped).  The cache may record a new value only if nobody else bumped
+        the word since it was checked (a group shared with another writer's
+        pages, or a hash collision)."""
+        add = self.area.w.add64
+        vers = inode.vers if self.cache.get(ino) is inode else None
+        for a in slots[:-1]:
+            old = add(a, 1)
+            if vers is not None:
+                if vers.get(a) == old:
+                    vers[a] = old + 1
+                else:
+                    vers.pop(a, None)
 
     def _write_locked(self, inode: Inode, off: int, data, first: int, last: int) -> list[int]:
         pm = self.pm
@@ -1495,6 +1559,10 @@ class FileSystem:
             try:
                 a = self._setattr_locked(self.get(ino), *args)
             finally:
+                if self.shared:
+                    # Under the size lock: writers that skip catching up
+                    # (_current_for_write) see the size change coming.
+                    self.area.w.add64(self.area.version_slots(ino, 0, 0)[-1], 1)
                 sch.unlock(tok)
         finally:
             sch.size_unlock(ino)

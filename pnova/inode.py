@@ -25,7 +25,7 @@ class Inode:
     __slots__ = ("ino", "mode", "uid", "gid", "rdev", "generation", "nlink", "size",
                  "atime", "mtime", "ctime", "head", "tail", "log_pages", "pages",
                  "dents", "order", "parent", "dent_bytes", "xattrs",
-                 "array", "local")
+                 "array", "local", "tseq", "vers")
 
     def __init__(self, ino: int, st: L.InodeStatic, head: int, tail: int) -> None:
         self.ino = ino
@@ -46,6 +46,13 @@ class Inode:
         self.array = 0                     # block of the per-core log array, 0: none
         # cpu -> [head, tail, pages] of that CPU's local log, as far as replayed
         self.local: dict[int, list] = {}
+        # Sequence number of the entry that last set the times: with several
+        # processes, entries of different pages may be applied out of order,
+        # and the newest still gives the times.
+        self.tseq = 0
+        # version word -> value as of the last time this cache covered it
+        # (shared mode only, see FileSystem._current_for_write)
+        self.vers: dict[int, int] = {}
         if stat.S_ISDIR(st.mode):
             self.pages = None
             self.dents: dict[bytes, tuple[int, int, int]] | None = {}   # name -> (ino, dtype, cookie)
@@ -78,9 +85,15 @@ class Inode:
             # setattr, ordered by its sequence number, makes a file shorter.
             if size > self.size:
                 self.size = size
-            self.mtime = self.ctime = mtime
+            if _seq >= self.tseq:
+                self.mtime = self.ctime = mtime
+                self.tseq = _seq
         elif t == L.E_SETATTR:
-            _, _seq, mask, mode, uid, gid, size, atime, mtime, ctime = e
+            _, seq, mask, mode, uid, gid, size, atime, mtime, ctime = e
+            if seq < self.tseq:                 # a newer write set the times already
+                mask &= ~(L.SA_ATIME | L.SA_MTIME | L.SA_CTIME)
+            elif mask & (L.SA_ATIME | L.SA_MTIME | L.SA_CTIME):
+                self.tseq = seq
             if mask & L.SA_MODE:
                 self.mode = (self.mode & ~0o7777) | (mode & 0o7777)
             if mask & L.SA_UID:
@@ -98,7 +111,9 @@ class Inode:
                 self.ctime = ctime
         elif t == L.E_LINK:
             self.nlink = e[2]
-            self.ctime = e[3]
+            if e[1] >= self.tseq:
+                self.ctime = e[3]
+                self.tseq = e[1]
         elif t == L.E_DENTRY:
             _, seq, op, name, ino, dtype, time_ns = e
             if self.dents is None:
@@ -124,7 +139,9 @@ class Inode:
                 self.xattrs[name] = value
             else:
                 self.xattrs.pop(name, None)
-            self.ctime = time_ns
+            if _seq >= self.tseq:
+                self.ctime = time_ns
+                self.tseq = _seq
         return freed
 
     def truncate_index(self, size: int) -> list[int]:

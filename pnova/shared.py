@@ -25,6 +25,10 @@ Layout (byte offsets; every region starts on a 64-byte line)::
     ...     range table: a guard word, then RANGE_MAX entries of 32 bytes
             (inode u64, first page u64, last page u64, owner CPU + 1 u32, mode u32)
     ...     per-CPU rings: head line, tail line, RING_SLOTS u64 slots
+    ...     page-group versions: VER_SLOTS u64, hashed by (inode, group of
+            VER_PAGES pages), and per inode a size epoch in the same table;
+            a writer adds one to the versions of the groups it wrote before
+            it unlocks them (see the engine's write path)
     ...     per region (one per CPU): a line with the free-block counter u64 and
             the allocation cursor u64, then the block bitmap (u64 words, bit i
             of word j = data block 64*j + i of the region, 1 = in use)
@@ -38,13 +42,20 @@ import os
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 1
+VERSION = 2
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
 RANGE_MAX = 256
 RANGE_ENTRY = 32
 RING_SLOTS = 256
+VER_BITS = 16
+VER_SLOTS = 1 << VER_BITS     # page-group version words
+VER_SHIFT_PAGES = 4
+VER_PAGES = 1 << VER_SHIFT_PAGES   # pages per version group
+_B = 0xC2B2AE3D27D4EB4F
+_M64 = (1 << 64) - 1
+_VER_SHIFT = 64 - VER_BITS    # a slot is the top VER_BITS bits of a 64-bit hash
 
 H_MAGIC, H_VERSION, H_NCPUS, H_SEQ, H_SEG_SLOTS, H_RANGE_MAX = 0, 8, 12, 16, 24, 28
 H_NS_LOCK = 32                # u32: the namespace lock (directory operations)
@@ -64,7 +75,8 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     o["range_table"] = o["seg_locks"] + _line(4 * SEG_SLOTS)
     o["rings"] = o["range_table"] + LINE + _line(RANGE_ENTRY * RANGE_MAX)
     o["ring_size"] = 2 * LINE + _line(8 * RING_SLOTS)
-    off = o["rings"] + ncpus * o["ring_size"]
+    o["versions"] = o["rings"] + ncpus * o["ring_size"]
+    off = o["versions"] + 8 * VER_SLOTS
     for i, n in enumerate(region_blocks):
         o[f"region{i}"] = off
         off += LINE + _line(8 * ((n + 63) // 64))
@@ -87,6 +99,11 @@ class SharedArea:
         self.ninodes = ninodes
         self.region_blocks = region_blocks
         self.w = SharedWords(mm)
+        # Plain loads of 64-bit words by index (offset // 8), for the write
+        # path's version checks: an aligned 8-byte load is one instruction, so
+        # it cannot tear, and it costs a tenth of a libatomic call.  Never
+        # written through: every store is an atomic of ``w``.
+        self.u64 = memoryview(mm).cast("Q")
         o = _offsets(ncpus, ninodes, region_blocks)
         self.registry = o["registry"]
         self.inode_locks = o["inode_locks"]
@@ -96,6 +113,7 @@ class SharedArea:
         self.range_table = o["range_table"]
         self.rings = o["rings"]
         self.ring_size = o["ring_size"]
+        self.versions = o["versions"]
         self.regions = [o[f"region{i}"] for i in range(len(region_blocks))]
         self.itables = [o[f"itable{c}"] for c in range(ncpus)]
         self.size = o["size"]
@@ -152,6 +170,7 @@ class SharedArea:
         return area
 
     def close(self) -> None:
+        self.u64.release()
         self.w.release()
         self.mm.close()
 
@@ -159,6 +178,23 @@ class SharedArea:
     def next_seq(self, n: int = 1) -> int:
         """Reserve ``n`` sequence numbers; return the first."""
         return self.w.add64(H_SEQ, n)
+
+    # ----------------------------------------------------------- versions
+    def version_slots(self, ino: int, first: int, last: int) -> list[int]:
+        """Offsets of the version words of pages first..last of ``ino``, then of its
+        size epoch.  Different groups may hash to one word: that only makes a
+        version change more often than its group does."""
+        base = self.versions
+        # Multiplicative hashing, top bits; the epoch is "group -1".
+        h = (ino * 0x9E3779B97F4A7C15) & _M64
+        g0, g1 = first >> VER_SHIFT_PAGES, last >> VER_SHIFT_PAGES
+        if g0 == g1:                           # the common case: one group
+            return [base + 8 * (((h + (g0 + 1) * _B) & _M64) >> _VER_SHIFT),
+                    base + 8 * (h >> _VER_SHIFT)]
+        out = [base + 8 * (((h + (g + 1) * _B) & _M64) >> _VER_SHIFT)
+               for g in range(g0, g1 + 1)]
+        out.append(base + 8 * (h >> _VER_SHIFT))
+        return out
 
     # ----------------------------------------------------------- worker registry
     def register(self, cpu: int, pid: int | None = None) -> None:
