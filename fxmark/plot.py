@@ -3,8 +3,9 @@
 Each panel has one line per target and scheme (``engine/pnova``,
 ``tmpfs``, ...).  Failed runs are left out of the lines (``fxmark report``
 lists them).  When a (workload, target, scheme, workers) was run more than
-once, the last record counts.  Written with matplotlib's Agg backend (no
-display needed) as PNG and SVG.
+once, the last record counts.  A panel whose values span more than a factor
+of 20 (a Python filesystem beside tmpfs) gets a logarithmic ops/s axis.
+Written with matplotlib's Agg backend (no display needed) as PNG and SVG.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .targets import NO_SCHEME
 from .workloads import WORKLOADS
 
 _MARKERS = "osD^v<>pHx*+"
+LOG_RATIO = 20                 # a panel whose values span more than this uses a log axis
 
 
 def _label(target: str, scheme: str) -> str:
@@ -63,12 +65,19 @@ def plot(recs: list[dict[str, Any]], base: str, title: str | None = None) -> lis
             handles.setdefault(_label(target, scheme), line)
         ax.set_title(wl, fontsize=10)
         ax.set_xlabel("workers", fontsize=8)
-        ax.set_ylabel("ops/s", fontsize=8)
         workers = sorted({k[3] for k in ok if k[0] == wl})
         ax.set_xticks(workers)
-        ax.set_ylim(bottom=0)
         ax.tick_params(labelsize=7)
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+        ys = [r["ops_per_sec"] for k, r in ok.items() if k[0] == wl]
+        if max(ys) > LOG_RATIO * min(ys):
+            # Python filesystems beside kernel ones: on a linear axis the
+            # slower lines would lie flat on zero.
+            ax.set_yscale("log")
+            ax.set_ylabel("ops/s (log scale)", fontsize=8)
+        else:
+            ax.set_ylim(bottom=0)
+            ax.set_ylabel("ops/s", fontsize=8)
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
         ax.grid(True, alpha=0.3)
     for i in range(len(order), nrows * ncols):
         axes[i // ncols][i % ncols].set_visible(False)

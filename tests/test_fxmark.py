@@ -403,3 +403,14 @@ def test_reproduce_refreshes_the_marked_section(tmp_path, fast_dir, capsys):
     text = doc.read_text()
     assert text.count(BEGIN) == 1 and "\n## DWOL" not in text and "\n### DWOL" in text
     assert "### DWOM" not in text                   # the old results were set aside
+
+
+def test_plot_uses_a_log_axis_for_wide_ranges(tmp_path, capsys):
+    recs = [{"workload": "DWOM", "target": t, "scheme": "-", "workers": n,
+             "ops_per_sec": v * n} for t, v in (("slow", 1e3), ("fast", 1e6)) for n in (1, 2)]
+    recs.append({"workload": "DWOL", "target": "slow", "scheme": "-", "workers": 1,
+                 "ops_per_sec": 5e3})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert cli.main(["plot", str(tmp_path)]) == 0
+    svg = (tmp_path / "fxmark.svg").read_text()
+    assert svg.count("ops/s (log scale)") == 1          # DWOM only: DWOL spans nothing
