@@ -15,7 +15,6 @@ fast one.
 """
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import tempfile
@@ -23,23 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 from pnova.engine import FileSystem
-from pnova.fsck import NO, Checker
 from pnova.mkfs import format_device
 
 from .fileops import EngineOps
 from .targets import (RunConfig, base_record, chain, default_image_dir, device_size_for,
-                      fail, measure, one_line)
+                      fail, fsck_problem, measure, one_line)
 from .workloads import Workload
-
-
-def fsck_problem(image: str) -> str | None:
-    """None when fsck finds the image clean, else its first complaint."""
-    out = io.StringIO()
-    rc = Checker(image, policy=NO, force=True, out=out).run()
-    if rc == 0:
-        return None
-    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
-    return f"fsck exit {rc}: {lines[0] if lines else 'problems found'}"
 
 
 class EngineTarget:

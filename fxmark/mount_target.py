@@ -21,10 +21,9 @@ from typing import Any
 
 from pnova.mkfs import format_device
 
-from .engine_target import fsck_problem
 from .fileops import PosixOps
 from .targets import (RunConfig, base_record, default_image_dir, device_size_for, fail,
-                      measure, one_line)
+                      fsck_problem, measure, one_line)
 from .workloads import Workload
 
 MOUNT_TIMEOUT = 30.0           # seconds for a pnova daemon to mount or to exit

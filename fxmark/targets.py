@@ -21,11 +21,15 @@ per worker count with scheme ``-``.
 """
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from pnova.fsck import NO, Checker
 
 from .fileops import FileOps
 from .workers import PoolResult, run_workers, summarise, usable_cpus
@@ -75,7 +79,6 @@ def device_size_for(workload: Workload, nworkers: int) -> int:
 
 def default_image_dir() -> str:
     """/dev/shm when writable (the device then lives in RAM, like pmem), else the temp dir."""
-    import tempfile
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK):
         return "/dev/shm"
     return tempfile.gettempdir()
@@ -97,6 +100,16 @@ def fail(rec: dict[str, Any], reason: str) -> dict[str, Any]:
         rec.pop(k, None)
     rec["failed"] = reason.splitlines()[0] if reason else "failed"
     return rec
+
+
+def fsck_problem(image: str) -> str | None:
+    """None when fsck finds a pnova image clean, else its first complaint."""
+    out = io.StringIO()
+    rc = Checker(image, policy=NO, force=True, out=out).run()
+    if rc == 0:
+        return None
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    return f"fsck exit {rc}: {lines[0] if lines else 'problems found'}"
 
 
 def one_line(e: BaseException) -> str:
