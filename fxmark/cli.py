@@ -220,12 +220,19 @@ def run_plan(wls: list[workloads.Workload], targets: list[Target], schemes: list
     return failed
 
 
-def cmd_report(a: argparse.Namespace) -> int:
-    from .report import markdown
+def _load(d: str) -> list[dict] | None:
+    """The records of d/results.jsonl, or None after saying why there are none."""
     try:
-        recs = results.load(os.path.join(a.dir, "results.jsonl"))
+        return results.load(os.path.join(d, "results.jsonl"))
     except (OSError, ValueError) as e:
         print(f"fxmark: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import markdown
+    recs = _load(a.dir)
+    if recs is None:
         return 2
     text = markdown(recs)
     if a.output:
@@ -238,10 +245,8 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 def cmd_plot(a: argparse.Namespace) -> int:
     from .plot import plot
-    try:
-        recs = results.load(os.path.join(a.dir, "results.jsonl"))
-    except (OSError, ValueError) as e:
-        print(f"fxmark: {e}", file=sys.stderr)
+    recs = _load(a.dir)
+    if recs is None:
         return 2
     base = a.output or os.path.join(a.dir, "fxmark")
     try:

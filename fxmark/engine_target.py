@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +24,7 @@ from pnova.engine import FileSystem
 from pnova.mkfs import format_device
 
 from .fileops import EngineOps
-from .targets import (RunConfig, base_record, chain, default_image_dir, device_size_for,
-                      fail, fsck_problem, measure, one_line)
+from .targets import RunConfig, chain, fail, fsck_problem, image_run, measure, one_line
 from .workloads import Workload
 
 
@@ -38,11 +36,7 @@ class EngineTarget:
 
     def run(self, workload: Workload, scheme: str, nworkers: int, duration: float,
             cfg: RunConfig, tick: Callable[[], object] | None) -> dict[str, Any]:
-        rec = base_record(workload, self.label, scheme, nworkers, duration, cfg)
-        size = cfg.device_size or device_size_for(workload, nworkers)
-        rec.update(segment_pages=cfg.segment_pages, ncpus=cfg.ncpus, device_size=size)
-        tmp = tempfile.mkdtemp(prefix=f"fxmark-{workload.name.lower()}-{scheme}-{nworkers}-",
-                               dir=cfg.image_dir or default_image_dir())
+        rec, size, tmp = image_run(workload, self.label, scheme, nworkers, duration, cfg)
         image = os.path.join(tmp, "pnova.img")
         try:
             self._run(rec, workload, scheme, nworkers, duration, cfg, image, size, tick)

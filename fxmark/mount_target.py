@@ -22,8 +22,8 @@ from typing import Any
 from pnova.mkfs import format_device
 
 from .fileops import PosixOps
-from .targets import (RunConfig, base_record, default_image_dir, device_size_for, fail,
-                      fsck_problem, measure, one_line)
+from .targets import (RunConfig, base_record, fail, fsck_problem, image_run, measure,
+                      one_line)
 from .workloads import Workload
 
 MOUNT_TIMEOUT = 30.0           # seconds for a pnova daemon to mount or to exit
@@ -103,12 +103,8 @@ class PnovaMountTarget:
 
     def run(self, workload: Workload, scheme: str, nworkers: int, duration: float,
             cfg: RunConfig, tick: Callable[[], object] | None) -> dict[str, Any]:
-        rec = base_record(workload, self.label, scheme, nworkers, duration, cfg)
-        size = cfg.device_size or device_size_for(workload, nworkers)
-        rec.update(segment_pages=cfg.segment_pages, ncpus=cfg.ncpus, device_size=size,
-                   fstype="fuse.pnova")
-        tmp = tempfile.mkdtemp(prefix=f"fxmark-{workload.name.lower()}-{scheme}-{nworkers}-",
-                               dir=cfg.image_dir or default_image_dir())
+        rec, size, tmp = image_run(workload, self.label, scheme, nworkers, duration, cfg)
+        rec["fstype"] = "fuse.pnova"
         image, mnt = os.path.join(tmp, "pnova.img"), os.path.join(tmp, "mnt")
         logpath = os.path.join(tmp, "pnova.log")
         daemon: subprocess.Popen | None = None

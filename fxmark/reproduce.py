@@ -64,8 +64,6 @@ def section(recs: list[dict], command: str, figure: str, doc_dir: str, about: st
     rel = os.path.relpath(figure, doc_dir)
     tables = markdown(recs).split("\n", 2)[2].lstrip()        # without the report's title
     tables = tables.replace("\n## ", "\n### ")
-    if tables.startswith("## "):
-        tables = "#" + tables
     lines = [BEGIN, "",
              "## The pNOVA comparison (`make compare`)", "",
              f"Machine: {about}.",
@@ -74,7 +72,7 @@ def section(recs: list[dict], command: str, figure: str, doc_dir: str, about: st
              f"![ops/s against workers, one panel per workload]({rel}.svg)", "",
              f"(also [{os.path.basename(rel)}.png]({rel}.png))", "",
              tables.rstrip(), "", END]
-    return "\n".join(ln for ln in lines if ln is not None) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def update_doc(doc: str, text: str) -> None:

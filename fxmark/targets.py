@@ -94,6 +94,18 @@ def base_record(workload: Workload, target: str, scheme: str, nworkers: int,
     }
 
 
+def image_run(workload: Workload, target: str, scheme: str, nworkers: int,
+              duration: float, cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
+    """The start of a run on a fresh pnova image: (record, image size, a new
+    directory for the image) -- the engine and pnova targets share it."""
+    rec = base_record(workload, target, scheme, nworkers, duration, cfg)
+    size = cfg.device_size or device_size_for(workload, nworkers)
+    rec.update(segment_pages=cfg.segment_pages, ncpus=cfg.ncpus, device_size=size)
+    tmp = tempfile.mkdtemp(prefix=f"fxmark-{workload.name.lower()}-{scheme}-{nworkers}-",
+                           dir=cfg.image_dir or default_image_dir())
+    return rec, size, tmp
+
+
 def fail(rec: dict[str, Any], reason: str) -> dict[str, Any]:
     """Turn ``rec`` into a failed record: a reason and no throughput at all."""
     for k in ("ops", "seconds", "ops_per_sec", "cpu", "worker_cpu"):

@@ -492,23 +492,28 @@ def _unlink_prepare(shared_dir: bool) -> Callable[[FileOps, int], None]:
     return prepare
 
 
+def _pool_op(fops: FileOps, d: str, prefix: str, use: Callable[[int], object]) -> Op:
+    """The op that calls ``use(k)`` on pool file k = seq - 1, making the next pool of
+    files (untimed) in directory ``d`` when the current one is used up."""
+    created = [POOL]
+
+    def op(seq: int) -> float | None:
+        k = seq - 1
+        paused = None
+        if k == created[0]:
+            paused = _untimed(lambda: _make_pool(fops, d, prefix, k))
+            created[0] += POOL
+        use(k)
+        return paused
+    return op
+
+
 def _unlink_worker(shared_dir: bool) -> Callable[[FileOps, Any, int], Op]:
     def worker(fops: FileOps, shared: Any, wid: int) -> Op:
         d, prefix = _pool_dir(shared_dir, wid)
         base = _join(d, prefix)
         unlink = fops.unlink
-        created = [POOL]
-
-        def op(seq: int) -> float | None:
-            k = seq - 1
-            paused = None
-            if k == created[0]:
-                # The pool is used up: make the next one (untimed).
-                paused = _untimed(lambda: _make_pool(fops, d, prefix, k))
-                created[0] += POOL
-            unlink(base + str(k))
-            return paused
-        return op
+        return _pool_op(fops, d, prefix, lambda k: unlink(base + str(k)))
     return worker
 
 
@@ -542,18 +547,11 @@ def _mwrm_prepare(fops: FileOps, n: int) -> None:
 def _mwrm_worker(fops: FileOps, shared: Any, wid: int) -> Op:
     d, prefix = str(wid), f"u-{wid}-"
     rename = fops.rename
-    created = [POOL]
 
-    def op(seq: int) -> float | None:
-        k = seq - 1
-        paused = None
-        if k == created[0]:
-            paused = _untimed(lambda: _make_pool(fops, d, prefix, k))
-            created[0] += POOL
+    def move(k: int) -> None:
         name = prefix + str(k)
         rename(f"{d}/{name}", name)
-        return paused
-    return op
+    return _pool_op(fops, d, prefix, move)
 
 
 def _mwrm_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
