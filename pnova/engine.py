@@ -32,7 +32,13 @@ from .shared import H_NS_LOCK, H_SEQ, HELD_MAX, SharedArea
 
 logger = logging.getLogger("pnova")
 
-_XATTR_NS_OK = (b"user.",)
+# Extended attribute namespaces stored: user.* (on regular files and
+# directories only, as Linux allows), trusted.* (the kernel lets only
+# CAP_SYS_ADMIN near them) and security.* (file capabilities, LSM labels).
+# system.* (POSIX ACLs) is not offered.
+_XATTR_NS = (b"user.", b"trusted.", b"security.")
+CAPS_XATTR = b"security.capability"
+_SUIDGID = stat.S_ISUID | stat.S_ISGID
 _U64 = struct.Struct("<Q")
 # How often an optimistic read of an inode's logs is repeated before giving up.
 _RETRIES = 100
@@ -366,7 +372,7 @@ class FileSystem:
             for ring in self.rings:                  # pages handed out but never used
                 while (blk := ring.pop()):
                     self.alloc.free(blk, 1)
-            for inode in [i for i in self.cache.values() if i.nlink == 0]:
+            for inode in self._orphans():
                 self._evict(inode)
             pm = self.pm
             for ra in self.alloc.regions:
@@ -391,6 +397,36 @@ class FileSystem:
         if self._own_area:
             self.area.close()
         logger.info("unmounted cleanly")
+
+    def _orphans(self) -> list[Inode]:
+        """Live inodes without a name, at unmount: the cached ones and any the
+        kernel held a reference to (another process may have unlinked them; the
+        shared reference counts are what is left of the processes that did)."""
+        view = np.frombuffer(self.area.mm, dtype="<u4",
+                             count=self.ncpus * self.sb.inodes_per_cpu, offset=self.area.refs)
+        held = (np.flatnonzero(view) + 1).tolist()
+        del view                                 # no export of the area outlives this
+        for ino in held:
+            if ino not in self.cache:
+                try:
+                    self.get(ino)
+                except FsError:
+                    pass                         # freed meanwhile, or damaged: recovery's job
+        return [i for i in self.cache.values() if i.nlink == 0]
+
+    def abandon(self) -> None:
+        """Let go of the device without saving anything (a serving process died in
+        the middle of an operation).  The image stays marked in use, so the next
+        mount recovers it by journal rollback and log replay."""
+        if self.pm is None:
+            return
+        self.pm.close()
+        self.pm = None  # type: ignore[assignment]
+        self.scheme.close()
+        if self._own_area:
+            self.area.close()
+        logger.warning("the device was released without a clean unmount; the next mount "
+                       "recovers it")
 
     # ---------------------------------------------------------- many processes
     def prepare_workers(self) -> None:
@@ -844,7 +880,7 @@ class FileSystem:
         Pages come from each CPU's own region (local write first); the pages
         in the rings are allocated but owned by no log, so a crash frees them.
         """
-        if not self.local_logs:
+        if not self.local_logs or self.readonly:
             return 0
 
         def supplier(cpu: int):
@@ -1293,8 +1329,10 @@ class FileSystem:
     def _ctime_entry(self, inode: Inode, now: int) -> tuple:
         return (L.E_SETATTR, self._next_seq(), L.SA_CTIME, 0, 0, 0, 0, 0, 0, now)
 
-    def readdir(self, ino: int, off: int = 0) -> list[tuple[bytes, int, int]]:
-        """Entries after cookie ``off``: (name, ino, next cookie), '.' and '..' first."""
+    def readdir(self, ino: int, off: int = 0,
+                limit: int | None = None) -> list[tuple[bytes, int, int]]:
+        """Entries after cookie ``off``: (name, ino, next cookie), '.' and '..' first;
+        at most ``limit`` of them (a reply buffer's worth) when given."""
         d = self._dir(ino)
         out: list[tuple[bytes, int, int]] = []
         if off < 1:
@@ -1302,6 +1340,8 @@ class FileSystem:
         if off < 2:
             out.append((b"..", d.parent or ino, 2))
         for cookie in d.order.irange(minimum=max(0, off - 2)):
+            if limit is not None and len(out) >= limit:
+                break
             if cookie + 3 <= off:
                 continue
             name = d.order[cookie]
@@ -1388,13 +1428,17 @@ class FileSystem:
             off += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
+    def write(self, ino: int, off: int, data: bytes | memoryview,
+              kill_suidgid: bool = False) -> int:
         """Copy-on-write: new blocks, one log entry per extent, one atomic commit.
 
         The written range is locked with the mount's lock scheme; a write that
         extends the file also takes the size lock (first, so that every path
         takes size lock, range locks, log lock in that order).  With per-core
         logs, a CPU other than the file's home CPU appends to its local log.
+        A write drops the file's capabilities, and its set-user-ID and
+        set-group-ID bits when ``kill_suidgid`` says so (the writer lacks
+        CAP_FSETID), in the same commit (:meth:`_privilege_drop`).
         """
         self._rw()
         n = len(data)
@@ -1427,7 +1471,7 @@ class FileSystem:
                     tok = sch.lock(ino, first, last, True)
                     inode, slots = self._current_for_write(ino, first, last)
             try:
-                freed = self._write_locked(inode, off, data, first, last)
+                freed = self._write_locked(inode, off, data, first, last, kill_suidgid)
             finally:
                 if slots:
                     self._bump_versions(ino, inode, slots)
@@ -1492,7 +1536,8 @@ class FileSystem:
                 else:
                     vers.pop(a, None)
 
-    def _write_locked(self, inode: Inode, off: int, data, first: int, last: int) -> list[int]:
+    def _write_locked(self, inode: Inode, off: int, data, first: int, last: int,
+                      kill_suidgid: bool = False) -> list[int]:
         pm = self.pm
         n = len(data)
         extents = self.alloc.alloc(self.cpu, last - first + 1)
@@ -1524,7 +1569,13 @@ class FileSystem:
             # the size field is the end this write reaches; replay takes the maximum
             entries.append((L.E_WRITE, 0, pg, count, start, off + n, now))
             pg += count
+        drop = self._privilege_drop(inode, kill_suidgid, now) \
+            if (kill_suidgid and inode.mode & _SUIDGID) or CAPS_XATTR in inode.xattrs else None
         try:
+            if drop:
+                # a local log holds file writes only: the drop and the data go
+                # to the global log together
+                return self._commit([(inode, drop + entries)])
             if self.local_logs and self.cpu != (inode.ino - 1) % self.ncpus:
                 return self._commit_local(inode, entries)
             return self._commit([(inode, entries)])
@@ -1535,17 +1586,24 @@ class FileSystem:
 
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                mtime_ns: int | None = None, ctime_ns: int | None = None) -> Attr:
+                mtime_ns: int | None = None, ctime_ns: int | None = None,
+                kill_suidgid: bool = False) -> Attr:
         """chmod / chown / truncate / utimens; ctime always moves.
 
         A size change holds the size lock and a write lock over the pages
-        between the old and the new end.
+        between the old and the new end.  A truncate, and a chown of anything
+        but a directory, drop the file's capabilities; ``kill_suidgid`` (a
+        chown, or a truncate by a caller without CAP_FSETID) drops its
+        set-user-ID bit and, if it is group-executable, its set-group-ID bit.
         """
         self._rw()
-        args = (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns)
+        args = (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, kill_suidgid)
         inode = self.get(ino)
         if size is None:
-            return self._setattr_locked(inode, *args)
+            try:
+                return self._setattr_locked(inode, *args)
+            finally:
+                self._bump_epoch(ino)            # a mode change matters to writers too
         if inode.is_dir:
             raise FsError(errno.EISDIR)
         if not 0 <= size <= L.MAX_FILE_SIZE:
@@ -1559,10 +1617,9 @@ class FileSystem:
             try:
                 a = self._setattr_locked(self.get(ino), *args)
             finally:
-                if self.shared:
-                    # Under the size lock: writers that skip catching up
-                    # (_current_for_write) see the size change coming.
-                    self.area.w.add64(self.area.version_slots(ino, 0, 0)[-1], 1)
+                # Under the size lock: writers that skip catching up
+                # (_current_for_write) see the size change coming.
+                self._bump_epoch(ino)
                 sch.unlock(tok)
         finally:
             sch.size_unlock(ino)
@@ -1570,12 +1627,40 @@ class FileSystem:
             self._compact_pending()
         return a
 
+    def _bump_epoch(self, ino: int) -> None:
+        """Tell writers of other processes that skip catching up (see
+        :meth:`_current_for_write`) that the size, mode or capabilities changed."""
+        if self.shared:
+            self.area.w.add64(self.area.version_slots(ino, 0, 0)[-1], 1)
+
+    def _privilege_drop(self, inode: Inode, kill_suidgid: bool, now: int) -> list[tuple]:
+        """Entries that take away what Linux takes away when a file's contents or
+        owner change: its capabilities always; its
+        set-user-ID bit, and its set-group-ID bit if it is group-executable,
+        when ``kill_suidgid`` (a writer without CAP_FSETID, or any chown)."""
+        out: list[tuple] = []
+        if kill_suidgid and inode.mode & _SUIDGID and not inode.is_dir:
+            mode = inode.mode & ~stat.S_ISUID
+            if mode & stat.S_IXGRP:
+                mode &= ~stat.S_ISGID
+            if mode != inode.mode:
+                out.append((L.E_SETATTR, 0, L.SA_MODE | L.SA_CTIME, mode & 0o7777, 0, 0, 0,
+                            0, 0, now))
+        if CAPS_XATTR in inode.xattrs:
+            out.append((L.E_XATTR, 0, L.X_REMOVE, CAPS_XATTR, b"", now))
+        return out
+
     def _setattr_locked(self, inode: Inode, mode, uid, gid, size, atime_ns, mtime_ns,
-                        ctime_ns) -> Attr:
+                        ctime_ns, kill_suidgid: bool = False) -> Attr:
         now = time.time_ns()
         mask = L.SA_CTIME
         entries: list[tuple] = []
         new_blocks: list[tuple[int, int]] = []
+        if size is not None or ((uid is not None or gid is not None) and not inode.is_dir):
+            # Linux: a truncate and a chown drop privileges before the change
+            # (an explicit mode, from a kernel that computes the drop itself,
+            # comes later in the same commit and wins)
+            entries = self._privilege_drop(inode, kill_suidgid, now)
         if mode is not None:
             mask |= L.SA_MODE
         if uid is not None:
@@ -1631,13 +1716,14 @@ class FileSystem:
         """flags: XATTR_CREATE (1) fails if present, XATTR_REPLACE (2) if absent."""
         self._rw()
         inode = self.get(ino)
-        if not name.startswith(_XATTR_NS_OK):
+        ns = next((p for p in _XATTR_NS if name.startswith(p)), None)
+        if ns is None:
             raise FsError(errno.EOPNOTSUPP)
-        if len(name) > L.NAME_MAX or len(name) <= len(b"user."):
+        if len(name) > L.NAME_MAX or len(name) <= len(ns):
             raise FsError(errno.ERANGE if len(name) > L.NAME_MAX else errno.EINVAL)
         if len(value) > L.XATTR_VALUE_MAX:
             raise FsError(errno.E2BIG)
-        if not (stat.S_ISREG(inode.mode) or stat.S_ISDIR(inode.mode)):
+        if ns == b"user." and not (stat.S_ISREG(inode.mode) or stat.S_ISDIR(inode.mode)):
             raise FsError(errno.EPERM)
         exists = name in inode.xattrs
         if flags & 1 and exists:
@@ -1646,6 +1732,8 @@ class FileSystem:
             raise FsError(errno.ENODATA)
         self._commit([(inode, [(L.E_XATTR, 0, L.X_SET, name, bytes(value),
                                 time.time_ns())])])
+        if ns == b"security.":
+            self._bump_epoch(ino)                # writers must see capabilities come
         if self._compact_wanted:
             self._compact_pending()
 

@@ -5,28 +5,26 @@
 Options may follow the positionals, which is how mount(8) runs helpers
 (``mount -t fuse.pnova IMAGE DIR`` becomes ``pnova IMAGE DIR -o rw,...``).
 By default the command returns once the filesystem answers requests and a
-daemon keeps serving it, logging to ``IMAGE.log``.  Unmounting
-(``fusermount3 -u DIR``, ``umount DIR``) or SIGINT/SIGTERM to the daemon leaves
-the image clean.
+daemon keeps serving it, logging to ``IMAGE.log``: a supervisor and one serving
+process per CPU (:mod:`pnova.daemon`).  Unmounting (``fusermount3 -u DIR``,
+``umount DIR``) or SIGINT/SIGTERM to the daemon leaves the image clean.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import logging
 import os
-import signal
 import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, NoReturn
 
-import pyfuse3
-import trio
-
+from .daemon import serve
 from .engine import FileSystem
 from .errors import CorruptImage
-from .fuse_ops import PnovaOperations
+from .fuse_session import MountError, ProtocolError, detach, mounted_source
 from .locks import SCHEMES
 from .util import lock_image
 
@@ -43,7 +41,6 @@ _IGNORED = frozenset({"auto", "noauto", "nofail", "_netdev", "user", "nouser", "
 _VFS_FLAGS = frozenset({"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec",
                         "atime", "noatime", "sync", "async", "dirsync"})
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 _EPILOG = """\
@@ -55,6 +52,8 @@ mount options (-o, comma-separated, may be repeated):
   logfile=PATH        daemon log file (default: IMAGE.log)
   lock=SCHEME         file data locking: inode, rangetree, segment, pnova (default)
   segment_pages=N     pages per segment of the segment and pnova schemes (default 16)
+  workers=N           serving processes, one per logical CPU (default: as many as
+                      the image has CPUs and this machine has cores)
   debug               same as -d
   dev,nodev,suid,nosuid,exec,noexec,atime,noatime,sync,async,dirsync
                       passed to the kernel
@@ -64,6 +63,9 @@ mount options (-o, comma-separated, may be repeated):
 fstab:  /path/pnova.img  /mnt/pnova  fuse.pnova  defaults,noauto  0  0
 unmount: fusermount3 -u MOUNTPOINT   (or umount MOUNTPOINT as root)
 """
+
+
+SUBTYPE = "pnova"                # /proc/mounts shows the type fuse.pnova
 
 
 class UsageError(Exception):
@@ -81,6 +83,7 @@ class Config:
     logfile: str | None = None
     lock: str = "pnova"
     segment_pages: int = 16
+    workers: int | None = None
     fuse_options: set[str] = field(default_factory=set)
 
 
@@ -132,6 +135,10 @@ def parse_args(argv: list[str]) -> Config:
                 if not value.isdigit() or int(value) < 1:
                     raise UsageError(f"segment_pages={value}: give a positive number of pages")
                 cfg.segment_pages = int(value)
+            elif key == "workers":
+                if not value.isdigit() or int(value) < 1:
+                    raise UsageError(f"workers={value}: give a positive number of processes")
+                cfg.workers = int(value)
             elif key in ("fsname", "subtype") and value:
                 opts.add(opt)                       # an explicit name wins
             else:
@@ -141,7 +148,7 @@ def parse_args(argv: list[str]) -> Config:
     if not any(o.startswith("fsname=") for o in opts):
         opts.add(f"fsname={cfg.image}")
     if not any(o.startswith("subtype=") for o in opts):
-        opts.add("subtype=pnova")
+        opts.add(f"subtype={SUBTYPE}")
     if cfg.debug:
         cfg.foreground = True
         opts.add("debug")                           # libfuse traces every request
@@ -149,60 +156,6 @@ def parse_args(argv: list[str]) -> Config:
     if cfg.logfile is None:
         cfg.logfile = cfg.image + ".log"
     return cfg
-
-
-# ---------------------------------------------------------------- serving
-def serve(fs: FileSystem, mountpoint: str, fuse_options: set[str], *,
-          on_ready: Callable[[], None] | None = None) -> int:
-    """Mount ``fs`` on ``mountpoint`` and answer requests until unmounted.
-
-    Returns 0 after an unmount (fusermount3 -u, umount, or a signal), 1 if the
-    request loop failed.  The caller unmounts the engine afterwards.  Raises
-    RuntimeError when the kernel mount itself fails.
-    """
-    ops = PnovaOperations(fs, on_init=on_ready)
-    # Signals stay blocked until the trio receiver exists, so a SIGTERM that
-    # arrives right after the mount appears still unmounts cleanly.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    pyfuse3.init(ops, mountpoint, fuse_options)
-    signalled = False
-
-    async def watch_signals() -> None:
-        nonlocal signalled
-        with trio.open_signal_receiver(*_SIGNALS) as received:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-            try:
-                async for signum in received:
-                    log.info("%s received: unmounting", signal.Signals(signum).name)
-                    signalled = True
-                    pyfuse3.terminate()
-                    return
-            finally:
-                # Blocked again before the receiver goes: no signal may hit
-                # a default handler while the engine is being unmounted.
-                signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_signals)
-            # Handlers never await, so one worker task serves as well as many.
-            await pyfuse3.main(min_tasks=1, max_tasks=1)
-            nursery.cancel_scope.cancel()
-
-    rc = 0
-    try:
-        trio.run(run)
-    except BaseException:
-        log.exception("the request loop failed")
-        rc = 1
-    finally:
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        # After fusermount3 -u the kernel mount is already gone; after a
-        # signal or a failure it is still there and must be taken down.
-        pyfuse3.close(unmount=signalled or rc != 0)
-    if rc == 0:
-        log.info("%s unmounted", mountpoint)
-    return rc
 
 
 # ---------------------------------------------------------------- the command
@@ -237,7 +190,9 @@ def _setup_logging(cfg: Config) -> logging.Handler | None:
     return console
 
 
-def _check_paths(cfg: Config) -> None:
+def _check_paths(cfg: Config) -> bool:
+    """Check the image and the mount point; True if the mount point is a dead
+    pnova mount of this image (its daemon died), which the mount replaces."""
     try:
         st = os.stat(cfg.image)
     except OSError as e:
@@ -247,9 +202,13 @@ def _check_paths(cfg: Config) -> None:
     try:
         st = os.stat(cfg.mountpoint)
     except OSError as e:
+        if e.errno == errno.ENOTCONN and mounted_source(cfg.mountpoint) == \
+                (f"fuse.{SUBTYPE}", cfg.image):
+            return True
         raise UsageError(f"mount point {cfg.mountpoint}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"mount point {cfg.mountpoint}: not a directory")
+    return False
 
 
 def _redirect_stdio(logfile: str | None) -> None:
@@ -329,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_args(argv)
-        _check_paths(cfg)
+        dead_mount = _check_paths(cfg)
     except UsageError as e:
         print(f"pnova: {e}", file=sys.stderr)
         return 1
@@ -344,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:
         return _fail(cfg, f"{cfg.image}: {e.strerror}")
+    if dead_mount:
+        # No daemon holds the image (we have its lock): what is mounted there
+        # is what a failed daemon left.  Its image is recovered below.
+        detach(cfg.mountpoint)
+        log.warning("%s: removed the dead mount of %s left by a daemon that did not end "
+                    "cleanly", cfg.mountpoint, cfg.image)
     try:
         fs = FileSystem.mount(cfg.image, readonly=cfg.readonly, lock=cfg.lock,
                               segment_pages=cfg.segment_pages)
@@ -358,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         os.close(lock_fd)
         return _fail(cfg, f"cannot mount {cfg.image}: {type(e).__name__}: {e}")
 
+    if cfg.workers is not None and cfg.workers > fs.ncpus:
+        fs.unmount()
+        os.close(lock_fd)
+        return _fail(cfg, f"workers={cfg.workers}: the image has {fs.ncpus} logical CPUs, "
+                          "one serving process each (mkfs.pnova --cpus-per-node sets them)")
     report = _StartupReport()
     if not cfg.foreground:
         started = _start_daemon(cfg.logfile)
@@ -373,10 +343,20 @@ def main(argv: list[str] | None = None) -> int:
                  " (read-only)" if cfg.readonly else "")
         report.send("ok")
 
+    def in_worker() -> None:
+        # The supervisor alone talks to the waiting shell, which reads until
+        # every copy of the pipe is closed.
+        if report.fd is not None:
+            os.close(report.fd)
+            report.fd = None
+
     rc = 1
+    served = False
     try:
-        rc = serve(fs, cfg.mountpoint, cfg.fuse_options, on_ready=ready)
-    except RuntimeError as e:        # the kernel mount failed
+        rc = serve(fs, cfg.mountpoint, cfg.fuse_options, workers=cfg.workers,
+                   debug=cfg.debug, on_ready=ready, child_setup=in_worker)
+        served = True
+    except (MountError, ProtocolError) as e:          # the kernel mount failed
         if cfg.foreground:
             _fail(cfg, f"cannot mount on {cfg.mountpoint}: {e}")
         else:
@@ -387,11 +367,13 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("unexpected failure")
         report.send(f"unexpected failure: {e}")
     finally:
-        try:
-            fs.unmount()
-        except Exception:
-            log.exception("saving the filesystem state failed; run fsck.pnova")
-            rc = 1
+        if not served:
+            # nothing was served: the engine's state is as the mount left it
+            try:
+                fs.unmount()
+            except Exception:
+                log.exception("saving the filesystem state failed; run fsck.pnova")
+                rc = 1
         os.close(lock_fd)
         report.send("the daemon stopped during start-up")
     return rc

@@ -213,15 +213,77 @@ def test_xattrs(fs):
     fs.setxattr(f, b"user.b", b"")
     assert err(fs.setxattr, f, b"user.a", b"2", 1) == errno.EEXIST     # XATTR_CREATE
     assert err(fs.setxattr, f, b"user.c", b"2", 2) == errno.ENODATA    # XATTR_REPLACE
-    assert err(fs.setxattr, f, b"trusted.x", b"2") == errno.EOPNOTSUPP
+    assert err(fs.setxattr, f, b"system.posix_acl_access", b"2") == errno.EOPNOTSUPP
+    assert err(fs.setxattr, f, b"trusted.", b"2") == errno.EINVAL      # a namespace alone
     assert err(fs.setxattr, f, b"user.big", b"v" * 4000) == errno.E2BIG
     fs.setxattr(f, b"user.a", b"v" * L.XATTR_VALUE_MAX)
-    assert sorted(fs.listxattr(f)) == [b"user.a", b"user.b"]
+    fs.setxattr(f, b"trusted.t", b"T")
+    assert sorted(fs.listxattr(f)) == [b"trusted.t", b"user.a", b"user.b"]
     fs.removexattr(f, b"user.b")
     assert err(fs.getxattr, f, b"user.b") == errno.ENODATA
     assert err(fs.getxattr, f, b"security.capability") == errno.ENODATA
+    # As on Linux: user.* only on regular files and directories; security.* anywhere.
+    s = fs.symlink(ROOT, b"s", b"f").ino
+    assert err(fs.setxattr, s, b"user.a", b"1") == errno.EPERM
+    fs.setxattr(s, b"security.label", b"L")
     fs = remount(fs, clean=False)
     assert fs.getxattr(f, b"user.a") == b"v" * L.XATTR_VALUE_MAX
+    assert fs.getxattr(f, b"trusted.t") == b"T" and fs.getxattr(s, b"security.label") == b"L"
+    fs.unmount()
+
+
+CAP = b"security.capability"
+
+
+def test_privileges_dropped_as_linux_does(fs):
+    """What a write, a truncate and a chown take away (the mount's HANDLE_KILLPRIV_V2):
+    capabilities always; set-user-ID when the caller lacks CAP_FSETID (kill_suidgid)
+    or on any chown; set-group-ID with it only when group-executable."""
+    def make(name: bytes, mode: int) -> int:
+        ino = fs.create(ROOT, name, 0o644).ino
+        fs.setattr(ino, mode=mode)
+        fs.setxattr(ino, CAP, b"caps")
+        return ino
+
+    def mode(ino: int) -> int:
+        return stat.S_IMODE(fs.getattr(ino).mode)
+
+    a = make(b"a", 0o6755)
+    fs.write(a, 0, b"by root")                      # CAP_FSETID: the bits stay
+    assert mode(a) == 0o6755 and err(fs.getxattr, a, CAP) == errno.ENODATA
+    fs.setxattr(a, CAP, b"caps")
+    fs.write(a, 0, b"by a user", kill_suidgid=True)
+    assert mode(a) == 0o0755 and err(fs.getxattr, a, CAP) == errno.ENODATA
+    assert fs.read(a, 0, 9) == b"by a user"
+
+    b = make(b"b", 0o6744)                          # sgid without group-exec: kept
+    fs.write(b, 0, b"x", kill_suidgid=True)
+    assert mode(b) == 0o2744
+
+    c = make(b"c", 0o6755)
+    fs.setattr(c, size=0)                           # truncate by root: only the caps
+    assert mode(c) == 0o6755 and err(fs.getxattr, c, CAP) == errno.ENODATA
+    fs.setattr(c, size=10, kill_suidgid=True)       # truncate by a user
+    assert mode(c) == 0o0755 and fs.getattr(c).size == 10
+
+    d = make(b"d", 0o6755)
+    fs.setattr(d, uid=1000, kill_suidgid=True)      # chown: the kernel always marks it
+    assert mode(d) == 0o0755 and fs.getattr(d).uid == 1000
+    assert err(fs.getxattr, d, CAP) == errno.ENODATA
+
+    e = make(b"e", 0o6755)
+    fs.setattr(e, mode=0o4700)                      # chmod drops nothing by itself
+    fs.setattr(e, atime_ns=1, mtime_ns=2)
+    assert mode(e) == 0o4700 and fs.getxattr(e, CAP) == b"caps"
+
+    dirs = fs.mkdir(ROOT, b"dir", 0o2775).ino       # a directory keeps its sgid
+    fs.setattr(dirs, gid=5, kill_suidgid=True)
+    assert mode(dirs) == 0o2775
+
+    fs = remount(fs, clean=False)                   # each drop was part of its commit
+    assert (mode(a), mode(b), mode(c), mode(d), mode(e)) == (0o755, 0o2744, 0o755, 0o755,
+                                                             0o4700)
+    assert err(fs.getxattr, a, CAP) == errno.ENODATA and fs.getxattr(e, CAP) == b"caps"
     fs.unmount()
 
 

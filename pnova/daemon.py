@@ -1,0 +1,276 @@
+"""One mount served by several processes: a supervisor and its serving workers.
+
+::
+
+    pnova (supervisor) --- mounts, answers INIT, forks, then only watches
+       |-- worker CPU 0 --.
+       |-- worker CPU 1 ---+-- each reads requests from the one /dev/fuse
+       '-- ...          --'    descriptor and serves them with its own engine
+
+The supervisor mounts the kernel connection and answers its INIT, switches
+the engine to shared multi-process mode and forks one worker per logical CPU:
+worker *k* becomes CPU *k* of the filesystem (its allocator region, journal,
+local logs and lock identity) and runs the request loop of
+:mod:`pnova.fuse_session`.  The kernel hands each request to exactly one
+reader, so requests spread over the workers by themselves.
+
+The supervisor never serves a request.  Under trio it waits for signals and
+for its workers to exit (each through a pidfd), and it is pNOVA's designated
+refiller of the per-CPU rings of log pages.  How a mount ends:
+
+* unmounted (fusermount3 -u, umount): every worker's read fails with ENODEV,
+  the workers exit, the supervisor saves the engine's state (clean unmount);
+* SIGINT / SIGTERM / SIGHUP to the supervisor, or SIGTERM to any worker: the
+  mount is detached, each worker finishes the request in hand and exits, and
+  the state is saved as above;
+* a worker dies (kill -9, a crash): it may have been in the middle of an
+  operation, so nothing is saved.  The other workers finish their requests
+  and exit, and once the last descriptor is closed the kernel fails every
+  request still waiting, and every later one, with ENOTCONN.  The image is
+  left as a crash leaves it;
+* the supervisor dies: every worker gets SIGTERM from the kernel
+  (PR_SET_PDEATHSIG) and exits after its current request, with the same
+  result.
+
+An aborted mount stays in place, answering ENOTCONN, until it is unmounted
+(fusermount3 -u) or the next ``pnova`` mount of the same image on the same
+directory takes it away; that mount recovers the image by log replay.  It
+is not detached at once because programs using it would then go on in the
+directory underneath, unaware.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from .engine import FileSystem
+from .fuse_ops import PnovaOperations
+from .fuse_session import Connection, Loop, detach, ignore_terminal_signals
+
+log = logging.getLogger("pnova.daemon")
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+REFILL_INTERVAL = 0.01         # seconds between top-ups of the log-page rings
+STOP_GRACE = 10.0              # seconds a worker has to finish its request
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+# worker exit statuses
+EXIT_DONE = 0                  # unmounted, or asked to stop
+EXIT_FAILED = 3                # the request loop itself failed (logged)
+EXIT_ORPHANED = 4              # the supervisor died
+
+
+def default_workers(fs: FileSystem) -> int:
+    """One serving process per logical CPU of the image that this machine has."""
+    return max(1, min(fs.ncpus, len(os.sched_getaffinity(0))))
+
+
+@dataclass
+class _State:
+    """What the supervisor has learnt so far."""
+    workers: dict[int, int]                       # pid -> CPU, while alive
+    stopping: bool = False                        # a clean stop is under way
+    failure: str | None = None                    # why the mount was aborted
+    exits: dict[int, str] = field(default_factory=dict)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
+          workers: int | None = None, debug: bool = False,
+          on_ready: Callable[[], None] | None = None,
+          child_setup: Callable[[], None] | None = None,
+          ops_factory: Callable[[FileSystem], PnovaOperations] = PnovaOperations) -> int:
+    """Mount ``fs`` on ``mountpoint`` and serve it with ``workers`` processes.
+
+    ``options``: VFS and kernel FUSE options, plus ``fsname=`` (the source
+    /proc/mounts shows) and ``subtype=``.  ``on_ready`` runs in the supervisor
+    once the workers read requests; ``child_setup`` in each worker right after
+    the fork (to close descriptors it must not keep).  Returns 0 after a clean
+    unmount (the engine's state is saved), 1 when the mount was aborted (the
+    engine is released unsaved).  Raises MountError / ProtocolError when the
+    kernel mount or its handshake fails.
+    """
+    opts, fsname, subtype = [], "pnova", "pnova"
+    for o in options:
+        key, _, value = o.partition("=")
+        if key == "fsname":
+            fsname = value
+        elif key == "subtype":
+            subtype = value
+        elif o != "debug":
+            opts.append(o)
+    n = workers or default_workers(fs)
+    # Signals stay blocked until the supervisor's trio receiver exists (and,
+    # in workers, until their handlers are set), so that a SIGTERM arriving
+    # right after the mount appears still unmounts cleanly.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        conn = Connection.mount(mountpoint, opts, fsname=fsname, subtype=subtype)
+        try:
+            neg = conn.negotiate()
+        except BaseException:
+            detach(mountpoint)
+            conn.close()
+            raise
+        log.info("FUSE protocol 7.%d with %s; %d serving process%s", neg.minor,
+                 ", ".join(neg.names()), n, "" if n == 1 else "es")
+        fs.prepare_workers()
+        pids: dict[int, int] = {}
+        try:
+            for cpu in range(n):
+                pid = os.fork()
+                if pid == 0:
+                    _worker(fs, conn, cpu, ops_factory, debug, child_setup)   # never returns
+                pids[pid] = cpu
+        except OSError as e:
+            log.error("cannot start serving processes: %s", e.strerror)
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+        # The connection lives as long as a serving process holds it.
+        conn.close()
+        if on_ready is not None and len(pids) == n:
+            on_ready()
+        state = _State(dict(pids))
+        if len(pids) < n:
+            state.failure = "not every serving process could be started"
+        try:
+            trio.run(_supervise, fs, mountpoint, state)
+        except BaseException:
+            log.exception("the supervisor failed")
+            state.failure = state.failure or "the supervisor failed"
+            for pid in state.workers:
+                _kill(pid, signal.SIGKILL)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    if state.failure:
+        log.error("%s; the mount was aborted and the image will be recovered at the next "
+                  "mount", state.failure)
+        fs.abandon()
+        return 1
+    fs.unmount()
+    log.info("%s unmounted", mountpoint)
+    return 0
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# ---------------------------------------------------------------- the supervisor
+async def _supervise(fs: FileSystem, mountpoint: str, state: _State) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_signals, mountpoint, state)
+        nursery.start_soon(_refiller, fs)
+        async with trio.open_nursery() as watchers:
+            for pid, cpu in list(state.workers.items()):
+                watchers.start_soon(_watch, pid, cpu, mountpoint, state)
+        nursery.cancel_scope.cancel()             # every worker has exited
+
+
+async def _signals(mountpoint: str, state: _State) -> None:
+    with trio.open_signal_receiver(*SIGNALS) as received:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        async for signum in received:
+            log.info("%s received: unmounting", signal.Signals(signum).name)
+            _stop(mountpoint, state)
+
+
+async def _refiller(fs: FileSystem) -> None:
+    """pNOVA's designated refiller: the only producer of every CPU's ring."""
+    while True:
+        fs.refill_rings()
+        await trio.sleep(REFILL_INTERVAL)
+
+
+def _stop(mountpoint: str, state: _State) -> None:
+    """Begin a stop: detach the mount (unless it is being aborted), then ask every
+    worker to finish the request in hand and exit."""
+    if state.stopping:
+        return
+    state.stopping = True
+    if state.failure is None:
+        detach(mountpoint)
+    for pid in state.workers:
+        _kill(pid, signal.SIGTERM)
+
+
+async def _watch(pid: int, cpu: int, mountpoint: str, state: _State) -> None:
+    """Wait for one worker to exit and act on how it ended."""
+    fd = os.pidfd_open(pid)
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    del state.workers[pid]
+    how = _describe(status)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_DONE:
+        log.debug("serving process %d (CPU %d) %s", pid, cpu, how)
+        _stop(mountpoint, state)                  # an unmount, or a stop request
+        return
+    if state.failure is None:
+        state.failure = f"serving process {pid} (CPU {cpu}) {how}"
+        log.error("%s: stopping the others", state.failure)
+    _stop(mountpoint, state)
+    # A worker that cannot finish its request in time is killed: the mount
+    # is being aborted anyway.
+    with trio.move_on_after(STOP_GRACE):
+        while state.workers:
+            await trio.sleep(0.05)
+    for other in list(state.workers):
+        _kill(other, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- a worker
+def _worker(fs: FileSystem, conn: Connection, cpu: int,
+            ops_factory: Callable[[FileSystem], PnovaOperations], debug: bool,
+            child_setup: Callable[[], None] | None) -> None:
+    """The forked child: serve as ``cpu`` until the mount ends, then exit."""
+    code = EXIT_FAILED
+    supervisor = os.getppid()
+    try:
+        if child_setup is not None:
+            child_setup()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # ps and /proc/PID/comm tell the serving processes apart
+        libc.prctl(_PR_SET_NAME, f"pnova-cpu{cpu}".encode())
+        fs.become_worker(cpu)
+        loop = Loop(conn.fd, ops_factory(fs).table, name=f"cpu{cpu}", debug=debug)
+        ignore_terminal_signals()
+        signal.signal(signal.SIGTERM, loop.request_stop)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        if os.getppid() != supervisor:            # it died before PDEATHSIG was set
+            loop.stopping = True
+        how = loop.run()
+        code = EXIT_DONE
+        if os.getppid() != supervisor:
+            code = EXIT_ORPHANED
+            log.error("cpu%d: the supervisor died; stopping (the next mount recovers the "
+                      "image)", cpu)
+        log.debug("cpu%d: %s after %d requests", cpu, how, loop.served)
+    except BaseException:
+        log.exception("serving process for CPU %d failed", cpu)
+    finally:
+        for h in logging.getLogger().handlers:
+            try:
+                h.flush()
+            except Exception:                     # noqa: BLE001 - exiting anyway
+                pass
+        os._exit(code)
+

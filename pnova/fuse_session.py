@@ -1,0 +1,361 @@
+"""The kernel connection: mounting, the INIT handshake, the request loop, unmounting.
+
+A :class:`Connection` is one open ``/dev/fuse`` bound to one mount point.  As
+root it is mounted with mount(2) directly; otherwise ``fusermount3`` (the
+setuid helper of the fuse3 package) mounts it and hands the descriptor back over
+a socket, which is what libfuse does too.  :meth:`Connection.negotiate` answers
+the kernel's INIT, asking for the capabilities pnova relies on (DESIGN 22.2).
+
+:func:`serve` is the request loop of one serving process: a blocking read of
+one request, a call of the handler its opcode names, one reply.  Several
+processes may run it on the same descriptor: the kernel wakes exactly one
+reader per request.  Handlers are synchronous, so nothing but the read ever
+waits.  A handler reports failure by raising :class:`~pnova.errors.FsError`;
+any other exception is logged with its traceback and answered with EIO, so no
+request can end the loop.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from . import fuse_wire as W
+from .errors import FsError
+
+log = logging.getLogger("pnova.fuse")
+
+MAX_WRITE = 1 << 20               # bytes per WRITE request (256 pages)
+BUFFER_SIZE = MAX_WRITE + 4096    # a WRITE's data plus its headers fits
+
+# What pnova asks the kernel for (each is explained in DESIGN 22.2).
+WANTED = (W.ASYNC_READ | W.ATOMIC_O_TRUNC | W.EXPORT_SUPPORT | W.BIG_WRITES
+          | W.AUTO_INVAL_DATA | W.DO_READDIRPLUS | W.ASYNC_DIO | W.PARALLEL_DIROPS
+          | W.MAX_PAGES | W.CACHE_SYMLINKS | W.HANDLE_KILLPRIV_V2)
+
+# mount(2) flags for the VFS options a user may give
+_MS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "sync": 16, "dirsync": 128,
+       "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21, "strictatime": 1 << 24}
+_MS_UNSET = {"rw": "ro", "suid": "nosuid", "dev": "nodev", "exec": "noexec",
+             "async": "sync", "atime": "noatime", "diratime": "nodiratime"}
+_MNT_DETACH = 2
+# Options that go into mount(2)'s data string, as the kernel's FUSE takes them.
+_KERNEL_OPTS = ("default_permissions", "allow_other")
+
+Handler = Callable[[int, memoryview, int, int], "bytes | bytearray | memoryview | None"]
+
+
+class MountError(Exception):
+    """The kernel mount failed; the message is one line for the user."""
+
+
+class ProtocolError(Exception):
+    """The kernel spoke a protocol pnova cannot serve."""
+
+
+@dataclass
+class Negotiated:
+    """What the INIT handshake settled."""
+    minor: int
+    flags: int
+    max_readahead: int
+
+    def names(self) -> list[str]:
+        return [n for f, n in sorted(W.INIT_FLAG_NAMES.items()) if self.flags & f]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _escape(value: str) -> str:
+    """fusermount3's -o parser splits at commas: escape them (and backslashes)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+class Connection:
+    """One kernel FUSE connection, mounted on ``mountpoint``."""
+
+    def __init__(self, fd: int, mountpoint: str) -> None:
+        self.fd = fd
+        self.mountpoint = mountpoint
+        self.negotiated: Negotiated | None = None
+
+    # ---------------------------------------------------------------- mount
+    @classmethod
+    def mount(cls, mountpoint: str, options: Sequence[str], *, fsname: str,
+              subtype: str = "pnova") -> "Connection":
+        """Mount a new FUSE filesystem on ``mountpoint``.
+
+        ``options`` are VFS flags (ro, nosuid, noatime, ...) and kernel FUSE
+        options (default_permissions, allow_other).  nosuid and nodev are on
+        unless suid / dev is given, as with libfuse.  Raises MountError.
+        """
+        try:
+            st = os.stat(mountpoint)
+        except OSError as e:
+            raise MountError(f"{mountpoint}: {e.strerror}") from None
+        opts = ["nosuid", "nodev"]
+        for o in options:
+            if o in _MS_UNSET:
+                opts = [x for x in opts if x != _MS_UNSET[o]]
+            elif o not in opts:
+                opts.append(o)
+        if os.geteuid() == 0:
+            return cls._mount_direct(mountpoint, opts, fsname, subtype, st.st_mode)
+        return cls._mount_fusermount(mountpoint, opts, fsname, subtype)
+
+    @classmethod
+    def _mount_direct(cls, mountpoint: str, opts: list[str], fsname: str, subtype: str,
+                      mode: int) -> "Connection":
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        flags = 0
+        data = [f"fd={fd}", f"rootmode={stat.S_IFMT(mode):o}",
+                f"user_id={os.getuid()}", f"group_id={os.getgid()}"]
+        for o in opts:
+            if o in _MS:
+                flags |= _MS[o]
+            elif o in _KERNEL_OPTS:
+                data.append(o)
+            else:
+                os.close(fd)
+                raise MountError(f"mount option {o!r} is not supported")
+        libc = _libc()
+        if libc.mount(os.fsencode(fsname), os.fsencode(mountpoint),
+                      f"fuse.{subtype}".encode(), ctypes.c_ulong(flags),
+                      ",".join(data).encode()) != 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise MountError(f"mount(2) on {mountpoint}: {os.strerror(err)}")
+        return cls(fd, mountpoint)
+
+    @classmethod
+    def _mount_fusermount(cls, mountpoint: str, opts: list[str], fsname: str,
+                          subtype: str) -> "Connection":
+        helper = shutil.which("fusermount3")
+        if helper is None:
+            raise MountError("fusermount3 not found (install the Debian package fuse3)")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+            arg = ",".join(opts + [f"fsname={_escape(fsname)}", f"subtype={subtype}"])
+            proc = subprocess.run([helper, "-o", arg, "--", mountpoint], env=env,
+                                  pass_fds=(theirs.fileno(),), capture_output=True,
+                                  text=True)
+            theirs.close()
+            if proc.returncode != 0:
+                why = proc.stderr.strip().splitlines()
+                raise MountError(why[-1] if why else f"fusermount3 exited with "
+                                 f"{proc.returncode}")
+            _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
+            if not fds:
+                raise MountError("fusermount3 did not pass the FUSE descriptor")
+            os.set_inheritable(fds[0], False)
+            return cls(fds[0], mountpoint)
+        finally:
+            ours.close()
+            if theirs.fileno() >= 0:
+                theirs.close()
+
+    # ---------------------------------------------------------------- INIT
+    def negotiate(self, wanted: int = WANTED) -> Negotiated:
+        """Read the kernel's INIT request and answer it; return what was agreed."""
+        buf = bytearray(BUFFER_SIZE)
+        while True:
+            try:
+                n = os.readv(self.fd, [buf])
+            except OSError as e:
+                if e.errno == errno.ENOENT:        # interrupted before we read it
+                    continue
+                raise
+            if n >= W.IN_HEADER_SIZE:
+                break
+        length, op, unique, *_ = W.IN_HEADER.unpack_from(buf)
+        if op != W.INIT:
+            raise ProtocolError(f"the kernel's first request is opcode {op}, not INIT")
+        major, minor, readahead, kflags = W.INIT_IN.unpack_from(buf, W.IN_HEADER_SIZE)
+        if major != W.KERNEL_MAJOR or minor < W.MIN_MINOR:
+            self._reply(unique, -errno.EPROTO)
+            raise ProtocolError(f"kernel FUSE protocol {major}.{minor} is not supported "
+                                f"(pnova needs 7.{W.MIN_MINOR} or later)")
+        flags = wanted & kflags
+        out = W.INIT_OUT.pack(W.KERNEL_MAJOR, min(minor, W.KERNEL_MINOR), readahead, flags,
+                              64, 48, MAX_WRITE, 1, MAX_WRITE // 4096, 0, 0)
+        self._reply(unique, 0, out)
+        self.negotiated = Negotiated(min(minor, W.KERNEL_MINOR), flags, readahead)
+        return self.negotiated
+
+    def _reply(self, unique: int, error: int, payload: bytes = b"") -> None:
+        os.write(self.fd, W.OUT_HEADER.pack(W.OUT_HEADER_SIZE + len(payload), error, unique)
+                 + payload)
+
+    # ---------------------------------------------------------------- unmount
+    def unmount(self) -> bool:
+        """Detach the mount (lazily: files still open keep it alive until they are
+        closed or the connection ends).  Returns False if it was not mounted."""
+        return detach(self.mountpoint)
+
+    def close(self) -> None:
+        """Close this process's descriptor; the connection ends (and every
+        request still waiting fails with ENOTCONN) once every process has."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def detach(mountpoint: str) -> bool:
+    """Lazy unmount of ``mountpoint``: umount2(MNT_DETACH) as root, else fusermount3."""
+    if os.geteuid() == 0:
+        libc = _libc()
+        if libc.umount2(os.fsencode(mountpoint), _MNT_DETACH) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            log.warning("unmounting %s: %s", mountpoint, os.strerror(err))
+        return False
+    helper = shutil.which("fusermount3")
+    if helper is None:
+        return False
+    r = subprocess.run([helper, "-u", "-q", "-z", "--", mountpoint], capture_output=True)
+    return r.returncode == 0
+
+
+def _unescape(field: str) -> str:
+    """A /proc/self/mountinfo field with its octal escapes (space, tab, ...) undone."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounted_source(mountpoint: str) -> tuple[str, str] | None:
+    """(filesystem type, source) of what is mounted on ``mountpoint`` (the top
+    mount), from /proc/self/mountinfo; None if nothing is."""
+    want = os.path.realpath(mountpoint)          # non-strict: a dead mount is fine
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if _unescape(left.split()[4]) == want:
+                    fstype, source = right.split()[:2]
+                    found = (fstype, _unescape(source))
+    except OSError:
+        return None
+    return found
+
+
+# ---------------------------------------------------------------- the loop
+class Stop(Exception):
+    """Raised by a stop request (a signal) while the loop waits for a request."""
+
+
+class Loop:
+    """The request loop of one serving process.
+
+    ``handlers`` is indexed by opcode; a handler returns the reply's payload
+    (bytes-like, possibly empty) or None when the request takes no reply
+    (FORGET, INTERRUPT).  ``name`` labels the process in debug output.
+    """
+
+    def __init__(self, fd: int, handlers: Sequence[Handler | None], *, name: str = "",
+                 debug: bool = False) -> None:
+        self.fd = fd
+        self.handlers = list(handlers) + [None] * max(0, 64 - len(handlers))
+        self.name = name
+        self.debug = debug
+        self.waiting = False          # blocked reading: a stop may interrupt at once
+        self.stopping = False
+        self.served = 0
+
+    def request_stop(self, *_args: object) -> None:
+        """Signal handler: stop before the next request (at once if waiting for one)."""
+        self.stopping = True
+        if self.waiting:
+            raise Stop()
+
+    def run(self) -> str:
+        """Serve until the connection ends ('unmounted') or a stop ('stopped')."""
+        fd = self.fd
+        buf = bytearray(BUFFER_SIZE)
+        bufs = [buf]
+        mv = memoryview(buf)
+        unpack = W.IN_HEADER.unpack_from
+        pack = W.OUT_HEADER.pack
+        readv, writev = os.readv, os.writev
+        handlers = self.handlers
+        debug = self.debug
+        while True:
+            if self.stopping:
+                return "stopped"
+            self.waiting = True
+            try:
+                if readv(fd, bufs) == 0:        # not /dev/fuse: the peer went away
+                    return "unmounted"
+            except Stop:
+                return "stopped"
+            except OSError as e:
+                if e.errno == errno.ENOENT:     # the request was interrupted meanwhile
+                    continue
+                if e.errno in (errno.ENODEV, errno.ECONNABORTED):
+                    return "unmounted"
+                raise
+            finally:
+                self.waiting = False
+            length, op, unique, nodeid, uid, gid, pid, _x, _p = unpack(buf)
+            handler = handlers[op] if op < 64 else None
+            if debug:
+                log.debug("%s: #%d %s ino %d uid %d pid %d (%d bytes)", self.name, unique,
+                          W.OPCODE_NAMES.get(op, op), nodeid, uid, pid, length)
+            if handler is None:
+                if op != W.INTERRUPT:
+                    self._send([pack(W.OUT_HEADER_SIZE, -errno.ENOSYS, unique)], unique,
+                               -errno.ENOSYS)
+                continue
+            try:
+                out = handler(nodeid, mv[W.IN_HEADER_SIZE:length], uid, gid)
+            except FsError as e:
+                self._send([pack(W.OUT_HEADER_SIZE, -e.errno, unique)], unique, -e.errno)
+                continue
+            except Exception:
+                log.exception("%s: internal error in %s (ino %d); answering EIO", self.name,
+                              W.OPCODE_NAMES.get(op, op), nodeid)
+                self._send([pack(W.OUT_HEADER_SIZE, -errno.EIO, unique)], unique, -errno.EIO)
+                continue
+            self.served += 1
+            if out is None:
+                continue
+            if debug:
+                self._send([pack(W.OUT_HEADER_SIZE + len(out), 0, unique), out], unique, 0)
+                continue
+            try:
+                writev(fd, [pack(W.OUT_HEADER_SIZE + len(out), 0, unique), out])
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENODEV):
+                    log.error("%s: reply to #%d failed: %s", self.name, unique, e.strerror)
+
+    def _send(self, parts: list, unique: int, error: int) -> None:
+        """Send a reply (the slow path: errors, and every reply when debugging)."""
+        try:
+            os.writev(self.fd, parts)
+        except OSError as e:
+            # ENOENT: the kernel no longer waits for this request (interrupted,
+            # or the connection is being torn down); nothing to do.
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("%s: reply to #%d failed: %s", self.name, unique, e.strerror)
+            return
+        if self.debug:
+            log.debug("%s: #%d -> %s", self.name, unique,
+                      "ok" if error == 0 else errno.errorcode.get(-error, error))
+
+
+def ignore_terminal_signals() -> None:
+    """In a serving process: Ctrl-C and hang-ups reach the supervisor, which decides."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)

@@ -1,0 +1,7 @@
+"""The compiled part of pnova; everything else is declared in pyproject.toml."""
+from setuptools import Extension, setup
+
+setup(ext_modules=[
+    # Atomics on the shared area (pnova/atomics.py): one GCC builtin per call.
+    Extension("pnova._atomic", sources=["pnova/_atomic.c"], extra_compile_args=["-O2"]),
+])
