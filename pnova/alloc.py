@@ -11,6 +11,14 @@ compare-and-swap on 64-bit words: no global lock anywhere.
   a block freed by another CPU goes straight back to its owner region.
 * Each region has an atomic free counter and a cursor (where its last
   allocation ended), so the common case touches one or two words.
+* The process acting as a CPU keeps up to STASH_SLOTS free blocks of its own
+  region at hand, in its stash in the shared area: a one-block allocation
+  (a 4 KiB write, a log page) pops one, a one-block free of its own region
+  pushes one, and neither touches the shared bitmap.  Stashed blocks are
+  marked in use in the bitmap and referenced by nothing on the medium, so a
+  crash frees them (recovery rebuilds the bitmaps from the logs); a clean
+  unmount, run by the primary once the workers have exited, returns every
+  stash to the bitmaps first.
 
 The bit layout is the on-media layout of the saved allocator state (SPEC
 "Saved allocator bitmap"): a clean unmount copies the words to the device,
@@ -25,9 +33,10 @@ import numpy as np
 
 from .errors import FsError
 from .layout import Region
-from .shared import SharedArea
+from .shared import LINE, STASH_SLOTS, SharedArea
 
 ALL = (1 << 64) - 1
+STASH_REFILL = 32              # blocks a stash takes from the bitmap at once
 
 
 class SharedBitmap:
@@ -194,12 +203,59 @@ def _extents(out: list[tuple[int, int]], base: int, mask: int) -> int:
     return count
 
 
+class Stash:
+    """One CPU's stack of free blocks of its own region, in the shared area.
+
+    Only the process acting as the CPU pushes and pops (single owner), so the
+    count and the slots need plain atomic stores, no compare-and-swap.
+    """
+
+    def __init__(self, area: SharedArea, cpu: int) -> None:
+        self.w = area.w
+        self.count = area.stashes + cpu * area.stash_size
+        self.slots = self.count + LINE
+
+    def __len__(self) -> int:
+        return self.w.load64(self.count)
+
+    def pop(self) -> int:
+        """A stashed block, or 0 if the stash is empty."""
+        w = self.w
+        n = w.load64(self.count)
+        if not n:
+            return 0
+        blk = w.load64(self.slots + 8 * (n - 1))
+        w.store64(self.count, n - 1)
+        return blk
+
+    def push(self, blk: int) -> bool:
+        """Keep ``blk``; False if the stash is full."""
+        w = self.w
+        n = w.load64(self.count)
+        if n >= STASH_SLOTS:
+            return False
+        w.store64(self.slots + 8 * n, blk)
+        w.store64(self.count, n + 1)
+        return True
+
+    def take_all(self) -> list[int]:
+        w = self.w
+        n = w.load64(self.count)
+        out = [w.load64(self.slots + 8 * i) for i in range(n)]
+        w.store64(self.count, 0)
+        return out
+
+
 class Allocator:
     """All regions, with the Local-Write-First policy and a reserve for deletes."""
 
     def __init__(self, area: SharedArea, regions: list[Region], cpus_per_node: int,
                  reserve: int) -> None:
         self.regions = [RegionBitmap(area, r) for r in regions]
+        self.stashes = [Stash(area, r.cpu) for r in regions]
+        # The CPU whose stash this process uses (None: no stash, e.g. a primary
+        # whose workers act as its CPUs).
+        self.stash_cpu: int | None = None
         self.cpus_per_node = cpus_per_node
         self._starts = [r.start for r in regions]
         # Blocks kept back for metadata so that unlink/rmdir still work on a
@@ -231,6 +287,11 @@ class Allocator:
 
         Data allocations may not dip into the reserve; metadata (log pages) may.
         """
+        if n == 1 and cpu == self.stash_cpu:
+            return [(self.alloc_one(cpu, meta=meta), 1)]
+        return self._alloc_bitmaps(cpu, n, meta)
+
+    def _alloc_bitmaps(self, cpu: int, n: int, meta: bool) -> list[tuple[int, int]]:
         own = self._orders[cpu][0]
         # The own region alone usually shows there is room: one counter read
         # instead of the sum over every region.
@@ -249,8 +310,32 @@ class Allocator:
         raise FsError(errno.ENOSPC)
 
     def alloc_one(self, cpu: int, *, meta: bool = True) -> int:
-        ((start, _),) = self.alloc(cpu, 1, meta=meta)
+        if cpu == self.stash_cpu:
+            stash = self.stashes[cpu]
+            blk = stash.pop()
+            if blk:
+                return blk
+            own = self._orders[cpu][0]
+            # Refill from the own region only, and only well above the reserve.
+            if own.nfree > STASH_REFILL + self.reserve:
+                for s, c in own.alloc(STASH_REFILL):
+                    for b in range(s, s + c):
+                        stash.push(b)
+                blk = stash.pop()
+                if blk:
+                    return blk
+        ((start, _),) = self._alloc_bitmaps(cpu, 1, meta)
         return start
+
+    def stashed(self) -> int:
+        """Free blocks kept in stashes (free space, though not in the bitmaps)."""
+        return sum(len(s) for s in self.stashes)
+
+    def drain_stashes(self) -> None:
+        """Return every stashed block to its bitmap (no CPU may use its stash)."""
+        for stash in self.stashes:
+            for blk in stash.take_all():
+                self.owner(blk).free(blk, 1)
 
     def owner(self, block: int) -> RegionBitmap:
         i = bisect.bisect_right(self._starts, block) - 1
@@ -260,7 +345,17 @@ class Allocator:
         return ra
 
     def free(self, start: int, n: int) -> None:
-        """Give blocks back to the region(s) that own them."""
+        """Give blocks back to the region(s) that own them (a single block of this
+        process's own region to its stash, while there is room)."""
+        if n == 1 and self.stash_cpu is not None:
+            own = self._orders[self.stash_cpu][0]
+            if own.lo <= start < own.hi:
+                # the bitmap's double-free check, kept for stashed blocks
+                b = start - own.lo
+                if not own.w.load64(own.words + 8 * (b >> 6)) >> (b & 63) & 1:
+                    raise AssertionError(f"double free of block {start}")
+                if self.stashes[self.stash_cpu].push(start):
+                    return
         while n > 0:
             ra = self.owner(start)
             take = min(n, ra.hi - start)

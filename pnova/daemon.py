@@ -14,9 +14,16 @@ local logs and lock identity) and runs the request loop of
 :mod:`pnova.fuse_session`.  The kernel hands each request to exactly one
 reader, so requests spread over the workers by themselves.
 
+Not every worker waits for requests all the time (:class:`Readers`): the
+kernel hands requests to waiting readers in turn, so with every worker
+waiting, a single client's requests would alternate between processes and
+each would first catch up with the other's log entries.  One worker reads
+while the load is sequential; the others sleep until requests overlap.
+
 The supervisor never serves a request.  Under trio it waits for signals and
-for its workers to exit (each through a pidfd), and it is pNOVA's designated
-refiller of the per-CPU rings of log pages.  How a mount ends:
+for its workers to exit (each through a pidfd), wakes a sleeping worker when
+requests wait with nobody reading, and it is pNOVA's designated refiller of
+the per-CPU rings of log pages.  How a mount ends:
 
 * unmounted (fusermount3 -u, umount): every worker's read fails with ENODEV,
   the workers exit, the supervisor saves the engine's state (clean unmount);
@@ -42,13 +49,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import os
+import select
 import signal
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
 
+from .atomics import SharedWords
 from .engine import FileSystem
 from .fuse_ops import PnovaOperations
 from .fuse_session import Connection, Loop, detach, ignore_terminal_signals
@@ -57,6 +68,8 @@ log = logging.getLogger("pnova.daemon")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 REFILL_INTERVAL = 0.01         # seconds between top-ups of the log-page rings
+WATCH_INTERVAL = 0.005         # seconds between the supervisor's looks for waiting requests
+CONCURRENT_NS = 50_000_000     # overlapping requests this recent keep every reader awake
 STOP_GRACE = 10.0              # seconds a worker has to finish its request
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -65,6 +78,98 @@ _PR_SET_NAME = 15
 EXIT_DONE = 0                  # unmounted, or asked to stop
 EXIT_FAILED = 3                # the request loop itself failed (logged)
 EXIT_ORPHANED = 4              # the supervisor died
+
+
+class Readers:
+    """Which serving processes wait for the next request.
+
+    The kernel wakes the reader that has waited longest, so with every worker
+    blocked in read() a single client's requests alternate between processes,
+    and each request finds the serving process's cache behind the other's
+    writes.  So a worker that finishes a request goes to sleep instead of
+    reading again when another worker is already waiting for requests and no
+    two requests have overlapped in the last CONCURRENT_NS.  A worker that
+    starts a request while another is busy marks the load concurrent and, if
+    nobody is left waiting, wakes a sleeper; the supervisor does the same when
+    it sees requests queued and nobody reading (a long request on the only
+    awake worker).
+
+    Shared words (a small anonymous mapping made before the fork): the number
+    of workers in read(), the number serving a request, the time the last
+    overlap was seen, and a bitmap of sleeping workers; each sleeper waits on
+    an eventfd of its own.
+    """
+
+    _READING, _BUSY, _OVERLAP, _ASLEEP = 0, 4, 8, 16
+
+    def __init__(self, nworkers: int) -> None:
+        self.mm = mmap.mmap(-1, 64, mmap.MAP_SHARED)
+        self.w = SharedWords(self.mm)
+        self.efds = [os.eventfd(0) for _ in range(nworkers)]
+        self.me = -1
+
+    def become(self, worker: int) -> None:
+        """In the forked worker: act as reader ``worker``."""
+        self.me = worker
+
+    # -- the Turns protocol of the request loop -------------------------------
+    def reading(self) -> None:
+        w = self.w
+        if w.load32(self._READING) and \
+                time.monotonic_ns() - w.load64(self._OVERLAP) > CONCURRENT_NS:
+            self._sleep()
+        w.add32(self._READING, 1)
+
+    def read_done(self) -> None:
+        self.w.add32(self._READING, -1)
+
+    def started(self) -> None:
+        w = self.w
+        if w.add32(self._BUSY, 1):                 # another request is being served
+            w.store64(self._OVERLAP, time.monotonic_ns())
+            if not w.load32(self._READING):
+                self.wake_one()
+
+    def finished(self) -> None:
+        self.w.add32(self._BUSY, -1)
+
+    # -- sleeping and waking ---------------------------------------------------
+    def _sleep(self) -> None:
+        w = self.w
+        bit = 1 << self.me
+        while not w.cas64(self._ASLEEP, v := w.load64(self._ASLEEP), v | bit):
+            pass
+        if not w.load32(self._READING):
+            # The reader took a request meanwhile: stay awake (a wake-up that
+            # came in between is only a spare eventfd count).
+            if self._claim(bit):
+                return
+        os.eventfd_read(self.efds[self.me])       # a stop signal interrupts it
+
+    def _claim(self, bit: int) -> bool:
+        """Clear ``bit`` in the sleepers' bitmap; False if someone else did."""
+        w = self.w
+        while (v := w.load64(self._ASLEEP)) & bit:
+            if w.cas64(self._ASLEEP, v, v & ~bit):
+                return True
+        return False
+
+    def wake_one(self) -> bool:
+        """Wake one sleeping worker, if there is one."""
+        while v := self.w.load64(self._ASLEEP):
+            bit = v & -v
+            if self._claim(bit):
+                os.eventfd_write(self.efds[bit.bit_length() - 1], 1)
+                return True
+        return False
+
+    def wake_all(self) -> None:
+        while self.wake_one():
+            pass
+
+    def starved(self) -> bool:
+        """Nobody waits for requests (the supervisor's check)."""
+        return self.w.load32(self._READING) == 0
 
 
 def default_workers(fs: FileSystem) -> int:
@@ -127,31 +232,34 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
         log.info("FUSE protocol 7.%d with %s; %d serving process%s", neg.minor,
                  ", ".join(neg.names()), n, "" if n == 1 else "es")
         fs.prepare_workers()
+        readers = Readers(n) if n > 1 else None
         pids: dict[int, int] = {}
         try:
             for cpu in range(n):
                 pid = os.fork()
                 if pid == 0:
-                    _worker(fs, conn, cpu, ops_factory, debug, child_setup)   # never returns
+                    _worker(fs, conn, cpu, ops_factory, debug, child_setup,
+                            readers)             # never returns
                 pids[pid] = cpu
         except OSError as e:
             log.error("cannot start serving processes: %s", e.strerror)
             for pid in pids:
                 os.kill(pid, signal.SIGTERM)
-        # The connection lives as long as a serving process holds it.
-        conn.close()
         if on_ready is not None and len(pids) == n:
             on_ready()
         state = _State(dict(pids))
         if len(pids) < n:
             state.failure = "not every serving process could be started"
         try:
-            trio.run(_supervise, fs, mountpoint, state)
+            trio.run(_supervise, fs, conn, state, readers)
         except BaseException:
             log.exception("the supervisor failed")
             state.failure = state.failure or "the supervisor failed"
             for pid in state.workers:
                 _kill(pid, signal.SIGKILL)
+        finally:
+            # The connection ends once every serving process has closed it too.
+            conn.close()
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     if state.failure:
@@ -172,10 +280,14 @@ def _kill(pid: int, sig: int) -> None:
 
 
 # ---------------------------------------------------------------- the supervisor
-async def _supervise(fs: FileSystem, mountpoint: str, state: _State) -> None:
+async def _supervise(fs: FileSystem, conn: Connection, state: _State,
+                     readers: Readers | None) -> None:
+    mountpoint = conn.mountpoint
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, mountpoint, state)
         nursery.start_soon(_refiller, fs)
+        if readers is not None:
+            nursery.start_soon(_watchdog, conn.fd, readers)
         async with trio.open_nursery() as watchers:
             for pid, cpu in list(state.workers.items()):
                 watchers.start_soon(_watch, pid, cpu, mountpoint, state)
@@ -188,6 +300,16 @@ async def _signals(mountpoint: str, state: _State) -> None:
         async for signum in received:
             log.info("%s received: unmounting", signal.Signals(signum).name)
             _stop(mountpoint, state)
+
+
+async def _watchdog(fd: int, readers: Readers) -> None:
+    """Wake a sleeping worker when requests wait and no worker is reading."""
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    while True:
+        await trio.sleep(WATCH_INTERVAL)
+        if readers.starved() and poll.poll(0):
+            readers.wake_one()
 
 
 async def _refiller(fs: FileSystem) -> None:
@@ -239,7 +361,7 @@ async def _watch(pid: int, cpu: int, mountpoint: str, state: _State) -> None:
 # ---------------------------------------------------------------- a worker
 def _worker(fs: FileSystem, conn: Connection, cpu: int,
             ops_factory: Callable[[FileSystem], PnovaOperations], debug: bool,
-            child_setup: Callable[[], None] | None) -> None:
+            child_setup: Callable[[], None] | None, readers: Readers | None) -> None:
     """The forked child: serve as ``cpu`` until the mount ends, then exit."""
     code = EXIT_FAILED
     supervisor = os.getppid()
@@ -251,7 +373,10 @@ def _worker(fs: FileSystem, conn: Connection, cpu: int,
         # ps and /proc/PID/comm tell the serving processes apart
         libc.prctl(_PR_SET_NAME, f"pnova-cpu{cpu}".encode())
         fs.become_worker(cpu)
-        loop = Loop(conn.fd, ops_factory(fs).table, name=f"cpu{cpu}", debug=debug)
+        if readers is not None:
+            readers.become(cpu)
+        loop = Loop(conn.fd, ops_factory(fs).table, name=f"cpu{cpu}", debug=debug,
+                    turns=readers)
         ignore_terminal_signals()
         signal.signal(signal.SIGTERM, loop.request_stop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)

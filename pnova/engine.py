@@ -185,6 +185,7 @@ class FileSystem:
         self.pm = pm
         self.sb = sb
         self.regions = regions
+        self._itables = [r.itable_start * L.BLOCK for r in regions]
         self.ncpus = sb.ncpus
         self.cpu = cpu % self.ncpus
         self.readonly = readonly
@@ -195,8 +196,12 @@ class FileSystem:
             area = SharedArea.create(sb.ncpus, sb.ncpus * sb.inodes_per_cpu,
                                      [r.data_blocks for r in regions], first_seq=sb.next_seq)
         self.area = area
+        # The next sequence number (one shared counter; 16.): a bound call, as it
+        # is taken for every entry.
+        self._next_seq = functools.partial(area.w.add64, H_SEQ, 1)
         self.alloc = Allocator(area, regions, sb.cpus_per_node,
                                reserve=max(8, min(1024, total // 512)))
+        self.alloc.stash_cpu = None if readonly else self.cpu
         self.journals = [Journal(pm, r.journal_block) for r in regions]
         self.lock_name = lock
         self.segment_pages = segment_pages
@@ -369,9 +374,11 @@ class FileSystem:
             if self.shared:
                 for inode in list(self.cache.values()):
                     self._validate(inode)
+            self.alloc.stash_cpu = None              # every stash goes back below
             for ring in self.rings:                  # pages handed out but never used
                 while (blk := ring.pop()):
                     self.alloc.free(blk, 1)
+            self.alloc.drain_stashes()
             for inode in self._orphans():
                 self._evict(inode)
             pm = self.pm
@@ -432,6 +439,8 @@ class FileSystem:
     def prepare_workers(self) -> None:
         """Switch to shared mode; call in the primary before forking workers."""
         self.shared = True
+        # The workers act as the CPUs now, each with its own stash.
+        self.alloc.stash_cpu = None
         self.scheme.sem.take_over()              # registers this process as its CPU
         self.refill_rings()
 
@@ -445,8 +454,12 @@ class FileSystem:
         """
         if not primary.shared:
             primary.prepare_workers()
+            # No worker takes the primary's CPU over here: it keeps its stash.
+            primary.alloc.stash_cpu = None if primary.readonly else primary.cpu
         fs = cls(primary.pm, primary.sb, primary.regions, cpu=cpu, area=primary.area,
                  lock=primary.lock_name, segment_pages=primary.segment_pages)
+        if fs.cpu == primary.cpu:
+            fs.alloc.stash_cpu = None            # one owner per stash
         fs.shared = True
         fs.scheme.sem.take_over()
         primary._attached.append(fs)
@@ -457,6 +470,7 @@ class FileSystem:
         if not self.shared:
             raise RuntimeError("prepare_workers() must be called before forking")
         self.cpu = cpu % self.ncpus
+        self.alloc.stash_cpu = None if self.readonly else self.cpu
         self.scheme.close()
         self.scheme = make_scheme(self.lock_name, self.area, self.cpu, self.segment_pages)
         self.scheme.sem.take_over()
@@ -467,9 +481,8 @@ class FileSystem:
         return 1 + idx * self.ncpus + cpu
 
     def inode_addr(self, ino: int) -> int:
-        cpu = (ino - 1) % self.ncpus
-        idx = (ino - 1) // self.ncpus
-        return self.regions[cpu].itable_start * L.BLOCK + idx * L.INODE_SIZE
+        i = ino - 1
+        return self._itables[i % self.ncpus] + (i // self.ncpus) * L.INODE_SIZE
 
     def _valid_ino(self, ino: int) -> bool:
         return 1 <= ino and (ino - 1) // self.ncpus < self.sb.inodes_per_cpu
@@ -697,9 +710,6 @@ class FileSystem:
             raise FsError(errno.ENOTDIR)
         return d
 
-    def _next_seq(self) -> int:
-        return self.area.next_seq()
-
     def _rw(self) -> None:
         if self.readonly:
             raise FsError(errno.EROFS)
@@ -737,6 +747,8 @@ class FileSystem:
         entries made unreferenced; the caller frees them (the commit is
         durable when this returns).
         """
+        if len(changes) == 1 and not extra:
+            return self._commit_one(*changes[0])
         pm = self.pm
         sch = self.scheme
         locked = sorted({inode.ino for inode, _ in changes})
@@ -773,12 +785,9 @@ class FileSystem:
                 for p in extra_pages:
                     self.alloc.free(p, 1)
                 raise
-            if len(appended) == 1 and not extra:
-                inode, new_tail, _, _ = appended[0]
-                plog.commit_tail(pm, self.inode_addr(inode.ino) + L.I_LOG_TAIL, new_tail)
-            else:
-                updates = [(self.inode_addr(i.ino) + L.I_LOG_TAIL, t) for i, t, _, _ in appended]
-                self.journals[self.cpu].run(updates + list(extra))
+            # several words change at once: the lite journal makes them atomic
+            updates = [(self.inode_addr(i.ino) + L.I_LOG_TAIL, t) for i, t, _, _ in appended]
+            self.journals[self.cpu].run(updates + list(extra))
             freed: list[int] = []
             for inode, new_tail, pages, entries in appended:
                 inode.tail = new_tail
@@ -791,6 +800,60 @@ class FileSystem:
             for ino in reversed(locked):
                 sch.log_unlock(ino)
         return freed
+
+    def _commit_one(self, inode: Inode, entries: list[tuple]) -> list[int]:
+        """:meth:`_commit` for one inode and no other words: one log, one tail
+        store (the common case, kept short: it is on every write's path)."""
+        pm = self.pm
+        sch = self.scheme
+        ino = inode.ino
+        addr = self.inode_addr(ino)
+        sch.log_lock(ino)
+        try:
+            if self.shared:
+                # as in _commit: catch up unless the slot words are as cached
+                gen, state, head, tail, array = _SLOT_WORDS.unpack_from(pm.mm,
+                                                                        addr + L.I_GENERATION)
+                if (gen, state, head, tail, array) != (inode.generation, L.STATE_LIVE,
+                                                       inode.head, inode.tail, inode.array):
+                    inode = self._validate(inode)
+                    if inode is None:
+                        raise FsError(errno.ENOENT)
+            seq = self._next_seq
+            entries = [(e[0], seq()) + e[2:] for e in entries]
+            new_tail, pages = self._append(inode.tail, [L.encode_entry(e) for e in entries],
+                                           ino, self._new_log_page)
+            pm.commit_u64(addr + L.I_LOG_TAIL, new_tail)
+            inode.tail = new_tail
+            if len(entries) == 1:
+                freed = inode.apply(entries[0])
+            else:
+                freed = []
+                for e in entries:
+                    freed.extend(inode.apply(e))
+            if pages:
+                inode.log_pages.extend(pages)
+                self._want_compaction(inode)
+        finally:
+            sch.log_unlock(ino)
+        return freed
+
+    def _append(self, tail: int, raws: list[bytes], ino: int, new_page) -> tuple[int, list[int]]:
+        """:func:`plog.append`, with one entry that fits in the tail's page written
+        directly; pages it allocated are freed again if it fails."""
+        if len(raws) == 1:
+            raw = raws[0]
+            if tail % L.BLOCK + len(raw) <= L.LOG_DATA:
+                pm = self.pm
+                pm.store(tail, raw)
+                pm.flush(tail, len(raw))
+                return tail + len(raw), []
+        try:
+            return plog.append(self.pm, tail, raws, ino, new_page)
+        except FsError as exc:
+            for p in getattr(exc, "pages", []):
+                self.alloc.free(p, 1)
+            raise
 
     def _commit_local(self, inode: Inode, entries: list[tuple]) -> list[int]:
         """Append file-write entries to this CPU's local log and commit them.
@@ -824,13 +887,8 @@ class FileSystem:
             pm.fence()                                 # committed
             have = inode.local[cpu] = [page * L.BLOCK, tail, [page] + more]
         else:
-            try:
-                tail, more = plog.append(pm, have[1], raws, inode.ino, self._local_page)
-            except FsError as exc:
-                for p in getattr(exc, "pages", []):
-                    self.alloc.free(p, 1)
-                raise
-            plog.commit_tail(pm, line + L.LA_TAIL, tail)
+            tail, more = self._append(have[1], raws, inode.ino, self._local_page)
+            pm.commit_u64(line + L.LA_TAIL, tail)
             have[1] = tail
             if more:
                 have[2].extend(more)
@@ -1479,7 +1537,10 @@ class FileSystem:
             sch.unlock(tok)
             if sized:
                 sch.size_unlock(ino)
-        self._free_blocks(freed)
+        if len(freed) == 1:
+            self.alloc.free(freed[0], 1)
+        elif freed:
+            self._free_blocks(freed)
         if self._compact_wanted:
             self._compact_pending()
         return n
@@ -1761,7 +1822,9 @@ class FileSystem:
     def statfs(self) -> StatFs:
         a = self.alloc
         ffree = self.nfree_inodes
-        return StatFs(bsize=L.BLOCK, blocks=a.ntotal, bfree=a.nfree,
-                      bavail=max(0, a.nfree - a.reserve),
+        # Blocks kept at hand (stashes, rings of log pages) hold nothing: free.
+        free = a.nfree + a.stashed() + sum(len(r) for r in self.rings)
+        return StatFs(bsize=L.BLOCK, blocks=a.ntotal, bfree=free,
+                      bavail=max(0, free - a.reserve),
                       files=self.sb.inodes_per_cpu * self.ncpus, ffree=ffree,
                       namemax=L.NAME_MAX)

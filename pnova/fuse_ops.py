@@ -41,7 +41,15 @@ log = logging.getLogger("pnova.fuse")
 CACHE_TIMEOUT = 10.0
 
 _EMPTY = b""
-_OPEN_FLAGS = W.FOPEN_KEEP_CACHE | W.FOPEN_PARALLEL_DIRECT_WRITES
+# keep_cache: only this daemon changes files, so cached pages stay valid
+# across opens.  noflush: every write is durable when it returns, so close(2)
+# has nothing to flush.
+_CACHED_OPEN = W.FOPEN_KEEP_CACHE | W.FOPEN_NOFLUSH
+# An O_DIRECT open is served as direct I/O, which lets the kernel send its
+# writes to the daemon in parallel (it allows parallel direct writes to one
+# file only for direct-I/O opens): the engine's range locks order the writers,
+# the kernel's inode lock need not.
+_DIRECT_OPEN = W.FOPEN_DIRECT_IO | W.FOPEN_PARALLEL_DIRECT_WRITES | W.FOPEN_NOFLUSH
 
 
 def _name(body: memoryview) -> bytes:
@@ -206,16 +214,14 @@ class PnovaOperations:
                             kill_suidgid=bool(open_flags & W.OPEN_KILL_SUIDGID))
         else:
             self.fs.getattr(ino)                 # the inode must exist
-        # The file handle is the inode number: the engine keeps no per-open
-        # state.  keep_cache: only this daemon changes files, so cached pages
-        # stay valid across opens.  Parallel direct writes: the engine's range
-        # locks order writers, the kernel's inode lock need not.
-        return W.OPEN_OUT.pack(ino, _OPEN_FLAGS, 0)
+        # The file handle is the inode number: the engine keeps no per-open state.
+        return W.OPEN_OUT.pack(ino, _DIRECT_OPEN if flags & os.O_DIRECT else _CACHED_OPEN, 0)
 
     def create(self, parent: int, body: memoryview, uid: int, gid: int) -> bytes:
-        _flags, mode, _umask, _open_flags = W.CREATE_IN.unpack_from(body)
+        flags, mode, _umask, _open_flags = W.CREATE_IN.unpack_from(body)
         a = self.fs.create(parent, _name(body[W.CREATE_IN.size:]), mode, uid, gid)
-        return self._handed_out(a) + W.OPEN_OUT.pack(a.ino, _OPEN_FLAGS, 0)
+        return self._handed_out(a) + W.OPEN_OUT.pack(
+            a.ino, _DIRECT_OPEN if flags & os.O_DIRECT else _CACHED_OPEN, 0)
 
     def read(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
         _fh, off, size, _, _, _, _ = W.READ_IN.unpack_from(body)

@@ -28,6 +28,7 @@ import stat
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import fuse_wire as W
 from .errors import FsError
@@ -40,7 +41,7 @@ BUFFER_SIZE = MAX_WRITE + 4096    # a WRITE's data plus its headers fits
 # What pnova asks the kernel for (each is explained in DESIGN 22.2).
 WANTED = (W.ASYNC_READ | W.ATOMIC_O_TRUNC | W.EXPORT_SUPPORT | W.BIG_WRITES
           | W.AUTO_INVAL_DATA | W.DO_READDIRPLUS | W.ASYNC_DIO | W.PARALLEL_DIROPS
-          | W.MAX_PAGES | W.CACHE_SYMLINKS | W.HANDLE_KILLPRIV_V2)
+          | W.MAX_PAGES | W.CACHE_SYMLINKS | W.HANDLE_KILLPRIV_V2 | W.DIRECT_IO_ALLOW_MMAP)
 
 # mount(2) flags for the VFS options a user may give
 _MS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "sync": 16, "dirsync": 128,
@@ -182,14 +183,19 @@ class Connection:
         length, op, unique, *_ = W.IN_HEADER.unpack_from(buf)
         if op != W.INIT:
             raise ProtocolError(f"the kernel's first request is opcode {op}, not INIT")
-        major, minor, readahead, kflags = W.INIT_IN.unpack_from(buf, W.IN_HEADER_SIZE)
+        major, minor, readahead, kflags, kflags2 = W.INIT_IN.unpack_from(buf, W.IN_HEADER_SIZE)
         if major != W.KERNEL_MAJOR or minor < W.MIN_MINOR:
             self._reply(unique, -errno.EPROTO)
             raise ProtocolError(f"kernel FUSE protocol {major}.{minor} is not supported "
                                 f"(pnova needs 7.{W.MIN_MINOR} or later)")
+        if kflags & W.INIT_EXT:
+            kflags |= kflags2 << 32
         flags = wanted & kflags
-        out = W.INIT_OUT.pack(W.KERNEL_MAJOR, min(minor, W.KERNEL_MINOR), readahead, flags,
-                              64, 48, MAX_WRITE, 1, MAX_WRITE // 4096, 0, 0)
+        if flags >> 32:
+            flags |= W.INIT_EXT
+        out = W.INIT_OUT.pack(W.KERNEL_MAJOR, min(minor, W.KERNEL_MINOR), readahead,
+                              flags & 0xFFFFFFFF, 64, 48, MAX_WRITE, 1, MAX_WRITE // 4096, 0,
+                              flags >> 32)
         self._reply(unique, 0, out)
         self.negotiated = Negotiated(min(minor, W.KERNEL_MINOR), flags, readahead)
         return self.negotiated
@@ -256,17 +262,33 @@ class Stop(Exception):
     """Raised by a stop request (a signal) while the loop waits for a request."""
 
 
+_unpack_in = W.IN_HEADER.unpack_from
+_pack_out = W.OUT_HEADER.pack
+
+
+class Turns(Protocol):
+    """Which of several processes reading one connection waits for the next
+    request (see :class:`pnova.daemon.Readers`)."""
+
+    def reading(self) -> None: ...        # before a read (may sleep until needed)
+    def read_done(self) -> None: ...      # the read returned or failed
+    def started(self) -> None: ...        # a request is being served
+    def finished(self) -> None: ...       # ... and answered
+
+
 class Loop:
     """The request loop of one serving process.
 
     ``handlers`` is indexed by opcode; a handler returns the reply's payload
     (bytes-like, possibly empty) or None when the request takes no reply
     (FORGET, INTERRUPT).  ``name`` labels the process in debug output.
+    ``turns``, when several processes serve, decides when this one reads.
     """
 
     def __init__(self, fd: int, handlers: Sequence[Handler | None], *, name: str = "",
-                 debug: bool = False) -> None:
+                 debug: bool = False, turns: Turns | None = None) -> None:
         self.fd = fd
+        self.turns = turns
         self.handlers = list(handlers) + [None] * max(0, 64 - len(handlers))
         self.name = name
         self.debug = debug
@@ -286,17 +308,22 @@ class Loop:
         buf = bytearray(BUFFER_SIZE)
         bufs = [buf]
         mv = memoryview(buf)
-        unpack = W.IN_HEADER.unpack_from
-        pack = W.OUT_HEADER.pack
-        readv, writev = os.readv, os.writev
-        handlers = self.handlers
-        debug = self.debug
+        readv = os.readv
+        turns = self.turns
         while True:
             if self.stopping:
                 return "stopped"
             self.waiting = True
             try:
-                if readv(fd, bufs) == 0:        # not /dev/fuse: the peer went away
+                if turns is not None:
+                    turns.reading()
+                    try:
+                        n = readv(fd, bufs)
+                    finally:
+                        turns.read_done()
+                else:
+                    n = readv(fd, bufs)
+                if n == 0:                      # not /dev/fuse: the peer went away
                     return "unmounted"
             except Stop:
                 return "stopped"
@@ -308,37 +335,49 @@ class Loop:
                 raise
             finally:
                 self.waiting = False
-            length, op, unique, nodeid, uid, gid, pid, _x, _p = unpack(buf)
-            handler = handlers[op] if op < 64 else None
-            if debug:
-                log.debug("%s: #%d %s ino %d uid %d pid %d (%d bytes)", self.name, unique,
-                          W.OPCODE_NAMES.get(op, op), nodeid, uid, pid, length)
-            if handler is None:
-                if op != W.INTERRUPT:
-                    self._send([pack(W.OUT_HEADER_SIZE, -errno.ENOSYS, unique)], unique,
-                               -errno.ENOSYS)
-                continue
-            try:
-                out = handler(nodeid, mv[W.IN_HEADER_SIZE:length], uid, gid)
-            except FsError as e:
-                self._send([pack(W.OUT_HEADER_SIZE, -e.errno, unique)], unique, -e.errno)
-                continue
-            except Exception:
-                log.exception("%s: internal error in %s (ino %d); answering EIO", self.name,
-                              W.OPCODE_NAMES.get(op, op), nodeid)
-                self._send([pack(W.OUT_HEADER_SIZE, -errno.EIO, unique)], unique, -errno.EIO)
-                continue
-            self.served += 1
-            if out is None:
-                continue
-            if debug:
-                self._send([pack(W.OUT_HEADER_SIZE + len(out), 0, unique), out], unique, 0)
-                continue
-            try:
-                writev(fd, [pack(W.OUT_HEADER_SIZE + len(out), 0, unique), out])
-            except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ENODEV):
-                    log.error("%s: reply to #%d failed: %s", self.name, unique, e.strerror)
+            if turns is not None:
+                turns.started()
+                try:
+                    self._serve(buf, mv)
+                finally:
+                    turns.finished()
+            else:
+                self._serve(buf, mv)
+
+    def _serve(self, buf: bytearray, mv: memoryview) -> None:
+        """Answer the request in ``buf``."""
+        length, op, unique, nodeid, uid, gid, pid, _x, _p = _unpack_in(buf)
+        handler = self.handlers[op] if op < 64 else None
+        debug = self.debug
+        if debug:
+            log.debug("%s: #%d %s ino %d uid %d pid %d (%d bytes)", self.name, unique,
+                      W.OPCODE_NAMES.get(op, op), nodeid, uid, pid, length)
+        if handler is None:
+            if op != W.INTERRUPT:
+                self._send([_pack_out(W.OUT_HEADER_SIZE, -errno.ENOSYS, unique)], unique,
+                           -errno.ENOSYS)
+            return
+        try:
+            out = handler(nodeid, mv[W.IN_HEADER_SIZE:length], uid, gid)
+        except FsError as e:
+            self._send([_pack_out(W.OUT_HEADER_SIZE, -e.errno, unique)], unique, -e.errno)
+            return
+        except Exception:
+            log.exception("%s: internal error in %s (ino %d); answering EIO", self.name,
+                          W.OPCODE_NAMES.get(op, op), nodeid)
+            self._send([_pack_out(W.OUT_HEADER_SIZE, -errno.EIO, unique)], unique, -errno.EIO)
+            return
+        self.served += 1
+        if out is None:
+            return
+        if debug:
+            self._send([_pack_out(W.OUT_HEADER_SIZE + len(out), 0, unique), out], unique, 0)
+            return
+        try:
+            os.writev(self.fd, [_pack_out(W.OUT_HEADER_SIZE + len(out), 0, unique), out])
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("%s: reply to #%d failed: %s", self.name, unique, e.strerror)
 
     def _send(self, parts: list, unique: int, error: int) -> None:
         """Send a reply (the slow path: errors, and every reply when debugging)."""

@@ -56,6 +56,8 @@ PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 HANDLE_KILLPRIV_V2 = 1 << 28
+INIT_EXT = 1 << 30                   # the flags go on in flags2 (bits 32..63)
+DIRECT_IO_ALLOW_MMAP = 1 << 36       # a direct-I/O open may still be mapped shared
 
 INIT_FLAG_NAMES = {
     ASYNC_READ: "async_read", ATOMIC_O_TRUNC: "atomic_o_trunc",
@@ -63,10 +65,13 @@ INIT_FLAG_NAMES = {
     AUTO_INVAL_DATA: "auto_inval_data", DO_READDIRPLUS: "readdirplus",
     ASYNC_DIO: "async_dio", PARALLEL_DIROPS: "parallel_dirops", MAX_PAGES: "max_pages",
     CACHE_SYMLINKS: "cache_symlinks", HANDLE_KILLPRIV_V2: "handle_killpriv_v2",
+    DIRECT_IO_ALLOW_MMAP: "direct_io_allow_mmap",
 }
 
 # open reply flags (fuse_open_out.open_flags)
+FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_NOFLUSH = 1 << 5
 FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
 
 # request flags that ask the filesystem to drop privileges (HANDLE_KILLPRIV_V2)
@@ -88,7 +93,7 @@ IN_HEADER_SIZE = IN_HEADER.size              # 40
 OUT_HEADER = struct.Struct("<IiQ")           # len error unique
 OUT_HEADER_SIZE = OUT_HEADER.size            # 16
 
-INIT_IN = struct.Struct("<IIII")             # major minor max_readahead flags
+INIT_IN = struct.Struct("<IIIII")            # major minor max_readahead flags flags2
 INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # ... max_pages map_alignment flags2, unused
 ATTR = struct.Struct("<QQQQQQIIIIIIIIII")    # fuse_attr, 88 bytes
 ENTRY_HEAD = struct.Struct("<QQQQII")        # nodeid generation entry_valid attr_valid nsecs

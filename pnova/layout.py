@@ -291,8 +291,10 @@ def _pad8(n: int) -> int:
 
 
 def write_entry(seq: int, pgoff: int, npages: int, block: int, size: int, mtime: int) -> bytes:
-    return _seal(bytearray(_WRITE.pack(E_WRITE, 0, 64, 0, seq, pgoff, npages, 0, block,
-                                       size, mtime, 0)))
+    # The most frequent entry: packed twice (CRC field zero, then the CRC)
+    # rather than sealed through a bytearray, which costs more calls.
+    crc = crc32c(_WRITE.pack(E_WRITE, 0, 64, 0, seq, pgoff, npages, 0, block, size, mtime, 0))
+    return _WRITE.pack(E_WRITE, 0, 64, crc, seq, pgoff, npages, 0, block, size, mtime, 0)
 
 
 def setattr_entry(seq: int, mask: int, mode: int, uid: int, gid: int, size: int,

@@ -71,11 +71,10 @@ def append(pm: PMem, tail: int, entries: list[bytes], owner: int,
 
 
 def commit_tail(pm: PMem, tail_addr: int, new_tail: int) -> None:
-    """Make appended entries durable and visible: fence, 8-byte tail store, fence."""
-    pm.fence()                       # entries (and data) durable before the tail moves
-    pm.store_u64(tail_addr, new_tail)
-    pm.flush(tail_addr, 8)
-    pm.fence()                       # the operation is durable once this returns
+    """Make appended entries durable and visible: fence (entries and data durable
+    before the tail moves), 8-byte tail store, flush, fence (the operation is
+    durable once this returns)."""
+    pm.commit_u64(tail_addr, new_tail)
 
 
 def walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,

@@ -118,6 +118,15 @@ class PMem:
         self.flush(off, n)
         self.fence()
 
+    def commit_u64(self, off: int, value: int) -> None:
+        """fence; the 8-byte store; flush; fence: how a log tail commits (what was
+        written before is durable first, the store itself when this returns).
+        One call on the hot path; :class:`TrackedPMem` runs the four steps."""
+        _U64.pack_into(self.mm, off, value)
+        self.stores += 1
+        self.flushes += 1
+        self.fences += 2
+
     # -- lifetime --------------------------------------------------------------
     def sync(self) -> None:
         """Push the whole mapping to the backing file (msync); used on unmount."""
@@ -179,6 +188,12 @@ class TrackedPMem(PMem):
     def store_copy(self, dst: int, src: int, n: int) -> None:
         super().store_copy(dst, src, n)
         self._mark(dst, n)
+
+    def commit_u64(self, off: int, value: int) -> None:
+        self.fence()
+        self.store_u64(off, value)
+        self.flush(off, 8)
+        self.fence()
 
     def flush(self, off: int, n: int) -> None:
         super().flush(off, n)

@@ -25,6 +25,9 @@ Layout (byte offsets; every region starts on a 64-byte line)::
     ...     range table: a guard word, then RANGE_MAX entries of 32 bytes
             (inode u64, first page u64, last page u64, owner CPU + 1 u32, mode u32)
     ...     per-CPU rings: head line, tail line, RING_SLOTS u64 slots
+    ...     per-CPU block stashes: a line with the count u64, then STASH_SLOTS
+            u64 block numbers; each is changed only by the process acting as
+            its CPU (and by the primary once every worker has exited)
     ...     page-group versions: VER_SLOTS u64, hashed by (inode, group of
             VER_PAGES pages), and per inode a size epoch in the same table;
             a writer adds one to the versions of the groups it wrote before
@@ -42,13 +45,14 @@ import os
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 2
+VERSION = 3
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
 RANGE_MAX = 256
 RANGE_ENTRY = 32
 RING_SLOTS = 256
+STASH_SLOTS = 64              # free blocks one CPU keeps at hand
 VER_BITS = 16
 VER_SLOTS = 1 << VER_BITS     # page-group version words
 VER_SHIFT_PAGES = 4
@@ -75,7 +79,9 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     o["range_table"] = o["seg_locks"] + _line(4 * SEG_SLOTS)
     o["rings"] = o["range_table"] + LINE + _line(RANGE_ENTRY * RANGE_MAX)
     o["ring_size"] = 2 * LINE + _line(8 * RING_SLOTS)
-    o["versions"] = o["rings"] + ncpus * o["ring_size"]
+    o["stashes"] = o["rings"] + ncpus * o["ring_size"]
+    o["stash_size"] = LINE + _line(8 * STASH_SLOTS)
+    o["versions"] = o["stashes"] + ncpus * o["stash_size"]
     off = o["versions"] + 8 * VER_SLOTS
     for i, n in enumerate(region_blocks):
         o[f"region{i}"] = off
@@ -113,6 +119,8 @@ class SharedArea:
         self.range_table = o["range_table"]
         self.rings = o["rings"]
         self.ring_size = o["ring_size"]
+        self.stashes = o["stashes"]
+        self.stash_size = o["stash_size"]
         self.versions = o["versions"]
         self.regions = [o[f"region{i}"] for i in range(len(region_blocks))]
         self.itables = [o[f"itable{c}"] for c in range(ncpus)]

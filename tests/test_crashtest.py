@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 
 from pnova import crashtest as ct
-from pnova import log as plog
 from pnova.fsck import Checker
+from pnova.pmem import TrackedPMem
 
 CRASHTEST = os.path.join(os.path.dirname(sys.executable), "pnova-crashtest")
 
@@ -37,14 +37,14 @@ def test_crash_points_cover_every_fence():
 
 
 def _no_fence_commit(pm, tail_addr, new_tail):
-    """A broken commit: the tail may reach the medium before the entries."""
+    """A broken tail commit: the tail may reach the medium before the entries."""
     pm.store_u64(tail_addr, new_tail)
     pm.flush(tail_addr, 8)
     pm.fence()
 
 
 def test_harness_catches_a_missing_fence(monkeypatch, tmp_path):
-    monkeypatch.setattr(plog, "commit_tail", _no_fence_commit)
+    monkeypatch.setattr(TrackedPMem, "commit_u64", _no_fence_commit)
     r = ct.run_case("seq1", 0, ct.SEQ1_OPS.index(("write", "/A/foo", 0, 4096, 0x71)), k=2)
     assert r.failures, "a commit without its fence must produce a bad crash state"
     bad = r.failures[0]
