@@ -62,7 +62,7 @@ import trio
 from .atomics import SharedWords
 from .engine import FileSystem
 from .fuse_ops import PnovaOperations
-from .fuse_session import Connection, Loop, detach, ignore_terminal_signals
+from .fuse_session import WANTED, Connection, Loop, detach, ignore_terminal_signals
 
 log = logging.getLogger("pnova.daemon")
 
@@ -196,13 +196,15 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
           workers: int | None = None, debug: bool = False,
           on_ready: Callable[[], None] | None = None,
           child_setup: Callable[[], None] | None = None,
-          ops_factory: Callable[[FileSystem], PnovaOperations] = PnovaOperations) -> int:
+          ops_factory: Callable[[FileSystem], PnovaOperations] = PnovaOperations,
+          wanted: int = WANTED) -> int:
     """Mount ``fs`` on ``mountpoint`` and serve it with ``workers`` processes.
 
     ``options``: VFS and kernel FUSE options, plus ``fsname=`` (the source
     /proc/mounts shows) and ``subtype=``.  ``on_ready`` runs in the supervisor
     once the workers read requests; ``child_setup`` in each worker right after
-    the fork (to close descriptors it must not keep).  Returns 0 after a clean
+    the fork (to close descriptors it must not keep).  ``wanted``: the INIT
+    capabilities asked for (tests take one away).  Returns 0 after a clean
     unmount (the engine's state is saved), 1 when the mount was aborted (the
     engine is released unsaved).  Raises MountError / ProtocolError when the
     kernel mount or its handshake fails.
@@ -224,7 +226,7 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
     try:
         conn = Connection.mount(mountpoint, opts, fsname=fsname, subtype=subtype)
         try:
-            neg = conn.negotiate()
+            neg = conn.negotiate(wanted)
         except BaseException:
             detach(mountpoint)
             conn.close()

@@ -15,6 +15,7 @@ import struct
 import logging
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -1487,7 +1488,7 @@ class FileSystem:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, ino: int, off: int, data: bytes | memoryview,
-              kill_suidgid: bool = False) -> int:
+              kill_suidgid: bool = False, in_group: Callable[[int], bool] | None = None) -> int:
         """Copy-on-write: new blocks, one log entry per extent, one atomic commit.
 
         The written range is locked with the mount's lock scheme; a write that
@@ -1496,7 +1497,8 @@ class FileSystem:
         logs, a CPU other than the file's home CPU appends to its local log.
         A write drops the file's capabilities, and its set-user-ID and
         set-group-ID bits when ``kill_suidgid`` says so (the writer lacks
-        CAP_FSETID), in the same commit (:meth:`_privilege_drop`).
+        CAP_FSETID), in the same commit (:meth:`_privilege_drop`; ``in_group``
+        tells whether the writer is in a group).
         """
         self._rw()
         n = len(data)
@@ -1529,7 +1531,8 @@ class FileSystem:
                     tok = sch.lock(ino, first, last, True)
                     inode, slots = self._current_for_write(ino, first, last)
             try:
-                freed = self._write_locked(inode, off, data, first, last, kill_suidgid)
+                freed = self._write_locked(inode, off, data, first, last, kill_suidgid,
+                                           in_group)
             finally:
                 if slots:
                     self._bump_versions(ino, inode, slots)
@@ -1598,7 +1601,8 @@ class FileSystem:
                     vers.pop(a, None)
 
     def _write_locked(self, inode: Inode, off: int, data, first: int, last: int,
-                      kill_suidgid: bool = False) -> list[int]:
+                      kill_suidgid: bool = False,
+                      in_group: Callable[[int], bool] | None = None) -> list[int]:
         pm = self.pm
         n = len(data)
         extents = self.alloc.alloc(self.cpu, last - first + 1)
@@ -1630,7 +1634,7 @@ class FileSystem:
             # the size field is the end this write reaches; replay takes the maximum
             entries.append((L.E_WRITE, 0, pg, count, start, off + n, now))
             pg += count
-        drop = self._privilege_drop(inode, kill_suidgid, now) \
+        drop = self._privilege_drop(inode, kill_suidgid, now, in_group) \
             if (kill_suidgid and inode.mode & _SUIDGID) or CAPS_XATTR in inode.xattrs else None
         try:
             if drop:
@@ -1648,17 +1652,18 @@ class FileSystem:
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None, ctime_ns: int | None = None,
-                kill_suidgid: bool = False) -> Attr:
+                kill_suidgid: bool = False,
+                in_group: Callable[[int], bool] | None = None) -> Attr:
         """chmod / chown / truncate / utimens; ctime always moves.
 
         A size change holds the size lock and a write lock over the pages
         between the old and the new end.  A truncate, and a chown of anything
         but a directory, drop the file's capabilities; ``kill_suidgid`` (a
         chown, or a truncate by a caller without CAP_FSETID) drops its
-        set-user-ID bit and, if it is group-executable, its set-group-ID bit.
+        set-user-ID bit and its set-group-ID bit as :meth:`_privilege_drop` says.
         """
         self._rw()
-        args = (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, kill_suidgid)
+        args = (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, kill_suidgid, in_group)
         inode = self.get(ino)
         if size is None:
             try:
@@ -1694,15 +1699,18 @@ class FileSystem:
         if self.shared:
             self.area.w.add64(self.area.version_slots(ino, 0, 0)[-1], 1)
 
-    def _privilege_drop(self, inode: Inode, kill_suidgid: bool, now: int) -> list[tuple]:
+    def _privilege_drop(self, inode: Inode, kill_suidgid: bool, now: int,
+                        in_group: Callable[[int], bool] | None = None) -> list[tuple]:
         """Entries that take away what Linux takes away when a file's contents or
-        owner change: its capabilities always; its
-        set-user-ID bit, and its set-group-ID bit if it is group-executable,
-        when ``kill_suidgid`` (a writer without CAP_FSETID, or any chown)."""
+        owner change: its capabilities always; with ``kill_suidgid`` (a caller
+        without CAP_FSETID, or any chown) its set-user-ID bit, and its
+        set-group-ID bit if it is group-executable or the caller is not in the
+        file's group (``in_group``; unknown counts as in it)."""
         out: list[tuple] = []
         if kill_suidgid and inode.mode & _SUIDGID and not inode.is_dir:
             mode = inode.mode & ~stat.S_ISUID
-            if mode & stat.S_IXGRP:
+            if mode & stat.S_IXGRP or (mode & stat.S_ISGID and in_group is not None
+                                       and not in_group(inode.gid)):
                 mode &= ~stat.S_ISGID
             if mode != inode.mode:
                 out.append((L.E_SETATTR, 0, L.SA_MODE | L.SA_CTIME, mode & 0o7777, 0, 0, 0,
@@ -1712,7 +1720,8 @@ class FileSystem:
         return out
 
     def _setattr_locked(self, inode: Inode, mode, uid, gid, size, atime_ns, mtime_ns,
-                        ctime_ns, kill_suidgid: bool = False) -> Attr:
+                        ctime_ns, kill_suidgid: bool = False,
+                        in_group: Callable[[int], bool] | None = None) -> Attr:
         now = time.time_ns()
         mask = L.SA_CTIME
         entries: list[tuple] = []
@@ -1721,7 +1730,7 @@ class FileSystem:
             # Linux: a truncate and a chown drop privileges before the change
             # (an explicit mode, from a kernel that computes the drop itself,
             # comes later in the same commit and wins)
-            entries = self._privilege_drop(inode, kill_suidgid, now)
+            entries = self._privilege_drop(inode, kill_suidgid, now, in_group)
         if mode is not None:
             mask |= L.SA_MODE
         if uid is not None:

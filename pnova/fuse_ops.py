@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from . import fuse_wire as W
 from .engine import Attr, FileSystem
@@ -50,6 +51,24 @@ _CACHED_OPEN = W.FOPEN_KEEP_CACHE | W.FOPEN_NOFLUSH
 # file only for direct-I/O opens): the engine's range locks order the writers,
 # the kernel's inode lock need not.
 _DIRECT_OPEN = W.FOPEN_DIRECT_IO | W.FOPEN_PARALLEL_DIRECT_WRITES | W.FOPEN_NOFLUSH
+
+
+def _member(gid: int, pid: int) -> Callable[[int], bool]:
+    """Whether the caller of a request belongs to a group: its own group, or one of
+    its supplementary groups (read from /proc only when asked, which is rare: a
+    set-group-ID file that is not group-executable)."""
+    def in_group(group: int) -> bool:
+        if group == gid:
+            return True
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Groups:"):
+                        return str(group).encode() in line.split()[1:]
+        except OSError:
+            pass                     # the caller is gone: not a member
+        return False
+    return in_group
 
 
 def _name(body: memoryview) -> bytes:
@@ -108,10 +127,12 @@ class PnovaOperations:
         return self._attr_head + self._attr(a)
 
     # ------------------------------------------------------------ lifecycle
-    def forget(self, ino: int, body: memoryview, uid: int, gid: int) -> None:
+    def forget(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> None:
         self._forget(ino, W.FORGET_IN.unpack_from(body)[0])
 
-    def batch_forget(self, ino: int, body: memoryview, uid: int, gid: int) -> None:
+    def batch_forget(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> None:
         count, _ = W.BATCH_FORGET_IN.unpack_from(body)
         for i in range(count):
             self._forget(*W.FORGET_ONE.unpack_from(body, 8 + 16 * i))
@@ -123,15 +144,18 @@ class PnovaOperations:
         except Exception:
             log.exception("internal error in forget(%d, %d)", ino, n)
 
-    def interrupt(self, ino: int, body: memoryview, uid: int, gid: int) -> None:
+    def interrupt(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> None:
         # Requests are served to the end without waiting: nothing to interrupt.
         return None
 
-    def destroy(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def destroy(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         return _EMPTY
 
     # ------------------------------------------------------------ namespace
-    def lookup(self, parent: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def lookup(self, parent: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         try:
             a = self.fs.lookup(parent, _name(body))
         except FsError as e:
@@ -140,10 +164,12 @@ class PnovaOperations:
             raise
         return self._handed_out(a)
 
-    def getattr(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def getattr(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         return self._attr_out(self.fs.getattr(ino))
 
-    def setattr(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def setattr(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         (valid, _, _fh, size, _lo, atime, mtime, ctime, atimensec, mtimensec, ctimensec,
          mode, _, new_uid, new_gid, _) = W.SETATTR_IN.unpack_from(body)
         now = time.time_ns() if valid & (W.FATTR_ATIME_NOW | W.FATTR_MTIME_NOW) else 0
@@ -158,41 +184,49 @@ class PnovaOperations:
             mtime_ns=now if valid & W.FATTR_MTIME_NOW else
             mtime * 1_000_000_000 + mtimensec if valid & W.FATTR_MTIME else None,
             ctime_ns=ctime * 1_000_000_000 + ctimensec if valid & W.FATTR_CTIME else None,
-            kill_suidgid=bool(valid & W.FATTR_KILL_SUIDGID))
+            kill_suidgid=bool(valid & W.FATTR_KILL_SUIDGID), in_group=_member(gid, pid))
         return self._attr_out(a)
 
-    def readlink(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def readlink(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         return self.fs.readlink(ino)
 
-    def mknod(self, parent: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def mknod(self, parent: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         mode, rdev, _umask, _ = W.MKNOD_IN.unpack_from(body)
         return self._handed_out(self.fs.mknod(parent, _name(body[W.MKNOD_IN.size:]), mode,
                                               rdev, uid, gid))
 
-    def mkdir(self, parent: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def mkdir(self, parent: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         mode, _umask = W.MKDIR_IN.unpack_from(body)
         return self._handed_out(self.fs.mkdir(parent, _name(body[W.MKDIR_IN.size:]), mode,
                                               uid, gid))
 
-    def unlink(self, parent: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def unlink(self, parent: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         self.fs.unlink(parent, _name(body))
         return _EMPTY
 
-    def rmdir(self, parent: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def rmdir(self, parent: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         self.fs.rmdir(parent, _name(body))
         return _EMPTY
 
-    def symlink(self, parent: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def symlink(self, parent: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         name, target = W.cstrings(body, 0, len(body), 2)
         return self._handed_out(self.fs.symlink(parent, name, target, uid, gid))
 
-    def rename(self, parent: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def rename(self, parent: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         (newdir,) = W.RENAME_IN.unpack_from(body)
         old, new = W.cstrings(body, W.RENAME_IN.size, len(body), 2)
         self.fs.rename(parent, old, newdir, new, 0)
         return _EMPTY
 
-    def rename2(self, parent: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def rename2(self, parent: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         # RENAME_NOREPLACE / RENAME_EXCHANGE are the kernel's 1 / 2, the
         # values the engine takes.
         newdir, flags, _ = W.RENAME2_IN.unpack_from(body)
@@ -200,57 +234,70 @@ class PnovaOperations:
         self.fs.rename(parent, old, newdir, new, flags)
         return _EMPTY
 
-    def link(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def link(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         (old,) = W.LINK_IN.unpack_from(body)
         return self._handed_out(self.fs.link(old, ino, _name(body[W.LINK_IN.size:])))
 
     # ------------------------------------------------------------ files
-    def open(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def open(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         flags, open_flags = W.OPEN_IN.unpack_from(body)
         # ATOMIC_O_TRUNC: the kernel leaves the truncation of open(O_TRUNC) to
         # this request instead of sending a SETATTR.
         if flags & os.O_TRUNC:
-            self.fs.setattr(ino, size=0,
-                            kill_suidgid=bool(open_flags & W.OPEN_KILL_SUIDGID))
+            self.fs.setattr(ino, size=0, kill_suidgid=bool(open_flags & W.OPEN_KILL_SUIDGID),
+                            in_group=_member(gid, pid))
         else:
             self.fs.getattr(ino)                 # the inode must exist
         # The file handle is the inode number: the engine keeps no per-open state.
         return W.OPEN_OUT.pack(ino, _DIRECT_OPEN if flags & os.O_DIRECT else _CACHED_OPEN, 0)
 
-    def create(self, parent: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def create(self, parent: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         flags, mode, _umask, _open_flags = W.CREATE_IN.unpack_from(body)
         a = self.fs.create(parent, _name(body[W.CREATE_IN.size:]), mode, uid, gid)
         return self._handed_out(a) + W.OPEN_OUT.pack(
             a.ino, _DIRECT_OPEN if flags & os.O_DIRECT else _CACHED_OPEN, 0)
 
-    def read(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def read(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         _fh, off, size, _, _, _, _ = W.READ_IN.unpack_from(body)
         return self.fs.read(ino, off, size)
 
-    def write(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def write(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         _fh, off, size, wflags, _, _, _ = W.WRITE_IN.unpack_from(body)
-        n = self.fs.write(ino, off, body[W.WRITE_IN_SIZE:W.WRITE_IN_SIZE + size],
-                          kill_suidgid=wflags & W.WRITE_KILL_SUIDGID != 0)
+        if wflags & W.WRITE_KILL_SUIDGID:
+            n = self.fs.write(ino, off, body[W.WRITE_IN_SIZE:W.WRITE_IN_SIZE + size],
+                              kill_suidgid=True, in_group=_member(gid, pid))
+        else:
+            n = self.fs.write(ino, off, body[W.WRITE_IN_SIZE:W.WRITE_IN_SIZE + size])
         return W.WRITE_OUT.pack(n, 0)
 
-    def release(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def release(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         return _EMPTY
 
-    def fsync(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def fsync(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         self.fs.fsync(ino)
         return _EMPTY
 
-    def syncfs(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def syncfs(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         self.fs.fsync(ino)
         return _EMPTY
 
     # ------------------------------------------------------------ directories
-    def opendir(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def opendir(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         if not self.fs.getattr(ino).mode & 0o040000:
             raise FsError(errno.ENOTDIR)
         return W.OPEN_OUT.pack(ino, 0, 0)
 
-    def readdir(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def readdir(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         _fh, off, size, _, _, _, _ = W.READ_IN.unpack_from(body)
         out = bytearray()
         for name, child, next_off in self.fs.readdir(ino, off, limit=size // 32 + 1):
@@ -260,7 +307,8 @@ class PnovaOperations:
             out += d
         return out
 
-    def readdirplus(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def readdirplus(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         _fh, off, size, _, _, _, _ = W.READ_IN.unpack_from(body)
         fs = self.fs
         out = bytearray()
@@ -277,7 +325,8 @@ class PnovaOperations:
         return out
 
     # ------------------------------------------------------------ xattrs
-    def setxattr(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def setxattr(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         size, flags = W.SETXATTR_IN.unpack_from(body)
         rest = bytes(body[W.SETXATTR_IN.size:])
         end = rest.find(b"\0")
@@ -286,12 +335,14 @@ class PnovaOperations:
         self.fs.setxattr(ino, rest[:end], rest[end + 1:end + 1 + size], flags)
         return _EMPTY
 
-    def getxattr(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def getxattr(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         size, _ = W.GETXATTR_IN.unpack_from(body)
         value = self.fs.getxattr(ino, _name(body[W.GETXATTR_IN.size:]))
         return self._sized(value, size)
 
-    def listxattr(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def listxattr(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         size, _ = W.GETXATTR_IN.unpack_from(body)
         return self._sized(b"".join(n + b"\0" for n in self.fs.listxattr(ino)), size)
 
@@ -305,12 +356,14 @@ class PnovaOperations:
             raise FsError(errno.ERANGE)
         return value
 
-    def removexattr(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def removexattr(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         self.fs.removexattr(ino, _name(body))
         return _EMPTY
 
     # ------------------------------------------------------------ statfs
-    def statfs(self, ino: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def statfs(self, ino: int, body: memoryview, uid: int, gid: int,
+            pid: int) -> bytes:
         s = self.fs.statfs()
         return W.STATFS_OUT.pack(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize,
                                  s.namemax, s.bsize, 0)

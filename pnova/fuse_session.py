@@ -52,7 +52,8 @@ _MNT_DETACH = 2
 # Options that go into mount(2)'s data string, as the kernel's FUSE takes them.
 _KERNEL_OPTS = ("default_permissions", "allow_other")
 
-Handler = Callable[[int, memoryview, int, int], "bytes | bytearray | memoryview | None"]
+# handler(inode, request body, caller's uid, gid, pid) -> reply payload or None
+Handler = Callable[[int, memoryview, int, int, int], "bytes | bytearray | memoryview | None"]
 
 
 class MountError(Exception):
@@ -358,7 +359,7 @@ class Loop:
                            -errno.ENOSYS)
             return
         try:
-            out = handler(nodeid, mv[W.IN_HEADER_SIZE:length], uid, gid)
+            out = handler(nodeid, mv[W.IN_HEADER_SIZE:length], uid, gid, pid)
         except FsError as e:
             self._send([_pack_out(W.OUT_HEADER_SIZE, -e.errno, unique)], unique, -e.errno)
             return

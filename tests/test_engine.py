@@ -257,8 +257,11 @@ def test_privileges_dropped_as_linux_does(fs):
     assert fs.read(a, 0, 9) == b"by a user"
 
     b = make(b"b", 0o6744)                          # sgid without group-exec: kept
-    fs.write(b, 0, b"x", kill_suidgid=True)
+    b_gid = fs.getattr(b).gid
+    fs.write(b, 0, b"x", kill_suidgid=True)         # ... by a member of the group
     assert mode(b) == 0o2744
+    fs.write(b, 0, b"x", kill_suidgid=True, in_group=lambda g: g == b_gid + 1)
+    assert mode(b) == 0o0744                        # ... not by anyone else
 
     c = make(b"c", 0o6755)
     fs.setattr(c, size=0)                           # truncate by root: only the caps
@@ -281,7 +284,7 @@ def test_privileges_dropped_as_linux_does(fs):
     assert mode(dirs) == 0o2775
 
     fs = remount(fs, clean=False)                   # each drop was part of its commit
-    assert (mode(a), mode(b), mode(c), mode(d), mode(e)) == (0o755, 0o2744, 0o755, 0o755,
+    assert (mode(a), mode(b), mode(c), mode(d), mode(e)) == (0o755, 0o744, 0o755, 0o755,
                                                              0o4700)
     assert err(fs.getxattr, a, CAP) == errno.ENODATA and fs.getxattr(e, CAP) == b"caps"
     fs.unmount()
