@@ -4,6 +4,9 @@
 # make crashtest / crashtest-long: crash injection (seq1 in seconds; seq2 + random in minutes)
 # make compare: the pNOVA comparison (DWOM, DRBM, DWOL x lock schemes x 1..N workers,
 #               engine, pnova mount, tmpfs), written into docs/PERFORMANCE.md (minutes)
+# make compare-fuse: pnova's mount beside libfuse's passthrough_ll and pyfuse3's
+#               passthroughfs.py (built into build/ from this machine's packages) and
+#               tmpfs, buffered and direct, written into docs/PERFORMANCE.md (minutes)
 # make install-helpers: (root) link pnova, mkfs.pnova, fsck.pnova into /usr/local/bin
 #                       so that mount -t fuse.pnova, mkfs -t pnova, fsck -t pnova work
 SHELL := /bin/bash
@@ -14,7 +17,8 @@ MNT ?= mnt
 SIZE ?= 1G
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps venv umount clean install-helpers crashtest crashtest-long compare
+.PHONY: run test deps venv umount clean install-helpers crashtest crashtest-long compare \
+	compare-fuse
 
 deps:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
@@ -70,6 +74,11 @@ COMPARE_DURATION ?= 5
 compare: venv install-helpers
 	$(VENV)/bin/fxmark reproduce --duration $(COMPARE_DURATION) --out results/pnova-comparison \
 		--doc docs/PERFORMANCE.md --figure docs/figures/pnova-comparison
+
+compare-fuse: venv install-helpers
+	$(VENV)/bin/fxmark compare-fuse --duration $(COMPARE_DURATION) --build build \
+		--out results/fuse-comparison --doc docs/PERFORMANCE.md \
+		--figure docs/figures/fuse-comparison
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -155,6 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default docs/figures/pnova-comparison)")
     repro.add_argument("--no-progress", dest="progress", action="store_false",
                      help="no progress line on stderr")
+
+    from .fusecompare import WORKLOADS as FUSE_WLS
+    cmp = sub.add_parser(
+        "compare-fuse", help="pnova's mount beside reference FUSE daemons, into the docs",
+        description=f"Build libfuse's passthrough_ll and pyfuse3's passthroughfs.py from this "
+        f"machine's packages, mount them over tmpfs, and run {', '.join(FUSE_WLS)} against "
+        "tmpfs, both references and pnova, buffered and with direct I/O; write the tables, "
+        "the ratios and the figure into the marked section of the document.")
+    cmp.add_argument("--build", default="build",
+                     help="where the references are built (default build)")
+    cmp.add_argument("--workers", type=_int_list, default=_int_list(default_workers()),
+                     help="comma-separated worker counts (default 1..number of CPUs)")
+    cmp.add_argument("--duration", type=float, default=5.0,
+                     help="seconds each run measures (default 5)")
+    cmp.add_argument("--tmpfs", default="/dev/shm",
+                     help="a tmpfs directory for the reference and the mirrored sources "
+                     "(default /dev/shm)")
+    cmp.add_argument("--out", default="results/fuse-comparison",
+                     help="directory for results.jsonl (default results/fuse-comparison)")
+    cmp.add_argument("--doc", default="docs/PERFORMANCE.md",
+                     help="document whose marked section is replaced "
+                     "(default docs/PERFORMANCE.md)")
+    cmp.add_argument("--figure", default="docs/figures/fuse-comparison",
+                     help="figure path without extension (default docs/figures/fuse-comparison)")
+    cmp.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress line on stderr")
     return ap
 
 
@@ -276,10 +302,25 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_compare_fuse(a: argparse.Namespace) -> int:
+    from .fusecompare import BuildError, compare_fuse
+    if a.duration <= 0:
+        print("fxmark: --duration must be positive", file=sys.stderr)
+        return 2
+    try:
+        failed = compare_fuse(build=a.build, workers=a.workers, duration=a.duration,
+                              out=a.out, doc=a.doc, figure=a.figure, tmpfs=a.tmpfs,
+                              show_progress=a.progress)
+    except BuildError as e:
+        print(f"fxmark: {e}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     return {"run": cmd_run, "report": cmd_report, "plot": cmd_plot,
-            "reproduce": cmd_reproduce}[a.command](a)
+            "reproduce": cmd_reproduce, "compare-fuse": cmd_compare_fuse}[a.command](a)
 
 
 if __name__ == "__main__":

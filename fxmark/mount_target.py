@@ -98,8 +98,10 @@ def _pnova_command() -> list[str]:
 class PnovaMountTarget:
     """A fresh pnova FUSE mount per run, with the lock scheme under test."""
 
-    label = "pnova"
     uses_schemes = True
+
+    def __init__(self, label: str = "pnova") -> None:
+        self.label = label
 
     def run(self, workload: Workload, scheme: str, nworkers: int, duration: float,
             cfg: RunConfig, tick: Callable[[], object] | None) -> dict[str, Any]:

@@ -59,32 +59,34 @@ def machine() -> str:
 
 
 def section(recs: list[dict], command: str, figure: str, doc_dir: str, about: str,
-            load_avg: tuple[float, float, float] | None) -> str:
-    """The Markdown that goes between the markers."""
+            load_avg: tuple[float, float, float] | None, *,
+            title: str = "The pNOVA comparison (`make compare`)", begin: str = BEGIN,
+            end: str = END, extra: str = "") -> str:
+    """The Markdown that goes between the markers (``extra`` after the tables)."""
     rel = os.path.relpath(figure, doc_dir)
     tables = markdown(recs).split("\n", 2)[2].lstrip()        # without the report's title
     tables = tables.replace("\n## ", "\n### ")
-    lines = [BEGIN, "",
-             "## The pNOVA comparison (`make compare`)", "",
+    lines = [begin, "",
+             f"## {title}", "",
              f"Machine: {about}.",
              (f"Load average before the runs: {load_avg[0]:.2f}." if load_avg else ""),
              "", "```", command, "```", "",
              f"![ops/s against workers, one panel per workload]({rel}.svg)", "",
              f"(also [{os.path.basename(rel)}.png]({rel}.png))", "",
-             tables.rstrip(), "", END]
+             tables.rstrip(), ""] + ([extra.rstrip(), ""] if extra else []) + [end]
     return "\n".join(lines) + "\n"
 
 
-def update_doc(doc: str, text: str) -> None:
+def update_doc(doc: str, text: str, *, begin: str = BEGIN, end: str = END) -> None:
     """Replace the marked section of ``doc`` with ``text`` (append it when unmarked)."""
     try:
         with open(doc, encoding="utf-8") as f:
             old = f.read()
     except FileNotFoundError:
         old = "# pnova performance\n"
-    if BEGIN in old and END in old and old.index(BEGIN) < old.index(END):
-        head = old[:old.index(BEGIN)]
-        tail = old[old.index(END) + len(END):].lstrip("\n")
+    if begin in old and end in old and old.index(begin) < old.index(end):
+        head = old[:old.index(begin)]
+        tail = old[old.index(end) + len(end):].lstrip("\n")
         new = head + text + ("\n" + tail if tail else "")
     else:
         new = old.rstrip("\n") + "\n\n" + text

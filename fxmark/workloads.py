@@ -25,7 +25,9 @@ A workload has these parts, each a plain function:
 
 The operations follow FxMark's definitions (Min et al., ATC'16); the file
 and directory names, pool sizes and the few deliberate differences are
-stated on each workload and in docs/PERFORMANCE.md.
+stated on each workload and in docs/PERFORMANCE.md.  One workload is not
+FxMark's: DWBL, big sequential writes (1 MiB), for bandwidth rather than
+operations.
 """
 from __future__ import annotations
 
@@ -245,6 +247,54 @@ def _dwal_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> st
 
 DWAL = Workload("DWAL", "append 4 KiB to its own file", "low",
                 _dwal_prepare, _dwal_worker, _dwal_check, lambda n: n * DWAL_WRAP)
+
+# ------------------------------------------------------------- DWBL (not in FxMark)
+DWBL_WRAP = 64 * MiB           # a worker's file is written again from its start
+
+
+def _dwbl_prepare(fops: FileOps, n: int) -> None:
+    for wid in range(n):
+        fops.mkdir(str(wid))
+        fops.close(fops.create(f"{wid}/dwbl.dat", data=True))
+
+
+def _dwbl_worker(fops: FileOps, shared: Any, wid: int) -> Op:
+    h = fops.open(f"{wid}/dwbl.dat", data=True)
+    buf = fops.buffer(MiB)
+    buf[:] = bytes([0x41 + wid % 26]) * MiB
+    pack_into, pwrite = _HDR.pack_into, fops.pwrite
+    chunks = DWBL_WRAP // MiB
+
+    def op(seq: int) -> None:
+        pack_into(buf, 0, wid, seq)            # op seq's chunk starts with its header
+        pwrite(h, buf, (seq - 1) % chunks * MiB)
+    return op
+
+
+def _dwbl_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
+    chunks = DWBL_WRAP // MiB
+    for wid in range(n):
+        path = f"{wid}/dwbl.dat"
+        ops = worker_ops[wid]
+        h = fops.open(path)
+        try:
+            if fops.size(h) != min(ops, chunks) * MiB:
+                return f"{path}: size {fops.size(h)}, expected {min(ops, chunks) * MiB}"
+            for c in range(min(ops, chunks)):
+                # chunk c holds the last op k <= ops with (k - 1) % chunks == c
+                k = ops - (ops - 1 - c) % chunks
+                why = _expect_page(fops, h, c * MiB, page_pattern(wid, k), path) or \
+                    _expect_page(fops, h, (c + 1) * MiB - PAGE, bytes([0x41 + wid % 26]) * PAGE,
+                                 path)
+                if why:
+                    return why
+        finally:
+            fops.close(h)
+    return None
+
+
+DWBL = Workload("DWBL", "write its own file sequentially in 1 MiB pieces (not in FxMark)",
+                "low", _dwbl_prepare, _dwbl_worker, _dwbl_check, lambda n: n * DWBL_WRAP)
 
 # ------------------------------------------------------------- DWTL
 DWTL_PAGES = 4096              # each worker's file starts at 16 MiB
@@ -718,7 +768,7 @@ MRDM = Workload("MRDM", "read the shared directory", "medium",
                 _mrd_prepare(True), _mrd_worker(True), _mrd_check(True), lambda n: 0)
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    DWAL, DWOL, DWOM, DWSL, DWTL, DRBL, DRBM, DRBH,
+    DWAL, DWOL, DWOM, DWSL, DWTL, DWBL, DRBL, DRBM, DRBH,
     MWCL, MWCM, MWUL, MWUM, MWRL, MWRM, MRPL, MRPM, MRPH, MRDL, MRDM)}
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from .shared import LINE, STASH_SLOTS, SharedArea
 
 ALL = (1 << 64) - 1
 STASH_REFILL = 32              # blocks a stash takes from the bitmap at once
+LOW_FIRST = 64                 # requests of this many blocks or more: lowest free first
 
 
 class SharedBitmap:
@@ -116,8 +118,14 @@ class SharedBitmap:
         del view
         if len(cand) == 0:
             return out
-        k = int(np.searchsorted(cand, start))
-        order = np.concatenate((cand[k:], cand[:k])).tolist()
+        if n >= LOW_FIRST:
+            # Big requests take the lowest free blocks: blocks freed by earlier
+            # writes come back first, and those are already mapped (a first
+            # touch of a page costs a page fault, more than copying it).
+            order = _lowest_first(cand, n)
+        else:
+            k = int(np.searchsorted(cand, start))
+            order = np.concatenate((cand[k:], cand[:k])).tolist()
         got = 0
         last_j = start
         for j in order:
@@ -127,11 +135,11 @@ class SharedBitmap:
                 if v == ALL:
                     break
                 need = n - got
-                if v == 0 and need >= 64:
-                    mask = ALL
+                free = ~v & ALL
+                if free.bit_count() <= need:
+                    mask = free                  # the whole word's free blocks
                 else:
                     mask = 0
-                    free = ~v & ALL
                     c = 0
                     while free and c < need:
                         low = free & -free
@@ -185,6 +193,14 @@ class RegionBitmap(SharedBitmap):
         d = np.diff(np.concatenate(([0], free.view(np.int8), [0])))
         starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
         return len(starts), int((ends - starts).max()) if len(starts) else 0
+
+
+def _lowest_first(cand: np.ndarray, n: int) -> Iterator[int]:
+    """Word numbers in ``cand``, lowest first, converted a few at a time: the
+    first handful usually hold the ``n`` blocks wanted."""
+    head = n // 32 + 16
+    yield from cand[:head].tolist()
+    yield from cand[head:].tolist()
 
 
 def _extents(out: list[tuple[int, int]], base: int, mask: int) -> int:

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import fuse_wire as W
 from .atomics import SharedWords
 from .engine import FileSystem
 from .fuse_ops import PnovaOperations
@@ -78,6 +79,9 @@ _PR_SET_NAME = 15
 EXIT_DONE = 0                  # unmounted, or asked to stop
 EXIT_FAILED = 3                # the request loop itself failed (logged)
 EXIT_ORPHANED = 4              # the supervisor died
+
+
+_BACKGROUND = frozenset({W.RELEASE, W.RELEASEDIR, W.FORGET, W.BATCH_FORGET, W.INTERRUPT})
 
 
 class Readers:
@@ -123,9 +127,12 @@ class Readers:
     def read_done(self) -> None:
         self.w.add32(self._READING, -1)
 
-    def started(self) -> None:
+    def started(self, op: int) -> None:
         w = self.w
-        if w.add32(self._BUSY, 1):                 # another request is being served
+        # another request is being served: the load is concurrent, unless this
+        # is one the kernel sends on its own after a call returned (a release,
+        # a forget), which nobody waits for
+        if w.add32(self._BUSY, 1) and op not in _BACKGROUND:
             w.store64(self._OVERLAP, time.monotonic_ns())
             if not w.load32(self._READING):
                 self.wake_one()

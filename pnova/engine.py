@@ -957,6 +957,9 @@ class FileSystem:
         if not blocks:
             return
         blocks.sort()
+        if blocks[-1] - blocks[0] == len(blocks) - 1:     # one extent (no block twice)
+            self.alloc.free(blocks[0], len(blocks))
+            return
         start = prev = blocks[0]
         for b in blocks[1:]:
             if b != prev + 1:

@@ -75,11 +75,15 @@ class Inode:
             pages = self.pages
             if pages is None:
                 raise ValueError("write entry in a directory log")
-            for i in range(npages):
-                old = pages.get(pgoff + i)
+            if npages == 1:
+                old = pages.get(pgoff)
                 if old is not None:
                     freed.append(old)
-                pages[pgoff + i] = block + i
+                pages[pgoff] = block
+            else:                          # a big write: the loops run in C
+                span = range(pgoff, pgoff + npages)
+                freed = [b for b in map(pages.get, span) if b is not None]
+                pages.update(zip(span, range(block, block + npages)))
             # Writes only ever grow the size (their field is the end they
             # reach): writes on different cores then commute, and only a
             # setattr, ordered by its sequence number, makes a file shorter.

@@ -123,7 +123,8 @@ def test_targets_side_by_side_with_direct_io(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ checks bite
-SMALL = {"POOL": 8, "DWAL_WRAP": 4 * workloads.PAGE, "DWTL_PAGES": 6}
+SMALL = {"POOL": 8, "DWAL_WRAP": 4 * workloads.PAGE, "DWTL_PAGES": 6,
+         "DWBL_WRAP": 4 * workloads.MiB}
 OPS = [3, 20]                  # crosses the small pool / wrap / regrow sizes above
 
 
