@@ -43,6 +43,8 @@ _SUIDGID = stat.S_ISUID | stat.S_ISGID
 _U64 = struct.Struct("<Q")
 # How often an optimistic read of an inode's logs is repeated before giving up.
 _RETRIES = 100
+# line 1 of an inode slot: state, log head, log tail, log array, then zeros
+_LINE1 = struct.Struct("<QQQQ32x")
 # generation (line 0) and the four words of line 1, read in one call
 _SLOT_WORDS = struct.Struct("<Q32xQQQQ")
 # Largest piece of a read done under one range lock.  A segment scheme takes
@@ -648,6 +650,8 @@ class FileSystem:
                 return None
             if head != inode.head or array != inode.array:
                 return self._reload(inode)
+            if not array and _tail == inode.tail:
+                return inode                     # one log, and it has not grown
             try:
                 new, tail, gpages, local = self._gather(inode.ino, head, array, inode.tail,
                                                         inode.local)
@@ -1134,20 +1138,19 @@ class FileSystem:
             now = time.time_ns()
             seq = self._next_seq()
             st = L.InodeStatic(mode, uid, gid, 0, rdev, seq, now, seq)
-            tail, more = plog.append(pm, page * L.BLOCK, [L.encode_entry(e) for e in entries],
-                                     ino, self._new_log_page)
-            allocated.extend(more)
+            tail, more = page * L.BLOCK, []
+            if entries:
+                tail, more = plog.append(pm, tail, [L.encode_entry(e) for e in entries],
+                                         ino, self._new_log_page)
+                allocated.extend(more)
         except FsError as exc:
             for b in allocated + getattr(exc, "pages", []):
                 self.alloc.free(b, 1)
             self._release_ino(ino)
             raise
         addr = self.inode_addr(ino)
-        pm.store(addr, st.pack())
-        line1 = bytearray(64)
-        line1[L.I_LOG_HEAD - 64:L.I_LOG_HEAD - 56] = (page * L.BLOCK).to_bytes(8, "little")
-        line1[L.I_LOG_TAIL - 64:L.I_LOG_TAIL - 56] = tail.to_bytes(8, "little")
-        pm.store(addr + 64, bytes(line1))                 # state word stays FREE (0)
+        # line 0, then line 1: state FREE (0), head, tail, no log array
+        pm.store(addr, st.pack() + _LINE1.pack(L.STATE_FREE, page * L.BLOCK, tail, 0))
         pm.flush(addr, L.INODE_SIZE)
         inode = Inode(ino, st, page * L.BLOCK, tail)
         inode.log_pages = [page] + more
