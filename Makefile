@@ -21,13 +21,14 @@ STAMP := $(VENV)/.installed
 	compare-fuse
 
 deps:
-	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
-		echo "installing Debian packages: fuse3 libfuse3-dev pkg-config"; \
+	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null \
+			|| ! command -v gcc >/dev/null; then \
+		echo "installing Debian packages: fuse3 libfuse3-dev pkg-config gcc"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fuse3 libfuse3-dev pkg-config >/dev/null; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml | deps
+$(STAMP): pyproject.toml setup.py pnova/_atomic.c | deps
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"

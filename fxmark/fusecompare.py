@@ -11,7 +11,8 @@ directory (nothing of theirs is kept in the repository):
   virtual environment of its own that has pyfuse3 installed.
 
 Each reference mirrors a fresh directory on tmpfs, as shipped (its own cache
-settings, no writeback cache).  DWOM, DWOL, MWCL and DWBL (1 MiB sequential
+settings, no writeback cache), with its limit of open files raised to the hard
+limit (both keep a descriptor per inode they know).  DWOM, DWOL, MWCL and DWBL (1 MiB sequential
 writes) then run against tmpfs, both references and a fresh pnova mount per
 run (lock scheme pnova; for DWOM also inode, NOVA's per-inode lock), with
 buffered and with direct I/O, at each worker count.  The tables, a table of
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -118,6 +120,13 @@ def build_passthroughfs(build: str) -> Reference:
     return Reference("passthroughfs.py", lambda src, mnt: [py, script, src, mnt])
 
 
+def _raise_fd_limit() -> None:
+    """The references keep a descriptor open for every inode they know, and MWCL
+    makes thousands: raise the soft limit of open files to the hard one."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class Mounted:
     """A reference daemon serving a fresh tmpfs directory on a fresh mount point."""
 
@@ -127,7 +136,8 @@ class Mounted:
         self.log = os.path.join(logdir, f"{ref.label}.log")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(ref.command(self.src, self.mnt), stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_raise_fd_limit)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not os.path.ismount(self.mnt):
             if self.proc.poll() is not None or time.monotonic() > deadline:

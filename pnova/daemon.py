@@ -95,16 +95,18 @@ class Readers:
     two requests have overlapped in the last CONCURRENT_NS.  A worker that
     starts a request while another is busy marks the load concurrent and, if
     nobody is left waiting, wakes a sleeper; the supervisor does the same when
-    it sees requests queued and nobody reading (a long request on the only
-    awake worker).
+    requests stay queued with nobody reading and no request finishing (a long
+    request on the only awake worker).  Queued requests with nobody reading
+    alone say nothing: between a reply and the next read a busy client's next
+    request always waits a moment.
 
     Shared words (a small anonymous mapping made before the fork): the number
     of workers in read(), the number serving a request, the time the last
-    overlap was seen, and a bitmap of sleeping workers; each sleeper waits on
-    an eventfd of its own.
+    overlap was seen, a bitmap of sleeping workers and the number of requests
+    finished; each sleeper waits on an eventfd of its own.
     """
 
-    _READING, _BUSY, _OVERLAP, _ASLEEP = 0, 4, 8, 16
+    _READING, _BUSY, _OVERLAP, _ASLEEP, _DONE = 0, 4, 8, 16, 24
 
     def __init__(self, nworkers: int) -> None:
         self.mm = mmap.mmap(-1, 64, mmap.MAP_SHARED)
@@ -139,6 +141,7 @@ class Readers:
 
     def finished(self) -> None:
         self.w.add32(self._BUSY, -1)
+        self.w.add64(self._DONE, 1)
 
     # -- sleeping and waking ---------------------------------------------------
     def _sleep(self) -> None:
@@ -174,9 +177,11 @@ class Readers:
         while self.wake_one():
             pass
 
-    def starved(self) -> bool:
-        """Nobody waits for requests (the supervisor's check)."""
-        return self.w.load32(self._READING) == 0
+    def stalled(self, last: int) -> tuple[bool, int]:
+        """(nobody reads and no request finished since ``last``, requests finished
+        so far): the supervisor's check, made a few milliseconds apart."""
+        done = self.w.load64(self._DONE)
+        return self.w.load32(self._READING) == 0 and done == last, done
 
 
 def default_workers(fs: FileSystem) -> int:
@@ -312,12 +317,15 @@ async def _signals(mountpoint: str, state: _State) -> None:
 
 
 async def _watchdog(fd: int, readers: Readers) -> None:
-    """Wake a sleeping worker when requests wait and no worker is reading."""
+    """Wake a sleeping worker when requests wait, nobody reads and nothing finished
+    for a whole interval."""
     poll = select.poll()
     poll.register(fd, select.POLLIN)
+    done = -1
     while True:
         await trio.sleep(WATCH_INTERVAL)
-        if readers.starved() and poll.poll(0):
+        stuck, done = readers.stalled(done)
+        if stuck and poll.poll(0):
             readers.wake_one()
 
 
@@ -397,7 +405,7 @@ def _worker(fs: FileSystem, conn: Connection, cpu: int,
             code = EXIT_ORPHANED
             log.error("cpu%d: the supervisor died; stopping (the next mount recovers the "
                       "image)", cpu)
-        log.debug("cpu%d: %s after %d requests", cpu, how, loop.served)
+        log.info("cpu%d: %s after %d requests", cpu, how, loop.served)
     except BaseException:
         log.exception("serving process for CPU %d failed", cpu)
     finally:

@@ -339,49 +339,48 @@ class Loop:
             if turns is not None:
                 turns.started(buf[4])          # the opcode (a u32; every opcode < 256)
                 try:
-                    self._serve(buf, mv)
+                    reply = self._answer(mv)
                 finally:
+                    # before the reply goes out: a sequential caller's next
+                    # request then never looks like one overlapping this one
                     turns.finished()
             else:
-                self._serve(buf, mv)
+                reply = self._answer(mv)
+            if reply is not None:
+                self._send(*reply)
 
-    def _serve(self, buf: bytearray, mv: memoryview) -> None:
-        """Answer the request in ``buf``."""
-        length, op, unique, nodeid, uid, gid, pid, _x, _p = _unpack_in(buf)
+    def _answer(self, mv: memoryview) -> tuple[list, int, int] | None:
+        """The reply to the request in the buffer: (parts, unique, errno), or None
+        for a request that takes none."""
+        length, op, unique, nodeid, uid, gid, pid, _x, _p = _unpack_in(mv)
         handler = self.handlers[op] if op < 64 else None
-        debug = self.debug
-        if debug:
+        if self.debug:
             log.debug("%s: #%d %s ino %d uid %d pid %d (%d bytes)", self.name, unique,
                       W.OPCODE_NAMES.get(op, op), nodeid, uid, pid, length)
         if handler is None:
-            if op != W.INTERRUPT:
-                self._send([_pack_out(W.OUT_HEADER_SIZE, -errno.ENOSYS, unique)], unique,
-                           -errno.ENOSYS)
-            return
+            if op == W.INTERRUPT:
+                return None
+            return [_pack_out(W.OUT_HEADER_SIZE, -errno.ENOSYS, unique)], unique, errno.ENOSYS
         try:
             out = handler(nodeid, mv[W.IN_HEADER_SIZE:length], uid, gid, pid)
         except FsError as e:
-            self._send([_pack_out(W.OUT_HEADER_SIZE, -e.errno, unique)], unique, -e.errno)
-            return
+            return [_pack_out(W.OUT_HEADER_SIZE, -e.errno, unique)], unique, e.errno
         except Exception:
             log.exception("%s: internal error in %s (ino %d); answering EIO", self.name,
                           W.OPCODE_NAMES.get(op, op), nodeid)
-            self._send([_pack_out(W.OUT_HEADER_SIZE, -errno.EIO, unique)], unique, -errno.EIO)
-            return
+            return [_pack_out(W.OUT_HEADER_SIZE, -errno.EIO, unique)], unique, errno.EIO
         self.served += 1
         if out is None:
-            return
-        if debug:
-            self._send([_pack_out(W.OUT_HEADER_SIZE + len(out), 0, unique), out], unique, 0)
-            return
-        try:
-            os.writev(self.fd, [_pack_out(W.OUT_HEADER_SIZE + len(out), 0, unique), out])
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                log.error("%s: reply to #%d failed: %s", self.name, unique, e.strerror)
+            return None
+        return [_pack_out(W.OUT_HEADER_SIZE + len(out), 0, unique), out], unique, 0
 
     def _send(self, parts: list, unique: int, error: int) -> None:
-        """Send a reply (the slow path: errors, and every reply when debugging)."""
+        """Write a reply (``error``: its errno, 0 for success)."""
+        if self.debug:
+            # before the reply, so that tracing does not keep the process busy
+            # while the caller goes on
+            log.debug("%s: #%d -> %s", self.name, unique,
+                      "ok" if error == 0 else errno.errorcode.get(error, error))
         try:
             os.writev(self.fd, parts)
         except OSError as e:
@@ -389,10 +388,6 @@ class Loop:
             # or the connection is being torn down); nothing to do.
             if e.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("%s: reply to #%d failed: %s", self.name, unique, e.strerror)
-            return
-        if self.debug:
-            log.debug("%s: #%d -> %s", self.name, unique,
-                      "ok" if error == 0 else errno.errorcode.get(-error, error))
 
 
 def ignore_terminal_signals() -> None:

@@ -320,3 +320,32 @@ def test_debug_names_the_serving_process(tmp_path: Path, image: str) -> None:
         assert any("-> ok" in line for line in err.splitlines())
     finally:
         m.cleanup()
+
+
+@needs_fuse
+def test_one_client_is_served_by_one_process(tmp_path: Path, image: str) -> None:
+    """The kernel would hand a sequential client's requests to the serving processes
+    in turn; the mount keeps the other processes asleep until requests overlap
+    (pnova.daemon.Readers), so one process serves almost all of them.  Each
+    process logs how many requests it served when the mount ends."""
+    m = Mount(image, tmp_path / "mnt")
+    try:
+        m.start("-o", "workers=2")
+        fd = os.open(m.mnt / "f", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            for i in range(2000):
+                os.pwrite(fd, b"%04d" % i * 1024, 4096 * (i % 16))
+        finally:
+            os.close(fd)
+        m.stop()
+        served = {}
+        with open(m.log) as f:
+            for line in f:
+                if " after " in line and line.rstrip().endswith(" requests"):
+                    cpu = line.split(": ")[1].split()[0]
+                    served[cpu] = int(line.split(" after ")[1].split()[0])
+        assert set(served) == {"cpu0", "cpu1"}
+        assert sum(served.values()) >= 2000
+        assert max(served.values()) >= 0.95 * sum(served.values()), served
+    finally:
+        m.cleanup()

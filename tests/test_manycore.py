@@ -394,3 +394,50 @@ def test_a_writer_defers_catching_up_with_other_pages_but_not_its_own(tmp_path, 
             assert fresh.read(ino, p * PAGE, PAGE) == c * PAGE
     finally:
         fresh.unmount()
+
+
+def test_stashed_blocks_are_free_space_and_go_back_at_unmount(tmp_path):
+    """Blocks a worker keeps in its stash count as free in statfs, a worker that
+    exits leaves its stash to the primary, and the clean unmount returns every
+    stash to the bitmaps: fsck finds no leaked block."""
+    path = str(tmp_path / "stash.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs = FileSystem.mount(path)
+    f = fs.create(1, b"f", 0o644).ino
+    fs.write(f, 0, b"x" * 4096 * 8)
+    fs.prepare_workers()
+    free0 = fs.statfs().bfree
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fs.become_worker(1)
+            for i in range(50):                  # overwrites: blocks go through the stash
+                fs.write(f, 4096 * (i % 8), b"%d" % i * 1000)
+            code = 0 if len(fs.alloc.stashes[1]) > 0 else 2
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert len(fs.alloc.stashes[1]) > 0                   # left behind by the worker
+    free = fs.statfs().bfree
+    assert free0 - 8 < free <= free0                      # a local log, nothing more
+    fs.unmount()                                          # drains every stash
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
+    fs = FileSystem.mount(path)                           # the saved bitmaps agree
+    assert fs.statfs().bfree == free
+    fs.unmount()
+
+
+def test_a_double_free_into_a_stash_is_caught(tmp_path):
+    path = str(tmp_path / "df.img")
+    format_device(path, 8 << 20, numa_nodes=1, cpus_per_node=1)
+    fs = FileSystem.mount(path)
+    try:
+        blk = fs.alloc.alloc_one(0, meta=False)
+        fs.alloc.free(blk, 1)                             # into the stash
+        fs.alloc.drain_stashes()                          # the bitmap has it free again
+        with pytest.raises(AssertionError, match="double free"):
+            fs.alloc.free(blk, 1)
+    finally:
+        fs.unmount()
