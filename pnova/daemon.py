@@ -53,6 +53,7 @@ import mmap
 import os
 import select
 import signal
+import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ EXIT_ORPHANED = 4              # the supervisor died
 
 
 _BACKGROUND = frozenset({W.RELEASE, W.RELEASEDIR, W.FORGET, W.BATCH_FORGET, W.INTERRUPT})
+_OP_CALLER = struct.Struct("<4xI24xI")          # opcode and pid of a request header
 
 
 class Readers:
@@ -91,22 +93,23 @@ class Readers:
     blocked in read() a single client's requests alternate between processes,
     and each request finds the serving process's cache behind the other's
     writes.  So a worker that finishes a request goes to sleep instead of
-    reading again when another worker is already waiting for requests and no
-    two requests have overlapped in the last CONCURRENT_NS.  A worker that
-    starts a request while another is busy marks the load concurrent and, if
-    nobody is left waiting, wakes a sleeper; the supervisor does the same when
-    requests stay queued with nobody reading and no request finishing (a long
-    request on the only awake worker).  Queued requests with nobody reading
-    alone say nothing: between a reply and the next read a busy client's next
-    request always waits a moment.
+    reading again when another worker is already waiting for requests and the
+    load has not been concurrent in the last CONCURRENT_NS.  The load is
+    concurrent when a request starts while another is being served, or when
+    requests come from a caller (a thread) other than the previous one: then
+    a worker that starts a request with nobody left reading wakes a sleeper.
+    The supervisor wakes one too when requests stay queued with nobody reading
+    and no request finishing (a long request on the only awake worker).
+    Requests the kernel sends on its own (releases, forgets; caller 0) are not
+    load of a caller.
 
     Shared words (a small anonymous mapping made before the fork): the number
-    of workers in read(), the number serving a request, the time the last
-    overlap was seen, a bitmap of sleeping workers and the number of requests
-    finished; each sleeper waits on an eventfd of its own.
+    of workers in read(), the number serving a request, the time concurrency
+    was last seen, a bitmap of sleeping workers, the number of requests
+    finished and the last caller; each sleeper waits on an eventfd of its own.
     """
 
-    _READING, _BUSY, _OVERLAP, _ASLEEP, _DONE = 0, 4, 8, 16, 24
+    _READING, _BUSY, _OVERLAP, _ASLEEP, _DONE, _CALLER = 0, 4, 8, 16, 24, 32
 
     def __init__(self, nworkers: int) -> None:
         self.mm = mmap.mmap(-1, 64, mmap.MAP_SHARED)
@@ -129,12 +132,16 @@ class Readers:
     def read_done(self) -> None:
         self.w.add32(self._READING, -1)
 
-    def started(self, op: int) -> None:
+    def started(self, request: memoryview) -> None:
         w = self.w
-        # another request is being served: the load is concurrent, unless this
-        # is one the kernel sends on its own after a call returned (a release,
-        # a forget), which nobody waits for
-        if w.add32(self._BUSY, 1) and op not in _BACKGROUND:
+        op, caller = _OP_CALLER.unpack_from(request)
+        busy = w.add32(self._BUSY, 1)
+        if caller == 0 or op in _BACKGROUND:
+            return                              # the kernel's own: nobody waits on it
+        last = w.load32(self._CALLER)
+        if last != caller:
+            w.store32(self._CALLER, caller)
+        if busy or (last and last != caller):
             w.store64(self._OVERLAP, time.monotonic_ns())
             if not w.load32(self._READING):
                 self.wake_one()

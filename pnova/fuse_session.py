@@ -273,7 +273,7 @@ class Turns(Protocol):
 
     def reading(self) -> None: ...        # before a read (may sleep until needed)
     def read_done(self) -> None: ...      # the read returned or failed
-    def started(self, op: int) -> None: ...   # a request (opcode op) is being served
+    def started(self, request: memoryview) -> None: ...   # this request is being served
     def finished(self) -> None: ...       # ... and answered
 
 
@@ -337,7 +337,7 @@ class Loop:
             finally:
                 self.waiting = False
             if turns is not None:
-                turns.started(buf[4])          # the opcode (a u32; every opcode < 256)
+                turns.started(mv)
                 try:
                     reply = self._answer(mv)
                 finally:
