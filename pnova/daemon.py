@@ -93,33 +93,36 @@ class Readers:
     blocked in read() a single client's requests alternate between processes,
     and each request finds the serving process's cache behind the other's
     writes.  So a worker that finishes a request goes to sleep instead of
-    reading again when another worker is already waiting for requests and the
-    load has not been concurrent in the last CONCURRENT_NS.  The load is
-    concurrent when a request starts while another is being served, or when
-    requests come from a caller (a thread) other than the previous one: then
-    a worker that starts a request with nobody left reading wakes a sleeper.
-    The supervisor wakes one too when requests stay queued with nobody reading
-    and no request finishing (a long request on the only awake worker).
-    Requests the kernel sends on its own (releases, forgets; caller 0) are not
-    load of a caller.
+    reading again when another worker is already waiting for requests and no
+    two requests of callers have been served at once in the last
+    CONCURRENT_NS.  A worker that takes a request while nobody else reads looks
+    whether more requests are queued behind it, and wakes a sleeper if so:
+    that one serves them while the first is busy, and the two requests served
+    at once keep both awake.  The supervisor also wakes one when requests stay
+    queued with nobody reading and no request finishing (a long request on the
+    only awake worker).  Requests the kernel sends on its own (releases,
+    forgets; caller 0) are nobody's load: they do not count as served at once.
 
     Shared words (a small anonymous mapping made before the fork): the number
-    of workers in read(), the number serving a request, the time concurrency
-    was last seen, a bitmap of sleeping workers, the number of requests
-    finished and the last caller; each sleeper waits on an eventfd of its own.
+    of workers in read(), the number serving a caller's request, the time two
+    were last served at once, a bitmap of sleeping workers and the number of
+    requests finished; each sleeper waits on an eventfd of its own.
     """
 
-    _READING, _BUSY, _OVERLAP, _ASLEEP, _DONE, _CALLER = 0, 4, 8, 16, 24, 32
+    _READING, _BUSY, _OVERLAP, _ASLEEP, _DONE = 0, 4, 8, 16, 24
 
     def __init__(self, nworkers: int) -> None:
         self.mm = mmap.mmap(-1, 64, mmap.MAP_SHARED)
         self.w = SharedWords(self.mm)
         self.efds = [os.eventfd(0) for _ in range(nworkers)]
         self.me = -1
+        self.counted = False                      # the request in hand is a caller's
+        self.queue = select.poll()
 
-    def become(self, worker: int) -> None:
-        """In the forked worker: act as reader ``worker``."""
+    def become(self, worker: int, fd: int) -> None:
+        """In the forked worker: act as reader ``worker`` of descriptor ``fd``."""
         self.me = worker
+        self.queue.register(fd, select.POLLIN)
 
     # -- the Turns protocol of the request loop -------------------------------
     def reading(self) -> None:
@@ -135,19 +138,15 @@ class Readers:
     def started(self, request: memoryview) -> None:
         w = self.w
         op, caller = _OP_CALLER.unpack_from(request)
-        busy = w.add32(self._BUSY, 1)
-        if caller == 0 or op in _BACKGROUND:
-            return                              # the kernel's own: nobody waits on it
-        last = w.load32(self._CALLER)
-        if last != caller:
-            w.store32(self._CALLER, caller)
-        if busy or (last and last != caller):
-            w.store64(self._OVERLAP, time.monotonic_ns())
-            if not w.load32(self._READING):
-                self.wake_one()
+        self.counted = caller != 0 and op not in _BACKGROUND
+        if self.counted and w.add32(self._BUSY, 1):
+            w.store64(self._OVERLAP, time.monotonic_ns())     # served at once
+        if not w.load32(self._READING) and w.load64(self._ASLEEP) and self.queue.poll(0):
+            self.wake_one()                       # requests wait behind this one
 
     def finished(self) -> None:
-        self.w.add32(self._BUSY, -1)
+        if self.counted:
+            self.w.add32(self._BUSY, -1)
         self.w.add64(self._DONE, 1)
 
     # -- sleeping and waking ---------------------------------------------------
@@ -398,7 +397,7 @@ def _worker(fs: FileSystem, conn: Connection, cpu: int,
         libc.prctl(_PR_SET_NAME, f"pnova-cpu{cpu}".encode())
         fs.become_worker(cpu)
         if readers is not None:
-            readers.become(cpu)
+            readers.become(cpu, conn.fd)
         loop = Loop(conn.fd, ops_factory(fs).table, name=f"cpu{cpu}", debug=debug,
                     turns=readers)
         ignore_terminal_signals()

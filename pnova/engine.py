@@ -764,18 +764,7 @@ class FileSystem:
             try:
                 for inode, entries in changes:
                     if self.shared:
-                        # Catch up with appends by other processes (a reload
-                        # gives a new object: the entries go to that one).
-                        # Under the log lock the global log cannot move, so
-                        # unchanged slot words mean the cache is current for it.
-                        gen, state, head, tail, array = _SLOT_WORDS.unpack_from(
-                            pm.mm, self.inode_addr(inode.ino) + L.I_GENERATION)
-                        if (gen, state, head, tail, array) != (inode.generation, L.STATE_LIVE,
-                                                               inode.head, inode.tail,
-                                                               inode.array):
-                            inode = self._validate(inode)
-                            if inode is None:
-                                raise FsError(errno.ENOENT)
+                        inode = self._current_under_log_lock(inode)
                     entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
                     raws = [L.encode_entry(e) for e in entries]
                     new_tail, pages = plog.append(pm, inode.tail, raws, inode.ino,
@@ -795,15 +784,36 @@ class FileSystem:
             self.journals[self.cpu].run(updates + list(extra))
             freed: list[int] = []
             for inode, new_tail, pages, entries in appended:
-                inode.tail = new_tail
-                for e in entries:
-                    freed.extend(inode.apply(e))
-                if pages:
-                    inode.log_pages.extend(pages)
-                    self._want_compaction(inode)
+                freed.extend(self._committed(inode, new_tail, pages, entries))
         finally:
             for ino in reversed(locked):
                 sch.log_unlock(ino)
+        return freed
+
+    def _current_under_log_lock(self, inode: Inode) -> Inode:
+        """Catch up with appends by other processes before appending (a reload gives
+        a new object: the entries go to that one).  Under the log lock the global
+        log cannot move, so unchanged slot words mean the cache is current for it."""
+        words = _SLOT_WORDS.unpack_from(self.pm.mm, self.inode_addr(inode.ino) + L.I_GENERATION)
+        if words != (inode.generation, L.STATE_LIVE, inode.head, inode.tail, inode.array):
+            inode = self._validate(inode)
+            if inode is None:
+                raise FsError(errno.ENOENT)
+        return inode
+
+    def _committed(self, inode: Inode, new_tail: int, pages: list[int],
+                   entries: list[tuple]) -> list[int]:
+        """Bring the cache past a commit of ``entries``; return the blocks they freed."""
+        inode.tail = new_tail
+        if len(entries) == 1:
+            freed = inode.apply(entries[0])
+        else:
+            freed = []
+            for e in entries:
+                freed.extend(inode.apply(e))
+        if pages:
+            inode.log_pages.extend(pages)
+            self._want_compaction(inode)
         return freed
 
     def _commit_one(self, inode: Inode, entries: list[tuple]) -> list[int]:
@@ -816,32 +826,15 @@ class FileSystem:
         sch.log_lock(ino)
         try:
             if self.shared:
-                # as in _commit: catch up unless the slot words are as cached
-                gen, state, head, tail, array = _SLOT_WORDS.unpack_from(pm.mm,
-                                                                        addr + L.I_GENERATION)
-                if (gen, state, head, tail, array) != (inode.generation, L.STATE_LIVE,
-                                                       inode.head, inode.tail, inode.array):
-                    inode = self._validate(inode)
-                    if inode is None:
-                        raise FsError(errno.ENOENT)
+                inode = self._current_under_log_lock(inode)
             seq = self._next_seq
             entries = [(e[0], seq()) + e[2:] for e in entries]
             new_tail, pages = self._append(inode.tail, [L.encode_entry(e) for e in entries],
                                            ino, self._new_log_page)
             pm.commit_u64(addr + L.I_LOG_TAIL, new_tail)
-            inode.tail = new_tail
-            if len(entries) == 1:
-                freed = inode.apply(entries[0])
-            else:
-                freed = []
-                for e in entries:
-                    freed.extend(inode.apply(e))
-            if pages:
-                inode.log_pages.extend(pages)
-                self._want_compaction(inode)
+            return self._committed(inode, new_tail, pages, entries)
         finally:
             sch.log_unlock(ino)
-        return freed
 
     def _append(self, tail: int, raws: list[bytes], ino: int, new_page) -> tuple[int, list[int]]:
         """:func:`plog.append`, with one entry that fits in the tail's page written
