@@ -179,10 +179,6 @@ class Readers:
                 return True
         return False
 
-    def wake_all(self) -> None:
-        while self.wake_one():
-            pass
-
     def stalled(self, last: int) -> tuple[bool, int]:
         """(nobody reads and no request finished since ``last``, requests finished
         so far): the supervisor's check, made a few milliseconds apart."""

@@ -205,12 +205,6 @@ class Connection:
         os.write(self.fd, W.OUT_HEADER.pack(W.OUT_HEADER_SIZE + len(payload), error, unique)
                  + payload)
 
-    # ---------------------------------------------------------------- unmount
-    def unmount(self) -> bool:
-        """Detach the mount (lazily: files still open keep it alive until they are
-        closed or the connection ends).  Returns False if it was not mounted."""
-        return detach(self.mountpoint)
-
     def close(self) -> None:
         """Close this process's descriptor; the connection ends (and every
         request still waiting fails with ENOTCONN) once every process has."""
@@ -220,7 +214,9 @@ class Connection:
 
 
 def detach(mountpoint: str) -> bool:
-    """Lazy unmount of ``mountpoint``: umount2(MNT_DETACH) as root, else fusermount3."""
+    """Lazy unmount of ``mountpoint`` (files still open keep the connection until
+    they are closed): umount2(MNT_DETACH) as root, else fusermount3.  False if
+    nothing was mounted there."""
     if os.geteuid() == 0:
         libc = _libc()
         if libc.umount2(os.fsencode(mountpoint), _MNT_DETACH) == 0:
