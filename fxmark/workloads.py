@@ -199,10 +199,13 @@ DRBL = Workload("DRBL", "pread 4 KiB at offset 0 of its own file", "low",
 DWAL_WRAP = 64 * MiB           # a worker's file is emptied (untimed) when it reaches this
 
 
-def _dwal_prepare(fops: FileOps, n: int) -> None:
-    for wid in range(n):
-        fops.mkdir(str(wid))
-        fops.close(fops.create(f"{wid}/dwal.dat", data=True))
+def _empty_file_prepare(fname: str) -> Callable[[FileOps, int], None]:
+    """Each worker gets directory <id>/ holding an empty file."""
+    def prepare(fops: FileOps, n: int) -> None:
+        for wid in range(n):
+            fops.mkdir(str(wid))
+            fops.close(fops.create(f"{wid}/{fname}", data=True))
+    return prepare
 
 
 def _dwal_worker(fops: FileOps, shared: Any, wid: int) -> Op:
@@ -246,16 +249,11 @@ def _dwal_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> st
 
 
 DWAL = Workload("DWAL", "append 4 KiB to its own file", "low",
-                _dwal_prepare, _dwal_worker, _dwal_check, lambda n: n * DWAL_WRAP)
+                _empty_file_prepare("dwal.dat"), _dwal_worker, _dwal_check,
+                lambda n: n * DWAL_WRAP)
 
 # ------------------------------------------------------------- DWBL (not in FxMark)
 DWBL_WRAP = 64 * MiB           # a worker's file is written again from its start
-
-
-def _dwbl_prepare(fops: FileOps, n: int) -> None:
-    for wid in range(n):
-        fops.mkdir(str(wid))
-        fops.close(fops.create(f"{wid}/dwbl.dat", data=True))
 
 
 def _dwbl_worker(fops: FileOps, shared: Any, wid: int) -> Op:
@@ -294,7 +292,8 @@ def _dwbl_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> st
 
 
 DWBL = Workload("DWBL", "write its own file sequentially in 1 MiB pieces (not in FxMark)",
-                "low", _dwbl_prepare, _dwbl_worker, _dwbl_check, lambda n: n * DWBL_WRAP)
+                "low", _empty_file_prepare("dwbl.dat"), _dwbl_worker, _dwbl_check,
+                lambda n: n * DWBL_WRAP)
 
 # ------------------------------------------------------------- DWTL
 DWTL_PAGES = 4096              # each worker's file starts at 16 MiB
