@@ -56,7 +56,7 @@ import signal
 import struct
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -197,7 +197,6 @@ class _State:
     workers: dict[int, int]                       # pid -> CPU, while alive
     stopping: bool = False                        # a clean stop is under way
     failure: str | None = None                    # why the mount was aborted
-    exits: dict[int, str] = field(default_factory=dict)
 
 
 def _describe(status: int) -> str:
@@ -260,7 +259,7 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
         except OSError as e:
             log.error("cannot start serving processes: %s", e.strerror)
             for pid in pids:
-                os.kill(pid, signal.SIGTERM)
+                _kill(pid, signal.SIGTERM)
         if on_ready is not None and len(pids) == n:
             on_ready()
         state = _State(dict(pids))
