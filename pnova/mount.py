@@ -19,7 +19,7 @@ import os
 import stat
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 from .daemon import serve
 from .engine import FileSystem

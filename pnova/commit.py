@@ -1,0 +1,237 @@
+"""The commit: entries appended to an inode's logs and made visible at once.
+
+A change to one inode is one or more entries appended after its log tail and
+one 8-byte store of the new tail (the commit point).  A change to several
+inodes (a rename, a link) appends to each log and moves every tail in one lite
+journal transaction.  File writes by a CPU other than the file's home CPU go
+to that CPU's local log instead (pNOVA's per-core logs), committed by one
+store of the local tail; its log pages come from the CPU's ring, refilled by
+the designated refiller.
+"""
+from __future__ import annotations
+
+import errno
+
+from . import layout as L
+from . import log as plog
+from .errors import FsError
+from .inode import Inode
+from .ring import refill
+
+
+
+class Commit:
+    """Appending entries and committing them."""
+
+    def _new_log_page(self) -> int:
+        return self.alloc.alloc_one(self.cpu, meta=True)
+
+    def _commit(self, changes: list[tuple[Inode, list[tuple]]],
+                extra: list[tuple[int, int]] = (), extra_pages: list[int] = ()) -> list[int]:
+        """Append entries to each inode's global log and make them visible atomically.
+
+        ``extra`` are further 8-byte words (inode state) set in the same
+        transaction.  ``extra_pages`` are blocks already allocated for this
+        operation, freed if it fails.  Each inode's log lock is held from the
+        append to the commit, and sequence numbers are taken under it, so a
+        log's order is its sequence order.  Returns the data blocks the
+        entries made unreferenced; the caller frees them (the commit is
+        durable when this returns).
+        """
+        if len(changes) == 1 and not extra:
+            return self._commit_one(*changes[0])
+        pm = self.pm
+        sch = self.scheme
+        locked = sorted({inode.ino for inode, _ in changes})
+        for ino in locked:
+            sch.log_lock(ino)
+        appended: list[tuple[Inode, int, list[int], list[tuple]]] = []
+        try:
+            try:
+                for inode, entries in changes:
+                    if self.shared:
+                        inode = self._current_under_log_lock(inode)
+                    entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
+                    raws = [L.encode_entry(e) for e in entries]
+                    new_tail, pages = plog.append(pm, inode.tail, raws, inode.ino,
+                                                  self._new_log_page)
+                    appended.append((inode, new_tail, pages, entries))
+            except FsError as exc:
+                for p in getattr(exc, "pages", []):
+                    self.alloc.free(p, 1)
+                for _, _, pages, _ in appended:
+                    for p in pages:
+                        self.alloc.free(p, 1)
+                for p in extra_pages:
+                    self.alloc.free(p, 1)
+                raise
+            # several words change at once: the lite journal makes them atomic
+            updates = [(self.inode_addr(i.ino) + L.I_LOG_TAIL, t) for i, t, _, _ in appended]
+            self.journals[self.cpu].run(updates + list(extra))
+            freed: list[int] = []
+            for inode, new_tail, pages, entries in appended:
+                freed.extend(self._committed(inode, new_tail, pages, entries))
+        finally:
+            for ino in reversed(locked):
+                sch.log_unlock(ino)
+        return freed
+
+    def _current_under_log_lock(self, inode: Inode) -> Inode:
+        """Catch up with appends by other processes before appending (a reload gives
+        a new object: the entries go to that one).  Under the log lock the global
+        log cannot move, so unchanged slot words mean the cache is current for it."""
+        words = L.SLOT_WORDS.unpack_from(self.pm.mm, self.inode_addr(inode.ino) + L.I_GENERATION)
+        if words != (inode.generation, L.STATE_LIVE, inode.head, inode.tail, inode.array):
+            inode = self._validate(inode)
+            if inode is None:
+                raise FsError(errno.ENOENT)
+        return inode
+
+    def _committed(self, inode: Inode, new_tail: int, pages: list[int],
+                   entries: list[tuple]) -> list[int]:
+        """Bring the cache past a commit of ``entries``; return the blocks they freed."""
+        inode.tail = new_tail
+        if len(entries) == 1:
+            freed = inode.apply(entries[0])
+        else:
+            freed = []
+            for e in entries:
+                freed.extend(inode.apply(e))
+        if pages:
+            inode.log_pages.extend(pages)
+            self._want_compaction(inode)
+        return freed
+
+    def _commit_one(self, inode: Inode, entries: list[tuple]) -> list[int]:
+        """:meth:`_commit` for one inode and no other words: one log, one tail
+        store (the common case, kept short: it is on every write's path)."""
+        pm = self.pm
+        sch = self.scheme
+        ino = inode.ino
+        addr = self.inode_addr(ino)
+        sch.log_lock(ino)
+        try:
+            if self.shared:
+                inode = self._current_under_log_lock(inode)
+            seq = self._next_seq
+            entries = [(e[0], seq()) + e[2:] for e in entries]
+            new_tail, pages = self._append(inode.tail, [L.encode_entry(e) for e in entries],
+                                           ino, self._new_log_page)
+            pm.commit_u64(addr + L.I_LOG_TAIL, new_tail)
+            return self._committed(inode, new_tail, pages, entries)
+        finally:
+            sch.log_unlock(ino)
+
+    def _append(self, tail: int, raws: list[bytes], ino: int, new_page) -> tuple[int, list[int]]:
+        """:func:`plog.append`, with one entry that fits in the tail's page written
+        directly; pages it allocated are freed again if it fails."""
+        if len(raws) == 1:
+            raw = raws[0]
+            if tail % L.BLOCK + len(raw) <= L.LOG_DATA:
+                pm = self.pm
+                pm.store(tail, raw)
+                pm.flush(tail, len(raw))
+                return tail + len(raw), []
+        try:
+            return plog.append(self.pm, tail, raws, ino, new_page)
+        except FsError as exc:
+            for p in getattr(exc, "pages", []):
+                self.alloc.free(p, 1)
+            raise
+
+    def _commit_local(self, inode: Inode, entries: list[tuple]) -> list[int]:
+        """Append file-write entries to this CPU's local log and commit them.
+
+        Only this CPU ever appends to its local log, so no lock is taken: the
+        commit is the one 8-byte store of the local tail, as for a global log.
+        """
+        pm = self.pm
+        cpu = self.cpu
+        if not inode.array:
+            inode = self._ensure_array(inode)
+        entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
+        raws = [L.encode_entry(e) for e in entries]
+        line = inode.array * L.BLOCK + cpu * L.LA_LINE
+        have = inode.local.get(cpu)
+        if have is None:
+            page = self._local_page()
+            try:
+                plog.init_page(pm, page, inode.ino)
+                tail, more = plog.append(pm, page * L.BLOCK, raws, inode.ino, self._local_page)
+            except FsError as exc:
+                for p in [page] + getattr(exc, "pages", []):
+                    self.alloc.free(p, 1)
+                raise
+            pm.fence()                                 # entries durable before the log exists
+            pm.store_u64(line + L.LA_HEAD, page * L.BLOCK)
+            pm.flush(line + L.LA_HEAD, 8)
+            pm.fence()                                 # head before tail: tail 0 = no log yet
+            pm.store_u64(line + L.LA_TAIL, tail)
+            pm.flush(line + L.LA_TAIL, 8)
+            pm.fence()                                 # committed
+            have = inode.local[cpu] = [page * L.BLOCK, tail, [page] + more]
+        else:
+            tail, more = self._append(have[1], raws, inode.ino, self._local_page)
+            pm.commit_u64(line + L.LA_TAIL, tail)
+            have[1] = tail
+            if more:
+                have[2].extend(more)
+                self._want_compaction(inode)
+        freed: list[int] = []
+        for e in entries:
+            freed.extend(inode.apply(e))
+        return freed
+
+    def _ensure_array(self, inode: Inode) -> Inode:
+        """Give a file its per-core log array (an empty block, then one 8-byte store).
+
+        Returns the current cache object of the inode (another process may
+        have made the array first, which reloads it).
+        """
+        sch = self.scheme
+        sch.log_lock(inode.ino)
+        try:
+            if self.shared:
+                inode = self._validate(inode)
+                if inode is None:
+                    raise FsError(errno.ENOENT)
+            if inode.array:
+                return inode
+            pm = self.pm
+            blk = self.alloc.alloc_one(self.cpu, meta=True)
+            pm.store_zero(blk * L.BLOCK, L.BLOCK)
+            pm.flush(blk * L.BLOCK, L.BLOCK)
+            pm.fence()                                 # zeroed lines before the pointer
+            addr = self.inode_addr(inode.ino) + L.I_LOG_ARRAY
+            pm.store_u64(addr, blk)
+            pm.flush(addr, 8)
+            pm.fence()
+            inode.array = blk
+            return inode
+        finally:
+            sch.log_unlock(inode.ino)
+
+    def _local_page(self) -> int:
+        """A log page for this CPU's local logs: from its ring, else allocated now."""
+        v = self.rings[self.cpu].pop() if self.shared else None
+        return v if v else self.alloc.alloc_one(self.cpu, meta=True)
+
+    def refill_rings(self, low: int = 32) -> int:
+        """The designated refiller: top up every CPU's ring of free log pages.
+
+        Pages come from each CPU's own region (local write first); the pages
+        in the rings are allocated but owned by no log, so a crash frees them.
+        """
+        if not self.local_logs or self.readonly:
+            return 0
+
+        def supplier(cpu: int):
+            def supply(n: int) -> list[int]:
+                try:
+                    extents = self.alloc.alloc(cpu, n, meta=False)
+                except FsError:                  # full: the rings stay short
+                    return []
+                return [b for s, c in extents for b in range(s, s + c)]
+            return supply
+
+        return sum(refill([ring], supplier(cpu), low) for cpu, ring in enumerate(self.rings))

@@ -1,0 +1,246 @@
+"""File data: read, and the copy-on-write write path top to bottom (NOVA's
+file.c).
+
+A write locks its page range with the mount's lock scheme (and the size lock
+first if it extends the file), makes sure the cached inode is exact for those
+pages (page-group versions, :meth:`FileData._current_for_write`), copies the
+data into newly allocated blocks, and commits one entry per extent
+(:mod:`pnova.commit`); the blocks it replaced are freed after the commit.
+"""
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable
+
+from . import layout as L
+from .attrs import SUIDGID as _SUIDGID
+from .errors import FsError
+from .inode import Inode
+from .shared import HELD_MAX
+from .xattr import CAPS_XATTR
+
+
+# Largest piece of a read done under one range lock.  A segment scheme takes
+# one read lock per segment, and a CPU can record only HELD_MAX of them at once
+# in the shared area, so there a piece spans at most HELD_MAX - 2 segments.
+READ_CHUNK = 1 << 20
+assert HELD_MAX > 2
+
+
+class FileData:
+    """Reading and writing file contents."""
+
+    def read(self, ino: int, off: int, size: int) -> bytes:
+        """Read under a read lock of the range (in chunks of at most READ_CHUNK bytes)."""
+        inode = self.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if off < 0:
+            raise FsError(errno.EINVAL)
+        end = min(off + size, inode.size)
+        if off >= end:
+            return b""
+        sch = self.scheme
+        parts = []
+        while off < end:
+            n = min(end - off, self.read_chunk)
+            tok = sch.lock(ino, off // L.BLOCK, (off + n - 1) // L.BLOCK, False)
+            try:
+                if self.shared:
+                    inode = self.get(ino)
+                parts.append(self._read(inode, off, n))
+            finally:
+                sch.unlock(tok)
+            off += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read(self, inode: Inode, off: int, size: int) -> bytes:
+        end = min(inode.size, off + size)
+        if off >= end:
+            return b""
+        pages = inode.pages
+        mm = self.pm.mm
+        first, last = off // L.BLOCK, (end - 1) // L.BLOCK
+        if first == last:
+            b = pages.get(first)
+            if b is None:
+                return bytes(end - off)
+            base = b * L.BLOCK - first * L.BLOCK
+            return mm[base + off:base + end]
+        out = bytearray(end - off)                # holes stay zero
+        for pg in range(first, last + 1):
+            b = pages.get(pg)
+            if b is not None:
+                lo = max(off, pg * L.BLOCK)
+                hi = min(end, (pg + 1) * L.BLOCK)
+                src = b * L.BLOCK + lo - pg * L.BLOCK
+                out[lo - off:hi - off] = mm[src:src + hi - lo]
+        return bytes(out)
+
+    def write(self, ino: int, off: int, data: bytes | memoryview,
+              kill_suidgid: bool = False, in_group: Callable[[int], bool] | None = None) -> int:
+        """Copy-on-write: new blocks, one log entry per extent, one atomic commit.
+
+        The written range is locked with the mount's lock scheme; a write that
+        extends the file also takes the size lock (first, so that every path
+        takes size lock, range locks, log lock in that order).  With per-core
+        logs, a CPU other than the file's home CPU appends to its local log.
+        A write drops the file's capabilities, and its set-user-ID and
+        set-group-ID bits when ``kill_suidgid`` says so (the writer lacks
+        CAP_FSETID), in the same commit (:meth:`_privilege_drop`; ``in_group``
+        tells whether the writer is in a group).
+        """
+        self._rw()
+        n = len(data)
+        if off < 0:
+            raise FsError(errno.EINVAL)
+        if n == 0:
+            return 0
+        if off + n > L.MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        # Before the locks the cached size is a hint (is this write extending?);
+        # the inode is validated once, under the locks.
+        inode = self.cache.get(ino) or self.get(ino)
+        if inode.pages is None:
+            raise FsError(errno.EISDIR)
+        sch = self.scheme
+        first, last = off // L.BLOCK, (off + n - 1) // L.BLOCK
+        sized = off + n > inode.size
+        if sized:
+            sch.size_lock(ino)
+        tok = sch.lock(ino, first, last, True)
+        slots: list[int] = []
+        try:
+            if self.shared:
+                inode, slots = self._current_for_write(ino, first, last)
+                if not sized and off + n > inode.size:
+                    # It became an extending write meanwhile: take the size lock in order.
+                    sch.unlock(tok)
+                    sch.size_lock(ino)
+                    sized = True
+                    tok = sch.lock(ino, first, last, True)
+                    inode, slots = self._current_for_write(ino, first, last)
+            try:
+                freed = self._write_locked(inode, off, data, first, last, kill_suidgid,
+                                           in_group)
+            finally:
+                if slots:
+                    self._bump_versions(ino, inode, slots)
+        finally:
+            sch.unlock(tok)
+            if sized:
+                sch.size_unlock(ino)
+        if len(freed) == 1:
+            self.alloc.free(freed[0], 1)
+        elif freed:
+            self._free_blocks(freed)
+        if self._compact_wanted:
+            self._compact_pending()
+        return n
+
+    def _current_for_write(self, ino: int, first: int, last: int) -> tuple[Inode, list[int]]:
+        """The cached inode, exact for pages first..last, and their version words.
+
+        Called with pages first..last write-locked.  Every change of a page's
+        mapping adds one to its group's version (in the shared area) before
+        the writer unlocks, and every size change adds one to the inode's size
+        epoch.  If the versions and the epoch still have the values this
+        process recorded when its cache last covered them, and the slot's
+        generation, head and array are unchanged, no other process has
+        changed these pages or the size since: the cache is exact for this
+        write, and catching up with the other processes' entries (writes to
+        other pages, attribute changes) can wait for an operation that needs
+        them (:meth:`get` always catches up).  Otherwise the values are read
+        first and the cache caught up after, so that what is recorded never
+        counts a change the cache lacks.  Returns the inode and the version
+        words (the size epoch's last).
+        """
+        area = self.area
+        q = area.u64
+        slots = area.version_slots(ino, first, last)
+        vals = [q[a >> 3] for a in slots]
+        inode = self.cache.get(ino)
+        if inode is not None:
+            gen, state, head, _tail, array = L.SLOT_WORDS.unpack_from(
+                self.pm.mm, self.inode_addr(ino) + L.I_GENERATION)
+            if (gen == inode.generation and state == L.STATE_LIVE and head == inode.head
+                    and array == inode.array):
+                vers = inode.vers
+                for a, v in zip(slots, vals):
+                    if vers.get(a) != v:
+                        break
+                else:
+                    return inode, slots
+        inode = self.get(ino)
+        inode.vers.update(zip(slots, vals))
+        return inode, slots
+
+    def _bump_versions(self, ino: int, inode: Inode, slots: list[int]) -> None:
+        """Count this write in its groups' versions (the last slot is the epoch: not
+        bumped).  The cache may record a new value only if nobody else bumped
+        the word since it was checked (a group shared with another writer's
+        pages, or a hash collision)."""
+        add = self.area.w.add64
+        vers = inode.vers if self.cache.get(ino) is inode else None
+        for a in slots[:-1]:
+            old = add(a, 1)
+            if vers is not None:
+                if vers.get(a) == old:
+                    vers[a] = old + 1
+                else:
+                    vers.pop(a, None)
+
+    def _write_locked(self, inode: Inode, off: int, data, first: int, last: int,
+                      kill_suidgid: bool = False,
+                      in_group: Callable[[int], bool] | None = None) -> list[int]:
+        pm = self.pm
+        n = len(data)
+        extents = self.alloc.alloc(self.cpu, last - first + 1)
+        pages = inode.pages
+        now = time.time_ns()
+        entries = []
+        pg = first
+        src = memoryview(data)
+        for start, count in extents:
+            dst = start * L.BLOCK
+            lo = pg * L.BLOCK                     # file offset of this extent's first page
+            hi = lo + count * L.BLOCK
+            a, b = max(off, lo), min(off + n, hi)
+            if a > lo:                            # head of the first page: old bytes or zeros
+                old = pages.get(pg)
+                if old is not None:
+                    pm.store_copy(dst, old * L.BLOCK, a - lo)
+                else:
+                    pm.store_zero(dst, a - lo)
+            pm.store(dst + a - lo, src[a - off:b - off])
+            if b < hi:                            # tail of the last page
+                lp = (hi // L.BLOCK) - 1
+                old = pages.get(lp)
+                if old is not None:
+                    pm.store_copy(dst + b - lo, old * L.BLOCK + b - lp * L.BLOCK, hi - b)
+                else:
+                    pm.store_zero(dst + b - lo, hi - b)
+            pm.flush(dst, count * L.BLOCK)
+            # the size field is the end this write reaches; replay takes the maximum
+            entries.append((L.E_WRITE, 0, pg, count, start, off + n, now))
+            pg += count
+        drop = self._privilege_drop(inode, kill_suidgid, now, in_group) \
+            if (kill_suidgid and inode.mode & _SUIDGID) or CAPS_XATTR in inode.xattrs else None
+        try:
+            if drop:
+                # a local log holds file writes only: the drop and the data go
+                # to the global log together
+                return self._commit([(inode, drop + entries)])
+            if self.local_logs and self.cpu != (inode.ino - 1) % self.ncpus:
+                return self._commit_local(inode, entries)
+            return self._commit([(inode, entries)])
+        except FsError:
+            for s, c in extents:
+                self.alloc.free(s, c)
+            raise
+
+    def fsync(self, ino: int) -> None:
+        """Every returned operation is already durable; fence for good measure."""
+        self.get(ino)
+        self.pm.fence()

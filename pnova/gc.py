@@ -1,0 +1,128 @@
+"""Log compaction (NOVA's thorough garbage collection).
+
+A log grows with every change; when its pages hold well over twice what the
+live state needs, the live state is rewritten as one new chain and swapped in
+by one journal transaction, and the old pages are freed.
+"""
+from __future__ import annotations
+
+import stat
+
+from . import layout as L
+from . import log as plog
+from .errors import FsError
+from .inode import Inode
+from .namei import namespace_op
+
+
+
+class Compaction:
+    """Noting long logs and rewriting them."""
+
+    def _log_pages(self, inode: Inode) -> int:
+        return len(inode.log_pages) + sum(len(v[2]) for v in inode.local.values())
+
+    def _want_compaction(self, inode: Inode) -> None:
+        """Note an inode whose logs have grown well past its live state."""
+        n = self._log_pages(inode)
+        if n >= 4 and n > 2 * (inode.live_log_estimate() // L.LOG_DATA + 1) + 1:
+            self._compact_wanted.add(inode.ino)
+
+    def _compact_pending(self) -> None:
+        """Compact what the last operation asked for (no locks are held here)."""
+        while self._compact_wanted:
+            ino = self._compact_wanted.pop()
+            try:
+                self.compact(ino)
+            except FsError:
+                pass                    # no room for a new chain: keep the long one
+
+    def compact(self, ino: int) -> None:
+        """Thorough log GC: rewrite the live state as one new chain.
+
+        The new chain replaces the global log and every per-core local log in
+        one journal transaction (head, tail and the log-array word); the old
+        pages are freed after it.  A file is compacted under its size lock and
+        a write lock over its whole range, so no writer is in the middle of an
+        append; a directory under its log lock (and, with several processes,
+        the namespace lock its callers hold).
+        """
+        sch = self.scheme
+        inode = self.get(ino)
+        if inode.is_dir and self.shared and not self._ns_held:
+            # a directory changes only under the namespace lock
+            return namespace_op(Compaction.compact)(self, ino)
+        tok = None
+        if not inode.is_dir:
+            sch.size_lock(ino)
+        try:
+            if not inode.is_dir:
+                inode = self.get(ino)
+                last = max(inode.size // L.BLOCK, max(inode.pages, default=0))
+                tok = sch.lock(ino, 0, last, True)
+            sch.log_lock(ino)
+            try:
+                inode = self.get(ino)
+                self._compact_locked(inode)
+            finally:
+                sch.log_unlock(ino)
+        finally:
+            if tok is not None:
+                sch.unlock(tok)
+            if not inode.is_dir:
+                sch.size_unlock(ino)
+
+    def _compact_locked(self, inode: Inode) -> None:
+        ino = inode.ino
+        entries: list[tuple] = []
+        if inode.is_dir:
+            entries.append((L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, inode.parent,
+                            stat.S_IFDIR >> 12, inode.ctime))
+            for cookie, name in inode.order.items():
+                child, dtype, _ = inode.dents[name]
+                entries.append((L.E_DENTRY, cookie, L.D_ADD, name, child, dtype, inode.mtime))
+        else:
+            run = None
+            for pg in sorted(inode.pages):
+                b = inode.pages[pg]
+                if run and run[0] + run[1] == pg and run[2] + run[1] == b:
+                    run[1] += 1
+                else:
+                    if run:
+                        entries.append((L.E_WRITE, self._next_seq(), run[0], run[1], run[2],
+                                        inode.size, inode.mtime))
+                    run = [pg, 1, b]
+            if run:
+                entries.append((L.E_WRITE, self._next_seq(), run[0], run[1], run[2],
+                                inode.size, inode.mtime))
+        for name, value in inode.xattrs.items():
+            entries.append((L.E_XATTR, self._next_seq(), L.X_SET, name, value, inode.ctime))
+        entries.append((L.E_SETATTR, self._next_seq(),
+                        L.SA_MODE | L.SA_UID | L.SA_GID | L.SA_SIZE | L.SA_ATIME | L.SA_MTIME | L.SA_CTIME,
+                        inode.mode & 0o7777, inode.uid, inode.gid, inode.size, inode.atime,
+                        inode.mtime, inode.ctime))
+        entries.append((L.E_LINK, self._next_seq(), inode.nlink, inode.ctime))
+        pm = self.pm
+        first = self._new_log_page()
+        plog.init_page(pm, first, ino)
+        try:
+            tail, pages = plog.append(pm, first * L.BLOCK, [L.encode_entry(e) for e in entries],
+                                      ino, self._new_log_page)
+        except FsError as exc:
+            for p in [first] + getattr(exc, "pages", []):
+                self.alloc.free(p, 1)
+            raise
+        addr = self.inode_addr(ino)
+        updates = [(addr + L.I_LOG_HEAD, first * L.BLOCK), (addr + L.I_LOG_TAIL, tail)]
+        if inode.array:
+            updates.append((addr + L.I_LOG_ARRAY, 0))
+        self.journals[self.cpu].run(updates)
+        old = list(inode.log_pages)
+        for _, _, lpages in inode.local.values():
+            old.extend(lpages)
+        if inode.array:
+            old.append(inode.array)
+        inode.head, inode.tail, inode.log_pages = first * L.BLOCK, tail, [first] + pages
+        inode.array = 0
+        inode.local = {}
+        self._free_blocks(old)

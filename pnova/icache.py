@@ -1,0 +1,104 @@
+"""The per-process inode cache and its validation against the device.
+
+Each process keeps DRAM inodes built from the logs.  When several processes
+share the device, another one may have appended to an inode's logs, compacted
+them, or freed and reused the slot: every use validates the cached inode
+against the slot's words first and catches up with what was appended.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+
+from . import layout as L
+from . import log as plog
+from .errors import FsError
+from .inode import Inode
+from .rebuild import RETRIES
+
+
+logger = logging.getLogger("pnova")
+
+
+class InodeCache:
+    """Cached inodes, validated before use when processes share the device."""
+
+    def _validate(self, inode: Inode) -> Inode | None:
+        """Bring a cached inode up to date with the device (other processes write it).
+
+        Returns the inode (caught up, or reloaded), or None if it is gone.
+        Entries appended since the cache last looked are replayed in sequence
+        order; a new log head or array (compaction) means a reload.
+
+        No lock is taken: the read is optimistic.  Compaction changes head,
+        tail and array through the journal, one word at a time, so a reader
+        can see a mix; it re-reads head and array after walking and starts
+        again if either moved (every compaction moves the head).
+        """
+        mm = self.pm.mm
+        addr = self.inode_addr(inode.ino)
+        for _ in range(RETRIES):
+            gen, state, head, _tail, array = L.SLOT_WORDS.unpack_from(mm, addr + L.I_GENERATION)
+            if state != L.STATE_LIVE or gen != inode.generation:
+                self.cache.pop(inode.ino, None)
+                return None
+            if head != inode.head or array != inode.array:
+                return self._reload(inode)
+            if not array and _tail == inode.tail:
+                return inode                     # one log, and it has not grown
+            try:
+                new, tail, gpages, local = self._gather(inode.ino, head, array, inode.tail,
+                                                        inode.local)
+                torn = False
+            except (plog.LogError, ValueError):
+                torn = True
+            _g, _s, head2, _t, array2 = L.SLOT_WORDS.unpack_from(mm, addr + L.I_GENERATION)
+            if head2 != head or array2 != array:
+                continue                    # compacted meanwhile: look again
+            if torn:
+                return self._reload(inode)
+            inode.tail = tail
+            inode.log_pages.extend(gpages)
+            for cpu, (lhead, ltail, lpages) in local.items():
+                have = inode.local.get(cpu)
+                if have is not None and have[0] == lhead:
+                    have[1] = ltail
+                    have[2].extend(lpages)
+                else:
+                    inode.local[cpu] = [lhead, ltail, lpages]
+            if new:
+                if array:
+                    new.sort(key=lambda e: e[1])
+                for e in new:
+                    inode.apply(e)
+            return inode
+        return self._reload(inode)
+
+    def _reload(self, old: Inode) -> Inode:
+        try:
+            inode, _ = self._read_inode(old.ino)
+        except (plog.LogError, ValueError) as e:
+            logger.error("inode %d is damaged: %s (run fsck.pnova)", old.ino, e)
+            raise FsError(errno.EIO) from None
+        self.cache[old.ino] = inode
+        return inode
+
+    def get(self, ino: int) -> Inode:
+        """The cached inode, loaded from the device on first use (validated first
+        when several processes share the device)."""
+        inode = self.cache.get(ino)
+        if inode is not None:
+            if not self.shared:
+                return inode
+            inode = self._validate(inode)
+            if inode is not None:
+                return inode
+        if not self._valid_ino(ino) or self.pm.read_u64(self.inode_addr(ino) + L.I_STATE) != L.STATE_LIVE:
+            raise FsError(errno.ENOENT)
+        try:
+            inode, _ = self._read_inode(ino)
+        except (plog.LogError, ValueError) as e:
+            logger.error("inode %d is damaged: %s (run fsck.pnova)", ino, e)
+            raise FsError(errno.EIO) from None
+        self.cache[ino] = inode
+        return inode

@@ -1,0 +1,129 @@
+"""Inode life: slots of the per-CPU inode tables, making a new inode,
+references held by the kernel and other users, and eviction.
+"""
+from __future__ import annotations
+
+import errno
+import struct
+import time
+
+from . import layout as L
+from . import log as plog
+from .errors import FsError
+from .inode import Inode
+from .namei import namespace_op
+
+
+# line 1 of an inode slot: state, log head, log tail, log array, then zeros
+_LINE1 = struct.Struct("<QQQQ32x")
+
+
+class InodeTable:
+    """Allocating, creating, referencing and evicting inodes."""
+
+    def _alloc_ino(self) -> int:
+        """A free inode slot: this CPU's table first, then the others."""
+        order = [self.cpu] + [c for c in range(self.ncpus) if c != self.cpu]
+        for c in order:
+            got = self.free_inodes[c].alloc(1)
+            if got:
+                return self.ino_of(c, got[0][0])
+        raise FsError(errno.ENOSPC)
+
+    def _release_ino(self, ino: int) -> None:
+        self.free_inodes[(ino - 1) % self.ncpus].free((ino - 1) // self.ncpus, 1)
+
+    def _make_inode(self, mode: int, uid: int, gid: int, rdev: int,
+                    entries: list[tuple], data: bytes | None = None) -> tuple[Inode, int, list[int]]:
+        """Write a new inode slot (state still FREE) with its first log page.
+
+        Returns (inode object, slot address, blocks allocated).  The caller
+        flips the state word to LIVE inside its journal transaction.
+        """
+        pm = self.pm
+        ino = self._alloc_ino()
+        allocated: list[int] = []
+        try:
+            page = self.alloc.alloc_one(self.cpu, meta=False)
+            allocated.append(page)
+            plog.init_page(pm, page, ino)
+            if data is not None:            # symlink target: one data block
+                blk = self.alloc.alloc_one(self.cpu, meta=False)
+                allocated.append(blk)
+                pm.store(blk * L.BLOCK, data)
+                pm.store_zero(blk * L.BLOCK + len(data), L.BLOCK - len(data))
+                pm.flush(blk * L.BLOCK, L.BLOCK)
+                entries = entries + [(L.E_WRITE, self._next_seq(), 0, 1, blk, len(data),
+                                      entries[0][-1] if entries else time.time_ns())]
+            now = time.time_ns()
+            seq = self._next_seq()
+            st = L.InodeStatic(mode, uid, gid, 0, rdev, seq, now, seq)
+            tail, more = page * L.BLOCK, []
+            if entries:
+                tail, more = plog.append(pm, tail, [L.encode_entry(e) for e in entries],
+                                         ino, self._new_log_page)
+                allocated.extend(more)
+        except FsError as exc:
+            for b in allocated + getattr(exc, "pages", []):
+                self.alloc.free(b, 1)
+            self._release_ino(ino)
+            raise
+        addr = self.inode_addr(ino)
+        # line 0, then line 1: state FREE (0), head, tail, no log array
+        pm.store(addr, st.pack() + _LINE1.pack(L.STATE_FREE, page * L.BLOCK, tail, 0))
+        pm.flush(addr, L.INODE_SIZE)
+        inode = Inode(ino, st, page * L.BLOCK, tail)
+        inode.log_pages = [page] + more
+        for e in entries:
+            inode.apply(e)
+        return inode, addr, allocated
+
+    def _refs(self, ino: int) -> int:
+        return self.area.w.load32(self.area.refs + 4 * (ino - 1))
+
+    def ref(self, ino: int, n: int = 1) -> None:
+        """The kernel (or another user) now holds ``n`` more references.
+
+        The count lives in the shared area, so an inode unlinked by one
+        process stays alive while another still holds references.
+        """
+        self.get(ino)
+        self.area.w.add32(self.area.refs + 4 * (ino - 1), n)
+
+    def forget(self, ino: int, n: int = 1) -> None:
+        """Drop ``n`` references; the last one frees an inode that has no name."""
+        if not self._valid_ino(ino):
+            return
+        off = self.area.refs + 4 * (ino - 1)
+        old = self.area.w.add32(off, -n)
+        if old < n:                              # more forgets than refs: clamp at 0
+            self.area.w.add32(off, n - old)
+            old = n
+        if old == n and not self.readonly:
+            self._forget_last(ino)
+
+    @namespace_op
+    def _forget_last(self, ino: int) -> None:
+        # Under the namespace lock no unlink or rename can change the link
+        # count between the check and the eviction.
+        try:
+            inode = self.get(ino)
+        except FsError:
+            return                               # already gone
+        self._maybe_evict(inode)
+
+    def _maybe_evict(self, inode: Inode) -> None:
+        """Free an inode once it has no name and no reference in any process."""
+        # _commit may have replaced the cache object (a reload): use the current one
+        inode = self.cache.get(inode.ino, inode)
+        if inode.nlink == 0 and self._refs(inode.ino) == 0:
+            self._evict(inode)
+
+    def _evict(self, inode: Inode) -> None:
+        """Free an inode with no links and no users: state word first, then blocks."""
+        addr = self.inode_addr(inode.ino)
+        self.pm.store_u64(addr + L.I_STATE, L.STATE_FREE)
+        self.pm.persist(addr + L.I_STATE, 8)             # after this the inode is gone
+        self._free_blocks(self._blocks_of(inode))
+        self.cache.pop(inode.ino, None)
+        self._release_ino(inode.ino)

@@ -1,0 +1,287 @@
+"""Namespace operations: lookup, create, mknod, mkdir, symlink, link,
+unlink, rmdir and rename (NOVA's namei.c).
+
+Each is one commit: dentries in the parents' logs, link changes in the
+children's, several inodes' tails moved in one journal transaction.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import stat
+import time
+from typing import TYPE_CHECKING
+
+from . import layout as L
+from .attrs import Attr
+from .errors import FsError
+from .inode import Inode
+from .shared import H_NS_LOCK
+
+if TYPE_CHECKING:
+    from .engine import FileSystem
+
+
+def namespace_op(fn):
+    """Directory operations: serialised by the namespace lock when processes share
+    the device; the log compaction they asked for runs before the lock goes."""
+    @functools.wraps(fn)
+    def op(self: "FileSystem", *args, **kwargs):
+        shared = self.shared and not self._ns_held
+        if shared:
+            self.scheme.sem.wlock(H_NS_LOCK)
+            self._ns_held = True
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            try:
+                if self._compact_wanted:
+                    self._compact_pending()
+            finally:
+                if shared:
+                    self._ns_held = False
+                    self.scheme.sem.wunlock(H_NS_LOCK)
+    return op
+
+
+class Namei:
+    """Directory entries: making, finding, linking, removing, renaming."""
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > L.NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+            raise FsError(errno.EINVAL)
+
+    @namespace_op
+    def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+                target: bytes | None = None) -> Attr:
+        self._rw()
+        self._check_name(name)
+        d = self._dir(parent)
+        if d.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if name in d.dents:
+            raise FsError(errno.EEXIST)
+        if d.mode & stat.S_ISGID:
+            # BSD group semantics of a setgid directory: entries take its group,
+            # subdirectories inherit the bit.
+            gid = d.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        now = time.time_ns()
+        is_dir = stat.S_ISDIR(mode)
+        own = [(L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, parent, stat.S_IFDIR >> 12, now)] \
+            if is_dir else []
+        inode, addr, allocated = self._make_inode(mode, uid, gid, rdev, own, target)
+        pentries = [(L.E_DENTRY, self._next_seq(), L.D_ADD, name, inode.ino,
+                     stat.S_IFMT(mode) >> 12, now)]
+        if is_dir:
+            pentries.append((L.E_LINK, self._next_seq(), d.nlink + 1, now))
+        try:
+            self._commit([(d, pentries)], extra=[(addr + L.I_STATE, L.STATE_LIVE)],
+                         extra_pages=allocated)
+        except FsError:
+            self._release_ino(inode.ino)
+            raise
+        self.cache[inode.ino] = inode
+        return self.attr(inode)
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        d = self._dir(parent)
+        if name == b".":
+            return self.attr(d)
+        if name == b"..":
+            return self.attr(self.get(d.parent or parent))
+        if len(name) > L.NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        ent = d.dents.get(name)
+        if ent is None:
+            raise FsError(errno.ENOENT)
+        return self.attr(self.get(ent[0]))
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
+        """Create a regular file (mode without type bits means a regular file)."""
+        return self._create(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, uid: int = 0,
+              gid: int = 0) -> Attr:
+        fmt = stat.S_IFMT(mode) or stat.S_IFREG
+        if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise FsError(errno.EINVAL)
+        return self._create(parent, name, fmt | (mode & 0o7777), uid, gid, rdev)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
+        return self._create(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int = 0,
+                gid: int = 0) -> Attr:
+        if not target or b"\0" in target:
+            raise FsError(errno.EINVAL)
+        if len(target) >= L.BLOCK:
+            raise FsError(errno.ENAMETOOLONG)
+        return self._create(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.get(ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EINVAL)
+        return self._read(inode, 0, inode.size)
+
+    @namespace_op
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        self._rw()
+        self._check_name(new_name)
+        target = self.get(ino)
+        if target.is_dir:
+            raise FsError(errno.EPERM)
+        d = self._dir(new_parent)
+        if d.nlink == 0 or target.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if new_name in d.dents:
+            raise FsError(errno.EEXIST)
+        now = time.time_ns()
+        self._commit([
+            (d, [(L.E_DENTRY, self._next_seq(), L.D_ADD, new_name, ino,
+                  stat.S_IFMT(target.mode) >> 12, now)]),
+            (target, [(L.E_LINK, self._next_seq(), target.nlink + 1, now)]),
+        ])
+        return self.attr(self.cache.get(ino, target))
+
+    @namespace_op
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._rw()
+        d = self._dir(parent)
+        ent = d.dents.get(name) if len(name) <= L.NAME_MAX else None
+        if ent is None:
+            raise FsError(errno.ENAMETOOLONG if len(name) > L.NAME_MAX else errno.ENOENT)
+        victim = self.get(ent[0])
+        if victim.is_dir:
+            raise FsError(errno.EISDIR)
+        now = time.time_ns()
+        self._commit([
+            (d, [(L.E_DENTRY, self._next_seq(), L.D_REMOVE, name, 0, 0, now)]),
+            (victim, [(L.E_LINK, self._next_seq(), victim.nlink - 1, now)]),
+        ])
+        self._maybe_evict(victim)
+
+    @namespace_op
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._rw()
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        if name == b"..":
+            raise FsError(errno.ENOTEMPTY)
+        d = self._dir(parent)
+        ent = d.dents.get(name)
+        if ent is None:
+            raise FsError(errno.ENOENT)
+        victim = self.get(ent[0])
+        if not victim.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if victim.dents:
+            raise FsError(errno.ENOTEMPTY)
+        now = time.time_ns()
+        self._commit([
+            (d, [(L.E_DENTRY, self._next_seq(), L.D_REMOVE, name, 0, 0, now),
+                 (L.E_LINK, self._next_seq(), d.nlink - 1, now)]),
+            (victim, [(L.E_LINK, self._next_seq(), 0, now)]),
+        ])
+        self._maybe_evict(victim)
+
+    def _is_ancestor(self, anc: int, ino: int) -> bool:
+        """True if directory ``anc`` is ``ino`` or one of its ancestors."""
+        seen = 0
+        while True:
+            if ino == anc:
+                return True
+            if ino == L.ROOT_INO or seen > self.sb.inodes_per_cpu * self.ncpus:
+                return False
+            ino = self.get(ino).parent
+            seen += 1
+
+    @namespace_op
+    def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0) -> None:
+        """rename(2) / renameat2 with RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2)."""
+        self._rw()
+        noreplace, exchange = flags & 1, flags & 2
+        if flags & ~3 or (noreplace and exchange):
+            raise FsError(errno.EINVAL)
+        for n in (n1, n2):
+            self._check_name(n)
+        d1, d2 = self._dir(p1), self._dir(p2)
+        e1 = d1.dents.get(n1)
+        if e1 is None:
+            raise FsError(errno.ENOENT)
+        e2 = d2.dents.get(n2)
+        if d2.nlink == 0:
+            raise FsError(errno.ENOENT)
+        src = self.get(e1[0])
+        dst = self.get(e2[0]) if e2 else None
+        if exchange and dst is None:
+            raise FsError(errno.ENOENT)
+        if noreplace and dst is not None:
+            raise FsError(errno.EEXIST)
+        if dst is not None and dst.ino == src.ino:
+            if p1 == p2 and n1 == n2 or not exchange:
+                return                                  # same file: rename does nothing
+        if src.is_dir and p1 != p2 and self._is_ancestor(src.ino, p2):
+            raise FsError(errno.EINVAL)
+        if exchange and dst.is_dir and p1 != p2 and self._is_ancestor(dst.ino, p1):
+            raise FsError(errno.EINVAL)
+        if dst is not None and not exchange:
+            if src.is_dir and not dst.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not src.is_dir and dst.is_dir:
+                raise FsError(errno.EISDIR)
+            if dst.is_dir and dst.dents:
+                raise FsError(errno.ENOTEMPTY)
+        now = time.time_ns()
+        ent: dict[int, list[tuple]] = {}
+        objs: dict[int, Inode] = {}
+
+        def add(inode: Inode, e: tuple) -> None:
+            objs[inode.ino] = inode
+            ent.setdefault(inode.ino, []).append(e)
+
+        nlink_delta: dict[int, int] = {}
+        dt = lambda i: stat.S_IFMT(i.mode) >> 12  # noqa: E731
+        if exchange:
+            add(d1, (L.E_DENTRY, self._next_seq(), L.D_ADD, n1, dst.ino, dt(dst), now))
+            add(d2, (L.E_DENTRY, self._next_seq(), L.D_ADD, n2, src.ino, dt(src), now))
+            if p1 != p2:
+                for moved, to in ((src, p2), (dst, p1)):
+                    if moved.is_dir:
+                        add(moved, (L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, to,
+                                    stat.S_IFDIR >> 12, now))
+                        nlink_delta[to] = nlink_delta.get(to, 0) + 1
+                        frm = p1 if to == p2 else p2
+                        nlink_delta[frm] = nlink_delta.get(frm, 0) - 1
+            for i in (src, dst):
+                if not (i.is_dir and p1 != p2):
+                    add(i, self._ctime_entry(i, now))
+        else:
+            add(d1, (L.E_DENTRY, self._next_seq(), L.D_REMOVE, n1, 0, 0, now))
+            add(d2, (L.E_DENTRY, self._next_seq(), L.D_ADD, n2, src.ino, dt(src), now))
+            if src.is_dir and p1 != p2:
+                add(src, (L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, p2,
+                          stat.S_IFDIR >> 12, now))
+                nlink_delta[p1] = nlink_delta.get(p1, 0) - 1
+                nlink_delta[p2] = nlink_delta.get(p2, 0) + 1
+            else:
+                add(src, self._ctime_entry(src, now))
+            if dst is not None:
+                add(dst, (L.E_LINK, self._next_seq(), 0 if dst.is_dir else dst.nlink - 1, now))
+                if dst.is_dir:
+                    nlink_delta[p2] = nlink_delta.get(p2, 0) - 1
+        for pino, delta in nlink_delta.items():
+            if delta:
+                pd = d1 if pino == p1 else d2
+                add(pd, (L.E_LINK, self._next_seq(), pd.nlink + delta, now))
+        self._commit([(objs[i], es) for i, es in ent.items()])
+        if dst is not None and not exchange:
+            self._maybe_evict(dst)
+
+    def _ctime_entry(self, inode: Inode, now: int) -> tuple:
+        return (L.E_SETATTR, self._next_seq(), L.SA_CTIME, 0, 0, 0, 0, 0, 0, now)

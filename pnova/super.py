@@ -1,0 +1,282 @@
+"""Opening and closing a device: the superblock, the region table, mount,
+clean unmount, abandoning a device, the switch to several worker processes,
+and statfs (NOVA's super.c).
+
+A mount reads the superblock (primary, else its replica), checks the region
+table against the geometry the superblock implies, and then either loads the
+state saved by a clean unmount or recovers (:mod:`pnova.rebuild`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import layout as L
+from .errors import CorruptImage, FsError
+from .inode import Inode
+from .locks import make_scheme
+from .pmem import DeviceError, PMem
+from .shared import H_SEQ
+
+if TYPE_CHECKING:
+    from .engine import FileSystem
+
+logger = logging.getLogger("pnova")
+
+
+@dataclass(slots=True)
+class StatFs:
+    bsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    namemax: int
+
+
+def read_superblock(pm: PMem) -> tuple[L.Superblock, str]:
+    """Return (superblock, which) where which is 'primary' or 'replica'.
+
+    Raises CorruptImage with one line when neither copy is valid.
+    """
+    if pm.size < 16 * L.BLOCK:
+        raise CorruptImage(f"{pm.path}: too small to hold a pnova filesystem")
+    try:
+        sb = L.Superblock.unpack(pm.read(0, L.SB_SIZE))
+        if sb.total_blocks != pm.size // L.BLOCK:
+            raise ValueError(f"it describes {sb.total_blocks} blocks but the device has "
+                             f"{pm.size // L.BLOCK}")
+        return sb, "primary"
+    except ValueError as e1:
+        why1 = str(e1)
+        if why1.startswith("unsupported format version"):
+            raise CorruptImage(f"{pm.path}: {why1}; this pnova reads version "
+                               f"{L.FORMAT_VERSION} only (copy the data out with the pnova "
+                               "that made it, then mkfs.pnova)") from None
+    last = (pm.size // L.BLOCK - 1) * L.BLOCK
+    try:
+        sb = L.Superblock.unpack(pm.read(last, L.SB_SIZE))
+    except ValueError as e2:
+        if why1 == "bad magic" and str(e2) == "bad magic":
+            raise CorruptImage(f"{pm.path}: not a pnova filesystem (no superblock found; if it "
+                               "held one, fsck.pnova can rebuild it)") from None
+        raise CorruptImage(f"{pm.path}: superblock unusable ({why1}) and its replica too "
+                           f"({e2}); run fsck.pnova") from None
+    if sb.total_blocks != pm.size // L.BLOCK:
+        raise CorruptImage(f"{pm.path}: superblock unusable ({why1}) and the replica does "
+                           "not match the device size")
+    return sb, "replica"
+
+
+def write_superblock(pm: PMem, sb: L.Superblock) -> None:
+    """Primary then replica, each fenced: a crash leaves at least one intact copy."""
+    raw = sb.pack()
+    pm.store(0, raw)
+    pm.persist(0, len(raw))
+    last = (sb.total_blocks - 1) * L.BLOCK
+    pm.store(last, raw)
+    pm.persist(last, len(raw))
+
+
+def read_regions(pm: PMem, sb: L.Superblock) -> list[L.Region]:
+    """Region descriptors, checked against the geometry the superblock implies."""
+    try:
+        expect = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
+                                sb.inodes_per_cpu)
+    except ValueError as e:
+        raise CorruptImage(f"{pm.path}: superblock geometry is impossible ({e})") from None
+    out = []
+    base = sb.region_table_block * L.BLOCK
+    for i in range(sb.ncpus):
+        raw = pm.read(base + i * L.REGION_SIZE, L.REGION_SIZE)
+        try:
+            r = L.Region.unpack(raw)
+        except ValueError:
+            r = None
+        if r != expect[i]:
+            # The table is derivable from the superblock: use the derived copy
+            # and let fsck rewrite the damaged descriptor.
+            logger.warning("region descriptor of CPU %d is damaged; using the geometry "
+                           "from the superblock", i)
+            r = expect[i]
+        out.append(r)
+    return out
+
+
+class Mount:
+    """Mount, unmount and worker set-up of :class:`~pnova.engine.FileSystem`."""
+
+    @classmethod
+    def mount(cls, path: str, *, cpu: int = 0, readonly: bool = False,
+              device: PMem | None = None, lock: str = "pnova",
+              segment_pages: int = 16) -> "FileSystem":
+        """Open an image: clean images load saved state, others are recovered.
+
+        ``device`` is an already opened pmem device for ``path`` (the tracked
+        mode of crash injection); by default the image is opened in fast mode.
+        ``lock`` chooses the lock scheme for file data (inode, rangetree,
+        segment, pnova) and ``segment_pages`` the segment size of the segment
+        schemes.  Raises CorruptImage (one line) when the image cannot be
+        used, ValueError for a bad lock option.
+        """
+        make_scheme(lock, None, 0, segment_pages)        # reject bad options early
+        t0 = time.monotonic()
+        if device is not None:
+            pm = device
+        else:
+            try:
+                pm = PMem(path, readonly=readonly)
+            except DeviceError as e:
+                raise CorruptImage(str(e)) from None
+        try:
+            sb, which = read_superblock(pm)
+            if which == "replica":
+                logger.warning("%s: primary superblock is damaged; using the replica", path)
+            regions = read_regions(pm, sb)
+            fs = cls(pm, sb, regions, cpu=cpu, readonly=readonly, lock=lock,
+                     segment_pages=segment_pages)
+            if sb.clean:
+                fs._load_clean()
+                fs.mount_path = "clean"
+            else:
+                if readonly:
+                    raise CorruptImage(f"{path}: not cleanly unmounted; recovery needs a "
+                                       "read-write mount")
+                fs._recover()
+                fs.mount_path = "recovery"
+            if not readonly:
+                fs.sb.clean = 0
+                fs.sb.mount_count += 1
+                fs.sb.last_mount_ns = time.time_ns()
+                write_superblock(pm, fs.sb)
+        except BaseException:
+            pm.close()
+            raise
+        fs.mount_seconds = time.monotonic() - t0
+        logger.info("mounted %s via %s path in %.3f s (%d free blocks, %d free inodes)",
+                    path, fs.mount_path, fs.mount_seconds, fs.alloc.nfree, fs.nfree_inodes)
+        return fs
+
+    def unmount(self) -> None:
+        """Clean unmount: free orphans, save allocator state, mark the image clean."""
+        if self.pm is None:
+            return
+        if not self.readonly:
+            if self.shared:
+                for inode in list(self.cache.values()):
+                    self._validate(inode)
+            self.alloc.stash_cpu = None              # every stash goes back below
+            for ring in self.rings:                  # pages handed out but never used
+                while (blk := ring.pop()):
+                    self.alloc.free(blk, 1)
+            self.alloc.drain_stashes()
+            for inode in self._orphans():
+                self._evict(inode)
+            pm = self.pm
+            for ra in self.alloc.regions:
+                r = ra.region
+                bits = np.packbits(ra.used(), bitorder="little")
+                off = r.bitmap_start * L.BLOCK
+                pm.store(off, bits.tobytes())
+                pm.flush(off, len(bits))
+            pm.fence()                                   # saved state durable before 'clean'
+            self.sb.clean = 1
+            self.sb.next_seq = self.area.w.load64(H_SEQ)
+            self.sb.last_unmount_ns = time.time_ns()
+            write_superblock(pm, self.sb)
+            pm.sync()
+        self.pm.close()
+        self.pm = None  # type: ignore[assignment]
+        self.scheme.close()
+        for other in self._attached:             # they share this device: done too
+            if other.pm is not None:
+                other.scheme.close()
+                other.pm = None  # type: ignore[assignment]
+        if self._own_area:
+            self.area.close()
+        logger.info("unmounted cleanly")
+
+    def _orphans(self) -> list[Inode]:
+        """Live inodes without a name, at unmount: the cached ones and any the
+        kernel held a reference to (another process may have unlinked them; the
+        shared reference counts are what is left of the processes that did)."""
+        view = np.frombuffer(self.area.mm, dtype="<u4",
+                             count=self.ncpus * self.sb.inodes_per_cpu, offset=self.area.refs)
+        held = (np.flatnonzero(view) + 1).tolist()
+        del view                                 # no export of the area outlives this
+        for ino in held:
+            if ino not in self.cache:
+                try:
+                    self.get(ino)
+                except FsError:
+                    pass                         # freed meanwhile, or damaged: recovery's job
+        return [i for i in self.cache.values() if i.nlink == 0]
+
+    def abandon(self) -> None:
+        """Let go of the device without saving anything (a serving process died in
+        the middle of an operation).  The image stays marked in use, so the next
+        mount recovers it by journal rollback and log replay."""
+        if self.pm is None:
+            return
+        self.pm.close()
+        self.pm = None  # type: ignore[assignment]
+        self.scheme.close()
+        if self._own_area:
+            self.area.close()
+        logger.warning("the device was released without a clean unmount; the next mount "
+                       "recovers it")
+
+    def prepare_workers(self) -> None:
+        """Switch to shared mode; call in the primary before forking workers."""
+        self.shared = True
+        # The workers act as the CPUs now, each with its own stash.
+        self.alloc.stash_cpu = None
+        self.scheme.sem.take_over()              # registers this process as its CPU
+        self.refill_rings()
+
+    @classmethod
+    def attach(cls, primary: "FileSystem", cpu: int) -> "FileSystem":
+        """Another CPU on the same device in this process (tests, crash injection).
+
+        It shares the primary's device and shared area but has its own caches,
+        exactly like a worker process; both are switched to shared mode.
+        Unmount the primary only: that ends the attached ones too.
+        """
+        if not primary.shared:
+            primary.prepare_workers()
+            # No worker takes the primary's CPU over here: it keeps its stash.
+            primary.alloc.stash_cpu = None if primary.readonly else primary.cpu
+        fs = cls(primary.pm, primary.sb, primary.regions, cpu=cpu, area=primary.area,
+                 lock=primary.lock_name, segment_pages=primary.segment_pages)
+        if fs.cpu == primary.cpu:
+            fs.alloc.stash_cpu = None            # one owner per stash
+        fs.shared = True
+        fs.scheme.sem.take_over()
+        primary._attached.append(fs)
+        return fs
+
+    def become_worker(self, cpu: int) -> None:
+        """In a forked child: act as ``cpu`` (its allocator region, journal, rings)."""
+        if not self.shared:
+            raise RuntimeError("prepare_workers() must be called before forking")
+        self.cpu = cpu % self.ncpus
+        self.alloc.stash_cpu = None if self.readonly else self.cpu
+        self.scheme.close()
+        self.scheme = make_scheme(self.lock_name, self.area, self.cpu, self.segment_pages)
+        self.scheme.sem.take_over()
+        self._compact_wanted = set()
+
+    def statfs(self) -> StatFs:
+        a = self.alloc
+        ffree = self.nfree_inodes
+        # Blocks kept at hand (stashes, rings of log pages) hold nothing: free.
+        free = a.nfree + a.stashed() + sum(len(r) for r in self.rings)
+        return StatFs(bsize=L.BLOCK, blocks=a.ntotal, bfree=free,
+                      bavail=max(0, free - a.reserve),
+                      files=self.sb.inodes_per_cpu * self.ncpus, ffree=ffree,
+                      namemax=L.NAME_MAX)
