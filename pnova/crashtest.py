@@ -452,8 +452,9 @@ def random_cases(seed: int, count: int = 20, length: int = 4) -> list[tuple[list
 
 # Two CPUs writing one file in turn: CPU 0 is the file's home CPU (its writes
 # go to the global log), CPU 1 appends to its own local log; replay must merge
-# the logs by sequence number.  Each case is checked at every fence of every
-# step, so crash states fall between and inside interleaved writes.
+# the logs by sequence number; the last three interleave namespace operations
+# of two CPUs.  Each case is checked at every fence of every step, so crash
+# states fall between and inside interleaved operations.
 DUAL_CASES: list[list[Step]] = [
     [("cpu", 1, ("write", "/A/foo", 0, 4096, 0x41)), ("cpu", 0, ("write", "/A/foo", 0, 4096, 0x42)),
      ("cpu", 1, ("write", "/A/foo", 0, 4096, 0x43))],
@@ -463,6 +464,17 @@ DUAL_CASES: list[list[Step]] = [
      ("cpu", 0, ("write", "/A/foo", 20000, 50, 0x48)), ("cpu", 1, ("setxattr", "/A/foo", b"user.k", b"v3"))],
     [("cpu", 1, ("write", "/bar", 0, 12288, 0x49)), ("cpu", 0, ("unlink", "/bar")),
      ("cpu", 1, ("write", "/B/barlink", 4096, 100, 0x4A)), ("cpu", 0, ("write", "/B/barlink", 0, 10, 0x4B))],
+    # namespace operations from two CPUs: one shared directory (/A), names
+    # moving between directories, links, a directory moved and removed
+    [("cpu", 1, ("create", "/A/n1", 0o644)), ("cpu", 0, ("create", "/A/n2", 0o600)),
+     ("cpu", 1, ("rename", "/A/n1", "/B/m1", 0)), ("cpu", 0, ("link", "/A/n2", "/B/l2")),
+     ("cpu", 1, ("unlink", "/A/n2")), ("cpu", 0, ("rename", "/B/m1", "/B/l2", 0))],
+    [("cpu", 0, ("mkdir", "/A/D", 0o755)), ("cpu", 1, ("create", "/A/D/x", 0o644)),
+     ("cpu", 1, ("rename", "/A/D", "/B/D", 0)), ("cpu", 0, ("unlink", "/B/D/x")),
+     ("cpu", 1, ("rmdir", "/B/D")), ("cpu", 0, ("mkdir", "/B/E", 0o700))],
+    [("cpu", 1, ("link", "/bar", "/A/bl")), ("cpu", 0, ("unlink", "/B/barlink")),
+     ("cpu", 1, ("rename", "/A/bl", "/bar", 2)), ("cpu", 0, ("symlink", "bar", "/A/s")),
+     ("cpu", 1, ("rename", "/A/s", "/A/foo", 0)), ("cpu", 0, ("unlink", "/bar"))],
 ]
 
 

@@ -110,7 +110,14 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self._compact_wanted: set[int] = set()
         # all heads and tails of a per-core log array, read in one call
         self._lines = struct.Struct("<" + "QQ48x" * self.ncpus)
-        self._ns_held = False                    # this process holds the namespace lock
+        # namespace locks held by the running namespace operation (None: none running)
+        # locks of the running namespace operation: key -> (for writing, word);
+        # None while none runs
+        self._ns: dict[int, tuple[bool, int]] | None = None
+        self._ns_top = -1                        # the highest key it holds
+        self._inode_locks = area.inode_locks
+        self._name_locks = area.name_locks
+        self._name_base = sb.ncpus * sb.inodes_per_cpu + 1   # first name-lock key
         self.max_log_pages = total
         self.mount_path = ""
         self.mount_seconds = 0.0

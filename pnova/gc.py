@@ -44,33 +44,39 @@ class Compaction:
         one journal transaction (head, tail and the log-array word); the old
         pages are freed after it.  A file is compacted under its size lock and
         a write lock over its whole range, so no writer is in the middle of an
-        append; a directory under its log lock (and, with several processes,
-        the namespace lock its callers hold).
+        append; a directory under its namespace lock and its log lock.
         """
         sch = self.scheme
-        inode = self.get(ino)
-        if inode.is_dir and self.shared and not self._ns_held:
-            # a directory changes only under the namespace lock
-            return namespace_op(Compaction.compact)(self, ino)
-        tok = None
-        if not inode.is_dir:
-            sch.size_lock(ino)
+        if self.get(ino).is_dir:
+            self._compact_dir(ino)
+            return
+        sch.size_lock(ino)
         try:
-            if not inode.is_dir:
-                inode = self.get(ino)
-                last = max(inode.size // L.BLOCK, max(inode.pages, default=0))
-                tok = sch.lock(ino, 0, last, True)
-            sch.log_lock(ino)
+            inode = self.get(ino)
+            last = max(inode.size // L.BLOCK, max(inode.pages, default=0))
+            tok = sch.lock(ino, 0, last, True)
             try:
-                inode = self.get(ino)
-                self._compact_locked(inode)
+                sch.log_lock(ino)
+                try:
+                    self._compact_locked(self.get(ino))
+                finally:
+                    sch.log_unlock(ino)
             finally:
-                sch.log_unlock(ino)
-        finally:
-            if tok is not None:
                 sch.unlock(tok)
-            if not inode.is_dir:
-                sch.size_unlock(ino)
+        finally:
+            sch.size_unlock(ino)
+
+    @namespace_op
+    def _compact_dir(self, ino: int) -> None:
+        """A directory's entries change only under its namespace lock."""
+        self._ns_lock(ino)
+        self.scheme.log_lock(ino)
+        try:
+            inode = self.get(ino)
+            if inode.is_dir:
+                self._compact_locked(inode)
+        finally:
+            self.scheme.log_unlock(ino)
 
     def _compact_locked(self, inode: Inode) -> None:
         ino = inode.ino

@@ -104,8 +104,9 @@ class InodeTable:
 
     @namespace_op
     def _forget_last(self, ino: int) -> None:
-        # Under the namespace lock no unlink or rename can change the link
+        # Under its namespace lock no unlink or rename can change the link
         # count between the check and the eviction.
+        self._ns_lock(ino)
         try:
             inode = self.get(ino)
         except FsError:

@@ -42,7 +42,7 @@ import time
 
 import numpy as np
 
-from .shared import HELD_MAX, RANGE_ENTRY, RANGE_MAX, SEG_SLOTS, SharedArea, process_alive
+from .shared import H_RENAME_LOCK, HELD_MAX, RANGE_ENTRY, RANGE_MAX, SEG_SLOTS, SharedArea, process_alive
 
 WRITER = 0x80000000
 LEASE = 0.2
@@ -74,6 +74,10 @@ class Semaphores:
             self.waits += 1
             self._wait(off, lambda: w.cas32(off, 0, self.mine))
 
+    def try_wlock(self, off: int) -> bool:
+        """Take the writer lock if it is free now; never waits."""
+        return self.w.cas32(off, 0, self.mine)
+
     def wunlock(self, off: int) -> None:
         self.w.store32(off, 0)
 
@@ -88,7 +92,19 @@ class Semaphores:
         if not self._try_read(off):
             self.waits += 1
             self._wait(off, lambda: self._try_read(off))
-        rec = self.free_records.pop()          # IndexError: more than HELD_MAX at once
+        self._record(off)
+
+    def try_rlock(self, off: int) -> bool:
+        """Take a read share if no writer holds the word now; never waits."""
+        if not self.free_records:
+            raise RuntimeError(f"a CPU may hold at most {HELD_MAX} read locks at once")
+        if not self._try_read(off):
+            return False
+        self._record(off)
+        return True
+
+    def _record(self, off: int) -> None:
+        rec = self.free_records.pop()
         self.w.store64(rec, off + 1)
         self.record_of.setdefault(off, []).append(rec)
 
@@ -147,8 +163,9 @@ class Semaphores:
             off = w.load64(rec)
             if off and w.cas64(rec, off, 0):
                 w.add32(off - 1, -1)
-        # inode, log and segment lock words, and the range table's guard
-        for lo, hi in ((area.inode_locks, area.refs), (area.seg_locks, area.range_table + 4)):
+        # inode, log, name and segment lock words, and the range table's guard
+        for lo, hi in ((area.inode_locks, area.refs), (area.name_locks, area.seg_locks),
+                       (area.seg_locks, area.range_table + 4)):
             words = np.frombuffer(area.mm, dtype="<u4", count=(hi - lo) // 4, offset=lo)
             for idx in np.flatnonzero(words == self.mine).tolist():
                 w.cas32(lo + 4 * idx, self.mine, 0)
@@ -157,8 +174,7 @@ class Semaphores:
             e = area.range_table + 64 + RANGE_ENTRY * i
             if w.load64(e) and w.load32(e + 24) == self.cpu + 1:
                 w.store64(e, 0)
-        from .shared import H_NS_LOCK
-        w.cas32(H_NS_LOCK, self.mine, 0)
+        w.cas32(H_RENAME_LOCK, self.mine, 0)
         area.register(self.cpu)
 
 

@@ -10,42 +10,161 @@ import errno
 import functools
 import stat
 import time
+import zlib
 from typing import TYPE_CHECKING
 
 from . import layout as L
 from .attrs import Attr
 from .errors import FsError
 from .inode import Inode
-from .shared import H_NS_LOCK
+from .shared import H_RENAME_LOCK, NAME_SLOTS
 
 if TYPE_CHECKING:
     from .engine import FileSystem
 
 
+class Relock(Exception):
+    """A namespace lock could not be taken in order: the operation starts again
+    holding every lock it asked for, taken in order first."""
+
+    def __init__(self, key: int, write: bool) -> None:
+        super().__init__(key)
+        self.key = key
+        self.write = write
+
+
+# Key of the rename lock in the lock order: below every inode number (the keys
+# of inode locks); the keys of name locks come after the inode numbers.
+RENAME_KEY = 0
+_DT_DIR = stat.S_IFDIR >> 12          # the type a dentry records for a directory
+
+
 def namespace_op(fn):
-    """Directory operations: serialised by the namespace lock when processes share
-    the device; the log compaction they asked for runs before the lock goes."""
+    """Namespace operations: with several processes on the device, what an
+    operation changes is locked (:meth:`Namei._ns_lock`) until it returns.
+
+    Locks are taken in ascending key order.  An operation learns what it
+    changes as it goes (a name leads to an inode), so a lock that would come
+    out of order is only tried; if that fails, or a read lock it holds must
+    become a write lock, the operation is abandoned before it has changed
+    anything and run again holding all it asked for, taken in order first.
+    The log compaction an operation asked for runs after its locks are gone,
+    under its own.
+    """
     @functools.wraps(fn)
     def op(self: "FileSystem", *args, **kwargs):
-        shared = self.shared and not self._ns_held
-        if shared:
-            self.scheme.sem.wlock(H_NS_LOCK)
-            self._ns_held = True
-        try:
-            return fn(self, *args, **kwargs)
-        finally:
+        if not self.shared or self._ns is not None:
             try:
-                if self._compact_wanted:
-                    self._compact_pending()
+                return fn(self, *args, **kwargs)
             finally:
-                if shared:
-                    self._ns_held = False
-                    self.scheme.sem.wunlock(H_NS_LOCK)
+                if self._ns is None and self._compact_wanted:
+                    self._compact_pending()
+        want: dict[int, bool] = {}
+        self._ns_top = -1
+        try:
+            while True:
+                self._ns = {}
+                for key in sorted(want):
+                    self._ns_lock(key, want[key])
+                try:
+                    return fn(self, *args, **kwargs)
+                except Relock as r:
+                    want = {k: w for k, (w, _) in self._ns.items()}
+                    want[r.key] = want.get(r.key, False) or r.write
+                    self._ns_release()
+        finally:
+            self._ns_release()
+            self._ns = None
+            if self._compact_wanted:
+                self._compact_pending()
     return op
 
 
 class Namei:
     """Directory entries: making, finding, linking, removing, renaming."""
+
+    # Lock words of a namespace operation (section 19.8 of DESIGN.md):
+    # - a directory's inode lock: read-locked by operations on one name in it,
+    #   write-locked by those that change its link count (mkdir, rmdir, a
+    #   directory renamed), remove it, or compact its log;
+    # - the name lock of (directory, name), hashed into a table: write-locked
+    #   by the operations on that name that read-lock the directory;
+    # - the inode lock of a file whose link count changes (for a file it is
+    #   also the size lock: a namespace operation holding it takes no data
+    #   lock, and data operations take no namespace lock, so neither waits
+    #   for the other while holding its own);
+    # - the rename lock, for a rename of a directory to another parent.
+    def _ns_word(self, key: int) -> int:
+        if key == RENAME_KEY:
+            return H_RENAME_LOCK
+        if key < self._name_base:
+            return self._inode_locks + 4 * (key - 1)
+        return self._name_locks + 4 * (key - self._name_base)
+
+    def _name_key(self, parent: int, name: bytes) -> int:
+        """The key of the name lock of ``name`` in directory ``parent``."""
+        return self._name_base + (zlib.crc32(name, (parent * 0x9E3779B1) & 0xFFFFFFFF)
+                                  & (NAME_SLOTS - 1))
+
+    def _ns_lock(self, key: int, write: bool = True) -> None:
+        """Lock ``key`` for the running namespace operation (a no-op unless
+        processes share the device, or if it already holds it so)."""
+        held = self._ns
+        if held is None:
+            return
+        have = held.get(key)
+        if have is not None:
+            if have[0] or not write:
+                return
+            raise Relock(key, True)              # a read lock must become a write lock
+        if RENAME_KEY < key < self._name_base and not self._valid_ino(key):
+            raise FsError(errno.ENOENT)          # never a word outside the table
+        sem = self.scheme.sem
+        off = self._ns_word(key)
+        if key > self._ns_top:                   # in order: may wait
+            if write:
+                sem.wlock(off)
+            else:
+                sem.rlock(off)
+            self._ns_top = key
+        elif not (sem.try_wlock(off) if write else sem.try_rlock(off)):
+            raise Relock(key, write)
+        held[key] = (write, off)
+
+    def _ns_name(self, parent: int, name: bytes) -> None:
+        """Read-lock directory ``parent`` and write-lock the name lock of ``name``
+        in it: :meth:`_ns_lock` twice, shortened for the common first locks."""
+        held = self._ns
+        if held is None:
+            return
+        if held or not 1 <= parent < self._name_base:
+            self._ns_lock(parent, False)
+            self._ns_lock(self._name_key(parent, name))
+            return
+        sem = self.scheme.sem
+        off = self._inode_locks + 4 * (parent - 1)
+        sem.rlock(off)
+        held[parent] = (False, off)
+        slot = zlib.crc32(name, (parent * 0x9E3779B1) & 0xFFFFFFFF) & (NAME_SLOTS - 1)
+        off = self._name_locks + 4 * slot
+        sem.wlock(off)
+        key = self._name_base + slot
+        held[key] = (True, off)
+        self._ns_top = key
+
+    def _ns_release(self) -> None:
+        """Unlock all the running operation holds (in any order: only taking
+        locks has an order)."""
+        held = self._ns
+        if held:
+            sem = self.scheme.sem
+            for write, off in held.values():
+                if write:
+                    sem.wunlock(off)
+                else:
+                    sem.runlock(off)
+            held.clear()
+        self._ns_top = -1
 
     @staticmethod
     def _check_name(name: bytes) -> None:
@@ -59,6 +178,10 @@ class Namei:
                 target: bytes | None = None) -> Attr:
         self._rw()
         self._check_name(name)
+        if stat.S_ISDIR(mode):
+            self._ns_lock(parent)                # its link count changes
+        else:
+            self._ns_name(parent, name)
         d = self._dir(parent)
         if d.nlink == 0:
             raise FsError(errno.ENOENT)
@@ -133,6 +256,8 @@ class Namei:
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         self._rw()
         self._check_name(new_name)
+        self._ns_name(new_parent, new_name)
+        self._ns_lock(ino)
         target = self.get(ino)
         if target.is_dir:
             raise FsError(errno.EPERM)
@@ -152,10 +277,12 @@ class Namei:
     @namespace_op
     def unlink(self, parent: int, name: bytes) -> None:
         self._rw()
+        self._ns_name(parent, name)
         d = self._dir(parent)
         ent = d.dents.get(name) if len(name) <= L.NAME_MAX else None
         if ent is None:
             raise FsError(errno.ENAMETOOLONG if len(name) > L.NAME_MAX else errno.ENOENT)
+        self._ns_lock(ent[0])
         victim = self.get(ent[0])
         if victim.is_dir:
             raise FsError(errno.EISDIR)
@@ -173,10 +300,12 @@ class Namei:
             raise FsError(errno.EINVAL)
         if name == b"..":
             raise FsError(errno.ENOTEMPTY)
+        self._ns_lock(parent)
         d = self._dir(parent)
         ent = d.dents.get(name)
         if ent is None:
             raise FsError(errno.ENOENT)
+        self._ns_lock(ent[0])
         victim = self.get(ent[0])
         if not victim.is_dir:
             raise FsError(errno.ENOTDIR)
@@ -210,6 +339,9 @@ class Namei:
             raise FsError(errno.EINVAL)
         for n in (n1, n2):
             self._check_name(n)
+        self._ns_name(p1, n1)
+        self._ns_lock(p2, False)
+        self._ns_lock(self._name_key(p2, n2))
         d1, d2 = self._dir(p1), self._dir(p2)
         e1 = d1.dents.get(n1)
         if e1 is None:
@@ -217,6 +349,18 @@ class Namei:
         e2 = d2.dents.get(n2)
         if d2.nlink == 0:
             raise FsError(errno.ENOENT)
+        if e1[1] == _DT_DIR or e2 and e2[1] == _DT_DIR:
+            if p1 != p2:
+                # A directory changes parent: the ancestor check below walks
+                # up through directories nobody locked, which only such a
+                # rename can move, so these go one at a time (Linux's rename
+                # mutex).
+                self._ns_lock(RENAME_KEY)
+            self._ns_lock(p1)                    # link counts of the parents change
+            self._ns_lock(p2)
+        self._ns_lock(e1[0])
+        if e2:
+            self._ns_lock(e2[0])
         src = self.get(e1[0])
         dst = self.get(e2[0]) if e2 else None
         if exchange and dst is None:

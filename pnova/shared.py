@@ -15,12 +15,14 @@ Layout (byte offsets; every region starts on a 64-byte line)::
 
     0       header line: magic u64, version u32, ncpus u32, seq u64 (next
             sequence number), segment-table slots u32, range-table entries u32,
-            namespace lock word u32
+            rename lock word u32
     64      worker registry: one line per CPU: pid u64, held-read records
             (HELD_MAX u64 lock offsets, 0 = empty)
     ...     inode lock words: one u32 per inode slot
     ...     inode log-tail lock words: one u32 per inode slot
     ...     reference counts (kernel lookups, open handles): one u32 per inode slot
+    ...     name lock words: NAME_SLOTS u32, hashed by (directory, name); a
+            namespace operation holds the one of each name it changes
     ...     segment lock words: SEG_SLOTS u32, hashed by (inode, segment)
     ...     range table: a guard word, then RANGE_MAX entries of 32 bytes
             (inode u64, first page u64, last page u64, owner CPU + 1 u32, mode u32)
@@ -45,10 +47,11 @@ import os
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 3
+VERSION = 4
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
+NAME_SLOTS = 1 << 12
 RANGE_MAX = 256
 RANGE_ENTRY = 32
 RING_SLOTS = 256
@@ -62,7 +65,7 @@ _M64 = (1 << 64) - 1
 _VER_SHIFT = 64 - VER_BITS    # a slot is the top VER_BITS bits of a 64-bit hash
 
 H_MAGIC, H_VERSION, H_NCPUS, H_SEQ, H_SEG_SLOTS, H_RANGE_MAX = 0, 8, 12, 16, 24, 28
-H_NS_LOCK = 32                # u32: the namespace lock (directory operations)
+H_RENAME_LOCK = 32            # u32: the rename lock (a directory moving to another parent)
 
 
 def _line(n: int) -> int:
@@ -75,7 +78,8 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     o["inode_locks"] = o["registry"] + ncpus * LINE
     o["log_locks"] = o["inode_locks"] + _line(4 * ninodes)
     o["refs"] = o["log_locks"] + _line(4 * ninodes)
-    o["seg_locks"] = o["refs"] + _line(4 * ninodes)
+    o["name_locks"] = o["refs"] + _line(4 * ninodes)
+    o["seg_locks"] = o["name_locks"] + _line(4 * NAME_SLOTS)
     o["range_table"] = o["seg_locks"] + _line(4 * SEG_SLOTS)
     o["rings"] = o["range_table"] + LINE + _line(RANGE_ENTRY * RANGE_MAX)
     o["ring_size"] = 2 * LINE + _line(8 * RING_SLOTS)
@@ -115,6 +119,7 @@ class SharedArea:
         self.inode_locks = o["inode_locks"]
         self.log_locks = o["log_locks"]
         self.refs = o["refs"]
+        self.name_locks = o["name_locks"]
         self.seg_locks = o["seg_locks"]
         self.range_table = o["range_table"]
         self.rings = o["rings"]

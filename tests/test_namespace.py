@@ -1,0 +1,223 @@
+"""Namespace operations from several processes at once.
+
+Worker processes (one per CPU) run hypothesis-generated creates, unlinks,
+renames, links, mkdirs and rmdirs: in a directory of their own and in one
+directory all of them share, with names moving from the private directories
+into the shared one.  What a worker does in its own directory is predictable
+whatever the others do, so it checks every result (errno included) against a
+sequential model and the parent checks the directory's final listing.  The
+shared directory has no single right answer; there the checks are that the
+live view, a recovery from the logs and a clean remount show the same tree, and
+that fsck (link counts, one name per directory, no leaks, no orphans) is clean.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import stat
+import time
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, given, settings
+
+from pnova.engine import FileSystem
+from pnova.errors import FsError
+from pnova.fsck import Checker
+from pnova.mkfs import format_device
+
+NAMES = [b"a", b"b", b"c", b"d", b"e"]
+name = st.sampled_from(NAMES)
+# (kind, where, name, other name): where "p" = the worker's own directory,
+# "s" = the shared one, "ps" = from its own directory into the shared one
+op = st.one_of(
+    st.tuples(st.sampled_from(["create", "unlink", "mkdir", "rmdir"]),
+              st.sampled_from(["p", "s"]), name, st.just(b"")),
+    st.tuples(st.sampled_from(["rename", "link"]), st.sampled_from(["p", "s", "ps"]),
+              name, name),
+)
+
+
+class Private:
+    """A sequential model of one worker's own directory: name -> ('f' or 'd',
+    identity of the inode)."""
+
+    def __init__(self) -> None:
+        self.names: dict[bytes, tuple[str, int]] = {}
+        self.made = 0
+
+    def predict(self, kind: str, n1: bytes, n2: bytes) -> int:
+        """The errno the operation must fail with (0: it succeeds); applies it."""
+        names = self.names
+        if kind in ("create", "mkdir"):
+            if n1 in names:
+                return errno.EEXIST
+            self.made += 1
+            names[n1] = ("f" if kind == "create" else "d", self.made)
+        elif kind == "unlink":
+            if n1 not in names:
+                return errno.ENOENT
+            if names[n1][0] == "d":
+                return errno.EISDIR
+            del names[n1]
+        elif kind == "rmdir":
+            if n1 not in names:
+                return errno.ENOENT
+            if names[n1][0] != "d":
+                return errno.ENOTDIR
+            del names[n1]                         # its subdirectories stay empty
+        elif kind == "link":
+            if n1 not in names:
+                return errno.ENOENT
+            if names[n1][0] == "d":
+                return errno.EPERM
+            if n2 in names:
+                return errno.EEXIST
+            names[n2] = names[n1]
+        elif kind == "rename":
+            if n1 not in names:
+                return errno.ENOENT
+            src, dst = names[n1], names.get(n2)
+            if dst == src:                        # one name, or two links of one file
+                return 0
+            if dst and dst[0] == "d" and src[0] != "d":
+                return errno.EISDIR
+            if dst and dst[0] == "f" and src[0] == "d":
+                return errno.ENOTDIR
+            del names[n1]
+            names[n2] = src
+        return 0
+
+
+def worker(fs: FileSystem, cpu: int, mine: int, shared: int, ops: list[tuple],
+           out: str) -> None:
+    fs.become_worker(cpu)
+    model = Private()
+    for i, (kind, where, n1, n2) in enumerate(ops):
+        d1 = mine if where[0] == "p" else shared
+        d2 = shared if where in ("s", "ps") else mine
+        got = 0
+        try:
+            if kind == "create":
+                fs.create(d1, n1, 0o644)
+            elif kind == "mkdir":
+                fs.mkdir(d1, n1, 0o755)
+            elif kind == "unlink":
+                fs.unlink(d1, n1)
+            elif kind == "rmdir":
+                fs.rmdir(d1, n1)
+            elif kind == "link":
+                fs.link(fs.lookup(d1, n1).ino, d2, n2)
+            else:
+                fs.rename(d1, n1, d2, n2)
+        except FsError as e:
+            got = e.errno
+        if where == "p":
+            want = model.predict(kind, n1, n2)
+            assert got == want, f"cpu {cpu} op {i} {kind} {n1!r} {n2!r}: errno {got}, " \
+                f"expected {want}"
+        elif where == "ps" and got == 0 and kind == "rename":
+            # It left for the shared directory, unless the name there was
+            # already a link of the same file (then rename does nothing).
+            try:
+                fs.lookup(mine, n1)
+            except FsError:
+                model.names.pop(n1, None)
+    listing = {n.decode(): k for n, (k, _) in model.names.items()}
+    with open(out, "w") as f:
+        json.dump(listing, f)
+
+
+def tree(fs: FileSystem, ino: int = 1) -> dict:
+    """Every name under ``ino``: (type, link count, children) of each."""
+    out = {}
+    for n, child, _ in fs.readdir(ino):
+        if n in (b".", b".."):
+            continue
+        a = fs.getattr(child)
+        kids = tree(fs, child) if stat.S_ISDIR(a.mode) else None
+        out[n.decode()] = (stat.S_IFMT(a.mode), a.nlink, kids)
+    return out
+
+
+def run(path: str, per_cpu: list[list[tuple]], tmp) -> None:
+    fs = FileSystem.mount(path)
+    own = [fs.mkdir(1, b"p%d" % c, 0o755).ino for c in range(len(per_cpu))]
+    shared = fs.mkdir(1, b"s", 0o755).ino
+    fs.prepare_workers()
+    pids = []
+    for cpu, ops in enumerate(per_cpu):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                worker(fs, cpu, own[cpu], shared, ops, str(tmp / f"expect{cpu}"))
+                code = 0
+            except BaseException as e:          # report, then exit non-zero
+                os.write(2, f"worker {cpu}: {type(e).__name__}: {e}\n".encode())
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    deadline = time.monotonic() + 120
+    failed = []
+    for pid in pids:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                if os.waitstatus_to_exitcode(status) != 0:
+                    failed.append(pid)
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+            fs.refill_rings()
+            time.sleep(0.002)
+    assert not failed, "a worker failed (see its message above)"
+    live = tree(fs)
+    for cpu in range(len(per_cpu)):
+        with open(tmp / f"expect{cpu}") as f:
+            expect = json.load(f)
+        got = {n: "d" if stat.S_ISDIR(t) else "f" for n, (t, _, _) in live[f"p{cpu}"][2].items()}
+        assert got == expect, f"the directory of CPU {cpu}"
+    fs.pm.close()                                # a crash now
+    fs.pm = None
+    rec = FileSystem.mount(path)
+    assert rec.mount_path == "recovery"
+    assert tree(rec) == live, "recovery disagrees with what the workers left"
+    rec.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
+    clean = FileSystem.mount(path)
+    assert tree(clean) == live
+    clean.unmount()
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(per_cpu=st.lists(st.lists(op, min_size=20, max_size=80), min_size=2, max_size=2))
+def test_two_cpus_change_private_and_shared_directories(tmp_path, per_cpu):
+    path = str(tmp_path / "ns.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    run(path, per_cpu, tmp_path)
+
+
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(per_cpu=st.lists(st.lists(op, min_size=30, max_size=80), min_size=3, max_size=3))
+def test_three_cpus_change_private_and_shared_directories(tmp_path, per_cpu):
+    path = str(tmp_path / "ns3.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=3)
+    run(path, per_cpu, tmp_path)
+
+
+def test_busy_shared_directory(tmp_path):
+    """Two processes create, rename and unlink hundreds of names in one
+    directory at once (long enough to overlap on any machine)."""
+    path = str(tmp_path / "busy.img")
+    format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=2)
+    per_cpu = [[(k, w, NAMES[(i * 7 + c) % 5], NAMES[(i * 3 + c) % 5])
+                for i in range(300)
+                for k, w in [("create", "s"), ("rename", "s"), ("link", "ps"), ("create", "p"),
+                             ("rename", "ps"), ("unlink", "s"), ("mkdir", "s"), ("rmdir", "s")]]
+               for c in range(2)]
+    run(path, per_cpu, tmp_path)
