@@ -1,0 +1,248 @@
+"""Behaviour that docs/SPEC.md states for readers and writers, section by section."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import struct
+
+import pytest
+
+from pnova import layout as L
+from pnova import log as plog
+from pnova.engine import FileSystem, read_superblock, write_superblock
+from pnova.errors import CorruptImage
+from pnova.mkfs import format_device
+from pnova.pmem import PMem, TrackedPMem
+from pnova_fsck.cli import main as fsck_main
+
+ROOT = 1
+MiB = 1 << 20
+
+
+@pytest.fixture
+def img(tmp_path) -> str:
+    path = str(tmp_path / "t.img")
+    format_device(path, 8 * MiB, numa_nodes=1, cpus_per_node=2)
+    return path
+
+
+def fsck(capsys, path: str, *opts: str) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = fsck_main([*opts, path])
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.out + cap.err
+    return rc, cap.out + cap.err
+
+
+def digest(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).digest()
+
+
+def fill(path: str) -> dict[str, int]:
+    fs = FileSystem.mount(path)
+    f = fs.create(ROOT, b"f", 0o644).ino
+    fs.write(f, 0, b"hello" * 2000)
+    d = fs.mkdir(ROOT, b"d", 0o755).ino
+    fs.unmount()
+    return {"f": f, "d": d}
+
+
+def append_zeros(path: str, n: int) -> None:
+    with open(path, "ab") as f:
+        f.write(bytes(n))
+
+
+def sb_of(path: str) -> L.Superblock:
+    pm = PMem(path, readonly=True)
+    try:
+        return read_superblock(pm)[0]
+    finally:
+        pm.close()
+
+
+def slot(pm: PMem, sb: L.Superblock, ino: int) -> int:
+    regions = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
+                             sb.inodes_per_cpu)
+    n = sb.ncpus
+    return regions[(ino - 1) % n].itable_start * L.BLOCK + (ino - 1) // n * L.INODE_SIZE
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# ------------------------------------------------------------------ 13.1: the file's size
+def test_longer_file_is_valid_and_its_tail_unused(img, capsys, caplog):
+    ino = fill(img)
+    size = 8 * MiB
+    append_zeros(img, MiB)                               # truncate -s +1M
+    caplog.set_level(logging.WARNING, logger="pnova")
+    fs = FileSystem.mount(img)
+    assert [w for w in warnings_of(caplog) if "longer" in w] == \
+        [f"{img}: the file is {MiB} bytes longer than its filesystem; bytes "
+         f"{size}..{size + MiB - 1} are not used"]
+    assert fs.read(ino["f"], 0, 10) == b"hellohello"
+    g = fs.create(ROOT, b"g", 0o644).ino
+    fs.write(g, 0, b"new" * 3000)
+    fs.unmount()
+    with open(img, "rb") as f:
+        raw = f.read()
+    assert len(raw) == size + MiB
+    assert raw[size:] == bytes(MiB)                      # the tail was not touched
+    assert raw[size - L.BLOCK:size - L.BLOCK + L.SB_SIZE] == raw[:L.SB_SIZE]   # replica at T-1
+    ro = FileSystem.mount(img, readonly=True)
+    assert ro.read(g, 0, 6) == b"newnew"
+    ro.unmount()
+
+    note = (f"{img}: the file is {MiB} bytes longer than its filesystem (2048 blocks); "
+            f"bytes {size}..{size + MiB - 1} are not used")
+    for opts in (["-n"], ["-n", "-f"], ["-p"], ["-p", "-f"]):
+        rc, out = fsck(capsys, img, *opts)
+        assert rc == 0 and note in out and "Trim" not in out, out
+        assert os.path.getsize(img) == size + MiB
+    rc, out = fsck(capsys, img, "-y", "-f")
+    assert rc == 0 and note in out and f"Trim the file to {size} bytes? yes" in out, out
+    assert "no problems found" in out
+    assert os.path.getsize(img) == size
+    rc, out = fsck(capsys, img, "-n", "-f")
+    assert rc == 0 and "bytes longer than its filesystem" not in out, out
+    fs = FileSystem.mount(img)
+    assert fs.read(g, 0, 6) == b"newnew" and fs.mount_path == "clean"
+    fs.unmount()
+
+
+def test_longer_file_bounds_are_the_device(img, capsys):
+    """A log pointer into the unused tail is outside the device (SPEC 10, rule 2)."""
+    ino = fill(img)
+    append_zeros(img, MiB)
+    pm = PMem(img)
+    sb = read_superblock(pm)[0]
+    page = sb.total_blocks + 3                           # a block of the tail
+    plog.init_page(pm, page, ino["f"])                   # a well-formed page there
+    pm.store_u64(slot(pm, sb, ino["f"]) + L.I_LOG_HEAD, page * L.BLOCK)
+    pm.store_u64(slot(pm, sb, ino["f"]) + L.I_LOG_TAIL, page * L.BLOCK)
+    sb.clean = 0
+    write_superblock(pm, sb)
+    pm.close()
+    with pytest.raises(CorruptImage, match="is not a page inside the device"):
+        FileSystem.mount(img)
+    rc, out = fsck(capsys, img, "-n")
+    assert rc == 4 and f"log tail {page * L.BLOCK:#x} is not a valid log position; the " \
+        "head page is unusable too" in out, out
+
+
+def test_shorter_file_is_refused(img, capsys):
+    fill(img)
+    os.truncate(img, 8 * MiB - L.BLOCK)                  # the replica's block is gone
+    before = digest(img)
+    want = (f"{img}: the file is shorter than its filesystem ({8 * MiB - L.BLOCK} bytes; "
+            f"the superblock describes 2048 blocks, {8 * MiB} bytes): its end is missing")
+    for ro in (False, True):
+        with pytest.raises(CorruptImage) as ei:
+            FileSystem.mount(img, readonly=ro)
+        assert str(ei.value) == want
+    for opts in (["-n"], ["-y", "-f"], ["-p"]):
+        rc, out = fsck(capsys, img, *opts)
+        assert rc == 8, out
+        assert out.count("\n") == 1 and want in out and "cannot be rebuilt" in out, out
+    assert digest(img) == before
+
+
+@pytest.mark.parametrize("damage", ["crc", "total_blocks", "zeroed"])
+def test_longer_file_with_damaged_primary(img, capsys, caplog, tmp_path, damage):
+    """The replica is at block T-1, not at the file's end: 13.1 finds it."""
+    ino = fill(img)
+    append_zeros(img, MiB)
+    with open(img, "r+b") as f:
+        if damage == "crc":
+            f.seek(40)                                   # uuid: caught by the CRC
+            f.write(b"\xff")
+        elif damage == "total_blocks":
+            f.seek(20)                                   # the high half of total_blocks
+            f.write(b"\x01")
+        else:
+            f.write(bytes(L.BLOCK))                      # dd over block 0
+    block01 = open(img, "rb").read(2 * L.BLOCK)
+    # the file's last block, then T-1 (from block 0, or from the region table)
+    assert L.replica_blocks(block01[:L.SB_SIZE], block01[L.BLOCK:], 9 * MiB) == [2303, 2047]
+    copy = str(tmp_path / "copy.img")
+    shutil.copyfile(img, copy)
+    caplog.set_level(logging.WARNING, logger="pnova")
+    fs = FileSystem.mount(copy, readonly=True)
+    assert fs.read(ino["f"], 0, 5) == b"hello"
+    fs.unmount()
+    assert any("using the replica" in w for w in warnings_of(caplog))
+    rc, out = fsck(capsys, img, "-n", "-f")
+    assert rc == 4 and "primary superblock (block 0) is damaged" in out and \
+        "the replica is intact" in out, out
+    rc, out = fsck(capsys, img, "-y", "-f")
+    assert rc == 1 and "Rewrite the primary from the replica? yes" in out, out
+    assert os.path.getsize(img) == 8 * MiB               # trimmed once nothing was left
+    rc, out = fsck(capsys, img, "-n", "-f")
+    assert rc == 0 and "no problems found" in out, out
+    fs = FileSystem.mount(img)
+    assert fs.read(ino["f"], 0, 5) == b"hello"
+    fs.unmount()
+
+
+def test_replica_candidates_in_order():
+    """SPEC 13.1 step 2: last block, the damaged primary's T-1, the table's end."""
+    sb = L.Superblock(total_blocks=1000, numa_nodes=1, cpus_per_node=2, inodes_per_cpu=64,
+                      uuid=bytes(16), mkfs_time_ns=0)
+    table = b"".join(r.pack() for r in L.plan_regions(1000, 1, 2, 64)).ljust(L.BLOCK, b"\0")
+    raw = bytearray(sb.pack())
+    raw[100] ^= 1                                        # CRC now fails, magic intact
+    assert L.replica_blocks(bytes(raw), table, 1000 * L.BLOCK) == [999]
+    assert L.replica_blocks(bytes(raw), table, 1200 * L.BLOCK + 17) == [1199, 999]
+    struct.pack_into("<Q", raw, 16, 1100)                # a damaged total_blocks
+    assert L.replica_blocks(bytes(raw), table, 1200 * L.BLOCK) == [1199, 1099, 999]
+    assert L.replica_blocks(bytes(L.SB_SIZE), table, 1200 * L.BLOCK) == [1199, 999]
+    broken = bytearray(table)
+    broken[L.REGION_SIZE + 10] ^= 1                      # CPU 1's descriptor: CPU 0's end
+    assert L.replica_blocks(bytes(L.SB_SIZE), bytes(broken), 1200 * L.BLOCK) == \
+        [1199, L.plan_regions(1000, 1, 2, 64)[0].end]
+    assert L.replica_blocks(bytes(L.SB_SIZE), bytes(L.BLOCK), 1200 * L.BLOCK) == [1199]
+    assert L.replica_blocks(bytes(raw), table, 900 * L.BLOCK) == [899]   # beyond the file
+
+
+def test_interrupted_reformat_of_a_grown_file_leaves_no_way_to_the_old_replica(
+        tmp_path, monkeypatch):
+    """The old replica lies inside the new, larger device; the old region table
+    would lead to it, so the formatter invalidates the table with the superblocks."""
+    import pnova.mkfs as mkfs
+
+    path = str(tmp_path / "g.img")
+    mkfs.format_device(path, 8 * MiB, numa_nodes=1, cpus_per_node=2)
+    held: dict[str, TrackedPMem] = {}
+
+    class PowerCut(Exception):
+        pass
+
+    class Tracked(TrackedPMem):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            held["pm"] = self
+            fences = [0]
+
+            def cut(_pm) -> None:
+                fences[0] += 1
+                if fences[0] == 2:                       # only the first fence completed
+                    raise PowerCut
+
+            self.on_fence = cut
+
+    monkeypatch.setattr(mkfs, "PMem", Tracked)
+    with pytest.raises(PowerCut):
+        mkfs.format_device(path, 16 * MiB, numa_nodes=1, cpus_per_node=1)
+    durable = held["pm"].durable.tobytes()
+    with open(path, "r+b") as f:
+        f.write(durable)
+    assert len(durable) == 16 * MiB
+    assert durable[2047 * L.BLOCK:2047 * L.BLOCK + 8] == L.SB_MAGIC   # the old replica
+    with pytest.raises(CorruptImage, match="not a pnova filesystem"):
+        FileSystem.mount(path)
+
+
