@@ -274,7 +274,10 @@ class FileSystem:
             regions = read_regions(pm, sb)
             fs = cls(pm, sb, regions, cpu=cpu, readonly=readonly, lock=lock,
                      segment_pages=segment_pages)
-            if sb.clean:
+            if sb.clean not in (0, 1):
+                logger.warning("%s: the superblock's clean field holds %d (neither 0 nor 1); "
+                               "the image is treated as not cleanly unmounted", path, sb.clean)
+            if sb.clean == 1:
                 fs._load_clean()
                 fs.mount_path = "clean"
             else:

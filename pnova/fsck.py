@@ -6,9 +6,10 @@ one reports what it finds in plain words, counts it, and repairs it when the
 answer policy says so.  The passes, in order:
 
 1. superblock and replica (CRC, version, geometry; dynamic fields may lag
-   after a crash), found as the mount finds them, and the file's size: a
-   file shorter than its filesystem cannot be checked; a longer one is
-   valid, its unused tail is named (and, with -y, trimmed off at the end);
+   after a crash; a clean flag other than 0 or 1), found as the mount finds
+   them, and the file's size: a file shorter than its filesystem cannot be
+   checked; a longer one is valid, its unused tail is named (and, with -y,
+   trimmed off at the end);
 2. region table against the geometry the superblock implies;
 3. lite journals (an open transaction on a dirty image is normal: the check
    then looks at the state *after* a virtual rollback, as mount would see it);
@@ -520,7 +521,15 @@ class Checker:
         except ValueError as e:
             raise CheckAborted(f"{self.path}: superblock geometry is impossible ({e})") from None
         self._check_size()
-        self.clean = bool(sb.clean)
+        self.clean = sb.clean == 1
+        if sb.clean not in (0, 1):
+            # Not a value any writer stores: the saved state cannot be trusted, so
+            # the image is handled as not cleanly unmounted, as the mount does.
+            if self.problem(f"superblock's clean field holds {sb.clean} (neither 0 nor 1); "
+                            "the image is treated as not cleanly unmounted",
+                            "Rebuild the saved state from the logs", safe=True):
+                self.deferred += 1               # finish() writes it and rebuilds
+                self.rebuild_alloc = True
 
     def _replica_blocks(self) -> list[int]:
         return L.replica_blocks(self.pm.read(0, L.SB_SIZE), self.pm.read(L.BLOCK, L.BLOCK),
@@ -656,7 +665,7 @@ class Checker:
     def _quick_clean(self) -> bool:
         """Clean image without -f: print the one-line state if nothing cheap looks wrong."""
         sb = self.sb
-        if not sb.clean or self.found or not self._sb_fits(sb):
+        if sb.clean != 1 or self.found or not self._sb_fits(sb):
             return False
         regions = self.regions = L.plan_regions(sb.total_blocks, sb.numa_nodes,
                                                 sb.cpus_per_node, sb.inodes_per_cpu)

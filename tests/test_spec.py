@@ -246,3 +246,33 @@ def test_interrupted_reformat_of_a_grown_file_leaves_no_way_to_the_old_replica(
         FileSystem.mount(path)
 
 
+# ------------------------------------------------------------------ 3: clean values
+def test_clean_value_other_than_0_or_1_means_not_clean(img, capsys, caplog, tmp_path):
+    ino = fill(img)
+    pm = PMem(img)
+    sb = read_superblock(pm)[0]
+    sb.clean = 2
+    write_superblock(pm, sb)
+    pm.close()
+    caplog.set_level(logging.WARNING, logger="pnova")
+    with pytest.raises(CorruptImage, match="not cleanly unmounted; recovery needs a read-write"):
+        FileSystem.mount(img, readonly=True)
+    assert f"{img}: the superblock's clean field holds 2 (neither 0 nor 1); the image is " \
+        "treated as not cleanly unmounted" in warnings_of(caplog)
+    copy = str(tmp_path / "copy.img")
+    shutil.copyfile(img, copy)
+    fs = FileSystem.mount(copy)
+    assert fs.mount_path == "recovery" and fs.read(ino["f"], 0, 5) == b"hello"
+    fs.unmount()
+    assert sb_of(copy).clean == 1
+
+    rc, out = fsck(capsys, img, "-n")                    # not taken for clean: full check
+    assert rc == 4 and "superblock's clean field holds 2 (neither 0 nor 1)" in out, out
+    assert "saved bitmaps are not checked" not in out and "clean," not in out
+    rc, out = fsck(capsys, img, "-p")
+    assert rc == 1 and "Rebuild the saved state from the logs? yes" in out, out
+    assert sb_of(img).clean == 1
+    rc, out = fsck(capsys, img, "-n", "-f")
+    assert rc == 0 and "no problems found" in out, out
+
+
