@@ -276,3 +276,28 @@ def test_clean_value_other_than_0_or_1_means_not_clean(img, capsys, caplog, tmp_
     assert rc == 0 and "no problems found" in out, out
 
 
+# ------------------------------------------------------------------ 13.3: read-only readers
+def test_dirty_image_read_only_refused_but_checkable_in_memory(img, capsys):
+    ino = fill(img)
+    fs = FileSystem.mount(img)
+    o = fs.create(ROOT, b"open", 0o644).ino
+    fs.ref(o)                                            # held open ...
+    fs.unlink(ROOT, b"open")                             # ... so an orphan
+    fs.rename(ROOT, b"f", ROOT, b"f2")
+    fs.pm.close()                                        # crash: clean = 0
+    fs.pm = None
+    before = digest(img)
+    with pytest.raises(CorruptImage) as ei:
+        FileSystem.mount(img, readonly=True)
+    assert str(ei.value) == f"{img}: not cleanly unmounted; recovery needs a read-write mount"
+    rc, out = fsck(capsys, img, "-n")                    # recovery in memory, no writes
+    assert rc == 0 and "no problems found" in out, out
+    assert digest(img) == before
+    fs = FileSystem.mount(img)
+    assert fs.mount_path == "recovery" and fs.lookup(ROOT, b"f2").ino == ino["f"]
+    fs.unmount()
+    pm = PMem(img, readonly=True)
+    assert pm.read_u64(slot(pm, sb_of(img), o) + L.I_STATE) == L.STATE_FREE   # step 6
+    pm.close()
+
+
