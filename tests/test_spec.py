@@ -5,6 +5,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import struct
 
 import pytest
@@ -299,5 +300,80 @@ def test_dirty_image_read_only_refused_but_checkable_in_memory(img, capsys):
     pm = PMem(img, readonly=True)
     assert pm.read_u64(slot(pm, sb_of(img), o) + L.I_STATE) == L.STATE_FREE   # step 6
     pm.close()
+
+
+# ------------------------------------------------------------------ 12.1, 12.10: orphans
+def _last_entry(pm: PMem, sb: L.Superblock, ino: int) -> tuple:
+    a = slot(pm, sb, ino)
+    raws = list(plog.walk(pm, pm.read_u64(a + L.I_LOG_HEAD), pm.read_u64(a + L.I_LOG_TAIL),
+                          ino, sb.total_blocks))
+    return L.decode_entry(raws[-1])
+
+
+def _names(pm: PMem, sb: L.Superblock) -> set[int]:
+    """Every inode named by a dentry of a live directory (the '..' entries aside)."""
+    named: set[int] = set()
+    for ino in range(1, sb.ncpus * sb.inodes_per_cpu + 1):
+        a = slot(pm, sb, ino)
+        if pm.read_u64(a + L.I_STATE) != L.STATE_LIVE:
+            continue
+        if not stat.S_ISDIR(L.InodeStatic.unpack(pm.read(a, 64)).mode):
+            continue
+        names: dict[bytes, int] = {}
+        for raw in plog.walk(pm, pm.read_u64(a + L.I_LOG_HEAD), pm.read_u64(a + L.I_LOG_TAIL),
+                             ino, sb.total_blocks):
+            e = L.decode_entry(raw)
+            if e[0] == L.E_DENTRY and e[3] != L.DOTDOT:
+                names.pop(e[3], None)
+                if e[2] == L.D_ADD:
+                    names[e[3]] = e[4]
+        named |= set(names.values())
+    return named
+
+
+def _check_orphan_dir(path: str, d: int, capsys) -> None:
+    sb = sb_of(path)
+    assert sb.clean == 0
+    pm = PMem(path, readonly=True)
+    try:
+        assert pm.read_u64(slot(pm, sb, d) + L.I_STATE) == L.STATE_LIVE
+        e = _last_entry(pm, sb, d)
+        assert e[0] == L.E_LINK and e[2] == 0            # rmdir logged nlink 0
+        assert d not in _names(pm, sb)                   # and no dentry names it
+    finally:
+        pm.close()
+    rc, out = fsck(capsys, path, "-n")                   # exempt from 12.10: no problem
+    assert rc == 0 and "no problems found" in out, out
+    fs = FileSystem.mount(path)                          # recovery frees it
+    fs.unmount()
+    pm = PMem(path, readonly=True)
+    assert pm.read_u64(slot(pm, sb, d) + L.I_STATE) == L.STATE_FREE
+    pm.close()
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 0 and "no problems found" in out, out
+
+
+def test_rmdir_of_an_open_directory_leaves_an_orphan_directory(img, capsys):
+    ino = fill(img)
+    fs = FileSystem.mount(img)
+    sub = fs.mkdir(ino["d"], b"sub", 0o755).ino
+    fs.ref(sub)                                          # a process has it open
+    fs.rmdir(ino["d"], b"sub")
+    assert fs.getattr(ino["d"]).nlink == 2
+    fs.pm.close()                                        # crash before it is released
+    fs.pm = None
+    _check_orphan_dir(img, sub, capsys)
+
+
+def test_crash_state_of_rmdir_is_an_orphan_directory(tmp_path, capsys):
+    """pnova-crashtest state seq1:27:4:0 (rmdir /A/C): the journal committed, the
+    directory is not freed yet."""
+    from pnova import crashtest as ct
+
+    path = str(tmp_path / "c.img")
+    res = ct.run_case("seq1", 0, 27, 2, only=(4, 0), keep=path)
+    assert res.checked == 1 and not res.failures
+    assert ct.cases_for("seq1", 0)[27][1] == [("rmdir", "/A/C")]
+    _check_orphan_dir(path, 6, capsys)
 
 
