@@ -377,3 +377,31 @@ def test_crash_state_of_rmdir_is_an_orphan_directory(tmp_path, capsys):
     _check_orphan_dir(path, 6, capsys)
 
 
+# ------------------------------------------------------------------ 3: the dynamic fields
+def test_mount_and_unmount_change_only_the_dynamic_fields(img):
+    pm = PMem(img)
+    sb = read_superblock(pm)[0]
+    sb.flags = 0x5A5A                                    # reserved: to see that it is kept
+    write_superblock(pm, sb)
+    pm.close()
+    with open(img, "rb") as f:
+        before = f.read(L.SB_SIZE)
+    fs = FileSystem.mount(img)
+    with open(img, "rb") as f:
+        mounted = f.read(L.SB_SIZE)
+    fs.create(ROOT, b"f", 0o644)
+    fs.unmount()
+    with open(img, "rb") as f:
+        after = f.read(L.SB_SIZE)
+        f.seek((sb.total_blocks - 1) * L.BLOCK)
+        replica = f.read(L.SB_SIZE)
+    dynamic = set(range(64, 68)) | set(range(72, 104)) | set(range(252, 256))
+    for raw in (mounted, after):
+        assert [i for i in range(L.SB_SIZE) if raw[i] != before[i] and i not in dynamic] == []
+    assert replica == after
+    m, a = L.Superblock.unpack(mounted), L.Superblock.unpack(after)
+    assert (m.clean, m.mount_count, m.flags) == (0, 1, 0x5A5A) and m.last_mount_ns > 0
+    assert (a.clean, a.flags) == (1, 0x5A5A) and a.next_seq > sb.next_seq
+    assert a.last_unmount_ns >= a.last_mount_ns == m.last_mount_ns
+
+
