@@ -8,6 +8,7 @@ import shutil
 import stat
 import struct
 
+import numpy as np
 import pytest
 
 from pnova import layout as L
@@ -403,5 +404,52 @@ def test_mount_and_unmount_change_only_the_dynamic_fields(img):
     assert (m.clean, m.mount_count, m.flags) == (0, 1, 0x5A5A) and m.last_mount_ns > 0
     assert (a.clean, a.flags) == (1, 0x5A5A) and a.next_seq > sb.next_seq
     assert a.last_unmount_ns >= a.last_mount_ns == m.last_mount_ns
+
+
+# ------------------------------------------------------------------ 16: the smallest device
+def _tiny(path: str, total: int) -> None:
+    """A freshly formatted image of ``total`` blocks, one CPU, 32 inodes (the
+    formatter itself insists on 64 blocks)."""
+    sb = L.Superblock(total_blocks=total, numa_nodes=1, cpus_per_node=1, inodes_per_cpu=32,
+                      uuid=bytes(range(16)), mkfs_time_ns=1, clean=1, next_seq=3)
+    pm = PMem(path, size=total * L.BLOCK, create=True)
+    try:
+        try:
+            (r,) = L.plan_regions(total, 1, 1, 32)
+        except ValueError:
+            write_superblock(pm, sb)
+            return
+        pm.store(L.BLOCK, r.pack())
+        plog.init_page(pm, r.data_start, ROOT)
+        a = r.itable_start * L.BLOCK
+        pm.store(a, L.InodeStatic(stat.S_IFDIR | 0o755, 0, 0, 0, 0, 1, 1, 1).pack())
+        dotdot = L.dentry_entry(2, L.D_ADD, L.DOTDOT, ROOT, stat.S_IFDIR >> 12, 1)
+        pm.store(r.data_start * L.BLOCK, dotdot)
+        pm.store_u64(a + L.I_LOG_HEAD, r.data_start * L.BLOCK)
+        pm.store_u64(a + L.I_LOG_TAIL, r.data_start * L.BLOCK + len(dotdot))
+        pm.store_u64(a + L.I_STATE, L.STATE_LIVE)
+        bits = np.zeros(r.data_blocks, dtype=bool)
+        bits[0] = True
+        pm.store(r.bitmap_start * L.BLOCK, np.packbits(bits, bitorder="little").tobytes())
+        write_superblock(pm, sb)
+    finally:
+        pm.close()
+
+
+def test_smallest_device_is_set_by_the_geometry(tmp_path, capsys):
+    ok, small = str(tmp_path / "22.img"), str(tmp_path / "21.img")
+    _tiny(ok, 22)
+    _tiny(small, 21)
+    fs = FileSystem.mount(ok)
+    assert fs.alloc.regions[0].region.data_blocks == 16
+    f = fs.create(ROOT, b"f", 0o644).ino
+    fs.write(f, 0, b"x" * 5000)
+    fs.unmount()
+    rc, out = fsck(capsys, ok, "-n", "-f")
+    assert rc == 0 and "no problems found" in out, out
+    with pytest.raises(CorruptImage, match="superblock geometry is impossible"):
+        FileSystem.mount(small)
+    rc, out = fsck(capsys, small, "-n")
+    assert rc == 8 and "superblock geometry is impossible" in out, out
 
 
