@@ -13,7 +13,7 @@ import pytest
 
 from pnova import layout as L
 from pnova import log as plog
-from pnova.engine import FileSystem, read_superblock, write_superblock
+from pnova.engine import FileSystem, read_regions, read_superblock, write_superblock
 from pnova.errors import CorruptImage
 from pnova.mkfs import format_device
 from pnova.pmem import PMem, TrackedPMem
@@ -376,6 +376,63 @@ def test_crash_state_of_rmdir_is_an_orphan_directory(tmp_path, capsys):
     assert res.checked == 1 and not res.failures
     assert ct.cases_for("seq1", 0)[27][1] == [("rmdir", "/A/C")]
     _check_orphan_dir(path, 6, capsys)
+
+
+# ------------------------------------------------------------------ 8: journals
+def _open_txn(pm: PMem, region: L.Region, recs: list[tuple[int, int]]) -> None:
+    raw = b"".join(struct.pack("<QQ", a, v) for a, v in recs)
+    jb = region.journal_block * L.BLOCK
+    pm.store(jb + L.J_RECORDS, raw)
+    pm.store_u64(jb, L.journal_word(len(recs), raw))
+    pm.persist(jb, L.BLOCK)
+
+
+def test_journals_roll_back_in_cpu_order(img, capsys):
+    """Two open transactions naming one word (no writer leaves that): the
+    record of the highest-numbered CPU decides, for the mount and for fsck."""
+    fs = FileSystem.mount(img)
+    fs.create(ROOT, b"a", 0o644)
+    mid = fs.get(ROOT).tail
+    b = fs.create(ROOT, b"b", 0o644).ino
+    end = fs.get(ROOT).tail
+    fs.unmount()
+    pm = PMem(img)
+    sb = read_superblock(pm)[0]
+    regions = read_regions(pm, sb)
+    tail = slot(pm, sb, ROOT) + L.I_LOG_TAIL
+    _open_txn(pm, regions[0], [(tail, mid)])             # CPU 0: without 'b'
+    _open_txn(pm, regions[1], [(tail, end)])             # CPU 1: with 'b'
+    sb.clean = 0
+    write_superblock(pm, sb)
+    pm.close()
+    rc, out = fsck(capsys, img, "-n")
+    assert rc == 0 and "no problems found" in out, out  # 'b' is named: CPU 1 won
+    fs = FileSystem.mount(img)
+    assert fs.lookup(ROOT, b"b").ino == b
+    fs.unmount()
+
+
+def test_unused_slots_are_not_inside_the_inode_table(tmp_path, capsys):
+    path = str(tmp_path / "s.img")
+    format_device(path, 8 * MiB, numa_nodes=1, cpus_per_node=1, inodes_per_cpu=40)
+    pm = PMem(path)
+    sb = read_superblock(pm)[0]
+    region = read_regions(pm, sb)[0]
+    assert region.itable_blocks == 2                     # slots 40..63 of block 2 unused
+    base = region.itable_start * L.BLOCK
+    sb.clean = 0
+    write_superblock(pm, sb)
+    _open_txn(pm, region, [(base + 39 * L.INODE_SIZE + L.I_LOG_TAIL, 0)])   # the last slot
+    pm.close()
+    shutil.copyfile(path, path + ".last")
+    FileSystem.mount(path + ".last").unmount()
+    pm = PMem(path)
+    _open_txn(pm, region, [(base + 40 * L.INODE_SIZE + L.I_LOG_TAIL, 0)])   # past it
+    pm.close()
+    with pytest.raises(CorruptImage, match="lite journal points outside the inode tables"):
+        FileSystem.mount(path)
+    rc, out = fsck(capsys, path, "-n")
+    assert rc == 4 and "is damaged (points outside the inode tables)" in out, out
 
 
 # ------------------------------------------------------------------ 3: the dynamic fields
