@@ -510,3 +510,27 @@ def test_smallest_device_is_set_by_the_geometry(tmp_path, capsys):
     assert rc == 8 and "superblock geometry is impossible" in out, out
 
 
+# ------------------------------------------------------------------ 5.2: rdev
+def test_rdev_is_linux_st_rdev_encoding(img):
+    def spec_encode(major: int, minor: int) -> int:
+        return (minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & 0xFFFFFF00) << 12) | \
+            ((major & 0xFFFFF000) << 32)
+
+    for major, minor in ((8, 3), (1, 3), (259, 0x12345), (0x12345, 0x6789A), (4095, 0xFFFFF)):
+        r = spec_encode(major, minor)
+        assert r == os.makedev(major, minor)
+        assert (((r >> 8) & 0xFFF) | ((r >> 32) & 0xFFFFF000), (r & 0xFF) | ((r >> 12) & 0xFFFFFF00)) \
+            == (os.major(r), os.minor(r)) == (major, minor)
+    assert os.makedev(8, 3) == 2051
+    fs = FileSystem.mount(img)
+    n = fs.mknod(ROOT, b"sda3", stat.S_IFBLK | 0o660, os.makedev(8, 3)).ino
+    fs.unmount()
+    pm = PMem(img, readonly=True)
+    raw = pm.read(slot(pm, sb_of(img), n) + 16, 8)
+    pm.close()
+    assert raw == bytes.fromhex("0308000000000000")
+    fs = FileSystem.mount(img)
+    assert fs.getattr(n).rdev == 2051
+    fs.unmount()
+
+
