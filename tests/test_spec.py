@@ -534,3 +534,27 @@ def test_rdev_is_linux_st_rdev_encoding(img):
     fs.unmount()
 
 
+# ------------------------------------------------------------------ 11: what a mount reports
+def test_directory_size_is_0_on_the_media_and_4096_in_stat(img):
+    fs = FileSystem.mount(img)
+    d = fs.mkdir(ROOT, b"d", 0o755).ino
+    for i in range(200):                                 # more than one log page
+        fs.create(d, b"name-%03d" % i, 0o644)
+    a = fs.getattr(d)
+    assert a.ino == d and fs.getattr(ROOT).ino == ROOT
+    assert a.size == 4096 and a.blocks == 8 * len(fs.get(d).log_pages) and a.blocks > 8
+    fs.compact(d)                                        # logs SA_SIZE with size 0
+    fs.unmount()
+    pm = PMem(img, readonly=True)
+    sb = sb_of(img)
+    a_slot = slot(pm, sb, d)                             # st_ino names the slot (5.1)
+    assert stat.S_ISDIR(L.InodeStatic.unpack(pm.read(a_slot, 64)).mode)
+    entries = [L.decode_entry(r) for r in plog.walk(
+        pm, pm.read_u64(a_slot + L.I_LOG_HEAD), pm.read_u64(a_slot + L.I_LOG_TAIL), d,
+        sb.total_blocks)]
+    pm.close()
+    sizes = [e[6] for e in entries if e[0] == L.E_SETATTR and e[2] & L.SA_SIZE]
+    assert sizes == [0]
+    fs = FileSystem.mount(img)
+    assert fs.get(d).size == 0 and fs.getattr(d).size == 4096
+    fs.unmount()
