@@ -6,7 +6,10 @@ one reports what it finds in plain words, counts it, and repairs it when the
 answer policy says so.  The passes, in order:
 
 1. superblock and replica (CRC, version, geometry; dynamic fields may lag
-   after a crash);
+   after a crash; a clean flag other than 0 or 1), found as the mount finds
+   them, and the file's size: a file shorter than its filesystem cannot be
+   checked; a longer one is valid, its unused tail is named (and, with -y,
+   trimmed off at the end);
 2. region table against the geometry the superblock implies;
 3. lite journals (an open transaction on a dirty image is normal: the check
    then looks at the state *after* a virtual rollback, as mount would see it);
@@ -55,6 +58,7 @@ and that the saved bitmap (on a clean image) does not mark in use.
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import struct
 import time
@@ -230,6 +234,8 @@ class Checker:
         self.sb: L.Superblock | None = None
         self.clean = False
         self.regions: list[L.Region] = []
+        self.file_size = 0                       # of the image file; the device may be shorter
+        self.trim_to: int | None = None          # cut the unused tail off at the end
         self.overlay: dict[int, int] = {}        # virtual journal rollback: addr -> value
         self.pending_rollback: list[Journal] = []
         self.recs: dict[int, _Rec] = {}
@@ -297,10 +303,14 @@ class Checker:
         except DeviceError as e:
             raise CheckAborted(str(e)) from None
         try:
+            self.file_size = self.pm.size
             if self.pm.size < 16 * L.BLOCK:
                 raise CheckAborted(f"{self.path}: not a pnova filesystem (too small)")
             self.check_superblock()
             if not self.force and self._quick_clean():
+                self.pm.close()
+                self.pm = None
+                self._trim()
                 return 0
             self.check_regions()
             self.check_journals()
@@ -320,8 +330,21 @@ class Checker:
                 self.pm.close()
                 self.pm = None
         self.finish()
+        self._trim()
         self._summary(nfiles, nblocks)
         return (1 if self.fixed else 0) | (4 if self.left else 0)
+
+    def _trim(self) -> None:
+        """Cut the unused tail off the file, as agreed in check_superblock."""
+        if self.trim_to is None:
+            return
+        if self.left:
+            self.say(f"{self.path}: the file was not trimmed, because problems remain")
+            return
+        try:
+            os.truncate(self.path, self.trim_to)
+        except OSError as e:
+            self.say(f"{self.path}: cannot trim the file: {e.strerror}")
 
     def _summary(self, nfiles: int, nblocks: int) -> None:
         sb = self.sb
@@ -412,12 +435,34 @@ class Checker:
 
     # ------------------------------------------------------------ pass 1: superblock
     def check_superblock(self) -> None:
-        """Primary vs replica: CRC, plausibility, equal geometry."""
+        """Primary vs replica: CRC, plausibility, equal geometry; the file's size."""
         pm = self.pm
-        nblocks = pm.size // L.BLOCK
+        nblocks = self.file_size // L.BLOCK
         prim, why_p = self._read_sb(0)
-        repl_at = nblocks - 1
-        repl, why_r = self._read_sb(repl_at * L.BLOCK)
+        repl_at: int | None = None
+        if prim is not None:
+            try:
+                L.plan_regions(prim.total_blocks, prim.numa_nodes, prim.cpus_per_node,
+                               prim.inodes_per_cpu)
+            except ValueError as e:
+                raise CheckAborted(f"{self.path}: superblock geometry is impossible "
+                                   f"({e})") from None
+            if prim.total_blocks > nblocks:
+                raise CheckAborted(self._short_file(prim))
+            repl_at = prim.total_blocks - 1
+            repl, why_r = self._read_sb(repl_at * L.BLOCK, repl_at)
+        else:
+            # The search the mount makes (SPEC 13.1): the file's last block, the
+            # one the damaged primary's total_blocks names, the one after the
+            # region table's last region.
+            repl, why_r = None, "bad magic"
+            for i, blk in enumerate(self._replica_blocks()):
+                cand, why = self._read_sb(blk * L.BLOCK, blk)
+                if cand is not None:
+                    repl, repl_at = cand, blk
+                    break
+                if i == 0:
+                    why_r = why
         if prim is None and repl is None:
             other = self._other_version()
             if other is not None:
@@ -434,6 +479,7 @@ class Checker:
                                    "are both unusable and the region table does not give "
                                    "the geometry back")
             self.sb = sb
+            self._check_size()
             if self.problem(f"primary superblock is damaged ({why_p}) and so is its replica "
                             f"({why_r}); geometry {how}", "Rewrite both superblocks",
                             safe=False):
@@ -474,23 +520,66 @@ class Checker:
             L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node, sb.inodes_per_cpu)
         except ValueError as e:
             raise CheckAborted(f"{self.path}: superblock geometry is impossible ({e})") from None
-        self.clean = bool(sb.clean)
+        self._check_size()
+        self.clean = sb.clean == 1
+        if sb.clean not in (0, 1):
+            # Not a value any writer stores: the saved state cannot be trusted, so
+            # the image is handled as not cleanly unmounted, as the mount does.
+            if self.problem(f"superblock's clean field holds {sb.clean} (neither 0 nor 1); "
+                            "the image is treated as not cleanly unmounted",
+                            "Rebuild the saved state from the logs", safe=True):
+                self.deferred += 1               # finish() writes it and rebuilds
+                self.rebuild_alloc = True
 
-    def _read_sb(self, off: int) -> tuple[L.Superblock | None, str]:
+    def _replica_blocks(self) -> list[int]:
+        return L.replica_blocks(self.pm.read(0, L.SB_SIZE), self.pm.read(L.BLOCK, L.BLOCK),
+                                self.file_size)
+
+    def _short_file(self, sb: L.Superblock) -> str:
+        size = sb.total_blocks * L.BLOCK
+        return (f"{self.path}: the file is shorter than its filesystem ({self.file_size} "
+                f"bytes; the superblock describes {sb.total_blocks} blocks, {size} bytes): its "
+                "end is missing and cannot be rebuilt")
+
+    def _check_size(self) -> None:
+        """The file may be longer than the filesystem (its tail is not used), not shorter."""
+        size = self.sb.total_blocks * L.BLOCK
+        if size > self.file_size:
+            raise CheckAborted(self._short_file(self.sb))
+        if size == self.file_size:
+            return
+        self.pm.limit(size)                  # every later bound is the filesystem's end
+        self.say(f"{self.path}: the file is {self.file_size - size} bytes longer than its "
+                 f"filesystem ({self.sb.total_blocks} blocks); bytes {size}..{self.file_size - 1} "
+                 "are not used")
+        if self.policy in (NO, PREEN) or not stat.S_ISREG(os.stat(self.path).st_mode):
+            return                           # not an error: nothing to repair
+        question = f"Trim the file to {size} bytes"
+        if callable(self.policy):
+            ok = bool(self.policy(question))
+        else:
+            ok = True
+            self.say(f"  {question}? yes")
+        if ok:
+            self.trim_to = size
+
+    def _read_sb(self, off: int, replica_at: int | None = None
+                 ) -> tuple[L.Superblock | None, str]:
         try:
             sb = L.Superblock.unpack(self.pm.read(off, L.SB_SIZE))
         except ValueError as e:
             return None, str(e)
         if sb.region_table_block != 1 or sb.inodes_per_cpu < 1:
             return None, "implausible fields"
-        n = self.pm.size // L.BLOCK
-        if sb.total_blocks != n:           # the engine, too, refuses such a copy
-            return None, f"it describes {sb.total_blocks} blocks but the device has {n}"
+        if replica_at is not None:
+            why = L.replica_fits(sb, replica_at)
+            if why is not None:
+                return None, why
         return sb, ""
 
     def _other_version(self) -> int | None:
         """The version of a superblock copy that is intact but of another format."""
-        for off in (0, (self.pm.size // L.BLOCK - 1) * L.BLOCK):
+        for off in (0, (self.file_size // L.BLOCK - 1) * L.BLOCK):
             raw = self.pm.read(off, L.SB_SIZE)
             if raw[:8] != L.SB_MAGIC:
                 continue
@@ -521,7 +610,7 @@ class Checker:
         return out
 
     def _sb_fits(self, sb: L.Superblock) -> bool:
-        if sb.total_blocks != self.pm.size // L.BLOCK:
+        if sb.total_blocks > self.file_size // L.BLOCK:
             return False
         try:
             plan = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
@@ -532,7 +621,7 @@ class Checker:
 
     def _salvage_sb(self) -> tuple[L.Superblock | None, str]:
         """Both copies failed: a copy whose fields fit the region table, or the table alone."""
-        for off in (0, (self.pm.size // L.BLOCK - 1) * L.BLOCK):
+        for off in [0] + [b * L.BLOCK for b in self._replica_blocks()]:
             raw = self.pm.read(off, L.SB_SIZE)
             if raw[:8] != L.SB_MAGIC:
                 continue
@@ -551,13 +640,17 @@ class Checker:
         nodes = table[-1].node + 1
         if len(table) % nodes:
             return None, ""
-        total = self.pm.size // L.BLOCK
         ipc = table[0].itable_blocks * L.INODES_PER_BLOCK
-        try:
-            plan = L.plan_regions(total, nodes, len(table) // nodes, ipc)
-        except ValueError:
-            return None, ""
-        if plan != table:
+        # The file's whole blocks, or (a file made longer) the block after the
+        # last region, which is where the replica belongs.
+        for total in dict.fromkeys((self.file_size // L.BLOCK, table[-1].end + 1)):
+            try:
+                plan = L.plan_regions(total, nodes, len(table) // nodes, ipc)
+            except ValueError:
+                continue
+            if plan == table and total <= self.file_size // L.BLOCK:
+                break
+        else:
             return None, ""
         root = table[0].itable_start * L.BLOCK
         try:
@@ -572,7 +665,7 @@ class Checker:
     def _quick_clean(self) -> bool:
         """Clean image without -f: print the one-line state if nothing cheap looks wrong."""
         sb = self.sb
-        if not sb.clean or self.found or not self._sb_fits(sb):
+        if sb.clean != 1 or self.found or not self._sb_fits(sb):
             return False
         regions = self.regions = L.plan_regions(sb.total_blocks, sb.numa_nodes,
                                                 sb.cpus_per_node, sb.inodes_per_cpu)

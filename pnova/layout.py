@@ -173,6 +173,44 @@ def plan_regions(total_blocks: int, numa_nodes: int, cpus_per_node: int,
     return regions
 
 
+def replica_blocks(block0: bytes, table: bytes, file_size: int) -> list[int]:
+    """Where to look for the replica superblock when the primary is unusable (SPEC 13.1).
+
+    ``block0`` is bytes 0..255 of the file, ``table`` block 1 (the region
+    table), ``file_size`` the file's size in bytes.  The candidates, in order:
+    the file's last whole block (the replica of a file exactly as long as its
+    filesystem); if block 0 still starts with the magic, the block before the
+    one its ``total_blocks`` field names; the block just past the last region
+    of the region table's leading run of intact descriptors (where the
+    replica of a file made longer lies).  Candidates outside blocks
+    2 .. file blocks - 1 are left out, and none is listed twice.
+    """
+    nblocks = file_size // BLOCK
+    out = [nblocks - 1]
+    if block0[:8] == SB_MAGIC:
+        out.append(struct.unpack_from("<Q", block0, 16)[0] - 1)
+    last = None
+    for i in range(MAX_CPUS):
+        try:
+            r = Region.unpack(table[i * REGION_SIZE:(i + 1) * REGION_SIZE])
+        except ValueError:
+            break
+        if r.cpu != i:
+            break
+        last = r
+    if last is not None:
+        out.append(last.end)
+    return [b for i, b in enumerate(out) if 2 <= b < nblocks and b not in out[:i]]
+
+
+def replica_fits(sb: Superblock, block: int) -> str | None:
+    """None if ``sb``, read at ``block``, is a replica there: the last block of the
+    filesystem it describes.  Else the reason it is not."""
+    if sb.total_blocks != block + 1:
+        return f"it describes {sb.total_blocks} blocks, so block {block} is not its last"
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Inodes: 128 bytes, in per-CPU tables.  ino = 1 + index * ncpus + cpu.
 # Line 0 (bytes 0..63) is written once at creation and carries a CRC;

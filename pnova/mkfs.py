@@ -46,16 +46,18 @@ def format_device(path: str, size: int, *, numa_nodes: int = 1, cpus_per_node: i
                           uuid=uuidlib.uuid4().bytes, mkfs_time_ns=time.time_ns(),
                           label=label[:32], clean=1, next_seq=3)
         # First make any old filesystem unrecognisable: both superblock copies
-        # go, durably, before anything else changes, so an interrupted mkfs
-        # never leaves a stale replica describing the old geometry.
-        pm.store_zero(0, L.BLOCK)
+        # and the region table go, durably, before anything else changes, so an
+        # interrupted mkfs never leaves a stale replica describing the old
+        # geometry, nor a table that leads to one (an old replica inside a
+        # file that grew is not overwritten; SPEC 13.1 looks for it through
+        # block 0 and the table).
+        pm.store_zero(0, 2 * L.BLOCK)
         pm.store_zero((total - 1) * L.BLOCK, L.BLOCK)
-        pm.flush(0, L.BLOCK)
+        pm.flush(0, 2 * L.BLOCK)
         pm.flush((total - 1) * L.BLOCK, L.BLOCK)
         pm.fence()
         # Zero the metadata areas (inode tables, journals, bitmaps): a reused
         # file may hold anything.
-        pm.store_zero(L.BLOCK, L.BLOCK)
         for r in regions:
             pm.store_zero(r.start * L.BLOCK, (r.data_start - r.start) * L.BLOCK)
         table = b"".join(r.pack() for r in regions)

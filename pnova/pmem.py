@@ -69,6 +69,11 @@ class PMem:
         self.flushes = 0
         self.fences = 0
 
+    def limit(self, size: int) -> None:
+        """Make ``size`` the device size: the first ``size`` bytes of a longer file
+        (bounds checks against :attr:`size` then leave the file's tail out)."""
+        self.size = min(self.size, size)
+
     # -- reads -------------------------------------------------------------
     def read(self, off: int, n: int) -> bytes:
         """Return a copy of ``n`` bytes at ``off``."""

@@ -40,37 +40,46 @@ class StatFs:
 
 
 def read_superblock(pm: PMem) -> tuple[L.Superblock, str]:
-    """Return (superblock, which) where which is 'primary' or 'replica'.
+    """Return (superblock, which) where which is 'primary' or 'replica' (SPEC 13.1).
 
-    Raises CorruptImage with one line when neither copy is valid.
+    Raises CorruptImage with one line when neither copy is usable, or when the
+    file is shorter than the filesystem the superblock describes.  A longer
+    file is accepted: the filesystem is its first ``total_blocks`` blocks.
     """
     if pm.size < 16 * L.BLOCK:
         raise CorruptImage(f"{pm.path}: too small to hold a pnova filesystem")
+    block0 = pm.read(0, L.SB_SIZE)
     try:
-        sb = L.Superblock.unpack(pm.read(0, L.SB_SIZE))
-        if sb.total_blocks != pm.size // L.BLOCK:
-            raise ValueError(f"it describes {sb.total_blocks} blocks but the device has "
-                             f"{pm.size // L.BLOCK}")
-        return sb, "primary"
+        sb, which = L.Superblock.unpack(block0), "primary"
     except ValueError as e1:
         why1 = str(e1)
         if why1.startswith("unsupported format version"):
             raise CorruptImage(f"{pm.path}: {why1}; this pnova reads version "
                                f"{L.FORMAT_VERSION} only (copy the data out with the pnova "
                                "that made it, then mkfs.pnova)") from None
-    last = (pm.size // L.BLOCK - 1) * L.BLOCK
-    try:
-        sb = L.Superblock.unpack(pm.read(last, L.SB_SIZE))
-    except ValueError as e2:
-        if why1 == "bad magic" and str(e2) == "bad magic":
-            raise CorruptImage(f"{pm.path}: not a pnova filesystem (no superblock found; if it "
-                               "held one, fsck.pnova can rebuild it)") from None
-        raise CorruptImage(f"{pm.path}: superblock unusable ({why1}) and its replica too "
-                           f"({e2}); run fsck.pnova") from None
-    if sb.total_blocks != pm.size // L.BLOCK:
-        raise CorruptImage(f"{pm.path}: superblock unusable ({why1}) and the replica does "
-                           "not match the device size")
-    return sb, "replica"
+        sb, why2 = None, ""
+        for blk in L.replica_blocks(block0, pm.read(L.BLOCK, L.BLOCK), pm.size):
+            try:
+                cand = L.Superblock.unpack(pm.read(blk * L.BLOCK, L.SB_SIZE))
+                why = L.replica_fits(cand, blk)
+            except ValueError as e2:
+                why = str(e2)
+            if why is None:
+                sb = cand
+                break
+            why2 = why2 or why                   # the reason of the first candidate
+        if sb is None:
+            if why1 == "bad magic" and why2 == "bad magic":
+                raise CorruptImage(f"{pm.path}: not a pnova filesystem (no superblock found; if "
+                                   "it held one, fsck.pnova can rebuild it)") from None
+            raise CorruptImage(f"{pm.path}: superblock unusable ({why1}) and its replica too "
+                               f"({why2}); run fsck.pnova") from None
+        which = "replica"
+    if sb.total_blocks * L.BLOCK > pm.size:
+        raise CorruptImage(f"{pm.path}: the file is shorter than its filesystem ({pm.size} "
+                           f"bytes; the superblock describes {sb.total_blocks} blocks, "
+                           f"{sb.total_blocks * L.BLOCK} bytes): its end is missing")
+    return sb, which
 
 
 def write_superblock(pm: PMem, sb: L.Superblock) -> None:
@@ -137,10 +146,20 @@ class Mount:
             sb, which = read_superblock(pm)
             if which == "replica":
                 logger.warning("%s: primary superblock is damaged; using the replica", path)
+            size = sb.total_blocks * L.BLOCK
+            if pm.size > size:
+                # A file made longer after formatting (truncate -s, a padding copy):
+                # the filesystem is its first total_blocks blocks, the tail is unused.
+                logger.warning("%s: the file is %d bytes longer than its filesystem; bytes "
+                               "%d..%d are not used", path, pm.size - size, size, pm.size - 1)
+                pm.limit(size)
             regions = read_regions(pm, sb)
             fs = cls(pm, sb, regions, cpu=cpu, readonly=readonly, lock=lock,
                      segment_pages=segment_pages)
-            if sb.clean:
+            if sb.clean not in (0, 1):
+                logger.warning("%s: the superblock's clean field holds %d (neither 0 nor 1); "
+                               "the image is treated as not cleanly unmounted", path, sb.clean)
+            if sb.clean == 1:
                 fs._load_clean()
                 fs.mount_path = "clean"
             else:
