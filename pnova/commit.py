@@ -45,36 +45,71 @@ class Commit:
         locked = sorted({inode.ino for inode, _ in changes})
         for ino in locked:
             sch.log_lock(ino)
-        appended: list[tuple[Inode, int, list[int], list[tuple]]] = []
+        appended: list[tuple[Inode, int, list[int], list[tuple], bool]] = []
         try:
             try:
                 for inode, entries in changes:
+                    tail = None
                     if self.shared:
-                        inode = self._current_under_log_lock(inode)
+                        if inode.is_dir:
+                            inode, tail = self._dir_tail_under_log_lock(inode)
+                        else:
+                            inode = self._current_under_log_lock(inode)
                     entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
                     raws = [L.encode_entry(e) for e in entries]
-                    new_tail, pages = plog.append(pm, inode.tail, raws, inode.ino,
-                                                  self._new_log_page)
-                    appended.append((inode, new_tail, pages, entries))
+                    new_tail, pages = plog.append(pm, inode.tail if tail is None else tail,
+                                                  raws, inode.ino, self._new_log_page)
+                    appended.append((inode, new_tail, pages, entries, tail is not None))
             except FsError as exc:
                 for p in getattr(exc, "pages", []):
                     self.alloc.free(p, 1)
-                for _, _, pages, _ in appended:
+                for _, _, pages, _, _ in appended:
                     for p in pages:
                         self.alloc.free(p, 1)
                 for p in extra_pages:
                     self.alloc.free(p, 1)
                 raise
             # several words change at once: the lite journal makes them atomic
-            updates = [(self.inode_addr(i.ino) + L.I_LOG_TAIL, t) for i, t, _, _ in appended]
+            updates = [(self.inode_addr(i.ino) + L.I_LOG_TAIL, t)
+                       for i, t, _, _, _ in appended]
             self.journals[self.cpu].run(updates + list(extra))
             freed: list[int] = []
-            for inode, new_tail, pages, entries in appended:
-                freed.extend(self._committed(inode, new_tail, pages, entries))
+            for inode, new_tail, pages, entries, behind in appended:
+                if behind:
+                    # The cache keeps its tail and pages: the next validation
+                    # walks from there and applies, in log order, the other
+                    # processes' entries and these again (dentries, and link
+                    # counts changed only under the directory's exclusive lock,
+                    # give the same state either way).
+                    for e in entries:
+                        inode.apply(e)
+                    if pages:
+                        self._compact_wanted.add(inode.ino)   # looked at once caught up
+                else:
+                    freed.extend(self._committed(inode, new_tail, pages, entries))
         finally:
             for ino in reversed(locked):
                 sch.log_unlock(ino)
         return freed
+
+    def _dir_tail_under_log_lock(self, inode: Inode) -> tuple[Inode, int | None]:
+        """For a directory's append: the cached inode and, if only other
+        processes' appends moved its tail since the cache last looked, the
+        tail to append at (None: append at the cache's own tail).
+
+        A namespace operation holds the locks of the names it changes, and its
+        cache was validated under them, so it need not apply the entries the
+        others committed meanwhile (all for other names) before its own: the
+        catching up is left for the next validation, outside the log lock.
+        Anything else (a compaction, a freed slot) is validated now.
+        """
+        mm = self.pm.mm
+        gen, state, head, tail, array = L.SLOT_WORDS.unpack_from(
+            mm, self.inode_addr(inode.ino) + L.I_GENERATION)
+        if (gen == inode.generation and state == L.STATE_LIVE and head == inode.head
+                and array == inode.array):
+            return inode, (None if tail == inode.tail else tail)
+        return self._current_under_log_lock(inode), None
 
     def _current_under_log_lock(self, inode: Inode) -> Inode:
         """Catch up with appends by other processes before appending (a reload gives

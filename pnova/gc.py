@@ -22,10 +22,14 @@ class Compaction:
     def _log_pages(self, inode: Inode) -> int:
         return len(inode.log_pages) + sum(len(v[2]) for v in inode.local.values())
 
+    def _needs_compaction(self, inode: Inode) -> bool:
+        """Whether an inode's logs have grown well past its live state."""
+        n = self._log_pages(inode)
+        return n >= 4 and n > 2 * (inode.live_log_estimate() // L.LOG_DATA + 1) + 1
+
     def _want_compaction(self, inode: Inode) -> None:
         """Note an inode whose logs have grown well past its live state."""
-        n = self._log_pages(inode)
-        if n >= 4 and n > 2 * (inode.live_log_estimate() // L.LOG_DATA + 1) + 1:
+        if self._needs_compaction(inode):
             self._compact_wanted.add(inode.ino)
 
     def _compact_pending(self) -> None:
@@ -33,9 +37,12 @@ class Compaction:
         while self._compact_wanted:
             ino = self._compact_wanted.pop()
             try:
-                self.compact(ino)
+                # decided on a cache caught up with the other processes (a
+                # directory commit may have left that to the next validation)
+                if self._needs_compaction(self.get(ino)):
+                    self.compact(ino)
             except FsError:
-                pass                    # no room for a new chain: keep the long one
+                pass                    # gone, or no room for a new chain: keep the long one
 
     def compact(self, ino: int) -> None:
         """Thorough log GC: rewrite the live state as one new chain.

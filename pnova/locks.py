@@ -83,8 +83,16 @@ class Semaphores:
 
     # -- readers -------------------------------------------------------------
     def _try_read(self, off: int) -> bool:
-        v = self.w.load32(off)
-        return not v & WRITER and self.w.cas32(off, v, v + 1)
+        # A failed compare-and-swap with no writer means another reader came or
+        # went meanwhile: try again at once rather than wait.
+        w = self.w
+        for _ in range(8):
+            v = w.load32(off)
+            if v & WRITER:
+                return False
+            if w.cas32(off, v, v + 1):
+                return True
+        return False
 
     def rlock(self, off: int) -> None:
         if not self.free_records:
