@@ -25,6 +25,14 @@ def image(tmp_path) -> str:
 
 
 @pytest.fixture
+def img(tmp_path) -> str:
+    """Path of a freshly formatted 8 MiB image with 2 CPUs on 1 node."""
+    path = str(tmp_path / "t.img")
+    format_device(path, 8 << 20, numa_nodes=1, cpus_per_node=2)
+    return path
+
+
+@pytest.fixture
 def fs(image):
     """The engine mounted on ``image``; unmounted cleanly afterwards if still mounted."""
     f = FileSystem.mount(image)

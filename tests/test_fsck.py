@@ -19,29 +19,15 @@ from pnova.engine import FileSystem, read_regions, read_superblock, write_superb
 from pnova.errors import CorruptImage
 from pnova.fsck import NO, YES, Checker
 from pnova.mkfs import format_device
+
+from helpers import fsck
 from pnova.pmem import PMem
-from pnova_fsck.cli import main as fsck_main
 
 ROOT = 1
 FSCK = os.path.join(os.path.dirname(sys.executable), "fsck.pnova")
 
 
 # ---------------------------------------------------------------------- helpers
-@pytest.fixture
-def img(tmp_path) -> str:
-    path = str(tmp_path / "t.img")
-    format_device(path, 8 << 20, numa_nodes=1, cpus_per_node=2)
-    return path
-
-
-def fsck(capsys, path: str, *opts: str) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = fsck_main([*opts, path])
-    cap = capsys.readouterr()
-    assert "Traceback" not in cap.out + cap.err
-    return rc, cap.out + cap.err
-
-
 def workload(path: str) -> dict[str, int]:
     """A bit of everything through the engine; returns some inode numbers."""
     fs = FileSystem.mount(path)

@@ -26,6 +26,8 @@ from pnova.errors import FsError
 from pnova.fsck import Checker
 from pnova.mkfs import format_device
 
+from helpers import fork_workers
+
 PAGE = 4096
 NFILES = 2
 MAXPAGE = 24
@@ -98,33 +100,7 @@ def run_workers(path: str, scheme: str, per_cpu: list[list[tuple]]) -> list[tupl
     fs = FileSystem.mount(path, lock=scheme, segment_pages=4)
     inos = [fs.create(1, b"f%d" % i, 0o644).ino for i in range(NFILES)]
     fs.prepare_workers()
-    pids = []
-    for cpu, ops in enumerate(per_cpu):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                worker(fs, cpu, inos, ops)
-                code = 0
-            except BaseException as e:          # report, then exit non-zero
-                os.write(2, f"worker {cpu}: {type(e).__name__}: {e}\n".encode())
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    deadline = time.monotonic() + 120
-    failed = []
-    for pid in pids:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                if os.waitstatus_to_exitcode(status) != 0:
-                    failed.append(pid)
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-            fs.refill_rings()                    # the parent is the designated refiller
-            time.sleep(0.002)
-    assert not failed, "a worker failed (see its message above)"
+    fork_workers(fs, len(per_cpu), lambda cpu: worker(fs, cpu, inos, per_cpu[cpu]))
     live = snapshot(fs, inos)
     # a crash now: the next mount must rebuild the same state from the logs
     fs.pm.close()

@@ -15,9 +15,7 @@ from __future__ import annotations
 import errno
 import io
 import json
-import os
 import stat
-import time
 
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +24,8 @@ from pnova.engine import FileSystem
 from pnova.errors import FsError
 from pnova.fsck import Checker
 from pnova.mkfs import format_device
+
+from helpers import fork_workers
 
 NAMES = [b"a", b"b", b"c", b"d", b"e"]
 name = st.sampled_from(NAMES)
@@ -146,33 +146,8 @@ def run(path: str, per_cpu: list[list[tuple]], tmp) -> None:
     own = [fs.mkdir(1, b"p%d" % c, 0o755).ino for c in range(len(per_cpu))]
     shared = fs.mkdir(1, b"s", 0o755).ino
     fs.prepare_workers()
-    pids = []
-    for cpu, ops in enumerate(per_cpu):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                worker(fs, cpu, own[cpu], shared, ops, str(tmp / f"expect{cpu}"))
-                code = 0
-            except BaseException as e:          # report, then exit non-zero
-                os.write(2, f"worker {cpu}: {type(e).__name__}: {e}\n".encode())
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    deadline = time.monotonic() + 120
-    failed = []
-    for pid in pids:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                if os.waitstatus_to_exitcode(status) != 0:
-                    failed.append(pid)
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-            fs.refill_rings()
-            time.sleep(0.002)
-    assert not failed, "a worker failed (see its message above)"
+    fork_workers(fs, len(per_cpu), lambda cpu: worker(fs, cpu, own[cpu], shared, per_cpu[cpu],
+                                                      str(tmp / f"expect{cpu}")))
     live = tree(fs)
     for cpu in range(len(per_cpu)):
         with open(tmp / f"expect{cpu}") as f:

@@ -16,26 +16,12 @@ from pnova import log as plog
 from pnova.engine import FileSystem, read_regions, read_superblock, write_superblock
 from pnova.errors import CorruptImage
 from pnova.mkfs import format_device
+
+from helpers import fsck
 from pnova.pmem import PMem, TrackedPMem
-from pnova_fsck.cli import main as fsck_main
 
 ROOT = 1
 MiB = 1 << 20
-
-
-@pytest.fixture
-def img(tmp_path) -> str:
-    path = str(tmp_path / "t.img")
-    format_device(path, 8 * MiB, numa_nodes=1, cpus_per_node=2)
-    return path
-
-
-def fsck(capsys, path: str, *opts: str) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = fsck_main([*opts, path])
-    cap = capsys.readouterr()
-    assert "Traceback" not in cap.out + cap.err
-    return rc, cap.out + cap.err
 
 
 def digest(path: str) -> bytes:

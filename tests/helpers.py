@@ -1,0 +1,52 @@
+"""Helpers shared by several test modules (fixtures live in conftest.py)."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from pnova.engine import FileSystem
+from pnova_fsck.cli import main as fsck_main
+
+
+def fsck(capsys, path: str, *opts: str) -> tuple[int, str]:
+    """Run the fsck.pnova command on ``path``; (exit code, what it printed)."""
+    capsys.readouterr()
+    rc = fsck_main([*opts, path])
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.out + cap.err
+    return rc, cap.out + cap.err
+
+
+def fork_workers(fs: FileSystem, n: int, work: Callable[[int], None],
+                 timeout: float = 120) -> None:
+    """Fork ``n`` worker processes of a device prepared for workers; worker k runs
+    ``work(k)``.  The parent refills the rings meanwhile (it is the designated
+    refiller) and asserts that every worker finished without an exception."""
+    pids = []
+    for cpu in range(n):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                work(cpu)
+                code = 0
+            except BaseException as e:          # report, then exit non-zero
+                os.write(2, f"worker {cpu}: {type(e).__name__}: {e}\n".encode())
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    deadline = time.monotonic() + timeout
+    failed = []
+    for pid in pids:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                if os.waitstatus_to_exitcode(status) != 0:
+                    failed.append(pid)
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+            fs.refill_rings()
+            time.sleep(0.002)
+    assert not failed, "a worker failed (see its message above)"
