@@ -18,6 +18,7 @@ import json
 import stat
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 from pnova.engine import FileSystem
@@ -167,21 +168,15 @@ def run(path: str, per_cpu: list[list[tuple]], tmp) -> None:
     clean.unmount()
 
 
-@settings(max_examples=25, deadline=None,
+@pytest.mark.parametrize("ncpus", [2, 3])
+@settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(per_cpu=st.lists(st.lists(op, min_size=20, max_size=80), min_size=2, max_size=2))
-def test_two_cpus_change_private_and_shared_directories(tmp_path, per_cpu):
-    path = str(tmp_path / "ns.img")
-    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
-    run(path, per_cpu, tmp_path)
-
-
-@settings(max_examples=8, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(per_cpu=st.lists(st.lists(op, min_size=30, max_size=80), min_size=3, max_size=3))
-def test_three_cpus_change_private_and_shared_directories(tmp_path, per_cpu):
-    path = str(tmp_path / "ns3.img")
-    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=3)
+@given(data=st.data())
+def test_cpus_change_private_and_shared_directories(tmp_path, ncpus, data):
+    per_cpu = data.draw(st.lists(st.lists(op, min_size=20, max_size=80), min_size=ncpus,
+                                 max_size=ncpus))
+    path = str(tmp_path / f"ns{ncpus}.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=ncpus)
     run(path, per_cpu, tmp_path)
 
 
