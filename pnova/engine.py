@@ -117,6 +117,9 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self._ns_top = -1                        # the highest key it holds
         self._inode_locks = area.inode_locks
         self._name_locks = area.name_locks
+        self._name_versions = area.name_versions
+        self._seen_dirs: dict[int, None] = {}    # directories holding a copy, oldest first
+        self._ns_names: list[tuple[int, int]] = []   # (directory, name slot) it locked
         self._name_base = sb.ncpus * sb.inodes_per_cpu + 1   # first name-lock key
         self.max_log_pages = total
         self.mount_path = ""

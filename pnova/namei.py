@@ -11,6 +11,8 @@ import functools
 import stat
 import time
 import zlib
+
+import numpy as np
 from typing import TYPE_CHECKING
 
 from . import layout as L
@@ -32,6 +34,9 @@ class Relock(Exception):
         self.key = key
         self.write = write
 
+
+# Directories whose copy of the name versions a process keeps (32 KiB each).
+SEEN_DIRS = 64
 
 # Key of the rename lock in the lock order: below every inode number (the keys
 # of inode locks); the keys of name locks come after the inode numbers.
@@ -64,6 +69,7 @@ def namespace_op(fn):
         try:
             while True:
                 self._ns = {}
+                self._ns_names = []
                 for key in sorted(want):
                     self._ns_lock(key, want[key])
                 try:
@@ -101,10 +107,10 @@ class Namei:
             return self._inode_locks + 4 * (key - 1)
         return self._name_locks + 4 * (key - self._name_base)
 
-    def _name_key(self, parent: int, name: bytes) -> int:
-        """The key of the name lock of ``name`` in directory ``parent``."""
-        return self._name_base + (zlib.crc32(name, (parent * 0x9E3779B1) & 0xFFFFFFFF)
-                                  & (NAME_SLOTS - 1))
+    @staticmethod
+    def _name_slot(parent: int, name: bytes) -> int:
+        """The name lock word (and name version) of ``name`` in ``parent``."""
+        return zlib.crc32(name, (parent * 0x9E3779B1) & 0xFFFFFFFF) & (NAME_SLOTS - 1)
 
     def _ns_lock(self, key: int, write: bool = True) -> None:
         """Lock ``key`` for the running namespace operation (a no-op unless
@@ -137,15 +143,16 @@ class Namei:
         held = self._ns
         if held is None:
             return
+        slot = self._name_slot(parent, name)
+        self._ns_names.append((parent, slot))
         if held or not 1 <= parent < self._name_base:
             self._ns_lock(parent, False)
-            self._ns_lock(self._name_key(parent, name))
+            self._ns_lock(self._name_base + slot)
             return
         sem = self.scheme.sem
         off = self._inode_locks + 4 * (parent - 1)
         sem.rlock(off)
         held[parent] = (False, off)
-        slot = zlib.crc32(name, (parent * 0x9E3779B1) & 0xFFFFFFFF) & (NAME_SLOTS - 1)
         off = self._name_locks + 4 * slot
         sem.wlock(off)
         key = self._name_base + slot
@@ -157,6 +164,7 @@ class Namei:
         locks has an order)."""
         held = self._ns
         if held:
+            self._ns_bump(held)
             sem = self.scheme.sem
             for write, off in held.values():
                 if write:
@@ -165,6 +173,79 @@ class Namei:
                     sem.runlock(off)
             held.clear()
         self._ns_top = -1
+
+    def _ns_bump(self, held: dict[int, tuple[bool, int]]) -> None:
+        """Before unlocking: count the operation in the versions of its names and
+        in the epochs of the inodes it held exclusively (link counts, a
+        directory's '..'), so that other processes know to catch up."""
+        add = self.area.w.add64
+        for parent, slot in self._ns_names:
+            old = add(self._name_versions + 8 * slot, 1)
+            d = self.cache.get(parent)
+            seen = d.names_seen if d is not None else None
+            if seen is not None:
+                # The cache has this operation's entries: it may count them if
+                # nobody else changed a name of this word meanwhile.
+                if seen[slot] == old:
+                    seen[slot] = old + 1
+                else:
+                    seen[slot] = 0               # never a version: look next time
+        self._ns_names = []
+        for key, (write, _) in held.items():
+            if write and RENAME_KEY < key < self._name_base:
+                a = self.area.version_slots(key, 0, 0)[-1]
+                add(a, 1)
+                inode = self.cache.get(key)
+                if inode is not None:
+                    inode.vers.pop(a, None)
+
+    def _dir_names(self, parent: int, slots: list[int] | None = None) -> Inode:
+        """The cached directory, exact for the names whose name locks this
+        operation holds in it (or for ``slots``), for its link count and its
+        '..', without catching up with other processes' entries for other names
+        when their versions say nothing of these changed (section 19.8).
+
+        A full catch-up takes a copy of every name version first (32 KiB,
+        kept for the ``SEEN_DIRS`` directories caught up last), so a value
+        recorded never counts a change the cache lacks, as with the page-group
+        versions of file writes.  A directory held exclusively is caught up in
+        full.
+        """
+        held = self._ns
+        if slots is None:
+            if held is None or held.get(parent, (True,))[0]:
+                return self._dir(parent)
+            slots = [slot for p, slot in self._ns_names if p == parent]
+        q = self.area.u64
+        epoch_word = self.area.version_slots(parent, 0, 0)[-1]
+        epoch = q[epoch_word >> 3]
+        d = self.cache.get(parent)
+        if d is not None and d.names_seen is not None and d.vers.get(epoch_word) == epoch:
+            gen, state, head, _tail, _array = L.SLOT_WORDS.unpack_from(
+                self.pm.mm, self.inode_addr(parent) + L.I_GENERATION)
+            if gen == d.generation and state == L.STATE_LIVE and head == d.head:
+                seen = d.names_seen
+                base = self._name_versions >> 3
+                for slot in slots:
+                    if q[base + slot] != seen[slot]:
+                        break
+                else:
+                    return d
+        # a copy, taken before catching up (no view of the area outlives this)
+        snapshot = np.frombuffer(self.area.mm, dtype="<u8", count=NAME_SLOTS,
+                                 offset=self._name_versions).copy()
+        d = self._dir(parent)
+        d.vers[epoch_word] = epoch
+        d.names_seen = snapshot
+        seen_dirs = self._seen_dirs
+        seen_dirs.pop(parent, None)
+        seen_dirs[parent] = None
+        if len(seen_dirs) > SEEN_DIRS:
+            old = self.cache.get(next(iter(seen_dirs)))
+            del seen_dirs[next(iter(seen_dirs))]
+            if old is not None:
+                old.names_seen = None
+        return d
 
     @staticmethod
     def _check_name(name: bytes) -> None:
@@ -182,7 +263,7 @@ class Namei:
             self._ns_lock(parent)                # its link count changes
         else:
             self._ns_name(parent, name)
-        d = self._dir(parent)
+        d = self._dir_names(parent)
         if d.nlink == 0:
             raise FsError(errno.ENOENT)
         if name in d.dents:
@@ -212,13 +293,17 @@ class Namei:
         return self.attr(inode)
 
     def lookup(self, parent: int, name: bytes) -> Attr:
-        d = self._dir(parent)
-        if name == b".":
-            return self.attr(d)
-        if name == b"..":
-            return self.attr(self.get(d.parent or parent))
+        if name == b"." or name == b"..":
+            d = self._dir(parent)
+            return self.attr(d if name == b"." else self.get(d.parent or parent))
         if len(name) > L.NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
+        if self.shared and self._valid_ino(parent):
+            # No lock: a change of this name that has not bumped its version
+            # yet has not returned either, and the lookup may come before it.
+            d = self._dir_names(parent, [self._name_slot(parent, name)])
+        else:
+            d = self._dir(parent)
         ent = d.dents.get(name)
         if ent is None:
             raise FsError(errno.ENOENT)
@@ -261,7 +346,7 @@ class Namei:
         target = self.get(ino)
         if target.is_dir:
             raise FsError(errno.EPERM)
-        d = self._dir(new_parent)
+        d = self._dir_names(new_parent)
         if d.nlink == 0 or target.nlink == 0:
             raise FsError(errno.ENOENT)
         if new_name in d.dents:
@@ -278,7 +363,7 @@ class Namei:
     def unlink(self, parent: int, name: bytes) -> None:
         self._rw()
         self._ns_name(parent, name)
-        d = self._dir(parent)
+        d = self._dir_names(parent)
         ent = d.dents.get(name) if len(name) <= L.NAME_MAX else None
         if ent is None:
             raise FsError(errno.ENAMETOOLONG if len(name) > L.NAME_MAX else errno.ENOENT)
@@ -340,9 +425,8 @@ class Namei:
         for n in (n1, n2):
             self._check_name(n)
         self._ns_name(p1, n1)
-        self._ns_lock(p2, False)
-        self._ns_lock(self._name_key(p2, n2))
-        d1, d2 = self._dir(p1), self._dir(p2)
+        self._ns_name(p2, n2)
+        d1, d2 = self._dir_names(p1), self._dir_names(p2)
         e1 = d1.dents.get(n1)
         if e1 is None:
             raise FsError(errno.ENOENT)

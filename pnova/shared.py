@@ -34,6 +34,8 @@ Layout (byte offsets; every region starts on a 64-byte line)::
             VER_PAGES pages), and per inode a size epoch in the same table;
             a writer adds one to the versions of the groups it wrote before
             it unlocks them (see the engine's write path)
+    ...     name versions: NAME_SLOTS u64, one per name lock word; the holder of
+            a name lock adds one before it unlocks (see the engine's namei)
     ...     per region (one per CPU): a line with the free-block counter u64 and
             the allocation cursor u64, then the block bitmap (u64 words, bit i
             of word j = data block 64*j + i of the region, 1 = in use)
@@ -47,7 +49,7 @@ import os
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 4
+VERSION = 5
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -86,7 +88,8 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     o["stashes"] = o["rings"] + ncpus * o["ring_size"]
     o["stash_size"] = LINE + _line(8 * STASH_SLOTS)
     o["versions"] = o["stashes"] + ncpus * o["stash_size"]
-    off = o["versions"] + 8 * VER_SLOTS
+    o["name_versions"] = o["versions"] + 8 * VER_SLOTS
+    off = o["name_versions"] + 8 * NAME_SLOTS
     for i, n in enumerate(region_blocks):
         o[f"region{i}"] = off
         off += LINE + _line(8 * ((n + 63) // 64))
@@ -127,6 +130,7 @@ class SharedArea:
         self.stashes = o["stashes"]
         self.stash_size = o["stash_size"]
         self.versions = o["versions"]
+        self.name_versions = o["name_versions"]
         self.regions = [o[f"region{i}"] for i in range(len(region_blocks))]
         self.itables = [o[f"itable{c}"] for c in range(ncpus)]
         self.size = o["size"]
