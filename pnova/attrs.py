@@ -99,7 +99,7 @@ class Attributes:
         """Tell writers of other processes that skip catching up (see
         :meth:`_current_for_write`) that the size, mode or capabilities changed."""
         if self.shared:
-            self.area.w.add64(self.area.version_slots(ino, 0, 0)[-1], 1)
+            self.area.w.add64(self.area.epoch_slot(ino), 1)
 
     def _privilege_drop(self, inode: Inode, kill_suidgid: bool, now: int,
                         in_group: Callable[[int], bool] | None = None) -> list[tuple]:

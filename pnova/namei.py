@@ -193,7 +193,7 @@ class Namei:
         self._ns_names = []
         for key, (write, _) in held.items():
             if write and RENAME_KEY < key < self._name_base:
-                a = self.area.version_slots(key, 0, 0)[-1]
+                a = self.area.epoch_slot(key)
                 add(a, 1)
                 inode = self.cache.get(key)
                 if inode is not None:
@@ -217,7 +217,7 @@ class Namei:
                 return self._dir(parent)
             slots = [slot for p, slot in self._ns_names if p == parent]
         q = self.area.u64
-        epoch_word = self.area.version_slots(parent, 0, 0)[-1]
+        epoch_word = self.area.epoch_slot(parent)
         epoch = q[epoch_word >> 3]
         d = self.cache.get(parent)
         if d is not None and d.names_seen is not None and d.vers.get(epoch_word) == epoch:

@@ -213,6 +213,10 @@ class SharedArea:
         out.append(base + 8 * (h >> _VER_SHIFT))
         return out
 
+    def epoch_slot(self, ino: int) -> int:
+        """Offset of the epoch word of ``ino`` (the last of :meth:`version_slots`)."""
+        return self.versions + 8 * (((ino * 0x9E3779B97F4A7C15) & _M64) >> _VER_SHIFT)
+
     # ----------------------------------------------------------- worker registry
     def register(self, cpu: int, pid: int | None = None) -> None:
         """Record that process ``pid`` now acts as ``cpu`` (clears its records)."""

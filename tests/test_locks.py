@@ -267,3 +267,15 @@ def test_refill_tops_up_low_rings(area):
     assert pushed == 4 * rings[0].n - 1
     assert rings[1].pop() == 999 and len(rings[0]) == rings[0].n
     assert refill(rings, lambda k: [next(counter) for _ in range(k)], low=8) == 0
+
+
+def test_an_inodes_epoch_word_is_the_one_its_writers_check():
+    """Namespace operations bump an inode's epoch through epoch_slot; file writers
+    read it as the last of version_slots: both must name one word."""
+    area = SharedArea.create(2, 64, [100, 100])
+    try:
+        for ino in (1, 2, 7, 12345, 999_999):
+            assert area.epoch_slot(ino) == area.version_slots(ino, 0, 0)[-1]
+            assert area.epoch_slot(ino) == area.version_slots(ino, 40, 90)[-1]
+    finally:
+        area.close()
