@@ -59,7 +59,7 @@ class EngineTarget:
             # Preparation runs on logical CPU 0 alone, before the mount goes
             # multi-process, as FxMark's worker 0 prepares.
             shared = workload.prepare(fops, nworkers)
-            fs.prepare_workers()
+            fs.prepare_workers(workers=nworkers)
 
             def setup(wid: int) -> None:
                 # Runs in the forked worker: it becomes logical CPU wid of the

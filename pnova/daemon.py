@@ -246,7 +246,7 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
             raise
         log.info("FUSE protocol 7.%d with %s; %d serving process%s", neg.minor,
                  ", ".join(neg.names()), n, "" if n == 1 else "es")
-        fs.prepare_workers()
+        fs.prepare_workers(workers=n)
         readers = Readers(n) if n > 1 else None
         pids: dict[int, int] = {}
         try:

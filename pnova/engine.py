@@ -119,6 +119,7 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self._name_locks = area.name_locks
         self._name_versions = area.name_versions
         self._seen_dirs: dict[int, None] = {}    # directories holding a copy, oldest first
+        self._ns_alone = False                   # the only process changing the device
         self._ns_names: list[tuple[int, int]] = []   # (directory, name slot) it locked
         self._name_base = sb.ncpus * sb.inodes_per_cpu + 1   # first name-lock key
         self.max_log_pages = total

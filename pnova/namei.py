@@ -12,7 +12,6 @@ import stat
 import time
 import zlib
 
-import numpy as np
 from typing import TYPE_CHECKING
 
 from . import layout as L
@@ -58,7 +57,7 @@ def namespace_op(fn):
     """
     @functools.wraps(fn)
     def op(self: "FileSystem", *args, **kwargs):
-        if not self.shared or self._ns is not None:
+        if not self.shared or self._ns_alone or self._ns is not None:
             try:
                 return fn(self, *args, **kwargs)
             finally:
@@ -176,8 +175,9 @@ class Namei:
 
     def _ns_bump(self, held: dict[int, tuple[bool, int]]) -> None:
         """Before unlocking: count the operation in the versions of its names and
-        in the epochs of the inodes it held exclusively (link counts, a
-        directory's '..'), so that other processes know to catch up."""
+        in the epochs of the directories it held exclusively (their link
+        counts, names changed without name locks, '..'), so that other
+        processes know to catch up."""
         add = self.area.w.add64
         for parent, slot in self._ns_names:
             old = add(self._name_versions + 8 * slot, 1)
@@ -193,10 +193,12 @@ class Namei:
         self._ns_names = []
         for key, (write, _) in held.items():
             if write and RENAME_KEY < key < self._name_base:
-                a = self.area.epoch_slot(key)
-                add(a, 1)
+                # Only a directory's epoch says anything to namespace
+                # operations; a file's link count matters to none of them.
                 inode = self.cache.get(key)
-                if inode is not None:
+                if inode is not None and inode.dents is not None:
+                    a = self.area.epoch_slot(key)
+                    add(a, 1)
                     inode.vers.pop(a, None)
 
     def _dir_names(self, parent: int, slots: list[int] | None = None) -> Inode:
@@ -231,9 +233,9 @@ class Namei:
                         break
                 else:
                     return d
-        # a copy, taken before catching up (no view of the area outlives this)
-        snapshot = np.frombuffer(self.area.mm, dtype="<u8", count=NAME_SLOTS,
-                                 offset=self._name_versions).copy()
+        # a copy, taken before catching up
+        base = self._name_versions >> 3
+        snapshot = q[base:base + NAME_SLOTS].tolist()
         d = self._dir(parent)
         d.vers[epoch_word] = epoch
         d.names_seen = snapshot
@@ -298,7 +300,7 @@ class Namei:
             return self.attr(d if name == b"." else self.get(d.parent or parent))
         if len(name) > L.NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        if self.shared and self._valid_ino(parent):
+        if self.shared and not self._ns_alone and self._valid_ino(parent):
             # No lock: a change of this name that has not bumped its version
             # yet has not returned either, and the lookup may come before it.
             d = self._dir_names(parent, [self._name_slot(parent, name)])
@@ -426,7 +428,8 @@ class Namei:
             self._check_name(n)
         self._ns_name(p1, n1)
         self._ns_name(p2, n2)
-        d1, d2 = self._dir_names(p1), self._dir_names(p2)
+        d1 = self._dir_names(p1)
+        d2 = d1 if p2 == p1 else self._dir_names(p2)
         e1 = d1.dents.get(n1)
         if e1 is None:
             raise FsError(errno.ENOENT)

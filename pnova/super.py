@@ -250,9 +250,16 @@ class Mount:
         logger.warning("the device was released without a clean unmount; the next mount "
                        "recovers it")
 
-    def prepare_workers(self) -> None:
-        """Switch to shared mode; call in the primary before forking workers."""
+    def prepare_workers(self, workers: int | None = None) -> None:
+        """Switch to shared mode; call in the primary before forking workers.
+
+        ``workers`` is how many worker processes will use the device (None:
+        not known).  With exactly one, and the primary doing no file operation
+        while it runs, no other process can change a directory under it, so
+        namespace operations take no namespace locks (19.8).
+        """
         self.shared = True
+        self._ns_alone = workers == 1
         # The workers act as the CPUs now, each with its own stash.
         self.alloc.stash_cpu = None
         self.scheme.sem.take_over()              # registers this process as its CPU
@@ -270,6 +277,7 @@ class Mount:
             primary.prepare_workers()
             # No worker takes the primary's CPU over here: it keeps its stash.
             primary.alloc.stash_cpu = None if primary.readonly else primary.cpu
+        primary._ns_alone = False                # several CPUs in this process now
         fs = cls(primary.pm, primary.sb, primary.regions, cpu=cpu, area=primary.area,
                  lock=primary.lock_name, segment_pages=primary.segment_pages)
         if fs.cpu == primary.cpu:
