@@ -97,12 +97,19 @@ class Commit:
         processes' appends moved its tail since the cache last looked, the
         tail to append at (None: append at the cache's own tail).
 
-        A namespace operation holds the locks of the names it changes, and its
-        cache was validated under them, so it need not apply the entries the
-        others committed meanwhile (all for other names) before its own: the
-        catching up is left for the next validation, outside the log lock.
-        Anything else (a compaction, a freed slot) is validated now.
+        A namespace operation that holds the directory shared holds the locks of
+        the names it changes, and its cache was validated under them, so it
+        need not apply the entries the others committed meanwhile (all for
+        other names) before its own: the catching up is left for the next
+        validation, outside the log lock.  A directory held exclusively (its
+        link count changes, it is being removed or compacted) is caught up
+        now: only attribute changes compete for its log then, and what follows
+        (an eviction frees every page the cache knows) needs the cache whole.
+        Anything else (a compaction, a freed slot) is validated now too.
         """
+        held = self._ns
+        if held is None or held.get(inode.ino, (True,))[0]:
+            return self._current_under_log_lock(inode), None
         mm = self.pm.mm
         gen, state, head, tail, array = L.SLOT_WORDS.unpack_from(
             mm, self.inode_addr(inode.ino) + L.I_GENERATION)

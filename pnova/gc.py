@@ -12,6 +12,7 @@ from . import layout as L
 from . import log as plog
 from .errors import FsError
 from .inode import Inode
+from .locks import LockTimeout
 from .namei import namespace_op
 
 
@@ -41,8 +42,11 @@ class Compaction:
                 # directory commit may have left that to the next validation)
                 if self._needs_compaction(self.get(ino)):
                     self.compact(ino)
-            except FsError:
-                pass                    # gone, or no room for a new chain: keep the long one
+            except (FsError, LockTimeout):
+                # Gone, no room for a new chain, or a directory too busy to
+                # lock: keep the long log.  The operation that asked has
+                # committed already; nothing here may fail it.
+                pass
 
     def compact(self, ino: int) -> None:
         """Thorough log GC: rewrite the live state as one new chain.

@@ -118,6 +118,12 @@ class InodeTable:
         # _commit may have replaced the cache object (a reload): use the current one
         inode = self.cache.get(inode.ino, inode)
         if inode.nlink == 0 and self._refs(inode.ino) == 0:
+            if self.shared:
+                # Under the inode's namespace lock: every page of its logs,
+                # whoever appended it, must be in the cache to be freed.
+                inode = self._validate(inode)
+                if inode is None:
+                    return
             self._evict(inode)
 
     def _evict(self, inode: Inode) -> None:

@@ -143,10 +143,10 @@ class Namei:
         if held is None:
             return
         slot = self._name_slot(parent, name)
-        self._ns_names.append((parent, slot))
         if held or not 1 <= parent < self._name_base:
             self._ns_lock(parent, False)
             self._ns_lock(self._name_base + slot)
+            self._ns_names.append((parent, slot))     # bumped when released
             return
         sem = self.scheme.sem
         off = self._inode_locks + 4 * (parent - 1)
@@ -157,6 +157,7 @@ class Namei:
         key = self._name_base + slot
         held[key] = (True, off)
         self._ns_top = key
+        self._ns_names.append((parent, slot))
 
     def _ns_release(self) -> None:
         """Unlock all the running operation holds (in any order: only taking

@@ -192,3 +192,32 @@ def test_busy_shared_directory(tmp_path):
                              ("rename", "ps"), ("unlink", "s"), ("mkdir", "s"), ("rmdir", "s")]]
                for c in range(2)]
     run(path, per_cpu, tmp_path)
+
+
+def test_a_directory_changed_by_another_cpu_before_its_rmdir_commits_leaks_nothing(tmp_path):
+    """CPU 1 changes a directory's attributes (no namespace lock: only its log
+    lock) until its log gains a page, between CPU 0's validation and its rmdir's
+    commit: the eviction must free that page too."""
+    path = str(tmp_path / "rmdir.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs0 = FileSystem.mount(path)
+    fs1 = FileSystem.attach(fs0, 1)
+    v = fs0.mkdir(1, b"v", 0o755).ino
+    fs1.getattr(v)
+    commit = fs0._commit
+    armed = [True]
+
+    def racing_commit(changes, *args, **kwargs):
+        if armed[0] and any(i.ino == v for i, _ in changes):
+            armed[0] = False
+            pages = len(fs1.get(v).log_pages)
+            while len(fs1.get(v).log_pages) == pages:
+                fs1.setattr(v, atime_ns=1, mtime_ns=2)
+        return commit(changes, *args, **kwargs)
+
+    fs0._commit = racing_commit
+    fs0.rmdir(1, b"v")
+    assert not armed[0], "the race was not set up"
+    fs0.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
