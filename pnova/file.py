@@ -101,9 +101,13 @@ class FileData:
             raise FsError(errno.EFBIG)
         # Before the locks the cached size is a hint (is this write extending?);
         # the inode is validated once, under the locks.
-        inode = self.cache.get(ino) or self.get(ino)
-        if inode.pages is None:
-            raise FsError(errno.EISDIR)
+        inode = self.cache.get(ino)
+        if inode is None or inode.pages is None:
+            # Not cached, or cached as a directory: that may be an inode another
+            # process has freed since, whose slot now holds this file.
+            inode = self.get(ino)
+            if inode.pages is None:
+                raise FsError(errno.EISDIR)
         sch = self.scheme
         first, last = off // L.BLOCK, (off + n - 1) // L.BLOCK
         sized = off + n > inode.size
@@ -114,6 +118,8 @@ class FileData:
         try:
             if self.shared:
                 inode, slots = self._current_for_write(ino, first, last)
+                if inode.pages is None:          # the slot was reused meanwhile
+                    raise FsError(errno.EISDIR)
                 if not sized and off + n > inode.size:
                     # It became an extending write meanwhile: take the size lock in order.
                     sch.unlock(tok)

@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -419,6 +420,77 @@ def test_statvfs(mounted: Mount) -> None:
     wait_for(lambda: os.statvfs(m).f_bfree >= s0.f_bfree - 2, "the space to come back")
     r = subprocess.run(["df", "-P", str(m)], capture_output=True, text=True, timeout=WAIT)
     assert r.returncode == 0 and mounted.image in r.stdout
+
+
+# A client of the mount: creates, renames, links and unlinks its own names in
+# one directory shared with the other client, and makes and removes
+# directories in its own; prints the names it leaves.
+_NAMESPACE_CLIENT = r"""
+import os, sys
+root, c = sys.argv[1], sys.argv[2]
+shared, own = os.path.join(root, "shared"), os.path.join(root, "own" + c)
+os.mkdir(own)
+left = set()
+for i in range(150):
+    a = os.path.join(shared, f"{c}-a{i}")
+    with open(a, "w") as f:
+        f.write(f"{c}:{i}")
+    if i % 3 == 0:
+        os.rename(a, os.path.join(shared, f"{c}-r{i}"))
+        left.add(f"{c}-r{i}")
+    elif i % 3 == 1:
+        os.link(a, os.path.join(own, f"l{i}"))
+        os.unlink(a)
+    else:
+        left.add(f"{c}-a{i}")
+    os.mkdir(os.path.join(own, f"d{i}"))
+    if i % 2:
+        os.rmdir(os.path.join(own, f"d{i}"))
+print(" ".join(sorted(left)))
+"""
+
+
+@needs_fuse
+def test_namespace_operations_of_two_clients_through_two_serving_processes(
+        mnt: Mount) -> None:
+    """Two clients change one shared directory and directories of their own at
+    once through a mount with two serving processes: every name each leaves is
+    there, with its contents, the same after a remount, and fsck is clean."""
+    mnt.start("-o", "workers=2")
+    (mnt.mnt / "shared").mkdir()
+    clients = [subprocess.Popen([sys.executable, "-c", _NAMESPACE_CLIENT, str(mnt.mnt), c],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for c in "01"]
+    left = set()
+    for p in clients:
+        out, err = p.communicate(timeout=WAIT)
+        assert p.returncode == 0, err
+        left |= set(out.split())
+
+    def check() -> None:
+        assert set(os.listdir(mnt.mnt / "shared")) == left
+        for name in left:
+            c, rest = name.split("-")
+            assert (mnt.mnt / "shared" / name).read_text() == f"{c}:{rest[1:]}"
+        for c in "01":
+            own = mnt.mnt / f"own{c}"
+            assert {n for n in os.listdir(own) if n.startswith("d")} == \
+                {f"d{i}" for i in range(0, 150, 2)}
+            assert {n for n in os.listdir(own) if n.startswith("l")} == \
+                {f"l{i}" for i in range(1, 150, 3)}
+            assert os.stat(own).st_nlink == 2 + 75
+
+    check()
+    mnt.stop()
+    with open(mnt.log) as f:
+        served = [int(n) for n in re.findall(r"cpu\d: \w+ after (\d+) requests", f.read())]
+    assert len(served) == 2 and min(served) > 0, f"requests served by each process: {served}"
+    if _fsck_available():
+        r = subprocess.run([str(BIN / "fsck.pnova"), "-n", "-f", mnt.image],
+                           capture_output=True, text=True, timeout=WAIT)
+        assert r.returncode == 0, r.stdout + r.stderr
+    mnt.start()
+    check()
 
 
 @needs_fuse
