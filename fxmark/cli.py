@@ -134,10 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run DWOM, DRBM and DWOL with every lock scheme on 1..N workers against "
         "the engine and a pnova mount, with tmpfs as the reference; write the tables, the "
         "figure and the machine's description into the marked section of the document.")
-    repro.add_argument("--workers", type=_int_list, default=_int_list(default_workers()),
-                     help="comma-separated worker counts (default 1..number of CPUs)")
-    repro.add_argument("--duration", type=float, default=5.0,
-                     help="seconds each run measures (default 5)")
+    _report_options(repro, "pnova-comparison", default_workers())
     repro.add_argument("--schemes", type=_schemes, default=list(SCHEMES),
                      help=f"lock schemes (default {','.join(SCHEMES)})")
     repro.add_argument("--workloads", type=_workloads,
@@ -145,16 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"workloads (default {','.join(REPRO)})")
     repro.add_argument("--tmpfs", default="/dev/shm",
                      help="a tmpfs directory for the reference (default /dev/shm)")
-    repro.add_argument("--out", default="results/pnova-comparison",
-                     help="directory for results.jsonl (default results/pnova-comparison)")
-    repro.add_argument("--doc", default="docs/PERFORMANCE.md",
-                     help="document whose marked section is replaced "
-                     "(default docs/PERFORMANCE.md)")
-    repro.add_argument("--figure", default="docs/figures/pnova-comparison",
-                     help="figure path without extension "
-                     "(default docs/figures/pnova-comparison)")
-    repro.add_argument("--no-progress", dest="progress", action="store_false",
-                     help="no progress line on stderr")
 
     from .fusecompare import WORKLOADS as FUSE_WLS
     cmp = sub.add_parser(
@@ -165,23 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
         "the ratios and the figure into the marked section of the document.")
     cmp.add_argument("--build", default="build",
                      help="where the references are built (default build)")
-    cmp.add_argument("--workers", type=_int_list, default=_int_list(default_workers()),
-                     help="comma-separated worker counts (default 1..number of CPUs)")
-    cmp.add_argument("--duration", type=float, default=5.0,
-                     help="seconds each run measures (default 5)")
+    _report_options(cmp, "fuse-comparison", default_workers())
     cmp.add_argument("--tmpfs", default="/dev/shm",
                      help="a tmpfs directory for the reference and the mirrored sources "
                      "(default /dev/shm)")
-    cmp.add_argument("--out", default="results/fuse-comparison",
-                     help="directory for results.jsonl (default results/fuse-comparison)")
-    cmp.add_argument("--doc", default="docs/PERFORMANCE.md",
-                     help="document whose marked section is replaced "
-                     "(default docs/PERFORMANCE.md)")
-    cmp.add_argument("--figure", default="docs/figures/fuse-comparison",
-                     help="figure path without extension (default docs/figures/fuse-comparison)")
-    cmp.add_argument("--no-progress", dest="progress", action="store_false",
-                     help="no progress line on stderr")
     return ap
+
+
+def _report_options(p: argparse.ArgumentParser, name: str, workers: str) -> None:
+    """Options of the commands that write a marked section of the docs: their
+    results go to results/NAME, their figure to docs/figures/NAME."""
+    p.add_argument("--workers", type=_int_list, default=_int_list(workers),
+                   help="comma-separated worker counts (default 1..number of CPUs)")
+    p.add_argument("--duration", type=float, default=5.0,
+                   help="seconds each run measures (default 5)")
+    p.add_argument("--out", default=f"results/{name}",
+                   help=f"directory for results.jsonl (default results/{name})")
+    p.add_argument("--doc", default="docs/PERFORMANCE.md",
+                   help="document whose marked section is replaced (default docs/PERFORMANCE.md)")
+    p.add_argument("--figure", default=f"docs/figures/{name}",
+                   help=f"figure path without extension (default docs/figures/{name})")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress line on stderr")
 
 
 def _targets(specs: list[str]) -> list[Target]:

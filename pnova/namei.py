@@ -223,17 +223,20 @@ class Namei:
         epoch_word = self.area.epoch_slot(parent)
         epoch = q[epoch_word >> 3]
         d = self.cache.get(parent)
-        if d is not None and d.names_seen is not None and d.vers.get(epoch_word) == epoch:
-            gen, state, head, _tail, _array = L.SLOT_WORDS.unpack_from(
+        if d is not None and d.dents is not None:
+            gen, state, head, tail, array = L.SLOT_WORDS.unpack_from(
                 self.pm.mm, self.inode_addr(parent) + L.I_GENERATION)
             if gen == d.generation and state == L.STATE_LIVE and head == d.head:
+                if tail == d.tail and array == d.array:
+                    return d                     # nothing appended since: exact
                 seen = d.names_seen
-                base = self._name_versions >> 3
-                for slot in slots:
-                    if q[base + slot] != seen[slot]:
-                        break
-                else:
-                    return d
+                if seen is not None and d.vers.get(epoch_word) == epoch:
+                    base = self._name_versions >> 3
+                    for slot in slots:
+                        if q[base + slot] != seen[slot]:
+                            break
+                    else:
+                        return d
         # a copy, taken before catching up
         base = self._name_versions >> 3
         snapshot = q[base:base + NAME_SLOTS].tolist()
@@ -244,8 +247,9 @@ class Namei:
         seen_dirs.pop(parent, None)
         seen_dirs[parent] = None
         if len(seen_dirs) > SEEN_DIRS:
-            old = self.cache.get(next(iter(seen_dirs)))
-            del seen_dirs[next(iter(seen_dirs))]
+            oldest = next(iter(seen_dirs))
+            del seen_dirs[oldest]
+            old = self.cache.get(oldest)
             if old is not None:
                 old.names_seen = None
         return d
