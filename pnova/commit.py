@@ -18,6 +18,8 @@ from .errors import FsError
 from .inode import Inode
 from .ring import refill
 
+RING_LOW = 32          # a ring holding fewer log pages than this is topped up
+
 
 
 class Commit:
@@ -255,10 +257,15 @@ class Commit:
 
     def _local_page(self) -> int:
         """A log page for this CPU's local logs: from its ring, else allocated now."""
-        v = self.rings[self.cpu].pop() if self.shared else None
+        v = None
+        if self.shared:
+            ring = self.rings[self.cpu]
+            v = ring.pop()
+            if self.ring_low is not None and len(ring) < RING_LOW:
+                self.ring_low()
         return v if v else self.alloc.alloc_one(self.cpu, meta=True)
 
-    def refill_rings(self, low: int = 32) -> int:
+    def refill_rings(self, low: int = RING_LOW) -> int:
         """The designated refiller: top up every CPU's ring of free log pages.
 
         Pages come from each CPU's own region (local write first); the pages

@@ -21,9 +21,9 @@ each would first catch up with the other's log entries.  One worker reads
 while the load is sequential; the others sleep until requests overlap.
 
 The supervisor never serves a request.  Under trio it waits for signals and
-for its workers to exit (each through a pidfd), wakes a sleeping worker when
-requests wait with nobody reading, and it is pNOVA's designated refiller of
-the per-CPU rings of log pages.  How a mount ends:
+for its workers to exit (each through a pidfd), and it is pNOVA's designated
+refiller of the per-CPU rings of log pages, woken when a ring runs low.  It
+never polls: an idle mount uses no CPU.  How a mount ends:
 
 * unmounted (fusermount3 -u, umount): every worker's read fails with ENODEV,
   the workers exit, the supervisor saves the engine's state (clean unmount);
@@ -48,6 +48,7 @@ directory underneath, unaware.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import logging
 import mmap
@@ -72,8 +73,7 @@ log = logging.getLogger("pnova.daemon")
 GC_YOUNG = 20_000
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-REFILL_INTERVAL = 0.01         # seconds between top-ups of the log-page rings
-WATCH_INTERVAL = 0.005         # seconds between the supervisor's looks for waiting requests
+WATCH_INTERVAL = 0.005         # seconds between a busy worker's looks for waiting requests
 CONCURRENT_NS = 50_000_000     # overlapping requests this recent keep every reader awake
 STOP_GRACE = 10.0              # seconds a worker has to finish its request
 _PR_SET_PDEATHSIG = 1
@@ -112,6 +112,13 @@ class Readers:
     of workers in read(), the number serving a caller's request, the time two
     were last served at once, a bitmap of sleeping workers and the number of
     requests finished; each sleeper waits on an eventfd of its own.
+
+    Nothing polls: while a worker serves a caller's request and others sleep,
+    an interval timer (SIGALRM every WATCH_INTERVAL) looks whether requests
+    queued behind it with nobody reading, and wakes a sleeper if so (a long
+    request on the only awake worker would otherwise hold them up).  The
+    timer costs two system calls per request and nothing while the mount is
+    idle.
     """
 
     _READING, _BUSY, _OVERLAP, _ASLEEP, _DONE = 0, 4, 8, 16, 24
@@ -122,12 +129,18 @@ class Readers:
         self.efds = [os.eventfd(0) for _ in range(nworkers)]
         self.me = -1
         self.counted = False                      # the request in hand is a caller's
+        self.armed = False                        # the watch timer runs
         self.queue = select.poll()
 
     def become(self, worker: int, fd: int) -> None:
         """In the forked worker: act as reader ``worker`` of descriptor ``fd``."""
         self.me = worker
         self.queue.register(fd, select.POLLIN)
+        signal.signal(signal.SIGALRM, self._look)
+
+    def sequential(self) -> bool:
+        """No two callers' requests were served at once lately: one caller at a time."""
+        return time.monotonic_ns() - self.w.load64(self._OVERLAP) > CONCURRENT_NS
 
     # -- the Turns protocol of the request loop -------------------------------
     def reading(self) -> None:
@@ -150,14 +163,27 @@ class Readers:
         # release, which pnova answers at once (a close's RELEASE is queued just
         # before the caller's next request; waking a second process for that
         # one would move a sequential caller between processes).
-        if op not in _QUICK and not w.load32(self._READING) and w.load64(self._ASLEEP) \
-                and self.queue.poll(0):
-            self.wake_one()
+        if op not in _QUICK and w.load64(self._ASLEEP):
+            if not w.load32(self._READING) and self.queue.poll(0):
+                self.wake_one()
+            else:
+                # requests that queue while this one runs: see _look
+                signal.setitimer(signal.ITIMER_REAL, WATCH_INTERVAL, WATCH_INTERVAL)
+                self.armed = True
 
     def finished(self) -> None:
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.armed = False
         if self.counted:
             self.w.add32(self._BUSY, -1)
         self.w.add64(self._DONE, 1)
+
+    def _look(self, *_args: object) -> None:
+        """SIGALRM while serving: requests wait and nobody reads, wake a sleeper."""
+        if not self.w.load32(self._READING) and self.queue.poll(0) and self.wake_one():
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.armed = False
 
     # -- sleeping and waking ---------------------------------------------------
     def _sleep(self) -> None:
@@ -188,12 +214,6 @@ class Readers:
                 os.eventfd_write(self.efds[bit.bit_length() - 1], 1)
                 return True
         return False
-
-    def stalled(self, last: int) -> tuple[bool, int]:
-        """(nobody reads and no request finished since ``last``, requests finished
-        so far): the supervisor's check, made a few milliseconds apart."""
-        done = self.w.load64(self._DONE)
-        return self.w.load32(self._READING) == 0 and done == last, done
 
 
 def default_workers(fs: FileSystem) -> int:
@@ -258,6 +278,9 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
                  ", ".join(neg.names()), n, "" if n == 1 else "es")
         fs.prepare_workers(workers=n)
         readers = Readers(n) if n > 1 else None
+        # A worker whose ring of log pages runs low wakes the refiller.
+        refill = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fs.ring_low = functools.partial(os.eventfd_write, refill, 1)
         pids: dict[int, int] = {}
         try:
             for cpu in range(n):
@@ -276,7 +299,7 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
         if len(pids) < n:
             state.failure = "not every serving process could be started"
         try:
-            trio.run(_supervise, fs, conn, state, readers)
+            trio.run(_supervise, fs, conn, state, refill)
         except BaseException:
             log.exception("the supervisor failed")
             state.failure = state.failure or "the supervisor failed"
@@ -285,6 +308,8 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
         finally:
             # The connection ends once every serving process has closed it too.
             conn.close()
+            os.close(refill)
+            fs.ring_low = None
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     if state.failure:
@@ -306,13 +331,11 @@ def _kill(pid: int, sig: int) -> None:
 
 # ---------------------------------------------------------------- the supervisor
 async def _supervise(fs: FileSystem, conn: Connection, state: _State,
-                     readers: Readers | None) -> None:
+                     refill: int) -> None:
     mountpoint = conn.mountpoint
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, mountpoint, state)
-        nursery.start_soon(_refiller, fs)
-        if readers is not None:
-            nursery.start_soon(_watchdog, conn.fd, readers)
+        nursery.start_soon(_refiller, fs, refill)
         async with trio.open_nursery() as watchers:
             for pid, cpu in list(state.workers.items()):
                 watchers.start_soon(_watch, pid, cpu, mountpoint, state)
@@ -327,24 +350,16 @@ async def _signals(mountpoint: str, state: _State) -> None:
             _stop(mountpoint, state)
 
 
-async def _watchdog(fd: int, readers: Readers) -> None:
-    """Wake a sleeping worker when requests wait, nobody reads and nothing finished
-    for a whole interval."""
-    poll = select.poll()
-    poll.register(fd, select.POLLIN)
-    done = -1
-    while True:
-        await trio.sleep(WATCH_INTERVAL)
-        stuck, done = readers.stalled(done)
-        if stuck and poll.poll(0):
-            readers.wake_one()
-
-
-async def _refiller(fs: FileSystem) -> None:
-    """pNOVA's designated refiller: the only producer of every CPU's ring."""
+async def _refiller(fs: FileSystem, wanted: int) -> None:
+    """pNOVA's designated refiller: the only producer of every CPU's ring.  It
+    sleeps until a worker's ring runs low (the eventfd ``wanted``)."""
     while True:
         fs.refill_rings()
-        await trio.sleep(REFILL_INTERVAL)
+        await trio.lowlevel.wait_readable(wanted)
+        try:
+            os.eventfd_read(wanted)
+        except BlockingIOError:
+            pass
 
 
 def _stop(mountpoint: str, state: _State) -> None:

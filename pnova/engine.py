@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import functools
 import struct
+from collections.abc import Callable
 
 from . import layout as L
 from .alloc import Allocator, SharedBitmap
@@ -100,6 +101,9 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
             min(READ_CHUNK, (HELD_MAX - 2) * segment_pages * L.BLOCK)
         self.local_logs = lock == "pnova"        # per-core logs for file writes
         self.rings: list[Ring] = [Ring(area, c) for c in range(self.ncpus)]
+        # Called when this CPU's ring runs short (the mount's refiller sleeps
+        # until then); None: the refiller tops up on its own schedule.
+        self.ring_low: Callable[[], None] | None = None
         # True once several processes use the device: caches are then
         # validated against the device before every use.
         self.shared = False

@@ -120,7 +120,7 @@ class PnovaOperations:
 
     def _handed_out(self, a: Attr) -> bytes:
         """Reply for a request that gives the kernel one more reference to ``a``."""
-        self.fs.ref(a.ino)
+        self.fs.ref(a.ino, generation=a.generation)
         return self._entry(a)
 
     def _attr_out(self, a: Attr) -> bytes:
@@ -317,11 +317,14 @@ class PnovaOperations:
             d = self._entry(a) + W.dirent(child, next_off, name, (a.mode & W.S_IFMT) >> 12)
             if len(out) + len(d) > size:
                 break
-            out += d
             # readdirplus hands each entry to the kernel, except '.' and '..'
             # which the kernel neither links nor counts.
             if name != b"." and name != b"..":
-                fs.ref(child)
+                try:
+                    fs.ref(child, generation=a.generation)
+                except FsError:
+                    continue                     # removed since: as if listed after
+            out += d
         return out
 
     # ------------------------------------------------------------ xattrs

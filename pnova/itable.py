@@ -12,6 +12,7 @@ from . import log as plog
 from .errors import FsError
 from .inode import Inode
 from .namei import namespace_op
+from .shared import REF_DYING
 
 
 # line 1 of an inode slot: state, log head, log tail, log array, then zeros
@@ -42,6 +43,8 @@ class InodeTable:
         """
         pm = self.pm
         ino = self._alloc_ino()
+        # the count of the slot's last inode ended as REF_DYING (or 0)
+        self.area.w.store32(self.area.refs + 4 * (ino - 1), 0)
         allocated: list[int] = []
         try:
             page = self.alloc.alloc_one(self.cpu, meta=False)
@@ -81,14 +84,34 @@ class InodeTable:
     def _refs(self, ino: int) -> int:
         return self.area.w.load32(self.area.refs + 4 * (ino - 1))
 
-    def ref(self, ino: int, n: int = 1) -> None:
+    def ref(self, ino: int, n: int = 1, generation: int | None = None) -> None:
         """The kernel (or another user) now holds ``n`` more references.
 
         The count lives in the shared area, so an inode unlinked by one
-        process stays alive while another still holds references.
+        process stays alive while another still holds references.  With
+        ``generation`` (what the lookup that found the inode saw), an inode
+        that another process freed meanwhile, whose slot may already hold a
+        new inode, is not counted: ENOENT, as if the lookup came after the
+        unlink.  The evictor turns a count of 0 into REF_DYING with a
+        compare-and-swap, so a count is either taken before the eviction
+        decides (which then does not happen) or fails (DESIGN 19.8).
         """
-        self.get(ino)
-        self.area.w.add32(self.area.refs + 4 * (ino - 1), n)
+        w = self.area.w
+        off = self.area.refs + 4 * (ino - 1)
+        if generation is None:
+            self.get(ino)
+        while True:
+            v = w.load32(off)
+            if v & REF_DYING:
+                raise FsError(errno.ENOENT)
+            if w.cas32(off, v, v + n):
+                break
+        if generation is not None:
+            gen, state, *_ = L.SLOT_WORDS.unpack_from(self.pm.mm,
+                                                      self.inode_addr(ino) + L.I_GENERATION)
+            if gen != generation or state != L.STATE_LIVE:
+                self.forget(ino, n)              # the slot's new inode: not ours to count
+                raise FsError(errno.ENOENT)
 
     def forget(self, ino: int, n: int = 1) -> None:
         """Drop ``n`` references; the last one frees an inode that has no name."""
@@ -122,7 +145,12 @@ class InodeTable:
                 # Under the inode's namespace lock: every page of its logs,
                 # whoever appended it, must be in the cache to be freed.
                 inode = self._validate(inode)
-                if inode is None:
+                if inode is None or inode.nlink != 0:
+                    return
+                # No reference may be taken from here on (a lookup that found
+                # the name before it went fails instead); the slot's next
+                # inode starts from 0 again (_make_inode).
+                if not self.area.w.cas32(self.area.refs + 4 * (inode.ino - 1), 0, REF_DYING):
                     return
             self._evict(inode)
 

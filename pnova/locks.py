@@ -24,6 +24,11 @@ to ``v + 1`` by compare-and-swap while the writer bit is clear and leaves
 with a fetch-add of -1; a writer moves it from 0 to ``WRITER | (cpu + 1)``.
 While the writer bit is set the reader count is necessarily 0, so the low
 bits name the writing CPU: that is how a waiter recognises a dead holder.
+A writer that has to wait for readers sets ``WANTED``; new readers then hold
+back until a writer has had the word, so a stream of readers overlapping one
+another (creates in one shared directory) cannot starve a writer (a mkdir
+there).  A reader that already holds a share of the word, or has waited for
+``LEASE`` seconds (the writer that asked may have died), ignores the bit.
 
 Dead holders: a waiter that has waited for ``LEASE`` seconds looks up the
 holder's process in the shared area's registry; if it has exited, the waiter
@@ -45,6 +50,7 @@ import numpy as np
 from .shared import H_RENAME_LOCK, HELD_MAX, RANGE_ENTRY, RANGE_MAX, SEG_SLOTS, SharedArea, process_alive
 
 WRITER = 0x80000000
+WANTED = 0x40000000        # a writer waits for the readers to leave
 LEASE = 0.2
 TIMEOUT = 30.0
 SCHEMES = ("inode", "rangetree", "segment", "pnova")
@@ -69,28 +75,42 @@ class Semaphores:
 
     # -- writers -------------------------------------------------------------
     def wlock(self, off: int) -> None:
-        w = self.w
-        if not w.cas32(off, 0, self.mine):
+        if not self.w.cas32(off, 0, self.mine):
             self.waits += 1
-            self._wait(off, lambda: w.cas32(off, 0, self.mine))
+            self._wait(off, lambda: self._try_write(off))
+
+    def _try_write(self, off: int) -> bool:
+        w = self.w
+        v = w.load32(off)
+        if v == 0 or v == WANTED:
+            return w.cas32(off, v, self.mine)
+        if not v & (WRITER | WANTED):
+            w.cas32(off, v, v | WANTED)          # readers hold it: no new ones
+        return False
 
     def try_wlock(self, off: int) -> bool:
         """Take the writer lock if it is free now; never waits."""
-        return self.w.cas32(off, 0, self.mine)
+        w = self.w
+        v = w.load32(off)
+        return (v == 0 or v == WANTED) and w.cas32(off, v, self.mine)
 
     def wunlock(self, off: int) -> None:
         self.w.store32(off, 0)
 
     # -- readers -------------------------------------------------------------
-    def _try_read(self, off: int) -> bool:
+    def _try_read(self, off: int, polite: bool = True) -> bool:
         # A failed compare-and-swap with no writer means another reader came or
-        # went meanwhile: try again at once rather than wait.
+        # went meanwhile: try again at once rather than wait.  A reader already
+        # holding a share must not wait for a writer that waits for it.
         w = self.w
+        stop = WRITER | WANTED if polite and not self.record_of.get(off) else WRITER
         for _ in range(8):
             v = w.load32(off)
-            if v & WRITER:
+            if v & stop:
                 return False
-            if w.cas32(off, v, v + 1):
+            # impolite: the bit goes too (a live writer that still waits sets it
+            # again; a dead one's would hold every later reader back a lease)
+            if w.cas32(off, v, (v if polite else v & ~WANTED) + 1):
                 return True
         return False
 
@@ -99,7 +119,8 @@ class Semaphores:
             raise RuntimeError(f"a CPU may hold at most {HELD_MAX} read locks at once")
         if not self._try_read(off):
             self.waits += 1
-            self._wait(off, lambda: self._try_read(off))
+            since = time.monotonic()
+            self._wait(off, lambda: self._try_read(off, time.monotonic() - since < LEASE))
         self._record(off)
 
     def try_rlock(self, off: int) -> bool:

@@ -49,7 +49,7 @@ import os
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 5
+VERSION = 6
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -57,6 +57,7 @@ NAME_SLOTS = 1 << 12
 RANGE_MAX = 256
 RANGE_ENTRY = 32
 RING_SLOTS = 256
+REF_DYING = 1 << 31           # a reference count's word once its inode is being freed
 STASH_SLOTS = 64              # free blocks one CPU keeps at hand
 VER_BITS = 16
 VER_SLOTS = 1 << VER_BITS     # page-group version words

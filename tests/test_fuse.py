@@ -25,7 +25,7 @@ from typing import Iterator
 
 import pytest
 
-from test_mount import WAIT, Mount, needs_fuse, wait_for
+from test_mount import WAIT, Mount, daemon_pids, needs_fuse, wait_for
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 
@@ -347,5 +347,37 @@ def test_one_client_is_served_by_one_process(tmp_path: Path, image: str) -> None
         assert set(served) == {"cpu0", "cpu1"}
         assert sum(served.values()) >= 2000
         assert max(served.values()) >= 0.95 * sum(served.values()), served
+    finally:
+        m.cleanup()
+
+
+def _wakeups(pids: list[int]) -> int:
+    """Context switches of these processes so far: each sleep and wake-up is one."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+    return total
+
+
+@needs_fuse
+def test_an_idle_mount_sleeps(tmp_path: Path, image: str) -> None:
+    """Nothing in the daemon polls: the supervisor waits for signals, its workers'
+    exits and a ring running low; a serving process waits for requests (or, asleep,
+    for a wake-up).  A mount nobody uses wakes no process."""
+    m = Mount(image, tmp_path / "mnt")
+    try:
+        m.start("-o", "workers=2")
+        (m.mnt / "f").write_bytes(b"x" * 10000)
+        assert (m.mnt / "f").read_bytes() == b"x" * 10000
+        pids = daemon_pids(image)
+        assert len(pids) == 3                    # the supervisor and two serving processes
+        before = _wakeups(pids)
+        threading.Event().wait(1.0)
+        # (polling every few milliseconds, as the supervisor once did, is hundreds)
+        assert _wakeups(pids) - before <= 5
+        m.stop()
     finally:
         m.cleanup()

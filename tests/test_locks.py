@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 
 from pnova import locks
-from pnova.locks import WRITER, LockTimeout, Semaphores, make_scheme
+from pnova.locks import WANTED, WRITER, LockTimeout, Semaphores, make_scheme
 from pnova.ring import Ring, refill
 from pnova.shared import SharedArea
 
@@ -128,6 +128,56 @@ def test_readers_share_and_exclude_writers(area):
     join(wpid)
     assert area.w.load64(flag) == 3 and area.w.load32(word) == 0
     assert time.monotonic() - t0 < 10
+
+
+def test_a_waiting_writer_holds_new_readers_back(area):
+    """Readers that keep overlapping would never let the word fall to 0: a writer
+    that waits sets WANTED, new readers wait for it, readers that already hold a
+    share still get another (they would otherwise wait for a writer waiting for
+    them), and the writer is granted once the holders leave."""
+    word = area.inode_locks + 24
+    flag = area.rings - 64
+    holder = Semaphores(area, 0)
+    holder.rlock(word)
+
+    def writer():
+        area.register(1)
+        s = Semaphores(area, 1)
+        s.wlock(word)
+        area.w.store64(flag, 1)
+        wait_for(lambda: area.w.load64(flag) == 2)
+        s.wunlock(word)
+
+    pid = fork(writer)
+    wait_for(lambda: area.w.load32(word) & WANTED)
+    newcomer = Semaphores(area, 2)
+    assert not newcomer.try_rlock(word)                 # held back by the waiting writer
+    holder.rlock(word)                                  # a second share of a holder: granted
+    assert area.w.load32(word) == WANTED | 2
+    holder.runlock(word)
+    holder.runlock(word)
+    wait_for(lambda: area.w.load64(flag) == 1)          # the writer had its turn
+    assert area.w.load32(word) == WRITER | 2
+    area.w.store64(flag, 2)
+    join(pid)
+    assert newcomer.try_rlock(word)
+    newcomer.runlock(word)
+    assert area.w.load32(word) == 0
+
+
+def test_a_want_left_by_a_dead_writer_delays_readers_by_one_lease(area):
+    word = area.inode_locks + 32
+    area.w.store32(word, WANTED)                        # its writer died waiting
+    sem = Semaphores(area, 0)
+    t0 = time.monotonic()
+    sem.rlock(word)
+    assert locks.LEASE <= time.monotonic() - t0 < 5
+    assert area.w.load32(word) == 1                     # and the stale bit is gone
+    sem.runlock(word)
+    sem.rlock(word)                                     # the next reader does not wait
+    assert sem.waits == 1
+    sem.runlock(word)
+    assert area.w.load32(word) == 0
 
 
 @pytest.mark.parametrize("mode", ["write", "read"])

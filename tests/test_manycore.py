@@ -417,3 +417,44 @@ def test_a_double_free_into_a_stash_is_caught(tmp_path):
             fs.alloc.free(blk, 1)
     finally:
         fs.unmount()
+
+
+def test_a_ring_running_low_asks_the_refiller(tmp_path):
+    """A worker's local log takes its pages from its CPU's ring; when fewer than
+    RING_LOW are left it asks the designated refiller (the mount's supervisor
+    sleeps until then), and the refill brings the ring back to full."""
+    from pnova.commit import RING_LOW
+    path = str(tmp_path / "ring.img")
+    format_device(path, 64 << 20, numa_nodes=1, cpus_per_node=2)
+    fs = FileSystem.mount(path)
+    f = fs.create(1, b"f", 0o644).ino
+    worker = f % 2                               # not the file's home CPU: a local log
+    fs.prepare_workers()
+    ring = fs.rings[worker]
+    full = len(ring)
+    assert full > RING_LOW
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            fs.become_worker(worker)
+            fs.ring_low = lambda: os.write(w, b"%d\n" % len(fs.rings[worker]))
+            i = 0
+            while len(ring) >= RING_LOW - 1 and i < 200_000:
+                fs.write(f, 4096 * (i % 4), b"%d" % i)
+                i += 1
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as pipe:
+        asked = [int(x) for x in pipe.read().split()]
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    # asked for the first time on the pop that left RING_LOW - 1, not before
+    assert asked and asked[0] == RING_LOW - 1 and all(n < RING_LOW for n in asked)
+    assert fs.refill_rings() > 0 and len(ring) == full
+    fs.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()

@@ -221,3 +221,36 @@ def test_a_directory_changed_by_another_cpu_before_its_rmdir_commits_leaks_nothi
     fs0.unmount()
     out = io.StringIO()
     assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
+
+
+@pytest.mark.parametrize("reused", [False, True])
+def test_a_reference_to_an_inode_freed_since_its_lookup_is_refused(tmp_path, reused):
+    """CPU 0 looks a file up (lookups take no lock); CPU 1 unlinks it, and with no
+    reference anywhere frees it, and may reuse the slot for a new file.  CPU 0's
+    reference for the kernel must then fail with ENOENT (as if the lookup came
+    after the unlink) and must not count on the slot's new inode: that one is
+    freed when its own last reference goes."""
+    path = str(tmp_path / "ref.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs0 = FileSystem.mount(path)
+    fs1 = FileSystem.attach(fs0, 1)
+    fs0.create(1, b"f", 0o644)
+    a = fs0.lookup(1, b"f")
+    fs1.unlink(1, b"f")                          # no reference: freed at once
+    if reused:
+        # the freed slot goes to the next inode of the CPU whose table holds it
+        owner = fs1 if (a.ino - 1) % 2 == 1 else fs0
+        b = owner.create(1, b"g", 0o644)
+        assert b.ino == a.ino and b.generation != a.generation
+        owner.ref(b.ino, generation=b.generation)          # the kernel's reference
+    with pytest.raises(FsError) as e:
+        fs0.ref(a.ino, generation=a.generation)
+    assert e.value.errno == errno.ENOENT
+    if reused:
+        owner.unlink(1, b"g")
+        owner.forget(b.ino)                      # its only reference: freed now
+        with pytest.raises(FsError):
+            fs0.getattr(b.ino)
+    fs0.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
