@@ -28,7 +28,7 @@ deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml setup.py pnova/_atomic.c | deps
+$(STAMP): pyproject.toml setup.py pnova/_atomic.c pnova/_protect.c | deps
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
@@ -39,7 +39,7 @@ venv: deps $(STAMP)
 # mount(8) starts its helpers without the caller's PATH (the shell's default path,
 # which includes /usr/local/bin, applies), so the commands must be linked there.
 HELPER_DIR ?= /usr/local/bin
-HELPERS := pnova mkfs.pnova fsck.pnova pnova-crashtest fxmark
+HELPERS := pnova mkfs.pnova fsck.pnova pnova-crashtest pnova-inject pnova-scrub fxmark
 
 install-helpers: venv
 	@if [ "$$(id -u)" = 0 ]; then \

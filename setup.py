@@ -4,4 +4,6 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     # Atomics on the shared area (pnova/atomics.py): one GCC builtin per call.
     Extension("pnova._atomic", sources=["pnova/_atomic.c"], extra_compile_args=["-O2"]),
+    # Strip checksums and parity of data blocks (pnova/protect.py).
+    Extension("pnova._protect", sources=["pnova/_protect.c"], extra_compile_args=["-O2"]),
 ])

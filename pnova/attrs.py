@@ -158,12 +158,14 @@ class Attributes:
             old = inode.pages.get(size // L.BLOCK)
             if size < inode.size and rem and old is not None:
                 # Keep the bytes past EOF in the last page zero: copy it with a zeroed tail.
+                self._check_kept(inode, size // L.BLOCK, old, 0, rem)
                 blk = self.alloc.alloc_one(self.cpu, meta=False)
                 new_blocks.append((blk, 1))
                 pm = self.pm
                 pm.store_copy(blk * L.BLOCK, old * L.BLOCK, rem)
                 pm.store_zero(blk * L.BLOCK + rem, L.BLOCK - rem)
                 pm.flush(blk * L.BLOCK, L.BLOCK)
+                self.prot.seal(blk, 1)
                 entries.append((L.E_WRITE, self._next_seq(), size // L.BLOCK, 1, blk,
                                 inode.size, inode.mtime))
         entries.append((L.E_SETATTR, self._next_seq(), mask,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import errno
 
+from . import layout as L
 from .errors import FsError
 from .inode import Inode
-
 
 
 class Directories:
@@ -35,3 +35,28 @@ class Directories:
             name = d.order[cookie]
             out.append((name, d.dents[name][0], cookie + 3))
         return out
+
+    def path_of(self, ino: int) -> str:
+        """A path of ``ino`` for messages, found through the directories this
+        process has cached (files have no parent pointer); ``inode N`` when none
+        of them names it."""
+        if ino == L.ROOT_INO:
+            return "/"
+        try:
+            self.get(L.ROOT_INO)                 # the top of every path
+        except FsError:
+            pass
+        parents = {}
+        for d in list(self.cache.values()):
+            if d.dents is not None:
+                for name, ent in d.dents.items():
+                    if name != L.DOTDOT:
+                        parents.setdefault(ent[0], (d.ino, name))
+        parts: list[bytes] = []
+        cur = ino
+        while cur != L.ROOT_INO and cur in parents and len(parts) < 256:
+            cur, name = parents[cur]
+            parts.append(name)
+        if cur != L.ROOT_INO:
+            return f"inode {ino}"
+        return "/" + "/".join(p.decode(errors="replace") for p in reversed(parts))

@@ -48,6 +48,7 @@ from .journal import Journal
 from .locks import make_scheme
 from .namei import Namei
 from .pmem import PMem
+from .protect import DataProtection
 from .rebuild import Rebuild
 from .ring import Ring
 from .shared import H_SEQ, HELD_MAX, SharedArea
@@ -94,6 +95,8 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
                                reserve=max(8, min(1024, total // 512)))
         self.alloc.stash_cpu = None if readonly else self.cpu
         self.journals = [Journal(pm, r.journal_block) for r in regions]
+        self.prot = DataProtection(pm, sb, regions)
+        self._lost_seen: set[tuple[int, int]] = set()   # damaged data already logged
         self.lock_name = lock
         self.segment_pages = segment_pages
         self.scheme = make_scheme(lock, area, self.cpu, segment_pages)

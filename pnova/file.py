@@ -13,13 +13,18 @@ import errno
 import time
 from collections.abc import Callable
 
+import logging
+
 from . import layout as L
 from .attrs import SUIDGID as _SUIDGID
 from .errors import FsError
 from .inode import Inode
+from .protect import strip_ranges
 from .shared import HELD_MAX
 from .xattr import CAPS_XATTR
 
+
+logger = logging.getLogger("pnova")
 
 # Largest piece of a read done under one range lock.  A segment scheme takes
 # one read lock per segment, and a CPU can record only HELD_MAX of them at once
@@ -49,16 +54,70 @@ class FileData:
             try:
                 if self.shared:
                     inode = self.get(ino)
-                parts.append(self._read(inode, off, n))
+                part = self._read(inode, off, n)
+            except FsError:
+                if not parts:
+                    raise
+                break                            # damage further on: a short read
             finally:
                 sch.unlock(tok)
+            parts.append(part)
+            if len(part) < min(n, inode.size - off):
+                break                            # stopped at damage
             off += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _check_kept(self, inode: Inode, pg: int, block: int, lo: int, hi: int) -> None:
+        """Bytes lo..hi of page ``pg`` (in ``block``) are about to be copied into a
+        new block: they must be good (a copy would give damaged bytes new,
+        valid checksums).  EIO if a strip they touch cannot be repaired."""
+        bad = self.prot.verify(block)
+        if bad and any(k * L.STRIP < hi and lo < (k + 1) * L.STRIP for k in bad):
+            self._report_lost(inode, pg, block, bad)
+            raise FsError(errno.EIO)
+
+    def _report_lost(self, inode: Inode, pg: int, block: int, bad: list[int]) -> None:
+        """Log, once per block and process, file data that cannot be read back."""
+        key = (inode.ino, block)
+        if key in self._lost_seen:
+            return
+        self._lost_seen.add(key)
+        ranges = strip_ranges(pg * L.BLOCK, bad)
+        logger.error("%s: bytes %s are damaged beyond repair (data block %d); reads of them "
+                     "answer EIO (fsck.pnova reports them)", self.path_of(inode.ino), ranges,
+                     block)
+
+    def _verified_end(self, inode: Inode, off: int, end: int) -> int:
+        """How far from ``off`` (at most ``end``) the file's bytes are good: the
+        start of the first strip that cannot be repaired, checking (and
+        repairing) every data block in between."""
+        pages = inode.pages
+        verify = self.prot.verify
+        for pg in range(off // L.BLOCK, (end - 1) // L.BLOCK + 1):
+            b = pages.get(pg)
+            if b is None:
+                continue
+            bad = verify(b)
+            if bad:
+                lo = max(off, pg * L.BLOCK)
+                hi = min(end, (pg + 1) * L.BLOCK)
+                hit = [k for k in bad if pg * L.BLOCK + k * L.STRIP < hi
+                       and lo < pg * L.BLOCK + (k + 1) * L.STRIP]
+                if hit:
+                    self._report_lost(inode, pg, b, bad)
+                    return max(off, pg * L.BLOCK + hit[0] * L.STRIP)
+        return end
 
     def _read(self, inode: Inode, off: int, size: int) -> bytes:
         end = min(inode.size, off + size)
         if off >= end:
             return b""
+        if self.prot.csum:
+            good = self._verified_end(inode, off, end)
+            if good < end:
+                if good == off:
+                    raise FsError(errno.EIO)     # the first byte asked for is lost
+                end = good                       # a short read up to the damage
         pages = inode.pages
         mm = self.pm.mm
         first, last = off // L.BLOCK, (end - 1) // L.BLOCK
@@ -202,8 +261,15 @@ class FileData:
                       in_group: Callable[[int], bool] | None = None) -> list[int]:
         pm = self.pm
         n = len(data)
-        extents = self.alloc.alloc(self.cpu, last - first + 1)
         pages = inode.pages
+        if self.prot.csum:
+            # The old bytes a partial first or last page keeps are copied into
+            # the new block: they must be good (before anything is allocated).
+            if off % L.BLOCK and (old := pages.get(first)) is not None:
+                self._check_kept(inode, first, old, 0, off % L.BLOCK)
+            if (off + n) % L.BLOCK and (old := pages.get(last)) is not None:
+                self._check_kept(inode, last, old, (off + n) % L.BLOCK, L.BLOCK)
+        extents = self.alloc.alloc(self.cpu, last - first + 1)
         now = time.time_ns()
         entries = []
         pg = first
@@ -228,6 +294,7 @@ class FileData:
                 else:
                     pm.store_zero(dst + b - lo, hi - b)
             pm.flush(dst, count * L.BLOCK)
+            self.prot.seal(start, count)          # fenced by the commit, before the entry
             # the size field is the end this write reaches; replay takes the maximum
             entries.append((L.E_WRITE, 0, pg, count, start, off + n, now))
             pg += count

@@ -78,6 +78,7 @@ from .errors import CorruptImage, FsError
 from .inode import Inode
 from .journal import Journal, JournalError
 from .pmem import DeviceError, PMem
+from .protect import DataProtection, strip_ranges
 
 # Answer policies.
 NO, YES, PREEN = "no", "yes", "preen"
@@ -87,6 +88,20 @@ _FILE_TYPES = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory",
                stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
 _MAX_PAGES = L.MAX_FILE_SIZE // L.BLOCK
 _LIST_MAX = 20          # block ranges listed in one message
+
+
+def _repairs(found) -> str:
+    """What a data block's check found that a repair can set right, in words."""
+    parts = []
+    if found.rebuilt:
+        parts.append("strip " + ", ".join(map(str, found.rebuilt)) + " fails its checksum "
+                     "(the parity rebuilds it)")
+    if found.csum_fixed:
+        parts.append("checksum copy " + " and ".join(map(str, found.csum_fixed))
+                     + " disagrees with the data")
+    if found.parity_fixed:
+        parts.append("its parity strip is stale")
+    return "; ".join(parts)
 
 
 class CheckAborted(Exception):
@@ -316,6 +331,7 @@ class Checker:
             self.check_journals()
             self.check_inodes()
             self.check_blocks()
+            self.check_data()
             self.check_bitmaps()
             self.check_tree()
             self.check_links()
@@ -443,7 +459,7 @@ class Checker:
         if prim is not None:
             try:
                 L.plan_regions(prim.total_blocks, prim.numa_nodes, prim.cpus_per_node,
-                               prim.inodes_per_cpu)
+                               prim.inodes_per_cpu, prim.features)
             except ValueError as e:
                 raise CheckAborted(f"{self.path}: superblock geometry is impossible "
                                    f"({e})") from None
@@ -517,7 +533,8 @@ class Checker:
                 self._write_sb_copy(repl, 0)
         sb = self.sb
         try:
-            L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node, sb.inodes_per_cpu)
+            L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node, sb.inodes_per_cpu,
+                           sb.features)
         except ValueError as e:
             raise CheckAborted(f"{self.path}: superblock geometry is impossible ({e})") from None
         self._check_size()
@@ -614,10 +631,10 @@ class Checker:
             return False
         try:
             plan = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
-                                  sb.inodes_per_cpu)
+                                  sb.inodes_per_cpu, sb.features)
         except ValueError:
             return False
-        return self._table(sb.ncpus) == plan
+        return [r.descriptor() for r in self._table(sb.ncpus)] == [r.descriptor() for r in plan]
 
     def _salvage_sb(self) -> tuple[L.Superblock | None, str]:
         """Both copies failed: a copy whose fields fit the region table, or the table alone."""
@@ -630,8 +647,10 @@ class Checker:
                               inodes_per_cpu=f[6], uuid=f[8], mkfs_time_ns=f[9], clean=0,
                               flags=f[11], mount_count=f[12], next_seq=f[13],
                               last_mount_ns=f[14], last_unmount_ns=f[15],
-                              label=f[16].rstrip(b"\0"))
-            if 1 <= sb.ncpus <= L.MAX_CPUS and f[1] == L.FORMAT_VERSION and \
+                              label=f[16].rstrip(b"\0"), version=f[1],
+                              features=f[17] if f[1] >= 3 else 0)
+            if 1 <= sb.ncpus <= L.MAX_CPUS and f[1] in L.READABLE_VERSIONS and \
+                    not sb.features & ~L.KNOWN_FEATURES and \
                     f[2] == L.BLOCK and f[7] == 1 and self._sb_fits(sb):
                 return sb, "taken from the damaged copy, confirmed by the region table"
         table = self._table()
@@ -648,10 +667,12 @@ class Checker:
                 plan = L.plan_regions(total, nodes, len(table) // nodes, ipc)
             except ValueError:
                 continue
-            if plan == table and total <= self.file_size // L.BLOCK:
+            if [r.descriptor() for r in plan] == [r.descriptor() for r in table] and \
+                    total <= self.file_size // L.BLOCK:
                 break
         else:
             return None, ""
+        features = self._guess_features(total, nodes, len(table) // nodes, ipc, table[0])
         root = table[0].itable_start * L.BLOCK
         try:
             made = L.InodeStatic.unpack(self.pm.read(root, 64)).ctime_ns
@@ -659,8 +680,25 @@ class Checker:
             made = time.time_ns()
         sb = L.Superblock(total_blocks=total, numa_nodes=nodes,
                           cpus_per_node=len(table) // nodes, inodes_per_cpu=ipc,
-                          uuid=uuidlib.uuid4().bytes, mkfs_time_ns=made, clean=0, next_seq=2)
+                          uuid=uuidlib.uuid4().bytes, mkfs_time_ns=made, clean=0, next_seq=2,
+                          features=features)
         return sb, "rebuilt from the region table (label and UUID are lost)"
+
+    def _guess_features(self, total: int, nodes: int, cpn: int, ipc: int,
+                        r0: L.Region) -> int:
+        """The features of an image whose superblocks are both gone: the region
+        table does not record them, but mkfs puts the root directory's first
+        log page at the first data block of CPU 0, and a compaction moves it
+        past that; the default set when nothing tells."""
+        head = self.pm.read_u64(r0.itable_start * L.BLOCK + L.I_LOG_HEAD) // L.BLOCK
+        cands = (L.DEFAULT_FEATURES, L.FEATURE_DATA_CSUM, 0)
+        for f in cands:
+            if L.plan_regions(total, nodes, cpn, ipc, f)[0].data_start == head:
+                return f
+        for f in cands:
+            if head >= L.plan_regions(total, nodes, cpn, ipc, f)[0].data_start:
+                return f
+        return L.DEFAULT_FEATURES
 
     def _quick_clean(self) -> bool:
         """Clean image without -f: print the one-line state if nothing cheap looks wrong."""
@@ -668,7 +706,8 @@ class Checker:
         if sb.clean != 1 or self.found or not self._sb_fits(sb):
             return False
         regions = self.regions = L.plan_regions(sb.total_blocks, sb.numa_nodes,
-                                                sb.cpus_per_node, sb.inodes_per_cpu)
+                                                sb.cpus_per_node, sb.inodes_per_cpu,
+                                                sb.features)
         files = used = total = 0
         for r in regions:
             files += int(np.count_nonzero(self._states(r) == L.STATE_LIVE))
@@ -692,14 +731,14 @@ class Checker:
         """Each CPU's descriptor must equal what the superblock's geometry implies."""
         sb = self.sb
         expect = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
-                                sb.inodes_per_cpu)
+                                sb.inodes_per_cpu, sb.features)
         base = sb.region_table_block * L.BLOCK
         for r in expect:
             off = base + r.cpu * L.REGION_SIZE
             raw = self.pm.read(off, L.REGION_SIZE)
             try:
                 got = L.Region.unpack(raw)
-                why = None if got == r else (f"says blocks {got.start}-{got.end - 1}, "
+                why = None if got.descriptor() == r.descriptor() else (f"says blocks {got.start}-{got.end - 1}, "
                                              f"expected {r.start}-{r.end - 1}"
                                              if (got.start, got.nblocks) != (r.start, r.nblocks)
                                              else "does not match the geometry")
@@ -1360,6 +1399,66 @@ class Checker:
         for ino, items in remap.items():
             self._remap(self.recs[ino], items)
 
+    # ------------------------------------------------------------ pass 5b: data protection
+    def _protection(self) -> DataProtection:
+        if getattr(self, "prot", None) is None or self.prot.pm is not self.pm:
+            self.prot = DataProtection(self.pm, self.sb, self.regions)
+        return self.prot
+
+    def check_data(self) -> None:
+        """Every strip of every file data block against its checksums (SPEC 9.1):
+        rebuild a single bad strip from the parity, rewrite a checksum copy or a
+        parity strip that disagrees with good data (safe repairs), and report,
+        by path, the bytes that cannot be rebuilt (zeroed, with new checksums,
+        only if the user agrees: their contents are lost either way)."""
+        if not self.sb.data_csum:
+            return
+        prot = self._protection()
+        if not self.paths:
+            self._build_paths()
+        live = [r for r in self._live() if r.inode is not None and r.inode.pages]
+        checked = 0
+        for n, rec in enumerate(live):
+            for pg in sorted(rec.inode.pages):
+                b = rec.inode.pages[pg]
+                if not self._in_data(b) or self.owner[b] != rec.ino:
+                    continue                     # reported (and remapped) by check_blocks
+                checked += 1
+                found = prot.examine(b, repair=False)
+                if found.ok:
+                    continue
+                desc = self._desc(rec.ino)
+                if found.bad:
+                    ranges = strip_ranges(pg * L.BLOCK, found.bad)
+                    if self.problem(f"{desc}: bytes {ranges} are damaged beyond repair "
+                                    f"(data block {b}; reads answer EIO)",
+                                    "Replace them with zeros (their contents are lost)",
+                                    safe=False):
+                        self._zero_strips(b, found.bad)
+                    continue
+                if self.problem(f"{desc}: data block {b} (page {pg}): "
+                                f"{_repairs(found)}",
+                                "Repair it from the parity and the checksum copies",
+                                safe=True):
+                    self._prepare_write()
+                    done = self._protection().examine(b, repair=True)
+                    assert not done.bad
+            if n % 256 == 0:
+                self._tick("data", n, len(live))
+        self._tick("data", 1, 1)
+        self.data_blocks_checked = checked
+
+    def _zero_strips(self, block: int, strips: list[int]) -> None:
+        """Zero strips whose data is lost and give the block new checksums and
+        parity (the block stays in its file; fsck runs with the image offline)."""
+        self._prepare_write()
+        pm = self.pm
+        for k in strips:
+            pm.store_zero(block * L.BLOCK + k * L.STRIP, L.STRIP)
+        pm.flush(block * L.BLOCK, L.BLOCK)
+        self._protection().seal(block, 1)
+        pm.fence()
+
     @staticmethod
     def _stale_user(a: _Rec, b: _Rec) -> int | None:
         """Of two inodes mapping one data block, the one whose log was cut (if only one)."""
@@ -1381,6 +1480,7 @@ class Checker:
             else:
                 pm.store_zero(dst, L.BLOCK)
             pm.flush(dst, L.BLOCK)
+            self._protection().seal(nb, 1)
             entries.append((L.E_WRITE, self._seq(), pg, 1, nb, inode.size, inode.mtime))
         self._append(rec, entries)
 
@@ -1696,6 +1796,7 @@ class Checker:
         pm.store_copy(nb * L.BLOCK, old * L.BLOCK, rem)
         pm.store_zero(nb * L.BLOCK + rem, L.BLOCK - rem)
         pm.flush(nb * L.BLOCK, L.BLOCK)
+        self._protection().seal(nb, 1)
         self._append(rec, [(L.E_WRITE, self._seq(), pg, 1, nb, rec.inode.size,
                             rec.inode.mtime)])
 

@@ -262,8 +262,15 @@ class PnovaOperations:
 
     def read(self, ino: int, body: memoryview, uid: int, gid: int,
             pid: int) -> bytes:
-        _fh, off, size, _, _, _, _ = W.READ_IN.unpack_from(body)
-        return self.fs.read(ino, off, size)
+        _fh, off, size, _, _, flags, _ = W.READ_IN.unpack_from(body)
+        data = self.fs.read(ino, off, size)
+        if len(data) < size and not flags & os.O_DIRECT and \
+                off + len(data) < self.fs.getattr(ino).size:
+            # Damaged data past this point (a short read of the engine): the
+            # kernel would take a short reply into its page cache as the end
+            # of the file and read the file back shorter without an error.
+            raise FsError(errno.EIO)
+        return data
 
     def write(self, ino: int, body: memoryview, uid: int, gid: int,
             pid: int) -> bytes:

@@ -13,7 +13,18 @@ from dataclasses import dataclass
 
 from crc32c import crc32c
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Versions this code reads: 2 is 3 without the features field (always 0 there).
+READABLE_VERSIONS = (2, 3)
+# Superblock feature bits (SPEC section 3): what the image protects.
+FEATURE_DATA_CSUM = 1          # per-strip CRC32C of every file data block, two copies
+FEATURE_DATA_PARITY = 2        # one parity strip per file data block (needs DATA_CSUM)
+KNOWN_FEATURES = FEATURE_DATA_CSUM | FEATURE_DATA_PARITY
+DEFAULT_FEATURES = FEATURE_DATA_CSUM | FEATURE_DATA_PARITY
+STRIP = 512                    # bytes of data one checksum covers
+STRIPS = 8                     # strips per 4096-byte block
+CSUM_SIZE = 4 * 8              # checksum record of one data block: 8 x u32
+PARITY_SIZE = 512              # parity strip of one data block
 BLOCK = 4096
 CACHELINE = 64
 MAX_CPUS = 64                  # one 64-byte region descriptor each in block 1
@@ -27,11 +38,12 @@ MAX_FILE_SIZE = 1 << 44
 # ---------------------------------------------------------------------------
 SB_MAGIC = b"PNOVASB\x00"
 SB_SIZE = 256
-_SB = struct.Struct("<8sIIQIII I16sQ II Q Q Q Q 32s")
+_SB = struct.Struct("<8sIIQIII I16sQ II Q Q Q Q 32s I")
 # fields: magic, version, block_size, total_blocks, numa_nodes, cpus_per_node,
 #         inodes_per_cpu, region_table_block, uuid, mkfs_time_ns,
 #         clean, flags, mount_count, next_seq, last_mount_ns, last_unmount_ns,
-#         label ; then zero padding up to byte 252 and crc32c at 252.
+#         label, features (version 3) ; then zero padding up to byte 252 and
+#         crc32c at 252.
 SB_CRC_OFF = 252
 _U32 = struct.Struct("<I")
 
@@ -54,6 +66,7 @@ class Superblock:
     version: int = FORMAT_VERSION
     block_size: int = BLOCK
     region_table_block: int = 1
+    features: int = 0
 
     @property
     def ncpus(self) -> int:
@@ -65,7 +78,7 @@ class Superblock:
                         self.region_table_block, self.uuid, self.mkfs_time_ns,
                         self.clean, self.flags, self.mount_count, self.next_seq,
                         self.last_mount_ns, self.last_unmount_ns,
-                        self.label.ljust(32, b"\0")[:32])
+                        self.label.ljust(32, b"\0")[:32], self.features)
         body = body.ljust(SB_CRC_OFF, b"\0")
         return body + struct.pack("<I", crc32c(body))
 
@@ -82,9 +95,11 @@ class Superblock:
                  inodes_per_cpu=f[6], uuid=f[8], mkfs_time_ns=f[9], clean=f[10],
                  flags=f[11], mount_count=f[12], next_seq=f[13], last_mount_ns=f[14],
                  last_unmount_ns=f[15], label=f[16].rstrip(b"\0"), version=f[1],
-                 block_size=f[2], region_table_block=f[7])
-        if sb.version != FORMAT_VERSION:
+                 block_size=f[2], region_table_block=f[7], features=f[17])
+        if sb.version not in READABLE_VERSIONS:
             raise ValueError(f"unsupported format version {sb.version}")
+        if sb.version == 2 and sb.features:
+            raise ValueError("a version 2 superblock with features set")
         if sb.block_size != BLOCK:
             raise ValueError(f"unsupported block size {sb.block_size}")
         if not (1 <= sb.ncpus <= MAX_CPUS):
@@ -95,7 +110,15 @@ class Superblock:
         """The fields that never change after mkfs (compared against the replica)."""
         return (self.version, self.block_size, self.total_blocks, self.numa_nodes,
                 self.cpus_per_node, self.inodes_per_cpu, self.region_table_block,
-                self.uuid, self.mkfs_time_ns, self.label)
+                self.uuid, self.mkfs_time_ns, self.label, self.features)
+
+    @property
+    def data_csum(self) -> bool:
+        return bool(self.features & FEATURE_DATA_CSUM)
+
+    @property
+    def data_parity(self) -> bool:
+        return bool(self.features & FEATURE_DATA_PARITY)
 
 
 # ---------------------------------------------------------------------------
@@ -119,10 +142,27 @@ class Region:
     journal_block: int   # this CPU's lite journal
     bitmap_start: int    # saved allocator bitmap (valid only on a clean image)
     bitmap_blocks: int
+    # data protection (not in the descriptor: computed by plan_regions)
+    csum_blocks: int = 0     # blocks of each copy of the checksum records
+    parity_blocks: int = 0   # blocks of the parity strips
+
+    @property
+    def csum_start(self) -> int:
+        """First block of the checksum records (primary copy)."""
+        return self.bitmap_start + self.bitmap_blocks
+
+    @property
+    def parity_start(self) -> int:
+        return self.csum_start + self.csum_blocks
+
+    @property
+    def csum2_start(self) -> int:
+        """First block of the checksum records' replica."""
+        return self.parity_start + self.parity_blocks
 
     @property
     def data_start(self) -> int:
-        return self.bitmap_start + self.bitmap_blocks
+        return self.csum2_start + self.csum_blocks
 
     @property
     def end(self) -> int:
@@ -131,6 +171,11 @@ class Region:
     @property
     def data_blocks(self) -> int:
         return self.end - self.data_start
+
+    def descriptor(self) -> tuple:
+        """The fields the region table stores (what a descriptor is compared on)."""
+        return (self.cpu, self.node, self.start, self.nblocks, self.itable_start,
+                self.itable_blocks, self.journal_block, self.bitmap_start, self.bitmap_blocks)
 
     def pack(self) -> bytes:
         body = _REGION.pack(self.cpu, self.node, self.start, self.nblocks,
@@ -146,8 +191,29 @@ class Region:
         return cls(*_REGION.unpack_from(raw, 0))
 
 
+def protection_blocks(rest: int, features: int) -> tuple[int, int, int]:
+    """(data blocks, blocks per checksum copy, parity-area blocks) for ``rest``
+    blocks after a region's bitmap: the most data blocks whose protection fits
+    too (SPEC 2.1)."""
+    if not features & FEATURE_DATA_CSUM:
+        return rest, 0, 0
+    parity = bool(features & FEATURE_DATA_PARITY)
+
+    def need(d: int) -> int:
+        return d + 2 * -(-d // (BLOCK // CSUM_SIZE)) + (-(-d // (BLOCK // PARITY_SIZE)) if parity else 0)
+    d = rest * 128 // (146 if parity else 130)
+    while d > 0 and need(d) > rest:
+        d -= 1
+    while need(d + 1) <= rest:
+        d += 1
+    csum = -(-d // (BLOCK // CSUM_SIZE))
+    # the parity area takes the blocks left over (a data block one more would
+    # need another checksum or parity block): the data area is exactly d blocks
+    return d, csum, rest - d - 2 * csum
+
+
 def plan_regions(total_blocks: int, numa_nodes: int, cpus_per_node: int,
-                 inodes_per_cpu: int) -> list[Region]:
+                 inodes_per_cpu: int, features: int = 0) -> list[Region]:
     """Split blocks [2, total-1) into one partition per node, one region per CPU."""
     first, last = 2, total_blocks - 1          # last block holds the replica superblock
     usable = last - first
@@ -163,11 +229,12 @@ def plan_regions(total_blocks: int, numa_nodes: int, cpus_per_node: int,
             meta = itable_blocks + 1
             rest = n - meta
             bitmap_blocks = max(1, -(-rest // (BLOCK * 8)))
-            if rest - bitmap_blocks < 16:
+            data, csum, par = protection_blocks(rest - bitmap_blocks, features)
+            if data < 16:
                 raise ValueError("device too small for this geometry")
             regions.append(Region(cpu, node, cpu_start, n, cpu_start, itable_blocks,
                                   cpu_start + itable_blocks, cpu_start + itable_blocks + 1,
-                                  bitmap_blocks))
+                                  bitmap_blocks, csum, par))
             cpu_start += n
         node_start += node_len
     return regions

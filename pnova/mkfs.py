@@ -23,11 +23,16 @@ def default_inodes_per_cpu(total_blocks: int, ncpus: int) -> int:
 
 def format_device(path: str, size: int, *, numa_nodes: int = 1, cpus_per_node: int | None = None,
                   inodes_per_cpu: int | None = None, label: bytes = b"",
-                  uid: int | None = None, gid: int | None = None) -> L.Superblock:
+                  uid: int | None = None, gid: int | None = None,
+                  features: int = L.DEFAULT_FEATURES) -> L.Superblock:
     """Create/overwrite ``path`` with an empty filesystem of ``size`` bytes.
 
-    Raises ValueError with a one-line reason for impossible geometry.
+    ``features``: the protection of file data (SPEC 3; default checksums and
+    parity).  Raises ValueError with a one-line reason for impossible geometry.
     """
+    if features & ~L.KNOWN_FEATURES or (features & L.FEATURE_DATA_PARITY
+                                        and not features & L.FEATURE_DATA_CSUM):
+        raise ValueError(f"bad feature set {features:#x} (parity needs checksums)")
     if cpus_per_node is None:
         cpus_per_node = max(1, min(os.cpu_count() or 1, L.MAX_CPUS) // numa_nodes)
     ncpus = numa_nodes * cpus_per_node
@@ -38,13 +43,13 @@ def format_device(path: str, size: int, *, numa_nodes: int = 1, cpus_per_node: i
         raise ValueError("device too small: pnova needs at least 256 KiB")
     if inodes_per_cpu is None:
         inodes_per_cpu = default_inodes_per_cpu(total, ncpus)
-    regions = L.plan_regions(total, numa_nodes, cpus_per_node, inodes_per_cpu)
+    regions = L.plan_regions(total, numa_nodes, cpus_per_node, inodes_per_cpu, features)
     pm = PMem(path, size=total * L.BLOCK, create=True)
     try:
         sb = L.Superblock(total_blocks=total, numa_nodes=numa_nodes,
                           cpus_per_node=cpus_per_node, inodes_per_cpu=inodes_per_cpu,
                           uuid=uuidlib.uuid4().bytes, mkfs_time_ns=time.time_ns(),
-                          label=label[:32], clean=1, next_seq=3)
+                          label=label[:32], clean=1, next_seq=3, features=features)
         # First make any old filesystem unrecognisable: both superblock copies
         # and the region table go, durably, before anything else changes, so an
         # interrupted mkfs never leaves a stale replica describing the old
@@ -56,8 +61,8 @@ def format_device(path: str, size: int, *, numa_nodes: int = 1, cpus_per_node: i
         pm.flush(0, 2 * L.BLOCK)
         pm.flush((total - 1) * L.BLOCK, L.BLOCK)
         pm.fence()
-        # Zero the metadata areas (inode tables, journals, bitmaps): a reused
-        # file may hold anything.
+        # Zero the metadata areas (inode tables, journals, bitmaps, checksums
+        # and parity): a reused file may hold anything.
         for r in regions:
             pm.store_zero(r.start * L.BLOCK, (r.data_start - r.start) * L.BLOCK)
         table = b"".join(r.pack() for r in regions)

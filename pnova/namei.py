@@ -342,7 +342,10 @@ class Namei:
         inode = self.get(ino)
         if not stat.S_ISLNK(inode.mode):
             raise FsError(errno.EINVAL)
-        return self._read(inode, 0, inode.size)
+        target = self._read(inode, 0, inode.size)
+        if len(target) < inode.size:
+            raise FsError(errno.EIO)             # part of it is damaged: never a shorter target
+        return target
 
     @namespace_op
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:

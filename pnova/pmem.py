@@ -10,6 +10,15 @@ injection, :class:`TrackedPMem`) subclasses this class and overrides the
 primitives, so callers never change: ``store``, ``store_u64``, ``store_zero``, ``store_copy``,
 ``flush`` and ``fence`` are the whole set of mutating calls.  The numpy view
 ``buf`` handed to readers is read-only, so no caller can bypass them.
+
+**Poison.** Real persistent memory reports uncorrectable media errors as
+machine checks on the lines that hold them, and Linux keeps a list of bad
+512-byte sectors per pmem device.  The emulated device keeps the same list in
+a file beside the image, ``IMAGE.badblocks`` (lines ``SECTOR COUNT``, as
+``/sys/block/pmemN/badblocks`` shows them); :meth:`PMem.poisoned` tells a
+reader which sectors of a range it must not trust, and a store that covers a
+whole sector clears its poison, as writing a sector through the pmem driver
+does.  ``pnova-inject`` adds entries.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ from collections.abc import Callable
 import numpy as np
 
 CACHELINE = 64
+SECTOR = 512
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -68,6 +78,7 @@ class PMem:
         self.stores = 0
         self.flushes = 0
         self.fences = 0
+        self.poison: set[int] = load_badblocks(path)
 
     def limit(self, size: int) -> None:
         """Make ``size`` the device size: the first ``size`` bytes of a longer file
@@ -83,6 +94,20 @@ class PMem:
         """Zero-copy read-only view of ``n`` bytes at ``off``."""
         return self.mv[off:off + n].toreadonly()
 
+    def poisoned(self, off: int, n: int) -> list[int]:
+        """The poisoned sectors that overlap [off, off+n), in order."""
+        if not self.poison:
+            return []
+        return [s for s in range(off // SECTOR, (off + n + SECTOR - 1) // SECTOR)
+                if s in self.poison]
+
+    def _clear_poison(self, off: int, n: int) -> None:
+        """A store covered [off, off+n): the whole sectors in it are good again."""
+        cleared = [s for s in range(-(-off // SECTOR), (off + n) // SECTOR) if s in self.poison]
+        if cleared and not self.readonly:
+            self.poison.difference_update(cleared)
+            save_badblocks(self.path, self.poison)
+
     def read_u64(self, off: int) -> int:
         return _U64.unpack_from(self.mm, off)[0]
 
@@ -94,6 +119,8 @@ class PMem:
         """Write bytes into the mapping (not yet durable)."""
         self.mm[off:off + len(data)] = data
         self.stores += 1
+        if self.poison:
+            self._clear_poison(off, len(data))
 
     def store_u64(self, off: int, value: int) -> None:
         """An aligned 8-byte store: the unit of atomicity."""
@@ -104,11 +131,15 @@ class PMem:
         """Store ``n`` zero bytes at ``off``."""
         self._wbuf[off:off + n] = 0
         self.stores += 1
+        if self.poison:
+            self._clear_poison(off, n)
 
     def store_copy(self, dst: int, src: int, n: int) -> None:
         """Copy ``n`` bytes inside the device (copy-on-write page fill)."""
         self._wbuf[dst:dst + n] = self._wbuf[src:src + n]
         self.stores += 1
+        if self.poison:
+            self._clear_poison(dst, n)
 
     def flush(self, off: int, n: int) -> None:
         """Write back every cache line that covers [off, off+n)."""
@@ -145,6 +176,46 @@ class PMem:
             self.mm.close()
         finally:
             os.close(self.fd)
+
+
+def badblocks_path(image: str) -> str:
+    return image + ".badblocks"
+
+
+def load_badblocks(image: str) -> set[int]:
+    """The poisoned sectors of ``image`` (empty when it has no list)."""
+    out: set[int] = set()
+    try:
+        with open(badblocks_path(image), encoding="ascii") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+                    first, count = int(fields[0]), int(fields[1])
+                    out.update(range(first, first + count))
+    except OSError:
+        pass
+    return out
+
+
+def save_badblocks(image: str, sectors: set[int]) -> None:
+    """Write the list (runs of sectors), or remove it when nothing is poisoned."""
+    path = badblocks_path(image)
+    if not sectors:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    runs: list[list[int]] = []
+    for sec in sorted(sectors):
+        if runs and runs[-1][0] + runs[-1][1] == sec:
+            runs[-1][1] += 1
+        else:
+            runs.append([sec, 1])
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="ascii") as f:
+        f.writelines(f"{a} {n}\n" for a, n in runs)
+    os.replace(tmp, path)
 
 
 class TrackedPMem(PMem):

@@ -54,9 +54,9 @@ def read_superblock(pm: PMem) -> tuple[L.Superblock, str]:
     except ValueError as e1:
         why1 = str(e1)
         if why1.startswith("unsupported format version"):
-            raise CorruptImage(f"{pm.path}: {why1}; this pnova reads version "
-                               f"{L.FORMAT_VERSION} only (copy the data out with the pnova "
-                               "that made it, then mkfs.pnova)") from None
+            raise CorruptImage(f"{pm.path}: {why1}; this pnova reads versions "
+                               f"{', '.join(map(str, L.READABLE_VERSIONS))} (copy the data out "
+                               "with the pnova that made it, then mkfs.pnova)") from None
         sb, why2 = None, ""
         for blk in L.replica_blocks(block0, pm.read(L.BLOCK, L.BLOCK), pm.size):
             try:
@@ -75,6 +75,9 @@ def read_superblock(pm: PMem) -> tuple[L.Superblock, str]:
             raise CorruptImage(f"{pm.path}: superblock unusable ({why1}) and its replica too "
                                f"({why2}); run fsck.pnova") from None
         which = "replica"
+    if sb.features & ~L.KNOWN_FEATURES:
+        raise CorruptImage(f"{pm.path}: the image uses features this pnova does not know "
+                           f"({sb.features & ~L.KNOWN_FEATURES:#x}); use a newer pnova")
     if sb.total_blocks * L.BLOCK > pm.size:
         raise CorruptImage(f"{pm.path}: the file is shorter than its filesystem ({pm.size} "
                            f"bytes; the superblock describes {sb.total_blocks} blocks, "
@@ -96,7 +99,7 @@ def read_regions(pm: PMem, sb: L.Superblock) -> list[L.Region]:
     """Region descriptors, checked against the geometry the superblock implies."""
     try:
         expect = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
-                                sb.inodes_per_cpu)
+                                sb.inodes_per_cpu, sb.features)
     except ValueError as e:
         raise CorruptImage(f"{pm.path}: superblock geometry is impossible ({e})") from None
     out = []
@@ -107,13 +110,12 @@ def read_regions(pm: PMem, sb: L.Superblock) -> list[L.Region]:
             r = L.Region.unpack(raw)
         except ValueError:
             r = None
-        if r != expect[i]:
+        if r is None or r.descriptor() != expect[i].descriptor():
             # The table is derivable from the superblock: use the derived copy
             # and let fsck rewrite the damaged descriptor.
             logger.warning("region descriptor of CPU %d is damaged; using the geometry "
                            "from the superblock", i)
-            r = expect[i]
-        out.append(r)
+        out.append(expect[i])                   # with the protection areas (not stored)
     return out
 
 
@@ -156,6 +158,10 @@ class Mount:
             regions = read_regions(pm, sb)
             fs = cls(pm, sb, regions, cpu=cpu, readonly=readonly, lock=lock,
                      segment_pages=segment_pages)
+            if sb.version < L.FORMAT_VERSION:
+                logger.info("%s: format version %d: file data is not checksummed (to protect "
+                            "it: copy the files out, mkfs.pnova, copy them back)", path,
+                            sb.version)
             if sb.clean not in (0, 1):
                 logger.warning("%s: the superblock's clean field holds %d (neither 0 nor 1); "
                                "the image is treated as not cleanly unmounted", path, sb.clean)

@@ -8,6 +8,7 @@ import sys
 from pnova import layout as L
 from pnova.engine import read_superblock
 from pnova.errors import CorruptImage
+from pnova.protect import describe_protection
 from pnova.mkfs import format_device
 from pnova.pmem import DeviceError, PMem
 from pnova.util import image_locked, parse_size
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-L", "--label", default="", help="volume label (up to 32 bytes)")
     ap.add_argument("-f", "--force", action="store_true",
                     help="overwrite an existing pnova filesystem")
+    ap.add_argument("--no-data-parity", action="store_true",
+                    help="keep checksums of file data but no parity strips: damage is "
+                    "detected (EIO) but not repaired; less space, faster writes")
+    ap.add_argument("--no-data-csum", action="store_true",
+                    help="no checksums and no parity for file data (for benchmarks: "
+                    "damaged data is then read back as it is)")
     ap.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     a = ap.parse_args(argv)
     try:
@@ -65,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             if a.inodes < 1:
                 raise ValueError("--inodes must be positive")
             ipc = -(-a.inodes // (nodes * cpn))
+        features = L.DEFAULT_FEATURES
+        if a.no_data_parity:
+            features &= ~L.FEATURE_DATA_PARITY
+        if a.no_data_csum:
+            features &= ~(L.FEATURE_DATA_CSUM | L.FEATURE_DATA_PARITY)
         sb = format_device(a.device, size, numa_nodes=nodes, cpus_per_node=cpn,
-                           inodes_per_cpu=ipc, label=a.label.encode()[:32])
+                           inodes_per_cpu=ipc, label=a.label.encode()[:32], features=features)
     except ValueError as e:
         print(f"mkfs.pnova: {e}", file=sys.stderr)
         return 1
@@ -76,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.quiet:
         print(f"{a.device}: pnova format v{sb.version}, {_human(sb.total_blocks * L.BLOCK)} "
               f"({sb.total_blocks} blocks of {L.BLOCK} B), {sb.numa_nodes} NUMA node(s) x "
-              f"{sb.cpus_per_node} CPU(s), {sb.inodes_per_cpu * sb.ncpus} inodes")
+              f"{sb.cpus_per_node} CPU(s), {sb.inodes_per_cpu * sb.ncpus} inodes; file data: "
+              f"{describe_protection(sb.features)}")
     return 0
 
 

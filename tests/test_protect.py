@@ -1,0 +1,379 @@
+"""Protection of file data: strip checksums, parity, poison, fsck and pnova-inject.
+
+Every test damages an image the way media errors and stray writes do, then
+checks what a user relies on: a read returns exactly the bytes written or
+fails with EIO for the damaged range (never wrong bytes), whatever one strip
+lost comes back from the parity, and fsck.pnova names what it finds by path.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pnova import _protect
+from pnova import layout as L
+from pnova.engine import FileSystem
+from pnova.errors import CorruptImage, FsError
+from pnova.inject import inject
+from pnova.inject import main as inject_main
+from pnova.mkfs import format_device
+from pnova.pmem import load_badblocks, save_badblocks
+
+from helpers import fsck
+from test_mount import Mount, needs_fuse
+
+ROOT = L.ROOT_INO
+
+
+def _image(tmp_path, features: int = L.DEFAULT_FEATURES, name: str = "p.img") -> str:
+    path = str(tmp_path / name)
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2, features=features)
+    return path
+
+
+def _files(path: str, seed: int = 1) -> dict[str, bytes]:
+    """A few files of different sizes (one block, several, a partial last page)."""
+    rng = random.Random(seed)
+    want = {"a": rng.randbytes(4096), "b": rng.randbytes(3 * 4096 + 700),
+            "c": rng.randbytes(100), "d": rng.randbytes(9 * 4096)}
+    fs = FileSystem.mount(path)
+    for name, data in want.items():
+        fs.write(fs.create(ROOT, name.encode(), 0o644).ino, 0, data)
+    fs.unmount()
+    return want
+
+
+def _block_of(path: str, name: str, page: int) -> int:
+    fs = FileSystem.mount(path, readonly=True)
+    try:
+        return fs.get(fs.lookup(ROOT, name.encode()).ino).pages[page]
+    finally:
+        fs.unmount()
+
+
+def _flip(path: str, off: int, mask: int = 0xFF) -> None:
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)[0]
+        f.seek(off)
+        f.write(bytes([b ^ mask]))
+
+
+def _read(fs: FileSystem, name: str, off: int = 0, size: int = 1 << 20) -> bytes:
+    return fs.read(fs.lookup(ROOT, name.encode()).ino, off, size)
+
+
+def test_the_compiled_checksums_are_crc32c_and_the_parity_is_the_xor():
+    from crc32c import crc32c
+    import numpy as np
+    data = random.Random(0).randbytes(2 * 4096)
+    sums, par = _protect.seal(data, 0, 2)
+    assert sums == _protect.checksums(data, 0, 2)
+    want = [crc32c(data[i:i + 512]) for i in range(0, 8192, 512)]
+    assert list(struct.unpack("<16I", sums)) == want
+    for b in range(2):
+        strips = np.frombuffer(data, dtype=np.uint8, count=4096, offset=4096 * b).reshape(8, 512)
+        assert par[512 * b:512 * (b + 1)] == bytes(np.bitwise_xor.reduce(strips, axis=0))
+    assert _protect.crc32c(b"123456789") == 0xE3069283
+    with pytest.raises(ValueError):
+        _protect.seal(data, 4096, 2)                     # past the buffer's end
+
+
+@pytest.mark.parametrize("strip", range(8))
+def test_one_damaged_strip_is_rebuilt_from_parity_and_written_back(tmp_path, strip):
+    path = _image(tmp_path)
+    want = _files(path)
+    blk = _block_of(path, "b", 1)
+    for k in range(1 + strip % 4):                       # 1..4 bytes in that strip
+        _flip(path, blk * L.BLOCK + strip * 512 + 37 * k + 5)
+    fs = FileSystem.mount(path)
+    assert _read(fs, "b") == want["b"]
+    assert fs.prot.repaired >= 1
+    fs.unmount()
+    with open(path, "rb") as f:                          # the medium holds the data again
+        f.seek(blk * L.BLOCK + 4096)
+    fs = FileSystem.mount(path, readonly=True)
+    assert fs.prot.examine(blk, repair=False).ok
+    fs.unmount()
+
+
+def test_two_damaged_strips_give_eio_for_their_bytes_and_nothing_wrong(tmp_path, capsys, caplog):
+    path = _image(tmp_path)
+    want = _files(path)
+    blk = _block_of(path, "d", 2)                         # file bytes 8192..12287
+    _flip(path, blk * L.BLOCK + 600)                      # strip 1
+    _flip(path, blk * L.BLOCK + 3000)                     # strip 5
+    fs = FileSystem.mount(path)
+    got = _read(fs, "d")
+    assert got == want["d"][:8192 + 512]                  # a short read, up to the damage
+    for off in (8192 + 512, 8192 + 2600):                 # inside each damaged strip
+        with pytest.raises(FsError) as e:
+            _read(fs, "d", off, 100)
+        assert e.value.errno == errno.EIO
+    # the strips between and after are good and read back
+    assert _read(fs, "d", 8192 + 1024, 1024) == want["d"][8192 + 1024:8192 + 2048]
+    assert _read(fs, "d", 8192 + 3072, 5000) == want["d"][8192 + 3072:8192 + 8072]
+    # a partial write into the damaged page would copy lost bytes: refused
+    ino = fs.lookup(ROOT, b"d").ino
+    with pytest.raises(FsError) as e:
+        fs.write(ino, 8192 + 100, b"x")
+    assert e.value.errno == errno.EIO
+    assert "/d: bytes 8704..9215, 10752..11263 are damaged beyond repair" in caplog.text
+    # overwriting the whole page needs none of it: the file is whole again
+    fs.write(ino, 8192, b"y" * 4096)
+    assert _read(fs, "d") == want["d"][:8192] + b"y" * 4096 + want["d"][12288:]
+    fs.unmount()
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 0, out
+
+
+def test_fsck_reports_lost_bytes_by_path_and_zeroes_them_only_when_told(tmp_path, capsys):
+    path = _image(tmp_path)
+    want = _files(path)
+    blk = _block_of(path, "b", 0)
+    _flip(path, blk * L.BLOCK + 10)
+    _flip(path, blk * L.BLOCK + 4000)
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 4
+    assert "('/b'): bytes 0..511, 3584..4095 are damaged beyond repair" in out
+    rc, out = fsck(capsys, path, "-p", "-f")              # not a safe repair: left alone
+    assert rc & 4
+    rc, out = fsck(capsys, path, "-y", "-f")
+    assert rc == 1, out
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 0, out
+    fs = FileSystem.mount(path)
+    got = _read(fs, "b")
+    expect = bytearray(want["b"])
+    expect[0:512] = bytes(512)
+    expect[3584:4096] = bytes(512)
+    assert got == bytes(expect)
+    fs.unmount()
+
+
+def test_fsck_repairs_a_strip_a_checksum_copy_and_a_parity_as_safe_repairs(tmp_path, capsys):
+    path = _image(tmp_path)
+    want = _files(path)
+    fs = FileSystem.mount(path, readonly=True)
+    a, b, d = (fs.get(fs.lookup(ROOT, n).ino).pages[0] for n in (b"a", b"b", b"d"))
+    c1a, _, _ = fs.prot.records(a)
+    _, c2b, _ = fs.prot.records(b)
+    _, _, pd = fs.prot.records(d)
+    fs.unmount()
+    _flip(path, a * L.BLOCK + 1234)                       # a data strip
+    _flip(path, c1a + 5)                                  # ... and a's primary checksums
+    _flip(path, c2b + 9)                                  # b's checksum replica
+    _flip(path, pd + 100)                                 # d's parity
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 4
+    assert "('/a'): data block" in out and "fails its checksum (the parity rebuilds it)" in out
+    assert "checksum copy 1 disagrees" in out
+    assert "('/b'): data block" in out and "checksum copy 2 disagrees" in out
+    assert "('/d'): data block" in out and "its parity strip is stale" in out
+    rc, out = fsck(capsys, path, "-p", "-f")
+    assert rc == 1, out
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 0, out
+    fs = FileSystem.mount(path)
+    for name, data in want.items():
+        assert _read(fs, name) == data
+    assert fs.prot.repaired == 0                          # nothing left to repair
+    fs.unmount()
+
+
+def test_a_poisoned_sector_is_read_as_a_media_error_and_rebuilt(tmp_path):
+    path = _image(tmp_path)
+    want = _files(path)
+    blk = _block_of(path, "d", 4)
+    save_badblocks(path, {blk * 8 + 6})
+    fs = FileSystem.mount(path)
+    assert _read(fs, "d") == want["d"]
+    assert fs.pm.poison == set()                          # the rewrite cleared it
+    fs.unmount()
+    assert load_badblocks(path) == set()
+    assert not os.path.exists(path + ".badblocks")
+    save_badblocks(path, {blk * 8 + 1, blk * 8 + 2})       # two sectors: beyond parity
+    fs = FileSystem.mount(path)
+    assert _read(fs, "d") == want["d"][:4 * 4096 + 512]
+    fs.unmount()
+
+
+def test_without_parity_damage_is_detected_not_repaired(tmp_path):
+    path = _image(tmp_path, L.FEATURE_DATA_CSUM)
+    want = _files(path)
+    blk = _block_of(path, "a", 0)
+    _flip(path, blk * L.BLOCK + 2000)
+    fs = FileSystem.mount(path)
+    assert _read(fs, "a") == want["a"][:1536]
+    fs.unmount()
+
+
+def test_without_checksums_nothing_is_checked(tmp_path):
+    """The benchmark setting: damaged data reads back as it is on the medium."""
+    path = _image(tmp_path, 0)
+    want = _files(path)
+    blk = _block_of(path, "a", 0)
+    _flip(path, blk * L.BLOCK + 2000)
+    fs = FileSystem.mount(path)
+    got = _read(fs, "a")
+    assert got != want["a"] and len(got) == len(want["a"])
+    fs.unmount()
+
+
+def test_protection_costs_space_as_specified(tmp_path):
+    sizes = {}
+    for f in (0, L.FEATURE_DATA_CSUM, L.DEFAULT_FEATURES):
+        (r,) = L.plan_regions(4096, 1, 1, 64, f)
+        sizes[f] = r.data_blocks
+        # the areas tile the region after its bitmap; each record has its place
+        assert r.data_blocks + 2 * r.csum_blocks + r.parity_blocks == r.end - r.csum_start
+        assert r.csum_blocks == (-(-r.data_blocks // 128) if f else 0)
+        if f & L.FEATURE_DATA_PARITY:
+            assert r.parity_blocks >= -(-r.data_blocks // 8)
+        # one data block more would not have fitted
+        d = r.data_blocks + 1
+        assert f == 0 or d + 2 * -(-d // 128) + (-(-d // 8) if f & L.FEATURE_DATA_PARITY else 0) \
+            > r.end - r.csum_start
+    assert sizes[0] > sizes[L.FEATURE_DATA_CSUM] > sizes[L.DEFAULT_FEATURES]
+    assert sizes[L.DEFAULT_FEATURES] / sizes[0] > 0.86
+
+
+def test_an_older_image_mounts_unprotected_and_unknown_features_are_refused(tmp_path, capsys, caplog):
+    path = _image(tmp_path, 0)
+    want = _files(path)
+    with open(path, "r+b") as f:                          # make it a version 2 image
+        raw = bytearray(f.read(L.SB_SIZE))
+        struct.pack_into("<I", raw, 8, 2)
+        raw[L.SB_CRC_OFF:] = struct.pack("<I", __import__("crc32c").crc32c(bytes(raw[:L.SB_CRC_OFF])))
+        f.seek(0)
+        f.write(raw)
+        f.seek(-L.BLOCK, 2)
+        f.write(raw)
+    caplog.set_level("INFO")
+    fs = FileSystem.mount(path)
+    assert fs.sb.version == 2 and _read(fs, "b") == want["b"]
+    fs.unmount()
+    assert "format version 2: file data is not checksummed" in caplog.text
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 0, out
+    fs = FileSystem.mount(path, readonly=True)
+    assert fs.sb.version == 2                             # never rewritten as version 3
+    fs.unmount()
+    path2 = _image(tmp_path, name="q.img")
+    with open(path2, "r+b") as f:
+        raw = bytearray(f.read(L.SB_SIZE))
+        struct.pack_into("<I", raw, 136, 0x80)
+        raw[L.SB_CRC_OFF:] = struct.pack("<I", __import__("crc32c").crc32c(bytes(raw[:L.SB_CRC_OFF])))
+        f.seek(0)
+        f.write(raw)
+    with pytest.raises(CorruptImage, match="features this pnova does not know"):
+        FileSystem.mount(path2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10 ** 6), nbytes=st.integers(1, 8), spread=st.booleans())
+def test_seeded_data_flips_never_read_back_wrong(tmp_path_factory, seed, nbytes, spread):
+    """pnova-inject's flips of file data: within one strip always repaired; spread
+    over the block, exactly right or EIO from the first damaged strip on."""
+    tmp = tmp_path_factory.mktemp("flip")
+    path = _image(tmp)
+    want = _files(path, seed)
+    (ev,) = inject(path, kind="flip", target="data", seed=seed, nbytes=nbytes, spread=spread)
+    name = ev.path.lstrip("/")
+    fs = FileSystem.mount(path)
+    try:
+        got = _read(fs, name)
+    except FsError as e:
+        assert e.errno == errno.EIO
+        got = b""
+    strips = {o // 512 for o in ev.offsets}
+    if len(strips) == 1:
+        assert got == want[name]
+    else:
+        # right up to where it stops, and it stops only at a damaged strip
+        assert got == want[name][:len(got)]
+        assert len(got) == len(want[name]) or \
+            len(got) in {ev.file_offset + 512 * k for k in strips}
+    fs.unmount()
+
+
+def test_pnova_inject_is_reproducible_and_aims_where_told(tmp_path, capsys):
+    path = _image(tmp_path)
+    _files(path)
+    copy = str(tmp_path / "copy.img")
+    with open(path, "rb") as f, open(copy, "wb") as g:
+        g.write(f.read())
+    a = inject(path, kind="flip", target="data", count=3, seed=7)
+    b = inject(copy, kind="flip", target="data", count=3, seed=7)
+    assert a == b and all(e.path and e.what == "data" for e in a)
+    with open(path, "rb") as f, open(copy, "rb") as g:
+        assert f.read() == g.read()
+    m = inject(path, kind="zero", target="metadata", count=5, seed=1, length=1024)
+    assert all(e.what != "data" and e.length == 1024 and e.offsets[0] % 512 == 0 for e in m)
+    p = inject(path, kind="poison", target="data", count=2, seed=3)
+    assert load_badblocks(path) == {e.block * 8 + e.offsets[0] // 512 for e in p}
+    capsys.readouterr()
+    assert inject_main([path, "--kind", "flip", "--seed", "2", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["kind"] == "flip" and ev["path"].startswith("/")
+    assert inject_main([path, "--bytes", "9"]) == 1
+    assert "--bytes must be 1..8" in capsys.readouterr().err
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_damaged_data_through_the_mount(tmp_path, capsys):
+    """As a user meets it: files written through the mount, the image damaged while
+    unmounted with pnova-inject, then cat / cmp through a new mount: every file is
+    exactly what was written or fails with EIO (never a shorter or different file,
+    also through the page cache), pnova-scrub names the lost ranges by path, and
+    fsck.pnova agrees."""
+    path = str(tmp_path / "m.img")
+    format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=2)
+    m = Mount(path, tmp_path / "mnt")
+    rng = random.Random(5)
+    want = {f"f{i}": rng.randbytes(rng.randrange(1, 60_000)) for i in range(12)}
+    try:
+        m.start()
+        for name, data in want.items():
+            (m.mnt / name).write_bytes(data)
+        m.stop()
+        single = inject(path, kind="flip", target="data", count=4, seed=11)
+        double = inject(path, kind="flip", target="data", count=2, seed=12, nbytes=4, spread=True)
+        inject(path, kind="poison", target="data", count=2, seed=13)
+        m.start()
+        lost = set()
+        for name, data in want.items():
+            r = subprocess.run(["cat", str(m.mnt / name)], capture_output=True)
+            if r.returncode == 0:
+                assert r.stdout == data, name            # complete and right
+            else:
+                assert b"Input/output error" in r.stderr
+                lost.add("/" + name)
+        # a flip inside one strip is always repaired; these seeds spread the
+        # double flips over two strips or more, in bytes the files hold
+        assert lost and lost <= {e.path for e in double}
+        scrub = subprocess.run([sys.executable, "-m", "pnova.scrub", str(m.mnt)],
+                               capture_output=True, text=True, timeout=60)
+        damaged = {line.split(":")[0][len(str(m.mnt)):] for line in scrub.stdout.splitlines()
+                   if "damaged beyond repair" in line}
+        assert damaged == lost
+        assert scrub.returncode == (1 if lost else 0)
+        m.stop()
+    finally:
+        m.cleanup()
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == (4 if lost else 0), out
+    for p in lost:
+        assert f"('{p}'): bytes" in out
+    assert "fails its checksum" not in out               # the mount repaired the rest
