@@ -21,7 +21,7 @@ from pnova.util import parse_size
 
 from . import results, workloads
 from .progress import Progress
-from .targets import NO_SCHEME, RunConfig, Target, parse_target
+from .targets import NO_SCHEME, PROTECTIONS, RunConfig, Target, parse_target
 
 FAIL_ENV = "FXMARK_FAIL_WORKER"
 
@@ -42,6 +42,15 @@ def _schemes(s: str) -> list[str]:
     if bad or not out:
         raise argparse.ArgumentTypeError(f"unknown scheme(s) {', '.join(bad) or s!r}; "
                                          f"choose from {', '.join(SCHEMES)}")
+    return out
+
+
+def _protections(s: str) -> list[str]:
+    out = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [x for x in out if x not in PROTECTIONS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"unknown protection(s) {', '.join(bad) or s!r}; "
+                                         f"choose from {', '.join(PROTECTIONS)}")
     return out
 
 
@@ -88,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scheme", type=_schemes, default=list(SCHEMES),
                      help=f"comma-separated lock schemes for 'engine' and 'pnova' targets "
                      f"(default {','.join(SCHEMES)})")
+    run.add_argument("--protection", type=_protections, default=["full"],
+                     help="comma-separated protection of file data for the images of "
+                     "'engine' and 'pnova' targets: full (checksums and parity, mkfs's "
+                     "default), csum, none; each is a run of its own, shown as SCHEME:csum "
+                     "or SCHEME:none (default full)")
     run.add_argument("--workers", type=_int_list, default=[1, 2],
                      help="comma-separated worker counts (default 1,2)")
     run.add_argument("--duration", type=float, default=5.0,
@@ -208,7 +222,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     cfg = RunConfig(ncpus=max(a.workers), device_size=a.device_size,
                     segment_pages=a.segment_pages, image_dir=a.image_dir, keep=a.keep,
                     verify=a.verify, direct=a.direct, fail_worker=fail_worker)
-    return 1 if run_plan(a.workload, targets, a.scheme, a.workers, a.duration, cfg, a.out,
+    schemes = [s if p == "full" else f"{s}:{p}" for p in a.protection for s in a.scheme]
+    return 1 if run_plan(a.workload, targets, schemes, a.workers, a.duration, cfg, a.out,
                          a.progress) else 0
 
 

@@ -24,7 +24,8 @@ from pnova.engine import FileSystem
 from pnova.mkfs import format_device
 
 from .fileops import EngineOps
-from .targets import RunConfig, chain, fail, fsck_problem, image_run, measure, one_line
+from .targets import (RunConfig, chain, fail, fsck_problem, image_run, measure, one_line,
+                      split_scheme)
 from .workloads import Workload
 
 
@@ -52,8 +53,9 @@ class EngineTarget:
     def _run(self, rec: dict[str, Any], workload: Workload, scheme: str, nworkers: int,
              duration: float, cfg: RunConfig, image: str, size: int,
              tick: Callable[[], object] | None) -> None:
-        format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus)
-        fs = FileSystem.mount(image, cpu=0, lock=scheme, segment_pages=cfg.segment_pages)
+        lock, features = split_scheme(scheme)
+        format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus, features=features)
+        fs = FileSystem.mount(image, cpu=0, lock=lock, segment_pages=cfg.segment_pages)
         try:
             fops = EngineOps(fs)
             # Preparation runs on logical CPU 0 alone, before the mount goes

@@ -23,7 +23,7 @@ from pnova.mkfs import format_device
 
 from .fileops import PosixOps
 from .targets import (RunConfig, base_record, fail, fsck_problem, image_run, measure,
-                      one_line)
+                      one_line, split_scheme)
 from .workloads import Workload
 
 MOUNT_TIMEOUT = 30.0           # seconds for a pnova daemon to mount or to exit
@@ -111,7 +111,8 @@ class PnovaMountTarget:
         logpath = os.path.join(tmp, "pnova.log")
         daemon: subprocess.Popen | None = None
         try:
-            format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus)
+            format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus,
+                          features=split_scheme(scheme)[1])
             os.mkdir(mnt)
             daemon = self._mount(image, mnt, scheme, cfg, logpath)
             run_dir = os.path.join(mnt, "fxmark")
@@ -143,7 +144,8 @@ class PnovaMountTarget:
     def _mount(image: str, mnt: str, scheme: str, cfg: RunConfig,
                logpath: str) -> subprocess.Popen:
         cmd = _pnova_command() + [image, mnt, "-f", "-o",
-                                  f"lock={scheme},segment_pages={cfg.segment_pages}"]
+                                  f"lock={split_scheme(scheme)[0]},"
+                                  f"segment_pages={cfg.segment_pages}"]
         with open(logpath, "ab") as log:
             daemon = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL)

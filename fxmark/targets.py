@@ -61,6 +61,17 @@ class Target(Protocol):
         """One run; returns its record (see :mod:`fxmark.results`)."""
 
 
+# Protection of file data a pnova image is formatted with (mkfs.pnova's options).
+PROTECTIONS = {"full": 3, "csum": 1, "none": 0}
+
+
+def split_scheme(scheme: str) -> tuple[str, int]:
+    """'pnova' -> ('pnova', full protection); 'pnova:none' -> ('pnova', 0): the
+    lock scheme and the image features of a run (``fxmark run --protection``)."""
+    lock, _, prot = scheme.partition(":")
+    return lock, PROTECTIONS[prot or "full"]
+
+
 MiB = 1 << 20
 DEFAULT_DEVICE = 1024 * MiB
 

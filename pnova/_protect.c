@@ -228,6 +228,34 @@ seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(NN)", sums, par);
 }
 
+/* matches(buf, block_offset, record_offset) -> bool: the block's strips have the
+ * checksums the record at record_offset holds (the read path's one call) */
+static PyObject *
+matches(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "matches(buffer, block_offset, record_offset)");
+        return NULL;
+    }
+    Py_ssize_t boff = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t roff = PyLong_AsSsize_t(args[2]);
+    if ((boff == -1 || roff == -1) && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (boff < 0 || roff < 0 || boff > view.len - BLOCK || roff > view.len - CSUM_BYTES) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "block or record outside the buffer");
+        return NULL;
+    }
+    uint8_t sums[CSUM_BYTES];
+    block_protect((const uint8_t *)view.buf + boff, sums, NULL);
+    int same = memcmp(sums, (const uint8_t *)view.buf + roff, CSUM_BYTES) == 0;
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(same);
+}
+
 /* crc32c(data) -> int: the CRC32C of a whole buffer (for strips being rebuilt) */
 static PyObject *
 crc(PyObject *module, PyObject *arg)
@@ -245,6 +273,8 @@ static PyMethodDef methods[] = {
      "checksums(buffer, offset, nblocks) -> bytes: eight CRC32C (u32 LE) per block"},
     {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL,
      "seal(buffer, offset, nblocks) -> (checksums, parity) of the blocks"},
+    {"matches", (PyCFunction)(void (*)(void))matches, METH_FASTCALL,
+     "matches(buffer, block_offset, record_offset) -> bool"},
     {"crc32c", crc, METH_O, "crc32c(data) -> int"},
     {NULL, NULL, 0, NULL},
 };

@@ -34,6 +34,7 @@ logger = logging.getLogger("pnova")
 
 STRIPS = L.STRIPS
 STRIP = L.STRIP
+_matches = _protect.matches
 
 
 def describe_protection(features: int) -> str:
@@ -68,6 +69,10 @@ class DataProtection:
         self.parity = sb.data_parity
         self.regions = regions
         self._starts = [r.data_start for r in regions]
+        # per region: (data_start, end, record base, replica base, parity base),
+        # precomputed: the region's properties chain, and a read asks each time
+        self._where = [(r.data_start, r.end, r.csum_start * L.BLOCK, r.csum2_start * L.BLOCK,
+                        r.parity_start * L.BLOCK) for r in regions]
         self.repaired = 0            # strips rebuilt and copies rewritten since mount
         self.lost = 0                # blocks found with strips that could not be rebuilt
 
@@ -75,13 +80,13 @@ class DataProtection:
     def records(self, block: int) -> tuple[int, int, int]:
         """Byte offsets of ``block``'s checksum record, its replica and its parity."""
         i = bisect.bisect_right(self._starts, block) - 1
-        r = self.regions[i]
-        if i < 0 or not r.data_start <= block < r.end:
+        if i < 0:
             raise ValueError(f"block {block} is not a data block")
-        k = block - r.data_start
-        return (r.csum_start * L.BLOCK + L.CSUM_SIZE * k,
-                r.csum2_start * L.BLOCK + L.CSUM_SIZE * k,
-                r.parity_start * L.BLOCK + L.PARITY_SIZE * k)
+        start, end, c1, c2, par = self._where[i]
+        if block >= end:
+            raise ValueError(f"block {block} is not a data block")
+        k = block - start
+        return c1 + L.CSUM_SIZE * k, c2 + L.CSUM_SIZE * k, par + L.PARITY_SIZE * k
 
     # ------------------------------------------------------------ writing
     def seal(self, start: int, count: int) -> None:
@@ -108,8 +113,7 @@ class DataProtection:
         if not self.csum:
             return []
         pm = self.pm
-        c1 = self.records(block)[0]
-        if not pm.poison and _protect.checksums(pm.mm, block * L.BLOCK, 1) == pm.mm[c1:c1 + L.CSUM_SIZE]:
+        if not pm.poison and _matches(pm.mm, block * L.BLOCK, self.records(block)[0]):
             return []
         found = self.examine(block, repair=not pm.readonly)
         if found.rebuilt or found.csum_fixed:

@@ -363,6 +363,7 @@ def test_damaged_data_through_the_mount(tmp_path, capsys):
         # a flip inside one strip is always repaired; these seeds spread the
         # double flips over two strips or more, in bytes the files hold
         assert lost and lost <= {e.path for e in double}
+        assert not lost & ({e.path for e in single} - {e.path for e in double})
         scrub = subprocess.run([sys.executable, "-m", "pnova.scrub", str(m.mnt)],
                                capture_output=True, text=True, timeout=60)
         damaged = {line.split(":")[0][len(str(m.mnt)):] for line in scrub.stdout.splitlines()
