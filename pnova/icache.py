@@ -93,7 +93,13 @@ class InodeCache:
             inode = self._validate(inode)
             if inode is not None:
                 return inode
-        if not self._valid_ino(ino) or self.pm.read_u64(self.inode_addr(ino) + L.I_STATE) != L.STATE_LIVE:
+        if not self._valid_ino(ino):
+            raise FsError(errno.ENOENT)
+        state = self.pm.read_u64(self.inode_addr(ino) + L.I_STATE)
+        if state != L.STATE_LIVE:
+            if state != L.STATE_FREE:            # damaged: not the same as gone
+                logger.error("inode %d has a bad state word (%#x); run fsck.pnova", ino, state)
+                raise FsError(errno.EIO)
             raise FsError(errno.ENOENT)
         try:
             inode, _ = self._read_inode(ino)

@@ -35,16 +35,27 @@ class Rebuild:
                             r.itable_start * L.BLOCK + self.sb.inodes_per_cpu * L.INODE_SIZE]
         return words.view("<u8").reshape(-1, L.INODE_SIZE // 8)[:, L.I_STATE // 8]
 
-    def _build_free_inodes(self) -> list[int]:
-        """Free-inode bitmaps from the state words; return the live inode numbers."""
+    def _build_free_inodes(self, clean: bool = False) -> list[int]:
+        """Free-inode bitmaps from the state words; return the live inode numbers.
+
+        A state word that is neither free nor live is damage.  On a clean image
+        the slot is left alone (never allocated; using it answers EIO) and the
+        saved bitmaps keep whatever blocks it had; recovery, which rebuilds the
+        bitmaps from the live inodes' logs, cannot know those blocks and refuses
+        (fsck.pnova decides what the slot was).
+        """
         live: list[int] = []
         for r in self.regions:
             st = self._state_words(r).copy()      # a copy: no view outlives an error
             bad = np.flatnonzero((st != L.STATE_FREE) & (st != L.STATE_LIVE))
-            if len(bad):
+            if len(bad) and not clean:
                 ino = self.ino_of(r.cpu, int(bad[0]))
                 raise CorruptImage(f"{self.pm.path}: inode {ino} has a bad state word; "
                                    "run fsck.pnova")
+            for i in bad.tolist():
+                logger.error("%s: inode %d has a bad state word (%#x); it is left alone "
+                             "(fsck.pnova repairs it)", self.pm.path, self.ino_of(r.cpu, i),
+                             int(st[i]))
             if r.cpu == 0 and st[0] == L.STATE_FREE:
                 raise CorruptImage(f"{self.pm.path}: the root inode is not live; run fsck.pnova")
             self.free_inodes[r.cpu].load(st != L.STATE_FREE)
@@ -57,7 +68,7 @@ class Rebuild:
         return sum(b.nfree for b in self.free_inodes)
 
     def _load_clean(self) -> None:
-        self._build_free_inodes()
+        self._build_free_inodes(clean=True)
         for ra in self.alloc.regions:
             r = ra.region
             raw = self.pm.buf[r.bitmap_start * L.BLOCK:(r.bitmap_start + r.bitmap_blocks) * L.BLOCK]

@@ -378,3 +378,38 @@ def test_damaged_data_through_the_mount(tmp_path, capsys):
     for p in lost:
         assert f"('{p}'): bytes" in out
     assert "fails its checksum" not in out               # the mount repaired the rest
+
+
+def test_a_damaged_inode_state_word_costs_that_inode_not_the_mount(tmp_path, capsys, caplog):
+    """A state word neither free (0) nor live (1) on a clean image: the mount goes
+    on, never hands the slot out, and answers EIO for that inode only (not ENOENT:
+    it was not removed); fsck.pnova repairs it."""
+    path = _image(tmp_path)
+    want = _files(path)
+    fs = FileSystem.mount(path, readonly=True)
+    named = fs.lookup(ROOT, b"b").ino
+    addr = fs.inode_addr
+    free = next(i for i in range(2, 200) if fs.pm.read_u64(addr(i) + L.I_STATE) == L.STATE_FREE)
+    a_named, a_free = addr(named), addr(free)
+    fs.unmount()
+    _flip(path, a_free + L.I_STATE + 3, 0x10)
+    _flip(path, a_named + L.I_STATE + 5, 0x01)
+    fs = FileSystem.mount(path)
+    for name, data in want.items():
+        if name == "b":
+            with pytest.raises(FsError) as e:
+                _read(fs, name)
+            assert e.value.errno == errno.EIO
+        else:
+            assert _read(fs, name) == data
+    made = [fs.create(ROOT, b"n%d" % i, 0o644).ino for i in range(300)]
+    assert free not in made and named not in made
+    fs.unmount()
+    assert f"inode {free} has a bad state word" in caplog.text
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 4 and f"inode {free} has a bad state word" in out
+    rc, out = fsck(capsys, path, "-y", "-f")
+    assert rc == 1, out
+    fs = FileSystem.mount(path)
+    assert _read(fs, "b") == want["b"]                    # a directory named it: live again
+    fs.unmount()
