@@ -838,6 +838,8 @@ class Checker:
     def _scan(self, ino: int, addr: int, state: int) -> _Rec:
         rec = _Rec(ino, addr, state)
         try:
+            if self.pm.poison and self.pm.poisoned(addr, L.INODE_SIZE):
+                raise ValueError("media error")
             st = L.InodeStatic.unpack(self.pm.read(addr, 64))
             if stat.S_IFMT(st.mode) not in _FILE_TYPES:
                 rec.static_err = f"unknown file type ({st.mode:#o})"
@@ -845,8 +847,9 @@ class Checker:
                 rec.static_err = f"it is a {_ftype(st.mode)}, not a directory"
             else:
                 rec.static = st
-        except ValueError:
-            rec.static_err = "inode fields fail their checksum"
+        except ValueError as e:
+            rec.static_err = "its slot has a media error (poisoned sector)" \
+                if str(e) == "media error" else "inode fields fail their checksum"
         if rec.static is None and ino == L.ROOT_INO:
             # The root is rebuilt rather than cleared: read its log as a directory's.
             rec.static = L.InodeStatic(stat.S_IFDIR | 0o755, 0, 0, 0, 0, 1, time.time_ns(), 1)

@@ -96,6 +96,9 @@ class InodeCache:
         if not self._valid_ino(ino):
             raise FsError(errno.ENOENT)
         state = self.pm.read_u64(self.inode_addr(ino) + L.I_STATE)
+        if self.pm.poison and self.pm.poisoned(self.inode_addr(ino), L.INODE_SIZE):
+            logger.error("inode %d: its slot has a media error; run fsck.pnova", ino)
+            raise FsError(errno.EIO)
         if state != L.STATE_LIVE:
             if state != L.STATE_FREE:            # damaged: not the same as gone
                 logger.error("inode %d has a bad state word (%#x); run fsck.pnova", ino, state)

@@ -148,6 +148,9 @@ def _next(pm: PMem, page: int, owner: int, dev: int) -> int:
 
 
 def _check_tail(pm: PMem, page: int, owner: int) -> None:
+    if pm.poison and pm.poisoned(page, L.BLOCK):
+        # a machine check on reading it: handled as a failed checksum would be
+        raise LogError(f"log page {page:#x} has a media error (poisoned sector)")
     why = L.check_page_tail(pm.mm[page + L.PT_NEXT:page + L.BLOCK], owner)
     if why:
         raise LogError(f"log page {page:#x}: {why}")

@@ -47,15 +47,25 @@ class Rebuild:
         live: list[int] = []
         for r in self.regions:
             st = self._state_words(r).copy()      # a copy: no view outlives an error
+            unreadable: set[int] = set()
+            if self.pm.poison:
+                # a slot in a poisoned sector cannot be read: damaged, whatever it holds
+                base = r.itable_start * L.BLOCK
+                for sec in self.pm.poisoned(base, self.sb.inodes_per_cpu * L.INODE_SIZE):
+                    first = (sec * 512 - base) // L.INODE_SIZE
+                    for i in range(first, min(first + 512 // L.INODE_SIZE, len(st))):
+                        unreadable.add(i)
+                        st[i] = 0xBAD
             bad = np.flatnonzero((st != L.STATE_FREE) & (st != L.STATE_LIVE))
             if len(bad) and not clean:
                 ino = self.ino_of(r.cpu, int(bad[0]))
                 raise CorruptImage(f"{self.pm.path}: inode {ino} has a bad state word; "
                                    "run fsck.pnova")
             for i in bad.tolist():
-                logger.error("%s: inode %d has a bad state word (%#x); it is left alone "
-                             "(fsck.pnova repairs it)", self.pm.path, self.ino_of(r.cpu, i),
-                             int(st[i]))
+                what = "'s slot has a media error" if i in unreadable else \
+                    f" has a bad state word ({int(st[i]):#x})"
+                logger.error("%s: inode %d%s; it is left alone (fsck.pnova repairs it)",
+                             self.pm.path, self.ino_of(r.cpu, i), what)
             if r.cpu == 0 and st[0] == L.STATE_FREE:
                 raise CorruptImage(f"{self.pm.path}: the root inode is not live; run fsck.pnova")
             self.free_inodes[r.cpu].load(st != L.STATE_FREE)
@@ -193,6 +203,8 @@ class Rebuild:
     def _read_inode_once(self, ino: int) -> tuple[Inode, int]:
         addr = self.inode_addr(ino)
         pm = self.pm
+        if pm.poison and pm.poisoned(addr, L.INODE_SIZE):
+            raise ValueError(f"the slot of inode {ino} has a media error (poisoned sector)")
         st = L.InodeStatic.unpack(pm.read(addr, 64))
         head = pm.read_u64(addr + L.I_LOG_HEAD)
         array = pm.read_u64(addr + L.I_LOG_ARRAY)

@@ -50,6 +50,8 @@ def read_superblock(pm: PMem) -> tuple[L.Superblock, str]:
         raise CorruptImage(f"{pm.path}: too small to hold a pnova filesystem")
     block0 = pm.read(0, L.SB_SIZE)
     try:
+        if pm.poisoned(0, L.SB_SIZE):
+            raise ValueError("media error (poisoned sector)")
         sb, which = L.Superblock.unpack(block0), "primary"
     except ValueError as e1:
         why1 = str(e1)
@@ -60,6 +62,8 @@ def read_superblock(pm: PMem) -> tuple[L.Superblock, str]:
         sb, why2 = None, ""
         for blk in L.replica_blocks(block0, pm.read(L.BLOCK, L.BLOCK), pm.size):
             try:
+                if pm.poisoned(blk * L.BLOCK, L.SB_SIZE):
+                    raise ValueError("media error (poisoned sector)")
                 cand = L.Superblock.unpack(pm.read(blk * L.BLOCK, L.SB_SIZE))
                 why = L.replica_fits(cand, blk)
             except ValueError as e2:

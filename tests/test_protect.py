@@ -413,3 +413,42 @@ def test_a_damaged_inode_state_word_costs_that_inode_not_the_mount(tmp_path, cap
     fs = FileSystem.mount(path)
     assert _read(fs, "b") == want["b"]                    # a directory named it: live again
     fs.unmount()
+
+
+def test_poisoned_metadata_is_a_media_error_not_garbage(tmp_path, capsys):
+    """Sectors of metadata marked poisoned read as media errors, as a machine
+    check would make them: the primary superblock falls back to its replica, a
+    poisoned inode slot or log page costs that inode (EIO), and fsck reports it;
+    nothing is read from a poisoned sector as if it were good."""
+    path = _image(tmp_path)
+    want = _files(path)
+    fs = FileSystem.mount(path)
+    for i in range(12):                                   # slots past the root's sector
+        name = f"e{i}"
+        want[name] = name.encode() * 100
+        fs.write(fs.create(ROOT, name.encode(), 0o644).ino, 0, want[name])
+    fs.unmount()
+    fs = FileSystem.mount(path, readonly=True)
+    root_sector = fs.inode_addr(ROOT) // 512
+    a = next(fs.lookup(ROOT, f"e{i}".encode()).ino for i in range(12)
+             if fs.inode_addr(fs.lookup(ROOT, f"e{i}".encode()).ino) // 512 != root_sector)
+    in_sector = {n for n in want if fs.inode_addr(fs.lookup(ROOT, n.encode()).ino) // 512
+                 == fs.inode_addr(a) // 512}
+    c = fs.lookup(ROOT, b"c").ino
+    slot_a = fs.inode_addr(a)
+    log_c = fs.get(c).log_pages[0]
+    fs.unmount()
+    save_badblocks(path, {0, slot_a // 512, log_c * 8 + 7})
+    fs = FileSystem.mount(path)                           # the replica superblock
+    for name, data in want.items():
+        if name in in_sector or name == "c":             # four slots share a sector
+            with pytest.raises(FsError) as e:
+                _read(fs, name)
+            assert e.value.errno == errno.EIO
+        else:
+            assert _read(fs, name) == data
+    fs.unmount()
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 4, out
+    assert f"log page {log_c * L.BLOCK:#x} has a media error" in out
+    assert "its slot has a media error (poisoned sector)" in out
