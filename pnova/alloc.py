@@ -28,17 +28,20 @@ from __future__ import annotations
 
 import bisect
 import errno
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from .errors import FsError
 from .layout import Region
-from .shared import LINE, STASH_SLOTS, SharedArea
+from .shared import H_LIMBO, H_SYNC_STARTED, H_SYNCED, LINE, STASH_SLOTS, SharedArea
 
 ALL = (1 << 64) - 1
 STASH_REFILL = 32              # blocks a stash takes from the bitmap at once
 LOW_FIRST = 64                 # requests of this many blocks or more: lowest free first
+LIMBO_WANT = 2048              # blocks held back by one process before it asks for a sync,
+                               # at least (more on a larger device: hold_frees)
 
 
 class SharedBitmap:
@@ -278,6 +281,16 @@ class Allocator:
         # full device (they must append to the parent's log).
         self.reserve = reserve
         self._orders = [self._order(c) for c in range(len(regions))]
+        # Blocks freed since the last sync of a disk-backed image, held back
+        # until a sync has made their release durable (DESIGN 24): (tag, start,
+        # count), tags non-decreasing.  None: frees are immediate.
+        self.limbo: deque[tuple[int, int, int]] | None = None
+        self.limbo_blocks = 0
+        self.w = area.w
+        self.want_sync: Callable[[], None] | None = None      # ask for a sync (no wait)
+        self.sync_now: Callable[[], None] | None = None       # sync and wait
+        self._asked = -1                  # the sync generation a sync was asked in
+        self.limbo_want = LIMBO_WANT
 
     @property
     def nfree(self) -> int:
@@ -303,9 +316,47 @@ class Allocator:
 
         Data allocations may not dip into the reserve; metadata (log pages) may.
         """
+        if self.limbo and self.limbo[0][0] < self.w.load64(H_SYNCED):
+            self.release_limbo()
         if n == 1 and cpu == self.stash_cpu:
             return [(self.alloc_one(cpu, meta=meta), 1)]
-        return self._alloc_bitmaps(cpu, n, meta)
+        try:
+            return self._alloc_bitmaps(cpu, n, meta)
+        except FsError:
+            if not self.limbo or self.sync_now is None:
+                raise
+            self.sync_now()                     # what is held back becomes free
+            return self._alloc_bitmaps(cpu, n, meta)
+
+    # -- blocks held back until a sync -------------------------------------------
+    def hold_frees(self) -> None:
+        """From now on, freed blocks wait for the next completed sync.
+
+        A process asks for an early sync once it holds an eighth of the data
+        area's share of one CPU: every sync makes the pages it wrote back
+        read-only again, and the next store to each takes a fault, so syncs
+        a few times a second cost a quarter of a 4 KiB overwrite's rate
+        (DESIGN 24); space, not time, is what held blocks must not run out of.
+        """
+        if self.limbo is None:
+            self.limbo = deque()
+        self.limbo_want = max(LIMBO_WANT, self.ntotal // (8 * len(self.regions)))
+
+    def release_limbo(self, everything: bool = False) -> int:
+        """Free what a completed sync has made safe to reuse (``everything``: all of
+        it, when no later allocation can happen or the image is synced anyway)."""
+        limbo = self.limbo
+        if not limbo:
+            return 0
+        synced = self.w.load64(H_SYNCED)
+        n = 0
+        while limbo and (everything or limbo[0][0] < synced):
+            _tag, start, count = limbo.popleft()
+            self._free_now(start, count)
+            n += count
+        self.limbo_blocks -= n
+        self.w.add64(H_LIMBO, -n)
+        return n
 
     def _alloc_bitmaps(self, cpu: int, n: int, meta: bool) -> list[tuple[int, int]]:
         own = self._orders[cpu][0]
@@ -326,6 +377,8 @@ class Allocator:
         raise FsError(errno.ENOSPC)
 
     def alloc_one(self, cpu: int, *, meta: bool = True) -> int:
+        if self.limbo and self.limbo[0][0] < self.w.load64(H_SYNCED):
+            self.release_limbo()
         if cpu == self.stash_cpu:
             stash = self.stashes[cpu]
             blk = stash.pop()
@@ -340,7 +393,13 @@ class Allocator:
                 blk = stash.pop()
                 if blk:
                     return blk
-        ((start, _),) = self._alloc_bitmaps(cpu, 1, meta)
+        try:
+            ((start, _),) = self._alloc_bitmaps(cpu, 1, meta)
+        except FsError:
+            if not self.limbo or self.sync_now is None:
+                raise
+            self.sync_now()
+            ((start, _),) = self._alloc_bitmaps(cpu, 1, meta)
         return start
 
     def stashed(self) -> int:
@@ -362,7 +421,22 @@ class Allocator:
 
     def free(self, start: int, n: int) -> None:
         """Give blocks back to the region(s) that own them (a single block of this
-        process's own region to its stash, while there is room)."""
+        process's own region to its stash, while there is room), or hold them
+        back until the next sync (:meth:`hold_frees`)."""
+        limbo = self.limbo
+        if limbo is not None:
+            w = self.w
+            tag = w.load64(H_SYNC_STARTED)
+            limbo.append((tag, start, n))
+            self.limbo_blocks += n
+            w.add64(H_LIMBO, n)
+            if self.limbo_blocks >= self.limbo_want and self._asked != tag and self.want_sync:
+                self._asked = tag
+                self.want_sync()
+            return
+        self._free_now(start, n)
+
+    def _free_now(self, start: int, n: int) -> None:
         if n == 1 and self.stash_cpu is not None:
             own = self._orders[self.stash_cpu][0]
             if own.lo <= start < own.hi:

@@ -51,6 +51,7 @@ import ctypes
 import functools
 import gc
 import logging
+import math
 import mmap
 import os
 import select
@@ -67,6 +68,7 @@ from .atomics import SharedWords
 from .engine import FileSystem
 from .fuse_ops import PnovaOperations
 from .fuse_session import WANTED, Connection, Loop, detach, ignore_terminal_signals
+from .shared import H_SEQ
 
 log = logging.getLogger("pnova.daemon")
 # Allocations between two young garbage collections in a serving process.
@@ -74,6 +76,7 @@ GC_YOUNG = 20_000
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 WATCH_INTERVAL = 0.005         # seconds between a busy worker's looks for waiting requests
+COMMIT_INTERVAL = 5.0          # seconds between syncs of a disk-backed image
 CONCURRENT_NS = 50_000_000     # overlapping requests this recent keep every reader awake
 STOP_GRACE = 10.0              # seconds a worker has to finish its request
 _PR_SET_PDEATHSIG = 1
@@ -240,14 +243,15 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
           on_ready: Callable[[], None] | None = None,
           child_setup: Callable[[], None] | None = None,
           ops_factory: Callable[[FileSystem], PnovaOperations] = PnovaOperations,
-          wanted: int = WANTED) -> int:
+          wanted: int = WANTED, commit: float = COMMIT_INTERVAL) -> int:
     """Mount ``fs`` on ``mountpoint`` and serve it with ``workers`` processes.
 
     ``options``: VFS and kernel FUSE options, plus ``fsname=`` (the source
     /proc/mounts shows) and ``subtype=``.  ``on_ready`` runs in the supervisor
     once the workers read requests; ``child_setup`` in each worker right after
     the fork (to close descriptors it must not keep).  ``wanted``: the INIT
-    capabilities asked for (tests take one away).  Returns 0 after a clean
+    capabilities asked for (tests take one away).  ``commit``: seconds between
+    syncs of a disk-backed image (0: only when asked, DESIGN 24).  Returns 0 after a clean
     unmount (the engine's state is saved), 1 when the mount was aborted (the
     engine is released unsaved).  Raises MountError / ProtocolError when the
     kernel mount or its handshake fails.
@@ -281,6 +285,11 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
         # A worker whose ring of log pages runs low wakes the refiller.
         refill = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         fs.ring_low = functools.partial(os.eventfd_write, refill, 1)
+        # On a disk, freed blocks wait for a sync; a worker holding many asks
+        # the supervisor for one early.
+        syncs = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fs.hold_frees_until_sync()
+        fs.alloc.want_sync = functools.partial(os.eventfd_write, syncs, 1)
         pids: dict[int, int] = {}
         try:
             for cpu in range(n):
@@ -299,7 +308,7 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
         if len(pids) < n:
             state.failure = "not every serving process could be started"
         try:
-            trio.run(_supervise, fs, conn, state, refill)
+            trio.run(_supervise, fs, conn, state, refill, syncs, commit)
         except BaseException:
             log.exception("the supervisor failed")
             state.failure = state.failure or "the supervisor failed"
@@ -309,7 +318,9 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
             # The connection ends once every serving process has closed it too.
             conn.close()
             os.close(refill)
+            os.close(syncs)
             fs.ring_low = None
+            fs.alloc.want_sync = None
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     if state.failure:
@@ -331,11 +342,13 @@ def _kill(pid: int, sig: int) -> None:
 
 # ---------------------------------------------------------------- the supervisor
 async def _supervise(fs: FileSystem, conn: Connection, state: _State,
-                     refill: int) -> None:
+                     refill: int, syncs: int, commit: float) -> None:
     mountpoint = conn.mountpoint
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, mountpoint, state)
         nursery.start_soon(_refiller, fs, refill)
+        if not fs.pm.volatile and not fs.readonly:
+            nursery.start_soon(_syncer, fs, syncs, commit)
         async with trio.open_nursery() as watchers:
             for pid, cpu in list(state.workers.items()):
                 watchers.start_soon(_watch, pid, cpu, mountpoint, state)
@@ -360,6 +373,27 @@ async def _refiller(fs: FileSystem, wanted: int) -> None:
             os.eventfd_read(wanted)
         except BlockingIOError:
             pass
+
+
+async def _syncer(fs: FileSystem, syncs: int, commit: float) -> None:
+    """Sync a disk-backed image every ``commit`` seconds (ext4's commit interval:
+    what a power loss can take is bounded), and when a worker holds many freed
+    blocks back (they become reusable only after a sync).  The msync runs in a
+    thread, so that signals and worker exits are still seen meanwhile."""
+    done = -1                                   # the sequence counter at the last sync
+    while True:
+        asked = False
+        with trio.move_on_after(commit if commit > 0 else math.inf):
+            await trio.lowlevel.wait_readable(syncs)
+            asked = True
+        try:
+            os.eventfd_read(syncs)
+        except BlockingIOError:
+            pass
+        now = fs.area.w.load64(H_SEQ)           # every change takes a sequence number
+        if asked or now != done:
+            await trio.to_thread.run_sync(fs.sync)
+            done = now
 
 
 def _stop(mountpoint: str, state: _State) -> None:
@@ -433,6 +467,10 @@ def _worker(fs: FileSystem, conn: Connection, cpu: int,
         if os.getppid() != supervisor:            # it died before PDEATHSIG was set
             loop.stopping = True
         how = loop.run()
+        # Nothing allocates once the serving processes are gone, and the
+        # unmount syncs the image before it marks it clean: what this process
+        # held back can go back now (a process that dies leaves it to recovery).
+        fs.alloc.release_limbo(everything=True)
         code = EXIT_DONE
         if os.getppid() != supervisor:
             code = EXIT_ORPHANED

@@ -314,6 +314,8 @@ class FileData:
             raise
 
     def fsync(self, ino: int) -> None:
-        """Every returned operation is already durable; fence for good measure."""
+        """fsync, fdatasync, fsyncdir, syncfs: every returned operation is already
+        durable in persistent memory; on an image backed by a disk file, push
+        the image's changed pages to the disk too (:meth:`sync`)."""
         self.get(ino)
-        self.pm.fence()
+        self.sync()

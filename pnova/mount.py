@@ -54,6 +54,8 @@ mount options (-o, comma-separated, may be repeated):
   segment_pages=N     pages per segment of the segment and pnova schemes (default 16)
   workers=N           serving processes, one per logical CPU (default: as many as
                       the image has CPUs and this machine has cores)
+  commit=SECONDS      an image on a disk is synced at least this often (default 5;
+                      0: only by fsync, syncfs and unmount); see DESIGN.md 24
   debug               same as -d
   dev,nodev,suid,nosuid,exec,noexec,atime,noatime,sync,async,dirsync
                       passed to the kernel
@@ -84,6 +86,7 @@ class Config:
     lock: str = "pnova"
     segment_pages: int = 16
     workers: int | None = None
+    commit: float = 5.0
     fuse_options: set[str] = field(default_factory=set)
 
 
@@ -139,6 +142,13 @@ def parse_args(argv: list[str]) -> Config:
                 if not value.isdigit() or int(value) < 1:
                     raise UsageError(f"workers={value}: give a positive number of processes")
                 cfg.workers = int(value)
+            elif key == "commit":
+                try:
+                    cfg.commit = float(value)
+                except ValueError:
+                    cfg.commit = -1.0
+                if not 0 <= cfg.commit <= 86400:
+                    raise UsageError(f"commit={value}: give seconds between syncs (0 to 86400)")
             elif key in ("fsname", "subtype") and value:
                 opts.add(opt)                       # an explicit name wins
             else:
@@ -353,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 1
     served = False
     try:
-        rc = serve(fs, cfg.mountpoint, cfg.fuse_options, workers=cfg.workers,
+        rc = serve(fs, cfg.mountpoint, cfg.fuse_options, workers=cfg.workers, commit=cfg.commit,
                    debug=cfg.debug, on_ready=ready, child_setup=in_worker)
         served = True
     except (MountError, ProtocolError) as e:          # the kernel mount failed

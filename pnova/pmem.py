@@ -79,6 +79,10 @@ class PMem:
         self.flushes = 0
         self.fences = 0
         self.poison: set[int] = load_badblocks(path)
+        # An image on tmpfs or ramfs lives in memory: nothing is more stable
+        # than the mapping, and a sync has nothing to write (DESIGN 24).
+        self.volatile = _fs_type(self.fd) in _MEMORY_FILESYSTEMS
+        self.msyncs = 0
 
     def limit(self, size: int) -> None:
         """Make ``size`` the device size: the first ``size`` bytes of a longer file
@@ -165,9 +169,13 @@ class PMem:
 
     # -- lifetime --------------------------------------------------------------
     def sync(self) -> None:
-        """Push the whole mapping to the backing file (msync); used on unmount."""
-        if not self.readonly:
+        """Push every changed page of the mapping to the backing file and wait for
+        the device (msync MS_SYNC over the whole mapping: the kernel writes only
+        the dirty pages; one page or a hundred cost about the same, the cache
+        flush of the disk).  Nothing to do for an image in memory."""
+        if not self.readonly and not self.volatile:
             self.mm.flush()
+            self.msyncs += 1
 
     def close(self) -> None:
         self.buf = self._wbuf = None  # type: ignore[assignment]
@@ -176,6 +184,20 @@ class PMem:
             self.mm.close()
         finally:
             os.close(self.fd)
+
+
+_TMPFS_MAGIC, _RAMFS_MAGIC = 0x01021994, 0x858458F6
+_MEMORY_FILESYSTEMS = (_TMPFS_MAGIC, _RAMFS_MAGIC)
+
+
+def _fs_type(fd: int) -> int:
+    """f_type of the filesystem holding ``fd`` (fstatfs(2)); 0 if unknown."""
+    import ctypes
+    buf = ctypes.create_string_buffer(128)           # struct statfs: f_type first
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fstatfs(fd, buf) != 0:
+        return 0
+    return struct.unpack_from("<q", buf.raw, 0)[0] & 0xFFFFFFFF
 
 
 def badblocks_path(image: str) -> str:

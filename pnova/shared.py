@@ -49,7 +49,7 @@ import os
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 6
+VERSION = 7
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -69,6 +69,9 @@ _VER_SHIFT = 64 - VER_BITS    # a slot is the top VER_BITS bits of a 64-bit hash
 
 H_MAGIC, H_VERSION, H_NCPUS, H_SEQ, H_SEG_SLOTS, H_RANGE_MAX = 0, 8, 12, 16, 24, 28
 H_RENAME_LOCK = 32            # u32: the rename lock (a directory moving to another parent)
+H_SYNC_STARTED = 40           # u64: syncs started (a block freed now is tagged with it)
+H_SYNCED = 48                 # u64: blocks tagged below it are free to reuse (DESIGN 24)
+H_LIMBO = 56                  # u64: blocks freed but not yet reusable, all processes
 
 
 def _line(n: int) -> int:

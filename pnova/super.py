@@ -20,7 +20,7 @@ from .errors import CorruptImage, FsError
 from .inode import Inode
 from .locks import make_scheme
 from .pmem import DeviceError, PMem
-from .shared import H_SEQ
+from .shared import H_LIMBO, H_SEQ, H_SYNC_STARTED, H_SYNCED
 
 if TYPE_CHECKING:
     from .engine import FileSystem
@@ -199,6 +199,10 @@ class Mount:
             if self.shared:
                 for inode in list(self.cache.values()):
                     self._validate(inode)
+            # No allocation follows, and the image is synced before it is
+            # marked clean: frees are immediate from here on.
+            self.alloc.release_limbo(everything=True)
+            self.alloc.limbo = None
             self.alloc.stash_cpu = None              # every stash goes back below
             for ring in self.rings:                  # pages handed out but never used
                 while (blk := ring.pop()):
@@ -214,6 +218,10 @@ class Mount:
                 pm.store(off, bits.tobytes())
                 pm.flush(off, len(bits))
             pm.fence()                                   # saved state durable before 'clean'
+            # On a disk, the pages reach it in any order: everything but the
+            # superblock first, so that 'clean' never arrives before what it
+            # vouches for (DESIGN 24).
+            pm.sync()
             self.sb.clean = 1
             self.sb.next_seq = self.area.w.load64(H_SEQ)
             self.sb.last_unmount_ns = time.time_ns()
@@ -308,11 +316,38 @@ class Mount:
         self.scheme.sem.take_over()
         self._compact_wanted = set()
 
+    def sync(self) -> None:
+        """Make every operation that has returned durable on the image's backing
+        storage: a fence (persistent memory), then, for a file on a disk, msync
+        of the mapping.  Blocks freed before the sync began may be reused once
+        it has completed (DESIGN 24)."""
+        pm = self.pm
+        pm.fence()
+        if pm.volatile or self.readonly:
+            return
+        w = self.area.w
+        started = w.add64(H_SYNC_STARTED, 1) + 1   # frees from now on wait for the next
+        pm.sync()
+        while True:
+            cur = w.load64(H_SYNCED)
+            if cur >= started or w.cas64(H_SYNCED, cur, started):
+                break
+        self.alloc.release_limbo()
+
+    def hold_frees_until_sync(self) -> None:
+        """On a disk-backed image, a freed block is reused only after a sync has
+        made its release durable (so a power loss never finds an older state
+        that still uses it rewritten); a no-op for an image in memory."""
+        if not self.pm.volatile and not self.readonly:
+            self.alloc.hold_frees()
+            self.alloc.sync_now = self.sync
+
     def statfs(self) -> StatFs:
         a = self.alloc
         ffree = self.nfree_inodes
         # Blocks kept at hand (stashes, rings of log pages) hold nothing: free.
-        free = a.nfree + a.stashed() + sum(len(r) for r in self.rings)
+        free = a.nfree + a.stashed() + sum(len(r) for r in self.rings) + \
+            self.area.w.load64(H_LIMBO)           # free again after the next sync
         return StatFs(bsize=L.BLOCK, blocks=a.ntotal, bfree=free,
                       bavail=max(0, free - a.reserve),
                       files=self.sb.inodes_per_cpu * self.ncpus, ffree=ffree,
