@@ -291,6 +291,11 @@ class Allocator:
         self.sync_now: Callable[[], None] | None = None       # sync and wait
         self._asked = -1                  # the sync generation a sync was asked in
         self.limbo_want = LIMBO_WANT
+        # Blocks this process allocated while no sync was running and none has
+        # started since (the generation below): no synced state ever used them,
+        # so freeing one needs no wait.
+        self._fresh: set[int] = set()
+        self._fresh_gen = -1
 
     @property
     def nfree(self) -> int:
@@ -316,17 +321,41 @@ class Allocator:
 
         Data allocations may not dip into the reserve; metadata (log pages) may.
         """
-        if self.limbo and self.limbo[0][0] < self.w.load64(H_SYNCED):
-            self.release_limbo()
+        if self.limbo is None:
+            if n == 1 and cpu == self.stash_cpu:
+                return [(self.alloc_one(cpu, meta=meta), 1)]
+            return self._alloc_bitmaps(cpu, n, meta)
         if n == 1 and cpu == self.stash_cpu:
             return [(self.alloc_one(cpu, meta=meta), 1)]
+        self._before_alloc()
         try:
-            return self._alloc_bitmaps(cpu, n, meta)
+            out = self._alloc_bitmaps(cpu, n, meta)
         except FsError:
             if not self.limbo or self.sync_now is None:
                 raise
             self.sync_now()                     # what is held back becomes free
-            return self._alloc_bitmaps(cpu, n, meta)
+            out = self._alloc_bitmaps(cpu, n, meta)
+        self._note_fresh(out)
+        return out
+
+    def _before_alloc(self) -> None:
+        if self.limbo and self.limbo[0][0] < self.w.load64(H_SYNCED):
+            self.release_limbo()
+
+    def _note_fresh(self, extents: list[tuple[int, int]]) -> None:
+        """Remember blocks allocated while no sync runs (see ``_fresh``)."""
+        w = self.w
+        gen = w.load64(H_SYNC_STARTED)
+        if gen != self._fresh_gen:
+            self._fresh.clear()
+            self._fresh_gen = gen
+        if w.load64(H_SYNCED) != gen:
+            return                              # a sync is running: it may see them
+        for s, c in extents:
+            if c == 1:
+                self._fresh.add(s)
+            else:
+                self._fresh.update(range(s, s + c))
 
     # -- blocks held back until a sync -------------------------------------------
     def hold_frees(self) -> None:
@@ -377,8 +406,14 @@ class Allocator:
         raise FsError(errno.ENOSPC)
 
     def alloc_one(self, cpu: int, *, meta: bool = True) -> int:
-        if self.limbo and self.limbo[0][0] < self.w.load64(H_SYNCED):
-            self.release_limbo()
+        if self.limbo is not None:
+            self._before_alloc()
+            blk = self._alloc_one(cpu, meta)
+            self._note_fresh([(blk, 1)])
+            return blk
+        return self._alloc_one(cpu, meta)
+
+    def _alloc_one(self, cpu: int, meta: bool) -> int:
         if cpu == self.stash_cpu:
             stash = self.stashes[cpu]
             blk = stash.pop()
@@ -427,6 +462,16 @@ class Allocator:
         if limbo is not None:
             w = self.w
             tag = w.load64(H_SYNC_STARTED)
+            fresh = self._fresh
+            if tag == self._fresh_gen and start in fresh and \
+                    (n == 1 or all(b in fresh for b in range(start + 1, start + n))):
+                # allocated and freed within one interval: no synced state used it
+                if n == 1:
+                    fresh.discard(start)
+                else:
+                    fresh.difference_update(range(start, start + n))
+                self._free_now(start, n)
+                return
             limbo.append((tag, start, n))
             self.limbo_blocks += n
             w.add64(H_LIMBO, n)
