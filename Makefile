@@ -28,7 +28,7 @@ deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml setup.py pnova/_atomic.c pnova/_protect.c | deps
+$(STAMP): pyproject.toml setup.py pnova/_atomic.c pnova/_protect.c pnova/_persist.c | deps
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"

@@ -347,7 +347,7 @@ async def _supervise(fs: FileSystem, conn: Connection, state: _State,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, mountpoint, state)
         nursery.start_soon(_refiller, fs, refill)
-        if not fs.pm.volatile and not fs.readonly:
+        if fs.pm.mode == "disk" and not fs.readonly:
             nursery.start_soon(_syncer, fs, syncs, commit)
         async with trio.open_nursery() as watchers:
             for pid, cpu in list(state.workers.items()):

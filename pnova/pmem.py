@@ -61,7 +61,18 @@ class PMem:
             if self.size == 0:
                 raise DeviceError(f"{path}: device is empty")
             prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
-            self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot)
+            self.mm = None
+            if not readonly and not create:
+                # Persistent memory (a DAX filesystem or device) accepts
+                # MAP_SYNC: stores then reach the medium by clwb + sfence alone.
+                try:
+                    self.mm = mmap.mmap(self.fd, self.size, _MAP_SHARED_VALIDATE | _MAP_SYNC,
+                                        prot)
+                except OSError:
+                    self.mm = None               # not DAX: the page cache is in between
+            mapped_sync = self.mm is not None
+            if self.mm is None:
+                self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot)
         except OSError as e:
             os.close(self.fd)
             raise DeviceError(f"cannot map {path}: {e.strerror}") from None
@@ -83,6 +94,45 @@ class PMem:
         # than the mapping, and a sync has nothing to write (DESIGN 24).
         self.volatile = _fs_type(self.fd) in _MEMORY_FILESYSTEMS
         self.msyncs = 0
+        # "pmem": MAP_SYNC, real clwb / sfence; "disk": a file behind the page
+        # cache, durable by msync; "memory": tmpfs or ramfs (DESIGN 24).
+        self.mode = "memory" if self.volatile else "disk"
+        if mapped_sync:
+            self._use_cpu_persistence()
+
+    def _use_cpu_persistence(self) -> None:
+        """Make flush and fence the processor's (clwb or its fallbacks, sfence):
+        the image is mapped with MAP_SYNC, so the cache is all that stands
+        between a store and the medium, and a sync has nothing left to do."""
+        from . import _persist
+        self.mode = "pmem"
+        self.cpu_flush = _persist.INSTRUCTION
+        mm, wb, sfence = self.mm, _persist.flush, _persist.fence
+
+        def flush(off: int, n: int) -> None:
+            self.flushes += wb(mm, off, n)
+
+        def fence() -> None:
+            sfence()
+            self.fences += 1
+
+        def commit_u64(off: int, value: int) -> None:
+            fence()
+            _U64.pack_into(mm, off, value)
+            self.stores += 1
+            flush(off, 8)
+            fence()
+
+        self.flush, self.fence, self.commit_u64 = flush, fence, commit_u64  # type: ignore[method-assign]
+
+    def describe(self) -> str:
+        """How stores reach the medium, for the mount log."""
+        if self.mode == "pmem":
+            return (f"persistent memory (MAP_SYNC): durable at each fence "
+                    f"({self.cpu_flush} + sfence)")
+        if self.mode == "disk":
+            return "a file on a disk: durable at fsync, syncfs, each commit interval and unmount"
+        return "a file in memory (tmpfs): lost with the machine's power"
 
     def limit(self, size: int) -> None:
         """Make ``size`` the device size: the first ``size`` bytes of a longer file
@@ -173,7 +223,7 @@ class PMem:
         the device (msync MS_SYNC over the whole mapping: the kernel writes only
         the dirty pages; one page or a hundred cost about the same, the cache
         flush of the disk).  Nothing to do for an image in memory."""
-        if not self.readonly and not self.volatile:
+        if not self.readonly and self.mode == "disk":
             self.mm.flush()
             self.msyncs += 1
 
@@ -186,6 +236,7 @@ class PMem:
             os.close(self.fd)
 
 
+_MAP_SHARED_VALIDATE, _MAP_SYNC = 0x03, 0x80000
 _TMPFS_MAGIC, _RAMFS_MAGIC = 0x01021994, 0x858458F6
 _MEMORY_FILESYSTEMS = (_TMPFS_MAGIC, _RAMFS_MAGIC)
 

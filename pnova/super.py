@@ -189,6 +189,7 @@ class Mount:
         fs.mount_seconds = time.monotonic() - t0
         logger.info("mounted %s via %s path in %.3f s (%d free blocks, %d free inodes)",
                     path, fs.mount_path, fs.mount_seconds, fs.alloc.nfree, fs.nfree_inodes)
+        logger.info("%s: %s", path, pm.describe())
         return fs
 
     def unmount(self) -> None:
@@ -318,12 +319,12 @@ class Mount:
 
     def sync(self) -> None:
         """Make every operation that has returned durable on the image's backing
-        storage: a fence (persistent memory), then, for a file on a disk, msync
-        of the mapping.  Blocks freed before the sync began may be reused once
+        storage: a fence (on persistent memory mapped with MAP_SYNC, all it
+        takes), then, for a file on a disk, msync of the mapping.  Blocks freed before the sync began may be reused once
         it has completed (DESIGN 24)."""
         pm = self.pm
         pm.fence()
-        if pm.volatile or self.readonly:
+        if pm.mode != "disk" or self.readonly:
             return
         w = self.area.w
         started = w.add64(H_SYNC_STARTED, 1) + 1   # frees from now on wait for the next
@@ -338,7 +339,7 @@ class Mount:
         """On a disk-backed image, a freed block is reused only after a sync has
         made its release durable (so a power loss never finds an older state
         that still uses it rewritten); a no-op for an image in memory."""
-        if not self.pm.volatile and not self.readonly:
+        if self.pm.mode == "disk" and not self.readonly:
             self.alloc.hold_frees()
             self.alloc.sync_now = self.sync
 
