@@ -13,9 +13,10 @@ a seeded random generator from a target class:
 * ``zero``: a sector-aligned range of the block (``--length`` bytes) zeroed.
 
 Targets: ``data`` (blocks of file contents and symlink targets: what data
-protection covers), ``metadata`` (superblocks, region table, inode slots of
-live inodes, journals, log pages and per-core log arrays of live inodes,
-saved bitmaps, checksum and parity areas) or ``any`` block of the device.
+protection covers), ``metadata`` (what is in use of it: superblocks, region
+table, journals, the inode-table blocks of live inodes, their log pages and
+per-core log arrays, the checksum and parity blocks of mapped data) or ``any``
+block of the device.
 
 Each event is printed as one line (or one JSON object with ``--json``), with
 the file and byte range it hit for data, so that a test or a researcher knows
@@ -70,11 +71,18 @@ def _walk(fs: FileSystem) -> list[tuple[str, int, dict[int, int]]]:
     seen = {L.ROOT_INO}
     while todo:
         path, ino = todo.pop()
-        for name, child, _ in fs.readdir(ino):
+        try:
+            listing = fs.readdir(ino)
+        except FsError:
+            continue                             # damaged already: nothing to aim at
+        for name, child, _ in listing:
             if name in (b".", b"..") or child in seen:
                 continue
             seen.add(child)
-            inode = fs.get(child)
+            try:
+                inode = fs.get(child)
+            except FsError:
+                continue
             p = f"{path}/{name.decode(errors='replace')}"
             if inode.is_dir:
                 todo.append((p, child))
@@ -85,22 +93,18 @@ def _walk(fs: FileSystem) -> list[tuple[str, int, dict[int, int]]]:
 
 
 def _metadata(fs: FileSystem) -> list[tuple[int, str]]:
-    """(block, what) of the metadata blocks worth damaging."""
+    """(block, what) of the metadata blocks in use: damage anywhere else in the
+    metadata areas (free inode slots, records of free blocks) changes nothing."""
     sb = fs.sb
     out = [(0, "superblock"), (1, "region table"), (sb.total_blocks - 1, "superblock replica")]
-    for r in fs.regions:
-        out += [(r.journal_block, "journal")]
-        out += [(b, "saved bitmap") for b in range(r.bitmap_start, r.bitmap_start + r.bitmap_blocks)]
-        out += [(b, "checksum records") for b in range(r.csum_start, r.csum_start + r.csum_blocks)]
-        out += [(b, "parity strips") for b in range(r.parity_start, r.parity_start + r.parity_blocks)]
-        out += [(b, "checksum replica") for b in range(r.csum2_start, r.csum2_start + r.csum_blocks)]
-    live = set()
+    out += [(r.journal_block, "journal") for r in fs.regions]
+    live = []
     for c in range(fs.ncpus):
-        for ino in range(1 + c, 1 + c + fs.ncpus * fs.sb.inodes_per_cpu, fs.ncpus):
+        for ino in range(1 + c, 1 + c + fs.ncpus * sb.inodes_per_cpu, fs.ncpus):
             if fs.pm.read_u64(fs.inode_addr(ino) + L.I_STATE) == L.STATE_LIVE:
-                live.add(ino)
+                live.append(ino)
                 out.append((fs.inode_addr(ino) // L.BLOCK, "inode table"))
-    for ino in sorted(live):
+    for ino in live:
         try:
             inode = fs.get(ino)
         except FsError:
@@ -110,6 +114,12 @@ def _metadata(fs: FileSystem) -> list[tuple[int, str]]:
             out += [(b, "log page (per-core log)") for b in pages]
         if inode.array:
             out.append((inode.array, "per-core log array"))
+        if inode.pages and fs.prot.csum:
+            for b in inode.pages.values():
+                c1, c2, par = fs.prot.records(b)
+                out += [(c1 // L.BLOCK, "checksum records"), (c2 // L.BLOCK, "checksum replica")]
+                if fs.prot.parity:
+                    out.append((par // L.BLOCK, "parity strips"))
     return sorted(set(out))
 
 
