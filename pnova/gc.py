@@ -24,9 +24,13 @@ class Compaction:
         return len(inode.log_pages) + sum(len(v[2]) for v in inode.local.values())
 
     def _needs_compaction(self, inode: Inode) -> bool:
-        """Whether an inode's logs have grown well past its live state."""
+        """Whether an inode's logs have grown well past its live state: twice
+        what it needs, or four times for a directory that several processes
+        change (each compaction of one makes every other process re-read the
+        whole directory, DESIGN 12)."""
         n = self._log_pages(inode)
-        return n >= 4 and n > 2 * (inode.live_log_estimate() // L.LOG_DATA + 1) + 1
+        factor = 4 if inode.dents is not None and self.shared and not self._ns_alone else 2
+        return n >= 4 and n > factor * (inode.live_log_estimate() // L.LOG_DATA + 1) + 1
 
     def _want_compaction(self, inode: Inode) -> None:
         """Note an inode whose logs have grown well past its live state."""
