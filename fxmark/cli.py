@@ -36,22 +36,22 @@ def _int_list(s: str) -> list[int]:
     return out
 
 
-def _schemes(s: str) -> list[str]:
+def _choices(s: str, allowed, what: str) -> list[str]:
+    """A comma-separated list of names, each one of ``allowed``."""
     out = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in out if x not in SCHEMES]
+    bad = [x for x in out if x not in allowed]
     if bad or not out:
-        raise argparse.ArgumentTypeError(f"unknown scheme(s) {', '.join(bad) or s!r}; "
-                                         f"choose from {', '.join(SCHEMES)}")
+        raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(bad) or s!r}; "
+                                         f"choose from {', '.join(allowed)}")
     return out
+
+
+def _schemes(s: str) -> list[str]:
+    return _choices(s, SCHEMES, "scheme")
 
 
 def _protections(s: str) -> list[str]:
-    out = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in out if x not in PROTECTIONS]
-    if bad or not out:
-        raise argparse.ArgumentTypeError(f"unknown protection(s) {', '.join(bad) or s!r}; "
-                                         f"choose from {', '.join(PROTECTIONS)}")
-    return out
+    return _choices(s, PROTECTIONS, "protection")
 
 
 def _size(s: str) -> int:

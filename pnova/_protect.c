@@ -152,6 +152,28 @@ block_protect(const uint8_t *blk, uint8_t *sums, uint8_t *par)
 
 /* The bytes of `nblocks` blocks at `offset` of a readable buffer, or NULL. */
 static const uint8_t *
+blocks_at(Py_buffer *view, PyObject *const *args, Py_ssize_t *nblocks);
+
+/* The (buffer, offset, nblocks) arguments of checksums() and seal(): the
+ * blocks' bytes, with `view` held (released by the caller), or NULL (an
+ * exception set, nothing held). */
+static const uint8_t *
+blocks_arg(PyObject *const *args, Py_ssize_t nargs, const char *usage, Py_buffer *view,
+           Py_ssize_t *nblocks)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const uint8_t *p = blocks_at(view, args, nblocks);
+    if (p == NULL)
+        PyBuffer_Release(view);
+    return p;
+}
+
+static const uint8_t *
 blocks_at(Py_buffer *view, PyObject *const *args, Py_ssize_t *nblocks)
 {
     Py_ssize_t off = PyLong_AsSsize_t(args[1]);
@@ -174,17 +196,9 @@ checksums(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
     Py_ssize_t n;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "checksums(buffer, offset, nblocks)");
+    const uint8_t *p = blocks_arg(args, nargs, "checksums(buffer, offset, nblocks)", &view, &n);
+    if (p == NULL)
         return NULL;
-    }
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const uint8_t *p = blocks_at(&view, args, &n);
-    if (p == NULL) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
     PyObject *out = PyBytes_FromStringAndSize(NULL, n * CSUM_BYTES);
     if (out != NULL) {
         uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
@@ -201,17 +215,9 @@ seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
     Py_ssize_t n;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "seal(buffer, offset, nblocks)");
+    const uint8_t *p = blocks_arg(args, nargs, "seal(buffer, offset, nblocks)", &view, &n);
+    if (p == NULL)
         return NULL;
-    }
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const uint8_t *p = blocks_at(&view, args, &n);
-    if (p == NULL) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
     PyObject *sums = PyBytes_FromStringAndSize(NULL, n * CSUM_BYTES);
     PyObject *par = PyBytes_FromStringAndSize(NULL, n * STRIP);
     if (sums == NULL || par == NULL) {

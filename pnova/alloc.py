@@ -40,6 +40,7 @@ from .shared import H_LIMBO, H_SYNC_STARTED, H_SYNCED, LINE, STASH_SLOTS, Shared
 ALL = (1 << 64) - 1
 STASH_REFILL = 32              # blocks a stash takes from the bitmap at once
 LOW_FIRST = 64                 # requests of this many blocks or more: lowest free first
+FRESH_MAX = 1 << 16            # blocks remembered as never synced, at most
 LIMBO_WANT = 2048              # blocks held back by one process before it asks for a sync,
                                # at least (more on a larger device: hold_frees)
 
@@ -351,6 +352,8 @@ class Allocator:
             self._fresh_gen = gen
         if w.load64(H_SYNCED) != gen:
             return                              # a sync is running: it may see them
+        if len(self._fresh) > FRESH_MAX:
+            self._fresh.clear()                 # long without a sync: forget (safe)
         for s, c in extents:
             if c == 1:
                 self._fresh.add(s)
@@ -402,7 +405,7 @@ class Allocator:
             if got == n:
                 return out
         for s, c in out:
-            self.free(s, c)
+            self._free_now(s, c)                 # never used: no sync needs to see it
         raise FsError(errno.ENOSPC)
 
     def alloc_one(self, cpu: int, *, meta: bool = True) -> int:

@@ -134,6 +134,8 @@ class Readers:
         self.counted = False                      # the request in hand is a caller's
         self.armed = False                        # the watch timer runs
         self.queue = select.poll()
+        # called before this worker goes to sleep (it may sleep for long)
+        self.before_sleep: Callable[[], None] | None = None
 
     def become(self, worker: int, fd: int) -> None:
         """In the forked worker: act as reader ``worker`` of descriptor ``fd``."""
@@ -190,6 +192,8 @@ class Readers:
 
     # -- sleeping and waking ---------------------------------------------------
     def _sleep(self) -> None:
+        if self.before_sleep is not None:
+            self.before_sleep()
         w = self.w
         bit = 1 << self.me
         while not w.cas64(self._ASLEEP, v := w.load64(self._ASLEEP), v | bit):
@@ -436,6 +440,15 @@ async def _watch(pid: int, cpu: int, mountpoint: str, state: _State) -> None:
 
 
 # ---------------------------------------------------------------- a worker
+def _settle_held(fs: FileSystem) -> None:
+    """Before a serving process goes quiet (to sleep, or to exit): the blocks it
+    holds back are released only when it allocates, so sync and give them back
+    now rather than strand them while others run out of room (DESIGN 24)."""
+    if fs.alloc.limbo:
+        fs.sync()
+        fs.alloc.release_limbo()
+
+
 def _worker(fs: FileSystem, conn: Connection, cpu: int,
             ops_factory: Callable[[FileSystem], PnovaOperations], debug: bool,
             child_setup: Callable[[], None] | None, readers: Readers | None) -> None:
@@ -452,6 +465,7 @@ def _worker(fs: FileSystem, conn: Connection, cpu: int,
         fs.become_worker(cpu)
         if readers is not None:
             readers.become(cpu, conn.fd)
+            readers.before_sleep = functools.partial(_settle_held, fs)
         loop = Loop(conn.fd, ops_factory(fs).table, name=f"cpu{cpu}", debug=debug,
                     turns=readers)
         ignore_terminal_signals()
@@ -467,10 +481,9 @@ def _worker(fs: FileSystem, conn: Connection, cpu: int,
         if os.getppid() != supervisor:            # it died before PDEATHSIG was set
             loop.stopping = True
         how = loop.run()
-        # Nothing allocates once the serving processes are gone, and the
-        # unmount syncs the image before it marks it clean: what this process
-        # held back can go back now (a process that dies leaves it to recovery).
-        fs.alloc.release_limbo(everything=True)
+        # Other serving processes may still allocate: what this one held back
+        # goes back only after a sync (a process that dies leaves it to recovery).
+        _settle_held(fs)
         code = EXIT_DONE
         if os.getppid() != supervisor:
             code = EXIT_ORPHANED

@@ -62,9 +62,10 @@ class PMem:
                 raise DeviceError(f"{path}: device is empty")
             prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
             self.mm = None
-            if not readonly and not create:
+            if not readonly and not create and type(self) is PMem and _cpu_can_persist():
                 # Persistent memory (a DAX filesystem or device) accepts
                 # MAP_SYNC: stores then reach the medium by clwb + sfence alone.
+                # (The crash-injection subclass keeps its own model.)
                 try:
                     self.mm = mmap.mmap(self.fd, self.size, _MAP_SHARED_VALIDATE | _MAP_SYNC,
                                         prot)
@@ -156,11 +157,11 @@ class PMem:
                 if s in self.poison]
 
     def _clear_poison(self, off: int, n: int) -> None:
-        """A store covered [off, off+n): the whole sectors in it are good again."""
+        """A store covered [off, off+n): the whole sectors in it are good again
+        (in the list on disk too, which other processes of the mount share)."""
         cleared = [s for s in range(-(-off // SECTOR), (off + n) // SECTOR) if s in self.poison]
         if cleared and not self.readonly:
-            self.poison.difference_update(cleared)
-            save_badblocks(self.path, self.poison)
+            self.poison = clear_badblocks(self.path, cleared)
 
     def read_u64(self, off: int) -> int:
         return _U64.unpack_from(self.mm, off)[0]
@@ -270,6 +271,26 @@ def load_badblocks(image: str) -> set[int]:
     return out
 
 
+def _cpu_can_persist() -> bool:
+    """Whether this processor has a cache-line write-back pnova can issue."""
+    try:
+        from . import _persist
+    except ImportError:
+        return False
+    return _persist.INSTRUCTION != "none"
+
+
+def clear_badblocks(image: str, sectors: list[int]) -> set[int]:
+    """Remove ``sectors`` from the image's list, under a lock (several processes
+    of one mount may clear sectors at once); return the list as it now is."""
+    import fcntl
+    with open(badblocks_path(image) + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        now = load_badblocks(image) - set(sectors)
+        save_badblocks(image, now)
+    return now
+
+
 def save_badblocks(image: str, sectors: set[int]) -> None:
     """Write the list (runs of sectors), or remove it when nothing is poisoned."""
     path = badblocks_path(image)
@@ -285,7 +306,7 @@ def save_badblocks(image: str, sectors: set[int]) -> None:
             runs[-1][1] += 1
         else:
             runs.append([sec, 1])
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="ascii") as f:
         f.writelines(f"{a} {n}\n" for a, n in runs)
     os.replace(tmp, path)

@@ -118,6 +118,10 @@ class DataProtection:
         found = self.examine(block, repair=not pm.readonly)
         if found.rebuilt or found.csum_fixed:
             logger.warning("data block %d: %s", block, self.describe(found))
+        if pm.readonly and found.rebuilt:
+            # rebuilt but not written back: the medium still holds the damage,
+            # and that is what a read would copy
+            return sorted(found.bad + found.rebuilt)
         return found.bad
 
     def examine(self, block: int, repair: bool) -> Examined:
@@ -140,10 +144,12 @@ class DataProtection:
 
         bad = [k for k in range(STRIPS) if k in unreadable or got[k] not in expected(k)]
         strips = np.frombuffer(mm, dtype=np.uint8, count=L.BLOCK, offset=base).reshape(STRIPS, STRIP)
-        if bad and not unreadable and par_ok and bytes(np.bitwise_xor.reduce(strips, axis=0)) \
-                == mm[p:p + L.PARITY_SIZE]:
-            # Data and parity agree: the checksums are what is damaged (both
-            # copies of these strips), so the data stands.
+        if bad and not unreadable and par_ok and (None in copies or copies[0] != copies[1]) \
+                and bytes(np.bitwise_xor.reduce(strips, axis=0)) == mm[p:p + L.PARITY_SIZE]:
+            # Data and parity agree and the two checksum copies do not (or one
+            # is unreadable): the copies are what is damaged, so the data stands.
+            # Two copies that agree are trusted over data and parity, which may
+            # both be a block's earlier contents.
             bad = []
         truth = list(got)                        # the checksums of the right data
         if len(bad) == 1 and par_ok:

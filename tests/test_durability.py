@@ -181,3 +181,25 @@ def test_a_map_sync_image_persists_at_each_fence(tmp_path, caplog):
     assert pm.msyncs == 0
     assert fs.read(ino, 0, 4096) == b"p" * 4096
     fs.unmount()
+
+
+def test_an_allocation_undone_for_lack_of_room_holds_nothing_back(tmp_path):
+    """Blocks taken for a request that then does not fit were never used: they go
+    straight back, not into the held list (which would need a sync to empty)."""
+    from pnova.errors import FsError
+    path = _disk_image(tmp_path, 2 << 20)
+    fs = FileSystem.mount(path)
+    fs.hold_frees_until_sync()
+    fs.alloc.sync_now = None                              # see the bare allocator
+    (ra,) = fs.alloc.regions
+    taken = ra.alloc
+
+    def half(n):                                          # as if another process took
+        return taken(n // 2)                              # the rest meanwhile
+    ra.alloc = half
+    free = fs.alloc.nfree
+    with pytest.raises(FsError):
+        fs.alloc.alloc(0, 100)
+    ra.alloc = taken
+    assert fs.alloc.limbo_blocks == 0 and fs.alloc.nfree == free
+    fs.unmount()

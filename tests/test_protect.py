@@ -490,3 +490,46 @@ def test_metadata_damage_is_never_read_back_as_wrong_data(tmp_path_factory, seed
     finally:
         fs.unmount()
     assert not wrong or found, f"{wrong} wrong and fsck found nothing after {ev.line()}"
+
+
+def test_stale_data_with_its_own_parity_is_not_taken_for_good(tmp_path):
+    """A block whose data and parity are both another, older content (a page and
+    its parity that did not reach the disk while the checksums did): the two
+    agreeing checksum copies win, and the read fails rather than serve the old
+    bytes or re-seal them."""
+    import numpy as np
+    path = _image(tmp_path)
+    want = _files(path)
+    fs = FileSystem.mount(path, readonly=True)
+    blk = fs.get(fs.lookup(ROOT, b"a").ino).pages[0]
+    _, _, par_off = fs.prot.records(blk)
+    fs.unmount()
+    stale = random.Random(9).randbytes(4096)
+    par = np.bitwise_xor.reduce(np.frombuffer(stale, np.uint8).reshape(8, 512), axis=0).tobytes()
+    with open(path, "r+b") as f:
+        f.seek(blk * L.BLOCK)
+        f.write(stale)
+        f.seek(par_off)
+        f.write(par)
+    fs = FileSystem.mount(path)
+    with pytest.raises(FsError) as e:
+        _read(fs, "a")
+    assert e.value.errno == errno.EIO
+    assert _read(fs, "b") == want["b"]
+    fs.unmount()
+
+
+def test_a_read_only_mount_never_serves_a_strip_it_could_not_write_back(tmp_path):
+    """Read-only, a strip rebuilt from parity cannot be stored, and the read copies
+    from the medium: that strip answers EIO (a read-write mount repairs it)."""
+    path = _image(tmp_path)
+    want = _files(path)
+    blk = _block_of(path, "a", 0)
+    _flip(path, blk * L.BLOCK + 1543)                     # strip 3
+    fs = FileSystem.mount(path, readonly=True)
+    got = _read(fs, "a")
+    assert got == want["a"][:1536]                        # up to the strip, never past it
+    fs.unmount()
+    fs = FileSystem.mount(path)
+    assert _read(fs, "a") == want["a"]
+    fs.unmount()
