@@ -116,7 +116,7 @@ class Commit:
         gen, state, head, tail, array = L.SLOT_WORDS.unpack_from(
             mm, self.inode_addr(inode.ino) + L.I_GENERATION)
         if (gen == inode.generation and state == L.STATE_LIVE and head == inode.head
-                and array == inode.array):
+                and array == inode.array and self._rewrites(inode.ino) == inode.rewrites):
             return inode, (None if tail == inode.tail else tail)
         return self._current_under_log_lock(inode), None
 
@@ -125,7 +125,8 @@ class Commit:
         a new object: the entries go to that one).  Under the log lock the global
         log cannot move, so unchanged slot words mean the cache is current for it."""
         words = L.SLOT_WORDS.unpack_from(self.pm.mm, self.inode_addr(inode.ino) + L.I_GENERATION)
-        if words != (inode.generation, L.STATE_LIVE, inode.head, inode.tail, inode.array):
+        if words != (inode.generation, L.STATE_LIVE, inode.head, inode.tail, inode.array) or \
+                self._rewrites(inode.ino) != inode.rewrites:
             inode = self._validate(inode)
             if inode is None:
                 raise FsError(errno.ENOENT)

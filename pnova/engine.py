@@ -140,6 +140,10 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         i = ino - 1
         return self._itables[i % self.ncpus] + (i // self.ncpus) * L.INODE_SIZE
 
+    def _rewrites(self, ino: int) -> int:
+        """How often the inode's logs have been rewritten (shared area)."""
+        return self.area.w.load32(self.area.rewrites + 4 * (ino - 1))
+
     def _valid_ino(self, ino: int) -> bool:
         return 1 <= ino and (ino - 1) // self.ncpus < self.sb.inodes_per_cpu
 

@@ -230,7 +230,7 @@ class FileData:
             gen, state, head, _tail, array = L.SLOT_WORDS.unpack_from(
                 self.pm.mm, self.inode_addr(ino) + L.I_GENERATION)
             if (gen == inode.generation and state == L.STATE_LIVE and head == inode.head
-                    and array == inode.array):
+                    and array == inode.array and self._rewrites(ino) == inode.rewrites):
                 vers = inode.vers
                 for a, v in zip(slots, vals):
                     if vers.get(a) != v:

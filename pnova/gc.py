@@ -137,6 +137,10 @@ class Compaction:
         updates = [(addr + L.I_LOG_HEAD, first * L.BLOCK), (addr + L.I_LOG_TAIL, tail)]
         if inode.array:
             updates.append((addr + L.I_LOG_ARRAY, 0))
+        # Before the switch: a reader that catches up across it sees the count
+        # move and reads the inode again (its positions are in freed pages, and
+        # the new head may even be a number an old page had).
+        inode.rewrites = self.area.w.add32(self.area.rewrites + 4 * (ino - 1), 1) + 1
         self.journals[self.cpu].run(updates)
         old = list(inode.log_pages)
         for _, _, lpages in inode.local.values():

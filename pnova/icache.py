@@ -38,11 +38,12 @@ class InodeCache:
         mm = self.pm.mm
         addr = self.inode_addr(inode.ino)
         for _ in range(RETRIES):
+            rewrites = self._rewrites(inode.ino)
             gen, state, head, _tail, array = L.SLOT_WORDS.unpack_from(mm, addr + L.I_GENERATION)
             if state != L.STATE_LIVE or gen != inode.generation:
                 self.cache.pop(inode.ino, None)
                 return None
-            if head != inode.head or array != inode.array:
+            if head != inode.head or array != inode.array or rewrites != inode.rewrites:
                 return self._reload(inode)
             if not array and _tail == inode.tail:
                 return inode                     # one log, and it has not grown
@@ -53,7 +54,7 @@ class InodeCache:
             except (plog.LogError, ValueError):
                 torn = True
             _g, _s, head2, _t, array2 = L.SLOT_WORDS.unpack_from(mm, addr + L.I_GENERATION)
-            if head2 != head or array2 != array:
+            if head2 != head or array2 != array or self._rewrites(inode.ino) != rewrites:
                 continue                    # compacted meanwhile: look again
             if torn:
                 return self._reload(inode)

@@ -25,7 +25,7 @@ class Inode:
     __slots__ = ("ino", "mode", "uid", "gid", "rdev", "generation", "nlink", "size",
                  "atime", "mtime", "ctime", "head", "tail", "log_pages", "pages",
                  "dents", "order", "parent", "dent_bytes", "xattrs",
-                 "array", "local", "tseq", "vers", "names_seen")
+                 "array", "local", "tseq", "vers", "names_seen", "rewrites")
 
     def __init__(self, ino: int, st: L.InodeStatic, head: int, tail: int) -> None:
         self.ino = ino
@@ -56,6 +56,8 @@ class Inode:
         # a directory's copy of every name version, as of the last time this
         # cache covered them all (shared mode only, see Namei._dir_names)
         self.names_seen = None
+        # the inode's rewrite count when this cache was read (shared mode)
+        self.rewrites = 0
         if stat.S_ISDIR(st.mode):
             self.pages = None
             self.dents: dict[bytes, tuple[int, int, int]] | None = {}   # name -> (ino, dtype, cookie)

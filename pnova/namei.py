@@ -226,7 +226,8 @@ class Namei:
         if d is not None and d.dents is not None:
             gen, state, head, tail, array = L.SLOT_WORDS.unpack_from(
                 self.pm.mm, self.inode_addr(parent) + L.I_GENERATION)
-            if gen == d.generation and state == L.STATE_LIVE and head == d.head:
+            if gen == d.generation and state == L.STATE_LIVE and head == d.head and \
+                    self._rewrites(parent) == d.rewrites:
                 if tail == d.tail and array == d.array:
                     return d                     # nothing appended since: exact
                 seen = d.names_seen

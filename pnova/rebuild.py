@@ -183,10 +183,13 @@ class Rebuild:
         the array meanwhile.
         """
         if not self.shared:
-            return self._read_inode_once(ino)
+            got = self._read_inode_once(ino)
+            got[0].rewrites = self._rewrites(ino)
+            return got
         addr = self.inode_addr(ino)
         err: Exception | None = None
         for _ in range(RETRIES):
+            rewrites = self._rewrites(ino)
             head = self.pm.read_u64(addr + L.I_LOG_HEAD)
             array = self.pm.read_u64(addr + L.I_LOG_ARRAY)
             try:
@@ -194,9 +197,11 @@ class Rebuild:
             except (plog.LogError, ValueError) as e:
                 got, err = None, e
             if self.pm.read_u64(addr + L.I_LOG_HEAD) == head and \
-                    self.pm.read_u64(addr + L.I_LOG_ARRAY) == array:
+                    self.pm.read_u64(addr + L.I_LOG_ARRAY) == array and \
+                    self._rewrites(ino) == rewrites:
                 if got is None:
                     raise err
+                got[0].rewrites = rewrites
                 return got
         raise err or plog.LogError("the log kept changing while it was read")
 

@@ -49,7 +49,7 @@ import os
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 7
+VERSION = 8
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -84,7 +84,8 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     o["inode_locks"] = o["registry"] + ncpus * LINE
     o["log_locks"] = o["inode_locks"] + _line(4 * ninodes)
     o["refs"] = o["log_locks"] + _line(4 * ninodes)
-    o["name_locks"] = o["refs"] + _line(4 * ninodes)
+    o["rewrites"] = o["refs"] + _line(4 * ninodes)
+    o["name_locks"] = o["rewrites"] + _line(4 * ninodes)
     o["seg_locks"] = o["name_locks"] + _line(4 * NAME_SLOTS)
     o["range_table"] = o["seg_locks"] + _line(4 * SEG_SLOTS)
     o["rings"] = o["range_table"] + LINE + _line(RANGE_ENTRY * RANGE_MAX)
@@ -126,6 +127,11 @@ class SharedArea:
         self.inode_locks = o["inode_locks"]
         self.log_locks = o["log_locks"]
         self.refs = o["refs"]
+        # u32 per inode slot: how often its logs were rewritten (compacted).
+        # A compaction frees the old pages, and the new head or array may be
+        # a block number the old ones had (freed, then handed out again): head
+        # and array alone cannot tell a cache that its positions are gone.
+        self.rewrites = o["rewrites"]
         self.name_locks = o["name_locks"]
         self.seg_locks = o["seg_locks"]
         self.range_table = o["range_table"]
