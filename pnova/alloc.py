@@ -322,22 +322,25 @@ class Allocator:
 
         Data allocations may not dip into the reserve; metadata (log pages) may.
         """
-        if self.limbo is None:
-            if n == 1 and cpu == self.stash_cpu:
-                return [(self.alloc_one(cpu, meta=meta), 1)]
-            return self._alloc_bitmaps(cpu, n, meta)
         if n == 1 and cpu == self.stash_cpu:
             return [(self.alloc_one(cpu, meta=meta), 1)]
+        if self.limbo is None:
+            return self._alloc_bitmaps(cpu, n, meta)
         self._before_alloc()
+        out = self._bitmaps_or_sync(cpu, n, meta)
+        self._note_fresh(out)
+        return out
+
+    def _bitmaps_or_sync(self, cpu: int, n: int, meta: bool) -> list[tuple[int, int]]:
+        """:meth:`_alloc_bitmaps`; short of room while blocks are held back, sync
+        (what is held becomes free) and try once more."""
         try:
-            out = self._alloc_bitmaps(cpu, n, meta)
+            return self._alloc_bitmaps(cpu, n, meta)
         except FsError:
             if not self.limbo or self.sync_now is None:
                 raise
-            self.sync_now()                     # what is held back becomes free
-            out = self._alloc_bitmaps(cpu, n, meta)
-        self._note_fresh(out)
-        return out
+            self.sync_now()
+            return self._alloc_bitmaps(cpu, n, meta)
 
     def _before_alloc(self) -> None:
         if self.limbo and self.limbo[0][0] < self.w.load64(H_SYNCED):
@@ -431,13 +434,7 @@ class Allocator:
                 blk = stash.pop()
                 if blk:
                     return blk
-        try:
-            ((start, _),) = self._alloc_bitmaps(cpu, 1, meta)
-        except FsError:
-            if not self.limbo or self.sync_now is None:
-                raise
-            self.sync_now()
-            ((start, _),) = self._alloc_bitmaps(cpu, 1, meta)
+        ((start, _),) = self._bitmaps_or_sync(cpu, 1, meta)
         return start
 
     def stashed(self) -> int:
