@@ -19,6 +19,7 @@ typedef struct {
     char *base;
     Py_ssize_t len;
     int held;
+    int readonly;
 } Words;
 
 static int
@@ -31,8 +32,17 @@ words_init(Words *self, PyObject *args, PyObject *kwds)
         PyBuffer_Release(&self->view);
         self->held = 0;
     }
-    if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
-        return -1;
+    /* A read-only mapping (fsck -n, a read-only mount) still needs whole-word
+       loads; stores, CAS and adds on it are refused. */
+    self->readonly = 0;
+    if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError) && !PyErr_ExceptionMatches(PyExc_TypeError))
+            return -1;
+        PyErr_Clear();
+        if (PyObject_GetBuffer(obj, &self->view, PyBUF_SIMPLE) < 0)
+            return -1;
+        self->readonly = 1;
+    }
     self->held = 1;
     self->base = (char *)self->view.buf;
     self->len = self->view.len;
@@ -75,6 +85,17 @@ check_args(Py_ssize_t n, Py_ssize_t want, const char *name)
     return 0;
 }
 
+/* A word that is about to be changed: refused on a read-only mapping. */
+static inline void *
+writable_word_at(Words *self, PyObject *o, Py_ssize_t size)
+{
+    if (self->readonly) {
+        PyErr_SetString(PyExc_ValueError, "the mapping is read-only");
+        return NULL;
+    }
+    return word_at(self, o, size);
+}
+
 /* Values wrap: a negative delta subtracts, as the Python API promises. */
 static inline int
 as_u64(PyObject *v, uint64_t *out)
@@ -102,7 +123,7 @@ NAME(Words *self, PyObject *const *args, Py_ssize_t n)                          
 {                                                                               \
     T *p;                                                                       \
     uint64_t v;                                                                 \
-    if (check_args(n, 2, #NAME) < 0 || !(p = word_at(self, args[0], SIZE))     \
+    if (check_args(n, 2, #NAME) < 0 || !(p = writable_word_at(self, args[0], SIZE)) \
         || as_u64(args[1], &v) < 0)                                             \
         return NULL;                                                            \
     __atomic_store_n(p, (T)v, __ATOMIC_SEQ_CST);                                \
@@ -116,7 +137,7 @@ NAME(Words *self, PyObject *const *args, Py_ssize_t n)                          
     T *p;                                                                       \
     uint64_t e, d;                                                              \
     T expected;                                                                 \
-    if (check_args(n, 3, #NAME) < 0 || !(p = word_at(self, args[0], SIZE))     \
+    if (check_args(n, 3, #NAME) < 0 || !(p = writable_word_at(self, args[0], SIZE)) \
         || as_u64(args[1], &e) < 0 || as_u64(args[2], &d) < 0)                  \
         return NULL;                                                            \
     expected = (T)e;                                                            \
@@ -130,7 +151,7 @@ NAME(Words *self, PyObject *const *args, Py_ssize_t n)                          
 {                                                                               \
     T *p;                                                                       \
     uint64_t v;                                                                 \
-    if (check_args(n, 2, #NAME) < 0 || !(p = word_at(self, args[0], SIZE))     \
+    if (check_args(n, 2, #NAME) < 0 || !(p = writable_word_at(self, args[0], SIZE)) \
         || as_u64(args[1], &v) < 0)                                             \
         return NULL;                                                            \
     return PyLong_FromUnsignedLongLong(                                         \
@@ -145,6 +166,41 @@ LOAD(load64, uint64_t, 8)
 STORE(store64, uint64_t, 8)
 CAS(cas64, uint64_t, 8)
 ADD(add64, uint64_t, 8)
+
+/* load64s(off, count, stride): the u64 words at off, off + stride, ...,
+   each loaded whole and in that order (a struct unpack reads byte by byte,
+   so a word another process is storing could come back half old, half new). */
+static PyObject *
+load64s(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    Py_ssize_t count, stride, i;
+    PyObject *out;
+    char *first;
+    if (check_args(n, 3, "load64s") < 0 || !(first = word_at(self, args[0], 8)))
+        return NULL;
+    count = PyLong_AsSsize_t(args[1]);
+    stride = PyLong_AsSsize_t(args[2]);
+    if ((count == -1 || stride == -1) && PyErr_Occurred())
+        return NULL;
+    if (count < 0 || stride <= 0 || (stride & 7) ||
+            (count && (first - self->base) + (count - 1) * stride > self->len - 8)) {
+        PyErr_SetString(PyExc_ValueError, "load64s: bad count or stride");
+        return NULL;
+    }
+    out = PyTuple_New(count);
+    if (out == NULL)
+        return NULL;
+    for (i = 0; i < count; i++) {
+        uint64_t v = __atomic_load_n((uint64_t *)(first + i * stride), __ATOMIC_SEQ_CST);
+        PyObject *x = PyLong_FromUnsignedLongLong(v);
+        if (x == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, x);
+    }
+    return out;
+}
 
 static PyObject *
 words_release(Words *self, PyObject *unused)
@@ -169,6 +225,7 @@ static PyMethodDef words_methods[] = {
     FAST(store64, "store64(off, v): store the u64"),
     FAST(cas64, "cas64(off, expected, desired) -> True if the u64 held expected"),
     FAST(add64, "add64(off, delta) -> old value (wrapping add)"),
+    FAST(load64s, "load64s(off, count, stride) -> tuple of count u64 words loaded whole, in order"),
     {"release", (PyCFunction)words_release, METH_NOARGS,
      "release(): drop the mapping's buffer so that it can be closed"},
     {NULL, NULL, 0, NULL},

@@ -112,9 +112,7 @@ class Commit:
         held = self._ns
         if held is None or held.get(inode.ino, (True,))[0]:
             return self._current_under_log_lock(inode), None
-        mm = self.pm.mm
-        gen, state, head, tail, array = L.SLOT_WORDS.unpack_from(
-            mm, self.inode_addr(inode.ino) + L.I_GENERATION)
+        gen, state, head, tail, array = self._slot_words(inode.ino)
         if (gen == inode.generation and state == L.STATE_LIVE and head == inode.head
                 and array == inode.array and self._rewrites(inode.ino) == inode.rewrites):
             return inode, (None if tail == inode.tail else tail)
@@ -124,7 +122,7 @@ class Commit:
         """Catch up with appends by other processes before appending (a reload gives
         a new object: the entries go to that one).  Under the log lock the global
         log cannot move, so unchanged slot words mean the cache is current for it."""
-        words = L.SLOT_WORDS.unpack_from(self.pm.mm, self.inode_addr(inode.ino) + L.I_GENERATION)
+        words = self._slot_words(inode.ino)
         if words != (inode.generation, L.STATE_LIVE, inode.head, inode.tail, inode.array) or \
                 self._rewrites(inode.ino) != inode.rewrites:
             inode = self._validate(inode)

@@ -382,8 +382,10 @@ async def _refiller(fs: FileSystem, wanted: int) -> None:
 async def _syncer(fs: FileSystem, syncs: int, commit: float) -> None:
     """Sync a disk-backed image every ``commit`` seconds (ext4's commit interval:
     what a power loss can take is bounded), and when a worker holds many freed
-    blocks back (they become reusable only after a sync).  The msync runs in a
-    thread, so that signals and worker exits are still seen meanwhile."""
+    blocks back (they become reusable only after a sync).  The msync alone runs
+    in a thread, so that signals and worker exits are still seen meanwhile;
+    everything else (the allocator, which the refiller uses too) stays in
+    this one."""
     done = -1                                   # the sequence counter at the last sync
     while True:
         asked = False
@@ -396,7 +398,10 @@ async def _syncer(fs: FileSystem, syncs: int, commit: float) -> None:
             pass
         now = fs.area.w.load64(H_SEQ)           # every change takes a sequence number
         if asked or now != done:
-            await trio.to_thread.run_sync(fs.sync)
+            started = fs.sync_start()
+            if started:
+                await trio.to_thread.run_sync(fs.pm.sync)
+                fs.sync_done(started)
             done = now
 
 

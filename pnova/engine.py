@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import struct
 from collections.abc import Callable
 
 from . import layout as L
@@ -116,7 +115,6 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self.cache: dict[int, Inode] = {}
         self._compact_wanted: set[int] = set()
         # all heads and tails of a per-core log array, read in one call
-        self._lines = struct.Struct("<" + "QQ48x" * self.ncpus)
         # namespace locks held by the running namespace operation (None: none running)
         # locks of the running namespace operation: key -> (for writing, word);
         # None while none runs
@@ -139,6 +137,14 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
     def inode_addr(self, ino: int) -> int:
         i = ino - 1
         return self._itables[i % self.ncpus] + (i // self.ncpus) * L.INODE_SIZE
+
+    def _slot_words(self, ino: int) -> tuple[int, int, int, int, int]:
+        """The slot words a cache is validated against: generation, state, log
+        head, log tail, log array; each loaded whole (other processes store
+        them meanwhile)."""
+        a = self.inode_addr(ino)
+        w = self.pm.words
+        return (w.load64(a + L.I_GENERATION),) + w.load64s(a + L.I_STATE, 4, 8)
 
     def _rewrites(self, ino: int) -> int:
         """How often the inode's logs have been rewritten (shared area)."""

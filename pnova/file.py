@@ -227,8 +227,7 @@ class FileData:
         vals = [q[a >> 3] for a in slots]
         inode = self.cache.get(ino)
         if inode is not None:
-            gen, state, head, _tail, array = L.SLOT_WORDS.unpack_from(
-                self.pm.mm, self.inode_addr(ino) + L.I_GENERATION)
+            gen, state, head, _tail, array = self._slot_words(ino)
             if (gen == inode.generation and state == L.STATE_LIVE and head == inode.head
                     and array == inode.array and self._rewrites(ino) == inode.rewrites):
                 vers = inode.vers

@@ -35,11 +35,9 @@ class InodeCache:
         can see a mix; it re-reads head and array after walking and starts
         again if either moved (every compaction moves the head).
         """
-        mm = self.pm.mm
-        addr = self.inode_addr(inode.ino)
         for _ in range(RETRIES):
             rewrites = self._rewrites(inode.ino)
-            gen, state, head, _tail, array = L.SLOT_WORDS.unpack_from(mm, addr + L.I_GENERATION)
+            gen, state, head, _tail, array = self._slot_words(inode.ino)
             if state != L.STATE_LIVE or gen != inode.generation:
                 self.cache.pop(inode.ino, None)
                 return None
@@ -53,7 +51,7 @@ class InodeCache:
                 torn = False
             except (plog.LogError, ValueError):
                 torn = True
-            _g, _s, head2, _t, array2 = L.SLOT_WORDS.unpack_from(mm, addr + L.I_GENERATION)
+            _g, _s, head2, _t, array2 = self._slot_words(inode.ino)
             if head2 != head or array2 != array or self._rewrites(inode.ino) != rewrites:
                 continue                    # compacted meanwhile: look again
             if torn:

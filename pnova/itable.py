@@ -108,8 +108,7 @@ class InodeTable:
             if w.cas32(off, v, v + n):
                 break
         if generation is not None:
-            gen, state, *_ = L.SLOT_WORDS.unpack_from(self.pm.mm,
-                                                      self.inode_addr(ino) + L.I_GENERATION)
+            gen, state, *_ = self._slot_words(ino)
             if gen != generation or state != L.STATE_LIVE:
                 self.forget(ino, n)              # the slot's new inode: not ours to count
                 raise FsError(errno.ENOENT)

@@ -291,9 +291,6 @@ I_LOG_HEAD = 72     # u64: byte offset of the first log page (0: none)
 I_LOG_TAIL = 80     # u64: byte offset just past the last committed entry
 I_LOG_ARRAY = 88    # u64: block number of the per-core log array (0: none)
 I_GENERATION = 24   # u64 in line 0: tells a reused slot from the inode a cache knew
-# generation (line 0) and the four words of line 1 (state, head, tail, array),
-# read in one call
-SLOT_WORDS = struct.Struct("<Q32xQQQQ")
 
 # Per-core log array: one 64-byte line per CPU, holding that CPU's local log.
 LA_LINE = 64

@@ -224,8 +224,7 @@ class Namei:
         epoch = q[epoch_word >> 3]
         d = self.cache.get(parent)
         if d is not None and d.dents is not None:
-            gen, state, head, tail, array = L.SLOT_WORDS.unpack_from(
-                self.pm.mm, self.inode_addr(parent) + L.I_GENERATION)
+            gen, state, head, tail, array = self._slot_words(parent)
             if gen == d.generation and state == L.STATE_LIVE and head == d.head and \
                     self._rewrites(parent) == d.rewrites:
                 if tail == d.tail and array == d.array:

@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .atomics import SharedWords
+
 CACHELINE = 64
 SECTOR = 512
 
@@ -87,6 +89,13 @@ class PMem:
         self.buf = self._wbuf.view()
         self.buf.flags.writeable = False
         self.mv = memoryview(self.mm)
+        # Whole-word access to the mapping.  Another process of the mount may
+        # read a word (a log tail) while this one stores it: a struct
+        # pack_into clears the 8 bytes and then writes them one at a time, so
+        # such a reader could see 0 or a mix.  Every 8-byte store and every
+        # read of a word that other processes change goes through these
+        # (one instruction each, as on persistent memory).
+        self.words = SharedWords(self.mm)
         self.stores = 0
         self.flushes = 0
         self.fences = 0
@@ -109,6 +118,7 @@ class PMem:
         self.mode = "pmem"
         self.cpu_flush = _persist.INSTRUCTION
         mm, wb, sfence = self.mm, _persist.flush, _persist.fence
+        store64 = self.words.store64
 
         def flush(off: int, n: int) -> None:
             self.flushes += wb(mm, off, n)
@@ -119,7 +129,7 @@ class PMem:
 
         def commit_u64(off: int, value: int) -> None:
             fence()
-            _U64.pack_into(mm, off, value)
+            store64(off, value)
             self.stores += 1
             flush(off, 8)
             fence()
@@ -164,7 +174,8 @@ class PMem:
             self.poison = clear_badblocks(self.path, cleared)
 
     def read_u64(self, off: int) -> int:
-        return _U64.unpack_from(self.mm, off)[0]
+        """The u64 at ``off`` (8-byte aligned), loaded whole."""
+        return self.words.load64(off)
 
     def read_u32(self, off: int) -> int:
         return _U32.unpack_from(self.mm, off)[0]
@@ -178,8 +189,9 @@ class PMem:
             self._clear_poison(off, len(data))
 
     def store_u64(self, off: int, value: int) -> None:
-        """An aligned 8-byte store: the unit of atomicity."""
-        _U64.pack_into(self.mm, off, value)
+        """An aligned 8-byte store: the unit of atomicity (one instruction, so a
+        reader in another process sees the old value or the new one)."""
+        self.words.store64(off, value)
         self.stores += 1
 
     def store_zero(self, off: int, n: int) -> None:
@@ -213,7 +225,7 @@ class PMem:
         """fence; the 8-byte store; flush; fence: how a log tail commits (what was
         written before is durable first, the store itself when this returns).
         One call on the hot path; :class:`TrackedPMem` runs the four steps."""
-        _U64.pack_into(self.mm, off, value)
+        self.words.store64(off, value)
         self.stores += 1
         self.flushes += 1
         self.fences += 2
@@ -230,6 +242,7 @@ class PMem:
 
     def close(self) -> None:
         self.buf = self._wbuf = None  # type: ignore[assignment]
+        self.words.release()
         self.mv.release()
         try:
             self.mm.close()
@@ -407,3 +420,51 @@ class TrackedPMem(PMem):
                 if mask >> w & 1:
                     img[a + 8 * w:a + 8 * w + 8] = self.buf[a + 8 * w:a + 8 * w + 8]
         return img
+
+
+PAGE = 4096
+
+
+class PagedPMem(PMem):
+    """Crash-injection mode for an image on a disk: the mapping is the *page
+    cache*, ``disk`` the file's blocks on the disk.
+
+    Persistence model (a file mapped MAP_SHARED on an ordinary filesystem):
+    flush and fence do nothing for durability; the kernel writes dirty 4 KiB
+    pages back whenever it likes, in any order, each one whole as it is at that
+    moment; :meth:`sync` (msync) writes every dirty page and returns when they
+    are all on the disk.  So after a power loss each page that changed since
+    the last sync holds one of the contents it had since then, chosen
+    independently of every other page.  ``on_fence(pm)`` is called at every
+    fence: the harness takes snapshots there, the moments a page could have
+    been written back mid-operation.
+    """
+
+    def __init__(self, path: str, **kw) -> None:
+        super().__init__(path, **kw)
+        self.mode = "disk"                    # whatever holds the file: the model is a disk
+        self.disk = np.array(self.buf, copy=True)
+        self.on_fence: Callable[["PagedPMem"], None] | None = None
+        self.on_sync: Callable[["PagedPMem"], None] | None = None
+
+    def fence(self) -> None:
+        if self.on_fence is not None:
+            self.on_fence(self)
+        super().fence()
+
+    def commit_u64(self, off: int, value: int) -> None:
+        self.fence()
+        super().commit_u64(off, value)
+
+    def dirty_pages(self) -> np.ndarray:
+        """Page numbers whose cached contents differ from the disk's."""
+        cur = self.buf[:len(self.disk) // PAGE * PAGE].reshape(-1, PAGE)
+        old = self.disk[:len(self.disk) // PAGE * PAGE].reshape(-1, PAGE)
+        return np.flatnonzero((cur != old).any(axis=1))
+
+    def sync(self) -> None:
+        """msync: every dirty page reaches the disk."""
+        if self.on_sync is not None:
+            self.on_sync(self)
+        self.disk[:] = self.buf
+        self.msyncs += 1

@@ -7,7 +7,6 @@ replay of every live inode's logs).
 from __future__ import annotations
 
 import logging
-import struct
 import time
 
 import numpy as np
@@ -22,7 +21,6 @@ from .shared import H_SEQ
 
 logger = logging.getLogger("pnova")
 
-_U64 = struct.Struct("<Q")
 # How often an optimistic read of an inode's logs is repeated before giving up.
 RETRIES = 100
 
@@ -173,6 +171,16 @@ class Rebuild:
                 out.append((cpu, head, tail))
         return out
 
+    def _read_lines(self, base: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(heads, tails) of every line of the per-core log array at byte ``base``.
+
+        Tails first: a log's head is stored before its first tail, so a tail
+        seen set has its head set too.  Each word is loaded whole: another
+        process may be storing its tail meanwhile."""
+        w = self.pm.words
+        tails = w.load64s(base + L.LA_TAIL, self.ncpus, L.LA_LINE)
+        return w.load64s(base + L.LA_HEAD, self.ncpus, L.LA_LINE), tails
+
     def _read_inode(self, ino: int) -> tuple[Inode, int]:
         """Build an Inode from its slot and logs; return it and its highest seq.
 
@@ -242,24 +250,24 @@ class Rebuild:
         Returns (entries, global tail, new global pages, local positions, with
         each log's page list holding only pages not in ``known``).
         """
-        mm = self.pm.mm
+        words = self.pm.words
         tail_addr = self.inode_addr(ino) + L.I_LOG_TAIL
         local = {c: [h, t, []] for c, (h, t, _) in known.items()}
         gpages: list[int] = []
         out: list[tuple] = []
         base = array * L.BLOCK
-        lines = self._lines
+        ncpus = self.ncpus
         while True:
             moved = False
-            tail = _U64.unpack_from(mm, tail_addr)[0]
+            tail = words.load64(tail_addr)
             if tail != gtail:
                 out += self._entries(head, tail, ino, gpages, gtail)
                 gtail = tail
                 moved = True
             if array:
-                words = lines.unpack_from(mm, base)
-                for cpu in range(self.ncpus):
-                    lhead, ltail = words[2 * cpu], words[2 * cpu + 1]
+                heads, tails = self._read_lines(base)
+                for cpu in range(ncpus):
+                    lhead, ltail = heads[cpu], tails[cpu]
                     have = local.get(cpu)
                     if ltail == (have[1] if have else 0) or not (lhead and ltail):
                         continue                 # unchanged, or a log never committed

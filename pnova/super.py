@@ -322,13 +322,28 @@ class Mount:
         storage: a fence (on persistent memory mapped with MAP_SYNC, all it
         takes), then, for a file on a disk, msync of the mapping.  Blocks freed before the sync began may be reused once
         it has completed (DESIGN 24)."""
+        started = self.sync_start()
+        if started:
+            self.pm.sync()
+            self.sync_done(started)
+
+    def sync_start(self) -> int:
+        """The first half of :meth:`sync`: fence, and open a new sync interval
+        (frees from now on wait for the next sync).  Returns the interval's
+        number, 0 when there is nothing to push (an image in memory or on
+        persistent memory, or a read-only mount).  A caller that runs the
+        msync elsewhere (a thread) calls :meth:`sync_done` after it."""
         pm = self.pm
         pm.fence()
         if pm.mode != "disk" or self.readonly:
-            return
+            return 0
+        return self.area.w.add64(H_SYNC_STARTED, 1) + 1
+
+    def sync_done(self, started: int) -> None:
+        """The second half of :meth:`sync`, once the msync begun after
+        :meth:`sync_start` has returned: record the interval as synced and
+        reuse the blocks it made safe."""
         w = self.area.w
-        started = w.add64(H_SYNC_STARTED, 1) + 1   # frees from now on wait for the next
-        pm.sync()
         while True:
             cur = w.load64(H_SYNCED)
             if cur >= started or w.cas64(H_SYNCED, cur, started):

@@ -162,28 +162,27 @@ def test_catch_up_sees_an_earlier_write_committed_mid_scan(tmp_path):
     fs1.write(ino, 0, b"1" * PAGE)                 # both CPUs now have local logs
     fs2.write(ino, 0, b"2" * PAGE)
     assert fs0.read(ino, 0, 4) == b"2222"
-    real = fs0._lines
+    real = fs0._read_lines
     armed = [True]
 
-    class TornRead:
+    def torn_read(base):
         """Reads the array lines as a scan would if x and y committed between its
         read of CPU 1's line and its read of CPU 2's line."""
+        before = real(base)
+        if not armed[0]:
+            return before
+        armed[0] = False
+        fs1.write(ino, 0, b"x" * PAGE)             # x commits, then the later y
+        fs2.write(ino, 0, b"y" * PAGE)
+        after = real(base)
+        # CPU 0 and 1 old, CPU 2 new
+        return tuple(b[:2] + a[2:] for b, a in zip(before, after))
 
-        def unpack_from(self, buf, off):
-            before = real.unpack_from(buf, off)
-            if not armed[0]:
-                return before
-            armed[0] = False
-            fs1.write(ino, 0, b"x" * PAGE)         # x commits, then the later y
-            fs2.write(ino, 0, b"y" * PAGE)
-            after = real.unpack_from(buf, off)
-            return before[:4] + after[4:]          # CPU 0 and 1 old, CPU 2 new
-
-    fs0._lines = TornRead()
+    fs0._read_lines = torn_read
     try:
         got = fs0.read(ino, 0, 4)
     finally:
-        fs0._lines = real
+        del fs0._read_lines
     assert not armed[0]
     assert got == b"yyyy"
     assert fs0.read(ino, 0, 4) == b"yyyy"          # and the next catch-up keeps it

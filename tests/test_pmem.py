@@ -67,3 +67,46 @@ def test_crash_images_and_fence_hook(tmp_path):
     assert bytes(torn[2064:2072]) == b"y" * 8
     assert isinstance(img, np.ndarray) and not pm.crash_image()[2048:2112].any()
     pm.close()
+
+
+def _store_forever(path: str, off: int, values: tuple[int, int], n: int) -> None:
+    pm = PMem(path)
+    for i in range(n):
+        pm.commit_u64(off, values[i & 1])
+        pm.store_u64(off + 64, values[i & 1])
+    pm.close()
+
+
+def test_a_word_another_process_stores_is_read_whole(tmp_path):
+    """A log tail is stored by one process while another reads it: the reader
+    must see the old value or the new one, never zero or a mix of the two
+    (struct's pack_into clears the 8 bytes before writing them one by one;
+    a reader that caught that gap once skipped a committed write and the
+    file's blocks were freed twice)."""
+    import multiprocessing as mp
+    path = str(tmp_path / "dev")
+    pm = PMem(path, size=1 << 16, create=True)
+    values = (0x0102030405060708, 0xF1F2F3F4F5F6F7F8)
+    off = 4096 + 8
+    pm.store_u64(off, values[0])
+    pm.store_u64(off + 64, values[0])
+    ctx = mp.get_context("fork")
+    writer = ctx.Process(target=_store_forever, args=(path, off, values, 400_000))
+    writer.start()
+    seen: set[int] = set()
+    bad: set[int] = set()
+    try:
+        while writer.is_alive() or not seen:
+            for _ in range(2000):
+                v = pm.read_u64(off)
+                a, b = pm.words.load64s(off, 2, 64)
+                for x in (v, a, b):
+                    if x in values:
+                        seen.add(x)
+                    else:
+                        bad.add(x)
+    finally:
+        writer.join()
+        pm.close()
+    assert not bad, [hex(x) for x in sorted(bad)[:5]]
+    assert seen == set(values)
