@@ -165,9 +165,9 @@ class Attributes:
                 pm.store_copy(blk * L.BLOCK, old * L.BLOCK, rem)
                 pm.store_zero(blk * L.BLOCK + rem, L.BLOCK - rem)
                 pm.flush(blk * L.BLOCK, L.BLOCK)
-                self.prot.seal(blk, 1)
+                digest = self.prot.seal(blk, 1)
                 entries.append((L.E_WRITE, self._next_seq(), size // L.BLOCK, 1, blk,
-                                inode.size, inode.mtime))
+                                inode.size, inode.mtime, digest))
         entries.append((L.E_SETATTR, self._next_seq(), mask,
                         mode & 0o7777 if mode is not None else 0, uid or 0, gid or 0,
                         size or 0, atime_ns or 0, mtime_ns or 0, ctime_ns or now))

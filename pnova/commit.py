@@ -245,6 +245,8 @@ class Commit:
             pm.store_zero(blk * L.BLOCK, L.BLOCK)
             pm.flush(blk * L.BLOCK, L.BLOCK)
             pm.fence()                                 # zeroed lines before the pointer
+            if pm.mode == "disk":
+                pm.sync()       # on a disk too: a stale block's lines would name old logs
             addr = self.inode_addr(inode.ino) + L.I_LOG_ARRAY
             pm.store_u64(addr, blk)
             pm.flush(addr, 8)

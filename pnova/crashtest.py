@@ -153,6 +153,8 @@ class Model:
             self.node(step[1]).xattrs[step[2]] = step[3]
         elif op == "removexattr":
             del self.node(step[1]).xattrs[step[2]]
+        elif op == "sync":
+            pass                              # durability only: the tree is unchanged
         else:
             raise ValueError(f"unknown step {step!r}")
 
@@ -243,6 +245,8 @@ class Driver:
             fs.setxattr(self.ino(step[1]), step[2], step[3])
         elif op == "removexattr":
             fs.removexattr(self.ino(step[1]), step[2])
+        elif op == "sync":
+            fs.sync()
         else:
             raise ValueError(f"unknown step {step!r}")
 
@@ -570,7 +574,13 @@ def check_state(img_path: str, allowed: list[tuple[dict, set[str]]]) -> str | No
     rc = Checker(img_path, force=True, out=out).run()
     if rc != 0:
         return "fsck after recovery: " + " | ".join(out.getvalue().strip().splitlines()[:4])
-    # The recovered filesystem must accept new work and give everything back.
+    return usable_after_recovery(img_path)
+
+
+def usable_after_recovery(img_path: str) -> str | None:
+    """The recovered filesystem must accept new work and give everything back:
+    None, or what went wrong."""
+    from .fsck import Checker
     fs = FileSystem.mount(img_path)
     try:
         d = Driver(fs)
@@ -754,6 +764,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="pnova-crashtest",
         description="Check that every crash state at every fence recovers atomically.")
+    ap.add_argument("--model", default="pm", choices=["pm", "pages"],
+                    help="pm: persistent memory, stores lost unless flushed and fenced "
+                         "(default); pages: an image on a disk, any dirty 4 KiB pages "
+                         "written back since the last sync (workloads seq1, seq2)")
     ap.add_argument("--workload", default="seq1", choices=["seq1", "seq2", "random", "dual"])
     ap.add_argument("--max-k", type=int, default=2,
                     help="persist every subset of up to K in-flight stores (default 2)")
@@ -762,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", metavar="ID", help="rebuild one crash state and check it")
     ap.add_argument("--keep", metavar="IMAGE", help="with --replay: write the crash image here")
     a = ap.parse_args(argv)
+    if a.model == "pages" or (a.replay or "").startswith("pages:"):
+        return _main_pages(a)
     if a.replay:
         try:
             wl, seed, case, point, state = parse_id(a.replay)
@@ -785,6 +801,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crash states: {res.checked} checked, {len(res.failures)} failed")
         return 1 if res.failures else 0
     tty = sys.stderr.isatty()
+    progress, t0 = _progress_bar(tty)
+    try:
+        results = run(a.workload, a.max_k, a.seed, a.jobs, progress)
+    except KeyboardInterrupt:
+        print("\npnova-crashtest: interrupted", file=sys.stderr)
+        return 130
+    return _report(results, tty)
+
+
+def _progress_bar(tty: bool):
     t0 = time.monotonic()
 
     def progress(done: int, n: int, states: int, failed: int) -> None:
@@ -795,11 +821,10 @@ def main(argv: list[str] | None = None) -> int:
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
               flush=True)
 
-    try:
-        results = run(a.workload, a.max_k, a.seed, a.jobs, progress)
-    except KeyboardInterrupt:
-        print("\npnova-crashtest: interrupted", file=sys.stderr)
-        return 130
+    return progress, t0
+
+
+def _report(results: list[CaseResult], tty: bool) -> int:
     if tty:
         print(file=sys.stderr)
     checked = sum(r.checked for r in results)
@@ -810,6 +835,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reproduce one with: pnova-crashtest --replay {failures[0].id} --keep crash.img")
     print(f"crash states: {checked} checked, {len(failures)} failed")
     return 1 if failures else 0
+
+
+def _main_pages(a: argparse.Namespace) -> int:
+    """``--model pages``: pages written back in any order (:mod:`pnova.crashpages`)."""
+    from . import crashpages as P
+    if a.replay:
+        try:
+            wl, case, point, state = P.parse_id(a.replay)
+            ncases = len(P.cases_for(wl))
+            if not 0 <= case < ncases:
+                raise ValueError(f"pages:{wl} has cases 0..{ncases - 1}")
+        except ValueError as e:
+            print(f"pnova-crashtest: {e}", file=sys.stderr)
+            return 2
+        res = P.run_case(wl, case, only=(point, state), keep=a.keep)
+        if res.checked == 0:
+            print(f"pnova-crashtest: no crash state {a.replay}", file=sys.stderr)
+            return 2
+        print(f"case {case}: {' ; '.join(map(repr, P.cases_for(wl)[case][1]))}")
+        for f in res.failures:
+            print(f"FAILED {f.id}: {f.reason}")
+        if a.keep:
+            print(f"crash image written to {a.keep}")
+        print(f"crash states: {res.checked} checked, {len(res.failures)} failed")
+        return 1 if res.failures else 0
+    if a.workload not in ("seq1", "seq2"):
+        print(f"pnova-crashtest: the page model has workloads seq1 and seq2, not {a.workload}",
+              file=sys.stderr)
+        return 2
+    tty = sys.stderr.isatty()
+    progress, _t0 = _progress_bar(tty)
+    try:
+        results = P.run(a.workload, a.jobs, progress)
+    except KeyboardInterrupt:
+        print("\npnova-crashtest: interrupted", file=sys.stderr)
+        return 130
+    return _report(results, tty)
 
 
 if __name__ == "__main__":

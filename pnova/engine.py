@@ -80,6 +80,8 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self.ncpus = sb.ncpus
         self.cpu = cpu % self.ncpus
         self.readonly = readonly
+        # recovery may meet pages a power loss kept from a disk (Rebuild._pages_may_be_lost)
+        self.power_loss = False
         total = sb.total_blocks
         self._own_area = area is None
         self._attached: list[FileSystem] = []   # other CPUs attached in this process

@@ -293,9 +293,9 @@ class FileData:
                 else:
                     pm.store_zero(dst + b - lo, hi - b)
             pm.flush(dst, count * L.BLOCK)
-            self.prot.seal(start, count)          # fenced by the commit, before the entry
+            digest = self.prot.seal(start, count)  # fenced by the commit, before the entry
             # the size field is the end this write reaches; replay takes the maximum
-            entries.append((L.E_WRITE, 0, pg, count, start, off + n, now))
+            entries.append((L.E_WRITE, 0, pg, count, start, off + n, now, digest))
             pg += count
         drop = self._privilege_drop(inode, kill_suidgid, now, in_group) \
             if (kill_suidgid and inode.mode & _SUIDGID) or CAPS_XATTR in inode.xattrs else None

@@ -133,6 +133,11 @@ class Compaction:
             for p in [first] + getattr(exc, "pages", []):
                 self.alloc.free(p, 1)
             raise
+        if pm.mode == "disk":
+            # The new chain is on the disk before the words that switch to it
+            # can be: after a power loss the slot names the old chain (its
+            # pages are held until the next sync) or a whole new one.
+            pm.sync()
         addr = self.inode_addr(ino)
         updates = [(addr + L.I_LOG_HEAD, first * L.BLOCK), (addr + L.I_LOG_TAIL, tail)]
         if inode.array:

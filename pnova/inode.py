@@ -76,7 +76,7 @@ class Inode:
         t = e[0]
         freed: list[int] = []
         if t == L.E_WRITE:
-            _, _seq, pgoff, npages, block, size, mtime = e
+            _, _seq, pgoff, npages, block, size, mtime = e[:7]   # [7]: the data digest
             pages = self.pages
             if pages is None:
                 raise ValueError("write entry in a directory log")

@@ -56,9 +56,9 @@ class InodeTable:
                 pm.store(blk * L.BLOCK, data)
                 pm.store_zero(blk * L.BLOCK + len(data), L.BLOCK - len(data))
                 pm.flush(blk * L.BLOCK, L.BLOCK)
-                self.prot.seal(blk, 1)
+                digest = self.prot.seal(blk, 1)
                 entries = entries + [(L.E_WRITE, self._next_seq(), 0, 1, blk, len(data),
-                                      entries[0][-1] if entries else time.time_ns())]
+                                      entries[0][-1] if entries else time.time_ns(), digest)]
             now = time.time_ns()
             seq = self._next_seq()
             st = L.InodeStatic(mode, uid, gid, 0, rdev, seq, now, seq)

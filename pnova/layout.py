@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from crc32c import crc32c
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Versions this code reads: 2 is 3 without the features field (always 0 there).
-READABLE_VERSIONS = (2, 3)
+READABLE_VERSIONS = (2, 3, 4)
 # Superblock feature bits (SPEC section 3): what the image protects.
 FEATURE_DATA_CSUM = 1          # per-strip CRC32C of every file data block, two copies
 FEATURE_DATA_PARITY = 2        # one parity strip per file data block (needs DATA_CSUM)
@@ -395,11 +395,24 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
-def write_entry(seq: int, pgoff: int, npages: int, block: int, size: int, mtime: int) -> bytes:
+# A write entry's flags: bit 0 says its u32 at offset 28 holds the data digest,
+# the CRC32C of the strip checksums of every page it maps (SPEC 8.1).
+W_DIGEST = 1
+
+
+def write_entry(seq: int, pgoff: int, npages: int, block: int, size: int, mtime: int,
+                digest: int | None = None) -> bytes:
     # The most frequent entry: packed twice (CRC field zero, then the CRC)
     # rather than sealed through a bytearray, which costs more calls.
-    crc = crc32c(_WRITE.pack(E_WRITE, 0, 64, 0, seq, pgoff, npages, 0, block, size, mtime, 0))
-    return _WRITE.pack(E_WRITE, 0, 64, crc, seq, pgoff, npages, 0, block, size, mtime, 0)
+    flags, d = (0, 0) if digest is None else (W_DIGEST, digest)
+    crc = crc32c(_WRITE.pack(E_WRITE, flags, 64, 0, seq, pgoff, npages, d, block, size, mtime, 0))
+    return _WRITE.pack(E_WRITE, flags, 64, crc, seq, pgoff, npages, d, block, size, mtime, 0)
+
+
+def write_digest(raw: bytes) -> int | None:
+    """The data digest a raw write entry carries (None: it carries none)."""
+    f = _WRITE.unpack_from(raw, 0)
+    return f[7] if f[1] & W_DIGEST else None
 
 
 def setattr_entry(seq: int, mask: int, mode: int, uid: int, gid: int, size: int,
@@ -516,7 +529,7 @@ def encode_entry(e: tuple) -> bytes:
     """Inverse of :func:`decode_entry`."""
     t = e[0]
     if t == E_WRITE:
-        return write_entry(e[1], e[2], e[3], e[4], e[5], e[6])
+        return write_entry(e[1], e[2], e[3], e[4], e[5], e[6], e[7] if len(e) > 7 else None)
     if t == E_SETATTR:
         return setattr_entry(*e[1:])
     if t == E_LINK:

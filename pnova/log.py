@@ -78,15 +78,32 @@ def commit_tail(pm: PMem, tail_addr: int, new_tail: int) -> None:
 
 
 def walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
-         pages: list[int] | None = None, start: int = 0) -> Iterator[bytes]:
+         pages: list[int] | None = None, start: int = 0,
+         stop: dict | None = None) -> Iterator[bytes]:
     """Yield every committed entry (raw bytes), validating as it goes.
 
     The blocks of the chain's pages are appended to ``pages`` if given.
     ``start`` resumes an earlier walk at a position it reached (the old tail
     of a log that has grown since); the pages before it are not listed again.
     Raises LogError on a pointer out of bounds, a loop, a bad page tail, a
-    torn or unknown entry, or a tail that is never reached.
+    torn or unknown entry, or a tail that is never reached.  With ``stop`` (a
+    dict) it raises nothing: ``stop["pos"]`` follows the walk (while an entry
+    is handed out, where that entry starts; at the end, just past the last
+    good one) and ``stop["why"]`` says why the log ended before its tail
+    (None: it did not).  Recovery of a disk-backed image cuts logs there.
     """
+    if stop is None:
+        yield from _walk(pm, head, tail, owner, max_pages, pages, start, None)
+        return
+    stop["pos"], stop["why"] = start or head, None
+    try:
+        yield from _walk(pm, head, tail, owner, max_pages, pages, start, stop)
+    except LogError as e:
+        stop["why"] = str(e)
+
+
+def _walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
+          pages: list[int] | None, start: int, good: dict | None) -> Iterator[bytes]:
     dev = pm.size
     if head == 0:
         if tail != 0:
@@ -123,6 +140,8 @@ def walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
                     raise LogError(f"{name} entry at {pos:#x} fails its checksum")
                 yield raw
                 pos += size
+                if good is not None:
+                    good["pos"] = pos
                 continue
             if tail_here:
                 raise LogError(f"next-page marker at {pos:#x} before the log tail {tail:#x}")

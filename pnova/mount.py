@@ -320,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s: removed the dead mount of %s left by a daemon that did not end "
                     "cleanly", cfg.mountpoint, cfg.image)
     try:
+        # the image is what a power loss may have left on a disk (DESIGN 24.3)
         fs = FileSystem.mount(cfg.image, readonly=cfg.readonly, lock=cfg.lock,
-                              segment_pages=cfg.segment_pages)
+                              segment_pages=cfg.segment_pages, power_loss=True)
     except CorruptImage as e:
         os.close(lock_fd)
         return _fail(cfg, f"cannot mount: {e}")

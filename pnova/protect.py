@@ -67,6 +67,9 @@ class DataProtection:
         self.pm = pm
         self.csum = sb.data_csum
         self.parity = sb.data_parity
+        # version 4 write entries carry the data digest (SPEC 7.2); a version-3
+        # image keeps version-3 entries
+        self.digests = self.csum and sb.version >= 4
         self.regions = regions
         self._starts = [r.data_start for r in regions]
         # per region: (data_start, end, record base, replica base, parity base),
@@ -89,12 +92,15 @@ class DataProtection:
         return c1 + L.CSUM_SIZE * k, c2 + L.CSUM_SIZE * k, par + L.PARITY_SIZE * k
 
     # ------------------------------------------------------------ writing
-    def seal(self, start: int, count: int) -> None:
+    def seal(self, start: int, count: int) -> int | None:
         """Write the records of blocks start..start+count-1 (one extent of one
         region, just filled) and flush them; the caller's commit fences them
-        before the entry that refers to the blocks."""
+        before the entry that refers to the blocks.  Returns the extent's data
+        digest (CRC32C of its strip checksums), which the write entry carries
+        so that recovery can tell whether the data reached a disk (None
+        without checksums)."""
         if not self.csum:
-            return
+            return None
         pm = self.pm
         sums, par = _protect.seal(pm.mm, start * L.BLOCK, count)
         c1, c2, p = self.records(start)
@@ -105,6 +111,23 @@ class DataProtection:
         if self.parity:
             pm.store(p, par)
             pm.flush(p, len(par))
+        return _protect.crc32c(sums) if self.digests else None
+
+    def reseal(self, start: int, count: int) -> None:
+        """Rewrite the records of blocks whose data is known good (a write entry's
+        digest matched it) where they disagree with it: after a power loss
+        the data's page may have reached the disk without its records'."""
+        mm = self.pm.mm
+        for b in range(start, start + count):
+            sums, par = _protect.seal(mm, b * L.BLOCK, 1)      # computes, stores nothing
+            c1, c2, p = self.records(b)
+            if mm[c1:c1 + len(sums)] != sums or mm[c2:c2 + len(sums)] != sums or \
+                    (self.parity and mm[p:p + len(par)] != par):
+                self.seal(b, 1)
+
+    def digest(self, start: int, count: int) -> int:
+        """The data digest of blocks start..start+count-1 as they are now."""
+        return _protect.crc32c(_protect.checksums(self.pm.mm, start * L.BLOCK, count))
 
     # ------------------------------------------------------------ reading
     def verify(self, block: int) -> list[int]:

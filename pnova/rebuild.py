@@ -7,6 +7,7 @@ replay of every live inode's logs).
 from __future__ import annotations
 
 import logging
+import stat
 import time
 
 import numpy as np
@@ -102,9 +103,27 @@ class Rebuild:
         used = [np.zeros(ra.hi - ra.lo, dtype=bool) for ra in self.alloc.regions]
         maxseq = self.sb.next_seq
         orphans = []
-        for ino in live:
+        cut = 0
+        lossy = self._pages_may_be_lost()
+        for ino in list(live):
+            if lossy:
+                # A power loss on a disk-backed image: pages written since the
+                # last sync may be missing (DESIGN 24.3).
+                try:
+                    got = self._cut_torn_logs(ino)
+                except (plog.LogError, ValueError):
+                    got = 0                      # left to the read below to report
+                if got is None:
+                    live.remove(ino)
+                    continue
+                cut += got
             try:
                 inode, seq = self._read_inode(ino)
+                # then the data of each write the file still maps (repeated:
+                # a cut can bring an older write back into view)
+                while lossy and inode.pages and self._cut_torn_logs(ino, inode.pages):
+                    cut += 1
+                    inode, seq = self._read_inode(ino)
             except (plog.LogError, ValueError) as e:
                 raise CorruptImage(f"{self.pm.path}: inode {ino}: {e}; run fsck.pnova") from None
             maxseq = max(maxseq, seq + 1)
@@ -118,10 +137,176 @@ class Rebuild:
         self.area.w.store64(H_SEQ, maxseq)
         if 1 not in self.cache:
             raise CorruptImage(f"{self.pm.path}: the root inode is missing; run fsck.pnova")
+        if self._pages_may_be_lost():
+            fixed = self._repair_namespace()
+            orphans = [i for i in self.cache.values() if i.nlink == 0]
+            if fixed:
+                logger.warning("%s: %d names and link counts of changes made after the last "
+                               "sync made consistent", self.pm.path, fixed)
         for inode in orphans:
             self._evict(inode)
-        logger.info("recovery: %d journal words undone, %d inodes replayed, %d orphans "
-                    "freed in %.3f s", undone, len(live), len(orphans), time.monotonic() - t0)
+        logger.info("recovery: %d journal words undone, %d inodes replayed (%d logs cut), "
+                    "%d orphans freed in %.3f s", undone, len(live), cut, len(orphans),
+                    time.monotonic() - t0)
+
+    def _pages_may_be_lost(self) -> bool:
+        """Whether the image lives behind a page cache (a file on a disk) and the
+        mount asked for recovery from a power loss (``FileSystem.mount(...,
+        power_loss=True)``, as the pnova command does): any page written since
+        the last sync may then hold an older content, so a log may end before
+        its tail.  Without it, recovery keeps persistent memory's rules and an
+        entry that fails its checks is corruption (fsck.pnova decides)."""
+        return self.power_loss and self.pm.mode == "disk"
+
+    def _cut_log(self, ino: int, head: int, tail: int, final: set[int] | None = None
+                 ) -> tuple[int | None, str | None]:
+        """(where a log's last entry that arrived ends, why the rest did not):
+        (``tail``, None) if every entry did; (None, why) if its first page did
+        not arrive (the log never existed on disk).  With ``final`` (the
+        sequence numbers of the write entries no later write overrides in any
+        page), such an entry arrived only if its data did too: its digest must
+        match.  (The blocks of an entry a later one replaced may hold anything
+        since, even the same page's newer data.)"""
+        stop: dict = {}
+        for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, None, 0, stop):
+            try:
+                e = L.decode_entry(raw)
+                self._check_entry(e)
+                if e[0] == L.E_WRITE and final is not None and e[1] in final:
+                    want = L.write_digest(raw)
+                    if want is not None and self.prot.csum:
+                        if self.prot.digest(e[4], e[3]) != want:
+                            raise ValueError(f"the data of the write entry (seq {e[1]}) did "
+                                             "not reach the disk")
+                        # the data did: its checksums and parity (other pages) must too
+                        self.prot.reseal(e[4], e[3])
+            except ValueError as e:
+                stop["why"] = str(e)             # stop["pos"]: where this entry starts
+                break
+        if stop["why"] is None:
+            return tail, None
+        if stop["pos"] == head and head and (
+                head % L.BLOCK or not L.BLOCK <= head < self.pm.size
+                or L.check_page_tail(self.pm.mm[head + L.PT_NEXT:head + L.BLOCK], ino)):
+            return None, stop["why"]
+        return stop["pos"], stop["why"]
+
+    def _final_writes(self, ino: int) -> set[int]:
+        """Sequence numbers of the write entries of ``ino`` (all its logs) that
+        are the newest for every page they map."""
+        pm = self.pm
+        addr = self.inode_addr(ino)
+        logs = [(pm.read_u64(addr + L.I_LOG_HEAD), pm.read_u64(addr + L.I_LOG_TAIL))]
+        array = pm.read_u64(addr + L.I_LOG_ARRAY)
+        if array:
+            logs += [(h, t) for _c, h, t in self._local_lines(array)]
+        newest: dict[int, int] = {}
+        writes: list[tuple[int, int, int]] = []
+        for head, tail in logs:
+            for raw in plog.walk(pm, head, tail, ino, self.max_log_pages):
+                e = L.decode_entry(raw)
+                if e[0] == L.E_WRITE:
+                    writes.append((e[1], e[2], e[3]))
+                    for pg in range(e[2], e[2] + e[3]):
+                        if newest.get(pg, -1) < e[1]:
+                            newest[pg] = e[1]
+        return {seq for seq, pg, n in writes
+                if all(newest[p] == seq for p in range(pg, pg + n))}
+
+    def _cut_torn_logs(self, ino: int, pages: dict[int, int] | None = None) -> int | None:
+        """After a power loss on a disk-backed image: end each log of ``ino`` just
+        past its last entry that arrived (one 8-byte store of each tail).
+        Entries past it were written after the last sync, and so were the
+        later pages of the log: nothing a sync promised is cut.  Returns how
+        many logs were cut, or None when the inode's own first log page did
+        not arrive: it was created after the last sync, and its slot is freed."""
+        pm = self.pm
+        addr = self.inode_addr(ino)
+        head = pm.read_u64(addr + L.I_LOG_HEAD)
+        tail = pm.read_u64(addr + L.I_LOG_TAIL)
+        final = self._final_writes(ino) if pages is not None else None
+        new, why = self._cut_log(ino, head, tail, final)
+        if new is None:
+            logger.warning("%s: inode %d was created after the last sync and its log did "
+                           "not reach the disk (%s): it is dropped", pm.path, ino, why)
+            pm.store_u64(addr + L.I_STATE, L.STATE_FREE)
+            pm.persist(addr + L.I_STATE, 8)
+            self.free_inodes[(ino - 1) % self.ncpus].free((ino - 1) // self.ncpus, 1)
+            return None
+        cuts = 0
+        if new != tail:
+            logger.warning("%s: inode %d: its log is cut at %#x, where what reached the disk "
+                           "before the power loss ends (%s)", pm.path, ino, new, why)
+            pm.commit_u64(addr + L.I_LOG_TAIL, new)
+            cuts += 1
+        array = pm.read_u64(addr + L.I_LOG_ARRAY)
+        if not array:
+            return cuts
+        base = array * L.BLOCK
+        for cpu, lhead, ltail in self._local_lines(array):
+            lnew, why = self._cut_log(ino, lhead, ltail, final)
+            if lnew == ltail:
+                continue
+            logger.warning("%s: inode %d: the local log of CPU %d is cut (%s)", pm.path, ino,
+                           cpu, why)
+            # no entry arrived: no log (a tail of 0 says so)
+            pm.commit_u64(base + cpu * L.LA_LINE + L.LA_TAIL,
+                          0 if lnew is None or lnew == lhead else lnew)
+            cuts += 1
+        return cuts
+
+    def _repair_namespace(self) -> int:
+        """After a power loss on a disk-backed image, make the tree whole again
+        (DESIGN 24.3).  Two logs changed by one operation since the last sync
+        may each have reached the disk or not: a name may point at an inode
+        whose slot never arrived, an inode may have lost its name, a link count
+        may count a name that did not arrive.  Every change made here is a new
+        entry committed as any other: names to inodes that are not live are
+        removed; a directory found under two names keeps the one its '..'
+        names; link counts are set to the names found; an inode no name reaches
+        gets link count 0 (it is freed as an orphan).  Returns how many entries
+        it committed."""
+        cache = self.cache
+        now = time.time_ns()
+        fixes = 0
+        names: dict[int, int] = {}
+        subdirs: dict[int, int] = {}
+        seen_dir: set[int] = {L.ROOT_INO}
+        queue = [cache[L.ROOT_INO]]
+        while queue:
+            d = queue.pop()
+            drop = []
+            for name, (ino, _dt, _c) in sorted(d.dents.items()):
+                child = cache.get(ino)
+                if child is None or (stat.S_ISLNK(child.mode) and not child.pages):
+                    drop.append(name)            # gone, or a symlink whose target was cut
+                    continue
+                if child.is_dir:
+                    named = cache.get(child.parent)
+                    if ino in seen_dir or (child.parent != d.ino and named is not None
+                                           and named.is_dir and any(
+                                               i == ino for i, _, _ in named.dents.values())):
+                        drop.append(name)        # its other name is the one '..' names
+                        continue
+                    seen_dir.add(ino)
+                    subdirs[d.ino] = subdirs.get(d.ino, 0) + 1
+                    if child.parent != d.ino:
+                        self._commit([(child, [(L.E_DENTRY, 0, L.D_ADD, L.DOTDOT, d.ino,
+                                                stat.S_IFDIR >> 12, now)])])
+                        fixes += 1
+                    queue.append(child)
+                else:
+                    names[ino] = names.get(ino, 0) + 1
+            if drop:
+                self._commit([(d, [(L.E_DENTRY, 0, L.D_REMOVE, n, 0, 0, now) for n in drop])])
+                fixes += len(drop)
+        for ino, inode in list(cache.items()):
+            want = (2 + subdirs.get(ino, 0) if ino in seen_dir else 0) if inode.is_dir \
+                else names.get(ino, 0)
+            if inode.nlink != want:
+                self._commit([(inode, [(L.E_LINK, 0, want, now)])])
+                fixes += 1
+        return fixes
 
     def _mark(self, used: list[np.ndarray], block: int, ino: int) -> None:
         try:

@@ -129,7 +129,7 @@ class Mount:
     @classmethod
     def mount(cls, path: str, *, cpu: int = 0, readonly: bool = False,
               device: PMem | None = None, lock: str = "pnova",
-              segment_pages: int = 16) -> "FileSystem":
+              segment_pages: int = 16, power_loss: bool = False) -> "FileSystem":
         """Open an image: clean images load saved state, others are recovered.
 
         ``device`` is an already opened pmem device for ``path`` (the tracked
@@ -162,6 +162,7 @@ class Mount:
             regions = read_regions(pm, sb)
             fs = cls(pm, sb, regions, cpu=cpu, readonly=readonly, lock=lock,
                      segment_pages=segment_pages)
+            fs.power_loss = power_loss
             if sb.version < L.FORMAT_VERSION:
                 logger.info("%s: format version %d: file data is not checksummed (to protect "
                             "it: copy the files out, mkfs.pnova, copy them back)", path,
@@ -183,6 +184,11 @@ class Mount:
                 fs.sb.mount_count += 1
                 fs.sb.last_mount_ns = time.time_ns()
                 write_superblock(pm, fs.sb)
+                if pm.mode == "disk":
+                    # The flag must be off on the disk before any change can
+                    # reach it: a page written back early over a "clean" image
+                    # would be trusted without recovery (DESIGN 24.3).
+                    pm.sync()
         except BaseException:
             pm.close()
             raise
