@@ -38,8 +38,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from .crashtest import (SETUP, SEQ1_OPS, CaseResult, Driver, Failure, Model, Step,
-                        _explicit_times, _valid, usable_after_recovery)
+from .crashtest import (SETUP, SEQ1_OPS, CaseResult, Driver, Failure, Model, Step, _explicit_times,
+                        run_cases, seq2_cases, usable_after_recovery)
 from .engine import FileSystem
 from .errors import FsError
 from .mkfs import format_device
@@ -59,25 +59,11 @@ def seq1_cases() -> list[tuple[list[Step], list[Step]]]:
     return [(SETUP, [op, SYNC, AFTER_SYNC]) for op in SEQ1_OPS]
 
 
-def seq2_cases() -> list[tuple[list[Step], list[Step]]]:
-    """Every legal pair, unsynced between them (the two may arrive in any mix)."""
-    out = []
-    for a, b in itertools.product(SEQ1_OPS, repeat=2):
-        m = Model()
-        for s in SETUP:
-            m.apply(s)
-        if not _valid(m, a):
-            continue
-        m.apply(a)
-        if _valid(m, b):
-            out.append((SETUP, [a, b]))
-    return out
-
-
 def cases_for(workload: str) -> list[tuple[list[Step], list[Step]]]:
     if workload == "seq1":
         return seq1_cases()
     if workload == "seq2":
+        # every legal pair, unsynced between them (the two may arrive in any mix)
         return seq2_cases()
     raise ValueError(f"the page model has workloads seq1 and seq2, not {workload!r}")
 
@@ -271,28 +257,10 @@ def run(workload: str, jobs: int = 1,
         progress: Callable[[int, int, int, int], None] | None = None) -> list[CaseResult]:
     """Check every case of a workload; ``progress(cases_done, cases, states, failed)``."""
     import logging
-    import multiprocessing
     # a crash state's recovery reports what it cut and repaired: expected here
     logging.getLogger("pnova").setLevel(logging.ERROR)
     n = len(cases_for(workload))
-    results: list[CaseResult] = []
-    states = failed = 0
-    pool = multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else None
-    it: Iterator[CaseResult] = pool.imap_unordered(_worker, [(workload, i) for i in range(n)]) \
-        if pool else (run_case(workload, i) for i in range(n))
-    try:
-        for r in it:
-            results.append(r)
-            states += r.checked
-            failed += len(r.failures)
-            if progress is not None:
-                progress(len(results), n, states, failed)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    results.sort(key=lambda r: r.case)
-    return results
+    return run_cases(_worker, [(workload, i) for i in range(n)], jobs, progress)
 
 
 def parse_id(ident: str) -> tuple[str, int, int, int]:
@@ -303,5 +271,5 @@ def parse_id(ident: str) -> tuple[str, int, int, int]:
             raise ValueError
         return wl, int(case), int(point), int(state)
     except ValueError:
-        raise ValueError(f"bad crash state ID {ident!r} (expected pages:WORKLOAD:CASE:POINT:STATE)") \
-            from None
+        raise ValueError(f"bad crash state ID {ident!r} "
+                         "(expected pages:WORKLOAD:CASE:POINT:STATE)") from None

@@ -724,14 +724,18 @@ def run(workload: str, k: int, seed: int, jobs: int = 1,
         progress: Callable[[int, int, int, int], None] | None = None) -> list[CaseResult]:
     """Check every case of a workload; ``progress(cases_done, cases, states, failed)``."""
     n = len(cases_for(workload, seed))
+    return run_cases(_worker, [(workload, seed, i, k) for i in range(n)], jobs, progress)
+
+
+def run_cases(worker: Callable[[tuple], CaseResult], args: list[tuple], jobs: int,
+              progress: Callable[[int, int, int, int], None] | None) -> list[CaseResult]:
+    """``worker(a)`` for every ``a`` of ``args`` (in ``jobs`` processes), results
+    in case order; ``progress(cases_done, cases, states, failed)``."""
+    n = len(args)
     results: list[CaseResult] = []
     states = failed = 0
-    if jobs <= 1:
-        it: Iterator[CaseResult] = (run_case(workload, seed, i, k) for i in range(n))
-        pool = None
-    else:
-        pool = multiprocessing.get_context("fork").Pool(jobs)
-        it = pool.imap_unordered(_worker, [(workload, seed, i, k) for i in range(n)])
+    pool = multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else None
+    it: Iterator[CaseResult] = pool.imap_unordered(worker, args) if pool else map(worker, args)
     try:
         for r in it:
             results.append(r)
@@ -792,16 +796,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pnova-crashtest: no crash state {a.replay} (with --max-k {a.max_k})",
                   file=sys.stderr)
             return 2
-        setup, ops = cases_for(wl, seed)[case]
-        print(f"case {case}: {' ; '.join(map(repr, ops))}")
-        for f in res.failures:
-            print(f"FAILED {f.id}: {f.reason}")
-        if a.keep:
-            print(f"crash image written to {a.keep}")
-        print(f"crash states: {res.checked} checked, {len(res.failures)} failed")
-        return 1 if res.failures else 0
+        return _report_replay(case, cases_for(wl, seed)[case][1], res, a.keep)
     tty = sys.stderr.isatty()
-    progress, t0 = _progress_bar(tty)
+    progress = _progress_bar(tty)
     try:
         results = run(a.workload, a.max_k, a.seed, a.jobs, progress)
     except KeyboardInterrupt:
@@ -810,7 +807,17 @@ def main(argv: list[str] | None = None) -> int:
     return _report(results, tty)
 
 
-def _progress_bar(tty: bool):
+def _report_replay(case: int, ops: list[Step], res: CaseResult, keep: str | None) -> int:
+    print(f"case {case}: {' ; '.join(map(repr, ops))}")
+    for f in res.failures:
+        print(f"FAILED {f.id}: {f.reason}")
+    if keep:
+        print(f"crash image written to {keep}")
+    print(f"crash states: {res.checked} checked, {len(res.failures)} failed")
+    return 1 if res.failures else 0
+
+
+def _progress_bar(tty: bool) -> Callable[[int, int, int, int], None]:
     t0 = time.monotonic()
 
     def progress(done: int, n: int, states: int, failed: int) -> None:
@@ -821,7 +828,7 @@ def _progress_bar(tty: bool):
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
               flush=True)
 
-    return progress, t0
+    return progress
 
 
 def _report(results: list[CaseResult], tty: bool) -> int:
@@ -853,19 +860,13 @@ def _main_pages(a: argparse.Namespace) -> int:
         if res.checked == 0:
             print(f"pnova-crashtest: no crash state {a.replay}", file=sys.stderr)
             return 2
-        print(f"case {case}: {' ; '.join(map(repr, P.cases_for(wl)[case][1]))}")
-        for f in res.failures:
-            print(f"FAILED {f.id}: {f.reason}")
-        if a.keep:
-            print(f"crash image written to {a.keep}")
-        print(f"crash states: {res.checked} checked, {len(res.failures)} failed")
-        return 1 if res.failures else 0
+        return _report_replay(case, P.cases_for(wl)[case][1], res, a.keep)
     if a.workload not in ("seq1", "seq2"):
         print(f"pnova-crashtest: the page model has workloads seq1 and seq2, not {a.workload}",
               file=sys.stderr)
         return 2
     tty = sys.stderr.isatty()
-    progress, _t0 = _progress_bar(tty)
+    progress = _progress_bar(tty)
     try:
         results = P.run(a.workload, a.jobs, progress)
     except KeyboardInterrupt:

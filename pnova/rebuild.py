@@ -121,7 +121,7 @@ class Rebuild:
                 inode, seq = self._read_inode(ino)
                 # then the data of each write the file still maps (repeated:
                 # a cut can bring an older write back into view)
-                while lossy and inode.pages and self._cut_torn_logs(ino, inode.pages):
+                while lossy and inode.pages and self._cut_torn_logs(ino, digests=True):
                     cut += 1
                     inode, seq = self._read_inode(ino)
             except (plog.LogError, ValueError) as e:
@@ -213,18 +213,20 @@ class Rebuild:
         return {seq for seq, pg, n in writes
                 if all(newest[p] == seq for p in range(pg, pg + n))}
 
-    def _cut_torn_logs(self, ino: int, pages: dict[int, int] | None = None) -> int | None:
+    def _cut_torn_logs(self, ino: int, digests: bool = False) -> int | None:
         """After a power loss on a disk-backed image: end each log of ``ino`` just
         past its last entry that arrived (one 8-byte store of each tail).
         Entries past it were written after the last sync, and so were the
         later pages of the log: nothing a sync promised is cut.  Returns how
         many logs were cut, or None when the inode's own first log page did
-        not arrive: it was created after the last sync, and its slot is freed."""
+        not arrive: it was created after the last sync, and its slot is freed.
+        With ``digests`` (once the file has been replayed), the data of every
+        write that is still the newest for its pages is checked too."""
         pm = self.pm
         addr = self.inode_addr(ino)
         head = pm.read_u64(addr + L.I_LOG_HEAD)
         tail = pm.read_u64(addr + L.I_LOG_TAIL)
-        final = self._final_writes(ino) if pages is not None else None
+        final = self._final_writes(ino) if digests else None
         new, why = self._cut_log(ino, head, tail, final)
         if new is None:
             logger.warning("%s: inode %d was created after the last sync and its log did "
