@@ -21,6 +21,18 @@ from .ring import refill
 RING_LOW = 32          # a ring holding fewer log pages than this is topped up
 
 
+def _encode(entries: list[tuple], marks: bool = True) -> list[bytes]:
+    """The entries of one operation for one log: every one but the last says the
+    operation goes on (F_CONT; ``marks``: the image's version has the flag), so
+    that recovery of a disk-backed image, which may find a log's later pages
+    missing, cuts it between operations only."""
+    if len(entries) == 1 or not marks:
+        return [L.encode_entry(e) for e in entries]
+    raws = [L.continued(L.encode_entry(e)) for e in entries[:-1]]
+    raws.append(L.encode_entry(entries[-1]))
+    return raws
+
+
 
 class Commit:
     """Appending entries and committing them."""
@@ -58,7 +70,7 @@ class Commit:
                         else:
                             inode = self._current_under_log_lock(inode)
                     entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
-                    raws = [L.encode_entry(e) for e in entries]
+                    raws = _encode(entries, self.marks)
                     new_tail, pages = plog.append(pm, inode.tail if tail is None else tail,
                                                   raws, inode.ino, self._new_log_page)
                     appended.append((inode, new_tail, pages, entries, tail is not None))
@@ -158,7 +170,7 @@ class Commit:
                 inode = self._current_under_log_lock(inode)
             seq = self._next_seq
             entries = [(e[0], seq()) + e[2:] for e in entries]
-            new_tail, pages = self._append(inode.tail, [L.encode_entry(e) for e in entries],
+            new_tail, pages = self._append(inode.tail, _encode(entries, self.marks),
                                            ino, self._new_log_page)
             pm.commit_u64(addr + L.I_LOG_TAIL, new_tail)
             return self._committed(inode, new_tail, pages, entries)
@@ -193,7 +205,7 @@ class Commit:
         if not inode.array:
             inode = self._ensure_array(inode)
         entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
-        raws = [L.encode_entry(e) for e in entries]
+        raws = _encode(entries, self.marks)
         line = inode.array * L.BLOCK + cpu * L.LA_LINE
         have = inode.local.get(cpu)
         if have is None:

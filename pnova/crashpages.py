@@ -19,17 +19,19 @@ through (snapshots at every fence and at the end of every step):
 * every subset of the dirty pages (latest versions) when there are few of them;
 * a seeded random sample where each page takes any of its versions.
 
-The oracle (:func:`check_paged_state`): recovery succeeds; fsck finds
-nothing; every path of the recovered tree is as it was after some step since
-the last sync (the synced state included), so that nothing synced and left
-alone is lost, nothing appears that never existed, and each file is a whole
-version of itself; and the filesystem accepts new work and gives every block
-back.  State IDs are ``pages:WORKLOAD:CASE:POINT:STATE``.
+The oracle (:func:`pnova.crashtest.check_state`, with the states of
+:func:`allowed_states`): recovery succeeds; the recovered tree is exactly the
+synced state with some subset of the operations done since applied, in order
+(the page cache keeps no order between operations, so any of them may be lost,
+but each survives whole: a rename is never half done, a write never half
+there, nothing synced is lost); fsck finds nothing; and the filesystem accepts
+new work and gives every block back.  State IDs are
+``pages:WORKLOAD:CASE:POINT:STATE``.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
-import io
 import itertools
 import os
 import random
@@ -38,10 +40,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from .crashtest import (SETUP, SEQ1_OPS, CaseResult, Driver, Failure, Model, Step, _explicit_times,
-                        run_cases, seq2_cases, usable_after_recovery)
+from .crashtest import (OBJECT_OPS, SETUP, SEQ1_OPS, CaseResult, Driver, Failure, Model, Step,
+                        _explicit_times, _valid, check_state, run_cases, seq2_cases)
 from .engine import FileSystem
-from .errors import FsError
 from .mkfs import format_device
 from .pmem import PAGE, PagedPMem, PMem
 
@@ -100,61 +101,42 @@ def page_states(versions: dict[int, list[bytes]], rng: random.Random
 
 
 # ------------------------------------------------------------------- oracle
-def _on_disk(path: str) -> PMem:
-    """The crash image, opened as the disk-backed image it models (the file
-    itself may sit in memory, for speed)."""
+def _mount_after_power_loss(path: str) -> FileSystem:
+    """Recovery of the crash image as the pnova command would run it on the
+    disk-backed image it models (the file itself may sit in memory, for speed)."""
     pm = PMem(path)
     pm.mode = "disk"
-    return pm
+    return FileSystem.mount(path, device=pm, power_loss=True)
 
 
-def _window_match(got: dict, window: list[tuple[dict, set[str]]], pinned: set[str]) -> str | None:
-    """None when every path of ``got`` (and of the states) is as it was in one of
-    the states of the window, else the first path that is not."""
-    for p in sorted(set(got).union(*(t for t, _ in window))):
-        g = got.get(p)
-        for tree, times in window:
-            w = tree.get(p)
-            if g is None or w is None:
-                if g is w:
-                    break
+def allowed_states(synced: Model, since: list[tuple[Step, object | None]]
+                   ) -> list[tuple[dict, set[str]]]:
+    """Every tree a power loss may leave: the synced state with any subset of the
+    operations done since, applied in their order (the page cache keeps no order
+    between operations, but each must be whole; a subset whose operation no
+    longer applies, say a write to a file whose creation is left out, is not a
+    state).  ``since`` pairs each step with the synced model's object it changed
+    (a step on one object that existed at the sync): such a step changes that
+    object whatever its name in the subset, as the engine's change to an inode
+    does, while other steps go by path."""
+    out = []
+    for keep in itertools.product((False, True), repeat=len(since)):
+        memo: dict = {}
+        m = copy.deepcopy(synced, memo)
+        ok = True
+        for (step, target), k in zip(since, keep):
+            if not k:
                 continue
-            if p in pinned and p not in times:
-                # the window pins this path's times only in some states
-                g2, w2 = g[:8] + g[9:], w[:8] + w[9:]
-                if g2 == w2:
-                    break
-            elif g == w:
+            if target is not None:
+                m.apply_to(memo[id(target)], step)
+            elif _valid(m, step):
+                m.apply(step)
+            else:
+                ok = False
                 break
-        else:
-            return f"{p}: recovered as {g!r}, which no state since the last sync had"
-    return None
-
-
-def check_paged_state(img_path: str, window: list[tuple[dict, set[str]]]) -> str | None:
-    """Mount a crash image and check the page model's oracle (module docstring);
-    ``window`` holds (tree, paths whose times it pins) for the synced state and
-    every state after it up to the crash."""
-    from .fsck import Checker
-    try:
-        fs = FileSystem.mount(img_path, device=_on_disk(img_path), power_loss=True)
-    except Exception as e:                                   # noqa: BLE001
-        return f"recovery failed: {type(e).__name__}: {str(e).replace(img_path + ': ', '')}"
-    pinned = set().union(*(t for _, t in window))
-    try:
-        try:
-            got = Driver(fs).dump(pinned)
-        except FsError as e:
-            return f"reading the recovered tree failed: {e}"
-        why = _window_match(got, window, pinned)
-        if why:
-            return why
-    finally:
-        fs.unmount()
-    out = io.StringIO()
-    if Checker(img_path, force=True, out=out).run() != 0:
-        return "fsck after recovery: " + " | ".join(out.getvalue().strip().splitlines()[:4])
-    return usable_after_recovery(img_path)
+        if ok:
+            out.append((m.dump(), _explicit_times(m)))
+    return out
 
 
 # ------------------------------------------------------------------- runner
@@ -185,7 +167,9 @@ def run_steps(setup: list[Step], ops: list[Step], *, ident: str = "custom", case
             fs.hold_frees_until_sync()
         drv = Driver(fs)
         versions: dict[int, list[bytes]] = {}
-        window = [(model.dump(), _explicit_times(model))]
+        # the synced model, its copy of each live object, and the steps since
+        synced_memo: dict = {}
+        synced_model, since = copy.deepcopy(model, synced_memo), []
         cache: dict[bytes, str | None] = {}
 
         def snapshot(p: PagedPMem) -> None:
@@ -203,12 +187,17 @@ def run_steps(setup: list[Step], ops: list[Step], *, ident: str = "custom", case
         for point, op in enumerate(ops):
             if op == SYNC:
                 fs.sync()
-                window = window[-1:]
+                synced_memo = {}
+                synced_model, since = copy.deepcopy(model, synced_memo), []
             else:
+                target = None
+                if op[0] in OBJECT_OPS:
+                    target = synced_memo.get(id(model.node(op[1])))
                 drv.apply(op)
                 model.apply(op)
-                window.append((model.dump(), _explicit_times(model)))
+                since.append((op, target))
             snapshot(pm)
+            allowed = allowed_states(synced_model, since)
             if only is not None and only[0] != point:
                 continue
             rng = random.Random(f"pages:{ident}:{case_no}:{point}")
@@ -229,7 +218,7 @@ def run_steps(setup: list[Step], ops: list[Step], *, ident: str = "custom", case
                 else:
                     with open(crash, "wb") as f:
                         f.write(raw)
-                    why = check_paged_state(crash, window)
+                    why = check_state(crash, allowed, mount=_mount_after_power_loss)
                     cache[h] = why
                 res.checked += 1
                 if why is not None:

@@ -449,7 +449,7 @@ def _settle_held(fs: FileSystem) -> None:
     """Before a serving process goes quiet (to sleep, or to exit): the blocks it
     holds back are released only when it allocates, so sync and give them back
     now rather than strand them while others run out of room (DESIGN 24)."""
-    if fs.alloc.limbo:
+    if fs.alloc.limbo or fs.held_inos:
         fs.sync()
         fs.alloc.release_limbo()
 

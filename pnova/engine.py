@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import functools
+from collections import deque
 from collections.abc import Callable
 
 from . import layout as L
@@ -82,6 +83,10 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self.readonly = readonly
         # recovery may meet pages a power loss kept from a disk (Rebuild._pages_may_be_lost)
         self.power_loss = False
+        # (sync number, inode) of slots freed since, on a disk-backed image (itable)
+        self.held_inos: deque[tuple[int, int]] | None = None
+        # version 4's entry marks (F_CONT, rename marks): not written into older images
+        self.marks = sb.version >= 4
         total = sb.total_blocks
         self._own_area = area is None
         self._attached: list[FileSystem] = []   # other CPUs attached in this process

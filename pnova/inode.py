@@ -124,7 +124,7 @@ class Inode:
                 self.ctime = e[3]
                 self.tseq = e[1]
         elif t == L.E_DENTRY:
-            _, seq, op, name, ino, dtype, time_ns = e
+            _, seq, op, name, ino, dtype, time_ns = e[:7]   # [7]: rename marks
             if self.dents is None:
                 raise ValueError("dentry in a file log")
             if name == L.DOTDOT:

@@ -12,7 +12,7 @@ from . import log as plog
 from .errors import FsError
 from .inode import Inode
 from .namei import namespace_op
-from .shared import REF_DYING
+from .shared import H_SYNC_STARTED, H_SYNCED, REF_DYING
 
 
 # line 1 of an inode slot: state, log head, log tail, log array, then zeros
@@ -24,15 +24,37 @@ class InodeTable:
 
     def _alloc_ino(self) -> int:
         """A free inode slot: this CPU's table first, then the others."""
-        order = [self.cpu] + [c for c in range(self.ncpus) if c != self.cpu]
-        for c in order:
-            got = self.free_inodes[c].alloc(1)
-            if got:
-                return self.ino_of(c, got[0][0])
+        if self.held_inos:
+            self.release_held_inos()
+        for attempt in (0, 1):
+            order = [self.cpu] + [c for c in range(self.ncpus) if c != self.cpu]
+            for c in order:
+                got = self.free_inodes[c].alloc(1)
+                if got:
+                    return self.ino_of(c, got[0][0])
+            if attempt or not self.held_inos:
+                break
+            self.sync()                          # what is held back is free after it
         raise FsError(errno.ENOSPC)
 
-    def _release_ino(self, ino: int) -> None:
+    def _release_ino(self, ino: int, held: bool = True) -> None:
+        """Give an inode slot back.  On a disk-backed image a slot freed by an
+        eviction waits for the next completed sync, as a freed block does: the
+        state on the disk may still name the old inode, whose name must not
+        come to mean a new one after a power loss (DESIGN 24.3).  ``held=False``:
+        a slot that never held a live inode."""
+        if held and self.held_inos is not None:
+            self.held_inos.append((self.area.w.load64(H_SYNC_STARTED), ino))
+            return
         self.free_inodes[(ino - 1) % self.ncpus].free((ino - 1) // self.ncpus, 1)
+
+    def release_held_inos(self, everything: bool = False) -> None:
+        """Free the held inode slots a completed sync has made safe to reuse."""
+        held = self.held_inos
+        synced = self.area.w.load64(H_SYNCED)
+        while held and (everything or held[0][0] < synced):
+            ino = held.popleft()[1]
+            self.free_inodes[(ino - 1) % self.ncpus].free((ino - 1) // self.ncpus, 1)
 
     def _make_inode(self, mode: int, uid: int, gid: int, rdev: int,
                     entries: list[tuple], data: bytes | None = None) -> tuple[Inode, int, list[int]]:
@@ -70,7 +92,7 @@ class InodeTable:
         except FsError as exc:
             for b in allocated + getattr(exc, "pages", []):
                 self.alloc.free(b, 1)
-            self._release_ino(ino)
+            self._release_ino(ino, held=False)
             raise
         addr = self.inode_addr(ino)
         # line 0, then line 1: state FREE (0), head, tail, no log array

@@ -395,9 +395,35 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
-# A write entry's flags: bit 0 says its u32 at offset 28 holds the data digest,
-# the CRC32C of the strip checksums of every page it maps (SPEC 8.1).
+# Entry flags (SPEC 7.1).  Any entry: F_CONT, the operation goes on in the next
+# entry of this log.  A file write: W_DIGEST, its u32 at offset 28 holds the
+# data digest, the CRC32C of the strip checksums of every page it maps.  A
+# dentry: D_MOVED, one of the two names a rename changed, its u32 at offset 36
+# holding the other name's hash (name_hash); D_EXCHANGE with it: an exchange.
 W_DIGEST = 1
+D_EXCHANGE = 0x20
+D_MOVED = 0x40
+F_CONT = 0x80
+
+
+def continued(raw: bytes) -> bytes:
+    """``raw`` with F_CONT set (and its CRC made again)."""
+    body = bytearray(raw)
+    body[1] |= F_CONT
+    body[4:8] = b"\0\0\0\0"
+    return _seal(body)
+
+
+def name_hash(dir_ino: int, name: bytes) -> int:
+    """The 32-bit hash of a name in a directory that a D_MOVED dentry carries."""
+    return crc32c(struct.pack("<Q", dir_ino) + name)
+
+
+def dentry_moved(raw: bytes) -> tuple[int, int] | None:
+    """(flags, other name's hash) of a D_MOVED dentry entry, else None."""
+    if raw[1] & D_MOVED:
+        return raw[1], _U32.unpack_from(raw, 36)[0]
+    return None
 
 
 def write_entry(seq: int, pgoff: int, npages: int, block: int, size: int, mtime: int,
@@ -425,11 +451,14 @@ def link_entry(seq: int, nlink: int, ctime: int) -> bytes:
     return _seal(bytearray(_LINK.pack(E_LINK, 0, 32, 0, seq, nlink, ctime)))
 
 
-def dentry_entry(seq: int, op: int, name: bytes, ino: int, dtype: int, time_ns: int) -> bytes:
+def dentry_entry(seq: int, op: int, name: bytes, ino: int, dtype: int, time_ns: int,
+                 moved: tuple[int, int] | None = None) -> bytes:
+    """``moved``: (D_MOVED, possibly with D_EXCHANGE; the other name's hash)."""
     size = _pad8(40 + len(name))
     body = bytearray(size)
-    _DENTRY.pack_into(body, 0, E_DENTRY, 0, size, 0, seq, ino, time_ns, len(name), dtype,
-                      op, 0, 0)
+    flags, peer = moved or (0, 0)
+    _DENTRY.pack_into(body, 0, E_DENTRY, flags, size, 0, seq, ino, time_ns, len(name), dtype,
+                      op, 0, peer)
     body[40:40 + len(name)] = name
     return _seal(body)
 
@@ -535,8 +564,8 @@ def encode_entry(e: tuple) -> bytes:
     if t == E_LINK:
         return link_entry(e[1], e[2], e[3])
     if t == E_DENTRY:
-        _, seq, op, name, ino, dtype, time_ns = e
-        return dentry_entry(seq, op, name, ino, dtype, time_ns)
+        _, seq, op, name, ino, dtype, time_ns = e[:7]
+        return dentry_entry(seq, op, name, ino, dtype, time_ns, e[7] if len(e) > 7 else None)
     if t == E_XATTR:
         _, seq, op, name, value, time_ns = e
         return xattr_entry(seq, op, name, value, time_ns)

@@ -294,7 +294,7 @@ class Namei:
             self._commit([(d, pentries)], extra=[(addr + L.I_STATE, L.STATE_LIVE)],
                          extra_pages=allocated)
         except FsError:
-            self._release_ino(inode.ino)
+            self._release_ino(inode.ino, held=False)
             raise
         self.cache[inode.ino] = inode
         return self.attr(inode)
@@ -486,9 +486,16 @@ class Namei:
 
         nlink_delta: dict[int, int] = {}
         dt = lambda i: stat.S_IFMT(i.mode) >> 12  # noqa: E731
+        # Between two directories each name's entry names the other (D_MOVED),
+        # so that recovery can finish or undo a rename of which a power loss
+        # kept only one directory's page (DESIGN 24.3).
+        across = p1 != p2 and self.marks
+        to1 = (L.D_MOVED | (L.D_EXCHANGE if exchange else 0), L.name_hash(p2, n2)) \
+            if across else None
+        to2 = (to1[0], L.name_hash(p1, n1)) if across else None
         if exchange:
-            add(d1, (L.E_DENTRY, self._next_seq(), L.D_ADD, n1, dst.ino, dt(dst), now))
-            add(d2, (L.E_DENTRY, self._next_seq(), L.D_ADD, n2, src.ino, dt(src), now))
+            add(d1, (L.E_DENTRY, 0, L.D_ADD, n1, dst.ino, dt(dst), now, to1))
+            add(d2, (L.E_DENTRY, 0, L.D_ADD, n2, src.ino, dt(src), now, to2))
             if p1 != p2:
                 for moved, to in ((src, p2), (dst, p1)):
                     if moved.is_dir:
@@ -501,8 +508,9 @@ class Namei:
                 if not (i.is_dir and p1 != p2):
                     add(i, self._ctime_entry(i, now))
         else:
-            add(d1, (L.E_DENTRY, self._next_seq(), L.D_REMOVE, n1, 0, 0, now))
-            add(d2, (L.E_DENTRY, self._next_seq(), L.D_ADD, n2, src.ino, dt(src), now))
+            # the removal names the inode that moved (0 in any other removal)
+            add(d1, (L.E_DENTRY, 0, L.D_REMOVE, n1, src.ino if across else 0, 0, now, to1))
+            add(d2, (L.E_DENTRY, 0, L.D_ADD, n2, src.ino, dt(src), now, to2))
             if src.is_dir and p1 != p2:
                 add(src, (L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, p2,
                           stat.S_IFDIR >> 12, now))

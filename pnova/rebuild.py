@@ -138,7 +138,7 @@ class Rebuild:
         if 1 not in self.cache:
             raise CorruptImage(f"{self.pm.path}: the root inode is missing; run fsck.pnova")
         if self._pages_may_be_lost():
-            fixed = self._repair_namespace()
+            fixed = self._finish_renames() + self._repair_namespace()
             orphans = [i for i in self.cache.values() if i.nlink == 0]
             if fixed:
                 logger.warning("%s: %d names and link counts of changes made after the last "
@@ -168,6 +168,7 @@ class Rebuild:
         match.  (The blocks of an entry a later one replaced may hold anything
         since, even the same page's newer data.)"""
         stop: dict = {}
+        op_end = head               # just past the last whole operation (no F_CONT)
         for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, None, 0, stop):
             try:
                 e = L.decode_entry(raw)
@@ -183,13 +184,17 @@ class Rebuild:
             except ValueError as e:
                 stop["why"] = str(e)             # stop["pos"]: where this entry starts
                 break
-        if stop["why"] is None:
+            if not raw[1] & L.F_CONT:
+                op_end = stop["pos"] + len(raw)
+        if stop["why"] is None and op_end == tail:
             return tail, None
-        if stop["pos"] == head and head and (
+        # an operation is cut whole: entries of it that arrived go with the rest
+        why = stop["why"] or "the log's last operation is not whole"
+        if op_end == head and head and (
                 head % L.BLOCK or not L.BLOCK <= head < self.pm.size
                 or L.check_page_tail(self.pm.mm[head + L.PT_NEXT:head + L.BLOCK], ino)):
-            return None, stop["why"]
-        return stop["pos"], stop["why"]
+            return None, why
+        return op_end, why
 
     def _final_writes(self, ino: int) -> set[int]:
         """Sequence numbers of the write entries of ``ino`` (all its logs) that
@@ -256,6 +261,94 @@ class Rebuild:
                           0 if lnew is None or lnew == lhead else lnew)
             cuts += 1
         return cuts
+
+    def _moved_names(self) -> list[tuple]:
+        """Every D_MOVED dentry of every live directory's log, with where the
+        operation that wrote it starts: (dir, op start, seq, op, name, ino,
+        flags, the other name's hash)."""
+        pm = self.pm
+        out = []
+        for d in [i for i in self.cache.values() if i.is_dir]:
+            addr = self.inode_addr(d.ino)
+            head, tail = pm.read_u64(addr + L.I_LOG_HEAD), pm.read_u64(addr + L.I_LOG_TAIL)
+            stop: dict = {}
+            op_start = head
+            for raw in plog.walk(pm, head, tail, d.ino, self.max_log_pages, None, 0, stop):
+                moved = L.dentry_moved(raw) if raw[0] == L.E_DENTRY else None
+                if moved:
+                    e = L.decode_entry(raw)
+                    out.append((d.ino, op_start, e[1], e[2], e[3], e[4], moved[0], moved[1]))
+                if not raw[1] & L.F_CONT:
+                    op_start = stop["pos"] + len(raw)
+        return out
+
+    def _finish_renames(self) -> int:
+        """After a power loss on a disk-backed image, settle every rename between
+        two directories of which only one directory's page arrived (DESIGN
+        24.3).  Each of its two dentries carries the other name's hash
+        (D_MOVED), and a removal the inode that moved:
+
+        * an exchange whose other half is missing (the other name still has
+          its old inode, which this half moved here) is undone: this
+          directory's log is cut before the operation;
+        * a move whose new name arrived while the old one is still there
+          (with an older cookie) loses the old name;
+        * a move whose old name went while the new one did not arrive, leaving
+          the inode with no name, gets the old name back.
+
+        Returns how many entries it committed."""
+        cache = self.cache
+        now = time.time_ns()
+        while True:
+            moved = self._moved_names()
+            names: dict[int, list[tuple[int, bytes, int, int]]] = {}
+            for d in [i for i in cache.values() if i.is_dir]:
+                for name, (ino, _dt, cookie) in d.dents.items():
+                    names.setdefault(L.name_hash(d.ino, name), []).append(
+                        (d.ino, name, ino, cookie))
+            undone = False
+            for dino, op_start, seq, op, name, ino, flags, peer in moved:
+                d = cache.get(dino)
+                if op != L.D_ADD or not flags & L.D_EXCHANGE or d is None or \
+                        d.dents.get(name, (0, 0, -1))[2] != seq:
+                    continue
+                if any(i == ino and c < seq for _d, _n, i, c in names.get(peer, ())):
+                    logger.warning("%s: an exchange of names reached the disk in directory %d "
+                                   "only: it is undone", self.pm.path, dino)
+                    self.pm.commit_u64(self.inode_addr(dino) + L.I_LOG_TAIL, op_start)
+                    cache[dino], _ = self._read_inode(dino)
+                    # the allocator was loaded from the longer log: its pages past the cut go
+                    for b in set(self._blocks_of(d)) - set(self._blocks_of(cache[dino])):
+                        self.alloc.free(b, 1)
+                    undone = True
+                    break
+            if not undone:
+                break
+        fixes = 0
+        named = {ino for d in cache.values() if d.is_dir for ino, _, _ in d.dents.values()}
+        for dino, _start, seq, op, name, ino, flags, peer in moved:
+            d = cache.get(dino)
+            if d is None or flags & L.D_EXCHANGE:
+                continue
+            if op == L.D_ADD and d.dents.get(name, (0, 0, -1))[2] == seq:
+                for odir, oname, oino, cookie in names.get(peer, ()):
+                    if oino == ino and cookie < seq and odir != dino:
+                        logger.warning("%s: a rename reached the disk in its new directory "
+                                       "only: the old name is removed", self.pm.path)
+                        self._commit([(cache[odir], [(L.E_DENTRY, 0, L.D_REMOVE, oname, 0, 0,
+                                                      now)])])
+                        fixes += 1
+            elif op == L.D_REMOVE and name not in d.dents and ino in cache and \
+                    ino not in named and cache[ino].nlink > 0:
+                # (an unlinked inode has link count 0: only a rename leaves it nameless)
+                child = cache[ino]
+                logger.warning("%s: a rename reached the disk in its old directory only: "
+                               "the old name is given back", self.pm.path)
+                self._commit([(d, [(L.E_DENTRY, 0, L.D_ADD, name, ino,
+                                    stat.S_IFMT(child.mode) >> 12, now)])])
+                named.add(ino)
+                fixes += 1
+        return fixes
 
     def _repair_namespace(self) -> int:
         """After a power loss on a disk-backed image, make the tree whole again

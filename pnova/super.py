@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -210,6 +211,9 @@ class Mount:
             # marked clean: frees are immediate from here on.
             self.alloc.release_limbo(everything=True)
             self.alloc.limbo = None
+            if self.held_inos is not None:
+                self.release_held_inos(everything=True)
+                self.held_inos = None
             self.alloc.stash_cpu = None              # every stash goes back below
             for ring in self.rings:                  # pages handed out but never used
                 while (blk := ring.pop()):
@@ -355,6 +359,8 @@ class Mount:
             if cur >= started or w.cas64(H_SYNCED, cur, started):
                 break
         self.alloc.release_limbo()
+        if self.held_inos:
+            self.release_held_inos()
 
     def hold_frees_until_sync(self) -> None:
         """On a disk-backed image, a freed block is reused only after a sync has
@@ -363,10 +369,11 @@ class Mount:
         if self.pm.mode == "disk" and not self.readonly:
             self.alloc.hold_frees()
             self.alloc.sync_now = self.sync
+            self.held_inos = deque()
 
     def statfs(self) -> StatFs:
         a = self.alloc
-        ffree = self.nfree_inodes
+        ffree = self.nfree_inodes + len(self.held_inos or ())   # free after the next sync
         # Blocks kept at hand (stashes, rings of log pages) hold nothing: free.
         free = a.nfree + a.stashed() + sum(len(r) for r in self.rings) + \
             self.area.w.load64(H_LIMBO)           # free again after the next sync
