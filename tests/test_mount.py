@@ -936,3 +936,55 @@ def test_lock_scheme_options(tmp_path):
     for bad in ("lock=spin", "segment_pages=0", "segment_pages=x"):
         with pytest.raises(UsageError, match=bad.split("=")[0]):
             parse_args([str(tmp_path / "i"), str(tmp_path), "-o", bad])
+
+
+@needs_fuse
+def test_the_mount_recovers_a_rename_a_power_loss_cut_in_half(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """The pnova command recovers an image on a disk by the page model's rules
+    (DESIGN 24.3): here a crash state of the page model in which a rename from
+    /A to /B reached the disk in /B only, so that its logs alone name the file
+    twice.  Through the mount the file has its new name only, with its data, and
+    fsck is clean afterwards."""
+    import pnova.crashpages as cp
+    from pnova.pmem import PMem
+    from pnova.rebuild import Rebuild
+
+    cases = cp.cases_for("seq1")
+    case = next(i for i, (_, ops) in enumerate(cases)
+                if ops[0] == ("rename", "/A/foo", "/B/foo", 0))
+    img = str(tmp_path / "lost.img")            # tmp_path is on a disk (test_durability)
+    probe = str(tmp_path / "probe.img")
+    found = False
+    for sno in range(400):
+        if cp.run_case("seq1", case, only=(0, sno), keep=img).checked == 0:
+            break
+        shutil.copy(img, probe)
+        with monkeypatch.context() as m:        # recovery without settling renames
+            m.setattr(Rebuild, "_finish_renames", lambda self: 0)
+            fs = FileSystem.mount(probe, device=PMem(probe), power_loss=True)
+        try:
+            names = [(d, n) for d in (b"A", b"B")
+                     for n, _i, _t in fs.readdir(fs.lookup(1, d).ino)[2:] if n == b"foo"]
+        finally:
+            fs.unmount()
+        if len(names) == 2:
+            found = True
+            break
+    assert found, "no crash state names the file twice: the rename's pages changed"
+    m = Mount(img, tmp_path / "mnt")
+    try:
+        r = m.run()
+        assert r.returncode == 0 and os.path.ismount(m.mnt), r.stderr
+        # what recovery settled is said, on the terminal as in the mount log
+        assert "a rename reached the disk in its new directory only" in r.stderr
+        assert not (m.mnt / "A" / "foo").exists()
+        assert (m.mnt / "B" / "foo").read_bytes() == b"a" * 6000
+        assert os.stat(m.mnt / "B" / "foo").st_nlink == 1
+        m.stop()
+    finally:
+        m.cleanup()
+    r = subprocess.run([str(BIN / "fsck.pnova"), "-n", "-f", img],
+                       capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "a rename reached the disk in its new directory only" in open(m.log).read()
