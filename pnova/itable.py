@@ -53,8 +53,7 @@ class InodeTable:
         held = self.held_inos
         synced = self.area.w.load64(H_SYNCED)
         while held and (everything or held[0][0] < synced):
-            ino = held.popleft()[1]
-            self.free_inodes[(ino - 1) % self.ncpus].free((ino - 1) // self.ncpus, 1)
+            self._release_ino(held.popleft()[1], held=False)
 
     def _make_inode(self, mode: int, uid: int, gid: int, rdev: int,
                     entries: list[tuple], data: bytes | None = None) -> tuple[Inode, int, list[int]]:

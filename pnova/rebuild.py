@@ -238,7 +238,7 @@ class Rebuild:
                            "not reach the disk (%s): it is dropped", pm.path, ino, why)
             pm.store_u64(addr + L.I_STATE, L.STATE_FREE)
             pm.persist(addr + L.I_STATE, 8)
-            self.free_inodes[(ino - 1) % self.ncpus].free((ino - 1) // self.ncpus, 1)
+            self._release_ino(ino, held=False)
             return None
         cuts = 0
         if new != tail:
