@@ -54,7 +54,8 @@ class EngineTarget:
              duration: float, cfg: RunConfig, image: str, size: int,
              tick: Callable[[], object] | None) -> None:
         lock, features = split_scheme(scheme)
-        format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus, features=features)
+        format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus, features=features,
+                      inodes_per_cpu=rec["inodes_per_cpu"])
         fs = FileSystem.mount(image, cpu=0, lock=lock, segment_pages=cfg.segment_pages)
         try:
             fops = EngineOps(fs)

@@ -112,7 +112,8 @@ class PnovaMountTarget:
         daemon: subprocess.Popen | None = None
         try:
             format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus,
-                          features=split_scheme(scheme)[1])
+                          features=split_scheme(scheme)[1],
+                          inodes_per_cpu=rec["inodes_per_cpu"])
             os.mkdir(mnt)
             daemon = self._mount(image, mnt, scheme, cfg, logpath)
             run_dir = os.path.join(mnt, "fxmark")

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pnova.fsck import NO, Checker
+from pnova.layout import BLOCK, INODE_SIZE, INODES_PER_BLOCK
+from pnova.mkfs import default_inodes_per_cpu
 
 from .fileops import FileOps
 from .workers import PoolResult, run_workers, summarise, usable_cpus
@@ -76,16 +78,31 @@ MiB = 1 << 20
 DEFAULT_DEVICE = 1024 * MiB
 
 
-def device_size_for(workload: Workload, nworkers: int) -> int:
+def device_size_for(workload: Workload, nworkers: int, duration: float = 5.0) -> int:
     """1 GiB, or more when the workload's files need it.
 
     Copy-on-write needs room for a second copy of what is overwritten while
     old blocks wait to be freed, and logs and per-CPU reserves take some: twice
-    the data plus 64 MiB, rounded up to a MiB.  Images are sparse files, so
-    only what a run touches takes memory.
+    the data plus 64 MiB, rounded up to a MiB.  Every file the workload may
+    hold at once takes a log page and an inode slot besides.  Images are
+    sparse files, so only what a run touches takes memory.
     """
-    need = 2 * workload.space(nworkers) + 64 * MiB
+    files = workload.files(nworkers, duration)
+    need = 2 * (workload.space(nworkers) + files * workload.file_bytes) + 64 * MiB \
+        + files * (BLOCK + INODE_SIZE)
     return max(DEFAULT_DEVICE, (need + MiB - 1) // MiB * MiB)
+
+
+def inodes_per_cpu_for(workload: Workload, nworkers: int, duration: float, size: int,
+                       ncpus: int) -> int | None:
+    """Inode slots per CPU when mkfs's default (one per 16 KiB of device) would
+    run out before the workload's files do; None: the default."""
+    want = workload.files(nworkers, duration) + 1024
+    total = size // BLOCK
+    if default_inodes_per_cpu(total, ncpus) * ncpus >= want:
+        return None
+    per = -(-want // ncpus)
+    return -(-per // INODES_PER_BLOCK) * INODES_PER_BLOCK
 
 
 def default_image_dir() -> str:
@@ -110,8 +127,10 @@ def image_run(workload: Workload, target: str, scheme: str, nworkers: int,
     """The start of a run on a fresh pnova image: (record, image size, a new
     directory for the image) -- the engine and pnova targets share it."""
     rec = base_record(workload, target, scheme, nworkers, duration, cfg)
-    size = cfg.device_size or device_size_for(workload, nworkers)
-    rec.update(segment_pages=cfg.segment_pages, ncpus=cfg.ncpus, device_size=size)
+    size = cfg.device_size or device_size_for(workload, nworkers, duration)
+    rec.update(segment_pages=cfg.segment_pages, ncpus=cfg.ncpus, device_size=size,
+               inodes_per_cpu=inodes_per_cpu_for(workload, nworkers, duration, size,
+                                                 cfg.ncpus))
     tmp = tempfile.mkdtemp(prefix=f"fxmark-{workload.name.lower()}-{scheme}-{nworkers}-",
                            dir=cfg.image_dir or default_image_dir())
     return rec, size, tmp

@@ -58,6 +58,10 @@ class Workload:
     worker: Callable[[FileOps, Any, int], Op]
     check: Check
     space: Callable[[int], int]     # bytes of file data for n workers (device sizing)
+    # Files and directories that n workers running d seconds may hold at once
+    # (device sizing: each needs an inode slot and a log page).
+    files: Callable[[int, float], int] = lambda n, d: 0
+    file_bytes: int = 0             # data written into each of those files
 
 
 def page_pattern(wid: int, seq: int) -> bytes:
@@ -502,11 +506,22 @@ def _mwcm_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> st
     return None
 
 
+# The create workloads make files for as long as they run.  Sizing the image for
+# this many creates per second and worker keeps ENOSPC out of the measurement
+# (the engine makes up to 20,000 a second per worker); a faster target would
+# fail the run with ENOSPC, never report a false rate.
+CREATES_PER_SEC = 30_000
+
+
+def _created(n: int, d: float) -> int:
+    return int(n * (d + 0.5) * CREATES_PER_SEC)
+
+
 MWCL = Workload("MWCL", "create and close an empty file in its own directory", "low",
-                _own_dirs, _mwcl_worker, _mwcl_check, lambda n: 0)
+                _own_dirs, _mwcl_worker, _mwcl_check, lambda n: 0, _created)
 MWCM = Workload("MWCM", "create, write 4 KiB, close a file in the shared directory",
                 "medium", lambda fops, n: None, _mwcm_worker, _mwcm_check,
-                lambda n: 256 * MiB)
+                lambda n: 0, _created, PAGE)
 
 # ------------------------------------------------------------- MWUL / MWUM / MWRM
 POOL = 4096                    # files pre-created per worker, and per refill
@@ -519,6 +534,11 @@ def _pool_dir(shared_dir: bool, wid: int) -> tuple[str, str]:
 
 def _join(d: str, name: str) -> str:
     return f"{d}/{name}" if d else name
+
+
+def _pool_files(n: int, d: float) -> int:
+    """A pool and its refill per worker, alive at once at most."""
+    return 2 * POOL * n + n
 
 
 def _make_pool(fops: FileOps, d: str, prefix: str, start: int) -> None:
@@ -581,10 +601,10 @@ def _unlink_check(shared_dir: bool) -> Check:
 
 MWUL = Workload("MWUL", "unlink a pre-created file in its own directory", "low",
                 _unlink_prepare(False), _unlink_worker(False), _unlink_check(False),
-                lambda n: 0)
+                lambda n: 0, _pool_files)
 MWUM = Workload("MWUM", "unlink a pre-created file in the shared directory", "medium",
                 _unlink_prepare(True), _unlink_worker(True), _unlink_check(True),
-                lambda n: 0)
+                lambda n: 0, _pool_files)
 
 
 def _mwrm_prepare(fops: FileOps, n: int) -> None:
@@ -615,7 +635,8 @@ def _mwrm_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> st
 
 
 MWRM = Workload("MWRM", "rename a file from its own directory into the shared one",
-                "medium", _mwrm_prepare, _mwrm_worker, _mwrm_check, lambda n: 0)
+                "medium", _mwrm_prepare, _mwrm_worker, _mwrm_check, lambda n: 0,
+                _pool_files)
 
 # ------------------------------------------------------------- MWRL
 
@@ -644,11 +665,13 @@ def _mwrl_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> st
 
 
 MWRL = Workload("MWRL", "rename a file within its own directory", "low",
-                _mwrl_prepare, _mwrl_worker, _mwrl_check, lambda n: 0)
+                _mwrl_prepare, _mwrl_worker, _mwrl_check, lambda n: 0,
+                _pool_files)
 
 # ------------------------------------------------------------- MRPL / MRPM / MRPH
 FANOUT, DEPTH = 8, 5           # the shared tree: 8^4 directories, 8 files in each
 _PATHS = 4096                  # random paths a MRPM worker cycles through
+_TREE = sum(FANOUT ** k for k in range(1, DEPTH + 1))     # its directories and files
 
 
 def _mrpl_prepare(fops: FileOps, n: int) -> None:
@@ -717,10 +740,10 @@ MRPL = Workload("MRPL", "stat a path in its own directory tree", "low",
                 lambda n: 0)
 MRPM = Workload("MRPM", "stat a random path of one shared tree", "medium",
                 _tree_prepare, _stat_worker(_random_paths), _stat_check(_random_paths),
-                lambda n: 0)
+                lambda n: 0, lambda n, d: _TREE)
 MRPH = Workload("MRPH", "stat one path of one shared tree", "high",
                 _tree_prepare, _stat_worker(_mrph_paths), _stat_check(_mrph_paths),
-                lambda n: 0)
+                lambda n: 0, lambda n, d: _TREE)
 
 # ------------------------------------------------------------- MRDL / MRDM
 DIR_FILES = 1024               # entries in each directory that is read
@@ -762,9 +785,11 @@ def _mrd_check(shared_dir: bool) -> Check:
 
 
 MRDL = Workload("MRDL", "read its own directory", "low",
-                _mrd_prepare(False), _mrd_worker(False), _mrd_check(False), lambda n: 0)
+                _mrd_prepare(False), _mrd_worker(False), _mrd_check(False), lambda n: 0,
+                lambda n, d: n * (DIR_FILES + 1))
 MRDM = Workload("MRDM", "read the shared directory", "medium",
-                _mrd_prepare(True), _mrd_worker(True), _mrd_check(True), lambda n: 0)
+                _mrd_prepare(True), _mrd_worker(True), _mrd_check(True), lambda n: 0,
+                lambda n, d: DIR_FILES)
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     DWAL, DWOL, DWOM, DWSL, DWTL, DWBL, DRBL, DRBM, DRBH,

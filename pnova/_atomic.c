@@ -54,7 +54,10 @@ words_dealloc(Words *self)
 {
     if (self->held)
         PyBuffer_Release(&self->view);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free((PyObject *)self);
+    Py_DECREF(tp);          /* heap types are referenced by their instances */
 }
 
 /* The address of the naturally aligned word of `size` bytes at offset `o`. */
@@ -197,7 +200,10 @@ load64s(Words *self, PyObject *const *args, Py_ssize_t n)
             Py_DECREF(out);
             return NULL;
         }
-        PyTuple_SET_ITEM(out, i, x);
+        if (PyTuple_SetItem(out, i, x) < 0) {   /* steals x */
+            Py_DECREF(out);
+            return NULL;
+        }
     }
     return out;
 }
@@ -231,16 +237,22 @@ static PyMethodDef words_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject WordsType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "pnova._atomic.Words",
-    .tp_basicsize = sizeof(Words),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "Words(buffer): atomic 32- and 64-bit words at byte offsets of a writable buffer",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)words_init,
-    .tp_dealloc = (destructor)words_dealloc,
-    .tp_methods = words_methods,
+/* A heap type made from a spec, so that the module keeps to the stable ABI
+   (Py_LIMITED_API 3.11): one build of it loads on any later CPython. */
+static PyType_Slot words_slots[] = {
+    {Py_tp_doc, "Words(buffer): atomic 32- and 64-bit words at byte offsets of a writable buffer"},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, (initproc)words_init},
+    {Py_tp_dealloc, (destructor)words_dealloc},
+    {Py_tp_methods, words_methods},
+    {0, NULL},
+};
+
+static PyType_Spec words_spec = {
+    .name = "pnova._atomic.Words",
+    .basicsize = sizeof(Words),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .slots = words_slots,
 };
 
 static struct PyModuleDef atomic_module = {
@@ -251,15 +263,13 @@ static struct PyModuleDef atomic_module = {
 PyMODINIT_FUNC
 PyInit__atomic(void)
 {
-    PyObject *m;
-    if (PyType_Ready(&WordsType) < 0)
-        return NULL;
+    PyObject *m, *tp;
     m = PyModule_Create(&atomic_module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&WordsType);
-    if (PyModule_AddObject(m, "Words", (PyObject *)&WordsType) < 0) {
-        Py_DECREF(&WordsType);
+    tp = PyType_FromSpec(&words_spec);
+    if (tp == NULL || PyModule_AddObject(m, "Words", tp) < 0) {
+        Py_XDECREF(tp);
         Py_DECREF(m);
         return NULL;
     }

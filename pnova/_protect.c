@@ -201,7 +201,7 @@ checksums(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     PyObject *out = PyBytes_FromStringAndSize(NULL, n * CSUM_BYTES);
     if (out != NULL) {
-        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+        uint8_t *o = (uint8_t *)PyBytes_AsString(out);
         for (Py_ssize_t b = 0; b < n; b++)
             block_protect(p + b * BLOCK, o + b * CSUM_BYTES, NULL);
     }
@@ -226,8 +226,8 @@ seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&view);
         return NULL;
     }
-    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(sums);
-    uint8_t *q = (uint8_t *)PyBytes_AS_STRING(par);
+    uint8_t *o = (uint8_t *)PyBytes_AsString(sums);
+    uint8_t *q = (uint8_t *)PyBytes_AsString(par);
     for (Py_ssize_t b = 0; b < n; b++)
         block_protect(p + b * BLOCK, o + b * CSUM_BYTES, q + b * STRIP);
     PyBuffer_Release(&view);

@@ -234,6 +234,10 @@ class Scheme:
     def size_unlock(self, ino: int) -> None:
         self.sem.wunlock(self.area.inode_locks + 4 * (ino - 1))
 
+    def try_size_lock(self, ino: int) -> bool:
+        """Take the size lock if it is free now; never waits."""
+        return self.sem.try_wlock(self.area.inode_locks + 4 * (ino - 1))
+
     def log_lock(self, ino: int) -> None:
         """Serialise appends to the inode's global log."""
         self.sem.wlock(self.area.log_locks + 4 * (ino - 1))
@@ -261,6 +265,9 @@ class InodeScheme(Scheme):
 
     def size_unlock(self, ino: int) -> None:
         pass
+
+    def try_size_lock(self, ino: int) -> bool:
+        return True
 
 
 class SegmentScheme(Scheme):

@@ -435,3 +435,31 @@ def test_protected_and_unprotected_images_in_one_run(tmp_path, capsys):
             pm.close()
     with pytest.raises(SystemExit):
         cli.main(["run", "--protection", "some", "--out", "x"])
+
+
+def test_images_have_room_for_the_files_a_workload_makes(tmp_path):
+    """The image of a run holds every file the workload may make: sixteen workers
+    unlinking from pools of 4,096 files each need more inodes than mkfs's default
+    for 1 GiB (one per 16 KiB), and creates go on for the whole run."""
+    from fxmark.targets import device_size_for, inodes_per_cpu_for
+    from pnova.layout import BLOCK
+    from pnova.mkfs import default_inodes_per_cpu
+    ncpus = 16
+    for wl in WORKLOADS.values():
+        for n in (1, 2, 16):
+            size = device_size_for(wl, n, 1.0)
+            per = inodes_per_cpu_for(wl, n, 1.0, size, ncpus) \
+                or default_inodes_per_cpu(size // BLOCK, ncpus)
+            assert per * ncpus >= wl.files(n, 1.0), (wl.name, n)
+            assert size >= wl.files(n, 1.0) * BLOCK, (wl.name, n)
+    mwul = WORKLOADS["MWUL"]
+    size = device_size_for(mwul, 16, 1.0)
+    per = inodes_per_cpu_for(mwul, 16, 1.0, size, ncpus)
+    assert per is not None                  # the default would have run out
+    path = str(tmp_path / "room.img")
+    format_device(path, size, numa_nodes=1, cpus_per_node=ncpus, inodes_per_cpu=per)
+    fs = FileSystem.mount(path)
+    try:
+        assert fs.statfs().files >= 16 * (workloads.POOL + 1)
+    finally:
+        fs.unmount()
