@@ -737,17 +737,26 @@ class Checker:
             off = base + r.cpu * L.REGION_SIZE
             raw = self.pm.read(off, L.REGION_SIZE)
             try:
+                if self.pm.poisoned(off, L.REGION_SIZE):
+                    raise ValueError("poisoned")
                 got = L.Region.unpack(raw)
                 why = None if got.descriptor() == r.descriptor() else (f"says blocks {got.start}-{got.end - 1}, "
                                              f"expected {r.start}-{r.end - 1}"
                                              if (got.start, got.nblocks) != (r.start, r.nblocks)
                                              else "does not match the geometry")
-            except ValueError:
-                why = "fails its checksum"
+            except ValueError as e:
+                why = "has a media error" if str(e) == "poisoned" else "fails its checksum"
             if why and self.problem(f"region descriptor of CPU {r.cpu} {why}",
                                     "Rewrite it from the superblock's geometry", safe=True):
-                self.pm.store(off, r.pack())
-                self.pm.persist(off, L.REGION_SIZE)
+                if self.pm.poisoned(base, L.BLOCK):
+                    # The whole block is derivable (zero past the last descriptor):
+                    # rewriting it whole clears the poisoned sectors.
+                    table = b"".join(x.pack() for x in expect).ljust(L.BLOCK, b"\0")
+                    self.pm.store(base, table)
+                    self.pm.persist(base, L.BLOCK)
+                else:
+                    self.pm.store(off, r.pack())
+                    self.pm.persist(off, L.REGION_SIZE)
         self.regions = expect
 
     # ------------------------------------------------------------ pass 3: journals
@@ -771,8 +780,10 @@ class Checker:
             if self.clean:
                 # A clean unmount commits everything: mount ignores this journal, and a
                 # later crash would roll back words that were long committed.
-                if self.problem(f"{where} holds an open transaction although the image was "
-                                "cleanly unmounted", "Close it", safe=True):
+                what = (f"{where} is damaged ({why})" if why is not None else
+                        f"{where} holds an open transaction although the image was "
+                        "cleanly unmounted")
+                if self.problem(what, "Close it", safe=True):
                     self._clear_journal(j)
                 continue
             if why is not None:
@@ -790,8 +801,12 @@ class Checker:
                 self.pending_rollback.append(j)
 
     def _clear_journal(self, j: Journal) -> None:
-        self.pm.store_u64(j.base, 0)
-        self.pm.persist(j.base, 8)
+        if self.pm.poisoned(j.base, L.BLOCK):
+            self.pm.store_zero(j.base, L.BLOCK)          # whole sectors: clears the poison
+            self.pm.persist(j.base, L.BLOCK)
+        else:
+            self.pm.store_u64(j.base, 0)
+            self.pm.persist(j.base, 8)
         self.wrote = True
 
     # ------------------------------------------------------------ pass 4: inodes and logs
@@ -1496,6 +1511,13 @@ class Checker:
             return
         skip = self.released | self.allocated
         for r in self.regions:
+            if self.pm.poisoned(r.bitmap_start * L.BLOCK, r.bitmap_blocks * L.BLOCK):
+                if self.problem(f"saved allocation bitmap of CPU {r.cpu} has a media error "
+                                "(mount rebuilds it from the logs)",
+                                "Rebuild the allocation bitmaps", safe=True):
+                    self.rebuild_alloc = True
+                    self.deferred += 1
+                continue
             saved = self._bitmap(r)
             used = self.owner[r.data_start:r.end] != 0
             leaked = [r.data_start + int(i) for i in np.flatnonzero(saved & ~used)]

@@ -62,13 +62,18 @@ class Journal:
 
         Raises JournalError if the records do not match their checksum.
         """
-        word = self.pm.read_u64(self.base)
+        pm = self.pm
+        if pm.poison and pm.poisoned(self.base, 8):
+            raise JournalError("media error (poisoned sector)")
+        word = pm.read_u64(self.base)
         n = word & 0xFFFFFFFF
         if n == 0:
             return None
         if n > L.J_MAX_RECORDS:
             raise JournalError(f"journal claims {n} records")
-        recs = self.pm.read(self.base + L.J_RECORDS, n * L.J_RECORD)
+        if pm.poison and pm.poisoned(self.base + L.J_RECORDS, n * L.J_RECORD):
+            raise JournalError("media error in its records (poisoned sector)")
+        recs = pm.read(self.base + L.J_RECORDS, n * L.J_RECORD)
         if L.journal_word(n, recs) != word:
             raise JournalError("journal records fail their checksum")
         return [_REC.unpack_from(recs, i * L.J_RECORD) for i in range(n)]

@@ -76,6 +76,27 @@ class Rebuild:
     def nfree_inodes(self) -> int:
         return sum(b.nfree for b in self.free_inodes)
 
+    def _saved_bitmaps_poisoned(self) -> bool:
+        """Whether a sector of the saved allocator bitmaps is poisoned."""
+        pm = self.pm
+        return bool(pm.poison) and any(
+            pm.poisoned(ra.region.bitmap_start * L.BLOCK, ra.region.bitmap_blocks * L.BLOCK)
+            for ra in self.alloc.regions)
+
+    def _clear_poisoned_journals(self) -> None:
+        """A clean image has no open transaction: a journal block with a media
+        error is rewritten whole (which clears the poison) before it is used."""
+        pm = self.pm
+        if not pm.poison:
+            return
+        for j in self.journals:
+            if pm.poisoned(j.base, L.BLOCK):
+                logger.warning("%s: the lite journal at block %d had a media error; "
+                               "rewritten (the image was clean)", pm.path, j.base // L.BLOCK)
+                pm.store_zero(j.base, L.BLOCK)
+                pm.flush(j.base, L.BLOCK)
+                pm.fence()
+
     def _load_clean(self) -> None:
         self._build_free_inodes(clean=True)
         for ra in self.alloc.regions:

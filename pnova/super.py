@@ -110,16 +110,20 @@ def read_regions(pm: PMem, sb: L.Superblock) -> list[L.Region]:
     out = []
     base = sb.region_table_block * L.BLOCK
     for i in range(sb.ncpus):
-        raw = pm.read(base + i * L.REGION_SIZE, L.REGION_SIZE)
-        try:
-            r = L.Region.unpack(raw)
-        except ValueError:
-            r = None
-        if r is None or r.descriptor() != expect[i].descriptor():
+        off = base + i * L.REGION_SIZE
+        bad = "has a media error" if pm.poison and pm.poisoned(off, L.REGION_SIZE) else None
+        if bad is None:
+            try:
+                r = L.Region.unpack(pm.read(off, L.REGION_SIZE))
+            except ValueError:
+                r = None
+            if r is None or r.descriptor() != expect[i].descriptor():
+                bad = "is damaged"
+        if bad:
             # The table is derivable from the superblock: use the derived copy
             # and let fsck rewrite the damaged descriptor.
-            logger.warning("region descriptor of CPU %d is damaged; using the geometry "
-                           "from the superblock", i)
+            logger.warning("region descriptor of CPU %d %s; using the geometry "
+                           "from the superblock", i, bad)
         out.append(expect[i])                   # with the protection areas (not stored)
     return out
 
@@ -171,7 +175,15 @@ class Mount:
             if sb.clean not in (0, 1):
                 logger.warning("%s: the superblock's clean field holds %d (neither 0 nor 1); "
                                "the image is treated as not cleanly unmounted", path, sb.clean)
-            if sb.clean == 1:
+            if sb.clean == 1 and not readonly:
+                fs._clear_poisoned_journals()
+            bad_bitmaps = sb.clean == 1 and fs._saved_bitmaps_poisoned()
+            if bad_bitmaps and not readonly:
+                # The saved allocator state cannot be read: rebuild it from
+                # the logs, as after a crash (a read-only mount allocates nothing).
+                logger.warning("%s: the saved allocation bitmaps have a media error; "
+                               "rebuilding them from the logs", path)
+            if sb.clean == 1 and not (bad_bitmaps and not readonly):
                 fs._load_clean()
                 fs.mount_path = "clean"
             else:
@@ -224,9 +236,11 @@ class Mount:
             pm = self.pm
             for ra in self.alloc.regions:
                 r = ra.region
-                bits = np.packbits(ra.used(), bitorder="little")
+                # the whole area, so that the store also clears any poison in it
+                bits = np.packbits(ra.used(), bitorder="little").tobytes()
+                bits = bits.ljust(r.bitmap_blocks * L.BLOCK, b"\0")
                 off = r.bitmap_start * L.BLOCK
-                pm.store(off, bits.tobytes())
+                pm.store(off, bits)
                 pm.flush(off, len(bits))
             pm.fence()                                   # saved state durable before 'clean'
             # On a disk, the pages reach it in any order: everything but the
