@@ -180,6 +180,26 @@ class SharedBitmap:
             b += take
         w.add64(self.counter, n)
 
+    def take(self, start: int, n: int = 1) -> bool:
+        """Set the bits of [start, start+n) if every one is clear; False (nothing
+        taken) if any is set.  Recovery uses it, alone on the device."""
+        w = self.w
+        done: list[int] = []
+        for b in range(start - self.lo, start - self.lo + n):
+            j, bit = divmod(b, 64)
+            off = self.words + 8 * j
+            while True:
+                v = w.load64(off)
+                if v >> bit & 1:
+                    for d in done:
+                        self.free(d, 1)
+                    return False
+                if w.cas64(off, v, v | 1 << bit):
+                    break
+            w.add64(self.counter, -1)
+            done.append(self.lo + b)
+        return True
+
     def contains(self, block: int) -> bool:
         return self.lo <= block < self.hi
 

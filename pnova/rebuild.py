@@ -14,7 +14,7 @@ import numpy as np
 
 from . import layout as L
 from . import log as plog
-from .errors import CorruptImage
+from .errors import CorruptImage, FsError
 from .inode import Inode
 from .journal import JournalError
 from .shared import H_SEQ
@@ -330,8 +330,9 @@ class Rebuild:
             undone = False
             for dino, op_start, seq, op, name, ino, flags, peer in moved:
                 d = cache.get(dino)
-                if op != L.D_ADD or not flags & L.D_EXCHANGE or d is None or \
-                        d.dents.get(name, (0, 0, -1))[2] != seq:
+                # (whatever became of this half's name since: a later operation
+                # in this directory that renamed it goes with the cut)
+                if op != L.D_ADD or not flags & L.D_EXCHANGE or d is None:
                     continue
                 if any(i == ino and c < seq for _d, _n, i, c in names.get(peer, ())):
                     logger.warning("%s: an exchange of names reached the disk in directory %d "
@@ -359,9 +360,20 @@ class Rebuild:
                         self._commit([(cache[odir], [(L.E_DENTRY, 0, L.D_REMOVE, oname, 0, 0,
                                                       now)])])
                         fixes += 1
-            elif op == L.D_REMOVE and name not in d.dents and ino in cache and \
-                    ino not in named and cache[ino].nlink > 0:
-                # (an unlinked inode has link count 0: only a rename leaves it nameless)
+            elif op == L.D_REMOVE and name not in d.dents:
+                # The rename's new name never arrived when that name still holds
+                # an older inode (the one the rename replaced): then nothing after
+                # the rename can have reached that directory either, and the
+                # rename is undone whatever names the inode has.  Without that
+                # evidence the old name comes back only to an inode left with
+                # no name at all, and link count 0 means a later unlink took
+                # the name the rename made: the inode stays nameless.
+                older = any(oino != ino and cookie < seq
+                            for _d, _n, oino, cookie in names.get(peer, ()))
+                if not older and (ino in named or ino not in cache or cache[ino].nlink == 0):
+                    continue
+                if ino not in cache and not self._resurrect(ino):
+                    continue
                 child = cache[ino]
                 logger.warning("%s: a rename reached the disk in its old directory only: "
                                "the old name is given back", self.pm.path)
@@ -370,6 +382,49 @@ class Rebuild:
                 named.add(ino)
                 fixes += 1
         return fixes
+
+    def _resurrect(self, ino: int) -> bool:
+        """Bring back an inode that an unlink after the last sync freed, when the
+        rename that named it is being undone (``_finish_renames``): its slot and
+        blocks were held since, so its slot and log are as the unlink left them.
+        False, changing nothing, if any of it was reused or does not read."""
+        pm = self.pm
+        addr = self.inode_addr(ino)
+        if pm.read_u64(addr + L.I_STATE) != L.STATE_FREE or not self._valid_ino(ino):
+            return False
+        table = self.free_inodes[(ino - 1) % self.ncpus]
+        if not table.take((ino - 1) // self.ncpus):
+            return False
+        pm.store_u64(addr + L.I_STATE, L.STATE_LIVE)
+        try:
+            if self._cut_torn_logs(ino) is None:     # frees the slot again
+                return False
+            inode, seq = self._read_inode(ino)
+            while inode.pages and self._cut_torn_logs(ino, digests=True):
+                inode, seq = self._read_inode(ino)       # as in recovery: data that
+            blocks = sorted(set(self._blocks_of(inode)))  # did not arrive is cut
+        except (plog.LogError, ValueError, FsError):
+            inode = None
+        taken: list[int] = []
+        if inode is not None:
+            for b in blocks:
+                if not self.alloc.owner(b).take(b):
+                    break
+                taken.append(b)
+        if inode is None or len(taken) < len(blocks):
+            for b in taken:
+                self.alloc.owner(b).free(b, 1)
+            pm.store_u64(addr + L.I_STATE, L.STATE_FREE)
+            table.free((ino - 1) // self.ncpus, 1)
+            return False
+        pm.persist(addr + L.I_STATE, 8)
+        w = self.area.w
+        if w.load64(H_SEQ) <= seq:                  # its entries were not counted
+            w.store64(H_SEQ, seq + 1)
+        logger.warning("%s: inode %d, freed by an unlink the power loss undid, is kept",
+                       pm.path, ino)
+        self.cache[ino] = inode
+        return True
 
     def _repair_namespace(self) -> int:
         """After a power loss on a disk-backed image, make the tree whole again
@@ -394,6 +449,8 @@ class Rebuild:
             drop = []
             for name, (ino, _dt, _c) in sorted(d.dents.items()):
                 child = cache.get(ino)
+                if child is None and self._resurrect(ino):
+                    child = cache[ino]           # freed by an unlink that did not arrive
                 if child is None or (stat.S_ISLNK(child.mode) and not child.pages):
                     drop.append(name)            # gone, or a symlink whose target was cut
                     continue

@@ -249,3 +249,27 @@ def test_page_model_inode_slots_wait_for_a_sync(monkeypatch):
     monkeypatch.setattr(FileSystem, "hold_frees_until_sync", hold_blocks_only)
     reused = cp.run_steps(cp.SETUP, ops)
     assert any("/A/foo" in f.reason for f in reused.failures), reused.failures[:3]
+
+
+@pytest.mark.parametrize("ops", [
+    [("rename", "/A/foo", "/bar", 0), ("unlink", "/bar")],
+    [("link", "/A/foo", "/B/foolink"), ("rename", "/A/foo", "/bar", 0)],
+    [("write", "/A/foo", 0, 4096, 0x71), ("unlink", "/A/foo")],
+    [("rename", "/A/foo", "/bar", 2), ("rename", "/A/foo", "/A/foo2", 0)],
+])
+def test_page_model_undoes_what_depended_on_an_operation_that_did_not_arrive(ops, monkeypatch):
+    """Two operations since the last sync, the second on what the first made: when
+    the first is undone because a page of it did not arrive, the second must not
+    survive alone.  An inode an unlink freed comes back with the name the unlink
+    could not remove (its slot and blocks were held); a rename whose new name
+    never arrived gives its old name back even to an inode with other names or
+    none left; an exchange half is undone with what followed it in its
+    directory.  Without bringing freed inodes back the first case fails; the
+    third checks that an inode brought back keeps only the data that arrived."""
+    from pnova.rebuild import Rebuild
+
+    r = cp.run_steps(cp.SETUP, ops)
+    assert r.checked > 20 and not r.failures, r.failures[:3]
+    if ops[0][0] == "rename" and ops[-1][0] == "unlink":
+        monkeypatch.setattr(Rebuild, "_resurrect", lambda self, ino: False)
+        assert cp.run_steps(cp.SETUP, ops).failures
