@@ -85,6 +85,9 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self.power_loss = False
         # (sync number, inode) of slots freed since, on a disk-backed image (itable)
         self.held_inos: deque[tuple[int, int]] | None = None
+        # inodes moved between directories since a sync, with the sync interval
+        # then open (disk-backed images: DESIGN 24.3, rename barrier)
+        self.moved_unsynced: dict[int, int] | None = None
         # version 4's entry marks (F_CONT, rename marks): not written into older images
         self.marks = sb.version >= 4
         total = sb.total_blocks

@@ -18,7 +18,7 @@ from . import layout as L
 from .attrs import Attr
 from .errors import FsError
 from .inode import Inode
-from .shared import H_RENAME_LOCK, NAME_SLOTS
+from .shared import H_RENAME_LOCK, H_SYNC_STARTED, H_SYNCED, NAME_SLOTS
 
 if TYPE_CHECKING:
     from .engine import FileSystem
@@ -83,6 +83,9 @@ def namespace_op(fn):
             if self._compact_wanted:
                 self._compact_pending()
     return op
+
+
+MOVED_PRUNE = 4096     # remembered moves between directories before a prune
 
 
 class Namei:
@@ -348,7 +351,28 @@ class Namei:
         return target
 
     @namespace_op
+    def _moved_barrier(self, *inos: int) -> None:
+        """Sync first when one of ``inos`` was moved between directories by a
+        rename or exchange no sync has covered yet.  After a power loss a half
+        of such a move is undone from the names alone (DESIGN 24.3); an
+        operation that uses the inode where the move put it, in a third log,
+        must not reach the disk without the move."""
+        moved = self.moved_unsynced
+        if not moved:
+            return
+        synced = self.area.w.load64(H_SYNCED)
+        for ino in inos:
+            since = moved.get(ino)
+            if since is None:
+                continue
+            if synced <= since:
+                self.sync()
+            for i in [i for i, s in moved.items() if s < self.area.w.load64(H_SYNCED)]:
+                del moved[i]
+            return
+
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        self._moved_barrier(ino)
         self._rw()
         self._check_name(new_name)
         self._ns_name(new_parent, new_name)
@@ -428,6 +452,10 @@ class Namei:
     @namespace_op
     def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0) -> None:
         """rename(2) / renameat2 with RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2)."""
+        if self.moved_unsynced and p1 != p2:
+            # (a hint, read without locks: the names it finds are what matter)
+            ents = (self._dir(p1).dents.get(n1), self._dir(p2).dents.get(n2))
+            self._moved_barrier(*(e[0] for e in ents if e))
         self._rw()
         noreplace, exchange = flags & 1, flags & 2
         if flags & ~3 or (noreplace and exchange):
@@ -527,6 +555,15 @@ class Namei:
                 pd = d1 if pino == p1 else d2
                 add(pd, (L.E_LINK, self._next_seq(), pd.nlink + delta, now))
         self._commit([(objs[i], es) for i, es in ent.items()])
+        moved = self.moved_unsynced
+        if across and moved is not None:
+            interval = self.area.w.load64(H_SYNC_STARTED)
+            if len(moved) >= MOVED_PRUNE:            # forget moves a sync has covered
+                synced = self.area.w.load64(H_SYNCED)
+                for i in [i for i, since in moved.items() if since < synced]:
+                    del moved[i]
+            for i in ((src.ino, dst.ino) if exchange else (src.ino,)):
+                moved[i] = interval
         if dst is not None and not exchange:
             self._maybe_evict(dst)
 

@@ -26,6 +26,13 @@ logger = logging.getLogger("pnova")
 RETRIES = 100
 
 
+RESTARTS = 16          # undos one recovery may make before it gives up
+
+
+class _Restart(Exception):
+    """An undo changed logs on the disk: recovery starts over from them."""
+
+
 class Rebuild:
     """Reading inodes and rebuilding indexes from the device."""
 
@@ -106,7 +113,66 @@ class Rebuild:
             ra.load(used)
 
     def _recover(self) -> None:
-        """Roll back open journals, then rebuild every index by replaying every log."""
+        """Roll back open journals, then rebuild every index by replaying every log
+        (again, after an undo on the disk's logs that a power loss called for)."""
+        for _ in range(RESTARTS):
+            try:
+                self._recover_once()
+                return
+            except _Restart:
+                self.cache.clear()
+        raise CorruptImage(f"{self.pm.path}: recovery from the power loss does not settle; "
+                           "run fsck.pnova")
+
+    def _cut_dependents(self, seq: int, moved: set[int]) -> None:
+        """After undoing an operation (sequence ``seq``) that moved the inodes
+        ``moved``: cut every log, from its first later operation that used
+        them, a name added for or removed from one of them, or a change of one
+        of them.  Such an operation came after the undone one, so after the
+        last sync; the rest of those logs goes with it (later still)."""
+        pm = self.pm
+        for x in self._build_free_inodes():
+            addr = self.inode_addr(x)
+            logs = [(addr + L.I_LOG_TAIL, pm.read_u64(addr + L.I_LOG_HEAD),
+                     pm.read_u64(addr + L.I_LOG_TAIL), False)]
+            array = pm.read_u64(addr + L.I_LOG_ARRAY)
+            try:
+                if array:
+                    logs += [(array * L.BLOCK + cpu * L.LA_LINE + L.LA_TAIL, h, t, True)
+                             for cpu, h, t in self._local_lines(array)]
+                for word, head, tail, local in logs:
+                    cut = self._first_dependent(x, head, tail, seq, moved)
+                    if cut is not None:
+                        pm.commit_u64(word, 0 if local and cut == head else cut)
+            except (plog.LogError, ValueError):
+                continue                         # left to the rebuild to report
+
+    def _first_dependent(self, ino: int, head: int, tail: int, seq: int,
+                         moved: set[int]) -> int | None:
+        """Where the first operation after ``seq`` in this log that uses an inode
+        of ``moved`` starts (None: there is none)."""
+        stop: dict = {}
+        start, first, dep = head, None, False
+        names: dict[bytes, int] = {}
+        for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, None, 0, stop):
+            e = L.decode_entry(raw)
+            if first is None:
+                first = e[1]
+            hit = ino in moved
+            if e[0] == L.E_DENTRY:
+                if e[2] == L.D_ADD:
+                    hit = hit or e[4] in moved
+                    names[e[3]] = e[4]
+                else:
+                    hit = hit or names.pop(e[3], 0) in moved or e[4] in moved
+            dep = dep or (hit and first > seq)
+            if not raw[1] & L.F_CONT:
+                if dep:
+                    return start
+                start, first = stop["pos"] + len(raw), None
+        return None
+
+    def _recover_once(self) -> None:
         t0 = time.monotonic()
         undone = 0
         for j in self.journals:
@@ -311,7 +377,9 @@ class Rebuild:
 
         * an exchange whose other half is missing (the other name still has
           its old inode, which this half moved here) is undone: this
-          directory's log is cut before the operation;
+          directory's log is cut before the operation, every log is cut from
+          its first later operation that used either inode it moved, and
+          recovery starts over (``_Restart``);
         * a move whose new name arrived while the old one is still there
           (with an older cookie) loses the old name;
         * a move whose old name went while the new one did not arrive, leaving
@@ -320,32 +388,26 @@ class Rebuild:
         Returns how many entries it committed."""
         cache = self.cache
         now = time.time_ns()
-        while True:
-            moved = self._moved_names()
-            names: dict[int, list[tuple[int, bytes, int, int]]] = {}
-            for d in [i for i in cache.values() if i.is_dir]:
-                for name, (ino, _dt, cookie) in d.dents.items():
-                    names.setdefault(L.name_hash(d.ino, name), []).append(
-                        (d.ino, name, ino, cookie))
-            undone = False
-            for dino, op_start, seq, op, name, ino, flags, peer in moved:
-                d = cache.get(dino)
-                # (whatever became of this half's name since: a later operation
-                # in this directory that renamed it goes with the cut)
-                if op != L.D_ADD or not flags & L.D_EXCHANGE or d is None:
-                    continue
-                if any(i == ino and c < seq for _d, _n, i, c in names.get(peer, ())):
-                    logger.warning("%s: an exchange of names reached the disk in directory %d "
-                                   "only: it is undone", self.pm.path, dino)
-                    self.pm.commit_u64(self.inode_addr(dino) + L.I_LOG_TAIL, op_start)
-                    cache[dino], _ = self._read_inode(dino)
-                    # the allocator was loaded from the longer log: its pages past the cut go
-                    for b in set(self._blocks_of(d)) - set(self._blocks_of(cache[dino])):
-                        self.alloc.free(b, 1)
-                    undone = True
-                    break
-            if not undone:
-                break
+        moved = self._moved_names()
+        names: dict[int, list[tuple[int, bytes, int, int]]] = {}
+        for d in [i for i in cache.values() if i.is_dir]:
+            for name, (ino, _dt, cookie) in d.dents.items():
+                names.setdefault(L.name_hash(d.ino, name), []).append(
+                    (d.ino, name, ino, cookie))
+        for dino, op_start, seq, op, name, ino, flags, peer in moved:
+            d = cache.get(dino)
+            # (whatever became of this half's name since: a later operation
+            # that used it goes with the undo)
+            if op != L.D_ADD or not flags & L.D_EXCHANGE or d is None:
+                continue
+            if any(i == ino and c < seq for _d, _n, i, c in names.get(peer, ())):
+                logger.warning("%s: an exchange of names reached the disk in directory %d "
+                               "only: it is undone, with what depended on it", self.pm.path,
+                               dino)
+                self.pm.commit_u64(self.inode_addr(dino) + L.I_LOG_TAIL, op_start)
+                other = self._read_inode(dino)[0].dents.get(name, (0,))[0]
+                self._cut_dependents(seq, {ino, other} - {0})
+                raise _Restart()                 # rebuild every index from the cut logs
         fixes = 0
         named = {ino for d in cache.values() if d.is_dir for ino, _, _ in d.dents.values()}
         for dino, _start, seq, op, name, ino, flags, peer in moved:

@@ -384,6 +384,7 @@ class Mount:
             self.alloc.hold_frees()
             self.alloc.sync_now = self.sync
             self.held_inos = deque()
+            self.moved_unsynced = {}
 
     def statfs(self) -> StatFs:
         a = self.alloc
