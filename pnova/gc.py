@@ -94,16 +94,7 @@ class Compaction:
             inode = self.get(ino)
             if not (self._own_log_long(inode) or self._needs_compaction(inode)):
                 return                           # someone compacted it meanwhile
-            last = max(inode.size // L.BLOCK, max(inode.pages, default=0))
-            tok = sch.lock(ino, 0, last, True)
-            try:
-                sch.log_lock(ino)
-                try:
-                    self._compact_locked(self.get(ino))
-                finally:
-                    sch.log_unlock(ino)
-            finally:
-                sch.unlock(tok)
+            self._compact_file_sized(inode)
         finally:
             sch.size_unlock(ino)
 
@@ -122,19 +113,24 @@ class Compaction:
             return
         sch.size_lock(ino)
         try:
-            inode = self.get(ino)
-            last = max(inode.size // L.BLOCK, max(inode.pages, default=0))
-            tok = sch.lock(ino, 0, last, True)
-            try:
-                sch.log_lock(ino)
-                try:
-                    self._compact_locked(self.get(ino))
-                finally:
-                    sch.log_unlock(ino)
-            finally:
-                sch.unlock(tok)
+            self._compact_file_sized(self.get(ino))
         finally:
             sch.size_unlock(ino)
+
+    def _compact_file_sized(self, inode: Inode) -> None:
+        """Compact a file whose size lock this process holds: under a write
+        lock over its whole range and its log lock."""
+        sch, ino = self.scheme, inode.ino
+        last = max(inode.size // L.BLOCK, max(inode.pages, default=0))
+        tok = sch.lock(ino, 0, last, True)
+        try:
+            sch.log_lock(ino)
+            try:
+                self._compact_locked(self.get(ino))
+            finally:
+                sch.log_unlock(ino)
+        finally:
+            sch.unlock(tok)
 
     @namespace_op
     def _compact_dir(self, ino: int) -> None:
