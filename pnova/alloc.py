@@ -492,6 +492,11 @@ class Allocator:
                     fresh.difference_update(range(start, start + n))
                 self._free_now(start, n)
                 return
+            if limbo and limbo[0][0] < w.load64(H_SYNCED):
+                # a sync (another process's, the commit interval's) has completed:
+                # a process that only frees (unlinks, truncates) gives back what
+                # it held instead of keeping it from every other process
+                self.release_limbo()
             limbo.append((tag, start, n))
             self.limbo_blocks += n
             w.add64(H_LIMBO, n)

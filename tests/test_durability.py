@@ -244,3 +244,30 @@ def test_held_frees_through_a_mount_on_a_disk(tmp_path, capsys):
         m.cleanup()
     rc, out = fsck(capsys, path, "-n", "-f")
     assert rc == 0, out
+
+
+def test_a_process_that_only_frees_gives_back_what_a_sync_released(tmp_path):
+    """A serving process that unlinks and never allocates must not keep the blocks
+    it held once a sync by another process (the supervisor's commit interval)
+    has completed: its next free gives them back to every process."""
+    path = _disk_image(tmp_path)
+    fs = FileSystem.mount(path)
+    fs.hold_frees_until_sync()
+    inos = [fs.create(ROOT, b"f%d" % i, 0o644).ino for i in range(8)]
+    for ino in inos:
+        fs.write(ino, 0, b"x" * 3 * 4096)
+    fs.sync()
+    for i in range(4):                                    # frees only: held back
+        fs.unlink(ROOT, b"f%d" % i)
+    held = fs.alloc.limbo_blocks
+    assert held >= 12
+    other = FileSystem.attach(fs, 1)                      # another process syncs
+    other.sync()
+    fs.unlink(ROOT, b"f4")                                # the next free releases
+    assert fs.alloc.limbo_blocks < held
+    assert fs.area.w.load64(H_LIMBO) == fs.alloc.limbo_blocks + other.alloc.limbo_blocks
+    fs.unmount()
+    from pnova.fsck import Checker
+    import io
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
