@@ -40,13 +40,13 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from .crashtest import IMAGE_SIZE  # noqa: F401  (the size of the crash images it keeps)
 from .crashtest import (OBJECT_OPS, SETUP, SEQ1_OPS, CaseResult, Driver, Failure, Model, Step,
-                        _explicit_times, _valid, check_state, run_cases, seq2_cases)
+                        _explicit_times, _shm, _valid, check_state, prepare_image, run_cases,
+                        seq2_cases)
 from .engine import FileSystem
-from .mkfs import format_device
 from .pmem import PAGE, PagedPMem, PMem
 
-IMAGE_SIZE = 1 << 20
 EXHAUSTIVE_PAGES = 8         # every subset of the dirty pages up to this many
 RANDOM_STATES = 12           # random page-version choices per crash point
 SYNC: Step = ("sync",)
@@ -149,18 +149,10 @@ def run_steps(setup: list[Step], ops: list[Step], *, ident: str = "custom", case
     without holding freed blocks back until a sync (to show what that
     protects)."""
     res = CaseResult(case_no)
-    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    with tempfile.TemporaryDirectory(dir=shm) as tmp:
+    with tempfile.TemporaryDirectory(dir=_shm()) as tmp:
         img = os.path.join(tmp, "dev.img")
         crash = os.path.join(tmp, "crash.img")
-        format_device(img, IMAGE_SIZE, numa_nodes=1, cpus_per_node=1, inodes_per_cpu=64)
-        model = Model()
-        fs = FileSystem.mount(img)
-        drv = Driver(fs)
-        for s in setup:
-            drv.apply(s)
-            model.apply(s)
-        fs.unmount()
+        model = prepare_image(img, setup)
         pm = PagedPMem(img)
         fs = FileSystem.mount(img, device=pm)
         if hold_frees:

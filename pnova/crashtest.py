@@ -659,14 +659,7 @@ def run_steps(setup: list[Step], ops: list[Step], k: int, *, ident: str = "custo
     with tempfile.TemporaryDirectory(dir=tmpdir or _shm()) as tmp:
         img = os.path.join(tmp, "dev.img")
         crash = os.path.join(tmp, "crash.img")
-        format_device(img, IMAGE_SIZE, numa_nodes=1, cpus_per_node=ncpus, inodes_per_cpu=64)
-        model = Model()
-        fs = FileSystem.mount(img)
-        drv = Driver(fs)
-        for s in setup:
-            drv.apply(s)
-            model.apply(s)
-        fs.unmount()
+        model = prepare_image(img, setup, ncpus)
         pm = TrackedPMem(img)
         fs = FileSystem.mount(img, device=pm)
         drivers = {0: Driver(fs)}
@@ -720,6 +713,20 @@ def run_steps(setup: list[Step], ops: list[Step], k: int, *, ident: str = "custo
             model = after_model
         fs.unmount()
     return res
+
+
+def prepare_image(img: str, setup: list[Step], ncpus: int = 1) -> Model:
+    """Format a crash-test image and apply ``setup`` to it normally (no crash
+    states); return the model of the tree it holds, unmounted and clean."""
+    format_device(img, IMAGE_SIZE, numa_nodes=1, cpus_per_node=ncpus, inodes_per_cpu=64)
+    model = Model()
+    fs = FileSystem.mount(img)
+    drv = Driver(fs)
+    for s in setup:
+        drv.apply(s)
+        model.apply(s)
+    fs.unmount()
+    return model
 
 
 def _shm() -> str | None:

@@ -735,17 +735,7 @@ class Checker:
         base = sb.region_table_block * L.BLOCK
         for r in expect:
             off = base + r.cpu * L.REGION_SIZE
-            raw = self.pm.read(off, L.REGION_SIZE)
-            try:
-                if self.pm.poisoned(off, L.REGION_SIZE):
-                    raise ValueError("poisoned")
-                got = L.Region.unpack(raw)
-                why = None if got.descriptor() == r.descriptor() else (f"says blocks {got.start}-{got.end - 1}, "
-                                             f"expected {r.start}-{r.end - 1}"
-                                             if (got.start, got.nblocks) != (r.start, r.nblocks)
-                                             else "does not match the geometry")
-            except ValueError as e:
-                why = "has a media error" if str(e) == "poisoned" else "fails its checksum"
+            why = self._region_problem(off, r)
             if why and self.problem(f"region descriptor of CPU {r.cpu} {why}",
                                     "Rewrite it from the superblock's geometry", safe=True):
                 if self.pm.poisoned(base, L.BLOCK):
@@ -758,6 +748,20 @@ class Checker:
                     self.pm.store(off, r.pack())
                     self.pm.persist(off, L.REGION_SIZE)
         self.regions = expect
+
+    def _region_problem(self, off: int, r: L.Region) -> str | None:
+        """What is wrong with the descriptor at ``off`` (expected: ``r``), or None."""
+        if self.pm.poisoned(off, L.REGION_SIZE):
+            return "has a media error"
+        try:
+            got = L.Region.unpack(self.pm.read(off, L.REGION_SIZE))
+        except ValueError:
+            return "fails its checksum"
+        if got.descriptor() == r.descriptor():
+            return None
+        if (got.start, got.nblocks) != (r.start, r.nblocks):
+            return f"says blocks {got.start}-{got.end - 1}, expected {r.start}-{r.end - 1}"
+        return "does not match the geometry"
 
     # ------------------------------------------------------------ pass 3: journals
     def _is_inode_word(self, addr: int) -> bool:

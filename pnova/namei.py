@@ -358,18 +358,18 @@ class Namei:
         operation that uses the inode where the move put it, in a third log,
         must not reach the disk without the move."""
         moved = self.moved_unsynced
-        if not moved:
+        if not moved or not any(i in moved for i in inos):
             return
         synced = self.area.w.load64(H_SYNCED)
-        for ino in inos:
-            since = moved.get(ino)
-            if since is None:
-                continue
-            if synced <= since:
-                self.sync()
-            for i in [i for i, s in moved.items() if s < self.area.w.load64(H_SYNCED)]:
-                del moved[i]
-            return
+        if any(synced <= moved.get(i, synced) for i in inos):
+            self.sync()
+        self._forget_synced_moves()
+
+    def _forget_synced_moves(self) -> None:
+        """Drop the moves a completed sync has covered."""
+        moved, synced = self.moved_unsynced, self.area.w.load64(H_SYNCED)
+        for i in [i for i, since in moved.items() if since < synced]:
+            del moved[i]
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         self._moved_barrier(ino)
@@ -558,10 +558,8 @@ class Namei:
         moved = self.moved_unsynced
         if across and moved is not None:
             interval = self.area.w.load64(H_SYNC_STARTED)
-            if len(moved) >= MOVED_PRUNE:            # forget moves a sync has covered
-                synced = self.area.w.load64(H_SYNCED)
-                for i in [i for i, since in moved.items() if since < synced]:
-                    del moved[i]
+            if len(moved) >= MOVED_PRUNE:
+                self._forget_synced_moves()
             for i in ((src.ino, dst.ino) if exchange else (src.ino,)):
                 moved[i] = interval
         if dst is not None and not exchange:

@@ -177,13 +177,13 @@ class Mount:
                                "the image is treated as not cleanly unmounted", path, sb.clean)
             if sb.clean == 1 and not readonly:
                 fs._clear_poisoned_journals()
-            bad_bitmaps = sb.clean == 1 and fs._saved_bitmaps_poisoned()
-            if bad_bitmaps and not readonly:
-                # The saved allocator state cannot be read: rebuild it from
-                # the logs, as after a crash (a read-only mount allocates nothing).
+            # Saved allocator state that cannot be read is rebuilt from the
+            # logs, as after a crash (a read-only mount allocates nothing).
+            rebuild = sb.clean == 1 and not readonly and fs._saved_bitmaps_poisoned()
+            if rebuild:
                 logger.warning("%s: the saved allocation bitmaps have a media error; "
                                "rebuilding them from the logs", path)
-            if sb.clean == 1 and not (bad_bitmaps and not readonly):
+            if sb.clean == 1 and not rebuild:
                 fs._load_clean()
                 fs.mount_path = "clean"
             else:
