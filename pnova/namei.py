@@ -350,7 +350,6 @@ class Namei:
             raise FsError(errno.EIO)             # part of it is damaged: never a shorter target
         return target
 
-    @namespace_op
     def _moved_barrier(self, *inos: int) -> None:
         """Sync first when one of ``inos`` was moved between directories by a
         rename or exchange no sync has covered yet.  After a power loss a half
@@ -372,7 +371,12 @@ class Namei:
             del moved[i]
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        # The barrier syncs before any namespace lock is taken.
         self._moved_barrier(ino)
+        return self._link(ino, new_parent, new_name)
+
+    @namespace_op
+    def _link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         self._rw()
         self._check_name(new_name)
         self._ns_name(new_parent, new_name)

@@ -254,3 +254,44 @@ def test_a_reference_to_an_inode_freed_since_its_lookup_is_refused(tmp_path, reu
     fs0.unmount()
     out = io.StringIO()
     assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
+
+
+@pytest.mark.parametrize("op", ["link", "unlink", "rename"])
+def test_a_link_count_change_holds_the_inode_lock_until_it_commits(tmp_path, op):
+    """Two CPUs changing one file's link count each write count + 1 or - 1 from
+    what they read: without the inode's lock held across the read and the
+    commit, one change is lost (fsck then finds a wrong link count).  Whatever
+    CPU 0 commits, CPU 1 must not be able to take that file's lock then."""
+    path = str(tmp_path / "nlink.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs0 = FileSystem.mount(path)
+    fs1 = FileSystem.attach(fs0, 1)
+    a, b = fs0.mkdir(1, b"a", 0o755).ino, fs0.mkdir(1, b"b", 0o755).ino
+    f = fs0.create(a, b"f", 0o644).ino
+    fs0.link(f, a, b"g")
+    commit = fs0._commit
+    seen: list[bool] = []
+
+    def racing_commit(changes, *args, **kwargs):
+        if any(i.ino == f for i, _ in changes):
+            word = fs1._ns_word(f)
+            free = fs1.scheme.sem.try_wlock(word)
+            if free:
+                fs1.scheme.sem.wunlock(word)
+            seen.append(free)
+        return commit(changes, *args, **kwargs)
+
+    fs0._commit = racing_commit
+    if op == "link":
+        fs0.link(f, b, b"h")
+    elif op == "unlink":
+        fs0.unlink(a, b"g")
+    else:
+        fs0.rename(a, b"g", b, b"f")             # replaces nothing; then one that does
+        fs0.link(f, a, b"x")
+        fs0.rename(a, b"x", b, b"f")
+    assert seen and not any(seen), "another CPU could change the link count meanwhile"
+    fs0._commit = commit
+    fs0.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
