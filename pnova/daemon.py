@@ -116,12 +116,15 @@ class Readers:
     were last served at once, a bitmap of sleeping workers and the number of
     requests finished; each sleeper waits on an eventfd of its own.
 
-    Nothing polls: while a worker serves a caller's request and others sleep,
+    Nothing polls: while a worker serves callers' requests and others sleep,
     an interval timer (SIGALRM every WATCH_INTERVAL) looks whether requests
     queued behind it with nobody reading, and wakes a sleeper if so (a long
     request on the only awake worker would otherwise hold them up).  The
-    timer costs two system calls per request and nothing while the mount is
-    idle.
+    timer is armed by the first such request and stays armed across the
+    requests that follow; the first tick that finds the worker between
+    requests disarms it.  Arming and disarming per request cost two system
+    calls each time, which a virtual machine turns into two exits to its
+    hypervisor; an idle mount gets at most one tick.
     """
 
     _READING, _BUSY, _OVERLAP, _ASLEEP, _DONE = 0, 4, 8, 16, 24
@@ -133,7 +136,11 @@ class Readers:
         self.me = -1
         self.counted = False                      # the request in hand is a caller's
         self.armed = False                        # the watch timer runs
+        self.serving = False                      # between started() and finished()
         self.queue = select.poll()
+        # the timer's own: a poll object refuses a call from a signal handler
+        # that interrupted a poll() on it
+        self.watch = select.poll()
         # called before this worker goes to sleep (it may sleep for long)
         self.before_sleep: Callable[[], None] | None = None
 
@@ -141,6 +148,7 @@ class Readers:
         """In the forked worker: act as reader ``worker`` of descriptor ``fd``."""
         self.me = worker
         self.queue.register(fd, select.POLLIN)
+        self.watch.register(fd, select.POLLIN)
         signal.signal(signal.SIGALRM, self._look)
 
     def sequential(self) -> bool:
@@ -159,6 +167,7 @@ class Readers:
         self.w.add32(self._READING, -1)
 
     def started(self, request: memoryview) -> None:
+        self.serving = True                       # (before arming: see _look)
         w = self.w
         op, caller = _OP_CALLER.unpack_from(request)
         self.counted = caller != 0 and op not in _BACKGROUND
@@ -171,27 +180,33 @@ class Readers:
         if op not in _QUICK and w.load64(self._ASLEEP):
             if not w.load32(self._READING) and self.queue.poll(0):
                 self.wake_one()
-            else:
+            elif not self.armed:
                 # requests that queue while this one runs: see _look
                 signal.setitimer(signal.ITIMER_REAL, WATCH_INTERVAL, WATCH_INTERVAL)
                 self.armed = True
 
     def finished(self) -> None:
-        if self.armed:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            self.armed = False
+        self.serving = False
         if self.counted:
             self.w.add32(self._BUSY, -1)
         self.w.add64(self._DONE, 1)
 
     def _look(self, *_args: object) -> None:
-        """SIGALRM while serving: requests wait and nobody reads, wake a sleeper."""
-        if not self.w.load32(self._READING) and self.queue.poll(0) and self.wake_one():
+        """SIGALRM: while serving, wake a sleeper if requests wait and nobody
+        reads; between requests, stop the timer (the next request arms it)."""
+        if not self.serving:
+            self._disarm()
+        elif not self.w.load32(self._READING) and self.watch.poll(0) and self.wake_one():
+            self._disarm()
+
+    def _disarm(self) -> None:
+        if self.armed:
             signal.setitimer(signal.ITIMER_REAL, 0)
             self.armed = False
 
     # -- sleeping and waking ---------------------------------------------------
     def _sleep(self) -> None:
+        self._disarm()                            # asleep, it serves nothing to watch
         if self.before_sleep is not None:
             self.before_sleep()
         w = self.w

@@ -176,6 +176,30 @@ def test_lookups_in_one_directory_reach_two_processes_at_once(probe: Probe) -> N
 
 
 @needs_fuse
+@pytest.mark.parametrize("probe", ["pnova"], indirect=True)
+def test_a_request_that_queues_behind_a_long_one_wakes_a_sleeping_process(probe: Probe) -> None:
+    """One caller at a time keeps the second serving process asleep; a request
+    that arrives while the awake one is busy with a long request must wake it
+    (the watch timer, pnova.daemon.Readers), not wait for the long one."""
+    d = probe.mnt / "d"
+    d.mkdir()
+    for i in range(200):                         # sequential: one process serves, one sleeps
+        os.stat(probe.mnt / "d")
+    first = threading.Thread(target=lambda: _missing(d / "meet-a"))
+    first.start()
+    wait_for(lambda: (probe.meet / "meet-a").exists(), "the first request in its handler")
+    _missing(d / "meet-b")                       # queued behind it, nobody reading
+    first.join(timeout=WAIT)
+    assert probe.outcomes() == {"meet-a": "met", "meet-b": "met"}
+    probe.stop_probe()
+
+
+def _missing(path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        os.stat(path)
+
+
+@needs_fuse
 @pytest.mark.parametrize("probe", ["pnova", "no-parallel-writes"], indirect=True)
 def test_direct_writes_to_one_file_reach_two_processes_at_once(probe: Probe) -> None:
     """Direct I/O opens with FOPEN_PARALLEL_DIRECT_WRITES: O_DIRECT writes to one file
