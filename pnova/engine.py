@@ -90,6 +90,7 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self.moved_unsynced: dict[int, int] | None = None
         # version 4's entry marks (F_CONT, rename marks): not written into older images
         self.marks = sb.version >= 4
+        self.peer_dirs = sb.version >= 5            # D_MOVED dentries name the other directory
         total = sb.total_blocks
         self._own_area = area is None
         self._attached: list[FileSystem] = []   # other CPUs attached in this process

@@ -604,7 +604,7 @@ class Checker:
             if crc32c(raw[:L.SB_CRC_OFF]) != crc:
                 continue
             version = L._SB.unpack_from(raw, 0)[1]
-            if version != L.FORMAT_VERSION:
+            if version not in L.READABLE_VERSIONS:
                 return version
         return None
 

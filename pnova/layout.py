@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from crc32c import crc32c
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # Versions this code reads: 2 is 3 without the features field (always 0 there).
-READABLE_VERSIONS = (2, 3, 4)
+READABLE_VERSIONS = (2, 3, 4, 5)
 # Superblock feature bits (SPEC section 3): what the image protects.
 FEATURE_DATA_CSUM = 1          # per-strip CRC32C of every file data block, two copies
 FEATURE_DATA_PARITY = 2        # one parity strip per file data block (needs DATA_CSUM)
@@ -46,6 +46,8 @@ _SB = struct.Struct("<8sIIQIII I16sQ II Q Q Q Q 32s I")
 #         crc32c at 252.
 SB_CRC_OFF = 252
 _U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+_U64 = struct.Struct("<Q")
 
 
 @dataclass
@@ -419,10 +421,18 @@ def name_hash(dir_ino: int, name: bytes) -> int:
     return crc32c(struct.pack("<Q", dir_ino) + name)
 
 
-def dentry_moved(raw: bytes) -> tuple[int, int] | None:
-    """(flags, other name's hash) of a D_MOVED dentry entry, else None."""
+def entry_seq(raw: bytes) -> int:
+    """The sequence number of a raw entry (any type but the next-page marker)."""
+    return _U64.unpack_from(raw, 8)[0]
+
+
+def dentry_moved(raw: bytes) -> tuple[int, int, int] | None:
+    """(flags, other name's hash, other name's directory or 0 where the entry
+    does not say: version 4) of a D_MOVED dentry entry, else None."""
     if raw[1] & D_MOVED:
-        return raw[1], _U32.unpack_from(raw, 36)[0]
+        size = _U16.unpack_from(raw, 2)[0]
+        peer_dir = _U64.unpack_from(raw, size - 8)[0] if size > _pad8(40 + raw[32]) else 0
+        return raw[1], _U32.unpack_from(raw, 36)[0], peer_dir
     return None
 
 
@@ -452,14 +462,17 @@ def link_entry(seq: int, nlink: int, ctime: int) -> bytes:
 
 
 def dentry_entry(seq: int, op: int, name: bytes, ino: int, dtype: int, time_ns: int,
-                 moved: tuple[int, int] | None = None) -> bytes:
-    """``moved``: (D_MOVED, possibly with D_EXCHANGE; the other name's hash)."""
+                 moved: tuple[int, int, int] | None = None) -> bytes:
+    """``moved``: (D_MOVED, possibly with D_EXCHANGE; the other name's hash; the
+    other name's directory, or 0 for the shorter entry of version 4)."""
     size = _pad8(40 + len(name))
-    body = bytearray(size)
-    flags, peer = moved or (0, 0)
-    _DENTRY.pack_into(body, 0, E_DENTRY, flags, size, 0, seq, ino, time_ns, len(name), dtype,
-                      op, 0, peer)
+    flags, peer, peer_dir = moved or (0, 0, 0)
+    body = bytearray(size + 8 if peer_dir else size)
+    _DENTRY.pack_into(body, 0, E_DENTRY, flags, len(body), 0, seq, ino, time_ns, len(name),
+                      dtype, op, 0, peer)
     body[40:40 + len(name)] = name
+    if peer_dir:
+        _U64.pack_into(body, size, peer_dir)
     return _seal(body)
 
 
@@ -511,7 +524,9 @@ def decode_entry(raw: bytes) -> tuple:
     if etype == E_DENTRY and size >= 48:
         f = _DENTRY.unpack_from(raw, 0)
         nlen = f[7]
-        if not 1 <= nlen <= NAME_MAX or _pad8(40 + nlen) != size or f[9] not in (D_ADD, D_REMOVE):
+        # (a D_MOVED dentry of version 5 is 8 bytes longer: the other directory)
+        if not 1 <= nlen <= NAME_MAX or f[9] not in (D_ADD, D_REMOVE) or \
+                size != _pad8(40 + nlen) + (8 if f[1] & D_MOVED and size > _pad8(40 + nlen) else 0):
             raise ValueError("malformed dentry")
         return (E_DENTRY, f[4], f[9], bytes(raw[40:40 + nlen]), f[5], f[8], f[6])
     if etype == E_XATTR and size >= 40:

@@ -522,9 +522,9 @@ class Namei:
         # so that recovery can finish or undo a rename of which a power loss
         # kept only one directory's page (DESIGN 24.3).
         across = p1 != p2 and self.marks
-        to1 = (L.D_MOVED | (L.D_EXCHANGE if exchange else 0), L.name_hash(p2, n2)) \
-            if across else None
-        to2 = (to1[0], L.name_hash(p1, n1)) if across else None
+        to1 = (L.D_MOVED | (L.D_EXCHANGE if exchange else 0), L.name_hash(p2, n2),
+               p2 if self.peer_dirs else 0) if across else None
+        to2 = (to1[0], L.name_hash(p1, n1), p1 if self.peer_dirs else 0) if across else None
         if exchange:
             add(d1, (L.E_DENTRY, 0, L.D_ADD, n1, dst.ino, dt(dst), now, to1))
             add(d2, (L.E_DENTRY, 0, L.D_ADD, n2, src.ino, dt(src), now, to2))

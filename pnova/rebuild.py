@@ -349,25 +349,48 @@ class Rebuild:
             cuts += 1
         return cuts
 
-    def _moved_names(self) -> list[tuple]:
+    def _moved_names(self) -> tuple[list[tuple], dict[int, int]]:
         """Every D_MOVED dentry of every live directory's log, with where the
         operation that wrote it starts: (dir, op start, seq, op, name, ino,
-        flags, the other name's hash)."""
+        flags, the other name's hash, the other name's directory or 0); and
+        the last sequence number in each directory's log."""
         pm = self.pm
         out = []
+        last: dict[int, int] = {}
         for d in [i for i in self.cache.values() if i.is_dir]:
             addr = self.inode_addr(d.ino)
             head, tail = pm.read_u64(addr + L.I_LOG_HEAD), pm.read_u64(addr + L.I_LOG_TAIL)
             stop: dict = {}
             op_start = head
+            top = 0
             for raw in plog.walk(pm, head, tail, d.ino, self.max_log_pages, None, 0, stop):
+                top = max(top, L.entry_seq(raw))
                 moved = L.dentry_moved(raw) if raw[0] == L.E_DENTRY else None
                 if moved:
                     e = L.decode_entry(raw)
-                    out.append((d.ino, op_start, e[1], e[2], e[3], e[4], moved[0], moved[1]))
+                    out.append((d.ino, op_start, e[1], e[2], e[3], e[4]) + moved)
                 if not raw[1] & L.F_CONT:
                     op_start = stop["pos"] + len(raw)
-        return out
+            last[d.ino] = top
+        return out, last
+
+    def _new_half_missing(self, moved: list[tuple], last: dict[int, int], seq: int, ino: int,
+                          peer: int, peer_dir: int) -> bool:
+        """True when the new name of the move whose removal (sequence number
+        ``seq``, of inode ``ino``) names directory ``peer_dir`` provably never
+        reached that directory's log: no D_MOVED addition of ``ino`` under the
+        name the removal's hash names is in it, and nothing later either.  A
+        log's order is its sequence order, so an entry newer than the removal
+        lies past where the addition was appended (a compaction since then,
+        which would have dropped the addition of a name removed later, writes
+        entries with new sequence numbers and syncs first)."""
+        d = self.cache.get(peer_dir)
+        if d is None or not d.is_dir:
+            return False          # (removed since, perhaps: nothing to go by)
+        if last.get(peer_dir, 0) > seq:
+            return False
+        return not any(m[0] == peer_dir and m[3] == L.D_ADD and m[5] == ino and
+                       L.name_hash(peer_dir, m[4]) == peer for m in moved)
 
     def _finish_renames(self) -> int:
         """After a power loss on a disk-backed image, settle every rename between
@@ -388,13 +411,13 @@ class Rebuild:
         Returns how many entries it committed."""
         cache = self.cache
         now = time.time_ns()
-        moved = self._moved_names()
+        moved, last = self._moved_names()
         names: dict[int, list[tuple[int, bytes, int, int]]] = {}
         for d in [i for i in cache.values() if i.is_dir]:
             for name, (ino, _dt, cookie) in d.dents.items():
                 names.setdefault(L.name_hash(d.ino, name), []).append(
                     (d.ino, name, ino, cookie))
-        for dino, op_start, seq, op, name, ino, flags, peer in moved:
+        for dino, op_start, seq, op, name, ino, flags, peer, _pd in moved:
             d = cache.get(dino)
             # (whatever became of this half's name since: a later operation
             # that used it goes with the undo)
@@ -410,7 +433,7 @@ class Rebuild:
                 raise _Restart()                 # rebuild every index from the cut logs
         fixes = 0
         named = {ino for d in cache.values() if d.is_dir for ino, _, _ in d.dents.values()}
-        for dino, _start, seq, op, name, ino, flags, peer in moved:
+        for dino, _start, seq, op, name, ino, flags, peer, peer_dir in moved:
             d = cache.get(dino)
             if d is None or flags & L.D_EXCHANGE:
                 continue
@@ -430,8 +453,12 @@ class Rebuild:
                 # evidence the old name comes back only to an inode left with
                 # no name at all, and link count 0 means a later unlink took
                 # the name the rename made: the inode stays nameless.
+                # Version 5: the removal names the new name's directory, whose
+                # log shows whether the new name arrived.
                 older = any(oino != ino and cookie < seq
-                            for _d, _n, oino, cookie in names.get(peer, ()))
+                            for _d, _n, oino, cookie in names.get(peer, ())) or \
+                    (peer_dir != 0 and self._new_half_missing(moved, last, seq, ino, peer,
+                                                              peer_dir))
                 if not older and (ino in named or ino not in cache or cache[ino].nlink == 0):
                     continue
                 if ino not in cache and not self._resurrect(ino):

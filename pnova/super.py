@@ -168,10 +168,15 @@ class Mount:
             fs = cls(pm, sb, regions, cpu=cpu, readonly=readonly, lock=lock,
                      segment_pages=segment_pages)
             fs.power_loss = power_loss
-            if sb.version < L.FORMAT_VERSION:
+            if sb.version == 2:
                 logger.info("%s: format version %d: file data is not checksummed (to protect "
                             "it: copy the files out, mkfs.pnova, copy them back)", path,
                             sb.version)
+            elif sb.version < L.FORMAT_VERSION:
+                logger.info("%s: format version %d: recovery after a power loss has fewer "
+                            "marks to go by than version %d's (DESIGN 24.3; to get them: copy "
+                            "the files out, mkfs.pnova, copy them back)", path, sb.version,
+                            L.FORMAT_VERSION)
             if sb.clean not in (0, 1):
                 logger.warning("%s: the superblock's clean field holds %d (neither 0 nor 1); "
                                "the image is treated as not cleanly unmounted", path, sb.clean)
