@@ -69,9 +69,12 @@ class Attributes:
         inode = self.get(ino)
         if size is None:
             try:
-                return self._setattr_locked(inode, *args)
+                a = self._setattr_locked(inode, *args)
             finally:
                 self._bump_epoch(ino)            # a mode change matters to writers too
+            if self._compact_wanted:             # (chmod, chown and touch grow logs too)
+                self._compact_pending()
+            return a
         if inode.is_dir:
             raise FsError(errno.EISDIR)
         if not 0 <= size <= L.MAX_FILE_SIZE:

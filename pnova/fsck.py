@@ -1726,6 +1726,7 @@ class Checker:
                         fixes.append((L.E_DENTRY, 0, L.D_ADD, name, c, real, d.mtime))
                 edges.setdefault(p, []).append((name, c))
             if fixes:
+                # (sequence numbers taken now: a log's order is its sequence order)
                 self._append(live[p], [e[:1] + (self._seq(),) + e[2:] for e in fixes])
         return edges
 

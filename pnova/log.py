@@ -154,6 +154,10 @@ def _walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
         if pages is not None:
             pages.append(page // L.BLOCK)
         pos = page
+        if good is not None:
+            # the next entry starts here (the entry before ended in the page
+            # before, at a next-page marker)
+            good["pos"] = pos
 
 
 def _next(pm: PMem, page: int, owner: int, dev: int) -> int:

@@ -256,10 +256,23 @@ class Rebuild:
         since, even the same page's newer data.)"""
         stop: dict = {}
         op_end = head               # just past the last whole operation (no F_CONT)
+        page, last = -1, -1         # the page of the entry before, and its sequence number
         for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, None, 0, stop):
             try:
                 e = L.decode_entry(raw)
                 self._check_entry(e)
+                # A log's order is its sequence order, across its pages too
+                # (compaction writes a whole new chain in that order).  A page
+                # that starts with an older entry than the page before it ends
+                # with is a block this inode (or an earlier inode of its
+                # number) used before, reused as a log page, whose new content
+                # did not arrive: its old entries pass every other check.
+                at = stop["pos"] - stop["pos"] % L.BLOCK
+                if at != page and e[1] <= last:
+                    raise ValueError(f"the log page at {at:#x} starts with an older entry "
+                                     f"(seq {e[1]}) than the page before it ends with "
+                                     f"(seq {last}): its new content did not reach the disk")
+                page, last = at, e[1]
                 if e[0] == L.E_WRITE and final is not None and e[1] in final:
                     want = L.write_digest(raw)
                     if want is not None and self.prot.csum:
