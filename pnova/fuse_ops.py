@@ -30,6 +30,7 @@ from collections.abc import Callable
 from . import fuse_wire as W
 from .engine import Attr, FileSystem
 from .errors import FsError
+from .xattr import SCRUB_XATTR
 
 log = logging.getLogger("pnova.fuse")
 
@@ -42,6 +43,9 @@ log = logging.getLogger("pnova.fuse")
 CACHE_TIMEOUT = 10.0
 
 _EMPTY = b""
+# what a caller asking for the size of the scrub's answer is told (asking
+# scrubs nothing: the answer is shorter than this)
+SCRUB_ANSWER_MAX = 256
 # keep_cache: only this daemon changes files, so cached pages stay valid
 # across opens.  noflush: every write is durable when it returns, so close(2)
 # has nothing to flush.
@@ -348,8 +352,14 @@ class PnovaOperations:
     def getxattr(self, ino: int, body: memoryview, uid: int, gid: int,
             pid: int) -> bytes:
         size, _ = W.GETXATTR_IN.unpack_from(body)
-        value = self.fs.getxattr(ino, _name(body[W.GETXATTR_IN.size:]))
-        return self._sized(value, size)
+        name = _name(body[W.GETXATTR_IN.size:])
+        if name == SCRUB_XATTR:
+            # the scrub's request (pnova-scrub): check the file's checksum
+            # copies and parity as well as its data, and say what was found
+            if size == 0:
+                return W.GETXATTR_OUT.pack(SCRUB_ANSWER_MAX, 0)
+            return self._sized(self.fs.scrub_data(ino).wire(), size)
+        return self._sized(self.fs.getxattr(ino, name), size)
 
     def listxattr(self, ino: int, body: memoryview, uid: int, gid: int,
             pid: int) -> bytes:

@@ -1,13 +1,17 @@
 """pnova-scrub: check the file data of a mounted pnova filesystem, repairing what can be.
 
-No ioctl is needed: every read the mount serves checks the strips it returns
-against their checksums, rebuilds a bad strip from the parity and writes it
-back (SPEC 9.1, DESIGN 23).  A scrub is therefore a read of every byte of
-every file, with O_DIRECT so that the kernel's page cache answers nothing
-itself.  Bytes that cannot be rebuilt answer EIO; the scrub reports them by
-path and byte range and goes on past them.  Progress (bytes read of bytes
-to read) goes to stderr; the exit status is 0 when everything read back, 1
-when some data is lost, 2 on a usage error (not a pnova mount).
+No ioctl is needed.  For each file the scrub first reads the attribute
+``trusted.pnova.scrub``, which the mount does not store: reading it makes the
+mount check every data block of the file as fsck does (each strip against its
+checksums, both checksum copies, the parity strip), repair what it can and
+answer with counts (only root may read trusted.* attributes; as another user
+this step is skipped and said so).  Then it reads every byte of the file with
+O_DIRECT, so that the kernel's page cache answers nothing itself: every read
+the mount serves checks the strips it returns, and bytes that cannot be
+rebuilt answer EIO; the scrub reports them by path and byte range and goes
+on past them.  Progress (bytes read of bytes to read) goes to stderr; the
+exit status is 0 when everything read back, 1 when some data is lost, 2 on a
+usage error (not a pnova mount).
 """
 from __future__ import annotations
 
@@ -23,6 +27,29 @@ from .fuse_session import mounted_source
 
 CHUNK = 1 << 20
 STRIP = 512
+SCRUB_XATTR = "trusted.pnova.scrub"
+COUNTS = ("blocks", "rebuilt", "copies", "parity", "lost")
+
+
+def _n(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _scrub_attr(path: str) -> dict[str, int] | None:
+    """The mount's check of one file's blocks, copies and parity (its counts),
+    or None when this user may not ask (not root)."""
+    try:
+        raw = os.getxattr(path, SCRUB_XATTR, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.EPERM, errno.EACCES):
+            return None
+        raise
+    out = dict.fromkeys(COUNTS, 0)
+    for part in raw.decode().split():
+        key, _, value = part.partition("=")
+        if key in out:
+            out[key] = int(value)
+    return out
 
 
 def _files(top: str, dev: int) -> list[tuple[str, int]]:
@@ -108,8 +135,16 @@ def main(argv: list[str] | None = None) -> int:
 
     buf = mmap.mmap(-1, CHUNK)                   # page-aligned, as O_DIRECT wants
     damaged = unreadable = 0
+    found = dict.fromkeys(COUNTS, 0)
+    checked = True                               # copies and parity checked everywhere
     for path, size in files:
         try:
+            counts = _scrub_attr(path)
+            if counts is None:
+                checked = False
+            else:
+                for k, v in counts.items():
+                    found[k] += v
             lost = _read_all(path, size, buf, done, draw)
         except OSError as e:
             print(f"\n{path}: {e.strerror}" if show else f"{path}: {e.strerror}")
@@ -126,6 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.mountpoint}: {len(files)} files, {total} bytes read; "
           f"{damaged} with damage beyond repair"
           + (f", {unreadable} not readable" if unreadable else ""))
+    if checked:
+        ro = bool(os.statvfs(mnt).f_flag & os.ST_RDONLY)
+        print(f"{a.mountpoint}: {_n(found['blocks'], 'data block')} checked; "
+              f"{'rebuildable' if ro else 'rebuilt'} from parity: "
+              f"{_n(found['rebuilt'], 'strip')}; {'bad (read-only mount: not rewritten)' if ro else 'rewritten'}: "
+              f"{_n(found['copies'], 'checksum copy', 'checksum copies')}, "
+              f"{_n(found['parity'], 'parity strip')}")
+    else:
+        print(f"{a.mountpoint}: checksum copies and parity not checked (only root may "
+              "ask the mount to; reads checked the data)")
     return 1 if damaged else 0
 
 

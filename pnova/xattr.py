@@ -17,6 +17,9 @@ from .errors import FsError
 
 XATTR_NS = (b"user.", b"trusted.", b"security.")
 CAPS_XATTR = b"security.capability"
+# Not stored: reading it through the mount scrubs the file's data (pnova-scrub;
+# trusted.*, so only CAP_SYS_ADMIN reaches it), and it cannot be set.
+SCRUB_XATTR = b"trusted.pnova.scrub"
 
 
 class Xattrs:
@@ -29,6 +32,8 @@ class Xattrs:
         ns = next((p for p in XATTR_NS if name.startswith(p)), None)
         if ns is None:
             raise FsError(errno.EOPNOTSUPP)
+        if name == SCRUB_XATTR:
+            raise FsError(errno.EPERM)
         if len(name) > L.NAME_MAX or len(name) <= len(ns):
             raise FsError(errno.ERANGE if len(name) > L.NAME_MAX else errno.EINVAL)
         if len(value) > L.XATTR_VALUE_MAX:

@@ -380,6 +380,49 @@ def test_damaged_data_through_the_mount(tmp_path, capsys):
     assert "fails its checksum" not in out               # the mount repaired the rest
 
 
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_scrub_through_the_mount_repairs_checksum_copies_and_parity(tmp_path, capsys):
+    """A read checks the data it returns against one checksum copy only; a
+    damaged second copy or parity strip would wait for fsck.  pnova-scrub asks
+    the mount to check every block as fsck does (the trusted.pnova.scrub
+    attribute, which cannot be set), so after it fsck.pnova finds nothing."""
+    path = _image(tmp_path)
+    want = _files(path)
+    fs = FileSystem.mount(path, readonly=True)
+    a, b, d = (fs.get(fs.lookup(ROOT, n).ino).pages[0] for n in (b"a", b"b", b"d"))
+    _, c2b, _ = fs.prot.records(b)
+    _, _, pd = fs.prot.records(d)
+    fs.unmount()
+    _flip(path, a * L.BLOCK + 1234)                       # a data strip
+    _flip(path, c2b + 9)                                  # b's checksum replica
+    _flip(path, pd + 100)                                 # d's parity
+    m = Mount(path, tmp_path / "mnt")
+    try:
+        m.start()
+        with pytest.raises(OSError) as e:
+            os.setxattr(m.mnt / "a", "trusted.pnova.scrub", b"x")
+        assert e.value.errno == errno.EPERM
+        assert "trusted.pnova.scrub" not in os.listxattr(m.mnt / "a")
+        scrub = subprocess.run([sys.executable, "-m", "pnova.scrub", str(m.mnt)],
+                               capture_output=True, text=True, timeout=60)
+        assert scrub.returncode == 0, scrub.stdout + scrub.stderr
+        assert "rebuilt from parity: 1 strip; rewritten: 1 checksum copy, 1 parity " \
+            "strip" in scrub.stdout, scrub.stdout
+        again = subprocess.run([sys.executable, "-m", "pnova.scrub", str(m.mnt)],
+                               capture_output=True, text=True, timeout=60)
+        assert "rebuilt from parity: 0 strips; rewritten: 0 checksum copies, 0 parity " \
+            "strips" in again.stdout, again.stdout
+        for name, data in want.items():
+            assert (m.mnt / name).read_bytes() == data
+        m.stop()
+    finally:
+        m.cleanup()
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 0, out
+
+
 def test_a_damaged_inode_state_word_costs_that_inode_not_the_mount(tmp_path, capsys, caplog):
     """A state word neither free (0) nor live (1) on a clean image: the mount goes
     on, never hands the slot out, and answers EIO for that inode only (not ENOENT:
