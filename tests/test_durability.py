@@ -334,3 +334,49 @@ def test_a_reused_log_page_whose_new_content_did_not_arrive_is_cut(tmp_path):
     rec.unmount()
     report = io.StringIO()
     assert Checker(crash, force=True, out=report).run() == 0, report.getvalue()
+
+
+def test_a_log_cut_after_an_operation_that_opens_a_page_keeps_a_valid_tail(tmp_path):
+    """Recovery after a power loss cuts a log just past its last whole operation.
+    When that operation's entry is the first of a log page, the cut must fall
+    in that page (the walk says where each entry starts, the first of a page
+    included), not past the previous page's next-page marker."""
+    import io
+
+    from pnova import log as plog
+    from pnova.fsck import Checker
+    from pnova.pmem import PagedPMem, PMem
+
+    path = _disk_image(tmp_path)
+    pm = PagedPMem(path)
+    fs = FileSystem.mount(path, device=pm, power_loss=True)
+    f = fs.create(ROOT, b"f", 0o600).ino
+    fs.sync()
+    stop: dict = {}
+    pages = len(fs.get(f).log_pages)
+    i = 0
+    while len(fs.get(f).log_pages) == pages:           # until one opens a page
+        fs.setattr(f, mode=0o400 | (i % 0o100))
+        i += 1
+    inode = fs.get(f)
+    starts = [stop["pos"] for _ in plog.walk(fs.pm, inode.head, inode.tail, f,
+                                             fs.max_log_pages, None, 0, stop)]
+    opener = starts[-1]
+    assert opener % L.BLOCK == 0 and opener // L.BLOCK == inode.log_pages[-1]
+    want = fs.getattr(f).mode & 0o7777
+    fs.setattr(f, mode=0o2000)                          # the entry after it: lost below
+    inode = fs.get(f)
+    crash = str(tmp_path / "crash.img")
+    image = pm.buf.copy()
+    lo = opener + (inode.tail - opener) - 64            # the last entry did not arrive
+    image[lo:lo + 64] = 0
+    with open(crash, "wb") as out:
+        out.write(image.tobytes())
+    rpm = PMem(crash)
+    rpm.mode = "disk"
+    rec = FileSystem.mount(crash, device=rpm, power_loss=True)
+    assert rec.getattr(rec.lookup(ROOT, b"f").ino).mode & 0o7777 == want
+    assert rec.get(f).tail == opener + 64
+    rec.unmount()
+    report = io.StringIO()
+    assert Checker(crash, force=True, out=report).run() == 0, report.getvalue()
