@@ -1,7 +1,7 @@
 # make run   : install everything, format pnova.img (1 GiB) if absent, mount it on ./mnt
 # make test  : install everything, run the whole test suite
 # make umount: unmount ./mnt
-# make crashtest / crashtest-long: crash injection (seq1 in seconds; seq2 + random in minutes)
+# make crashtest / crashtest-long: crash injection (seq1, dual, edge in about a minute; seq2 + random in minutes)
 # make compare: the pNOVA comparison (DWOM, DRBM, DWOL x lock schemes x 1..N workers,
 #               engine, pnova mount, tmpfs), written into docs/PERFORMANCE.md (minutes)
 # make compare-fuse: pnova's mount beside libfuse's passthrough_ll and pyfuse3's
@@ -65,11 +65,15 @@ test: venv install-helpers
 crashtest: venv
 	$(VENV)/bin/pnova-crashtest --workload seq1 --max-k 2
 	$(VENV)/bin/pnova-crashtest --workload dual --max-k 2
+	$(VENV)/bin/pnova-crashtest --workload edge --max-k 2 --jobs $$(nproc)
+	$(VENV)/bin/pnova-crashtest --model pages --workload seq1 --jobs $$(nproc)
+	$(VENV)/bin/pnova-crashtest --model pages --workload edge --jobs $$(nproc)
 
 # Every ordered pair of seq1 operations, then seeded random sequences (minutes).
 crashtest-long: venv
 	$(VENV)/bin/pnova-crashtest --workload seq2 --max-k 2 --jobs $$(nproc)
 	for seed in 1 2 3 4 5 6 7 8; do $(VENV)/bin/pnova-crashtest --workload random --seed $$seed --max-k 2 --jobs $$(nproc) || exit 1; done
+	$(VENV)/bin/pnova-crashtest --model pages --workload seq2 --jobs $$(nproc)
 
 COMPARE_DURATION ?= 5
 compare: venv install-helpers

@@ -42,8 +42,8 @@ import numpy as np
 
 from .crashtest import IMAGE_SIZE  # noqa: F401  (the size of the crash images it keeps)
 from .crashtest import (OBJECT_OPS, SETUP, SEQ1_OPS, CaseResult, Driver, Failure, Model, Step,
-                        _explicit_times, _shm, _valid, check_state, prepare_image, run_cases,
-                        seq2_cases)
+                        _explicit_times, _shm, _valid, check_state, edge_cases, prepare_image,
+                        run_cases, seq2_cases)
 from .engine import FileSystem
 from .pmem import PAGE, PagedPMem, PMem
 
@@ -66,7 +66,10 @@ def cases_for(workload: str) -> list[tuple[list[Step], list[Step]]]:
     if workload == "seq2":
         # every legal pair, unsynced between them (the two may arrive in any mix)
         return seq2_cases()
-    raise ValueError(f"the page model has workloads seq1 and seq2, not {workload!r}")
+    if workload == "edge":
+        # each operation opening new log pages, then synced, then another
+        return [(setup, ops + [SYNC, AFTER_SYNC]) for setup, ops in edge_cases()]
+    raise ValueError(f"the page model has workloads seq1, seq2 and edge, not {workload!r}")
 
 
 # -------------------------------------------------------------- crash states

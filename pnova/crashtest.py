@@ -131,8 +131,8 @@ class Model:
             elif dd.children.get(dn) is not s:
                 del sd.children[sn]
                 dd.children[dn] = s
-        elif op == "sync":
-            pass                              # durability only: the tree is unchanged
+        elif op in ("sync", "fill"):
+            pass                              # the tree is unchanged
         else:
             raise ValueError(f"unknown step {step!r}")
 
@@ -256,6 +256,13 @@ class Driver:
             fs.removexattr(self.ino(step[1]), step[2])
         elif op == "sync":
             fs.sync()
+        elif op == "fill":
+            # ("fill", path, room): chmods that change nothing (64-byte
+            # entries) until the object's log has less than ``room`` bytes
+            # left in its page (64: no further setattr fits; 128: one does)
+            ino = self.ino(step[1])
+            while L.LOG_DATA - fs.get(ino).tail % L.BLOCK >= step[2]:
+                fs.setattr(ino, mode=fs.getattr(ino).mode & 0o7777)
         else:
             raise ValueError(f"unknown step {step!r}")
 
@@ -399,6 +406,20 @@ def seq1_cases() -> list[tuple[list[Step], list[Step]]]:
     return [(SETUP, [op]) for op in SEQ1_OPS]
 
 
+# Every object an operation of SEQ1_OPS writes an entry to.
+FILLED = ["/", "/A", "/B", "/A/foo", "/bar", "/A/C"]
+EDGE_ROOM = (64, 128)
+
+
+def edge_cases() -> list[tuple[list[Step], list[Step]]]:
+    """Each operation of seq1 with every log it may write already filled to
+    less than EDGE_ROOM bytes from its page's end (room for no 64-byte entry,
+    or for one): its entries open new pages, or straddle two (the cases where
+    a log's pages and the cut between operations meet)."""
+    return [(SETUP + [("fill", p, room) for p in FILLED], [op])
+            for room in EDGE_ROOM for op in SEQ1_OPS]
+
+
 def seq2_cases() -> list[tuple[list[Step], list[Step]]]:
     out = []
     for a, b in itertools.product(SEQ1_OPS, repeat=2):
@@ -500,7 +521,9 @@ def cases_for(workload: str, seed: int) -> list[tuple[list[Step], list[Step]]]:
         return seq2_cases()
     if workload == "random":
         return random_cases(seed)
-    raise ValueError(f"unknown workload {workload!r} (seq1, seq2, random, dual)")
+    if workload == "edge":
+        return edge_cases()
+    raise ValueError(f"unknown workload {workload!r} (seq1, seq2, random, dual, edge)")
 
 
 # ------------------------------------------------------------- crash states
@@ -789,8 +812,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="pm", choices=["pm", "pages"],
                     help="pm: persistent memory, stores lost unless flushed and fenced "
                          "(default); pages: an image on a disk, any dirty 4 KiB pages "
-                         "written back since the last sync (workloads seq1, seq2)")
-    ap.add_argument("--workload", default="seq1", choices=["seq1", "seq2", "random", "dual"])
+                         "written back since the last sync (workloads seq1, seq2, edge)")
+    ap.add_argument("--workload", default="seq1",
+                    choices=["seq1", "seq2", "random", "dual", "edge"],
+                    help="seq1: each operation alone; seq2: every legal pair; random; "
+                         "dual: two CPUs; edge: each operation with the logs it writes "
+                         "filled to their page's end")
     ap.add_argument("--max-k", type=int, default=2,
                     help="persist every subset of up to K in-flight stores (default 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of samples and random workloads")
@@ -879,8 +906,9 @@ def _main_pages(a: argparse.Namespace) -> int:
             print(f"pnova-crashtest: no crash state {a.replay}", file=sys.stderr)
             return 2
         return _report_replay(case, P.cases_for(wl)[case][1], res, a.keep)
-    if a.workload not in ("seq1", "seq2"):
-        print(f"pnova-crashtest: the page model has workloads seq1 and seq2, not {a.workload}",
+    if a.workload not in ("seq1", "seq2", "edge"):
+        print(f"pnova-crashtest: the page model has workloads seq1, seq2 and edge, not "
+              f"{a.workload}",
               file=sys.stderr)
         return 2
     tty = sys.stderr.isatty()
