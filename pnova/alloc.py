@@ -366,6 +366,10 @@ class Allocator:
         if self.limbo and self.limbo[0][0] < self.w.load64(H_SYNCED):
             self.release_limbo()
 
+    # A process that only reads for a while (a serving process that takes only
+    # reads) neither allocates nor frees: its reads give back what it holds.
+    release_synced = _before_alloc
+
     def _note_fresh(self, extents: list[tuple[int, int]]) -> None:
         """Remember blocks allocated while no sync runs (see ``_fresh``)."""
         w = self.w

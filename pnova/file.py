@@ -64,6 +64,10 @@ class FileData:
         if off < 0:
             raise FsError(errno.EINVAL)
         end = min(off + size, inode.size)
+        if self.alloc.limbo:
+            # blocks this process freed, held until a sync that has completed
+            # since: a process that now only reads gives them back here
+            self.alloc.release_synced()
         if off >= end:
             return b""
         sch = self.scheme

@@ -273,6 +273,31 @@ def test_a_process_that_only_frees_gives_back_what_a_sync_released(tmp_path):
     assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
 
 
+def test_a_process_that_only_reads_gives_back_what_a_sync_released(tmp_path):
+    """A serving process that freed blocks and then serves only reads (it
+    neither allocates nor frees again) gives them back at its next read once a
+    sync by another process has completed, instead of keeping them from every
+    other process."""
+    path = _disk_image(tmp_path)
+    fs = FileSystem.mount(path)
+    fs.hold_frees_until_sync()
+    inos = [fs.create(ROOT, b"f%d" % i, 0o644).ino for i in range(4)]
+    for ino in inos:
+        fs.write(ino, 0, b"x" * 3 * 4096)
+    fs.sync()
+    fs.unlink(ROOT, b"f0")                                # held back
+    held = fs.alloc.limbo_blocks
+    assert held >= 3
+    other = FileSystem.attach(fs, 1)
+    fs.read(inos[1], 0, 4096)                             # no sync yet: still held
+    assert fs.alloc.limbo_blocks == held
+    other.sync()
+    assert fs.read(inos[1], 0, 4096) == b"x" * 4096       # reads only: gives them back
+    assert fs.alloc.limbo_blocks == 0
+    assert fs.area.w.load64(H_LIMBO) == other.alloc.limbo_blocks
+    fs.unmount()
+
+
 def test_a_reused_log_page_whose_new_content_did_not_arrive_is_cut(tmp_path):
     """A file's log is compacted and its old pages freed; after a sync one of
     them becomes a log page of the same file again, and a power loss keeps the
