@@ -387,12 +387,13 @@ class Rebuild:
             last[d.ino] = top
         return out, last
 
-    def _new_half_missing(self, moved: list[tuple], last: dict[int, int], seq: int, ino: int,
-                          peer: int, peer_dir: int) -> bool:
+    def _new_half_missing(self, added: set[tuple[int, int, int]], last: dict[int, int],
+                          seq: int, ino: int, peer: int, peer_dir: int) -> bool:
         """True when the new name of the move whose removal (sequence number
         ``seq``, of inode ``ino``) names directory ``peer_dir`` provably never
         reached that directory's log: no D_MOVED addition of ``ino`` under the
-        name the removal's hash names is in it, and nothing later either.  A
+        name the removal's hash names is in it (``added``: (directory, inode,
+        name hash) of every D_MOVED addition), and nothing later either.  A
         log's order is its sequence order, so an entry newer than the removal
         lies past where the addition was appended (a compaction since then,
         which would have dropped the addition of a name removed later, writes
@@ -400,10 +401,7 @@ class Rebuild:
         d = self.cache.get(peer_dir)
         if d is None or not d.is_dir:
             return False          # (removed since, perhaps: nothing to go by)
-        if last.get(peer_dir, 0) > seq:
-            return False
-        return not any(m[0] == peer_dir and m[3] == L.D_ADD and m[5] == ino and
-                       L.name_hash(peer_dir, m[4]) == peer for m in moved)
+        return last.get(peer_dir, 0) <= seq and (peer_dir, ino, peer) not in added
 
     def _finish_renames(self) -> int:
         """After a power loss on a disk-backed image, settle every rename between
@@ -446,6 +444,7 @@ class Rebuild:
                 raise _Restart()                 # rebuild every index from the cut logs
         fixes = 0
         named = {ino for d in cache.values() if d.is_dir for ino, _, _ in d.dents.values()}
+        added = {(m[0], m[5], L.name_hash(m[0], m[4])) for m in moved if m[3] == L.D_ADD}
         for dino, _start, seq, op, name, ino, flags, peer, peer_dir in moved:
             d = cache.get(dino)
             if d is None or flags & L.D_EXCHANGE:
@@ -470,7 +469,7 @@ class Rebuild:
                 # log shows whether the new name arrived.
                 older = any(oino != ino and cookie < seq
                             for _d, _n, oino, cookie in names.get(peer, ())) or \
-                    (peer_dir != 0 and self._new_half_missing(moved, last, seq, ino, peer,
+                    (peer_dir != 0 and self._new_half_missing(added, last, seq, ino, peer,
                                                               peer_dir))
                 if not older and (ino in named or ino not in cache or cache[ino].nlink == 0):
                     continue

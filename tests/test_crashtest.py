@@ -171,17 +171,22 @@ def test_two_writers_interleaved_every_state_recovers():
 # ---------------------------------------------------------------- page model
 from pnova import crashpages as cp  # noqa: E402
 
+def _page_model_all(workload: str) -> tuple[int, list]:
+    """(states checked, failures) of every case of a page-model workload."""
+    checked, failures = 0, []
+    for i in range(len(cp.cases_for(workload))):
+        r = cp.run_case(workload, i)
+        checked += r.checked
+        failures += r.failures
+    return checked, failures
+
+
 def test_page_model_seq1_every_state_recovers():
     """Every single operation, unsynced and then synced and followed by another:
     whatever subset of the dirty pages reached the disk, recovery gives a tree
     whose every path is as some state since the last sync had it, fsck-clean
     and usable (renames between directories and exchanges included)."""
-    checked = 0
-    failures = []
-    for i in range(len(cp.cases_for("seq1"))):
-        r = cp.run_case("seq1", i)
-        checked += r.checked
-        failures += r.failures
+    checked, failures = _page_model_all("seq1")
     assert checked > 1500
     assert not failures, failures[:3]
 
@@ -193,11 +198,7 @@ def test_page_model_edge_every_state_recovers():
     the first entry of a page starts, a cut just past such an operation
     stored a tail inside the page before and the image was refused: 1,232 of
     these states failed; tests/test_durability.py keeps one of them.)"""
-    checked, failures = 0, []
-    for i in range(len(cp.cases_for("edge"))):
-        r = cp.run_case("edge", i)
-        checked += r.checked
-        failures += r.failures
+    checked, failures = _page_model_all("edge")
     assert checked > 4000
     assert not failures, failures[:3]
 

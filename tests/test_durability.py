@@ -246,17 +246,24 @@ def test_held_frees_through_a_mount_on_a_disk(tmp_path, capsys):
     assert rc == 0, out
 
 
+def _synced_files(tmp_path, n: int) -> tuple[str, FileSystem, list[int]]:
+    """A disk image holding freed blocks back, with ``n`` files of 3 blocks
+    (/f0, /f1, ...) synced: (path, the mounted engine, their inode numbers)."""
+    path = _disk_image(tmp_path)
+    fs = FileSystem.mount(path)
+    fs.hold_frees_until_sync()
+    inos = [fs.create(ROOT, b"f%d" % i, 0o644).ino for i in range(n)]
+    for ino in inos:
+        fs.write(ino, 0, b"x" * 3 * 4096)
+    fs.sync()
+    return path, fs, inos
+
+
 def test_a_process_that_only_frees_gives_back_what_a_sync_released(tmp_path):
     """A serving process that unlinks and never allocates must not keep the blocks
     it held once a sync by another process (the supervisor's commit interval)
     has completed: its next free gives them back to every process."""
-    path = _disk_image(tmp_path)
-    fs = FileSystem.mount(path)
-    fs.hold_frees_until_sync()
-    inos = [fs.create(ROOT, b"f%d" % i, 0o644).ino for i in range(8)]
-    for ino in inos:
-        fs.write(ino, 0, b"x" * 3 * 4096)
-    fs.sync()
+    path, fs, inos = _synced_files(tmp_path, 8)
     for i in range(4):                                    # frees only: held back
         fs.unlink(ROOT, b"f%d" % i)
     held = fs.alloc.limbo_blocks
@@ -278,13 +285,7 @@ def test_a_process_that_only_reads_gives_back_what_a_sync_released(tmp_path):
     neither allocates nor frees again) gives them back at its next read once a
     sync by another process has completed, instead of keeping them from every
     other process."""
-    path = _disk_image(tmp_path)
-    fs = FileSystem.mount(path)
-    fs.hold_frees_until_sync()
-    inos = [fs.create(ROOT, b"f%d" % i, 0o644).ino for i in range(4)]
-    for ino in inos:
-        fs.write(ino, 0, b"x" * 3 * 4096)
-    fs.sync()
+    _, fs, inos = _synced_files(tmp_path, 4)
     fs.unlink(ROOT, b"f0")                                # held back
     held = fs.alloc.limbo_blocks
     assert held >= 3
@@ -361,16 +362,13 @@ def test_a_reused_log_page_whose_new_content_did_not_arrive_is_cut(tmp_path):
     assert Checker(crash, force=True, out=report).run() == 0, report.getvalue()
 
 
-def test_a_log_cut_after_an_operation_that_opens_a_page_keeps_a_valid_tail(tmp_path):
-    """Recovery after a power loss cuts a log just past its last whole operation.
-    When that operation's entry is the first of a log page, the cut must fall
-    in that page (the walk says where each entry starts, the first of a page
-    included), not past the previous page's next-page marker."""
-    import io
-
+def _crash_after_an_operation_that_opened_a_page(tmp_path) -> tuple[str, int, int, int]:
+    """A disk image on which setattrs of /f (synced before them) went on until
+    one opened a new log page, then one more; after the power loss every page
+    arrived but the last entry.  Returns (crash image, /f's inode, the mode the
+    page-opening setattr left, where that page starts)."""
     from pnova import log as plog
-    from pnova.fsck import Checker
-    from pnova.pmem import PagedPMem, PMem
+    from pnova.pmem import PagedPMem
 
     path = _disk_image(tmp_path)
     pm = PagedPMem(path)
@@ -390,13 +388,26 @@ def test_a_log_cut_after_an_operation_that_opens_a_page_keeps_a_valid_tail(tmp_p
     assert opener % L.BLOCK == 0 and opener // L.BLOCK == inode.log_pages[-1]
     want = fs.getattr(f).mode & 0o7777
     fs.setattr(f, mode=0o2000)                          # the entry after it: lost below
-    inode = fs.get(f)
     crash = str(tmp_path / "crash.img")
     image = pm.buf.copy()
-    lo = opener + (inode.tail - opener) - 64            # the last entry did not arrive
+    lo = fs.get(f).tail - 64                            # the last entry did not arrive
     image[lo:lo + 64] = 0
     with open(crash, "wb") as out:
         out.write(image.tobytes())
+    return crash, f, want, opener
+
+
+def test_a_log_cut_after_an_operation_that_opens_a_page_keeps_a_valid_tail(tmp_path):
+    """Recovery after a power loss cuts a log just past its last whole operation.
+    When that operation's entry is the first of a log page, the cut must fall
+    in that page (the walk says where each entry starts, the first of a page
+    included), not past the previous page's next-page marker."""
+    import io
+
+    from pnova.fsck import Checker
+    from pnova.pmem import PMem
+
+    crash, f, want, opener = _crash_after_an_operation_that_opened_a_page(tmp_path)
     rpm = PMem(crash)
     rpm.mode = "disk"
     rec = FileSystem.mount(crash, device=rpm, power_loss=True)

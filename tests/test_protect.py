@@ -160,9 +160,9 @@ def test_fsck_reports_lost_bytes_by_path_and_zeroes_them_only_when_told(tmp_path
     fs.unmount()
 
 
-def test_fsck_repairs_a_strip_a_checksum_copy_and_a_parity_as_safe_repairs(tmp_path, capsys):
-    path = _image(tmp_path)
-    want = _files(path)
+def _damage_a_strip_a_replica_and_a_parity(path: str, also_a_primary: bool = False) -> None:
+    """Flip bytes in a data strip of /a (and, if asked, in its primary checksum
+    record), in /b's checksum replica and in /d's parity strip."""
     fs = FileSystem.mount(path, readonly=True)
     a, b, d = (fs.get(fs.lookup(ROOT, n).ino).pages[0] for n in (b"a", b"b", b"d"))
     c1a, _, _ = fs.prot.records(a)
@@ -170,9 +170,16 @@ def test_fsck_repairs_a_strip_a_checksum_copy_and_a_parity_as_safe_repairs(tmp_p
     _, _, pd = fs.prot.records(d)
     fs.unmount()
     _flip(path, a * L.BLOCK + 1234)                       # a data strip
-    _flip(path, c1a + 5)                                  # ... and a's primary checksums
+    if also_a_primary:
+        _flip(path, c1a + 5)                              # ... and a's primary checksums
     _flip(path, c2b + 9)                                  # b's checksum replica
     _flip(path, pd + 100)                                 # d's parity
+
+
+def test_fsck_repairs_a_strip_a_checksum_copy_and_a_parity_as_safe_repairs(tmp_path, capsys):
+    path = _image(tmp_path)
+    want = _files(path)
+    _damage_a_strip_a_replica_and_a_parity(path, also_a_primary=True)
     rc, out = fsck(capsys, path, "-n", "-f")
     assert rc == 4
     assert "('/a'): data block" in out and "fails its checksum (the parity rebuilds it)" in out
@@ -390,14 +397,7 @@ def test_scrub_through_the_mount_repairs_checksum_copies_and_parity(tmp_path, ca
     attribute, which cannot be set), so after it fsck.pnova finds nothing."""
     path = _image(tmp_path)
     want = _files(path)
-    fs = FileSystem.mount(path, readonly=True)
-    a, b, d = (fs.get(fs.lookup(ROOT, n).ino).pages[0] for n in (b"a", b"b", b"d"))
-    _, c2b, _ = fs.prot.records(b)
-    _, _, pd = fs.prot.records(d)
-    fs.unmount()
-    _flip(path, a * L.BLOCK + 1234)                       # a data strip
-    _flip(path, c2b + 9)                                  # b's checksum replica
-    _flip(path, pd + 100)                                 # d's parity
+    _damage_a_strip_a_replica_and_a_parity(path)
     m = Mount(path, tmp_path / "mnt")
     try:
         m.start()
