@@ -195,7 +195,9 @@ def run_steps(setup: list[Step], ops: list[Step], *, ident: str = "custom", case
             allowed = allowed_states(synced_model, since)
             if only is not None and only[0] != point:
                 continue
-            rng = random.Random(f"pages:{ident}:{case_no}:{point}")
+            # seeded by the steps, not by the case's number: a case keeps its
+            # states when a workload gains operations
+            rng = random.Random(f"pages:{setup!r}:{ops!r}:{point}")
             for sno, state in enumerate(page_states(versions, rng)):
                 if only is not None and only[1] != sno:
                     continue

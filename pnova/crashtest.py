@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import hashlib
 import io
 import itertools
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 
 
 from . import layout as L
-from .engine import FileSystem
+from .engine import FileSystem, Landing
 from .errors import FsError
 from .mkfs import format_device
 from .pmem import TrackedPMem
@@ -73,7 +74,7 @@ class Node:
 
 Step = tuple
 # Steps that change the one object their path names (the rest change names).
-OBJECT_OPS = ("write", "truncate", "chmod", "chown", "utimens", "setxattr", "removexattr")
+OBJECT_OPS = ("write", "land", "truncate", "chmod", "chown", "utimens", "setxattr", "removexattr")
 
 
 def _split(path: str) -> tuple[list[bytes], bytes]:
@@ -141,7 +142,7 @@ class Model:
         """A step that changes one object (OBJECT_OPS), applied to ``f`` itself
         rather than to whatever its path names now."""
         op = step[0]
-        if op == "write":
+        if op in ("write", "land"):
             _, _path, off, n, byte = step
             f.times = None                    # a write moves mtime: no longer pinned
             if off > len(f.data):
@@ -233,6 +234,22 @@ class Driver:
         elif op == "write":
             _, path, off, n, byte = step
             fs.write(self.ino(path), off, bytes([byte]) * n)
+        elif op == "land":
+            # a write whose data a read placed in free blocks first, as the
+            # mount receives a stream of large writes (DESIGN 22.6)
+            _, path, off, n, byte = step
+            ino = self.ino(path)
+            landing = Landing(fs)
+            landing.arm(-(-n // L.BLOCK))
+            if not landing.ready():
+                raise FsError(errno.ENOSPC)
+            with tempfile.TemporaryFile() as req:
+                req.write(bytes(80) + bytes([byte]) * n)
+                req.seek(0)
+                landing.receive(req.fileno(), memoryview(bytearray(80)),
+                                memoryview(bytearray(L.BLOCK)))
+            fs.write(ino, off, landing.data(n))
+            landing.end()
         elif op == "truncate":
             fs.setattr(self.ino(step[1]), size=step[2])
         elif op == "link":
@@ -337,6 +354,9 @@ SEQ1_OPS: list[Step] = [
     ("setxattr", "/B", b"user.new", b"x"),
     ("removexattr", "/A/foo", b"user.k"),
     ("rmdir", "/A/C"),
+    # a write whose data was read into free blocks first (DESIGN 22.6): it
+    # extends the file and its last page is partial
+    ("land", "/A/foo", 4096, 8197, 0x76),
 ]
 # RENAME_NOREPLACE must target a free name to succeed.
 SEQ1_OPS[SEQ1_OPS.index(("rename", "/A/foo", "/bar", 1))] = ("rename", "/A/foo", "/B/fresh", 1)
@@ -365,7 +385,7 @@ def _valid(model: Model, step: Step) -> bool:
         return parent_dir(step[1]) and not exists(step[1])
     if op == "symlink":
         return parent_dir(step[2]) and not exists(step[2])
-    if op in ("write", "truncate"):
+    if op in ("write", "land", "truncate"):
         return exists(step[1]) and model.node(step[1]).kind == "f"
     if op == "link":
         return exists(step[1]) and model.node(step[1]).kind == "f" and parent_dir(step[2]) \

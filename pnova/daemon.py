@@ -65,7 +65,7 @@ import trio
 
 from . import fuse_wire as W
 from .atomics import SharedWords
-from .engine import FileSystem
+from .engine import FileSystem, Landing
 from .fuse_ops import PnovaOperations
 from .fuse_session import WANTED, Connection, Loop, detach, ignore_terminal_signals
 from .shared import H_SEQ
@@ -460,10 +460,13 @@ async def _watch(pid: int, cpu: int, mountpoint: str, state: _State) -> None:
 
 
 # ---------------------------------------------------------------- a worker
-def _settle_held(fs: FileSystem) -> None:
+def _settle_held(fs: FileSystem, landing: Landing | None = None) -> None:
     """Before a serving process goes quiet (to sleep, or to exit): the blocks it
     holds back are released only when it allocates, so sync and give them back
-    now rather than strand them while others run out of room (DESIGN 24)."""
+    now rather than strand them while others run out of room (DESIGN 24); the
+    blocks reserved for a landing go back too (DESIGN 22.6)."""
+    if landing is not None:
+        landing.end()
     if fs.alloc.limbo or fs.held_inos:
         fs.sync()
         fs.alloc.release_limbo()
@@ -483,11 +486,12 @@ def _worker(fs: FileSystem, conn: Connection, cpu: int,
         # ps and /proc/PID/comm tell the serving processes apart
         libc.prctl(_PR_SET_NAME, f"pnova-cpu{cpu}".encode())
         fs.become_worker(cpu)
+        ops = ops_factory(fs)
         if readers is not None:
             readers.become(cpu, conn.fd)
-            readers.before_sleep = functools.partial(_settle_held, fs)
-        loop = Loop(conn.fd, ops_factory(fs).table, name=f"cpu{cpu}", debug=debug,
-                    turns=readers)
+            readers.before_sleep = functools.partial(_settle_held, fs, ops.landing)
+        loop = Loop(conn.fd, ops.table, name=f"cpu{cpu}", debug=debug, turns=readers,
+                    landing=ops.landing)
         ignore_terminal_signals()
         # Every request allocates short-lived objects and the inode cache keeps
         # growing: with Python's default threshold a young collection runs every
@@ -503,7 +507,7 @@ def _worker(fs: FileSystem, conn: Connection, cpu: int,
         how = loop.run()
         # Other serving processes may still allocate: what this one held back
         # goes back only after a sync (a process that dies leaves it to recovery).
-        _settle_held(fs)
+        _settle_held(fs, ops.landing)
         code = EXIT_DONE
         if os.getppid() != supervisor:
             code = EXIT_ORPHANED

@@ -39,7 +39,7 @@ from .attrs import Attr, Attributes
 from .commit import Commit
 from .dir import Directories
 from .errors import FsError
-from .file import READ_CHUNK, FileData
+from .file import READ_CHUNK, FileData, Landing
 from .gc import Compaction
 from .icache import InodeCache
 from .inode import Inode
@@ -56,8 +56,8 @@ from .xattr import Xattrs
 from .super import Mount, StatFs, read_regions, read_superblock, write_superblock
 from .xattr import CAPS_XATTR
 
-__all__ = ["Attr", "CAPS_XATTR", "FileSystem", "StatFs", "read_regions", "read_superblock",
-           "write_superblock"]
+__all__ = ["Attr", "CAPS_XATTR", "FileSystem", "Landing", "StatFs", "read_regions",
+           "read_superblock", "write_superblock"]
 
 
 class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Attributes,

@@ -53,6 +53,128 @@ class ScrubCounts:
                 f"parity={self.parity} lost={self.lost}").encode()
 
 
+# A write at least this large, at a block boundary, arms the landing for the
+# next request: smaller ones cost less to copy than to receive in place.
+LAND_MIN = 64 << 10
+
+
+class Landing:
+    """Free blocks of one serving process's CPU that its next request is read
+    into (DESIGN 22.6).
+
+    A large write's data then arrives from the kernel in the blocks that will
+    hold it, and the write keeps them instead of copying the data out of a
+    buffer.  The landing is armed after a large block-aligned write, sized for
+    the next one like it; a request of any other kind gives the blocks back, so
+    a process that is not streaming writes holds none (and ``statfs`` counts
+    them free).  The blocks are allocated like any write's: unreferenced until
+    a write commits them, so a crash leaves them free.
+    """
+
+    def __init__(self, fs: "FileData") -> None:
+        self.fs = fs
+        self.extents: list[tuple[int, int]] = []   # reserved, in the order data fills them
+        self.ranges: list[tuple[int, int]] = []    # the same as device byte ranges
+        self.nbytes = 0                            # bytes the reserved blocks hold
+        self.want = 0                              # blocks the next request may need
+
+    def expect(self, off: int, n: int) -> None:
+        """After a write of ``n`` bytes at ``off``: arm for another like it, or
+        disarm (and give the blocks back)."""
+        if n >= LAND_MIN and off % L.BLOCK == 0:
+            self.arm(-(-n // L.BLOCK))
+        else:
+            self.end()
+
+    def arm(self, nblocks: int) -> None:
+        """Let the next read land in ``nblocks`` blocks (reserved by :meth:`ready`)."""
+        self.want = nblocks
+
+    def end(self) -> None:
+        """The stream of large writes has ended: reserve nothing more, give the
+        blocks back."""
+        self.want = 0
+        if self.extents:
+            self.release()
+
+    def ready(self) -> bool:
+        """Reserve the blocks the next request may need; whether it can land."""
+        need = self.want - self.nbytes // L.BLOCK
+        if need > 0:
+            try:
+                more = self.fs.alloc.alloc(self.fs.cpu, need)
+            except FsError:                        # short of room: copy instead
+                self.end()
+                return False
+            self._set(self.extents + more)
+        return self.want > 0
+
+    def receive(self, fd: int, head: memoryview, spare: memoryview) -> int:
+        """Read one request: ``head`` first, then the reserved blocks, then ``spare``."""
+        return self.fs.pm.store_read(fd, head, self.ranges, spare)
+
+    def copy_to(self, out: memoryview, n: int) -> None:
+        """Copy the first ``n`` bytes received into the blocks to ``out`` (a
+        request that does not keep them is made whole in its buffer)."""
+        view = self.fs.pm.view
+        pos = 0
+        for o, k in self.ranges:
+            if pos >= n:
+                break
+            k = min(k, n - pos)
+            out[pos:pos + k] = view(o, k)
+            pos += k
+
+    def data(self, n: int) -> "Landed":
+        """The ``n`` bytes just received into the blocks, as a write's data."""
+        return Landed(self, n)
+
+    def bytes(self, n: int) -> bytes:
+        """A copy of the first ``n`` bytes received (a write that cannot keep them)."""
+        out = bytearray(n)
+        self.copy_to(memoryview(out), n)
+        return bytes(out)
+
+    def take(self, nblocks: int) -> list[tuple[int, int]]:
+        """Give the first ``nblocks`` reserved blocks to a write, as extents."""
+        out: list[tuple[int, int]] = []
+        rest = list(self.extents)
+        while nblocks:
+            s, c = rest.pop(0)
+            k = min(c, nblocks)
+            out.append((s, k))
+            if k < c:
+                rest.insert(0, (s + k, c - k))
+            nblocks -= k
+        self._set(rest)
+        return out
+
+    def release(self) -> None:
+        """Give every reserved block back to the allocator."""
+        extents = self.extents
+        self._set([])
+        for s, c in extents:
+            self.fs.alloc.free(s, c)
+
+    def _set(self, extents: list[tuple[int, int]]) -> None:
+        self.extents = extents
+        self.ranges = [(s * L.BLOCK, c * L.BLOCK) for s, c in extents]
+        self.nbytes = sum(c for _s, c in extents) * L.BLOCK
+
+
+class Landed:
+    """A write's data that a read placed at the start of a landing's blocks."""
+
+    __slots__ = ("landing", "n")
+
+    def __init__(self, landing: Landing, n: int) -> None:
+        self.landing = landing
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class FileData:
     """Reading and writing file contents."""
 
@@ -198,7 +320,7 @@ class FileData:
                 out[lo - off:hi - off] = mm[src:src + hi - lo]
         return bytes(out)
 
-    def write(self, ino: int, off: int, data: bytes | memoryview,
+    def write(self, ino: int, off: int, data: bytes | memoryview | Landed,
               kill_suidgid: bool = False, in_group: Callable[[int], bool] | None = None) -> int:
         """Copy-on-write: new blocks, one log entry per extent, one atomic commit.
 
@@ -212,6 +334,8 @@ class FileData:
         tells whether the writer is in a group).
         """
         self._rw()
+        if isinstance(data, Landed) and off % L.BLOCK:
+            data = data.landing.bytes(data.n)     # not where its page starts: copy
         n = len(data)
         if off < 0:
             raise FsError(errno.EINVAL)
@@ -329,11 +453,17 @@ class FileData:
                 self._check_kept(inode, first, old, 0, off % L.BLOCK)
             if (off + n) % L.BLOCK and (old := pages.get(last)) is not None:
                 self._check_kept(inode, last, old, (off + n) % L.BLOCK, L.BLOCK)
-        extents = self.alloc.alloc(self.cpu, last - first + 1)
+        if isinstance(data, Landed):
+            # The data is already in place, from the first page on (write()
+            # copies it out when the write does not start a page).
+            extents = data.landing.take(last - first + 1)
+            src = None
+        else:
+            extents = self.alloc.alloc(self.cpu, last - first + 1)
+            src = memoryview(data)
         now = time.time_ns()
         entries = []
         pg = first
-        src = memoryview(data)
         for start, count in extents:
             dst = start * L.BLOCK
             lo = pg * L.BLOCK                     # file offset of this extent's first page
@@ -345,7 +475,8 @@ class FileData:
                     pm.store_copy(dst, old * L.BLOCK, a - lo)
                 else:
                     pm.store_zero(dst, a - lo)
-            pm.store(dst + a - lo, src[a - off:b - off])
+            if src is not None:
+                pm.store(dst + a - lo, src[a - off:b - off])
             if b < hi:                            # tail of the last page
                 lp = (hi // L.BLOCK) - 1
                 old = pages.get(lp)

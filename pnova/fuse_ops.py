@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 from . import fuse_wire as W
-from .engine import Attr, FileSystem
+from .engine import Attr, FileSystem, Landing
 from .errors import FsError
 from .xattr import SCRUB_XATTR
 
@@ -85,6 +85,8 @@ class PnovaOperations:
 
     def __init__(self, fs: FileSystem, *, timeout: float = CACHE_TIMEOUT) -> None:
         self.fs = fs
+        # Where large writes' data is received in place (fuse_session.Loop)
+        self.landing: Landing | None = None if fs.readonly else Landing(fs)
         sec, nsec = W.split_timeout(timeout)
         # Every entry and attribute reply starts the same way but for the inode.
         self._valid = (sec, sec, nsec, nsec)
@@ -279,11 +281,16 @@ class PnovaOperations:
     def write(self, ino: int, body: memoryview, uid: int, gid: int,
             pid: int) -> bytes:
         _fh, off, size, wflags, _, _, _ = W.WRITE_IN.unpack_from(body)
+        data = body[W.WRITE_IN_SIZE:W.WRITE_IN_SIZE + size]
+        landing = self.landing
+        if len(data) < size:                 # it arrived in the landing's blocks
+            data = landing.data(size)
         if wflags & W.WRITE_KILL_SUIDGID:
-            n = self.fs.write(ino, off, body[W.WRITE_IN_SIZE:W.WRITE_IN_SIZE + size],
-                              kill_suidgid=True, in_group=_member(gid, pid))
+            n = self.fs.write(ino, off, data, kill_suidgid=True, in_group=_member(gid, pid))
         else:
-            n = self.fs.write(ino, off, body[W.WRITE_IN_SIZE:W.WRITE_IN_SIZE + size])
+            n = self.fs.write(ino, off, data)
+        if landing is not None:
+            landing.expect(off, size)
         return W.WRITE_OUT.pack(n, 0)
 
     def release(self, ino: int, body: memoryview, uid: int, gid: int,

@@ -26,14 +26,18 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import fuse_wire as W
 from .errors import FsError
+
+if TYPE_CHECKING:
+    from .file import Landing
 
 log = logging.getLogger("pnova.fuse")
 
@@ -266,6 +270,9 @@ class Stop(Exception):
 
 _unpack_in = W.IN_HEADER.unpack_from
 _pack_out = W.OUT_HEADER.pack
+_op_of = struct.Struct("<4xI").unpack_from
+# A write's headers: read into the buffer when the data goes to a landing
+_HEAD = W.IN_HEADER_SIZE + W.WRITE_IN_SIZE
 
 
 class Turns(Protocol):
@@ -300,8 +307,9 @@ class Loop:
 
     def __init__(self, fd: int, handlers: Sequence[Handler | None], *, name: str = "",
                  debug: bool = False, turns: Turns | None = None,
-                 spin_ns: int = SPIN_NS) -> None:
+                 spin_ns: int = SPIN_NS, landing: Landing | None = None) -> None:
         self.fd = fd
+        self.landing = landing
         self.spin_ns = spin_ns if len(os.sched_getaffinity(0)) > 1 else 0
         self.turns = turns
         self.handlers = list(handlers) + [None] * max(0, 64 - len(handlers))
@@ -332,6 +340,22 @@ class Loop:
         clock = time.monotonic_ns
         spin = False                            # the caller answered quickly last time
         replied = 0
+        landing = self.landing
+        head = mv[:_HEAD]
+        landed = False                          # this read went into the landing's blocks
+
+        def read() -> int:
+            nonlocal landed, landing
+            try:
+                landed = landing is not None and landing.ready()
+            except Exception:                   # a bug: go on without the landing
+                log.exception("%s: reserving blocks for the next request failed; large "
+                              "writes are copied from now on", self.name)
+                landed, landing = False, None
+            if landed:
+                return landing.receive(fd, head, mv[_HEAD + landing.nbytes:])
+            return readv(fd, bufs)
+
         while True:
             if self.stopping:
                 return "stopped"
@@ -344,7 +368,7 @@ class Loop:
                             end = clock() + spin_ns
                             while not look(0) and clock() < end:
                                 pass
-                        n = readv(fd, bufs)
+                        n = read()
                     finally:
                         turns.read_done()
                 else:
@@ -352,7 +376,7 @@ class Loop:
                         end = clock() + spin_ns
                         while not look(0) and clock() < end:
                             pass
-                    n = readv(fd, bufs)
+                    n = read()
                 if n == 0:                      # not /dev/fuse: the peer went away
                     return "unmounted"
             except Stop:
@@ -367,16 +391,35 @@ class Loop:
                 self.waiting = False
             if spin_ns:
                 spin = clock() - replied < spin_ns
+            req = mv
+            if landed:
+                is_write = _op_of(mv)[0] == W.WRITE
+                if is_write and _HEAD < n <= _HEAD + landing.nbytes:
+                    # the data stays in the blocks; the handler sees the headers
+                    req = head
+                else:
+                    try:
+                        if n > _HEAD:           # make the request whole in the buffer
+                            landing.copy_to(mv[_HEAD:], n - _HEAD)
+                        if not is_write:        # the stream of writes has ended
+                            landing.end()
+                    except Exception:           # a bug: this request is lost, not the mount
+                        log.exception("%s: a request read into the landing could not be "
+                                      "made whole; answering EIO", self.name)
+                        landing = None
+                        self._send([_pack_out(W.OUT_HEADER_SIZE, -errno.EIO,
+                                              _unpack_in(mv)[2])], 0, errno.EIO)
+                        continue
             if turns is not None:
                 turns.started(mv)
                 try:
-                    reply = self._answer(mv)
+                    reply = self._answer(req)
                 finally:
                     # before the reply goes out: a sequential caller's next
                     # request then never looks like one overlapping this one
                     turns.finished()
             else:
-                reply = self._answer(mv)
+                reply = self._answer(req)
             if reply is not None:
                 self._send(*reply)
             replied = clock()

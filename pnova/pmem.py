@@ -208,6 +208,25 @@ class PMem:
         if self.poison:
             self._clear_poison(dst, n)
 
+    def store_read(self, fd: int, head: memoryview, ranges: list[tuple[int, int]],
+                   spare: memoryview) -> int:
+        """One read(2) of ``fd`` scattered over ``head``, then the device byte
+        ranges ``ranges`` (offset, length) in order, then ``spare``; returns the
+        bytes read.  What lands in the ranges is a store like any other (not
+        yet durable): it lets a request's data arrive where it will be kept,
+        without a copy through a buffer (DESIGN 22.6)."""
+        buf = self._wbuf
+        got = os.readv(fd, [head, *(buf[o:o + n].data for o, n in ranges), spare])
+        self.stores += 1
+        if self.poison:
+            left = got - len(head)
+            for o, n in ranges:
+                if left <= 0:
+                    break
+                self._clear_poison(o, min(n, left))
+                left -= n
+        return got
+
     def flush(self, off: int, n: int) -> None:
         """Write back every cache line that covers [off, off+n)."""
         self.flushes += ((off + n + CACHELINE - 1) // CACHELINE) - off // CACHELINE
@@ -371,6 +390,24 @@ class TrackedPMem(PMem):
     def store_copy(self, dst: int, src: int, n: int) -> None:
         super().store_copy(dst, src, n)
         self._mark(dst, n)
+
+    def store_read(self, fd: int, head: memoryview, ranges: list[tuple[int, int]],
+                   spare: memoryview) -> int:
+        # Read into a buffer first, then store each range: every range is a
+        # store unit of its own, as if written by store().
+        total = sum(n for _o, n in ranges)
+        tmp = bytearray(total)
+        got = os.readv(fd, [head, tmp, spare])
+        left = got - len(head)
+        pos = 0
+        for o, n in ranges:
+            if left <= 0:
+                break
+            k = min(n, left)
+            self.store(o, tmp[pos:pos + k])
+            pos += n
+            left -= n
+        return got
 
     def commit_u64(self, off: int, value: int) -> None:
         self.fence()

@@ -1,7 +1,10 @@
 """The pmem layer's persistence model (tracked mode) and its fast mode counters."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 
 from pnova.pmem import PMem, TrackedPMem
 
@@ -110,3 +113,52 @@ def test_a_word_another_process_stores_is_read_whole(tmp_path):
         pm.close()
     assert not bad, [hex(x) for x in sorted(bad)[:5]]
     assert seen == set(values)
+
+
+def _request_file(tmp_path, data: bytes) -> int:
+    """A descriptor that reads ``data`` (what one read(2) of a request returns)."""
+    p = tmp_path / "request"
+    p.write_bytes(data)
+    return os.open(p, os.O_RDONLY)
+
+
+@pytest.mark.parametrize("cls", [PMem, TrackedPMem])
+def test_a_scattered_read_stores_into_device_ranges_in_order(tmp_path, cls):
+    pm = make(tmp_path, cls)
+    msg = bytes(range(80)) + b"A" * 100 + b"B" * 200 + b"C" * 50
+    fd = _request_file(tmp_path, msg)
+    head, spare = bytearray(80), bytearray(4096)
+    try:
+        got = pm.store_read(fd, memoryview(head), [(1024, 100), (512, 200)],
+                            memoryview(spare))
+    finally:
+        os.close(fd)
+    assert got == len(msg)
+    assert bytes(head) == msg[:80]
+    assert pm.read(1024, 100) == b"A" * 100 and pm.read(512, 200) == b"B" * 200
+    assert bytes(spare[:50]) == b"C" * 50
+    if cls is TrackedPMem:
+        # stores like any other: in flight until flushed and fenced
+        assert not pm.durable[512:1124].any()
+        pm.flush(512, 612)
+        pm.fence()
+        assert bytes(pm.durable[1024:1124]) == b"A" * 100
+    pm.close()
+
+
+def test_a_scattered_read_clears_the_poison_of_whole_sectors_it_fills(tmp_path):
+    path = str(tmp_path / "dev")
+    with open(path, "wb") as f:
+        f.truncate(8192)
+    with open(path + ".badblocks", "w") as f:
+        f.write("8 1\n9 1\n")                      # bytes 4096..5119
+    pm = PMem(path)
+    assert pm.poisoned(4096, 1024) == [8, 9]
+    fd = _request_file(tmp_path, b"h" * 80 + b"x" * 600)
+    try:
+        pm.store_read(fd, memoryview(bytearray(80)), [(4096, 1024)], memoryview(bytearray(64)))
+    finally:
+        os.close(fd)
+    # the read filled sector 8 whole and sector 9 in part: only 8 is good again
+    assert pm.poisoned(4096, 1024) == [9]
+    pm.close()
