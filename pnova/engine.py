@@ -87,7 +87,7 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self.held_inos: deque[tuple[int, int]] | None = None
         # inodes moved between directories since a sync, with the sync interval
         # then open (disk-backed images: DESIGN 24.3, rename barrier)
-        self.moved_unsynced: dict[int, int] | None = None
+        self.moves_need_sync = False           # on a disk: DESIGN 24.3, step 8
         # version 4's entry marks (F_CONT, rename marks): not written into older images
         self.marks = sb.version >= 4
         self.peer_dirs = sb.version >= 5            # D_MOVED dentries name the other directory

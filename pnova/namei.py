@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from .engine import FileSystem
 
 
+class MovedMeanwhile(Exception):
+    """Under its locks, an operation found that another process moved its inode
+    between directories after the operation's barrier looked, and no sync has
+    covered the move: it is abandoned unchanged and run again after a sync."""
+
+
 class Relock(Exception):
     """A namespace lock could not be taken in order: the operation starts again
     holding every lock it asked for, taken in order first."""
@@ -83,9 +89,6 @@ def namespace_op(fn):
             if self._compact_wanted:
                 self._compact_pending()
     return op
-
-
-MOVED_PRUNE = 4096     # remembered moves between directories before a prune
 
 
 class Namei:
@@ -352,28 +355,36 @@ class Namei:
 
     def _moved_barrier(self, *inos: int) -> None:
         """Sync first when one of ``inos`` was moved between directories by a
-        rename or exchange no sync has covered yet.  After a power loss a half
-        of such a move is undone from the names alone (DESIGN 24.3); an
-        operation that uses the inode where the move put it, in a third log,
-        must not reach the disk without the move."""
-        moved = self.moved_unsynced
-        if not moved or not any(i in moved for i in inos):
-            return
-        synced = self.area.w.load64(H_SYNCED)
-        if any(synced <= moved.get(i, synced) for i in inos):
+        rename or exchange, in any process, that no sync has covered yet.
+        After a power loss a half of such a move is undone from the names alone
+        (DESIGN 24.3); an operation that uses the inode where the move put it,
+        in a third log, must not reach the disk without the move."""
+        if self.moves_need_sync and any(self._unsynced_move(i) for i in inos):
             self.sync()
-        self._forget_synced_moves()
 
-    def _forget_synced_moves(self) -> None:
-        """Drop the moves a completed sync has covered."""
-        moved, synced = self.moved_unsynced, self.area.w.load64(H_SYNCED)
-        for i in [i for i, since in moved.items() if since < synced]:
-            del moved[i]
+    def _unsynced_move(self, ino: int) -> bool:
+        """A rename moved ``ino`` between directories and no sync begun after
+        it has completed (the shared area's word, 1 + the move's interval)."""
+        area = self.area
+        if not 0 < ino <= area.ninodes:
+            return False                          # not an inode (the caller says so)
+        v = area.w.load64(area.moved + 8 * (ino - 1))
+        return v != 0 and area.w.load64(H_SYNCED) < v
+
+    def _check_unmoved(self, *inos: int) -> None:
+        """Under the inodes' locks: the barrier's look still holds."""
+        if self.moves_need_sync and any(self._unsynced_move(i) for i in inos):
+            raise MovedMeanwhile()
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
-        # The barrier syncs before any namespace lock is taken.
-        self._moved_barrier(ino)
-        return self._link(ino, new_parent, new_name)
+        # The barrier syncs before any namespace lock is taken; a move by
+        # another process after it is found under the inode's lock.
+        while True:
+            self._moved_barrier(ino)
+            try:
+                return self._link(ino, new_parent, new_name)
+            except MovedMeanwhile:
+                self.sync()
 
     @namespace_op
     def _link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
@@ -381,6 +392,7 @@ class Namei:
         self._check_name(new_name)
         self._ns_name(new_parent, new_name)
         self._ns_lock(ino)
+        self._check_unmoved(ino)
         target = self.get(ino)
         if target.is_dir:
             raise FsError(errno.EPERM)
@@ -453,13 +465,21 @@ class Namei:
             ino = self.get(ino).parent
             seen += 1
 
-    @namespace_op
     def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0) -> None:
         """rename(2) / renameat2 with RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2)."""
-        if self.moved_unsynced and p1 != p2:
-            # (a hint, read without locks: the names it finds are what matter)
-            ents = (self._dir(p1).dents.get(n1), self._dir(p2).dents.get(n2))
-            self._moved_barrier(*(e[0] for e in ents if e))
+        while True:
+            if self.moves_need_sync and p1 != p2:
+                # The barrier, before any lock: a hint, read without locks
+                # (the names found under the locks are checked again).
+                ents = (self._dir(p1).dents.get(n1), self._dir(p2).dents.get(n2))
+                self._moved_barrier(*(e[0] for e in ents if e))
+            try:
+                return self._rename(p1, n1, p2, n2, flags)
+            except MovedMeanwhile:
+                self.sync()
+
+    @namespace_op
+    def _rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int) -> None:
         self._rw()
         noreplace, exchange = flags & 1, flags & 2
         if flags & ~3 or (noreplace and exchange):
@@ -488,6 +508,8 @@ class Namei:
         self._ns_lock(e1[0])
         if e2:
             self._ns_lock(e2[0])
+        if p1 != p2:
+            self._check_unmoved(e1[0], *(e2[:1] if e2 else ()))
         src = self.get(e1[0])
         dst = self.get(e2[0]) if e2 else None
         if exchange and dst is None:
@@ -559,13 +581,13 @@ class Namei:
                 pd = d1 if pino == p1 else d2
                 add(pd, (L.E_LINK, self._next_seq(), pd.nlink + delta, now))
         self._commit([(objs[i], es) for i, es in ent.items()])
-        moved = self.moved_unsynced
-        if across and moved is not None:
-            interval = self.area.w.load64(H_SYNC_STARTED)
-            if len(moved) >= MOVED_PRUNE:
-                self._forget_synced_moves()
+        if across and self.moves_need_sync:
+            # Every process's barrier sees the move (still under the inodes'
+            # locks, so an operation that uses them after it finds it there).
+            w = self.area.w
+            mark = w.load64(H_SYNC_STARTED) + 1
             for i in ((src.ino, dst.ino) if exchange else (src.ino,)):
-                moved[i] = interval
+                w.store64(self.area.moved + 8 * (i - 1), mark)
         if dst is not None and not exchange:
             self._maybe_evict(dst)
 

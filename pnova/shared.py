@@ -21,6 +21,9 @@ Layout (byte offsets; every region starts on a 64-byte line)::
     ...     inode lock words: one u32 per inode slot
     ...     inode log-tail lock words: one u32 per inode slot
     ...     reference counts (kernel lookups, open handles): one u32 per inode slot
+    ...     log rewrites (compactions): one u32 per inode slot
+    ...     moves between directories: one u64 per inode slot, 1 + the sync
+            interval of the last one (0 = none)
     ...     name lock words: NAME_SLOTS u32, hashed by (directory, name); a
             namespace operation holds the one of each name it changes
     ...     segment lock words: SEG_SLOTS u32, hashed by (inode, segment)
@@ -49,7 +52,7 @@ import os
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 8
+VERSION = 9
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -85,7 +88,8 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     o["log_locks"] = o["inode_locks"] + _line(4 * ninodes)
     o["refs"] = o["log_locks"] + _line(4 * ninodes)
     o["rewrites"] = o["refs"] + _line(4 * ninodes)
-    o["name_locks"] = o["rewrites"] + _line(4 * ninodes)
+    o["moved"] = o["rewrites"] + _line(4 * ninodes)
+    o["name_locks"] = o["moved"] + _line(8 * ninodes)
     o["seg_locks"] = o["name_locks"] + _line(4 * NAME_SLOTS)
     o["range_table"] = o["seg_locks"] + _line(4 * SEG_SLOTS)
     o["rings"] = o["range_table"] + LINE + _line(RANGE_ENTRY * RANGE_MAX)
@@ -132,6 +136,10 @@ class SharedArea:
         # a block number the old ones had (freed, then handed out again): head
         # and array alone cannot tell a cache that its positions are gone.
         self.rewrites = o["rewrites"]
+        # u64 per inode slot: 1 + the sync interval (H_SYNC_STARTED) in which
+        # a rename last moved the inode between directories; 0 = not since
+        # this area was made (DESIGN 24.3, step 8)
+        self.moved = o["moved"]
         self.name_locks = o["name_locks"]
         self.seg_locks = o["seg_locks"]
         self.range_table = o["range_table"]

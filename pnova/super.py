@@ -389,7 +389,7 @@ class Mount:
             self.alloc.hold_frees()
             self.alloc.sync_now = self.sync
             self.held_inos = deque()
-            self.moved_unsynced = {}
+            self.moves_need_sync = True
 
     def statfs(self) -> StatFs:
         a = self.alloc

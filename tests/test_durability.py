@@ -454,3 +454,76 @@ def test_power_loss_recovery_and_rename_marks_through_the_mount(tmp_path, capsys
     fs.unmount()
     rc, out = fsck(capsys, crash, "-n", "-f")
     assert rc == 0, out
+
+
+@pytest.mark.parametrize("second", ["link", "rename"])
+def test_a_move_by_one_process_is_synced_before_another_uses_the_inode(tmp_path, second):
+    """DESIGN 24.3, step 8, across processes: CPU 0 moves a file between two
+    directories; CPU 1 (another process of the mount: a second FileSystem on
+    the device, with caches of its own) then links it, or moves it on to a
+    third directory.  CPU 1 syncs first, as CPU 0 itself would, so its entry
+    never reaches the disk without the move; with the move synced, nothing
+    more is synced."""
+    path = str(tmp_path / "d.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs0 = FileSystem.mount(path)
+    fs0.hold_frees_until_sync()
+    fs1 = FileSystem.attach(fs0, 1)
+    fs1.hold_frees_until_sync()
+    a, b, c = (fs0.mkdir(ROOT, n, 0o755).ino for n in (b"a", b"b", b"c"))
+    ino = fs0.create(a, b"f", 0o644).ino
+    fs0.sync()
+
+    def use(fs: FileSystem, name: bytes) -> None:
+        if second == "link":
+            fs.link(ino, c, name)
+        else:
+            fs.rename(b, b"f", c, name)
+
+    fs0.rename(a, b"f", b, b"f")                         # the move, not synced
+    pm = fs0.pm
+    before = pm.msyncs
+    use(fs1, b"g")
+    assert pm.msyncs == before + 1                       # synced before CPU 1's entry
+    assert fs1.lookup(c, b"g").ino == ino
+    before = pm.msyncs
+    fs0.sync()
+    if second == "link":
+        fs1.link(ino, a, b"h")
+    else:
+        fs1.rename(c, b"g", a, b"h")
+    assert pm.msyncs == before + 1                       # only the explicit sync
+    fs0.unmount()
+
+
+def test_a_move_between_the_barrier_and_the_locks_is_found_under_the_locks(tmp_path,
+                                                                             monkeypatch):
+    """CPU 1's link looks for an unsynced move before it takes any lock; CPU 0
+    moves the file just after that look.  Under the inode's lock CPU 1 finds
+    the move, gives up unchanged, syncs and links."""
+    path = str(tmp_path / "d.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs0 = FileSystem.mount(path)
+    fs0.hold_frees_until_sync()
+    fs1 = FileSystem.attach(fs0, 1)
+    fs1.hold_frees_until_sync()
+    a, b, c = (fs0.mkdir(ROOT, n, 0o755).ino for n in (b"a", b"b", b"c"))
+    ino = fs0.create(a, b"f", 0o644).ino
+    fs0.sync()
+    looks = []
+    barrier = FileSystem._moved_barrier
+
+    def look_then_move(self, *inos):
+        barrier(self, *inos)
+        if self is fs1:
+            looks.append(self.pm.msyncs)
+            if len(looks) == 1:
+                fs0.rename(a, b"f", b, b"f")             # right after CPU 1 looked
+
+    monkeypatch.setattr(FileSystem, "_moved_barrier", look_then_move)
+    before = fs0.pm.msyncs
+    fs1.link(ino, c, b"g")
+    assert len(looks) == 2                               # the link ran twice
+    assert fs0.pm.msyncs == before + 1                   # with a sync between
+    assert fs1.get(ino).nlink == 2 and fs1.lookup(b, b"f").ino == ino
+    fs0.unmount()
