@@ -266,6 +266,46 @@ matches(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(same);
 }
 
+/* good_run(buf, block_offset, nblocks, record_offset) -> int: how many of the
+ * consecutive blocks from block_offset match their consecutive records from
+ * record_offset before the first that does not (nblocks if all do): one call
+ * checks a whole extent a read returns */
+static PyObject *
+good_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "good_run(buffer, block_offset, nblocks, record_offset)");
+        return NULL;
+    }
+    Py_ssize_t boff = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t roff = PyLong_AsSsize_t(args[3]);
+    if ((boff == -1 || n == -1 || roff == -1) && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (boff < 0 || roff < 0 || n < 0 || boff > view.len - n * BLOCK
+            || roff > view.len - n * CSUM_BYTES) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "blocks or records outside the buffer");
+        return NULL;
+    }
+    const uint8_t *p = (const uint8_t *)view.buf;
+    uint8_t sums[CSUM_BYTES];
+    Py_ssize_t b;
+    Py_BEGIN_ALLOW_THREADS
+    for (b = 0; b < n; b++) {
+        block_protect(p + boff + b * BLOCK, sums, NULL);
+        if (memcmp(sums, p + roff + b * CSUM_BYTES, CSUM_BYTES) != 0)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(b);
+}
+
 /* crc32c(data) -> int: the CRC32C of a whole buffer (for strips being rebuilt) */
 static PyObject *
 crc(PyObject *module, PyObject *arg)
@@ -285,6 +325,8 @@ static PyMethodDef methods[] = {
      "seal(buffer, offset, nblocks) -> (checksums, parity) of the blocks"},
     {"matches", (PyCFunction)(void (*)(void))matches, METH_FASTCALL,
      "matches(buffer, block_offset, record_offset) -> bool"},
+    {"good_run", (PyCFunction)(void (*)(void))good_run, METH_FASTCALL,
+     "good_run(buffer, block_offset, nblocks, record_offset) -> int: blocks that match"},
     {"crc32c", crc, METH_O, "crc32c(data) -> int"},
     {NULL, NULL, 0, NULL},
 };

@@ -53,6 +53,24 @@ class ScrubCounts:
                 f"parity={self.parity} lost={self.lost}").encode()
 
 
+def _runs(pages: dict[int, int], first: int, last: int):
+    """Pages first..last as runs (first page, pages, first block or None for a
+    hole): pages mapped to consecutive blocks, or consecutive holes."""
+    pg = first
+    get = pages.get
+    while pg <= last:
+        b = get(pg)
+        n = 1
+        if b is None:
+            while pg + n <= last and get(pg + n) is None:
+                n += 1
+        else:
+            while pg + n <= last and get(pg + n) == b + n:
+                n += 1
+        yield pg, n, b
+        pg += n
+
+
 # A write at least this large, at a block boundary, arms the landing for the
 # next request: smaller ones cost less to copy than to receive in place.
 LAND_MIN = 64 << 10
@@ -275,20 +293,27 @@ class FileData:
         start of the first strip that cannot be repaired, checking (and
         repairing) every data block in between."""
         pages = inode.pages
-        verify = self.prot.verify
-        for pg in range(off // L.BLOCK, (end - 1) // L.BLOCK + 1):
-            b = pages.get(pg)
+        prot = self.prot
+        for pg, n, b in _runs(pages, off // L.BLOCK, (end - 1) // L.BLOCK):
             if b is None:
                 continue
-            bad = verify(b)
-            if bad:
-                lo = max(off, pg * L.BLOCK)
-                hi = min(end, (pg + 1) * L.BLOCK)
-                hit = [k for k in bad if pg * L.BLOCK + k * L.STRIP < hi
-                       and lo < pg * L.BLOCK + (k + 1) * L.STRIP]
-                if hit:
-                    self._report_lost(inode, pg, b, bad)
-                    return max(off, pg * L.BLOCK + hit[0] * L.STRIP)
+            # a run of consecutive blocks: checked in one call; a block that
+            # does not match goes through verify() (repair, poison)
+            while n:
+                k = prot.good_run(b, n)
+                pg, b, n = pg + k, b + k, n - k
+                if not n:
+                    break
+                bad = prot.verify(b)
+                if bad:
+                    lo = max(off, pg * L.BLOCK)
+                    hi = min(end, (pg + 1) * L.BLOCK)
+                    hit = [s for s in bad if pg * L.BLOCK + s * L.STRIP < hi
+                           and lo < pg * L.BLOCK + (s + 1) * L.STRIP]
+                    if hit:
+                        self._report_lost(inode, pg, b, bad)
+                        return max(off, pg * L.BLOCK + hit[0] * L.STRIP)
+                pg, b, n = pg + 1, b + 1, n - 1
         return end
 
     def _read(self, inode: Inode, off: int, size: int) -> bytes:
@@ -302,23 +327,25 @@ class FileData:
                     raise FsError(errno.EIO)     # the first byte asked for is lost
                 end = good                       # a short read up to the damage
         pages = inode.pages
-        mm = self.pm.mm
         first, last = off // L.BLOCK, (end - 1) // L.BLOCK
         if first == last:
             b = pages.get(first)
             if b is None:
                 return bytes(end - off)
             base = b * L.BLOCK - first * L.BLOCK
-            return mm[base + off:base + end]
-        out = bytearray(end - off)                # holes stay zero
-        for pg in range(first, last + 1):
-            b = pages.get(pg)
-            if b is not None:
-                lo = max(off, pg * L.BLOCK)
-                hi = min(end, (pg + 1) * L.BLOCK)
-                src = b * L.BLOCK + lo - pg * L.BLOCK
-                out[lo - off:hi - off] = mm[src:src + hi - lo]
-        return bytes(out)
+            return self.pm.mm[base + off:base + end]
+        # One view of the device per run of consecutive blocks, zeros for
+        # holes, joined: the bytes are copied once (under the caller's lock).
+        view = self.pm.view
+        parts: list[bytes | memoryview] = []
+        for pg, n, b in _runs(pages, first, last):
+            lo = max(off, pg * L.BLOCK)
+            hi = min(end, (pg + n) * L.BLOCK)
+            if b is None:
+                parts.append(bytes(hi - lo))
+            else:
+                parts.append(view(b * L.BLOCK + lo - pg * L.BLOCK, hi - lo))
+        return b"".join(parts)
 
     def write(self, ino: int, off: int, data: bytes | memoryview | Landed,
               kill_suidgid: bool = False, in_group: Callable[[int], bool] | None = None) -> int:

@@ -35,6 +35,7 @@ logger = logging.getLogger("pnova")
 STRIPS = L.STRIPS
 STRIP = L.STRIP
 _matches = _protect.matches
+_good_run = _protect.good_run
 
 
 def describe_protection(features: int) -> str:
@@ -130,6 +131,25 @@ class DataProtection:
         return _protect.crc32c(_protect.checksums(self.pm.mm, start * L.BLOCK, count))
 
     # ------------------------------------------------------------ reading
+    def good_run(self, start: int, count: int) -> int:
+        """How many of blocks start..start+count-1, from the first on, match
+        their checksums (``count`` when all do); one call for an extent a read
+        returns.  Nothing is repaired: the caller gives the first block that
+        does not match to :meth:`verify`.  Stops at the end of a region (its
+        records are contiguous only within it) and at once when sectors are
+        poisoned (:meth:`verify` checks those)."""
+        if not self.csum:
+            return count
+        pm = self.pm
+        if pm.poison:
+            return 0
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i < 0:
+            raise ValueError(f"block {start} is not a data block")
+        data_start, end, c1, _c2, _par = self._where[i]
+        count = min(count, end - start)
+        return _good_run(pm.mm, start * L.BLOCK, count, c1 + L.CSUM_SIZE * (start - data_start))
+
     def verify(self, block: int) -> list[int]:
         """The strips of ``block`` that cannot be trusted, after repairing what can
         be repaired (empty: the whole block is good)."""

@@ -86,6 +86,16 @@ def test_the_compiled_checksums_are_crc32c_and_the_parity_is_the_xor():
     assert _protect.crc32c(b"123456789") == 0xE3069283
     with pytest.raises(ValueError):
         _protect.seal(data, 4096, 2)                     # past the buffer's end
+    # a read checks a run of blocks against their records in one call
+    buf = bytearray(data + sums)
+    assert _protect.good_run(buf, 0, 2, 8192) == 2
+    buf[4096 + 700] ^= 1                                 # block 1, strip 1
+    assert _protect.good_run(buf, 0, 2, 8192) == 1
+    assert _protect.good_run(buf, 4096, 1, 8192 + 32) == 0
+    buf[3] ^= 1
+    assert _protect.good_run(buf, 0, 2, 8192) == 0
+    with pytest.raises(ValueError):
+        _protect.good_run(buf, 4096, 2, 8192)            # blocks past the buffer's end
 
 
 @pytest.mark.parametrize("strip", range(8))
