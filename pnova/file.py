@@ -20,6 +20,7 @@ from . import layout as L
 from .attrs import SUIDGID as _SUIDGID
 from .errors import FsError
 from .inode import Inode
+from .log import LogError
 from .protect import strip_ranges
 from .shared import HELD_MAX
 from .xattr import CAPS_XATTR
@@ -46,11 +47,12 @@ class ScrubCounts:
     copies: int = 0            # checksum copies rewritten
     parity: int = 0            # parity strips rewritten
     lost: int = 0              # blocks with strips that cannot be rebuilt
+    meta: int = 0              # 1: the inode's slot or logs do not read back
 
     def wire(self) -> bytes:
         """The answer of the scrub attribute (SCRUB_XATTR) through the mount."""
         return (f"blocks={self.blocks} rebuilt={self.rebuilt} copies={self.copies} "
-                f"parity={self.parity} lost={self.lost}").encode()
+                f"parity={self.parity} lost={self.lost} meta={self.meta}").encode()
 
 
 def _runs(pages: dict[int, int], first: int, last: int):
@@ -230,6 +232,23 @@ class FileData:
                 break                            # stopped at damage
             off += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def scrub(self, ino: int) -> ScrubCounts:
+        """Check one inode as fsck would: its slot and every entry and page
+        tail of its logs, read again from the device (what this process has
+        cached may hide damage done since), and then, for a file, its data
+        (:meth:`scrub_data`).  Metadata has no second copy yet: damage is
+        reported (logged with the path, counted in ``meta``), for fsck.pnova
+        to repair with the image unmounted."""
+        self.get(ino)                            # ENOENT / ESTALE as any request
+        try:
+            self._read_inode(ino)
+        except (LogError, ValueError) as e:
+            logger.error("%s: its metadata does not read back from the device (%s); "
+                         "unmount and run fsck.pnova", self.path_of(ino), e)
+            out = ScrubCounts(meta=1)
+            return out
+        return self.scrub_data(ino)
 
     def scrub_data(self, ino: int) -> ScrubCounts:
         """Check every data block of a file as fsck does: each strip against its

@@ -361,11 +361,12 @@ class PnovaOperations:
         size, _ = W.GETXATTR_IN.unpack_from(body)
         name = _name(body[W.GETXATTR_IN.size:])
         if name == SCRUB_XATTR:
-            # the scrub's request (pnova-scrub): check the file's checksum
-            # copies and parity as well as its data, and say what was found
+            # the scrub's request (pnova-scrub): check the inode's metadata
+            # as the device holds it, and a file's checksum copies and parity
+            # as well as its data, and say what was found
             if size == 0:
                 return W.GETXATTR_OUT.pack(SCRUB_ANSWER_MAX, 0)
-            return self._sized(self.fs.scrub_data(ino).wire(), size)
+            return self._sized(self.fs.scrub(ino).wire(), size)
         return self._sized(self.fs.getxattr(ino, name), size)
 
     def listxattr(self, ino: int, body: memoryview, uid: int, gid: int,

@@ -1,11 +1,16 @@
-"""pnova-scrub: check the file data of a mounted pnova filesystem, repairing what can be.
+"""pnova-scrub: check a mounted pnova filesystem, its metadata and its file data,
+repairing what can be.
 
-No ioctl is needed.  For each file the scrub first reads the attribute
-``trusted.pnova.scrub``, which the mount does not store: reading it makes the
-mount check every data block of the file as fsck does (each strip against its
-checksums, both checksum copies, the parity strip), repair what it can and
-answer with counts (only root may read trusted.* attributes; as another user
-this step is skipped and said so).  Then it reads every byte of the file with
+No ioctl is needed.  For each file and directory the scrub first reads the
+attribute ``trusted.pnova.scrub``, which the mount does not store: reading it
+makes the mount read the inode's slot and logs again from the device (every
+entry and page tail against its CRC; what the mount has cached may hide damage
+done since) and, for a file, check every data block as fsck does (each strip
+against its checksums, both checksum copies, the parity strip), repair what it
+can and answer with counts (only root may read trusted.* attributes; as
+another user this step is skipped and said so).  Metadata that does not read
+back is reported by path: fsck.pnova repairs it with the image unmounted.
+Then it reads every byte of each file with
 O_DIRECT, so that the kernel's page cache answers nothing itself: every read
 the mount serves checks the strips it returns, and bytes that cannot be
 rebuilt answer EIO; the scrub reports them by path and byte range and goes
@@ -28,7 +33,7 @@ from .fuse_session import mounted_source
 CHUNK = 1 << 20
 STRIP = 512
 SCRUB_XATTR = "trusted.pnova.scrub"
-COUNTS = ("blocks", "rebuilt", "copies", "parity", "lost")
+COUNTS = ("blocks", "rebuilt", "copies", "parity", "lost", "meta")
 
 
 def _n(n: int, one: str, many: str | None = None) -> str:
@@ -52,11 +57,14 @@ def _scrub_attr(path: str) -> dict[str, int] | None:
     return out
 
 
-def _files(top: str, dev: int) -> list[tuple[str, int]]:
-    """(path, size) of every regular file under ``top`` on the same filesystem."""
+def _files(top: str, dev: int, dirs_out: list[str] | None = None) -> list[tuple[str, int]]:
+    """(path, size) of every regular file under ``top`` on the same filesystem;
+    the directories (``top`` included) go to ``dirs_out``."""
     out = []
     for root, dirs, names in os.walk(top):
         dirs[:] = [d for d in dirs if os.lstat(os.path.join(root, d)).st_dev == dev]
+        if dirs_out is not None:
+            dirs_out.append(root)
         for n in names:
             p = os.path.join(root, n)
             try:
@@ -104,7 +112,8 @@ def _read_all(path: str, size: int, buf: mmap.mmap, done: list[int],
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="pnova-scrub",
-        description="Read every file of a mounted pnova filesystem: the mount checks each "
+        description="Check every inode and read every file of a mounted pnova filesystem: "
+                    "the mount reads each inode's logs again from the device, checks each "
                     "strip against its checksums and rebuilds damaged ones from parity; "
                     "report what cannot be read back.")
     ap.add_argument("mountpoint")
@@ -115,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if src is None or src[0] != "fuse.pnova":
         print(f"pnova-scrub: {a.mountpoint} is not a pnova mount point", file=sys.stderr)
         return 2
-    files = _files(mnt, os.stat(mnt).st_dev)
+    dirs: list[str] = []
+    files = _files(mnt, os.stat(mnt).st_dev, dirs)
     total = sum(s for _, s in files)
     done = [0]
     last = [0.0]
@@ -137,6 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     damaged = unreadable = 0
     found = dict.fromkeys(COUNTS, 0)
     checked = True                               # copies and parity checked everywhere
+
+    def meta_damaged(path: str) -> None:
+        print(("\n" if show else "") + f"{path}: its metadata is damaged (the mount "
+              "cannot read it back); unmount and run fsck.pnova")
+
+    for path in dirs:
+        try:
+            counts = _scrub_attr(path)
+        except OSError as e:
+            print(f"\n{path}: {e.strerror}" if show else f"{path}: {e.strerror}")
+            unreadable += 1
+            continue
+        if counts is None:
+            checked = False
+        elif counts["meta"]:
+            found["meta"] += 1
+            meta_damaged(path)
     for path, size in files:
         try:
             counts = _scrub_attr(path)
@@ -145,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for k, v in counts.items():
                     found[k] += v
+                if counts["meta"]:
+                    meta_damaged(path)
             lost = _read_all(path, size, buf, done, draw)
         except OSError as e:
             print(f"\n{path}: {e.strerror}" if show else f"{path}: {e.strerror}")
@@ -162,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{damaged} with damage beyond repair"
           + (f", {unreadable} not readable" if unreadable else ""))
     if checked:
+        print(f"{a.mountpoint}: {_n(len(files) + len(dirs), 'inode')} read back from the "
+              f"device; {found['meta']} with damaged metadata")
         ro = bool(os.statvfs(mnt).f_flag & os.ST_RDONLY)
         print(f"{a.mountpoint}: {_n(found['blocks'], 'data block')} checked; "
               f"{'rebuildable' if ro else 'rebuilt'} from parity: "
@@ -171,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{a.mountpoint}: checksum copies and parity not checked (only root may "
               "ask the mount to; reads checked the data)")
-    return 1 if damaged else 0
+    return 1 if damaged or found["meta"] else 0
 
 
 if __name__ == "__main__":

@@ -433,6 +433,57 @@ def test_scrub_through_the_mount_repairs_checksum_copies_and_parity(tmp_path, ca
     assert rc == 0, out
 
 
+def _entry_of(path: str, name: str) -> int:
+    """Byte offset of the first entry of a file's log (past its page's start)."""
+    fs = FileSystem.mount(path, readonly=True)
+    try:
+        return fs.get(fs.lookup(ROOT, name.encode()).ino).head
+    finally:
+        fs.unmount()
+
+
+def test_a_scrub_reads_metadata_again_from_the_device(tmp_path, caplog):
+    """Damage to a log entry after the inode was cached: reads go on from the
+    cache, but the scrub reads the slot and the logs again from the device,
+    finds it, and logs it with the path; the other inodes check clean."""
+    path = _image(tmp_path)
+    _files(path)
+    entry = _entry_of(path, "b")
+    fs = FileSystem.mount(path)
+    try:
+        ino = fs.lookup(ROOT, b"b").ino
+        fs.read(ino, 0, 100)                              # cached
+        _flip(path, entry + 20)                           # inside the first entry
+        assert fs.scrub(ino).meta == 1
+        assert "/b: its metadata does not read back from the device" in caplog.text
+        assert fs.scrub(fs.lookup(ROOT, b"d").ino).meta == 0
+        assert fs.scrub(ROOT).meta == 0
+    finally:
+        fs.unmount()
+
+
+def test_pnova_scrub_reports_damaged_metadata_by_path(tmp_path, capsys):
+    path = _image(tmp_path)
+    want = _files(path)
+    entry = _entry_of(path, "c")
+    m = Mount(path, tmp_path / "mnt")
+    try:
+        m.start()
+        for name, data in want.items():                  # everything cached
+            assert (m.mnt / name).read_bytes() == data
+        _flip(path, entry + 20)
+        scrub = subprocess.run([sys.executable, "-m", "pnova.scrub", str(m.mnt)],
+                               capture_output=True, text=True, timeout=60)
+        assert scrub.returncode == 1, scrub.stdout + scrub.stderr
+        assert f"{m.mnt}/c: its metadata is damaged" in scrub.stdout, scrub.stdout
+        assert "5 inodes read back from the device; 1 with damaged metadata" in scrub.stdout
+        m.stop()
+    finally:
+        m.cleanup()
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc != 0 and "inode" in out
+
+
 def test_a_damaged_inode_state_word_costs_that_inode_not_the_mount(tmp_path, capsys, caplog):
     """A state word neither free (0) nor live (1) on a clean image: the mount goes
     on, never hands the slot out, and answers EIO for that inode only (not ENOENT:
