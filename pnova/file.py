@@ -198,7 +198,7 @@ class Landed:
 class FileData:
     """Reading and writing file contents."""
 
-    def read(self, ino: int, off: int, size: int) -> bytes:
+    def read(self, ino: int, off: int, size: int) -> bytes | bytearray:
         """Read under a read lock of the range (in chunks of at most READ_CHUNK bytes)."""
         inode = self.get(ino)
         if inode.is_dir:
@@ -213,25 +213,41 @@ class FileData:
         if off >= end:
             return b""
         sch = self.scheme
-        parts = []
+        if end - off <= self.read_chunk:
+            tok = sch.lock(ino, off // L.BLOCK, (end - 1) // L.BLOCK, False)
+            try:
+                if self.shared:
+                    inode = self.get(ino)
+                return self._read(inode, off, end - off)
+            finally:
+                sch.unlock(tok)
+        # In pieces, each copied (once) into the answer under its own lock.
+        out = bytearray(end - off)
+        pos = 0
         while off < end:
             n = min(end - off, self.read_chunk)
             tok = sch.lock(ino, off // L.BLOCK, (off + n - 1) // L.BLOCK, False)
             try:
                 if self.shared:
                     inode = self.get(ino)
-                part = self._read(inode, off, n)
+                got = 0
+                for part in self._read_parts(inode, off, n):
+                    k = len(part)
+                    out[pos + got:pos + got + k] = part
+                    got += k
             except FsError:
-                if not parts:
+                if not pos:
                     raise
                 break                            # damage further on: a short read
             finally:
                 sch.unlock(tok)
-            parts.append(part)
-            if len(part) < min(n, inode.size - off):
+            pos += got
+            if got < min(n, inode.size - off):
                 break                            # stopped at damage
             off += n
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if pos < len(out):
+            del out[pos:]
+        return out
 
     def scrub(self, ino: int) -> ScrubCounts:
         """Check one inode as fsck would: its slot and every entry and page
@@ -336,9 +352,20 @@ class FileData:
         return end
 
     def _read(self, inode: Inode, off: int, size: int) -> bytes:
+        """Bytes ``off`` .. ``off + size`` of a file (fewer at its end or at
+        damage), copied out of the device: the caller holds the range's lock."""
+        parts = self._read_parts(inode, off, size)
+        if len(parts) == 1 and type(parts[0]) is bytes:
+            return parts[0]
+        return b"".join(parts)
+
+    def _read_parts(self, inode: Inode, off: int, size: int) -> list[bytes | memoryview]:
+        """The same as pieces, views of the device among them: valid only while
+        the caller holds the range's lock (a copy-on-write write may free and
+        reuse the blocks after it)."""
         end = min(inode.size, off + size)
         if off >= end:
-            return b""
+            return []
         if self.prot.csum:
             good = self._verified_end(inode, off, end)
             if good < end:
@@ -347,14 +374,14 @@ class FileData:
                 end = good                       # a short read up to the damage
         pages = inode.pages
         first, last = off // L.BLOCK, (end - 1) // L.BLOCK
-        if first == last:
+        if first == last:                        # within a page: the copy at once
             b = pages.get(first)
             if b is None:
-                return bytes(end - off)
+                return [bytes(end - off)]
             base = b * L.BLOCK - first * L.BLOCK
-            return self.pm.mm[base + off:base + end]
+            return [self.pm.mm[base + off:base + end]]
         # One view of the device per run of consecutive blocks, zeros for
-        # holes, joined: the bytes are copied once (under the caller's lock).
+        # holes: the caller copies them once.
         view = self.pm.view
         parts: list[bytes | memoryview] = []
         for pg, n, b in _runs(pages, first, last):
@@ -364,7 +391,7 @@ class FileData:
                 parts.append(bytes(hi - lo))
             else:
                 parts.append(view(b * L.BLOCK + lo - pg * L.BLOCK, hi - lo))
-        return b"".join(parts)
+        return parts
 
     def write(self, ino: int, off: int, data: bytes | memoryview | Landed,
               kill_suidgid: bool = False, in_group: Callable[[int], bool] | None = None) -> int:

@@ -433,6 +433,33 @@ def test_scrub_through_the_mount_repairs_checksum_copies_and_parity(tmp_path, ca
     assert rc == 0, out
 
 
+def test_a_read_in_pieces_stops_at_damage_in_a_later_piece(tmp_path):
+    """A read longer than one lock's piece (READ_CHUNK, or fewer pages under a
+    segment scheme) is answered in pieces; lost strips in a later piece end it
+    there with exactly the bytes before them, and a read from them is EIO."""
+    path = _image(tmp_path)
+    data = random.Random(9).randbytes(600 << 10)
+    fs = FileSystem.mount(path)
+    ino = fs.create(ROOT, b"big", 0o644).ino
+    fs.write(ino, 0, data)
+    assert fs.read_chunk < len(data)
+    assert fs.read(ino, 0, len(data)) == data            # whole, in pieces
+    assert fs.read(ino, 5000, len(data)) == data[5000:]
+    blk = fs.get(ino).pages[120]                         # bytes 491520.., a later piece
+    fs.unmount()
+    _flip(path, blk * L.BLOCK + 1000)                    # strips 1 and 6
+    _flip(path, blk * L.BLOCK + 3100)
+    fs = FileSystem.mount(path)
+    try:
+        assert fs.read(ino, 0, len(data)) == data[:120 * 4096 + 512]
+        with pytest.raises(FsError) as e:
+            fs.read(ino, 120 * 4096 + 600, 10)
+        assert e.value.errno == errno.EIO
+        assert fs.read(ino, 121 * 4096, 1 << 20) == data[121 * 4096:]
+    finally:
+        fs.unmount()
+
+
 def _entry_of(path: str, name: str) -> int:
     """Byte offset of the first entry of a file's log (past its page's start)."""
     fs = FileSystem.mount(path, readonly=True)
