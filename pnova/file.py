@@ -262,8 +262,7 @@ class FileData:
         except (LogError, ValueError) as e:
             logger.error("%s: its metadata does not read back from the device (%s); "
                          "unmount and run fsck.pnova", self.path_of(ino), e)
-            out = ScrubCounts(meta=1)
-            return out
+            return ScrubCounts(meta=1)
         return self.scrub_data(ino)
 
     def scrub_data(self, ino: int) -> ScrubCounts:

@@ -359,21 +359,28 @@ class Namei:
         After a power loss a half of such a move is undone from the names alone
         (DESIGN 24.3); an operation that uses the inode where the move put it,
         in a third log, must not reach the disk without the move."""
-        if self.moves_need_sync and any(self._unsynced_move(i) for i in inos):
+        if self._moved_unsynced(inos):
             self.sync()
 
-    def _unsynced_move(self, ino: int) -> bool:
-        """A rename moved ``ino`` between directories and no sync begun after
-        it has completed (the shared area's word, 1 + the move's interval)."""
-        area = self.area
-        if not 0 < ino <= area.ninodes:
-            return False                          # not an inode (the caller says so)
-        v = area.w.load64(area.moved + 8 * (ino - 1))
-        return v != 0 and area.w.load64(H_SYNCED) < v
+    def _moved_word(self, ino: int) -> int:
+        """Offset of ``ino``'s word in the shared area: 1 + the sync interval in
+        which a rename last moved it between directories (0: none)."""
+        return self.area.moved + 8 * (ino - 1)
+
+    def _moved_unsynced(self, inos) -> bool:
+        """A rename moved one of ``inos`` between directories and no sync begun
+        after it has completed (always False where moves need no sync)."""
+        if not self.moves_need_sync:
+            return False
+        w = self.area.w
+        synced = w.load64(H_SYNCED)
+        # numbers outside the table are not inodes (the caller says so)
+        return any(0 < i <= self.area.ninodes and synced < w.load64(self._moved_word(i))
+                   for i in inos)
 
     def _check_unmoved(self, *inos: int) -> None:
         """Under the inodes' locks: the barrier's look still holds."""
-        if self.moves_need_sync and any(self._unsynced_move(i) for i in inos):
+        if self._moved_unsynced(inos):
             raise MovedMeanwhile()
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
@@ -587,7 +594,7 @@ class Namei:
             w = self.area.w
             mark = w.load64(H_SYNC_STARTED) + 1
             for i in ((src.ino, dst.ino) if exchange else (src.ino,)):
-                w.store64(self.area.moved + 8 * (i - 1), mark)
+                w.store64(self._moved_word(i), mark)
         if dst is not None and not exchange:
             self._maybe_evict(dst)
 

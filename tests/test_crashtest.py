@@ -400,7 +400,7 @@ def test_page_model_undoing_an_exchange_takes_what_used_its_names(monkeypatch):
     ops = [("rename", "/A/foo", "/bar", 2), ("link", "/A/foo", "/B/foolink")]
     r = cp.run_steps(cp.SETUP, ops)
     assert r.checked > 50 and not r.failures, r.failures[:3]
-    monkeypatch.setattr(Namei, "_unsynced_move", lambda self, ino: False)
+    monkeypatch.setattr(Namei, "_moved_unsynced", lambda self, inos: False)
     assert cp.run_steps(cp.SETUP, ops).failures        # the barrier bites
     # without it, a state where the exchange's half in /A and the link arrived
     case = [o for _, o in cp.cases_for("seq2")].index(ops)

@@ -456,6 +456,22 @@ def test_power_loss_recovery_and_rename_marks_through_the_mount(tmp_path, capsys
     assert rc == 0, out
 
 
+def _two_cpus_and_a_synced_file(tmp_path) -> tuple[FileSystem, FileSystem, tuple, int]:
+    """CPU 0 and CPU 1 (a second FileSystem on the device, as another process
+    of the mount) on a disk-backed image holding directories /a, /b, /c and
+    the file /a/f, synced."""
+    path = str(tmp_path / "d.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs0 = FileSystem.mount(path)
+    fs0.hold_frees_until_sync()
+    fs1 = FileSystem.attach(fs0, 1)
+    fs1.hold_frees_until_sync()
+    dirs = tuple(fs0.mkdir(ROOT, n, 0o755).ino for n in (b"a", b"b", b"c"))
+    ino = fs0.create(dirs[0], b"f", 0o644).ino
+    fs0.sync()
+    return fs0, fs1, dirs, ino
+
+
 @pytest.mark.parametrize("second", ["link", "rename"])
 def test_a_move_by_one_process_is_synced_before_another_uses_the_inode(tmp_path, second):
     """DESIGN 24.3, step 8, across processes: CPU 0 moves a file between two
@@ -464,15 +480,7 @@ def test_a_move_by_one_process_is_synced_before_another_uses_the_inode(tmp_path,
     third directory.  CPU 1 syncs first, as CPU 0 itself would, so its entry
     never reaches the disk without the move; with the move synced, nothing
     more is synced."""
-    path = str(tmp_path / "d.img")
-    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
-    fs0 = FileSystem.mount(path)
-    fs0.hold_frees_until_sync()
-    fs1 = FileSystem.attach(fs0, 1)
-    fs1.hold_frees_until_sync()
-    a, b, c = (fs0.mkdir(ROOT, n, 0o755).ino for n in (b"a", b"b", b"c"))
-    ino = fs0.create(a, b"f", 0o644).ino
-    fs0.sync()
+    fs0, fs1, (a, b, c), ino = _two_cpus_and_a_synced_file(tmp_path)
 
     def use(fs: FileSystem, name: bytes) -> None:
         if second == "link":
@@ -501,15 +509,7 @@ def test_a_move_between_the_barrier_and_the_locks_is_found_under_the_locks(tmp_p
     """CPU 1's link looks for an unsynced move before it takes any lock; CPU 0
     moves the file just after that look.  Under the inode's lock CPU 1 finds
     the move, gives up unchanged, syncs and links."""
-    path = str(tmp_path / "d.img")
-    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
-    fs0 = FileSystem.mount(path)
-    fs0.hold_frees_until_sync()
-    fs1 = FileSystem.attach(fs0, 1)
-    fs1.hold_frees_until_sync()
-    a, b, c = (fs0.mkdir(ROOT, n, 0o755).ino for n in (b"a", b"b", b"c"))
-    ino = fs0.create(a, b"f", 0o644).ino
-    fs0.sync()
+    fs0, fs1, (a, b, c), ino = _two_cpus_and_a_synced_file(tmp_path)
     looks = []
     barrier = FileSystem._moved_barrier
 

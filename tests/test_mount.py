@@ -809,6 +809,46 @@ except OSError as e:
 """
 
 
+def _write_until_killed(script: str, mnt: Path, enough: int,
+                        victim: int) -> tuple[list[int], list[str]]:
+    """Run a writer ``script`` on ``mnt``; once it has reported ``enough``
+    returned writes, kill -9 ``victim``.  Returns the numbers of the writes
+    that returned and the errno (as text) the writer stopped with; the writer
+    must not hang."""
+    writer = subprocess.Popen([sys.executable, "-c", script, str(mnt)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done: list[int] = []
+    stopped: list[str] = []
+    ready = threading.Event()
+
+    def collect() -> None:
+        for line in writer.stdout:
+            if line.strip().isdigit():
+                done.append(int(line))
+                if len(done) >= enough:
+                    ready.set()
+            elif line.startswith("stopped"):
+                stopped.append(line.split()[1])
+        ready.set()
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(WAIT), "the writer made no progress"
+        assert len(done) >= enough, writer.stderr.read()
+        os.kill(victim, signal.SIGKILL)
+        writer.wait(timeout=WAIT)                      # it must not hang
+        reader.join(timeout=WAIT)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(timeout=WAIT)
+        reader.join(timeout=WAIT)
+        writer.stdout.close()
+        writer.stderr.close()
+    return done, stopped
+
+
 def serving_processes(image: str) -> dict[str, int]:
     """The daemon's processes by name: 'pnova' (the supervisor), 'pnova-cpuK' (workers)."""
     out = {}
@@ -833,37 +873,7 @@ def test_kill9_of_any_serving_process_aborts_and_next_mount_recovers(
     m = mounted.mnt
     procs = serving_processes(mounted.image)
     assert {"pnova", "pnova-cpu0", "pnova-cpu1"} <= set(procs), procs
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(m)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    done: list[int] = []
-    stopped: list[str] = []
-    enough = threading.Event()
-
-    def collect() -> None:
-        for line in writer.stdout:
-            if line.strip().isdigit():
-                done.append(int(line))
-                if len(done) >= 400:
-                    enough.set()
-            elif line.startswith("stopped"):
-                stopped.append(line.split()[1])
-        enough.set()
-
-    reader = threading.Thread(target=collect, daemon=True)
-    reader.start()
-    try:
-        assert enough.wait(WAIT), "the writer made no progress"
-        assert len(done) >= 400, writer.stderr.read()
-        os.kill(procs[victim], signal.SIGKILL)
-        writer.wait(timeout=WAIT)                      # it must not hang
-        reader.join(timeout=WAIT)
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait(timeout=WAIT)
-        reader.join(timeout=WAIT)
-        writer.stdout.close()
-        writer.stderr.close()
+    done, stopped = _write_until_killed(_WRITER, m, 400, procs[victim])
     assert stopped and int(stopped[0]) in (errno.ENOTCONN, errno.ECONNABORTED), stopped
     returned = done[:]
     assert returned == list(range(len(returned)))
@@ -915,37 +925,7 @@ def test_kill9_in_a_stream_of_large_writes_loses_nothing_acknowledged(mnt: Mount
     m = mnt.mnt
     s0 = os.statvfs(m)
     victim = serving_processes(mnt.image)["pnova-cpu0"]
-    writer = subprocess.Popen([sys.executable, "-c", _LARGE_WRITER, str(m)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done: list[int] = []
-    stopped: list[str] = []
-    enough = threading.Event()
-
-    def collect() -> None:
-        for line in writer.stdout:
-            if line.strip().isdigit():
-                done.append(int(line))
-                if len(done) >= 100:
-                    enough.set()
-            elif line.startswith("stopped"):
-                stopped.append(line.split()[1])
-        enough.set()
-
-    reader = threading.Thread(target=collect, daemon=True)
-    reader.start()
-    try:
-        assert enough.wait(WAIT), "the writer made no progress"
-        assert len(done) >= 100, writer.stderr.read()
-        os.kill(victim, signal.SIGKILL)
-        writer.wait(timeout=WAIT)
-        reader.join(timeout=WAIT)
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait(timeout=WAIT)
-        reader.join(timeout=WAIT)
-        writer.stdout.close()
-        writer.stderr.close()
+    done, stopped = _write_until_killed(_LARGE_WRITER, m, 100, victim)
     assert stopped and int(stopped[0]) in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO), \
         stopped
     wait_for(lambda: not daemon_pids(mnt.image), "every process of the mount to exit")
