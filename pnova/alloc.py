@@ -35,7 +35,8 @@ import numpy as np
 
 from .errors import FsError
 from .layout import Region
-from .shared import H_LIMBO, H_SYNC_STARTED, H_SYNCED, LINE, STASH_SLOTS, SharedArea
+from .shared import (H_LIMBO, H_RDURABLE, H_SEQ, H_SYNC_STARTED, H_SYNCED, LINE, STASH_SLOTS,
+                     SharedArea)
 
 ALL = (1 << 64) - 1
 STASH_REFILL = 32              # blocks a stash takes from the bitmap at once
@@ -304,8 +305,10 @@ class Allocator:
         self._orders = [self._order(c) for c in range(len(regions))]
         # Blocks freed since the last sync of a disk-backed image, held back
         # until a sync has made their release durable (DESIGN 24): (tag, start,
-        # count), tags non-decreasing.  None: frees are immediate.
-        self.limbo: deque[tuple[int, int, int]] | None = None
+        # count, need), tags non-decreasing; a block of a write that still maps
+        # other pages also waits until the image's sync record reaches ``need``
+        # (DESIGN 24.3; 0 for every other block).  None: frees are immediate.
+        self.limbo: deque[tuple[int, int, int, int]] | None = None
         self.limbo_blocks = 0
         self.w = area.w
         self.want_sync: Callable[[], None] | None = None      # ask for a sync (no wait)
@@ -317,6 +320,7 @@ class Allocator:
         # so freeing one needs no wait.
         self._fresh: set[int] = set()
         self._fresh_gen = -1
+        self.split_frees = False
 
     @property
     def nfree(self) -> int:
@@ -360,10 +364,18 @@ class Allocator:
             if not self.limbo or self.sync_now is None:
                 raise
             self.sync_now()
+            if self.limbo:
+                self.sync_now()                 # the second writes the sync record back
             return self._alloc_bitmaps(cpu, n, meta)
 
+    def _releasable(self) -> bool:
+        """Whether the oldest held blocks may be reused now."""
+        tag, _s, _n, need = self.limbo[0]
+        w = self.w
+        return tag < w.load64(H_SYNCED) and need <= w.load64(H_RDURABLE)
+
     def _before_alloc(self) -> None:
-        if self.limbo and self.limbo[0][0] < self.w.load64(H_SYNCED):
+        if self.limbo and self._releasable():
             self.release_limbo()
 
     # A process that only reads for a while (a serving process that takes only
@@ -388,7 +400,7 @@ class Allocator:
                 self._fresh.update(range(s, s + c))
 
     # -- blocks held back until a sync -------------------------------------------
-    def hold_frees(self) -> None:
+    def hold_frees(self, split: bool = False) -> None:
         """From now on, freed blocks wait for the next completed sync.
 
         A process asks for an early sync once it holds an eighth of the data
@@ -396,9 +408,12 @@ class Allocator:
         read-only again, and the next store to each takes a fault, so syncs
         a few times a second cost a quarter of a 4 KiB overwrite's rate
         (DESIGN 24); space, not time, is what held blocks must not run out of.
+        ``split``: the image keeps a sync record, and blocks freed as split
+        wait for it too (DESIGN 24.3, step 9).
         """
         if self.limbo is None:
             self.limbo = deque()
+        self.split_frees = split
         self.limbo_want = max(LIMBO_WANT, self.ntotal // (8 * len(self.regions)))
 
     def release_limbo(self, everything: bool = False) -> int:
@@ -408,9 +423,10 @@ class Allocator:
         if not limbo:
             return 0
         synced = self.w.load64(H_SYNCED)
+        durable = self.w.load64(H_RDURABLE)
         n = 0
-        while limbo and (everything or limbo[0][0] < synced):
-            _tag, start, count = limbo.popleft()
+        while limbo and (everything or (limbo[0][0] < synced and limbo[0][3] <= durable)):
+            _tag, start, count, _need = limbo.popleft()
             self._free_now(start, count)
             n += count
         self.limbo_blocks -= n
@@ -478,16 +494,21 @@ class Allocator:
             raise AssertionError(f"block {block} is not a data block")
         return ra
 
-    def free(self, start: int, n: int) -> None:
+    def free(self, start: int, n: int, split: bool = False) -> None:
         """Give blocks back to the region(s) that own them (a single block of this
         process's own region to its stash, while there is room), or hold them
-        back until the next sync (:meth:`hold_frees`)."""
+        back until the next sync (:meth:`hold_frees`).  ``split``: the blocks
+        belong to a write entry that still maps other pages, whose data
+        recovery may check after a power loss: they wait also until the
+        image's sync record covers that entry (DESIGN 24.3)."""
         limbo = self.limbo
         if limbo is not None:
             w = self.w
             tag = w.load64(H_SYNC_STARTED)
+            split = split and self.split_frees
+            need = w.load64(H_SEQ) - 1 if split else 0
             fresh = self._fresh
-            if tag == self._fresh_gen and start in fresh and \
+            if not split and tag == self._fresh_gen and start in fresh and \
                     (n == 1 or all(b in fresh for b in range(start + 1, start + n))):
                 # allocated and freed within one interval: no synced state used it
                 if n == 1:
@@ -496,12 +517,12 @@ class Allocator:
                     fresh.difference_update(range(start, start + n))
                 self._free_now(start, n)
                 return
-            if limbo and limbo[0][0] < w.load64(H_SYNCED):
+            if limbo and self._releasable():
                 # a sync (another process's, the commit interval's) has completed:
                 # a process that only frees (unlinks, truncates) gives back what
                 # it held instead of keeping it from every other process
                 self.release_limbo()
-            limbo.append((tag, start, n))
+            limbo.append((tag, start, n, need))
             self.limbo_blocks += n
             w.add64(H_LIMBO, n)
             if self.limbo_blocks >= self.limbo_want and self._asked != tag and self.want_sync:

@@ -180,5 +180,5 @@ class Attributes:
             for s, c in new_blocks:
                 self.alloc.free(s, c)
             raise
-        self._free_blocks(freed)
+        self._free_blocks(freed, inode.ino)
         return self.attr(inode)

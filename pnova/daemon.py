@@ -68,7 +68,7 @@ from .atomics import SharedWords
 from .engine import FileSystem, Landing
 from .fuse_ops import PnovaOperations
 from .fuse_session import WANTED, Connection, Loop, detach, ignore_terminal_signals
-from .shared import H_SEQ
+from .shared import H_LIMBO, H_RDURABLE, H_RSYNC, H_SEQ
 
 log = logging.getLogger("pnova.daemon")
 # Allocations between two young garbage collections in a serving process.
@@ -411,12 +411,16 @@ async def _syncer(fs: FileSystem, syncs: int, commit: float) -> None:
             os.eventfd_read(syncs)
         except BlockingIOError:
             pass
-        now = fs.area.w.load64(H_SEQ)           # every change takes a sequence number
-        if asked or now != done:
-            started = fs.sync_start()
-            if started:
+        w = fs.area.w
+        now = w.load64(H_SEQ)                   # every change takes a sequence number
+        # Blocks held until the sync record covers their write need one more
+        # sync after the one that made the write durable (DESIGN 24.3).
+        behind = w.load64(H_LIMBO) and w.load64(H_RDURABLE) < w.load64(H_RSYNC)
+        if asked or now != done or behind:
+            ticket = fs.sync_start()
+            if ticket:
                 await trio.to_thread.run_sync(fs.pm.sync)
-                fs.sync_done(started)
+                fs.sync_done(ticket)
             done = now
 
 
@@ -469,6 +473,8 @@ def _settle_held(fs: FileSystem, landing: Landing | None = None) -> None:
         landing.end()
     if fs.alloc.limbo or fs.held_inos:
         fs.sync()
+        if fs.alloc.limbo:
+            fs.sync()            # blocks that wait for the sync record (DESIGN 24.3)
         fs.alloc.release_limbo()
 
 

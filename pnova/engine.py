@@ -91,6 +91,7 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         # version 4's entry marks (F_CONT, rename marks): not written into older images
         self.marks = sb.version >= 4
         self.peer_dirs = sb.version >= 5            # D_MOVED dentries name the other directory
+        self.sync_record = sb.version >= 6          # block 0 records what syncs cover (24.3)
         total = sb.total_blocks
         self._own_area = area is None
         self._attached: list[FileSystem] = []   # other CPUs attached in this process
@@ -168,17 +169,30 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         if self.readonly:
             raise FsError(errno.EROFS)
 
-    def _free_blocks(self, blocks: list[int]) -> None:
+    def _free_blocks(self, blocks: list[int], ino: int = 0) -> None:
+        """Free data blocks, as extents.  ``ino``: the file whose write or
+        truncate unmapped them; an extent of a write entry that still maps
+        other pages of it is freed as ``split`` (DESIGN 24.3)."""
         if not blocks:
             return
+        alloc = self.alloc
+        owner = self.cache.get(ino) if ino and alloc.limbo is not None else None
+
+        def split(lo: int, hi: int) -> bool:
+            # an entry's blocks are consecutive: one that keeps pages outside
+            # this extent holds its first or its last block
+            if owner is None:
+                return bool(ino) and alloc.limbo is not None   # not cached: assume so
+            return owner.holds(lo) or owner.holds(hi)
+
         blocks.sort()
         if blocks[-1] - blocks[0] == len(blocks) - 1:     # one extent (no block twice)
-            self.alloc.free(blocks[0], len(blocks))
+            alloc.free(blocks[0], len(blocks), split(blocks[0], blocks[-1]))
             return
         start = prev = blocks[0]
         for b in blocks[1:]:
             if b != prev + 1:
-                self.alloc.free(start, prev - start + 1)
+                alloc.free(start, prev - start + 1, split(start, prev))
                 start = b
             prev = b
-        self.alloc.free(start, prev - start + 1)
+        alloc.free(start, prev - start + 1, split(start, prev))

@@ -454,9 +454,13 @@ class FileData:
             if sized:
                 sch.size_unlock(ino)
         if len(freed) == 1:
-            self.alloc.free(freed[0], 1)
+            if self.alloc.limbo is None:
+                self.alloc.free(freed[0], 1)
+            else:
+                owner = self.cache.get(ino)
+                self.alloc.free(freed[0], 1, owner is None or owner.holds(freed[0]))
         elif freed:
-            self._free_blocks(freed)
+            self._free_blocks(freed, ino)
         if self._compact_wanted:
             self._compact_pending()
         return n

@@ -547,6 +547,29 @@ class Checker:
                             "Rebuild the saved state from the logs", safe=True):
                 self.deferred += 1               # finish() writes it and rebuilds
                 self.rebuild_alloc = True
+        if sb.version >= 6:
+            self._check_sync_record()
+
+    def _check_sync_record(self) -> None:
+        """Version 6: the sync record is 0 or a valid word, and on a clean image
+        no larger than the last sequence number handed out (a record too large
+        would let recovery trust writes it should check)."""
+        word = self.pm.read_u64(L.SYNC_RECORD)
+        if not word:
+            return
+        seq = L.decode_sync_record(word)
+        if seq is None:
+            why = f"holds {word:#x}, which fails its check"
+        elif self.clean and seq > self.sb.next_seq - 1:
+            why = f"covers sequence number {seq}, beyond the last one handed out " \
+                  f"({self.sb.next_seq - 1})"
+        else:
+            return
+        if self.problem(f"the sync record (block 0, byte {L.SYNC_RECORD}) {why}",
+                        "Clear it (recovery then checks the data of every write it "
+                        "may)", safe=True):
+            self.pm.store_u64(L.SYNC_RECORD, 0)
+            self.pm.persist(L.SYNC_RECORD, 8)
 
     def _replica_blocks(self) -> list[int]:
         return L.replica_blocks(self.pm.read(0, L.SB_SIZE), self.pm.read(L.BLOCK, L.BLOCK),

@@ -25,7 +25,7 @@ class Inode:
     __slots__ = ("ino", "mode", "uid", "gid", "rdev", "generation", "nlink", "size",
                  "atime", "mtime", "ctime", "head", "tail", "log_pages", "pages",
                  "dents", "order", "parent", "dent_bytes", "xattrs",
-                 "array", "local", "tseq", "vers", "names_seen", "rewrites")
+                 "array", "local", "tseq", "vers", "names_seen", "rewrites", "wide")
 
     def __init__(self, ino: int, st: L.InodeStatic, head: int, tail: int) -> None:
         self.ino = ino
@@ -58,6 +58,11 @@ class Inode:
         self.names_seen = None
         # the inode's rewrite count when this cache was read (shared mode)
         self.rewrites = 0
+        # Write entries of several pages that carry a data digest, by their
+        # first block: [pages, pages still mapped]; None while there are none.
+        # Their blocks' frees wait for the sync record while other pages
+        # remain (see :meth:`holds`; DESIGN 24.3).
+        self.wide: SortedDict | None = None
         if stat.S_ISDIR(st.mode):
             self.pages = None
             self.dents: dict[bytes, tuple[int, int, int]] | None = {}   # name -> (ino, dtype, cookie)
@@ -84,11 +89,17 @@ class Inode:
                 old = pages.get(pgoff)
                 if old is not None:
                     freed.append(old)
+                    if self.wide:
+                        self._unmapped(freed)
                 pages[pgoff] = block
             else:                          # a big write: the loops run in C
                 span = range(pgoff, pgoff + npages)
                 freed = [b for b in map(pages.get, span) if b is not None]
                 pages.update(zip(span, range(block, block + npages)))
+                if freed and self.wide:
+                    self._unmapped(freed)
+                if len(e) > 7 and e[7] is not None:
+                    self._mapped(block, npages)
             # Writes only ever grow the size (their field is the end they
             # reach): writes on different cores then commute, and only a
             # setattr, ordered by its sequence number, makes a file shorter.
@@ -111,6 +122,8 @@ class Inode:
                 self.gid = gid
             if mask & L.SA_SIZE:
                 freed = self.truncate_index(size)
+                if freed and self.wide:
+                    self._unmapped(freed)
                 self.size = size
             if mask & L.SA_ATIME:
                 self.atime = atime
@@ -152,6 +165,57 @@ class Inode:
                 self.ctime = time_ns
                 self.tseq = _seq
         return freed
+
+    def _mapped(self, block: int, n: int) -> None:
+        """A write entry with a digest now maps blocks block..block+n-1."""
+        wide = self.wide
+        if wide is None:
+            wide = self.wide = SortedDict()
+        elif wide:
+            self._forget(block, block + n - 1)   # entries whose blocks these were: gone
+        wide[block] = [n, n]
+
+    def _unmapped(self, blocks: list[int]) -> None:
+        """Pages no longer map ``blocks``: count them off their entries."""
+        blocks = sorted(blocks)
+        lo = prev = blocks[0]
+        for b in blocks[1:]:
+            if b != prev + 1:
+                self._forget(lo, prev, count=True)
+                lo = b
+            prev = b
+        self._forget(lo, prev, count=True)
+
+    def _forget(self, lo: int, hi: int, count: bool = False) -> None:
+        """For every entry of ``wide`` with blocks in lo..hi: count those blocks
+        as unmapped (``count``), or drop the entry."""
+        wide = self.wide
+        keys = wide.keys()
+        i = max(0, wide.bisect_right(lo) - 1)
+        while i < len(keys):
+            start = keys[i]
+            if start > hi:
+                break
+            rec = wide[start]
+            end = start + rec[0] - 1
+            if end >= lo:
+                rec[1] -= min(hi, end) - max(lo, start) + 1
+                if not count or rec[1] <= 0:
+                    del wide[start]
+                    continue
+            i += 1
+
+    def holds(self, block: int) -> bool:
+        """Whether ``block`` belongs to a write entry with a digest that still
+        maps some page: recovery may check that entry's data, all of it."""
+        wide = self.wide
+        if not wide:
+            return False
+        i = wide.bisect_right(block) - 1
+        if i < 0:
+            return False
+        start, rec = wide.peekitem(i)
+        return block < start + rec[0]
 
     def truncate_index(self, size: int) -> list[int]:
         """Drop pages wholly past ``size``; return their blocks."""

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from crc32c import crc32c
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 # Versions this code reads: 2 is 3 without the features field (always 0 there).
-READABLE_VERSIONS = (2, 3, 4, 5)
+READABLE_VERSIONS = (2, 3, 4, 5, 6)
 # Superblock feature bits (SPEC section 3): what the image protects.
 FEATURE_DATA_CSUM = 1          # per-strip CRC32C of every file data block, two copies
 FEATURE_DATA_PARITY = 2        # one parity strip per file data block (needs DATA_CSUM)
@@ -48,6 +48,31 @@ SB_CRC_OFF = 252
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
+
+
+# The sync record (version 6): one u64 at byte 256 of block 0, outside the
+# superblock's checksum, changed by one 8-byte store.  It holds a sequence
+# number R such that every entry with sequence number <= R that is on the
+# medium has its data there too (SPEC 3.1, DESIGN 24.3): recovery after a
+# power loss needs to check the data of later entries only.  The low 16 bits
+# check the high 48; 0 (or a word that fails the check) says "unknown".
+SYNC_RECORD = 256
+SYNC_RECORD_MAX = (1 << 48) - 1
+
+
+def encode_sync_record(seq: int) -> int:
+    """The word recording ``seq`` (0 for a value the record cannot hold)."""
+    if not 0 < seq <= SYNC_RECORD_MAX:
+        return 0
+    return seq << 16 | (crc32c(_U64.pack(seq)) & 0xFFFF)
+
+
+def decode_sync_record(word: int) -> int | None:
+    """The sequence number a sync record word holds, None when it holds none."""
+    seq = word >> 16
+    if seq == 0 or word & 0xFFFF != crc32c(_U64.pack(seq)) & 0xFFFF:
+        return None
+    return seq
 
 
 @dataclass

@@ -297,8 +297,10 @@ class Rebuild:
         return op_end, why
 
     def _final_writes(self, ino: int) -> set[int]:
-        """Sequence numbers of the write entries of ``ino`` (all its logs) that
-        are the newest for every page they map."""
+        """Sequence numbers of the write entries of ``ino`` (all its logs) whose
+        data recovery checks: those the sync record does not cover that are
+        still the newest for some page they map; without a record, those
+        that are the newest for every page they map."""
         pm = self.pm
         addr = self.inode_addr(ino)
         logs = [(pm.read_u64(addr + L.I_LOG_HEAD), pm.read_u64(addr + L.I_LOG_TAIL))]
@@ -315,8 +317,22 @@ class Rebuild:
                     for pg in range(e[2], e[2] + e[3]):
                         if newest.get(pg, -1) < e[1]:
                             newest[pg] = e[1]
+        covered = self._sync_covered()
+        if covered is None:
+            return {seq for seq, pg, n in writes
+                    if all(newest[p] == seq for p in range(pg, pg + n))}
+        # With the sync record, every later write that still maps a page is
+        # checked, all of it: the blocks of its other pages are held until the
+        # record covers it (DESIGN 24.3), so they still hold its data.
         return {seq for seq, pg, n in writes
-                if all(newest[p] == seq for p in range(pg, pg + n))}
+                if seq > covered and any(newest[p] == seq for p in range(pg, pg + n))}
+
+    def _sync_covered(self) -> int | None:
+        """The image's sync record (version 6): entries up to it arrived with
+        their data; None when the image has no valid one."""
+        if not self.sync_record:
+            return None
+        return L.decode_sync_record(self.pm.read_u64(L.SYNC_RECORD))
 
     def _cut_torn_logs(self, ino: int, digests: bool = False) -> int | None:
         """After a power loss on a disk-backed image: end each log of ``ino`` just

@@ -15,8 +15,11 @@ Layout (byte offsets; every region starts on a 64-byte line)::
 
     0       header line: magic u64, version u32, ncpus u32, seq u64 (next
             sequence number), segment-table slots u32, range-table entries u32,
-            rename lock word u32
-    64      worker registry: one line per CPU: pid u64, held-read records
+            rename lock word u32, syncs started u64, syncs done u64, held
+            blocks u64
+    64      sync record line: covered sequence number u64, durable record
+            u64, record lock u32
+    128     worker registry: one line per CPU: pid u64, held-read records
             (HELD_MAX u64 lock offsets, 0 = empty)
     ...     inode lock words: one u32 per inode slot
     ...     inode log-tail lock words: one u32 per inode slot
@@ -52,7 +55,7 @@ import os
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 9
+VERSION = 10
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -75,6 +78,11 @@ H_RENAME_LOCK = 32            # u32: the rename lock (a directory moving to anot
 H_SYNC_STARTED = 40           # u64: syncs started (a block freed now is tagged with it)
 H_SYNCED = 48                 # u64: blocks tagged below it are free to reuse (DESIGN 24)
 H_LIMBO = 56                  # u64: blocks freed but not yet reusable, all processes
+# The sync record (DESIGN 24.3), second header line:
+H_RSYNC = 64                  # u64: the newest sequence number a completed sync covers
+H_RDURABLE = 72               # u64: the newest sync record a completed sync wrote back
+H_RLOCK = 80                  # u32: held while a sync stores the record into the image
+HEADER = 2 * 64
 
 
 def _line(n: int) -> int:
@@ -83,7 +91,7 @@ def _line(n: int) -> int:
 
 def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, int]:
     """Offsets of every table; region_blocks = data blocks of each CPU region."""
-    o: dict[str, int] = {"registry": LINE}
+    o: dict[str, int] = {"registry": HEADER}
     o["inode_locks"] = o["registry"] + ncpus * LINE
     o["log_locks"] = o["inode_locks"] + _line(4 * ninodes)
     o["refs"] = o["log_locks"] + _line(4 * ninodes)

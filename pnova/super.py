@@ -9,6 +9,7 @@ state saved by a clean unmount or recovers (:mod:`pnova.rebuild`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -21,12 +22,49 @@ from .errors import CorruptImage, FsError
 from .inode import Inode
 from .locks import make_scheme
 from .pmem import DeviceError, PMem
-from .shared import H_LIMBO, H_SEQ, H_SYNC_STARTED, H_SYNCED
+from .shared import H_LIMBO, H_RDURABLE, H_RLOCK, H_RSYNC, H_SEQ, H_SYNC_STARTED, H_SYNCED
 
 if TYPE_CHECKING:
     from .engine import FileSystem
 
 logger = logging.getLogger("pnova")
+
+
+def _lock_record(w) -> None:
+    """Take the sync record's lock word (holder's pid).  It is held for two
+    loads and a store; a holder that died there (kill -9) is waited out for
+    a second, then passed over, since its store either happened or not."""
+    me = os.getpid()
+    deadline = None
+    while True:
+        holder = w.load32(H_RLOCK)
+        if holder == 0 and w.cas32(H_RLOCK, 0, me):
+            return
+        if holder:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + 1.0
+            elif now > deadline and not _alive(holder) and w.cas32(H_RLOCK, holder, me):
+                return
+        os.sched_yield()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@dataclass(slots=True, frozen=True)
+class SyncTicket:
+    """One sync in progress (:meth:`FileSystem.sync_start`)."""
+    started: int        # its number: frees tagged below it are reusable once it is done
+    covered: int        # the newest sequence number handed out when it began
+    record: int         # what the image's sync record held when its msync began
 
 
 @dataclass(slots=True)
@@ -207,6 +245,7 @@ class Mount:
                     # reach it: a page written back early over a "clean" image
                     # would be trusted without recovery (DESIGN 24.3).
                     pm.sync()
+                fs._settle_sync_record()
         except BaseException:
             pm.close()
             raise
@@ -252,6 +291,10 @@ class Mount:
             # superblock first, so that 'clean' never arrives before what it
             # vouches for (DESIGN 24).
             pm.sync()
+            if self.sync_record and pm.mode == "disk":
+                # everything is on the disk now: the record may say so
+                pm.store_u64(L.SYNC_RECORD, L.encode_sync_record(self.area.w.load64(H_SEQ) - 1))
+                pm.flush(L.SYNC_RECORD, 8)
             self.sb.clean = 1
             self.sb.next_seq = self.area.w.load64(H_SEQ)
             self.sb.last_unmount_ns = time.time_ns()
@@ -349,44 +392,95 @@ class Mount:
     def sync(self) -> None:
         """Make every operation that has returned durable on the image's backing
         storage: a fence (on persistent memory mapped with MAP_SYNC, all it
-        takes), then, for a file on a disk, msync of the mapping.  Blocks freed before the sync began may be reused once
-        it has completed (DESIGN 24)."""
-        started = self.sync_start()
-        if started:
+        takes), then, for a file on a disk, msync of the mapping.  Blocks freed
+        before the sync began may be reused once it has completed (DESIGN 24)."""
+        ticket = self.sync_start()
+        if ticket:
             self.pm.sync()
-            self.sync_done(started)
+            self.sync_done(ticket)
 
-    def sync_start(self) -> int:
-        """The first half of :meth:`sync`: fence, and open a new sync interval
-        (frees from now on wait for the next sync).  Returns the interval's
-        number, 0 when there is nothing to push (an image in memory or on
-        persistent memory, or a read-only mount).  A caller that runs the
-        msync elsewhere (a thread) calls :meth:`sync_done` after it."""
+    def sync_start(self) -> "SyncTicket | None":
+        """The first half of :meth:`sync`: fence, open a new sync interval (frees
+        from now on wait for the next sync), note the newest sequence number
+        handed out, and bring the image's sync record up to what completed
+        syncs cover (DESIGN 24.3).  Returns None when there is nothing to push
+        (an image in memory or on persistent memory, or a read-only mount).  A
+        caller that runs the msync elsewhere (a thread) calls
+        :meth:`sync_done` after it."""
         pm = self.pm
         pm.fence()
         if pm.mode != "disk" or self.readonly:
-            return 0
-        return self.area.w.add64(H_SYNC_STARTED, 1) + 1
+            return None
+        w = self.area.w
+        started = w.add64(H_SYNC_STARTED, 1) + 1
+        # Every entry numbered up to here took its number after its data was
+        # stored, so before the msync below begins: once it completes, such an
+        # entry is on the disk only with its data.
+        covered = w.load64(H_SEQ) - 1
+        return SyncTicket(started, covered, self._store_sync_record())
 
-    def sync_done(self, started: int) -> None:
+    def _store_sync_record(self) -> int:
+        """Raise the image's sync record to what completed syncs cover; return
+        the value it holds now (the msync that follows writes it back)."""
+        if not self.sync_record:
+            return 0
+        w = self.area.w
+        pm = self.pm
+        _lock_record(w)
+        try:
+            want = w.load64(H_RSYNC)
+            have = L.decode_sync_record(pm.read_u64(L.SYNC_RECORD)) or 0
+            if want > have and (word := L.encode_sync_record(want)):
+                pm.store_u64(L.SYNC_RECORD, word)
+                pm.flush(L.SYNC_RECORD, 8)
+                have = want
+        finally:
+            w.store32(H_RLOCK, 0)
+        pm.fence()
+        return have
+
+    def sync_done(self, ticket: "SyncTicket") -> None:
         """The second half of :meth:`sync`, once the msync begun after
         :meth:`sync_start` has returned: record the interval as synced and
         reuse the blocks it made safe."""
         w = self.area.w
-        while True:
-            cur = w.load64(H_SYNCED)
-            if cur >= started or w.cas64(H_SYNCED, cur, started):
-                break
+        for off, value in ((H_RSYNC, ticket.covered), (H_RDURABLE, ticket.record),
+                           (H_SYNCED, ticket.started)):
+            while True:                          # each word only grows
+                cur = w.load64(off)
+                if cur >= value or w.cas64(off, cur, value):
+                    break
         self.alloc.release_limbo()
         if self.held_inos:
             self.release_held_inos()
+
+    def _settle_sync_record(self) -> None:
+        """At mount, once every entry on the image is durable: make the sync
+        record cover them all (one more msync when it changes), so that blocks
+        the last session held back can be reused at once (DESIGN 24.3).  On an
+        image that no sync keeps up (in memory, on persistent memory), the
+        record is cleared instead: nothing maintains it there."""
+        pm = self.pm
+        if not self.sync_record:
+            return
+        w = self.area.w
+        last = w.load64(H_SEQ) - 1
+        word = L.encode_sync_record(last) if pm.mode == "disk" else 0
+        if pm.read_u64(L.SYNC_RECORD) != word:
+            pm.store_u64(L.SYNC_RECORD, word)
+            pm.persist(L.SYNC_RECORD, 8)
+            if pm.mode == "disk":
+                pm.sync()
+        if word:
+            w.store64(H_RSYNC, last)
+            w.store64(H_RDURABLE, last)
 
     def hold_frees_until_sync(self) -> None:
         """On a disk-backed image, a freed block is reused only after a sync has
         made its release durable (so a power loss never finds an older state
         that still uses it rewritten); a no-op for an image in memory."""
         if self.pm.mode == "disk" and not self.readonly:
-            self.alloc.hold_frees()
+            self.alloc.hold_frees(split=self.sync_record)
             self.alloc.sync_now = self.sync
             self.held_inos = deque()
             self.moves_need_sync = True
