@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import bisect
 import errno
-from collections import deque
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from .errors import FsError
 from .layout import Region
-from .shared import (H_LIMBO, H_RDURABLE, H_SEQ, H_SYNC_STARTED, H_SYNCED, LINE, STASH_SLOTS,
-                     SharedArea)
+from .shared import (H_HELD_INOS, H_LIMBO, H_RDURABLE, H_SEQ, H_SYNC_STARTED, H_SYNCED,
+                     HELD_REC, HELD_SLOTS, LINE, STASH_SLOTS, SharedArea, lock_word,
+                     unlock_word)
 
 ALL = (1 << 64) - 1
 STASH_REFILL = 32              # blocks a stash takes from the bitmap at once
@@ -287,6 +287,96 @@ class Stash:
         return out
 
 
+BLOCKS, INODE = 0, 1           # kinds of held records
+
+
+class HeldList:
+    """One CPU's list of blocks and inode slots freed on a disk-backed image but
+    not yet reusable (DESIGN 24), in the shared area.
+
+    Only the process acting as the CPU appends (single producer: it writes the
+    record, then publishes it by storing the tail); any process releases, under
+    the list's lock word, the records a completed sync has made safe, oldest
+    first.  So a sync by any process (the supervisor's commit interval
+    included) gives back what every process held, and a process that stays
+    idle strands nothing.  A record: tag (the syncs started when it was freed),
+    start, count, kind (blocks or one inode slot) and need (the sync record it
+    waits for, DESIGN 24.3; 0: none)."""
+
+    def __init__(self, area: SharedArea, cpu: int) -> None:
+        self.w = area.w
+        base = area.held + cpu * area.held_size
+        self.lock, self.head, self.tail, self.nblocks = base, base + 8, base + 16, base + 24
+        self.slots = base + LINE
+
+    def __len__(self) -> int:
+        w = self.w
+        return w.load64(self.tail) - w.load64(self.head)
+
+    @property
+    def blocks(self) -> int:
+        """Blocks held in this list."""
+        return self.w.load64(self.nblocks)
+
+    def append(self, tag: int, kind: int, start: int, count: int, need: int) -> bool:
+        """Hold one record; False when the list is full."""
+        w = self.w
+        tail = w.load64(self.tail)
+        if tail - w.load64(self.head) >= HELD_SLOTS:
+            return False
+        rec = self.slots + (tail % HELD_SLOTS) * HELD_REC
+        w.store64(rec, tag)
+        w.store64(rec + 8, start)
+        w.store32(rec + 16, count)
+        w.store32(rec + 20, kind)
+        w.store64(rec + 24, need)
+        if kind == BLOCKS:
+            w.add64(self.nblocks, count)
+            w.add64(H_LIMBO, count)
+        else:
+            w.add64(H_HELD_INOS, 1)
+        w.store64(self.tail, tail + 1)           # published: a releaser may take it
+        return True
+
+    def first(self) -> tuple[int, int] | None:
+        """(tag, need) of the oldest record, None when empty (no lock: a hint)."""
+        w = self.w
+        head = w.load64(self.head)
+        if head == w.load64(self.tail):
+            return None
+        rec = self.slots + (head % HELD_SLOTS) * HELD_REC
+        return w.load64(rec), w.load64(rec + 24)
+
+    def release(self, synced: int, durable: int, free_blocks: Callable[[int, int], None],
+                free_ino: Callable[[int], None], everything: bool = False) -> int:
+        """Give back, oldest first, every record a completed sync made safe (all
+        of them with ``everything``); returns the blocks given back."""
+        w = self.w
+        lock_word(w, self.lock)
+        n = 0
+        try:
+            head, tail = w.load64(self.head), w.load64(self.tail)
+            while head < tail:
+                rec = self.slots + (head % HELD_SLOTS) * HELD_REC
+                if not everything and not (w.load64(rec) < synced
+                                           and w.load64(rec + 24) <= durable):
+                    break
+                start, count, kind = w.load64(rec + 8), w.load32(rec + 16), w.load32(rec + 20)
+                head += 1
+                w.store64(self.head, head)       # taken before it is freed: never twice
+                if kind == BLOCKS:
+                    w.add64(self.nblocks, -count)
+                    w.add64(H_LIMBO, -count)
+                    free_blocks(start, count)
+                    n += count
+                else:
+                    w.add64(H_HELD_INOS, -1)
+                    free_ino(start)
+        finally:
+            unlock_word(w, self.lock)
+        return n
+
+
 class Allocator:
     """All regions, with the Local-Write-First policy and a reserve for deletes."""
 
@@ -303,13 +393,14 @@ class Allocator:
         # full device (they must append to the parent's log).
         self.reserve = reserve
         self._orders = [self._order(c) for c in range(len(regions))]
-        # Blocks freed since the last sync of a disk-backed image, held back
-        # until a sync has made their release durable (DESIGN 24): (tag, start,
-        # count, need), tags non-decreasing; a block of a write that still maps
-        # other pages also waits until the image's sync record reaches ``need``
-        # (DESIGN 24.3; 0 for every other block).  None: frees are immediate.
-        self.limbo: deque[tuple[int, int, int, int]] | None = None
-        self.limbo_blocks = 0
+        # Blocks (and inode slots) freed since the last sync of a disk-backed
+        # image wait in the shared held list of the CPU that freed them until
+        # a sync has made their release durable (DESIGN 24; a block of a write
+        # that still maps other pages also until the sync record covers it,
+        # 24.3).  ``limbo``: this process's list; None: frees are immediate.
+        self.held = [HeldList(area, r.cpu) for r in regions]
+        self.limbo: HeldList | None = None
+        self.free_ino: Callable[[int], None] | None = None    # gives an inode slot back
         self.w = area.w
         self.want_sync: Callable[[], None] | None = None      # ask for a sync (no wait)
         self.sync_now: Callable[[], None] | None = None       # sync and wait
@@ -361,18 +452,25 @@ class Allocator:
         try:
             return self._alloc_bitmaps(cpu, n, meta)
         except FsError:
-            if not self.limbo or self.sync_now is None:
+            if not self.w.load64(H_LIMBO) or self.sync_now is None:
                 raise
-            self.sync_now()
-            if self.limbo:
+            self.sync_now()                     # gives back what every CPU held
+            if self.w.load64(H_LIMBO):
                 self.sync_now()                 # the second writes the sync record back
             return self._alloc_bitmaps(cpu, n, meta)
 
+    @property
+    def limbo_blocks(self) -> int:
+        """Blocks this process's CPU holds back."""
+        return self.limbo.blocks if self.limbo is not None else 0
+
     def _releasable(self) -> bool:
-        """Whether the oldest held blocks may be reused now."""
-        tag, _s, _n, need = self.limbo[0]
+        """Whether the oldest records this process's CPU holds may be reused now."""
+        first = self.limbo.first()
+        if first is None:
+            return False
         w = self.w
-        return tag < w.load64(H_SYNCED) and need <= w.load64(H_RDURABLE)
+        return first[0] < w.load64(H_SYNCED) and first[1] <= w.load64(H_RDURABLE)
 
     def _before_alloc(self) -> None:
         if self.limbo and self._releasable():
@@ -400,8 +498,9 @@ class Allocator:
                 self._fresh.update(range(s, s + c))
 
     # -- blocks held back until a sync -------------------------------------------
-    def hold_frees(self, split: bool = False) -> None:
-        """From now on, freed blocks wait for the next completed sync.
+    def hold_frees(self, cpu: int, split: bool = False) -> None:
+        """From now on, blocks (and inode slots) this process frees wait for the
+        next completed sync, in ``cpu``'s held list.
 
         A process asks for an early sync once it holds an eighth of the data
         area's share of one CPU: every sync makes the pages it wrote back
@@ -411,27 +510,48 @@ class Allocator:
         ``split``: the image keeps a sync record, and blocks freed as split
         wait for it too (DESIGN 24.3, step 9).
         """
-        if self.limbo is None:
-            self.limbo = deque()
+        self.limbo = self.held[cpu]
         self.split_frees = split
         self.limbo_want = max(LIMBO_WANT, self.ntotal // (8 * len(self.regions)))
 
-    def release_limbo(self, everything: bool = False) -> int:
+    def release_limbo(self, everything: bool = False, every_cpu: bool = False) -> int:
         """Free what a completed sync has made safe to reuse (``everything``: all of
-        it, when no later allocation can happen or the image is synced anyway)."""
-        limbo = self.limbo
-        if not limbo:
+        it, when no later allocation can happen or the image is synced anyway),
+        from this process's CPU's list, or from every CPU's (``every_cpu``, as
+        a process that has just synced does); returns the blocks freed."""
+        if every_cpu or everything:
+            lists = [h for h in self.held if len(h)]
+        elif self.limbo is not None and len(self.limbo):
+            lists = [self.limbo]
+        else:
             return 0
-        synced = self.w.load64(H_SYNCED)
-        durable = self.w.load64(H_RDURABLE)
-        n = 0
-        while limbo and (everything or (limbo[0][0] < synced and limbo[0][3] <= durable)):
-            _tag, start, count, _need = limbo.popleft()
-            self._free_now(start, count)
-            n += count
-        self.limbo_blocks -= n
-        self.w.add64(H_LIMBO, -n)
-        return n
+        w = self.w
+        synced, durable = w.load64(H_SYNCED), w.load64(H_RDURABLE)
+        return sum(h.release(synced, durable, self._free_now, self._free_ino, everything)
+                   for h in lists)
+
+    def _free_ino(self, ino: int) -> None:
+        if self.free_ino is None:
+            raise AssertionError(f"a held inode slot ({ino}) and nobody to give it back")
+        self.free_ino(ino)
+
+    def hold_ino(self, ino: int) -> None:
+        """Hold an inode slot freed by an eviction until a sync has completed."""
+        self._append(self.w.load64(H_SYNC_STARTED), INODE, ino, 0, 0)
+
+    def _append(self, tag: int, kind: int, start: int, count: int, need: int) -> None:
+        limbo = self.limbo
+        if limbo.append(tag, kind, start, count, need):
+            return
+        # Full: two syncs make every record in it reusable (the second one
+        # writes back a sync record that covers what the first made durable).
+        if self.sync_now is None:
+            raise AssertionError("the held list is full and there is no way to sync")
+        self.sync_now()
+        self.sync_now()
+        self.release_limbo()
+        if not limbo.append(tag, kind, start, count, need):
+            raise AssertionError("the held list is still full after two syncs")
 
     def _alloc_bitmaps(self, cpu: int, n: int, meta: bool) -> list[tuple[int, int]]:
         own = self._orders[cpu][0]
@@ -517,15 +637,10 @@ class Allocator:
                     fresh.difference_update(range(start, start + n))
                 self._free_now(start, n)
                 return
-            if limbo and self._releasable():
-                # a sync (another process's, the commit interval's) has completed:
-                # a process that only frees (unlinks, truncates) gives back what
-                # it held instead of keeping it from every other process
+            if self._releasable():
                 self.release_limbo()
-            limbo.append((tag, start, n, need))
-            self.limbo_blocks += n
-            w.add64(H_LIMBO, n)
-            if self.limbo_blocks >= self.limbo_want and self._asked != tag and self.want_sync:
+            self._append(tag, BLOCKS, start, n, need)
+            if limbo.blocks >= self.limbo_want and self._asked != tag and self.want_sync:
                 self._asked = tag
                 self.want_sync()
             return

@@ -465,17 +465,13 @@ async def _watch(pid: int, cpu: int, mountpoint: str, state: _State) -> None:
 
 # ---------------------------------------------------------------- a worker
 def _settle_held(fs: FileSystem, landing: Landing | None = None) -> None:
-    """Before a serving process goes quiet (to sleep, or to exit): the blocks it
-    holds back are released only when it allocates, so sync and give them back
-    now rather than strand them while others run out of room (DESIGN 24); the
-    blocks reserved for a landing go back too (DESIGN 22.6)."""
+    """Before a serving process goes quiet (to sleep, or to exit): the blocks
+    reserved for a landing go back (DESIGN 22.6).  Blocks it holds back until
+    a sync need nothing here: they wait in its CPU's held list in the shared
+    area, which every completed sync empties of what it made safe, whoever
+    runs it (DESIGN 24)."""
     if landing is not None:
         landing.end()
-    if fs.alloc.limbo or fs.held_inos:
-        fs.sync()
-        if fs.alloc.limbo:
-            fs.sync()            # blocks that wait for the sync record (DESIGN 24.3)
-        fs.alloc.release_limbo()
 
 
 def _worker(fs: FileSystem, conn: Connection, cpu: int,

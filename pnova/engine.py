@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import functools
-from collections import deque
 from collections.abc import Callable
 
 from . import layout as L
@@ -83,8 +82,9 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self.readonly = readonly
         # recovery may meet pages a power loss kept from a disk (Rebuild._pages_may_be_lost)
         self.power_loss = False
-        # (sync number, inode) of slots freed since, on a disk-backed image (itable)
-        self.held_inos: deque[tuple[int, int]] | None = None
+        # slots freed by evictions wait for a sync, in the allocator's held
+        # lists, on a disk-backed image (itable)
+        self.hold_inos = False
         # inodes moved between directories since a sync, with the sync interval
         # then open (disk-backed images: DESIGN 24.3, rename barrier)
         self.moves_need_sync = False           # on a disk: DESIGN 24.3, step 8
@@ -124,6 +124,8 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         # free inode slots of each CPU's table, shared by every worker process
         self.free_inodes = [SharedBitmap(area, area.itables[c], 0, sb.inodes_per_cpu)
                             for c in range(self.ncpus)]
+        # any process may give back a slot another CPU held until a sync
+        self.alloc.free_ino = lambda ino: self._release_ino(ino, held=False)
         self.cache: dict[int, Inode] = {}
         self._compact_wanted: set[int] = set()
         # all heads and tails of a per-core log array, read in one call

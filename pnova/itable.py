@@ -12,7 +12,7 @@ from . import log as plog
 from .errors import FsError
 from .inode import Inode
 from .namei import namespace_op
-from .shared import H_SYNC_STARTED, H_SYNCED, REF_DYING
+from .shared import H_HELD_INOS, REF_DYING
 
 
 # line 1 of an inode slot: state, log head, log tail, log array, then zeros
@@ -24,17 +24,17 @@ class InodeTable:
 
     def _alloc_ino(self) -> int:
         """A free inode slot: this CPU's table first, then the others."""
-        if self.held_inos:
-            self.release_held_inos()
+        if self.hold_inos:
+            self.alloc.release_synced()
         for attempt in (0, 1):
             order = [self.cpu] + [c for c in range(self.ncpus) if c != self.cpu]
             for c in order:
                 got = self.free_inodes[c].alloc(1)
                 if got:
                     return self.ino_of(c, got[0][0])
-            if attempt or not self.held_inos:
+            if attempt or not self.area.w.load64(H_HELD_INOS):
                 break
-            self.sync()                          # what is held back is free after it
+            self.sync()                          # what any CPU held back is free after it
         raise FsError(errno.ENOSPC)
 
     def _release_ino(self, ino: int, held: bool = True) -> None:
@@ -43,17 +43,10 @@ class InodeTable:
         state on the disk may still name the old inode, whose name must not
         come to mean a new one after a power loss (DESIGN 24.3).  ``held=False``:
         a slot that never held a live inode."""
-        if held and self.held_inos is not None:
-            self.held_inos.append((self.area.w.load64(H_SYNC_STARTED), ino))
+        if held and self.hold_inos:
+            self.alloc.hold_ino(ino)
             return
         self.free_inodes[(ino - 1) % self.ncpus].free((ino - 1) // self.ncpus, 1)
-
-    def release_held_inos(self, everything: bool = False) -> None:
-        """Free the held inode slots a completed sync has made safe to reuse."""
-        held = self.held_inos
-        synced = self.area.w.load64(H_SYNCED)
-        while held and (everything or held[0][0] < synced):
-            self._release_ino(held.popleft()[1], held=False)
 
     def _make_inode(self, mode: int, uid: int, gid: int, rdev: int,
                     entries: list[tuple], data: bytes | None = None) -> tuple[Inode, int, list[int]]:

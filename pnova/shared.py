@@ -36,6 +36,11 @@ Layout (byte offsets; every region starts on a 64-byte line)::
     ...     per-CPU block stashes: a line with the count u64, then STASH_SLOTS
             u64 block numbers; each is changed only by the process acting as
             its CPU (and by the primary once every worker has exited)
+    ...     per-CPU held lists: a line with the lock word u32 (its holder's
+            pid), head u64, tail u64 and held blocks u64, then HELD_SLOTS
+            records (tag u64, start u64, count u32, kind u32, need u64) of
+            blocks (kind 0) and inode slots (kind 1) freed but not yet
+            reusable; the CPU's process appends, any process releases
     ...     page-group versions: VER_SLOTS u64, hashed by (inode, group of
             VER_PAGES pages), and per inode a size epoch in the same table;
             a writer adds one to the versions of the groups it wrote before
@@ -51,11 +56,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 10
+VERSION = 11
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -65,6 +71,8 @@ RANGE_ENTRY = 32
 RING_SLOTS = 256
 REF_DYING = 1 << 31           # a reference count's word once its inode is being freed
 STASH_SLOTS = 64              # free blocks one CPU keeps at hand
+HELD_SLOTS = 2048             # records of one CPU's list of held blocks and inode slots
+HELD_REC = 32                 # one record: tag u64, start u64, count u32, kind u32, need u64
 VER_BITS = 16
 VER_SLOTS = 1 << VER_BITS     # page-group version words
 VER_SHIFT_PAGES = 4
@@ -82,6 +90,7 @@ H_LIMBO = 56                  # u64: blocks freed but not yet reusable, all proc
 H_RSYNC = 64                  # u64: the newest sequence number a completed sync covers
 H_RDURABLE = 72               # u64: the newest sync record a completed sync wrote back
 H_RLOCK = 80                  # u32: held while a sync stores the record into the image
+H_HELD_INOS = 88              # u64: inode slots freed but not yet reusable, all processes
 HEADER = 2 * 64
 
 
@@ -104,7 +113,9 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     o["ring_size"] = 2 * LINE + _line(8 * RING_SLOTS)
     o["stashes"] = o["rings"] + ncpus * o["ring_size"]
     o["stash_size"] = LINE + _line(8 * STASH_SLOTS)
-    o["versions"] = o["stashes"] + ncpus * o["stash_size"]
+    o["held"] = o["stashes"] + ncpus * o["stash_size"]
+    o["held_size"] = LINE + HELD_SLOTS * HELD_REC
+    o["versions"] = o["held"] + ncpus * o["held_size"]
     o["name_versions"] = o["versions"] + 8 * VER_SLOTS
     off = o["name_versions"] + 8 * NAME_SLOTS
     for i, n in enumerate(region_blocks):
@@ -155,6 +166,8 @@ class SharedArea:
         self.ring_size = o["ring_size"]
         self.stashes = o["stashes"]
         self.stash_size = o["stash_size"]
+        self.held = o["held"]
+        self.held_size = o["held_size"]
         self.versions = o["versions"]
         self.name_versions = o["name_versions"]
         self.regions = [o[f"region{i}"] for i in range(len(region_blocks))]
@@ -273,3 +286,37 @@ def process_alive(pid: int) -> bool:
         return False
     state = stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3]
     return state not in (b"Z", b"X")
+
+
+def lock_word(w: SharedWords, off: int) -> None:
+    """Take a u32 lock word that holds its holder's pid.  Such a lock is held for
+    a few loads and stores; a holder that died holding it (kill -9) is waited
+    out for a second and then passed over: what it was doing either happened
+    or did not, and both leave the protected words consistent."""
+    me = os.getpid()
+    deadline = None
+    while True:
+        holder = w.load32(off)
+        if holder == 0 and w.cas32(off, 0, me):
+            return
+        if holder:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + 1.0
+            elif now > deadline and not _alive(holder) and w.cas32(off, holder, me):
+                return
+        os.sched_yield()
+
+
+def unlock_word(w: SharedWords, off: int) -> None:
+    w.store32(off, 0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

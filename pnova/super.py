@@ -9,9 +9,7 @@ state saved by a clean unmount or recovers (:mod:`pnova.rebuild`).
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,41 +20,13 @@ from .errors import CorruptImage, FsError
 from .inode import Inode
 from .locks import make_scheme
 from .pmem import DeviceError, PMem
-from .shared import H_LIMBO, H_RDURABLE, H_RLOCK, H_RSYNC, H_SEQ, H_SYNC_STARTED, H_SYNCED
+from .shared import (H_HELD_INOS, H_LIMBO, H_RDURABLE, H_RLOCK, H_RSYNC, H_SEQ, H_SYNC_STARTED,
+                     H_SYNCED, lock_word, unlock_word)
 
 if TYPE_CHECKING:
     from .engine import FileSystem
 
 logger = logging.getLogger("pnova")
-
-
-def _lock_record(w) -> None:
-    """Take the sync record's lock word (holder's pid).  It is held for two
-    loads and a store; a holder that died there (kill -9) is waited out for
-    a second, then passed over, since its store either happened or not."""
-    me = os.getpid()
-    deadline = None
-    while True:
-        holder = w.load32(H_RLOCK)
-        if holder == 0 and w.cas32(H_RLOCK, 0, me):
-            return
-        if holder:
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + 1.0
-            elif now > deadline and not _alive(holder) and w.cas32(H_RLOCK, holder, me):
-                return
-        os.sched_yield()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 @dataclass(slots=True, frozen=True)
@@ -267,9 +237,7 @@ class Mount:
             # marked clean: frees are immediate from here on.
             self.alloc.release_limbo(everything=True)
             self.alloc.limbo = None
-            if self.held_inos is not None:
-                self.release_held_inos(everything=True)
-                self.held_inos = None
+            self.hold_inos = False
             self.alloc.stash_cpu = None              # every stash goes back below
             for ring in self.rings:                  # pages handed out but never used
                 while (blk := ring.pop()):
@@ -384,6 +352,8 @@ class Mount:
             raise RuntimeError("prepare_workers() must be called before forking")
         self.cpu = cpu % self.ncpus
         self.alloc.stash_cpu = None if self.readonly else self.cpu
+        if self.alloc.limbo is not None:
+            self.alloc.limbo = self.alloc.held[self.cpu]     # one producer per list
         self.scheme.close()
         self.scheme = make_scheme(self.lock_name, self.area, self.cpu, self.segment_pages)
         self.scheme.sem.take_over()
@@ -426,7 +396,7 @@ class Mount:
             return 0
         w = self.area.w
         pm = self.pm
-        _lock_record(w)
+        lock_word(w, H_RLOCK)
         try:
             want = w.load64(H_RSYNC)
             have = L.decode_sync_record(pm.read_u64(L.SYNC_RECORD)) or 0
@@ -435,7 +405,7 @@ class Mount:
                 pm.flush(L.SYNC_RECORD, 8)
                 have = want
         finally:
-            w.store32(H_RLOCK, 0)
+            unlock_word(w, H_RLOCK)
         pm.fence()
         return have
 
@@ -450,9 +420,9 @@ class Mount:
                 cur = w.load64(off)
                 if cur >= value or w.cas64(off, cur, value):
                     break
-        self.alloc.release_limbo()
-        if self.held_inos:
-            self.release_held_inos()
+        # every CPU's held blocks and slots, not only this process's: a CPU
+        # whose process stays idle strands nothing
+        self.alloc.release_limbo(every_cpu=True)
 
     def _settle_sync_record(self) -> None:
         """At mount, once every entry on the image is durable: make the sync
@@ -480,14 +450,14 @@ class Mount:
         made its release durable (so a power loss never finds an older state
         that still uses it rewritten); a no-op for an image in memory."""
         if self.pm.mode == "disk" and not self.readonly:
-            self.alloc.hold_frees(split=self.sync_record)
+            self.alloc.hold_frees(self.cpu, split=self.sync_record)
             self.alloc.sync_now = self.sync
-            self.held_inos = deque()
+            self.hold_inos = True
             self.moves_need_sync = True
 
     def statfs(self) -> StatFs:
         a = self.alloc
-        ffree = self.nfree_inodes + len(self.held_inos or ())   # free after the next sync
+        ffree = self.nfree_inodes + self.area.w.load64(H_HELD_INOS)   # free after the next sync
         # Blocks kept at hand (stashes, rings of log pages) hold nothing: free.
         free = a.nfree + a.stashed() + sum(len(r) for r in self.rings) + \
             self.area.w.load64(H_LIMBO)           # free again after the next sync

@@ -316,7 +316,7 @@ def test_page_model_inode_slots_wait_for_a_sync(monkeypatch):
 
     def hold_blocks_only(self):
         hold(self)
-        self.held_inos = None
+        self.hold_inos = False
 
     monkeypatch.setattr(FileSystem, "hold_frees_until_sync", hold_blocks_only)
     reused = cp.run_steps(cp.SETUP, ops)
