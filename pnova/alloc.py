@@ -530,6 +530,10 @@ class Allocator:
         return sum(h.release(synced, durable, self._free_now, self._free_ino, everything)
                    for h in lists)
 
+    def unknown_need(self) -> int:
+        """What a block of an unknown write entry waits for: every entry so far."""
+        return self.w.load64(H_SEQ) - 1 if self.limbo is not None and self.split_frees else 0
+
     def _free_ino(self, ino: int) -> None:
         if self.free_ino is None:
             raise AssertionError(f"a held inode slot ({ino}) and nobody to give it back")
@@ -614,19 +618,21 @@ class Allocator:
             raise AssertionError(f"block {block} is not a data block")
         return ra
 
-    def free(self, start: int, n: int, split: bool = False) -> None:
+    def free(self, start: int, n: int, need: int = 0) -> None:
         """Give blocks back to the region(s) that own them (a single block of this
         process's own region to its stash, while there is room), or hold them
-        back until the next sync (:meth:`hold_frees`).  ``split``: the blocks
-        belong to a write entry that still maps other pages, whose data
-        recovery may check after a power loss: they wait also until the
-        image's sync record covers that entry (DESIGN 24.3)."""
+        back until the next sync (:meth:`hold_frees`).  ``need``: the blocks
+        belong to write entry ``need``, which still maps other pages and whose
+        data recovery may check after a power loss: unless the sync record on
+        the disk covers that entry already, they wait also until it does
+        (DESIGN 24.3)."""
         limbo = self.limbo
         if limbo is not None:
             w = self.w
             tag = w.load64(H_SYNC_STARTED)
-            split = split and self.split_frees
-            need = w.load64(H_SEQ) - 1 if split else 0
+            if not self.split_frees or need <= w.load64(H_RDURABLE):
+                need = 0
+            split = need > 0
             fresh = self._fresh
             if not split and tag == self._fresh_gen and start in fresh and \
                     (n == 1 or all(b in fresh for b in range(start + 1, start + n))):

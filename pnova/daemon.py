@@ -415,7 +415,8 @@ async def _syncer(fs: FileSystem, syncs: int, commit: float) -> None:
         now = w.load64(H_SEQ)                   # every change takes a sequence number
         # Blocks held until the sync record covers their write need one more
         # sync after the one that made the write durable (DESIGN 24.3).
-        behind = w.load64(H_LIMBO) and w.load64(H_RDURABLE) < w.load64(H_RSYNC)
+        behind = fs.alloc.split_frees and w.load64(H_LIMBO) and \
+            w.load64(H_RDURABLE) < w.load64(H_RSYNC)
         if asked or now != done or behind:
             ticket = fs.sync_start()
             if ticket:

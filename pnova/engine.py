@@ -174,27 +174,28 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
     def _free_blocks(self, blocks: list[int], ino: int = 0) -> None:
         """Free data blocks, as extents.  ``ino``: the file whose write or
         truncate unmapped them; an extent of a write entry that still maps
-        other pages of it is freed as ``split`` (DESIGN 24.3)."""
+        other pages of it waits for the sync record to cover that entry
+        (``need``, DESIGN 24.3)."""
         if not blocks:
             return
         alloc = self.alloc
         owner = self.cache.get(ino) if ino and alloc.limbo is not None else None
 
-        def split(lo: int, hi: int) -> bool:
+        def need(lo: int, hi: int) -> int:
             # an entry's blocks are consecutive: one that keeps pages outside
             # this extent holds its first or its last block
             if owner is None:
-                return bool(ino) and alloc.limbo is not None   # not cached: assume so
-            return owner.holds(lo) or owner.holds(hi)
+                return alloc.unknown_need() if ino else 0     # not cached: the worst
+            return max(owner.holds(lo), owner.holds(hi))
 
         blocks.sort()
         if blocks[-1] - blocks[0] == len(blocks) - 1:     # one extent (no block twice)
-            alloc.free(blocks[0], len(blocks), split(blocks[0], blocks[-1]))
+            alloc.free(blocks[0], len(blocks), need(blocks[0], blocks[-1]))
             return
         start = prev = blocks[0]
         for b in blocks[1:]:
             if b != prev + 1:
-                alloc.free(start, prev - start + 1, split(start, prev))
+                alloc.free(start, prev - start + 1, need(start, prev))
                 start = b
             prev = b
-        alloc.free(start, prev - start + 1, split(start, prev))
+        alloc.free(start, prev - start + 1, need(start, prev))

@@ -458,7 +458,8 @@ class FileData:
                 self.alloc.free(freed[0], 1)
             else:
                 owner = self.cache.get(ino)
-                self.alloc.free(freed[0], 1, owner is None or owner.holds(freed[0]))
+                self.alloc.free(freed[0], 1, self.alloc.unknown_need() if owner is None
+                                else owner.holds(freed[0]))
         elif freed:
             self._free_blocks(freed, ino)
         if self._compact_wanted:

@@ -58,10 +58,10 @@ class Inode:
         self.names_seen = None
         # the inode's rewrite count when this cache was read (shared mode)
         self.rewrites = 0
-        # Write entries of several pages that carry a data digest, by their
-        # first block: [pages, pages still mapped]; None while there are none.
-        # Their blocks' frees wait for the sync record while other pages
-        # remain (see :meth:`holds`; DESIGN 24.3).
+        # Write entries of several pages, by their first block: [pages, pages
+        # still mapped, sequence number]; None while there are none.  Their
+        # blocks' frees wait for the sync record while other pages remain
+        # (see :meth:`holds`; DESIGN 24.3).
         self.wide: SortedDict | None = None
         if stat.S_ISDIR(st.mode):
             self.pages = None
@@ -98,8 +98,10 @@ class Inode:
                 pages.update(zip(span, range(block, block + npages)))
                 if freed and self.wide:
                     self._unmapped(freed)
-                if len(e) > 7 and e[7] is not None:
-                    self._mapped(block, npages)
+                # every write of several pages (one read back from a log
+                # carries no digest field here): counting one without a
+                # digest only holds its blocks longer than needed
+                self._mapped(block, npages, _seq)
             # Writes only ever grow the size (their field is the end they
             # reach): writes on different cores then commute, and only a
             # setattr, ordered by its sequence number, makes a file shorter.
@@ -166,14 +168,14 @@ class Inode:
                 self.tseq = _seq
         return freed
 
-    def _mapped(self, block: int, n: int) -> None:
-        """A write entry with a digest now maps blocks block..block+n-1."""
+    def _mapped(self, block: int, n: int, seq: int) -> None:
+        """Write entry ``seq`` now maps blocks block..block+n-1."""
         wide = self.wide
         if wide is None:
             wide = self.wide = SortedDict()
         elif wide:
             self._forget(block, block + n - 1)   # entries whose blocks these were: gone
-        wide[block] = [n, n]
+        wide[block] = [n, n, seq]
 
     def _unmapped(self, blocks: list[int]) -> None:
         """Pages no longer map ``blocks``: count them off their entries."""
@@ -205,17 +207,18 @@ class Inode:
                     continue
             i += 1
 
-    def holds(self, block: int) -> bool:
-        """Whether ``block`` belongs to a write entry with a digest that still
-        maps some page: recovery may check that entry's data, all of it."""
+    def holds(self, block: int) -> int:
+        """The sequence number of the write entry of several pages that ``block``
+        belongs to, if that entry still maps some page (recovery may check its
+        data, all of it, until the sync record covers it); else 0."""
         wide = self.wide
         if not wide:
-            return False
+            return 0
         i = wide.bisect_right(block) - 1
         if i < 0:
-            return False
+            return 0
         start, rec = wide.peekitem(i)
-        return block < start + rec[0]
+        return rec[2] if block < start + rec[0] else 0
 
     def truncate_index(self, size: int) -> list[int]:
         """Drop pages wholly past ``size``; return their blocks."""

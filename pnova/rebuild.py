@@ -307,25 +307,35 @@ class Rebuild:
         array = pm.read_u64(addr + L.I_LOG_ARRAY)
         if array:
             logs += [(h, t) for _c, h, t in self._local_lines(array)]
-        newest: dict[int, int] = {}
-        writes: list[tuple[int, int, int]] = []
+        found = []
         for head, tail in logs:
             for raw in plog.walk(pm, head, tail, ino, self.max_log_pages):
                 e = L.decode_entry(raw)
-                if e[0] == L.E_WRITE:
-                    writes.append((e[1], e[2], e[3]))
-                    for pg in range(e[2], e[2] + e[3]):
-                        if newest.get(pg, -1) < e[1]:
-                            newest[pg] = e[1]
+                if e[0] == L.E_WRITE or (e[0] == L.E_SETATTR and e[2] & L.SA_SIZE):
+                    found.append(e)
+        found.sort(key=lambda e: e[1])
+        # Replayed in sequence order, truncates included: a write a truncate
+        # unmapped is the newest for no page (its blocks went back whole).
+        newest: dict[int, int] = {}
+        writes: list[tuple[int, int, int]] = []
+        for e in found:
+            if e[0] == L.E_WRITE:
+                writes.append((e[1], e[2], e[3]))
+                for pg in range(e[2], e[2] + e[3]):
+                    newest[pg] = e[1]
+            else:
+                keep = (e[6] + L.BLOCK - 1) // L.BLOCK
+                for pg in [p for p in newest if p >= keep]:
+                    del newest[pg]
         covered = self._sync_covered()
         if covered is None:
             return {seq for seq, pg, n in writes
-                    if all(newest[p] == seq for p in range(pg, pg + n))}
+                    if all(newest.get(p) == seq for p in range(pg, pg + n))}
         # With the sync record, every later write that still maps a page is
         # checked, all of it: the blocks of its other pages are held until the
         # record covers it (DESIGN 24.3), so they still hold its data.
         return {seq for seq, pg, n in writes
-                if seq > covered and any(newest[p] == seq for p in range(pg, pg + n))}
+                if seq > covered and any(newest.get(p) == seq for p in range(pg, pg + n))}
 
     def _sync_covered(self) -> int | None:
         """The image's sync record (version 6): entries up to it arrived with

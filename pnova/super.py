@@ -206,6 +206,12 @@ class Mount:
                 fs._recover()
                 fs.mount_path = "recovery"
             if not readonly:
+                if fs.sync_record and pm.read_u64(L.SYNC_RECORD):
+                    # No session keeps the record up unless it holds freed
+                    # blocks back (hold_frees_until_sync sets it again): until
+                    # then it says nothing (DESIGN 24.3, step 9).
+                    pm.store_u64(L.SYNC_RECORD, 0)
+                    pm.flush(L.SYNC_RECORD, 8)
                 fs.sb.clean = 0
                 fs.sb.mount_count += 1
                 fs.sb.last_mount_ns = time.time_ns()
@@ -215,7 +221,6 @@ class Mount:
                     # reach it: a page written back early over a "clean" image
                     # would be trusted without recovery (DESIGN 24.3).
                     pm.sync()
-                fs._settle_sync_record()
         except BaseException:
             pm.close()
             raise
@@ -259,7 +264,7 @@ class Mount:
             # superblock first, so that 'clean' never arrives before what it
             # vouches for (DESIGN 24).
             pm.sync()
-            if self.sync_record and pm.mode == "disk":
+            if self.sync_record and self.alloc.split_frees:
                 # everything is on the disk now: the record may say so
                 pm.store_u64(L.SYNC_RECORD, L.encode_sync_record(self.area.w.load64(H_SEQ) - 1))
                 pm.flush(L.SYNC_RECORD, 8)
@@ -391,8 +396,9 @@ class Mount:
 
     def _store_sync_record(self) -> int:
         """Raise the image's sync record to what completed syncs cover; return
-        the value it holds now (the msync that follows writes it back)."""
-        if not self.sync_record:
+        the value it holds now (the msync that follows writes it back).  Only
+        a session that holds freed blocks back keeps the record."""
+        if not self.alloc.split_frees:
             return 0
         w = self.area.w
         pm = self.pm
@@ -424,24 +430,20 @@ class Mount:
         # whose process stays idle strands nothing
         self.alloc.release_limbo(every_cpu=True)
 
-    def _settle_sync_record(self) -> None:
-        """At mount, once every entry on the image is durable: make the sync
-        record cover them all (one more msync when it changes), so that blocks
-        the last session held back can be reused at once (DESIGN 24.3).  On an
-        image that no sync keeps up (in memory, on persistent memory), the
-        record is cleared instead: nothing maintains it there."""
+    def _start_sync_record(self) -> None:
+        """When a session starts holding freed blocks back on a version-6 image:
+        every entry on the image is durable (the mount has synced), so the sync
+        record may cover them all; one msync makes it durable before any block
+        is held or reused under the record's rules (DESIGN 24.3, step 9)."""
         pm = self.pm
-        if not self.sync_record:
-            return
         w = self.area.w
+        pm.sync()                                # what the mount did since its own
         last = w.load64(H_SEQ) - 1
-        word = L.encode_sync_record(last) if pm.mode == "disk" else 0
-        if pm.read_u64(L.SYNC_RECORD) != word:
+        word = L.encode_sync_record(last)
+        if word:
             pm.store_u64(L.SYNC_RECORD, word)
             pm.persist(L.SYNC_RECORD, 8)
-            if pm.mode == "disk":
-                pm.sync()
-        if word:
+            pm.sync()
             w.store64(H_RSYNC, last)
             w.store64(H_RDURABLE, last)
 
@@ -450,6 +452,8 @@ class Mount:
         made its release durable (so a power loss never finds an older state
         that still uses it rewritten); a no-op for an image in memory."""
         if self.pm.mode == "disk" and not self.readonly:
+            if self.sync_record and self.alloc.limbo is None:
+                self._start_sync_record()
             self.alloc.hold_frees(self.cpu, split=self.sync_record)
             self.alloc.sync_now = self.sync
             self.hold_inos = True

@@ -414,6 +414,7 @@ def test_a_move_between_directories_names_the_new_directory_from_format_5(tmp_pa
     ((flags, peer, peer_dir),) = _moved_removals(fs)
     assert peer == L.name_hash(b, b"g")
     assert peer_dir == (b if version >= 5 else 0)
+    fs.hold_frees_until_sync()
     fs.sync()
     assert bool(fs.pm.read_u64(L.SYNC_RECORD)) == (version >= 6)
     fs.unmount()

@@ -178,6 +178,8 @@ def test_blocks_of_a_write_that_keeps_other_pages_wait_for_the_sync_record(tmp_p
     assert fs.alloc.limbo_blocks == 1
     fs.unmount()
     fs = FileSystem.mount(path)
+    assert fs.pm.read_u64(L.SYNC_RECORD) == 0        # kept only while frees are held
+    fs.hold_frees_until_sync()
     assert L.decode_sync_record(fs.pm.read_u64(L.SYNC_RECORD)) == fs.area.w.load64(H_SEQ) - 1
     assert fs.read(ino, 0, 5 * 4096) == b"b" * 4096 + b"a" * 2 * 4096 + bytes(4096) + b"d" * 4096
     fs.unmount()
@@ -210,6 +212,71 @@ def test_a_crash_of_the_process_alone_cuts_no_acknowledged_write(tmp_path, monke
         assert got == b"b" * 4096 + b"a" * 2 * 4096
     else:
         assert got != b"b" * 4096 + b"a" * 2 * 4096
+
+
+def _take_blocks(fs: FileSystem, name: bytes, want: list[int], limit: int = 400) -> bool:
+    """Write pages of a new file ``name`` until it holds every block of ``want``."""
+    ino = fs.create(ROOT, name, 0o644).ino
+    for pg in range(limit):
+        if set(want) <= set(fs.get(ino).pages.values()):
+            return True
+        fs.write(ino, pg * 4096, b"z" * 4096)
+    return False
+
+
+def test_a_write_a_truncate_unmapped_whole_is_not_checked_by_recovery(tmp_path):
+    """A three-page write, truncated away: its blocks go back whole (no sync saw
+    them) and another file takes them.  After a crash of the process alone,
+    recovery must not check that write's data (no page maps it once the
+    truncate is replayed): checked, it would cut the truncate and the
+    acknowledged write and chmod after it."""
+    path = _disk_image(tmp_path)
+    fs = FileSystem.mount(path)
+    fs.hold_frees_until_sync()
+    ino = fs.create(ROOT, b"bar", 0o644).ino
+    fs.sync()
+    fs.write(ino, 0, b"u" * 3 * 4096)
+    gone = sorted(fs.get(ino).pages.values())
+    fs.setattr(ino, size=0)
+    fs.write(ino, 0, b"A" * 4096)
+    fs.setattr(ino, mode=0o640)
+    assert _take_blocks(fs, b"z", gone)
+    fs.abandon()                                         # as kill -9 leaves it
+    fs = FileSystem.mount(path, power_loss=True)
+    assert fs.read(ino, 0, 8192) == b"A" * 4096
+    assert fs.getattr(ino).mode & 0o7777 == 0o640
+    fs.unmount()
+
+
+def test_another_process_frees_a_partly_replaced_write_as_held(tmp_path):
+    """The cache of a process that read a file back from its logs (here because
+    another CPU gave the file a per-core log array) knows its writes of several
+    pages too: replacing one page of such a write frees the block as held, not
+    as one no sync saw, so nothing reuses it and recovery after a crash of the
+    process finds the write whole."""
+    path = str(tmp_path / "d.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs0 = FileSystem.mount(path)
+    fs0.hold_frees_until_sync()
+    fs1 = FileSystem.attach(fs0, 1)
+    fs1.hold_frees_until_sync()
+    ino = fs0.create(ROOT, b"bar", 0o644).ino
+    fs0.sync()
+    fs0.write(ino, 0, b"u" * 3 * 4096)                    # one entry, three pages
+    first = fs0.get(ino).pages[0]
+    before = fs0.cache[ino]
+    fs1.write(ino, 5 * 4096, b"1" * 4096)                 # another CPU: a log array
+    fs0.write(ino, 0, b"A" * 4096)                        # replaces the entry's page 0
+    assert fs0.cache[ino] is not before                   # read back from the logs
+    assert fs0.alloc.limbo_blocks == 1                    # held, not given back
+    fs0.setattr(ino, mode=0o640)
+    assert not _take_blocks(fs0, b"z", [first], limit=64)
+    fs0.abandon()
+    fs = FileSystem.mount(path, power_loss=True)
+    got = fs.read(ino, 0, 6 * 4096)
+    assert got == b"A" * 4096 + b"u" * 2 * 4096 + bytes(2 * 4096) + b"1" * 4096
+    assert fs.getattr(ino).mode & 0o7777 == 0o640
+    fs.unmount()
 
 
 def test_the_sync_record_word_and_what_fsck_says_of_it(tmp_path):
