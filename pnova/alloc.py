@@ -457,6 +457,8 @@ class Allocator:
             self.sync_now()                     # gives back what every CPU held
             if self.w.load64(H_LIMBO):
                 self.sync_now()                 # the second writes the sync record back
+            if n == 1 and cpu == self.stash_cpu and (blk := self.stashes[cpu].pop()):
+                return [(blk, 1)]               # single blocks went back to the stash
             return self._alloc_bitmaps(cpu, n, meta)
 
     @property
@@ -646,7 +648,10 @@ class Allocator:
             if self._releasable():
                 self.release_limbo()
             self._append(tag, BLOCKS, start, n, need)
-            if limbo.blocks >= self.limbo_want and self._asked != tag and self.want_sync:
+            # ask early, before the blocks pile up or the list fills (a full
+            # list makes this process sync twice, in the request's time)
+            if (limbo.blocks >= self.limbo_want or len(limbo) >= HELD_SLOTS // 2) and \
+                    self._asked != tag and self.want_sync:
                 self._asked = tag
                 self.want_sync()
             return

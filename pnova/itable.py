@@ -26,15 +26,17 @@ class InodeTable:
         """A free inode slot: this CPU's table first, then the others."""
         if self.hold_inos:
             self.alloc.release_synced()
-        for attempt in (0, 1):
+        for attempt in (0, 1, 2):
             order = [self.cpu] + [c for c in range(self.ncpus) if c != self.cpu]
             for c in order:
                 got = self.free_inodes[c].alloc(1)
                 if got:
                     return self.ino_of(c, got[0][0])
-            if attempt or not self.area.w.load64(H_HELD_INOS):
+            if attempt == 2 or not self.area.w.load64(H_HELD_INOS):
                 break
-            self.sync()                          # what any CPU held back is free after it
+            # What any CPU held back is free after a sync; a slot queued behind
+            # blocks that wait for the sync record, after a second one.
+            self.sync()
         raise FsError(errno.ENOSPC)
 
     def _release_ino(self, ino: int, held: bool = True) -> None:

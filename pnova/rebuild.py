@@ -318,15 +318,19 @@ class Rebuild:
         # unmapped is the newest for no page (its blocks went back whole).
         newest: dict[int, int] = {}
         writes: list[tuple[int, int, int]] = []
+        top = -1                                 # no page at or past top + 1 is mapped
         for e in found:
             if e[0] == L.E_WRITE:
                 writes.append((e[1], e[2], e[3]))
                 for pg in range(e[2], e[2] + e[3]):
                     newest[pg] = e[1]
+                top = max(top, e[2] + e[3] - 1)
             else:
                 keep = (e[6] + L.BLOCK - 1) // L.BLOCK
-                for pg in [p for p in newest if p >= keep]:
-                    del newest[pg]
+                if keep <= top:
+                    for pg in [p for p in newest if p >= keep]:
+                        del newest[pg]
+                    top = keep - 1
         covered = self._sync_covered()
         if covered is None:
             return {seq for seq, pg, n in writes

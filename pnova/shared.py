@@ -290,9 +290,12 @@ def process_alive(pid: int) -> bool:
 
 def lock_word(w: SharedWords, off: int) -> None:
     """Take a u32 lock word that holds its holder's pid.  Such a lock is held for
-    a few loads and stores; a holder that died holding it (kill -9) is waited
-    out for a second and then passed over: what it was doing either happened
-    or did not, and both leave the protected words consistent."""
+    a short run of loads and stores; a holder that died holding it (kill -9;
+    a zombie counts as dead) is waited out for a second and then passed over.
+    What it was doing may be left half done: the sync record is one store,
+    either made or not; a held list may lose the records it had taken, whose
+    blocks then stay marked in use until the next mount rebuilds the
+    allocator, which a serving process's death always leads to (DESIGN 22.4)."""
     me = os.getpid()
     deadline = None
     while True:
@@ -303,20 +306,10 @@ def lock_word(w: SharedWords, off: int) -> None:
             now = time.monotonic()
             if deadline is None:
                 deadline = now + 1.0
-            elif now > deadline and not _alive(holder) and w.cas32(off, holder, me):
+            elif now > deadline and not process_alive(holder) and w.cas32(off, holder, me):
                 return
         os.sched_yield()
 
 
 def unlock_word(w: SharedWords, off: int) -> None:
     w.store32(off, 0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True

@@ -437,8 +437,8 @@ class Mount:
         is held or reused under the record's rules (DESIGN 24.3, step 9)."""
         pm = self.pm
         w = self.area.w
-        pm.sync()                                # what the mount did since its own
-        last = w.load64(H_SEQ) - 1
+        last = w.load64(H_SEQ) - 1               # every entry up to it is stored now
+        pm.sync()                                # and on the disk after this
         word = L.encode_sync_record(last)
         if word:
             pm.store_u64(L.SYNC_RECORD, word)

@@ -279,6 +279,32 @@ def test_another_process_frees_a_partly_replaced_write_as_held(tmp_path):
     fs.unmount()
 
 
+def test_inode_slots_held_behind_blocks_that_wait_for_the_record_are_found(tmp_path):
+    """A full inode table, a block that waits for the sync record (a partly
+    replaced write), then unlinks: their slots wait behind that block in the
+    CPU's held list, and a create must still find one (two syncs), as statfs
+    promised."""
+    from pnova.errors import FsError
+    path = str(tmp_path / "i.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=1, inodes_per_cpu=16)
+    fs = FileSystem.mount(path)
+    fs.hold_frees_until_sync()
+    big = fs.create(ROOT, b"big", 0o644).ino
+    names = []
+    with pytest.raises(FsError):
+        for i in range(100):
+            fs.create(ROOT, b"n%d" % i, 0o644)
+            names.append(b"n%d" % i)
+    fs.sync()
+    fs.write(big, 0, b"a" * 3 * 4096)
+    fs.write(big, 0, b"b" * 4096)                          # held until the record covers it
+    for n in names[:5]:
+        fs.unlink(ROOT, n)
+    assert fs.statfs().ffree == 5
+    fs.create(ROOT, b"new", 0o644)
+    fs.unmount()
+
+
 def test_the_sync_record_word_and_what_fsck_says_of_it(tmp_path):
     """The record keeps 48 bits of sequence number checked by 16; a word that
     fails the check means "no record"; fsck.pnova reports and clears it."""
