@@ -58,11 +58,13 @@ class Inode:
         self.names_seen = None
         # the inode's rewrite count when this cache was read (shared mode)
         self.rewrites = 0
-        # Write entries of several pages, by their first block: [pages, pages
-        # still mapped, sequence number]; None while there are none.  Their
-        # blocks' frees wait for the sync record while other pages remain
-        # (see :meth:`holds`; DESIGN 24.3).
-        self.wide: SortedDict | None = None
+        # The blocks of write entries of several pages, each to its entry's
+        # record [pages, pages still mapped, sequence number, first block]
+        # (one list shared by all its blocks); None while there are none.
+        # Their frees wait for the sync record while other pages remain (see
+        # :meth:`holds`; DESIGN 24.3).  A dict, not a sorted map: the common
+        # free, of a one-page write's block, costs one lookup.
+        self.wide: dict[int, list] | None = None
         if stat.S_ISDIR(st.mode):
             self.pages = None
             self.dents: dict[bytes, tuple[int, int, int]] | None = {}   # name -> (ino, dtype, cookie)
@@ -87,10 +89,13 @@ class Inode:
                 raise ValueError("write entry in a directory log")
             if npages == 1:
                 old = pages.get(pgoff)
+                wide = self.wide
                 if old is not None:
                     freed.append(old)
-                    if self.wide:
+                    if wide and old in wide:
                         self._unmapped(freed)
+                if wide and block in wide:
+                    del wide[block]        # a block of an entry that is gone, reused
                 pages[pgoff] = block
             else:                          # a big write: the loops run in C
                 span = range(pgoff, pgoff + npages)
@@ -169,43 +174,27 @@ class Inode:
         return freed
 
     def _mapped(self, block: int, n: int, seq: int) -> None:
-        """Write entry ``seq`` now maps blocks block..block+n-1."""
+        """Write entry ``seq`` now maps blocks block..block+n-1 (a block that an
+        earlier entry had, freed and counted since, now belongs to this one)."""
         wide = self.wide
         if wide is None:
-            wide = self.wide = SortedDict()
-        elif wide:
-            self._forget(block, block + n - 1)   # entries whose blocks these were: gone
-        wide[block] = [n, n, seq]
+            wide = self.wide = {}
+        wide.update(dict.fromkeys(range(block, block + n), [n, n, seq, block]))
 
     def _unmapped(self, blocks: list[int]) -> None:
-        """Pages no longer map ``blocks``: count them off their entries."""
-        blocks = sorted(blocks)
-        lo = prev = blocks[0]
-        for b in blocks[1:]:
-            if b != prev + 1:
-                self._forget(lo, prev, count=True)
-                lo = b
-            prev = b
-        self._forget(lo, prev, count=True)
-
-    def _forget(self, lo: int, hi: int, count: bool = False) -> None:
-        """For every entry of ``wide`` with blocks in lo..hi: count those blocks
-        as unmapped (``count``), or drop the entry."""
+        """Pages no longer map ``blocks``: count them off their entries; an entry
+        that maps nothing any more is forgotten."""
         wide = self.wide
-        keys = wide.keys()
-        i = max(0, wide.bisect_right(lo) - 1)
-        while i < len(keys):
-            start = keys[i]
-            if start > hi:
-                break
-            rec = wide[start]
-            end = start + rec[0] - 1
-            if end >= lo:
-                rec[1] -= min(hi, end) - max(lo, start) + 1
-                if not count or rec[1] <= 0:
-                    del wide[start]
-                    continue
-            i += 1
+        get = wide.get
+        for b in blocks:
+            rec = get(b)
+            if rec is not None and rec[1] > 0:
+                rec[1] -= 1
+                if rec[1] == 0:
+                    start = rec[3]
+                    for x in range(start, start + rec[0]):
+                        if get(x) is rec:
+                            del wide[x]
 
     def holds(self, block: int) -> int:
         """The sequence number of the write entry of several pages that ``block``
@@ -214,11 +203,8 @@ class Inode:
         wide = self.wide
         if not wide:
             return 0
-        i = wide.bisect_right(block) - 1
-        if i < 0:
-            return 0
-        start, rec = wide.peekitem(i)
-        return rec[2] if block < start + rec[0] else 0
+        rec = wide.get(block)
+        return rec[2] if rec is not None and rec[1] > 0 else 0
 
     def truncate_index(self, size: int) -> list[int]:
         """Drop pages wholly past ``size``; return their blocks."""
