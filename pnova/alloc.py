@@ -529,17 +529,12 @@ class Allocator:
             return 0
         w = self.w
         synced, durable = w.load64(H_SYNCED), w.load64(H_RDURABLE)
-        return sum(h.release(synced, durable, self._free_now, self._free_ino, everything)
+        return sum(h.release(synced, durable, self._free_now, self.free_ino, everything)
                    for h in lists)
 
     def unknown_need(self) -> int:
         """What a block of an unknown write entry waits for: every entry so far."""
-        return self.w.load64(H_SEQ) - 1 if self.limbo is not None and self.split_frees else 0
-
-    def _free_ino(self, ino: int) -> None:
-        if self.free_ino is None:
-            raise AssertionError(f"a held inode slot ({ino}) and nobody to give it back")
-        self.free_ino(ino)
+        return self.w.load64(H_SEQ) - 1
 
     def hold_ino(self, ino: int) -> None:
         """Hold an inode slot freed by an eviction until a sync has completed."""

@@ -171,31 +171,34 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         if self.readonly:
             raise FsError(errno.EROFS)
 
+    def _split_need(self, ino: int, lo: int, hi: int) -> int:
+        """What freed blocks lo..hi of file ``ino`` wait for besides a sync: the
+        sequence number of a write entry of several pages they belong to that
+        still maps other pages (DESIGN 24.3, step 9), else 0.  An entry's
+        blocks are consecutive, so one that keeps pages outside lo..hi holds
+        lo or hi.  A file not cached here: the worst, every entry so far."""
+        alloc = self.alloc
+        if not ino or alloc.limbo is None:
+            return 0
+        owner = self.cache.get(ino)
+        if owner is None:
+            return alloc.unknown_need()
+        return max(owner.holds(lo), owner.holds(hi))
+
     def _free_blocks(self, blocks: list[int], ino: int = 0) -> None:
         """Free data blocks, as extents.  ``ino``: the file whose write or
-        truncate unmapped them; an extent of a write entry that still maps
-        other pages of it waits for the sync record to cover that entry
-        (``need``, DESIGN 24.3)."""
+        truncate unmapped them, 0 for other blocks (:meth:`_split_need`)."""
         if not blocks:
             return
-        alloc = self.alloc
-        owner = self.cache.get(ino) if ino and alloc.limbo is not None else None
-
-        def need(lo: int, hi: int) -> int:
-            # an entry's blocks are consecutive: one that keeps pages outside
-            # this extent holds its first or its last block
-            if owner is None:
-                return alloc.unknown_need() if ino else 0     # not cached: the worst
-            return max(owner.holds(lo), owner.holds(hi))
-
+        free, need = self.alloc.free, self._split_need
         blocks.sort()
         if blocks[-1] - blocks[0] == len(blocks) - 1:     # one extent (no block twice)
-            alloc.free(blocks[0], len(blocks), need(blocks[0], blocks[-1]))
+            free(blocks[0], len(blocks), need(ino, blocks[0], blocks[-1]))
             return
         start = prev = blocks[0]
         for b in blocks[1:]:
             if b != prev + 1:
-                alloc.free(start, prev - start + 1, need(start, prev))
+                free(start, prev - start + 1, need(ino, start, prev))
                 start = b
             prev = b
-        alloc.free(start, prev - start + 1, need(start, prev))
+        free(start, prev - start + 1, need(ino, start, prev))

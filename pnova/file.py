@@ -454,12 +454,7 @@ class FileData:
             if sized:
                 sch.size_unlock(ino)
         if len(freed) == 1:
-            if self.alloc.limbo is None:
-                self.alloc.free(freed[0], 1)
-            else:
-                owner = self.cache.get(ino)
-                self.alloc.free(freed[0], 1, self.alloc.unknown_need() if owner is None
-                                else owner.holds(freed[0]))
+            self.alloc.free(freed[0], 1, self._split_need(ino, freed[0], freed[0]))
         elif freed:
             self._free_blocks(freed, ino)
         if self._compact_wanted:

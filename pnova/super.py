@@ -210,8 +210,7 @@ class Mount:
                     # No session keeps the record up unless it holds freed
                     # blocks back (hold_frees_until_sync sets it again): until
                     # then it says nothing (DESIGN 24.3, step 9).
-                    pm.store_u64(L.SYNC_RECORD, 0)
-                    pm.flush(L.SYNC_RECORD, 8)
+                    fs._put_sync_record(0)
                 fs.sb.clean = 0
                 fs.sb.mount_count += 1
                 fs.sb.last_mount_ns = time.time_ns()
@@ -266,8 +265,7 @@ class Mount:
             pm.sync()
             if self.sync_record and self.alloc.split_frees:
                 # everything is on the disk now: the record may say so
-                pm.store_u64(L.SYNC_RECORD, L.encode_sync_record(self.area.w.load64(H_SEQ) - 1))
-                pm.flush(L.SYNC_RECORD, 8)
+                self._put_sync_record(self.area.w.load64(H_SEQ) - 1)
             self.sb.clean = 1
             self.sb.next_seq = self.area.w.load64(H_SEQ)
             self.sb.last_unmount_ns = time.time_ns()
@@ -406,9 +404,8 @@ class Mount:
         try:
             want = w.load64(H_RSYNC)
             have = L.decode_sync_record(pm.read_u64(L.SYNC_RECORD)) or 0
-            if want > have and (word := L.encode_sync_record(want)):
-                pm.store_u64(L.SYNC_RECORD, word)
-                pm.flush(L.SYNC_RECORD, 8)
+            if want > have and L.encode_sync_record(want):
+                self._put_sync_record(want)
                 have = want
         finally:
             unlock_word(w, H_RLOCK)
@@ -430,6 +427,12 @@ class Mount:
         # whose process stays idle strands nothing
         self.alloc.release_limbo(every_cpu=True)
 
+    def _put_sync_record(self, seq: int) -> None:
+        """Store and flush the sync record word for ``seq`` (0: no record); the
+        caller's next fence, or msync, makes it durable."""
+        self.pm.store_u64(L.SYNC_RECORD, L.encode_sync_record(seq) if seq else 0)
+        self.pm.flush(L.SYNC_RECORD, 8)
+
     def _start_sync_record(self) -> None:
         """When a session starts holding freed blocks back on a version-6 image:
         every entry on the image is durable (the mount has synced), so the sync
@@ -439,10 +442,9 @@ class Mount:
         w = self.area.w
         last = w.load64(H_SEQ) - 1               # every entry up to it is stored now
         pm.sync()                                # and on the disk after this
-        word = L.encode_sync_record(last)
-        if word:
-            pm.store_u64(L.SYNC_RECORD, word)
-            pm.persist(L.SYNC_RECORD, 8)
+        if L.encode_sync_record(last):
+            self._put_sync_record(last)
+            pm.fence()
             pm.sync()
             w.store64(H_RSYNC, last)
             w.store64(H_RDURABLE, last)

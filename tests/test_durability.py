@@ -185,6 +185,17 @@ def test_blocks_of_a_write_that_keeps_other_pages_wait_for_the_sync_record(tmp_p
     fs.unmount()
 
 
+def _holding_file(tmp_path, name: bytes) -> tuple[str, FileSystem, int]:
+    """A disk image whose engine holds freed blocks back, with an empty file
+    ``name`` synced: (path, the mounted engine, its inode number)."""
+    path = _disk_image(tmp_path)
+    fs = FileSystem.mount(path)
+    fs.hold_frees_until_sync()
+    ino = fs.create(ROOT, name, 0o644).ino
+    fs.sync()
+    return path, fs, ino
+
+
 @pytest.mark.parametrize("hold", [True, False])
 def test_a_crash_of_the_process_alone_cuts_no_acknowledged_write(tmp_path, monkeypatch, hold):
     """The daemon killed (the page cache keeps every page): recovery still
@@ -195,11 +206,7 @@ def test_a_crash_of_the_process_alone_cuts_no_acknowledged_write(tmp_path, monke
     from pnova.inode import Inode
     if not hold:
         monkeypatch.setattr(Inode, "holds", lambda self, block: False)
-    path = _disk_image(tmp_path)
-    fs = FileSystem.mount(path)
-    fs.hold_frees_until_sync()
-    ino = fs.create(ROOT, b"f", 0o644).ino
-    fs.sync()
+    path, fs, ino = _holding_file(tmp_path, b"f")
     fs.write(ino, 0, b"a" * 3 * 4096)
     fs.write(ino, 0, b"b" * 4096)
     other = fs.create(ROOT, b"g", 0o644).ino
@@ -230,11 +237,7 @@ def test_a_write_a_truncate_unmapped_whole_is_not_checked_by_recovery(tmp_path):
     recovery must not check that write's data (no page maps it once the
     truncate is replayed): checked, it would cut the truncate and the
     acknowledged write and chmod after it."""
-    path = _disk_image(tmp_path)
-    fs = FileSystem.mount(path)
-    fs.hold_frees_until_sync()
-    ino = fs.create(ROOT, b"bar", 0o644).ino
-    fs.sync()
+    path, fs, ino = _holding_file(tmp_path, b"bar")
     fs.write(ino, 0, b"u" * 3 * 4096)
     gone = sorted(fs.get(ino).pages.values())
     fs.setattr(ino, size=0)
