@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pnova.fuse_session import detach
+
 from . import workloads
 from .mount_target import DirTarget, PnovaMountTarget
 from .plot import plot
@@ -158,7 +160,7 @@ class Mounted:
 
     def close(self) -> None:
         if os.path.ismount(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", self.mnt], capture_output=True)
+            detach(self.mnt)
         if self.proc.poll() is None:
             try:
                 self.proc.wait(MOUNT_TIMEOUT)

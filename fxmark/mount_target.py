@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pnova.fuse_session import detach, unmount
 from pnova.mkfs import format_device
 
 from .fileops import PosixOps
@@ -129,7 +130,7 @@ class PnovaMountTarget:
             fail(rec, one_line(e))
         finally:
             if daemon is not None:             # something failed while mounted
-                subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+                detach(mnt)
                 try:
                     daemon.wait(MOUNT_TIMEOUT)
                 except subprocess.TimeoutExpired:
@@ -164,9 +165,7 @@ class PnovaMountTarget:
 
     @staticmethod
     def _unmount(daemon: subprocess.Popen, mnt: str, logpath: str) -> None:
-        r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"fusermount3 -u failed: {r.stderr.strip()}")
+        unmount(mnt)
         try:
             rc = daemon.wait(MOUNT_TIMEOUT)
         except subprocess.TimeoutExpired:

@@ -222,6 +222,22 @@ class Connection:
             self.fd = -1
 
 
+def unmount(mountpoint: str) -> None:
+    """Unmount ``mountpoint`` now, as ``umount``/``fusermount3 -u`` would: umount2 as
+    root (no helper needed), else fusermount3.  Raises OSError with the reason."""
+    if os.geteuid() == 0:
+        if _libc().umount2(os.fsencode(mountpoint), 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unmounting {mountpoint}: {os.strerror(err)}")
+        return
+    helper = shutil.which("fusermount3")
+    if helper is None:
+        raise OSError(errno.ENOENT, "fusermount3 not found (install the Debian package fuse3)")
+    r = subprocess.run([helper, "-u", "--", mountpoint], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise OSError(errno.EBUSY, f"fusermount3 -u failed: {r.stderr.strip()}")
+
+
 def detach(mountpoint: str) -> bool:
     """Lazy unmount of ``mountpoint`` (files still open keep the connection until
     they are closed): umount2(MNT_DETACH) as root, else fusermount3.  False if
@@ -283,7 +299,7 @@ class Turns(Protocol):
     def read_done(self) -> None: ...      # the read returned or failed
     def started(self, request: memoryview) -> None: ...   # this request is being served
     def finished(self) -> None: ...       # ... and answered
-    def sequential(self) -> bool: ...     # one caller at a time lately (looking ahead pays)
+    def may_look(self) -> bool: ...       # looking ahead for the next request pays
 
 
 class Loop:
@@ -364,7 +380,7 @@ class Loop:
                 if turns is not None:
                     turns.reading()
                     try:
-                        if spin and turns.sequential():
+                        if spin and turns.may_look():
                             end = clock() + spin_ns
                             while not look(0) and clock() < end:
                                 pass

@@ -106,6 +106,20 @@ def test_pnova_mount_target(tmp_path, capsys):
     assert not any(p.name.startswith("fxmark-") for p in tmp_path.iterdir())
 
 
+@pytest.mark.mount
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting without fusermount3 needs root")
+def test_pnova_mount_target_as_root_needs_no_fusermount3(tmp_path, monkeypatch, capsys):
+    """As root the harness unmounts with umount2, as pnova mounts with mount(2): a
+    machine without the fuse3 package's helper runs it (it once failed there
+    after every measurement)."""
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    rc, recs = _run(tmp_path, "--target", "pnova", "--workload", "DWOL", "--scheme", "pnova",
+                    "--workers", "1")
+    assert rc == 0, capsys.readouterr().out
+    _sane(recs[0], "DWOL", "pnova", "pnova")
+
+
 def test_targets_side_by_side_with_direct_io(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
