@@ -137,6 +137,7 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self._inode_locks = area.inode_locks
         self._name_locks = area.name_locks
         self._name_versions = area.name_versions
+        self._dir_users = area.dir_users
         self._seen_dirs: dict[int, None] = {}    # directories holding a copy, oldest first
         self._ns_alone = False                   # the only process changing the device
         self._ns_names: list[tuple[int, int]] = []   # (directory, name slot) it locked

@@ -18,7 +18,7 @@ from . import layout as L
 from .attrs import Attr
 from .errors import FsError
 from .inode import Inode
-from .shared import H_RENAME_LOCK, H_SYNC_STARTED, H_SYNCED, NAME_SLOTS
+from .shared import DIR_SHARED, H_RENAME_LOCK, H_SYNC_STARTED, H_SYNCED, NAME_SLOTS
 
 if TYPE_CHECKING:
     from .engine import FileSystem
@@ -42,6 +42,10 @@ class Relock(Exception):
 
 # Directories whose copy of the name versions a process keeps (32 KiB each).
 SEEN_DIRS = 64
+
+# A directory in which no other CPU did a namespace operation for this long
+# (in units of 2**20 ns, about a millisecond) is one CPU's again (19.8).
+PRIVATE_AFTER = 1000
 
 # Key of the rename lock in the lock order: below every inode number (the keys
 # of inode locks); the keys of name locks come after the inode numbers.
@@ -148,6 +152,12 @@ class Namei:
         held = self._ns
         if held is None:
             return
+        have = held.get(parent)
+        if have is not None and have[0]:
+            return                               # held exclusively: every name is covered
+        if have is None and 1 <= parent < self._name_base and self._private_dir(parent):
+            self._ns_lock(parent)
+            return
         slot = self._name_slot(parent, name)
         if held or not 1 <= parent < self._name_base:
             self._ns_lock(parent, False)
@@ -164,6 +174,26 @@ class Namei:
         held[key] = (True, off)
         self._ns_top = key
         self._ns_names.append((parent, slot))
+
+    def _private_dir(self, parent: int) -> bool:
+        """Whether this CPU alone does namespace operations in directory
+        ``parent`` lately (the directory users word of the shared area), so
+        that an operation on one name in it may as well hold it exclusively:
+        one lock word, no name lock, no name version, and no other process's
+        cache to keep exact for its names.  Only a hint: both ways of locking
+        are correct."""
+        w = self.area.w
+        off = self._dir_users + 8 * (parent - 1)
+        v = w.load64(off)
+        me = self.cpu + 1
+        if v == me:
+            return True
+        now = time.monotonic_ns() >> 20
+        if v == 0 or (v & DIR_SHARED and now - (v & ~DIR_SHARED) > PRIVATE_AFTER):
+            return w.cas64(off, v, me)
+        if not v & DIR_SHARED:
+            w.store64(off, DIR_SHARED | now)    # another CPU's: shared from now on
+        return False
 
     def _ns_release(self) -> None:
         """Unlock all the running operation holds (in any order: only taking
@@ -204,9 +234,16 @@ class Namei:
                 # operations; a file's link count matters to none of them.
                 inode = self.cache.get(key)
                 if inode is not None and inode.dents is not None:
+                    # The cache, caught up under the lock, has this operation's
+                    # entries: it may count them if nobody else bumped the
+                    # epoch since it was copied (as for names above).
                     a = self.area.epoch_slot(key)
-                    add(a, 1)
-                    inode.vers.pop(a, None)
+                    old = add(a, 1)
+                    vers = inode.vers
+                    if vers.get(a) == old:
+                        vers[a] = old + 1
+                    else:
+                        vers.pop(a, None)
 
     def _dir_names(self, parent: int, slots: list[int] | None = None) -> Inode:
         """The cached directory, exact for the names whose name locks this
@@ -314,6 +351,10 @@ class Namei:
         if self.shared and not self._ns_alone and self._valid_ino(parent):
             # No lock: a change of this name that has not bumped its version
             # yet has not returned either, and the lookup may come before it.
+            # A lookup counts as a use: the directory of another CPU becomes
+            # shared, whose operations bump name versions, not the epoch
+            # that would make this cache catch up in full for every lookup.
+            self._private_dir(parent)
             d = self._dir_names(parent, [self._name_slot(parent, name)])
         else:
             d = self._dir(parent)

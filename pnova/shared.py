@@ -27,6 +27,9 @@ Layout (byte offsets; every region starts on a 64-byte line)::
     ...     log rewrites (compactions): one u32 per inode slot
     ...     moves between directories: one u64 per inode slot, 1 + the sync
             interval of the last one (0 = none)
+    ...     directory users: one u64 per inode slot, CPU + 1 of the one CPU
+            doing namespace operations in the directory, or DIR_SHARED | the
+            time (ms) another CPU came; a hint (0 = nobody yet)
     ...     name lock words: NAME_SLOTS u32, hashed by (directory, name); a
             namespace operation holds the one of each name it changes
     ...     segment lock words: SEG_SLOTS u32, hashed by (inode, segment)
@@ -61,7 +64,7 @@ import time
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 11
+VERSION = 12
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -69,6 +72,7 @@ NAME_SLOTS = 1 << 12
 RANGE_MAX = 256
 RANGE_ENTRY = 32
 RING_SLOTS = 256
+DIR_SHARED = 1 << 63          # a directory users word: several CPUs, since the time below
 REF_DYING = 1 << 31           # a reference count's word once its inode is being freed
 STASH_SLOTS = 64              # free blocks one CPU keeps at hand
 HELD_SLOTS = 2048             # records of one CPU's list of held blocks and inode slots
@@ -106,7 +110,8 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     o["refs"] = o["log_locks"] + _line(4 * ninodes)
     o["rewrites"] = o["refs"] + _line(4 * ninodes)
     o["moved"] = o["rewrites"] + _line(4 * ninodes)
-    o["name_locks"] = o["moved"] + _line(8 * ninodes)
+    o["dir_users"] = o["moved"] + _line(8 * ninodes)
+    o["name_locks"] = o["dir_users"] + _line(8 * ninodes)
     o["seg_locks"] = o["name_locks"] + _line(4 * NAME_SLOTS)
     o["range_table"] = o["seg_locks"] + _line(4 * SEG_SLOTS)
     o["rings"] = o["range_table"] + LINE + _line(RANGE_ENTRY * RANGE_MAX)
@@ -159,6 +164,9 @@ class SharedArea:
         # a rename last moved the inode between directories; 0 = not since
         # this area was made (DESIGN 24.3, step 8)
         self.moved = o["moved"]
+        # u64 per inode slot: which CPU does namespace operations in the
+        # directory (a hint that chooses how they lock: DESIGN 19.8)
+        self.dir_users = o["dir_users"]
         self.name_locks = o["name_locks"]
         self.seg_locks = o["seg_locks"]
         self.range_table = o["range_table"]

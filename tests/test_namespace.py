@@ -295,3 +295,97 @@ def test_a_link_count_change_holds_the_inode_lock_until_it_commits(tmp_path, op)
     fs0.unmount()
     out = io.StringIO()
     assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
+
+
+class _Cpu:
+    """A worker process acting as one CPU, running the engine calls it is sent one
+    at a time (so that its caches persist between the steps of a test)."""
+
+    def __init__(self, fs: FileSystem, cpu: int, private_after: int | None = None) -> None:
+        import os
+        import pickle
+        import socket
+        self.sock, theirs = socket.socketpair()
+        self.pid = os.fork()
+        if self.pid == 0:
+            self.sock.close()
+            code = 1
+            try:
+                fs.become_worker(cpu)
+                if private_after is not None:
+                    import pnova.namei
+                    pnova.namei.PRIVATE_AFTER = private_after
+                while msg := theirs.recv(1 << 16):
+                    method, args = pickle.loads(msg)
+                    try:
+                        if method == "dir_users":
+                            out = fs.area.w.load64(fs._dir_users + 8 * (args[0] - 1))
+                        else:
+                            out = getattr(fs, method)(*args)
+                            out = getattr(out, "ino", out)
+                        reply = ("ok", out)
+                    except FsError as e:
+                        reply = ("err", e.errno)
+                    theirs.sendall(pickle.dumps(reply))
+                code = 0
+            finally:
+                os._exit(code)
+        theirs.close()
+
+    def __call__(self, method: str, *args):
+        import pickle
+        self.sock.sendall(pickle.dumps((method, args)))
+        kind, out = pickle.loads(self.sock.recv(1 << 16))
+        if kind == "err":
+            raise FsError(out)
+        return out
+
+    def close(self) -> None:
+        import os
+        import socket
+        self.sock.shutdown(socket.SHUT_WR)     # (a CPU forked later holds a copy)
+        self.sock.close()
+        assert os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1]) == 0
+
+
+def test_a_directory_one_cpu_uses_alone_is_held_whole_and_others_still_see_it(tmp_path):
+    """Operations in a directory only their CPU uses lately hold it exclusively
+    (no name locks or name versions, DESIGN 19.8); the directory turns shared when
+    another CPU comes (a change or a lookup), and private again once the others
+    stay away.  Either way every CPU sees every change: a cache holding the
+    directory's names from before a private change catches up."""
+    from pnova.shared import DIR_SHARED
+    path = str(tmp_path / "priv.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs = FileSystem.mount(path)
+    d = fs.mkdir(1, b"d", 0o755).ino
+    fs.prepare_workers(workers=2)
+    a = _Cpu(fs, 0)
+    b = _Cpu(fs, 1, private_after=0)       # takes a shared directory back at once
+    try:
+        b("create", d, b"b0", 0o644)
+        assert b("dir_users", d) == 2                         # CPU 1's alone
+        a("create", d, b"a0", 0o644)
+        assert a("dir_users", d) & DIR_SHARED                 # CPU 0 came: shared
+        assert a("lookup", d, b"b0")
+        b("rename", d, b"b0", d, b"b1")                       # (takes it back: private)
+        assert b("dir_users", d) == 2
+        b("create", d, b"b2", 0o644)
+        b("unlink", d, b"a0")
+        # CPU 0's cache has the names from before CPU 1's private changes
+        with pytest.raises(FsError) as e:
+            a("lookup", d, b"b0")
+        assert e.value.errno == errno.ENOENT
+        assert a("lookup", d, b"b1") and a("lookup", d, b"b2")
+        with pytest.raises(FsError):
+            a("lookup", d, b"a0")
+        assert a("dir_users", d) & DIR_SHARED                 # the lookups made it shared
+        a("create", d, b"a1", 0o644)
+        assert sorted(n for n, *_ in b("readdir", d, 0) if n not in (b".", b"..")) == \
+            [b"a1", b"b1", b"b2"]
+    finally:
+        a.close()
+        b.close()
+    fs.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
