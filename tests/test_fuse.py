@@ -464,3 +464,30 @@ def test_overlapping_clients_keep_few_processes_reading(tmp_path: Path) -> None:
         assert sum(n <= SPARE_READERS for n in reading) >= 0.95 * len(reading)
     finally:
         m.cleanup()
+
+
+def test_looking_ahead_under_overlap_only_with_cpus_to_spare() -> None:
+    """A serving process looks ahead for the next request (keeping its CPU busy)
+    while one caller at a time sends requests; while requests overlap, only if the
+    machine has two CPUs for every awake worker and two more: on two cores the
+    callers need every CPU, on sixteen a looking worker takes the next request
+    without the wake-up of a halted CPU (pnova.daemon.Readers.may_look)."""
+    import time
+
+    from pnova.daemon import Readers
+    r = Readers(4)
+    r.cpus = 16
+    assert r.may_look()                          # nothing overlapped yet: sequential
+    r.w.store64(r._OVERLAP, time.monotonic_ns())
+    r.w.store32(r._READING, 1)
+    r.w.store32(r._BUSY, 2)
+    assert r.may_look()                          # 2 * (3 + 1) <= 16
+    r.w.store32(r._READING, 2)
+    r.w.store32(r._BUSY, 5)
+    assert r.may_look()                          # 2 * (7 + 1) <= 16, just
+    r.w.store32(r._BUSY, 6)
+    assert not r.may_look()                      # eight awake: none to spare
+    r.cpus = 2
+    r.w.store32(r._READING, 1)
+    r.w.store32(r._BUSY, 0)
+    assert not r.may_look()                      # two cores: never while overlapping
