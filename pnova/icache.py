@@ -68,8 +68,13 @@ class InodeCache:
             if new:
                 if array:
                     new.sort(key=lambda e: e[1])
-                for e in new:
-                    inode.apply(e)
+                try:
+                    for e in new:
+                        inode.apply(e)
+                except ValueError:
+                    # Not this inode's entries: its pages were freed and reused
+                    # meanwhile.  A reload from the slot tells gone from damaged.
+                    return self._reload(inode)
             return inode
         return self._reload(inode)
 

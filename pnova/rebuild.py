@@ -6,6 +6,7 @@ replay of every live inode's logs).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import stat
 import time
@@ -687,12 +688,18 @@ class Rebuild:
         err: Exception | None = None
         for _ in range(RETRIES):
             rewrites = self._rewrites(ino)
+            gen = self.pm.read_u64(addr + L.I_GENERATION)
             head = self.pm.read_u64(addr + L.I_LOG_HEAD)
             array = self.pm.read_u64(addr + L.I_LOG_ARRAY)
             try:
                 got = self._read_inode_once(ino)
             except (plog.LogError, ValueError) as e:
                 got, err = None, e
+            if self.pm.read_u64(addr + L.I_STATE) != L.STATE_LIVE or \
+                    self.pm.read_u64(addr + L.I_GENERATION) != gen:
+                # Another process freed the inode meanwhile (its pages may
+                # already hold other data): gone, not damaged.
+                raise FsError(errno.ENOENT)
             if self.pm.read_u64(addr + L.I_LOG_HEAD) == head and \
                     self.pm.read_u64(addr + L.I_LOG_ARRAY) == array and \
                     self._rewrites(ino) == rewrites:

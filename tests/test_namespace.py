@@ -297,6 +297,23 @@ def test_a_link_count_change_holds_the_inode_lock_until_it_commits(tmp_path, op)
     assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
 
 
+def _lookup_while_another_cpu_frees(fs: FileSystem, d: int, name: bytes) -> int:
+    """Look ``name`` up in ``d`` while its inode is freed in the middle of being
+    read from the device, and the pages read then turn out to hold other data
+    (another process unlinked it and reused its log pages)."""
+    read_once = fs._read_inode_once
+
+    def racing(ino: int):
+        fs._read_inode_once = read_once
+        fs.unlink(d, name)                       # the last name: the inode is freed
+        raise ValueError("dentry in a file log")  # what reused pages look like
+    fs._read_inode_once = racing
+    return fs.lookup(d, name).ino
+
+
+_IN_CPU = {"lookup_while_another_cpu_frees": _lookup_while_another_cpu_frees}
+
+
 class _Cpu:
     """A worker process acting as one CPU, running the engine calls it is sent one
     at a time (so that its caches persist between the steps of a test)."""
@@ -318,7 +335,9 @@ class _Cpu:
                 while msg := theirs.recv(1 << 16):
                     method, args = pickle.loads(msg)
                     try:
-                        if method == "dir_users":
+                        if method in _IN_CPU:
+                            out = _IN_CPU[method](fs, *args)
+                        elif method == "dir_users":
                             out = fs.area.w.load64(fs._dir_users + 8 * (args[0] - 1))
                         else:
                             out = getattr(fs, method)(*args)
@@ -383,6 +402,32 @@ def test_a_directory_one_cpu_uses_alone_is_held_whole_and_others_still_see_it(tm
         a("create", d, b"a1", 0o644)
         assert sorted(n for n, *_ in b("readdir", d, 0) if n not in (b".", b"..")) == \
             [b"a1", b"b1", b"b2"]
+    finally:
+        a.close()
+        b.close()
+    fs.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
+
+
+def test_an_inode_freed_while_a_lookup_reads_it_is_gone_not_damaged(tmp_path, caplog):
+    """A lock-free lookup finds a name, and the inode is freed by another process
+    before its logs are read: the lookup answers ENOENT, as if it had come after
+    the unlink, not EIO with a report of damage that fsck would not find."""
+    path = str(tmp_path / "gone.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs = FileSystem.mount(path)
+    d = fs.mkdir(1, b"d", 0o755).ino
+    fs.prepare_workers(workers=2)
+    a, b = _Cpu(fs, 0), _Cpu(fs, 1)
+    try:
+        b("create", d, b"f", 0o644)              # (so CPU 0 has never read it)
+        with pytest.raises(FsError) as e:
+            a("lookup_while_another_cpu_frees", d, b"f")
+        assert e.value.errno == errno.ENOENT
+        with pytest.raises(FsError) as e:
+            b("lookup", d, b"f")
+        assert e.value.errno == errno.ENOENT
     finally:
         a.close()
         b.close()
