@@ -113,8 +113,9 @@ class Readers:
     two requests of callers have been served at once in the last
     CONCURRENT_NS, or, while requests overlap, when SPARE_READERS others
     already wait: enough to take the next overlapping requests at once, few
-    enough that requests keep to a few processes.  A worker that takes a request while nobody else reads looks
-    whether more requests are queued behind it, and wakes a sleeper if so:
+    enough that requests keep to a few processes.  A worker that takes a
+    request while nobody else reads looks whether more requests are queued
+    behind it, and wakes a sleeper if so:
     that one serves them while the first is busy, and the two requests served
     at once keep both awake.  The supervisor also wakes one when requests stay
     queued with nobody reading and no request finishing (a long request on the

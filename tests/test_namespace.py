@@ -12,15 +12,20 @@ that fsck (link counts, one name per directory, no leaks, no orphans) is clean.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
+import os
+import pickle
+import socket
 import stat
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+import pnova.namei
 from pnova.engine import FileSystem
 from pnova.errors import FsError
 from pnova.fsck import Checker
@@ -311,7 +316,13 @@ def _lookup_while_another_cpu_frees(fs: FileSystem, d: int, name: bytes) -> int:
     return fs.lookup(d, name).ino
 
 
-_IN_CPU = {"lookup_while_another_cpu_frees": _lookup_while_another_cpu_frees}
+def _dir_users(fs: FileSystem, d: int) -> int:
+    """The directory users word of ``d`` (pnova.namei.Namei._private_dir)."""
+    return fs.area.w.load64(fs._dir_users + 8 * (d - 1))
+
+
+_IN_CPU = {"lookup_while_another_cpu_frees": _lookup_while_another_cpu_frees,
+           "dir_users": _dir_users}
 
 
 class _Cpu:
@@ -319,9 +330,6 @@ class _Cpu:
     at a time (so that its caches persist between the steps of a test)."""
 
     def __init__(self, fs: FileSystem, cpu: int, private_after: int | None = None) -> None:
-        import os
-        import pickle
-        import socket
         self.sock, theirs = socket.socketpair()
         self.pid = os.fork()
         if self.pid == 0:
@@ -330,15 +338,12 @@ class _Cpu:
             try:
                 fs.become_worker(cpu)
                 if private_after is not None:
-                    import pnova.namei
                     pnova.namei.PRIVATE_AFTER = private_after
                 while msg := theirs.recv(1 << 16):
                     method, args = pickle.loads(msg)
                     try:
                         if method in _IN_CPU:
                             out = _IN_CPU[method](fs, *args)
-                        elif method == "dir_users":
-                            out = fs.area.w.load64(fs._dir_users + 8 * (args[0] - 1))
                         else:
                             out = getattr(fs, method)(*args)
                             out = getattr(out, "ino", out)
@@ -352,7 +357,6 @@ class _Cpu:
         theirs.close()
 
     def __call__(self, method: str, *args):
-        import pickle
         self.sock.sendall(pickle.dumps((method, args)))
         kind, out = pickle.loads(self.sock.recv(1 << 16))
         if kind == "err":
@@ -360,11 +364,29 @@ class _Cpu:
         return out
 
     def close(self) -> None:
-        import os
-        import socket
         self.sock.shutdown(socket.SHUT_WR)     # (a CPU forked later holds a copy)
         self.sock.close()
         assert os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1]) == 0
+
+
+@contextlib.contextmanager
+def _two_cpus(tmp_path, private_after_b: int | None = None):
+    """Directory ``d`` on a fresh 2-CPU device, and CPU processes 0 and 1 (see
+    :class:`_Cpu`); fsck must be clean once both have exited."""
+    path = str(tmp_path / "two.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs = FileSystem.mount(path)
+    d = fs.mkdir(1, b"d", 0o755).ino
+    fs.prepare_workers(workers=2)
+    a, b = _Cpu(fs, 0), _Cpu(fs, 1, private_after_b)
+    try:
+        yield d, a, b
+    finally:
+        a.close()
+        b.close()
+    fs.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
 
 
 def test_a_directory_one_cpu_uses_alone_is_held_whole_and_others_still_see_it(tmp_path):
@@ -374,14 +396,8 @@ def test_a_directory_one_cpu_uses_alone_is_held_whole_and_others_still_see_it(tm
     stay away.  Either way every CPU sees every change: a cache holding the
     directory's names from before a private change catches up."""
     from pnova.shared import DIR_SHARED
-    path = str(tmp_path / "priv.img")
-    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
-    fs = FileSystem.mount(path)
-    d = fs.mkdir(1, b"d", 0o755).ino
-    fs.prepare_workers(workers=2)
-    a = _Cpu(fs, 0)
-    b = _Cpu(fs, 1, private_after=0)       # takes a shared directory back at once
-    try:
+    # CPU 1 takes a shared directory back at once
+    with _two_cpus(tmp_path, private_after_b=0) as (d, a, b):
         b("create", d, b"b0", 0o644)
         assert b("dir_users", d) == 2                         # CPU 1's alone
         a("create", d, b"a0", 0o644)
@@ -402,25 +418,13 @@ def test_a_directory_one_cpu_uses_alone_is_held_whole_and_others_still_see_it(tm
         a("create", d, b"a1", 0o644)
         assert sorted(n for n, *_ in b("readdir", d, 0) if n not in (b".", b"..")) == \
             [b"a1", b"b1", b"b2"]
-    finally:
-        a.close()
-        b.close()
-    fs.unmount()
-    out = io.StringIO()
-    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
 
 
-def test_an_inode_freed_while_a_lookup_reads_it_is_gone_not_damaged(tmp_path, caplog):
+def test_an_inode_freed_while_a_lookup_reads_it_is_gone_not_damaged(tmp_path):
     """A lock-free lookup finds a name, and the inode is freed by another process
     before its logs are read: the lookup answers ENOENT, as if it had come after
     the unlink, not EIO with a report of damage that fsck would not find."""
-    path = str(tmp_path / "gone.img")
-    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
-    fs = FileSystem.mount(path)
-    d = fs.mkdir(1, b"d", 0o755).ino
-    fs.prepare_workers(workers=2)
-    a, b = _Cpu(fs, 0), _Cpu(fs, 1)
-    try:
+    with _two_cpus(tmp_path) as (d, a, b):
         b("create", d, b"f", 0o644)              # (so CPU 0 has never read it)
         with pytest.raises(FsError) as e:
             a("lookup_while_another_cpu_frees", d, b"f")
@@ -428,9 +432,3 @@ def test_an_inode_freed_while_a_lookup_reads_it_is_gone_not_damaged(tmp_path, ca
         with pytest.raises(FsError) as e:
             b("lookup", d, b"f")
         assert e.value.errno == errno.ENOENT
-    finally:
-        a.close()
-        b.close()
-    fs.unmount()
-    out = io.StringIO()
-    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
