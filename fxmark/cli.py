@@ -98,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"comma-separated lock schemes for 'engine' and 'pnova' targets "
                      f"(default {','.join(SCHEMES)})")
     run.add_argument("--protection", type=_protections, default=["full"],
-                     help="comma-separated protection of file data for the images of "
-                     "'engine' and 'pnova' targets: full (checksums and parity, mkfs's "
-                     "default), csum, none; each is a run of its own, shown as SCHEME:csum "
+                     help="comma-separated protection for the images of 'engine' and "
+                     "'pnova' targets: full (data checksums and parity, inode replicas: "
+                     "mkfs's default), data (no inode replicas), csum (no parity either), "
+                     "none; each is a run of its own, shown as SCHEME:data, SCHEME:csum "
                      "or SCHEME:none (default full)")
     run.add_argument("--workers", type=_int_list, default=[1, 2],
                      help="comma-separated worker counts (default 1,2)")

@@ -63,8 +63,10 @@ class Target(Protocol):
         """One run; returns its record (see :mod:`fxmark.results`)."""
 
 
-# Protection of file data a pnova image is formatted with (mkfs.pnova's options).
-PROTECTIONS = {"full": 3, "csum": 1, "none": 0}
+# What a pnova image is formatted to protect (mkfs.pnova's options): "full" is
+# the default (data checksums and parity, inode replicas), "data" leaves the
+# inode replicas out, "csum" the parity too, "none" everything.
+PROTECTIONS = {"full": 7, "data": 3, "csum": 1, "none": 0}
 
 
 def split_scheme(scheme: str) -> tuple[str, int]:

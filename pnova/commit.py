@@ -172,7 +172,7 @@ class Commit:
             entries = [(e[0], seq()) + e[2:] for e in entries]
             new_tail, pages = self._append(inode.tail, _encode(entries, self.marks),
                                            ino, self._new_log_page)
-            pm.commit_u64(addr + L.I_LOG_TAIL, new_tail)
+            self._slot_commit(addr + L.I_LOG_TAIL, new_tail)
             return self._committed(inode, new_tail, pages, entries)
         finally:
             sch.log_unlock(ino)
@@ -259,10 +259,7 @@ class Commit:
             pm.fence()                                 # zeroed lines before the pointer
             if pm.mode == "disk":
                 pm.sync()       # on a disk too: a stale block's lines would name old logs
-            addr = self.inode_addr(inode.ino) + L.I_LOG_ARRAY
-            pm.store_u64(addr, blk)
-            pm.flush(addr, 8)
-            pm.fence()
+            self._slot_commit(self.inode_addr(inode.ino) + L.I_LOG_ARRAY, blk)
             inode.array = blk
             return inode
         finally:

@@ -49,6 +49,7 @@ from .pmem import PAGE, PagedPMem, PMem
 
 EXHAUSTIVE_PAGES = 8         # every subset of the dirty pages up to this many
 RANDOM_STATES = 12           # random page-version choices per crash point
+TWIN_STATES = 6              # more, where replica-table pages choose on their own
 SYNC: Step = ("sync",)
 AFTER_SYNC: Step = ("create", "/after-sync", 0o644)
 
@@ -73,10 +74,17 @@ def cases_for(workload: str) -> list[tuple[list[Step], list[Step]]]:
 
 
 # -------------------------------------------------------------- crash states
-def page_states(versions: dict[int, list[bytes]], rng: random.Random
-                ) -> Iterator[dict[int, int]]:
+def page_states(versions: dict[int, list[bytes]], rng: random.Random,
+                twins: dict[int, int] | None = None) -> Iterator[dict[int, int]]:
     """Crash states of one crash point: {page: index of the version it holds}
-    (pages left out hold version 0, the synced one)."""
+    (pages left out hold version 0, the synced one).
+
+    ``twins`` maps each page of an inode-replica table to the page of the table
+    it mirrors (SPEC 5.5).  In the exhaustive subsets a dirty twin arrives with
+    the page it mirrors, so that replicas do not shrink the number of pages
+    enumerated exhaustively, and in the first random states it holds the version
+    of the same moment as that page; the single pages, all-but-one and
+    ``TWIN_STATES`` more random states move it on its own."""
     pages = sorted(p for p, v in versions.items() if len(v) > 1)
     latest = {p: len(versions[p]) - 1 for p in pages}
     seen: set[tuple] = set()
@@ -91,11 +99,22 @@ def page_states(versions: dict[int, list[bytes]], rng: random.Random
     candidates: list[dict[int, int]] = [{}, dict(latest)]
     candidates += [{p: latest[p]} for p in pages]
     candidates += [{q: latest[q] for q in pages if q != p} for p in pages]
-    if len(pages) <= EXHAUSTIVE_PAGES:
-        for size in range(2, len(pages) - 1):
-            for combo in itertools.combinations(pages, size):
-                candidates.append({p: latest[p] for p in combo})
+    twins = {t: p for t, p in (twins or {}).items() if t in latest and p in latest}
+    led: dict[int, list[int]] = {}
+    for t, p in twins.items():
+        led.setdefault(p, []).append(t)
+    alone = [p for p in pages if p not in twins]
+    if len(alone) <= EXHAUSTIVE_PAGES:
+        for size in range(2, len(alone) - 1):
+            for combo in itertools.combinations(alone, size):
+                candidates.append({q: latest[q] for p in combo for q in [p] + led.get(p, [])})
     for _ in range(RANDOM_STATES):
+        state = {p: rng.randrange(len(versions[p])) for p in alone}
+        for p, ts in led.items():             # a twin holds the version of its page's
+            for t in ts:                      # moment, when their histories match
+                state[t] = state[p] if len(versions[t]) == len(versions[p]) else latest[t]
+        candidates.append(state)
+    for _ in range(TWIN_STATES if twins else 0):
         candidates.append({p: rng.randrange(len(versions[p])) for p in pages})
     for state in candidates:
         state = {p: i for p, i in state.items() if i}
@@ -161,6 +180,11 @@ def run_steps(setup: list[Step], ops: list[Step], *, ident: str = "custom", case
         if hold_frees:
             fs.hold_frees_until_sync()
         drv = Driver(fs)
+        twins: dict[int, int] = {}
+        if fs._rtables is not None:
+            for r, rt in zip(fs.regions, fs._rtables):
+                for k in range(r.itable_blocks):
+                    twins[rt // PAGE + k] = r.itable_start + k
         versions: dict[int, list[bytes]] = {}
         # the synced model, its copy of each live object, and the steps since
         synced_memo: dict = {}
@@ -198,7 +222,7 @@ def run_steps(setup: list[Step], ops: list[Step], *, ident: str = "custom", case
             # seeded by the steps, not by the case's number: a case keeps its
             # states when a workload gains operations
             rng = random.Random(f"pages:{setup!r}:{ops!r}:{point}")
-            for sno, state in enumerate(page_states(versions, rng)):
+            for sno, state in enumerate(page_states(versions, rng, twins)):
                 if only is not None and only[1] != sno:
                     continue
                 image = pm.disk.copy()

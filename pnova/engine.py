@@ -13,6 +13,7 @@ named for it (NOVA's source layout):
 
     super     superblock, mount, clean unmount, worker processes, statfs
     rebuild   reading an inode from its logs; recovery of a dirty image
+    replica   the second copy of every inode slot, and its repair at mount
     icache    the per-process inode cache, validated against the device
     commit    appending entries and committing them (tail store / journal)
     gc        log compaction
@@ -49,6 +50,7 @@ from .namei import Namei
 from .pmem import PMem
 from .protect import DataProtection
 from .rebuild import Rebuild
+from .replica import SlotReplicas
 from .ring import Ring
 from .shared import H_SEQ, HELD_MAX, SharedArea
 from .xattr import Xattrs
@@ -59,8 +61,8 @@ __all__ = ["Attr", "CAPS_XATTR", "FileSystem", "Landing", "StatFs", "read_region
            "read_superblock", "write_superblock"]
 
 
-class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Attributes,
-                 Namei, Directories, FileData, Xattrs):
+class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, InodeTable,
+                 Attributes, Namei, Directories, FileData, Xattrs):
     """A mounted pnova filesystem: one process, acting as one CPU.
 
     Several processes can work on one device at once: the primary calls
@@ -77,6 +79,7 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self.sb = sb
         self.regions = regions
         self._itables = [r.itable_start * L.BLOCK for r in regions]
+        self._init_replicas()
         self.ncpus = sb.ncpus
         self.cpu = cpu % self.ncpus
         self.readonly = readonly
@@ -105,7 +108,7 @@ class FileSystem(Mount, Rebuild, InodeCache, Commit, Compaction, InodeTable, Att
         self.alloc = Allocator(area, regions, sb.cpus_per_node,
                                reserve=max(8, min(1024, total // 512)))
         self.alloc.stash_cpu = None if readonly else self.cpu
-        self.journals = [Journal(pm, r.journal_block) for r in regions]
+        self.journals = [Journal(pm, r.journal_block, self._mirror_of) for r in regions]
         self.prot = DataProtection(pm, sb, regions)
         self._lost_seen: set[tuple[int, int]] = set()   # damaged data already logged
         self.lock_name = lock

@@ -48,11 +48,13 @@ class ScrubCounts:
     parity: int = 0            # parity strips rewritten
     lost: int = 0              # blocks with strips that cannot be rebuilt
     meta: int = 0              # 1: the inode's slot or logs do not read back
+    slots: int = 0             # 1: its slot was restored from the replica
 
     def wire(self) -> bytes:
         """The answer of the scrub attribute (SCRUB_XATTR) through the mount."""
         return (f"blocks={self.blocks} rebuilt={self.rebuilt} copies={self.copies} "
-                f"parity={self.parity} lost={self.lost} meta={self.meta}").encode()
+                f"parity={self.parity} lost={self.lost} meta={self.meta} "
+                f"slots={self.slots}").encode()
 
 
 def _runs(pages: dict[int, int], first: int, last: int):
@@ -253,17 +255,22 @@ class FileData:
         """Check one inode as fsck would: its slot and every entry and page
         tail of its logs, read again from the device (what this process has
         cached may hide damage done since), and then, for a file, its data
-        (:meth:`scrub_data`).  Metadata has no second copy yet: damage is
-        reported (logged with the path, counted in ``meta``), for fsck.pnova
-        to repair with the image unmounted."""
+        (:meth:`scrub_data`).  A slot that does not read is restored from its
+        replica, a damaged replica rewritten (``scrub_slot``); damage to the
+        logs (which have no second copy yet) is reported (logged with the
+        path, counted in ``meta``), for fsck.pnova to repair with the image
+        unmounted."""
         self.get(ino)                            # ENOENT / ESTALE as any request
+        slots = self.scrub_slot(ino)
         try:
             self._read_inode(ino)
         except (LogError, ValueError) as e:
             logger.error("%s: its metadata does not read back from the device (%s); "
                          "unmount and run fsck.pnova", self.path_of(ino), e)
-            return ScrubCounts(meta=1)
-        return self.scrub_data(ino)
+            return ScrubCounts(meta=1, slots=slots)
+        counts = self.scrub_data(ino)
+        counts.slots = slots
+        return counts
 
     def scrub_data(self, ino: int) -> ScrubCounts:
         """Check every data block of a file as fsck does: each strip against its

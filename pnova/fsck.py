@@ -79,6 +79,7 @@ from .inode import Inode
 from .journal import Journal, JournalError
 from .pmem import DeviceError, PMem
 from .protect import DataProtection, strip_ranges
+from .replica import USABLE, Judge, copy_slot, differing_slots, saved_bitmap_reader
 
 # Answer policies.
 NO, YES, PREEN = "no", "yes", "preen"
@@ -268,6 +269,8 @@ class Checker:
         self.owner: np.ndarray | None = None     # block -> first owning inode
         self.paths: dict[int, str] = {}
         self.notes: list[str] = []
+        self.rtables: list[int] | None = None    # replica inode tables (SPEC 5.5)
+        self.slot_src: dict[int, int] = {}       # slot -> the copy it is read from
 
     # ------------------------------------------------------------------ output
     def say(self, line: str) -> None:
@@ -329,6 +332,7 @@ class Checker:
                 return 0
             self.check_regions()
             self.check_journals()
+            self.check_replicas()
             self.check_inodes()
             self.check_blocks()
             self.check_data()
@@ -401,7 +405,23 @@ class Checker:
     def _put_u64(self, addr: int, value: int) -> None:
         self._prepare_write()
         self.pm.store_u64(addr, value)
-        self.pm.persist(addr, 8)
+        self.pm.flush(addr, 8)
+        r = self._replica_of(addr)
+        if r is not None:                        # a slot word: its replica too
+            self.pm.store_u64(r, value)
+            self.pm.flush(r, 8)
+        self.pm.fence()
+
+    def _replica_of(self, addr: int) -> int | None:
+        """The replica of a byte of a primary inode table; None elsewhere."""
+        if self.rtables is None:
+            return None
+        n = self.sb.inodes_per_cpu * L.INODE_SIZE
+        for r in self.regions:
+            lo = r.itable_start * L.BLOCK
+            if lo <= addr < lo + n:
+                return self.rtables[r.cpu] + addr - lo
+        return None
 
     def _seq(self) -> int:
         s = self.next_seq
@@ -432,7 +452,8 @@ class Checker:
         pm = self.pm
         raws = [L.encode_entry(e) for e in entries]
         tail, pages = plog.append(pm, rec.tail, raws, rec.ino, self._alloc_block)
-        plog.commit_tail(pm, rec.addr + L.I_LOG_TAIL, tail)
+        pm.fence()                                       # entries before the tail
+        self._put_u64(rec.addr + L.I_LOG_TAIL, tail)
         rec.tail = tail
         rec.log_pages.extend(pages)
         for e in entries:
@@ -683,11 +704,15 @@ class Checker:
         if len(table) % nodes:
             return None, ""
         ipc = table[0].itable_blocks * L.INODES_PER_BLOCK
+        # Inode replicas show in the descriptors: a replica table lies between
+        # the journal and the bitmap (SPEC 2.1).
+        rep = L.FEATURE_INODE_REPLICA if table[0].bitmap_start > table[0].journal_block + 1 \
+            else 0
         # The file's whole blocks, or (a file made longer) the block after the
         # last region, which is where the replica belongs.
         for total in dict.fromkeys((self.file_size // L.BLOCK, table[-1].end + 1)):
             try:
-                plan = L.plan_regions(total, nodes, len(table) // nodes, ipc)
+                plan = L.plan_regions(total, nodes, len(table) // nodes, ipc, rep)
             except ValueError:
                 continue
             if [r.descriptor() for r in plan] == [r.descriptor() for r in table] and \
@@ -695,7 +720,8 @@ class Checker:
                 break
         else:
             return None, ""
-        features = self._guess_features(total, nodes, len(table) // nodes, ipc, table[0])
+        features = rep | self._guess_features(total, nodes, len(table) // nodes, ipc,
+                                              table[0], rep)
         root = table[0].itable_start * L.BLOCK
         try:
             made = L.InodeStatic.unpack(self.pm.read(root, 64)).ctime_ns
@@ -708,20 +734,21 @@ class Checker:
         return sb, "rebuilt from the region table (label and UUID are lost)"
 
     def _guess_features(self, total: int, nodes: int, cpn: int, ipc: int,
-                        r0: L.Region) -> int:
+                        r0: L.Region, rep: int = 0) -> int:
         """The features of an image whose superblocks are both gone: the region
         table does not record them, but mkfs puts the root directory's first
         log page at the first data block of CPU 0, and a compaction moves it
         past that; the default set when nothing tells."""
         head = self.pm.read_u64(r0.itable_start * L.BLOCK + L.I_LOG_HEAD) // L.BLOCK
-        cands = (L.DEFAULT_FEATURES, L.FEATURE_DATA_CSUM, 0)
+        data = L.FEATURE_DATA_CSUM | L.FEATURE_DATA_PARITY
+        cands = (data, L.FEATURE_DATA_CSUM, 0)
         for f in cands:
-            if L.plan_regions(total, nodes, cpn, ipc, f)[0].data_start == head:
+            if L.plan_regions(total, nodes, cpn, ipc, f | rep)[0].data_start == head:
                 return f
         for f in cands:
-            if head >= L.plan_regions(total, nodes, cpn, ipc, f)[0].data_start:
+            if head >= L.plan_regions(total, nodes, cpn, ipc, f | rep)[0].data_start:
                 return f
-        return L.DEFAULT_FEATURES
+        return data
 
     def _quick_clean(self) -> bool:
         """Clean image without -f: print the one-line state if nothing cheap looks wrong."""
@@ -792,8 +819,10 @@ class Checker:
 
     def check_journals(self) -> None:
         """Lite journals: closed, or (dirty image) an intact transaction mount rolls back."""
+        if self.sb.inode_replicas:
+            self.rtables = L.replica_tables(self.regions)
         for r in self.regions:
-            j = Journal(self.pm, r.journal_block)
+            j = Journal(self.pm, r.journal_block, self._replica_of)
             where = f"lite journal of CPU {r.cpu} (block {r.journal_block})"
             try:
                 recs = j.pending()
@@ -824,6 +853,9 @@ class Checker:
                               f"({len(recs)} words); mount rolls it back")
             for addr, old in reversed(recs):
                 self.overlay[addr] = old
+                twin = self._replica_of(addr)
+                if twin is not None:
+                    self.overlay[twin] = old
             if not self.readonly:
                 self.pending_rollback.append(j)
 
@@ -836,6 +868,55 @@ class Checker:
             self.pm.persist(j.base, 8)
         self.wrote = True
 
+    # ------------------------------------------------------------ pass 3b: inode replicas
+    def check_replicas(self) -> None:
+        """Each inode slot against its replica (SPEC 5.5): the copy mount would
+        keep is the one the later passes read; a damaged copy is rewritten
+        from the other.  Copies that differ only by an update a crash
+        interrupted are normal on a dirty image (mount settles them)."""
+        if not self.sb.inode_replicas:
+            return
+        pm, n = self.pm, self.sb.inodes_per_cpu
+        saved = saved_bitmap_reader(pm, self.regions) if self.clean else None
+        judge = Judge(pm, self.regions, self.sb.total_blocks, self._u64, saved)
+        for r in self.regions:
+            p0, r0 = r.itable_start * L.BLOCK, self.rtables[r.cpu]
+            for i in differing_slots(pm, p0, r0, n):
+                ino = 1 + i * self.sb.ncpus + r.cpu
+                p, q = p0 + i * L.INODE_SIZE, r0 + i * L.INODE_SIZE
+                if pm.read(p, L.INODE_SIZE) == pm.read(q, L.INODE_SIZE) and \
+                        not pm.poisoned(p, L.INODE_SIZE) and not pm.poisoned(q, L.INODE_SIZE):
+                    continue                     # made equal by a sector's repair
+                keep, why_p, why_r = judge.choose(ino, p, q)
+                crash = not self.clean and (why_p or why_r or "").startswith(USABLE)
+                if crash:
+                    # An update a crash interrupted between the two copies:
+                    # normal after a crash, and settled as mount settles it.
+                    if keep == "replica":
+                        self.slot_src[p] = q
+                    if not self.readonly:
+                        self._prepare_write()
+                        copy_slot(pm, *((q, p) if keep == "replica" else (p, q)))
+                        pm.fence()
+                        self.slot_src.pop(p, None)
+                elif keep == "replica":
+                    self.slot_src[p] = q
+                    why = why_p.removeprefix(USABLE)
+                    if self.problem(f"inode {ino}: its slot is damaged ({why}); the replica "
+                                    "reads", "Restore the slot from its replica", safe=True):
+                        self._prepare_write()
+                        copy_slot(pm, q, p)
+                        pm.fence()
+                        del self.slot_src[p]
+                elif keep == "primary":
+                    why = (why_r or "it differs from the slot").removeprefix(USABLE)
+                    if self.problem(f"inode {ino}: the replica of its slot is damaged ({why})",
+                                    "Rewrite it from the slot", safe=True):
+                        self._prepare_write()
+                        copy_slot(pm, p, q)
+                        pm.fence()
+                # neither copy reads: the inode pass reports the slot
+
     # ------------------------------------------------------------ pass 4: inodes and logs
     def check_inodes(self) -> None:
         """State words, static lines, log chains and entries of every inode in use."""
@@ -845,7 +926,7 @@ class Checker:
         for r in self.regions:
             base = r.itable_start * L.BLOCK
             idx = set(np.flatnonzero(self._states(r) != L.STATE_FREE).tolist())
-            idx |= {(a - base) // L.INODE_SIZE for a in over
+            idx |= {(a - base) // L.INODE_SIZE for a in over | set(self.slot_src)
                     if base <= a < base + sb.inodes_per_cpu * L.INODE_SIZE}
             slots.extend((1 + i * sb.ncpus + r.cpu, i) for i in idx)
         slots.sort()
@@ -853,10 +934,11 @@ class Checker:
             slots.insert(0, (L.ROOT_INO, 0))
         for n, (ino, _) in enumerate(slots):
             addr = self._inode_addr(ino)
-            state = self._u64(addr + L.I_STATE)
+            src = self.slot_src.get(addr, addr)
+            state = self._u64(src + L.I_STATE)
             if state == L.STATE_FREE and ino != L.ROOT_INO:
                 continue
-            self.recs[ino] = self._scan(ino, addr, state)
+            self.recs[ino] = self._scan(ino, addr, state, src)
             if n % 256 == 0:
                 self._tick("inodes", n, len(slots))
         self._tick("inodes", 1, 1)
@@ -877,12 +959,15 @@ class Checker:
                 if not self.wrote:
                     write_superblock(self.pm, self.sb)
 
-    def _scan(self, ino: int, addr: int, state: int) -> _Rec:
+    def _scan(self, ino: int, addr: int, state: int, src: int | None = None) -> _Rec:
+        """Read inode ``ino`` (slot ``addr``) from the copy at ``src`` (default the
+        slot itself: a read-only check reads a damaged slot's replica)."""
         rec = _Rec(ino, addr, state)
+        src = addr if src is None else src
         try:
-            if self.pm.poison and self.pm.poisoned(addr, L.INODE_SIZE):
+            if self.pm.poison and self.pm.poisoned(src, L.INODE_SIZE):
                 raise ValueError("media error")
-            st = L.InodeStatic.unpack(self.pm.read(addr, 64))
+            st = L.InodeStatic.unpack(self.pm.read(src, 64))
             if stat.S_IFMT(st.mode) not in _FILE_TYPES:
                 rec.static_err = f"unknown file type ({st.mode:#o})"
             elif ino == L.ROOT_INO and not stat.S_ISDIR(st.mode):
@@ -895,9 +980,9 @@ class Checker:
         if rec.static is None and ino == L.ROOT_INO:
             # The root is rebuilt rather than cleared: read its log as a directory's.
             rec.static = L.InodeStatic(stat.S_IFDIR | 0o755, 0, 0, 0, 0, 1, time.time_ns(), 1)
-        rec.head = self._u64(addr + L.I_LOG_HEAD)
-        rec.tail = self._u64(addr + L.I_LOG_TAIL)
-        rec.array = self._u64(addr + L.I_LOG_ARRAY)
+        rec.head = self._u64(src + L.I_LOG_HEAD)
+        rec.tail = self._u64(src + L.I_LOG_TAIL)
+        rec.array = self._u64(src + L.I_LOG_ARRAY)
         if rec.static is not None:
             self._parse_log(rec, rec.static)
         else:
@@ -1340,8 +1425,10 @@ class Checker:
                             "Rebuild the root inode", safe=False):
                 st = L.InodeStatic(stat.S_IFDIR | 0o755, 0, 0, 0, 0, 1, time.time_ns(), 1)
                 self._prepare_write()
-                self.pm.store(rec.addr, st.pack())
-                self.pm.persist(rec.addr, 64)
+                for a in (rec.addr, self._replica_of(rec.addr)):
+                    if a is not None:
+                        self.pm.store(a, st.pack())
+                        self.pm.persist(a, 64)
         if rec.log_err is not None:
             if rec.good_end is None:
                 if self.problem(f"the root directory (inode 1): {rec.log_err}",

@@ -104,6 +104,9 @@ def _metadata(fs: FileSystem) -> list[tuple[int, str]]:
             if fs.pm.read_u64(fs.inode_addr(ino) + L.I_STATE) == L.STATE_LIVE:
                 live.append(ino)
                 out.append((fs.inode_addr(ino) // L.BLOCK, "inode table"))
+                if fs._rtables is not None:
+                    out.append((fs._replica(fs.inode_addr(ino)) // L.BLOCK,
+                                "inode table replica"))
     for ino in live:
         try:
             inode = fs.get(ino)

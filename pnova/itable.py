@@ -90,8 +90,7 @@ class InodeTable:
             raise
         addr = self.inode_addr(ino)
         # line 0, then line 1: state FREE (0), head, tail, no log array
-        pm.store(addr, st.pack() + _LINE1.pack(L.STATE_FREE, page * L.BLOCK, tail, 0))
-        pm.flush(addr, L.INODE_SIZE)
+        self._slot_write(addr, st.pack() + _LINE1.pack(L.STATE_FREE, page * L.BLOCK, tail, 0))
         inode = Inode(ino, st, page * L.BLOCK, tail)
         inode.log_pages = [page] + more
         for e in entries:
@@ -173,8 +172,7 @@ class InodeTable:
     def _evict(self, inode: Inode) -> None:
         """Free an inode with no links and no users: state word first, then blocks."""
         addr = self.inode_addr(inode.ino)
-        self.pm.store_u64(addr + L.I_STATE, L.STATE_FREE)
-        self.pm.persist(addr + L.I_STATE, 8)             # after this the inode is gone
+        self._slot_commit(addr + L.I_STATE, L.STATE_FREE)   # after this the inode is gone
         self._free_blocks(self._blocks_of(inode))
         self.cache.pop(inode.ino, None)
         self._release_ino(inode.ino)

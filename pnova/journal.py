@@ -10,6 +10,10 @@ one journal transaction:
 3. store every new value, flush;                           fence F3
 4. store journal word 0, flush;                            fence F4  -> committed
 
+On an image with inode replicas (SPEC 5.5) the records name the slot words
+only; step 3 stores each new value in the word's replica too, and a rollback
+restores both, so the two copies never differ once a transaction is closed.
+
 A crash before F2 leaves the word 0: nothing was changed in place.  A crash
 after F2 and before F4 leaves an open transaction that recovery undoes by
 writing the old values back (then clears the word).  After F4 every new
@@ -18,6 +22,8 @@ value is durable (F3) and the transaction is gone.
 from __future__ import annotations
 
 import struct
+
+from collections.abc import Callable
 
 from . import layout as L
 from .pmem import PMem
@@ -32,9 +38,16 @@ class JournalError(Exception):
 class Journal:
     """One CPU's lite journal block."""
 
-    def __init__(self, pm: PMem, block: int) -> None:
+    def __init__(self, pm: PMem, block: int,
+                 mirror: Callable[[int], int | None] | None = None) -> None:
         self.pm = pm
         self.base = block * L.BLOCK
+        # the replica of a word a record names (None: it has none)
+        self.mirror = mirror
+
+    def _targets(self, a: int) -> tuple[int, ...]:
+        r = self.mirror(a) if self.mirror is not None else None
+        return (a,) if r is None else (a, r)
 
     def run(self, updates: list[tuple[int, int]]) -> None:
         """Atomically apply ``updates`` = [(device byte offset, new u64 value)]."""
@@ -50,8 +63,9 @@ class Journal:
         pm.flush(self.base, 8)
         pm.fence()                                       # F2: transaction open
         for a, v in updates:
-            pm.store_u64(a, v)
-            pm.flush(a, 8)
+            for t in self._targets(a):
+                pm.store_u64(t, v)
+                pm.flush(t, 8)
         pm.fence()                                       # F3: new values durable
         pm.store_u64(self.base, 0)
         pm.flush(self.base, 8)
@@ -85,8 +99,9 @@ class Journal:
             return 0
         pm = self.pm
         for a, old in reversed(recs):
-            pm.store_u64(a, old)
-            pm.flush(a, 8)
+            for t in self._targets(a):
+                pm.store_u64(t, old)
+                pm.flush(t, 8)
         pm.fence()                                       # old values durable
         pm.store_u64(self.base, 0)
         pm.flush(self.base, 8)

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 
 from crc32c import crc32c
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 # Versions this code reads: 2 is 3 without the features field (always 0 there).
-READABLE_VERSIONS = (2, 3, 4, 5, 6)
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)
 # Superblock feature bits (SPEC section 3): what the image protects.
 FEATURE_DATA_CSUM = 1          # per-strip CRC32C of every file data block, two copies
 FEATURE_DATA_PARITY = 2        # one parity strip per file data block (needs DATA_CSUM)
-KNOWN_FEATURES = FEATURE_DATA_CSUM | FEATURE_DATA_PARITY
-DEFAULT_FEATURES = FEATURE_DATA_CSUM | FEATURE_DATA_PARITY
+FEATURE_INODE_REPLICA = 4      # every inode slot has a replica in the next CPU's region
+KNOWN_FEATURES = FEATURE_DATA_CSUM | FEATURE_DATA_PARITY | FEATURE_INODE_REPLICA
+DEFAULT_FEATURES = FEATURE_DATA_CSUM | FEATURE_DATA_PARITY | FEATURE_INODE_REPLICA
 STRIP = 512                    # bytes of data one checksum covers
 STRIPS = 8                     # strips per 4096-byte block
 CSUM_SIZE = 4 * 8              # checksum record of one data block: 8 x u32
@@ -127,6 +128,8 @@ class Superblock:
             raise ValueError(f"unsupported format version {sb.version}")
         if sb.version == 2 and sb.features:
             raise ValueError("a version 2 superblock with features set")
+        if sb.version < 7 and sb.features & FEATURE_INODE_REPLICA:
+            raise ValueError(f"a version {sb.version} superblock with inode replicas")
         if sb.block_size != BLOCK:
             raise ValueError(f"unsupported block size {sb.block_size}")
         if not (1 <= sb.ncpus <= MAX_CPUS):
@@ -146,6 +149,10 @@ class Superblock:
     @property
     def data_parity(self) -> bool:
         return bool(self.features & FEATURE_DATA_PARITY)
+
+    @property
+    def inode_replicas(self) -> bool:
+        return bool(self.features & FEATURE_INODE_REPLICA)
 
 
 # ---------------------------------------------------------------------------
@@ -172,6 +179,13 @@ class Region:
     # data protection (not in the descriptor: computed by plan_regions)
     csum_blocks: int = 0     # blocks of each copy of the checksum records
     parity_blocks: int = 0   # blocks of the parity strips
+    # replicas of the previous CPU's inode slots (0: none), after the journal
+    rtable_blocks: int = 0
+
+    @property
+    def rtable_start(self) -> int:
+        """First block of the replica table this region holds (CPU cpu-1's slots)."""
+        return self.journal_block + 1
 
     @property
     def csum_start(self) -> int:
@@ -253,15 +267,16 @@ def plan_regions(total_blocks: int, numa_nodes: int, cpus_per_node: int,
         for c in range(cpus_per_node):
             cpu = node * cpus_per_node + c
             n = node_len // cpus_per_node if c < cpus_per_node - 1 else node_start + node_len - cpu_start
-            meta = itable_blocks + 1
+            rtable = itable_blocks if features & FEATURE_INODE_REPLICA else 0
+            meta = itable_blocks + 1 + rtable
             rest = n - meta
             bitmap_blocks = max(1, -(-rest // (BLOCK * 8)))
             data, csum, par = protection_blocks(rest - bitmap_blocks, features)
             if data < 16:
                 raise ValueError("device too small for this geometry")
             regions.append(Region(cpu, node, cpu_start, n, cpu_start, itable_blocks,
-                                  cpu_start + itable_blocks, cpu_start + itable_blocks + 1,
-                                  bitmap_blocks, csum, par))
+                                  cpu_start + itable_blocks, cpu_start + meta,
+                                  bitmap_blocks, csum, par, rtable))
             cpu_start += n
         node_start += node_len
     return regions
@@ -582,12 +597,23 @@ JOURNALED_WORDS = (I_STATE, I_LOG_HEAD, I_LOG_TAIL, I_LOG_ARRAY)
 
 
 def is_journaled_word(addr: int, regions: list[Region], inodes_per_cpu: int) -> bool:
-    """True if ``addr`` is a word of an inode slot that a journal record may restore."""
+    """True if ``addr`` is a word of an inode slot that a journal record may
+    restore (its replica, if any, is restored with it)."""
     for r in regions:
         lo = r.itable_start * BLOCK
         if lo <= addr < lo + inodes_per_cpu * INODE_SIZE:
             return (addr - lo) % INODE_SIZE in JOURNALED_WORDS
     return False
+
+
+def replica_tables(regions: list[Region]) -> list[int] | None:
+    """Byte offset of the replica of each CPU's inode table (SPEC 5.5): in the
+    next CPU's region, so that one region's damage never takes both copies.
+    None when the image keeps no replicas."""
+    if not regions or not regions[0].rtable_blocks:
+        return None
+    n = len(regions)
+    return [regions[(c + 1) % n].rtable_start * BLOCK for c in range(n)]
 
 
 def journal_word(count: int, records: bytes) -> int:

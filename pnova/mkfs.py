@@ -81,6 +81,9 @@ def format_device(path: str, size: int, *, numa_nodes: int = 1, cpus_per_node: i
         pm.store_u64(addr + L.I_LOG_HEAD, root_page * L.BLOCK)
         pm.store_u64(addr + L.I_LOG_TAIL, root_page * L.BLOCK + len(dotdot))
         pm.store_u64(addr + L.I_STATE, L.STATE_LIVE)
+        replicas = L.replica_tables(regions)
+        if replicas is not None:                # the root slot's second copy (SPEC 5.5)
+            pm.store(replicas[0], pm.read(addr, L.INODE_SIZE))
         # Saved allocator state: everything free but the root's log page.
         for r in regions:
             used = np.zeros(r.data_blocks, dtype=bool)

@@ -22,6 +22,7 @@ does.  ``pnova-inject`` adds entries.
 """
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import struct
@@ -134,7 +135,17 @@ class PMem:
             flush(off, 8)
             fence()
 
+        def commit_u64_twice(off: int, off2: int, value: int) -> None:
+            fence()
+            store64(off, value)
+            store64(off2, value)
+            self.stores += 2
+            flush(off, 8)
+            flush(off2, 8)
+            fence()
+
         self.flush, self.fence, self.commit_u64 = flush, fence, commit_u64  # type: ignore[method-assign]
+        self.commit_u64_twice = commit_u64_twice  # type: ignore[method-assign]
 
     def describe(self) -> str:
         """How stores reach the medium, for the mount log."""
@@ -249,6 +260,16 @@ class PMem:
         self.flushes += 1
         self.fences += 2
 
+    def commit_u64_twice(self, off: int, off2: int, value: int) -> None:
+        """:meth:`commit_u64` of one value into two words (an inode slot's word
+        and its replica): both stores lie between the same two fences."""
+        store64 = self.words.store64
+        store64(off, value)
+        store64(off2, value)
+        self.stores += 2
+        self.flushes += 2
+        self.fences += 2
+
     # -- lifetime --------------------------------------------------------------
     def sync(self) -> None:
         """Push every changed page of the mapping to the backing file and wait for
@@ -264,7 +285,14 @@ class PMem:
         self.words.release()
         self.mv.release()
         try:
-            self.mm.close()
+            try:
+                self.mm.close()
+            except BufferError:
+                # A view of the mapping still referenced from garbage that only
+                # the cycle collector frees (an exception's traceback keeps the
+                # frames that held it): collect it, then close.
+                gc.collect()
+                self.mm.close()
         finally:
             os.close(self.fd)
 
@@ -415,6 +443,14 @@ class TrackedPMem(PMem):
         self.flush(off, 8)
         self.fence()
 
+    def commit_u64_twice(self, off: int, off2: int, value: int) -> None:
+        self.fence()
+        self.store_u64(off, value)
+        self.store_u64(off2, value)
+        self.flush(off, 8)
+        self.flush(off2, 8)
+        self.fence()
+
     def flush(self, off: int, n: int) -> None:
         super().flush(off, n)
         inflight = self.inflight
@@ -492,6 +528,10 @@ class PagedPMem(PMem):
     def commit_u64(self, off: int, value: int) -> None:
         self.fence()
         super().commit_u64(off, value)
+
+    def commit_u64_twice(self, off: int, off2: int, value: int) -> None:
+        self.fence()
+        super().commit_u64_twice(off, off2, value)
 
     def dirty_pages(self) -> np.ndarray:
         """Page numbers whose cached contents differ from the disk's."""

@@ -144,7 +144,8 @@ class Rebuild:
                 for word, head, tail, local in logs:
                     cut = self._first_dependent(x, head, tail, seq, moved)
                     if cut is not None:
-                        pm.commit_u64(word, 0 if local and cut == head else cut)
+                        (pm.commit_u64 if local else self._slot_commit)(
+                            word, 0 if local and cut == head else cut)
             except (plog.LogError, ValueError):
                 continue                         # left to the rebuild to report
 
@@ -367,15 +368,14 @@ class Rebuild:
         if new is None:
             logger.warning("%s: inode %d was created after the last sync and its log did "
                            "not reach the disk (%s): it is dropped", pm.path, ino, why)
-            pm.store_u64(addr + L.I_STATE, L.STATE_FREE)
-            pm.persist(addr + L.I_STATE, 8)
+            self._slot_commit(addr + L.I_STATE, L.STATE_FREE)
             self._release_ino(ino, held=False)
             return None
         cuts = 0
         if new != tail:
             logger.warning("%s: inode %d: its log is cut at %#x, where what reached the disk "
                            "before the power loss ends (%s)", pm.path, ino, new, why)
-            pm.commit_u64(addr + L.I_LOG_TAIL, new)
+            self._slot_commit(addr + L.I_LOG_TAIL, new)
             cuts += 1
         array = pm.read_u64(addr + L.I_LOG_ARRAY)
         if not array:
@@ -469,7 +469,7 @@ class Rebuild:
                 logger.warning("%s: an exchange of names reached the disk in directory %d "
                                "only: it is undone, with what depended on it", self.pm.path,
                                dino)
-                self.pm.commit_u64(self.inode_addr(dino) + L.I_LOG_TAIL, op_start)
+                self._slot_commit(self.inode_addr(dino) + L.I_LOG_TAIL, op_start)
                 other = self._read_inode(dino)[0].dents.get(name, (0,))[0]
                 self._cut_dependents(seq, {ino, other} - {0})
                 raise _Restart()                 # rebuild every index from the cut logs
@@ -527,7 +527,7 @@ class Rebuild:
         table = self.free_inodes[(ino - 1) % self.ncpus]
         if not table.take((ino - 1) // self.ncpus):
             return False
-        pm.store_u64(addr + L.I_STATE, L.STATE_LIVE)
+        self._slot_store(addr + L.I_STATE, L.STATE_LIVE)
         try:
             if self._cut_torn_logs(ino) is None:     # frees the slot again
                 return False
@@ -546,10 +546,10 @@ class Rebuild:
         if inode is None or len(taken) < len(blocks):
             for b in taken:
                 self.alloc.owner(b).free(b, 1)
-            pm.store_u64(addr + L.I_STATE, L.STATE_FREE)
+            self._slot_store(addr + L.I_STATE, L.STATE_FREE)
             table.free((ino - 1) // self.ncpus, 1)
             return False
-        pm.persist(addr + L.I_STATE, 8)
+        pm.fence()                                  # both copies of the state word
         w = self.area.w
         if w.load64(H_SEQ) <= seq:                  # its entries were not counted
             w.store64(H_SEQ, seq + 1)

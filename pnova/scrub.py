@@ -8,8 +8,11 @@ entry and page tail against its CRC; what the mount has cached may hide damage
 done since) and, for a file, check every data block as fsck does (each strip
 against its checksums, both checksum copies, the parity strip), repair what it
 can and answer with counts (only root may read trusted.* attributes; as
-another user this step is skipped and said so).  Metadata that does not read
-back is reported by path: fsck.pnova repairs it with the image unmounted.
+another user this step is skipped and said so).  An inode slot that does not
+read is restored from its replica then and there (a damaged replica rewritten
+from the slot); other metadata that does not read back (log pages have no
+replica yet) is reported by path: fsck.pnova repairs it with the image
+unmounted.
 Then it reads every byte of each file with
 O_DIRECT, so that the kernel's page cache answers nothing itself: every read
 the mount serves checks the strips it returns, and bytes that cannot be
@@ -33,7 +36,7 @@ from .fuse_session import mounted_source
 CHUNK = 1 << 20
 STRIP = 512
 SCRUB_XATTR = "trusted.pnova.scrub"
-COUNTS = ("blocks", "rebuilt", "copies", "parity", "lost", "meta")
+COUNTS = ("blocks", "rebuilt", "copies", "parity", "lost", "meta", "slots")
 
 
 def _n(n: int, one: str, many: str | None = None) -> str:
@@ -161,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if counts is None:
             checked = False
-        elif counts["meta"]:
-            found["meta"] += 1
-            meta_damaged(path)
+        else:
+            found["slots"] += counts["slots"]
+            if counts["meta"]:
+                found["meta"] += 1
+                meta_damaged(path)
     for path, size in files:
         try:
             counts = _scrub_attr(path)
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f", {unreadable} not readable" if unreadable else ""))
     if checked:
         print(f"{a.mountpoint}: {_n(len(files) + len(dirs), 'inode')} read back from the "
-              f"device; {found['meta']} with damaged metadata")
+              f"device; {found['meta']} with damaged metadata; "
+              f"{_n(found['slots'], 'inode slot')} restored from the replica")
         ro = bool(os.statvfs(mnt).f_flag & os.ST_RDONLY)
         print(f"{a.mountpoint}: {_n(found['blocks'], 'data block')} checked; "
               f"{'rebuildable' if ro else 'rebuilt'} from parity: "

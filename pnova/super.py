@@ -180,14 +180,21 @@ class Mount:
                 logger.info("%s: format version %d: file data is not checksummed (to protect "
                             "it: copy the files out, mkfs.pnova, copy them back)", path,
                             sb.version)
-            elif sb.version < L.FORMAT_VERSION:
+            elif sb.version < 6:
                 logger.info("%s: format version %d: recovery after a power loss has fewer "
-                            "marks to go by than version %d's (DESIGN 24.3; to get them: copy "
-                            "the files out, mkfs.pnova, copy them back)", path, sb.version,
-                            L.FORMAT_VERSION)
+                            "marks to go by than version 6's (DESIGN 24.3; to get them: copy "
+                            "the files out, mkfs.pnova, copy them back)", path, sb.version)
+            if not sb.inode_replicas:
+                logger.info("%s: inode slots have no replicas (format version %d%s): a "
+                            "damaged slot is reported, not repaired", path, sb.version,
+                            ", formatted with --no-inode-replicas" if sb.version >= 7 else "")
             if sb.clean not in (0, 1):
                 logger.warning("%s: the superblock's clean field holds %d (neither 0 nor 1); "
                                "the image is treated as not cleanly unmounted", path, sb.clean)
+            if not readonly:
+                # Before anything reads a slot: each slot whose two copies
+                # differ gets the one that reads (DESIGN 23.1).
+                fs.repair_replicas()
             if sb.clean == 1 and not readonly:
                 fs._clear_poisoned_journals()
             # Saved allocator state that cannot be read is rebuilt from the

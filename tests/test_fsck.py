@@ -58,12 +58,26 @@ def workload(path: str) -> dict[str, int]:
 
 
 class Img:
-    """Raw access to an image for damaging it on purpose (through the pmem layer)."""
+    """Raw access to an image for damaging it on purpose (through the pmem layer).
+
+    Damage to an inode slot is made to its replica too (SPEC 5.5): these tests
+    check what fsck does with a slot neither copy of which reads;
+    tests/test_replica.py checks the repairs from the replica."""
 
     def __init__(self, path: str) -> None:
         self.pm = PMem(path)
         self.sb, _ = read_superblock(self.pm)
         self.regions = read_regions(self.pm, self.sb)
+        self.rtables = L.replica_tables(self.regions)
+
+    def _copies(self, off: int) -> list[int]:
+        """``off``, and its replica when it lies in an inode table."""
+        n = self.sb.inodes_per_cpu * L.INODE_SIZE
+        for r in self.regions:
+            lo = r.itable_start * L.BLOCK
+            if self.rtables is not None and lo <= off < lo + n:
+                return [off, self.rtables[r.cpu] + off - lo]
+        return [off]
 
     def close(self) -> None:
         self.pm.close()
@@ -82,12 +96,14 @@ class Img:
         return self.pm.read_u64(off)
 
     def put64(self, off: int, v: int) -> None:
-        self.pm.store_u64(off, v)
-        self.pm.persist(off, 8)
+        for a in self._copies(off):
+            self.pm.store_u64(a, v)
+            self.pm.persist(a, 8)
 
     def put(self, off: int, data: bytes) -> None:
-        self.pm.store(off, data)
-        self.pm.persist(off, len(data))
+        for a in self._copies(off):
+            self.pm.store(a, data)
+            self.pm.persist(a, len(data))
 
     def flip(self, off: int) -> None:
         self.put(off, bytes([self.pm.read(off, 1)[0] ^ 0xFF]))
@@ -139,7 +155,7 @@ class Img:
         tail = self.u64(a + L.I_LOG_TAIL)
         assert tail % L.BLOCK + len(entry) <= L.LOG_DATA
         self.put(tail, entry)
-        plog.commit_tail(self.pm, a + L.I_LOG_TAIL, tail + len(entry))
+        self.put64(a + L.I_LOG_TAIL, tail + len(entry))       # (and its replica)
 
 
 def open_rename_txn(m: Img, ino: dict[str, int]) -> None:

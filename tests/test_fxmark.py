@@ -432,15 +432,16 @@ def test_plot_uses_a_log_axis_for_wide_ranges(tmp_path, capsys):
 
 
 def test_protected_and_unprotected_images_in_one_run(tmp_path, capsys):
-    """--protection runs each scheme on images formatted with each protection of
-    file data; the unprotected runs are labelled SCHEME:none."""
+    """--protection runs each scheme on images formatted with each protection
+    (data checksums and parity, inode replicas); the unprotected runs are
+    labelled SCHEME:none."""
     from pnova.engine import read_superblock
     from pnova.pmem import PMem
     rc, recs = _run(tmp_path, "--target", "engine", "--workload", "DWOM", "--scheme", "pnova",
-                    "--workers", "1", "--protection", "full,csum,none", "--keep")
+                    "--workers", "1", "--protection", "full,data,csum,none", "--keep")
     assert rc == 0
-    assert [r["scheme"] for r in recs] == ["pnova", "pnova:csum", "pnova:none"]
-    for r, want in zip(recs, (3, 1, 0)):
+    assert [r["scheme"] for r in recs] == ["pnova", "pnova:data", "pnova:csum", "pnova:none"]
+    for r, want in zip(recs, (7, 3, 1, 0)):
         _sane(r, "DWOM", "engine", r["scheme"])
         pm = PMem(r["image"], readonly=True)
         try:

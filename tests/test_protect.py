@@ -32,6 +32,7 @@ from helpers import fsck
 from test_mount import Mount, needs_fuse
 
 ROOT = L.ROOT_INO
+NO_REPLICAS = L.DEFAULT_FEATURES & ~L.FEATURE_INODE_REPLICA
 
 
 def _image(tmp_path, features: int = L.DEFAULT_FEATURES, name: str = "p.img") -> str:
@@ -490,32 +491,42 @@ def test_a_scrub_reads_metadata_again_from_the_device(tmp_path, caplog):
 
 
 def test_pnova_scrub_reports_damaged_metadata_by_path(tmp_path, capsys):
+    """A damaged log entry is reported by path (logs have no replica yet); a
+    damaged inode slot is restored from its replica by the scrub itself."""
     path = _image(tmp_path)
     want = _files(path)
     entry = _entry_of(path, "c")
+    fs = FileSystem.mount(path, readonly=True)
+    slot_a = fs.inode_addr(fs.lookup(ROOT, b"a").ino)
+    fs.unmount()
     m = Mount(path, tmp_path / "mnt")
     try:
         m.start()
         for name, data in want.items():                  # everything cached
             assert (m.mnt / name).read_bytes() == data
         _flip(path, entry + 20)
+        _flip(path, slot_a + 5)                          # line 0 of a's slot
         scrub = subprocess.run([sys.executable, "-m", "pnova.scrub", str(m.mnt)],
                                capture_output=True, text=True, timeout=60)
         assert scrub.returncode == 1, scrub.stdout + scrub.stderr
         assert f"{m.mnt}/c: its metadata is damaged" in scrub.stdout, scrub.stdout
-        assert "5 inodes read back from the device; 1 with damaged metadata" in scrub.stdout
+        assert "5 inodes read back from the device; 1 with damaged metadata; 1 inode slot " \
+            "restored from the replica" in scrub.stdout, scrub.stdout
+        assert f"{m.mnt}/a" not in scrub.stdout
         m.stop()
     finally:
         m.cleanup()
     rc, out = fsck(capsys, path, "-n", "-f")
     assert rc != 0 and "inode" in out
+    assert "its slot is damaged" not in out, out          # the scrub restored it
 
 
 def test_a_damaged_inode_state_word_costs_that_inode_not_the_mount(tmp_path, capsys, caplog):
     """A state word neither free (0) nor live (1) on a clean image: the mount goes
     on, never hands the slot out, and answers EIO for that inode only (not ENOENT:
-    it was not removed); fsck.pnova repairs it."""
-    path = _image(tmp_path)
+    it was not removed); fsck.pnova repairs it.  (An image without inode
+    replicas: with them the mount restores the slot, tests/test_replica.py.)"""
+    path = _image(tmp_path, NO_REPLICAS)
     want = _files(path)
     fs = FileSystem.mount(path, readonly=True)
     named = fs.lookup(ROOT, b"b").ino
@@ -550,8 +561,10 @@ def test_poisoned_metadata_is_a_media_error_not_garbage(tmp_path, capsys):
     """Sectors of metadata marked poisoned read as media errors, as a machine
     check would make them: the primary superblock falls back to its replica, a
     poisoned inode slot or log page costs that inode (EIO), and fsck reports it;
-    nothing is read from a poisoned sector as if it were good."""
-    path = _image(tmp_path)
+    nothing is read from a poisoned sector as if it were good.  (An image
+    without inode replicas: with them a poisoned slot sector is rewritten from
+    the replicas, tests/test_replica.py.)"""
+    path = _image(tmp_path, NO_REPLICAS)
     want = _files(path)
     fs = FileSystem.mount(path)
     for i in range(12):                                   # slots past the root's sector
@@ -591,8 +604,9 @@ def test_metadata_damage_is_never_read_back_as_wrong_data(tmp_path_factory, seed
     """pnova-inject aimed at the metadata in use (inode slots, log pages, journals,
     superblocks, checksum and parity records): the mount either refuses with one
     line or serves every file exactly as written or answers EIO for it; a file
-    that does not read back exactly is one fsck.pnova reports.  (Metadata has no
-    replicas yet: damage is detected, not repaired, DESIGN 20.3.)"""
+    that does not read back exactly is one fsck.pnova reports.  (Inode slots
+    have replicas, DESIGN 23.1; log pages not yet, 20.3: damage there is
+    detected, not repaired.)"""
     from pnova.fsck import Checker
     import io
     tmp = tmp_path_factory.mktemp("meta")

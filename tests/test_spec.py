@@ -58,6 +58,18 @@ def slot(pm: PMem, sb: L.Superblock, ino: int) -> int:
     return regions[(ino - 1) % n].itable_start * L.BLOCK + (ino - 1) // n * L.INODE_SIZE
 
 
+def slot_copies(pm: PMem, sb: L.Superblock, ino: int) -> list[int]:
+    """The slot of ``ino`` and its replica (SPEC 5.5), where the image has one."""
+    regions = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
+                             sb.inodes_per_cpu, sb.features)
+    a = slot(pm, sb, ino)
+    rt = L.replica_tables(regions)
+    if rt is None:
+        return [a]
+    c = (ino - 1) % sb.ncpus
+    return [a, rt[c] + a - regions[c].itable_start * L.BLOCK]
+
+
 def warnings_of(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
@@ -110,8 +122,9 @@ def test_longer_file_bounds_are_the_device(img, capsys):
     sb = read_superblock(pm)[0]
     page = sb.total_blocks + 3                           # a block of the tail
     plog.init_page(pm, page, ino["f"])                   # a well-formed page there
-    pm.store_u64(slot(pm, sb, ino["f"]) + L.I_LOG_HEAD, page * L.BLOCK)
-    pm.store_u64(slot(pm, sb, ino["f"]) + L.I_LOG_TAIL, page * L.BLOCK)
+    for a in slot_copies(pm, sb, ino["f"]):              # (both copies: 5.5 aside)
+        pm.store_u64(a + L.I_LOG_HEAD, page * L.BLOCK)
+        pm.store_u64(a + L.I_LOG_TAIL, page * L.BLOCK)
     sb.clean = 0
     write_superblock(pm, sb)
     pm.close()
@@ -544,3 +557,24 @@ def test_directory_size_is_0_on_the_media_and_4096_in_stat(img):
     fs = FileSystem.mount(img)
     assert fs.get(d).size == 0 and fs.getattr(d).size == 4096
     fs.unmount()
+
+
+def test_the_region_examples_of_section_2_1_are_what_the_formula_gives():
+    """SPEC 2.1's example: a 1 GiB device, 2 nodes x 2 CPUs, 16384 inodes per
+    CPU, with checksums and parity (features 3) and with inode replicas too (7)."""
+    three = [(r.bitmap_start, r.csum_start, r.parity_start, r.csum2_start, r.data_start,
+              r.data_blocks) for r in L.plan_regions(262144, 2, 2, 16384, 3)]
+    assert three == [(515, 517, 963, 8089, 8535, 57002),
+                     (66050, 66052, 66498, 73624, 74070, 57002),
+                     (131585, 131587, 132033, 139159, 139605, 57002),
+                     (197120, 197122, 197568, 204694, 205140, 57003)]
+    seven = L.plan_regions(262144, 2, 2, 16384, 7)
+    assert [(r.rtable_start, r.bitmap_start, r.csum_start, r.csum_blocks, r.parity_start,
+             r.parity_blocks, r.csum2_start, r.data_start, r.data_blocks) for r in seven] == [
+        (515, 1027, 1029, 442, 1471, 7070, 8541, 8983, 56554),
+        (66050, 66562, 66564, 442, 67006, 7070, 74076, 74518, 56554),
+        (131585, 132097, 132099, 442, 132541, 7070, 139611, 140053, 56554),
+        (197120, 197632, 197634, 442, 198076, 7070, 205146, 205588, 56555)]
+    # CPU 0's slots are replicated in region 1, CPU 3's in region 0
+    assert L.replica_tables(seven) == [66050 * L.BLOCK, 131585 * L.BLOCK, 197120 * L.BLOCK,
+                                       515 * L.BLOCK]

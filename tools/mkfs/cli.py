@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-data-csum", action="store_true",
                     help="no checksums and no parity for file data (for benchmarks: "
                     "damaged data is then read back as it is)")
+    ap.add_argument("--no-inode-replicas", action="store_true",
+                    help="keep one copy of each inode slot, not two (for benchmarks: a "
+                    "damaged slot is then reported by fsck, not repaired)")
     ap.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     a = ap.parse_args(argv)
     try:
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             features &= ~L.FEATURE_DATA_PARITY
         if a.no_data_csum:
             features &= ~(L.FEATURE_DATA_CSUM | L.FEATURE_DATA_PARITY)
+        if a.no_inode_replicas:
+            features &= ~L.FEATURE_INODE_REPLICA
         sb = format_device(a.device, size, numa_nodes=nodes, cpus_per_node=cpn,
                            inodes_per_cpu=ipc, label=a.label.encode()[:32], features=features)
     except ValueError as e:
@@ -89,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{a.device}: pnova format v{sb.version}, {_human(sb.total_blocks * L.BLOCK)} "
               f"({sb.total_blocks} blocks of {L.BLOCK} B), {sb.numa_nodes} NUMA node(s) x "
               f"{sb.cpus_per_node} CPU(s), {sb.inodes_per_cpu * sb.ncpus} inodes; file data: "
-              f"{describe_protection(sb.features)}")
+              f"{describe_protection(sb.features)}; inode slots: "
+              f"{'two copies' if sb.inode_replicas else 'one copy'}")
     return 0
 
 
