@@ -148,6 +148,7 @@ class Readers:
         self.cpus = 1
         self.counted = False                      # the request in hand is a caller's
         self.armed = False                        # the watch timer runs
+        self.looking = False                      # _look is running (not re-entered)
         self.serving = False                      # between started() and finished()
         self.queue = select.poll()
         # the timer's own: a poll object refuses a call from a signal handler
@@ -219,11 +220,23 @@ class Readers:
 
     def _look(self, *_args: object) -> None:
         """SIGALRM: while serving, wake a sleeper if requests wait and nobody
-        reads; between requests, stop the timer (the next request arms it)."""
-        if not self.serving:
-            self._disarm()
-        elif not self.w.load32(self._READING) and self.watch.poll(0) and self.wake_one():
-            self._disarm()
+        reads; between requests, stop the timer (the next request arms it).
+
+        A tick that arrives while the handler of the one before still runs (a
+        loaded machine delays it) would run the handler again inside it, and
+        its poll() of the watch would raise "concurrent poll() invocation" in
+        the middle of whatever request the worker was serving: such a tick is
+        skipped (the next one looks)."""
+        if self.looking:
+            return
+        self.looking = True
+        try:
+            if not self.serving:
+                self._disarm()
+            elif not self.w.load32(self._READING) and self.watch.poll(0) and self.wake_one():
+                self._disarm()
+        finally:
+            self.looking = False
 
     def _disarm(self) -> None:
         if self.armed:

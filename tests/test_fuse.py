@@ -466,6 +466,36 @@ def test_overlapping_clients_keep_few_processes_reading(tmp_path: Path) -> None:
         m.cleanup()
 
 
+def test_a_watch_tick_inside_the_last_ticks_handler_is_skipped() -> None:
+    """The watch timer's SIGALRM can arrive while its handler for the tick before
+    still runs (a loaded machine): the handler must not run again inside itself,
+    whose poll() of the watch would raise "concurrent poll() invocation" into the
+    request being served (it answered a WRITE with EIO)."""
+    from pnova.daemon import Readers
+
+    r = Readers(2)
+
+    class Watch:
+        """A poll object that, like select.poll, refuses a nested poll(), and
+        delivers the next tick in the middle of the first."""
+        inside = False
+
+        def poll(self, _timeout: int) -> list:
+            if self.inside:
+                raise RuntimeError("concurrent poll() invocation")
+            self.inside = True
+            try:
+                r._look(14, None)                # the next tick, inside this one
+                return []
+            finally:
+                self.inside = False
+
+    r.watch = Watch()
+    r.serving = True
+    r._look(14, None)                            # raised before the fix
+    assert not r.looking
+
+
 def test_looking_ahead_under_overlap_only_with_cpus_to_spare() -> None:
     """A serving process looks ahead for the next request (keeping its CPU busy)
     while one caller at a time sends requests; while requests overlap, only if the
