@@ -416,12 +416,7 @@ class Checker:
         """The replica of a byte of a primary inode table; None elsewhere."""
         if self.rtables is None:
             return None
-        n = self.sb.inodes_per_cpu * L.INODE_SIZE
-        for r in self.regions:
-            lo = r.itable_start * L.BLOCK
-            if lo <= addr < lo + n:
-                return self.rtables[r.cpu] + addr - lo
-        return None
+        return L.replica_of(self.regions, self.sb.inodes_per_cpu, addr)
 
     def _seq(self) -> int:
         s = self.next_seq

@@ -606,6 +606,19 @@ def is_journaled_word(addr: int, regions: list[Region], inodes_per_cpu: int) -> 
     return False
 
 
+def replica_of(regions: list[Region], inodes_per_cpu: int, addr: int) -> int | None:
+    """The replica (SPEC 5.5) of a byte of an inode slot; None for any other
+    address, or when the image keeps no replicas."""
+    tables = replica_tables(regions)
+    if tables is None:
+        return None
+    for r in regions:
+        lo = r.itable_start * BLOCK
+        if lo <= addr < lo + inodes_per_cpu * INODE_SIZE:
+            return tables[r.cpu] + addr - lo
+    return None
+
+
 def replica_tables(regions: list[Region]) -> list[int] | None:
     """Byte offset of the replica of each CPU's inode table (SPEC 5.5): in the
     next CPU's region, so that one region's damage never takes both copies.

@@ -208,6 +208,22 @@ def copy_slot(pm: PMem, src: int, dst: int) -> None:
     pm.flush(dst, n)
 
 
+def _settle(pm: PMem, ino: int, keep: str, primary: int, replica: int, why_p: str | None,
+            why_r: str | None, quiet: bool = False) -> None:
+    """Write the kept copy of a slot over the other (flushed, not fenced) and,
+    unless ``quiet``, log which copy was damaged and why."""
+    if keep == "replica":
+        copy_slot(pm, replica, primary)
+        if not quiet:
+            logger.warning("%s: inode %d: its slot is damaged (%s); restored from the "
+                           "replica", pm.path, ino, _plain(why_p))
+    elif keep == "primary":
+        copy_slot(pm, primary, replica)
+        if not quiet:
+            logger.warning("%s: inode %d: the replica of its slot is damaged (%s); "
+                           "rewritten", pm.path, ino, _plain(why_r))
+
+
 def saved_bitmap_reader(pm: PMem, regions: list[L.Region]) -> Callable[[int], bool]:
     """block -> whether a clean image's saved allocator bitmap counts it in use."""
     def used(block: int) -> bool:
@@ -297,19 +313,10 @@ class SlotReplicas:
             # Two usable copies that differ on an image that was not cleanly
             # unmounted: an update a crash interrupted, settled silently.
             crash = saved is None and (why_p or why_r or "").startswith(USABLE)
-            if keep == "replica":
-                copy_slot(pm, r, p)
-                restored += 1
-                if not crash:
-                    logger.warning("%s: inode %d: its slot is damaged (%s); restored from "
-                                   "the replica", pm.path, ino, _plain(why_p))
-            elif keep == "primary":
-                copy_slot(pm, p, r)
-                synced += 1
-                if not crash:
-                    logger.warning("%s: inode %d: the replica of its slot is damaged "
-                                   "(%s); rewritten", pm.path, ino, _plain(why_r))
-            elif judge.walk:
+            _settle(pm, ino, keep, p, r, why_p, why_r, quiet=crash)
+            restored += keep == "replica"
+            synced += keep == "primary"
+            if keep == "neither" and judge.walk:
                 logger.error("%s: inode %d: neither copy of its slot reads (%s; replica: "
                              "%s)", pm.path, ino, why_p, why_r)
             # (else recovery, which runs next, decides: after a power loss a
@@ -336,19 +343,9 @@ class SlotReplicas:
             if pm.read(p, _SLOT) == pm.read(r, _SLOT) and not (
                     pm.poison and (pm.poisoned(p, _SLOT) or pm.poisoned(r, _SLOT))):
                 return 0
-            judge = Judge(pm, self.regions, self.max_log_pages)
-            keep, why_p, why_r = judge.choose(ino, p, r)
-            if keep == "replica":
-                copy_slot(pm, r, p)
-                pm.fence()
-                logger.warning("%s: inode %d: its slot is damaged (%s); restored from the "
-                               "replica", pm.path, ino, _plain(why_p))
-                return 1
-            if keep == "primary":
-                copy_slot(pm, p, r)
-                pm.fence()
-                logger.warning("%s: inode %d: the replica of its slot is damaged (%s); "
-                               "rewritten", pm.path, ino, _plain(why_r))
-            return 0
+            keep, why_p, why_r = Judge(pm, self.regions, self.max_log_pages).choose(ino, p, r)
+            _settle(pm, ino, keep, p, r, why_p, why_r)
+            pm.fence()
+            return int(keep == "replica")
         finally:
             self.scheme.log_unlock(ino)

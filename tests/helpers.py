@@ -18,6 +18,15 @@ def fsck(capsys, path: str, *opts: str) -> tuple[int, str]:
     return rc, cap.out + cap.err
 
 
+def flip(path: str, off: int, mask: int = 0xFF) -> None:
+    """XOR the byte at ``off`` of the file ``path`` with ``mask`` (damage on purpose)."""
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)[0]
+        f.seek(off)
+        f.write(bytes([b ^ mask]))
+
+
 def fork_workers(fs: FileSystem, n: int, work: Callable[[int], None],
                  timeout: float = 120) -> None:
     """Fork ``n`` worker processes of a device prepared for workers; worker k runs

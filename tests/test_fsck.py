@@ -68,16 +68,11 @@ class Img:
         self.pm = PMem(path)
         self.sb, _ = read_superblock(self.pm)
         self.regions = read_regions(self.pm, self.sb)
-        self.rtables = L.replica_tables(self.regions)
 
     def _copies(self, off: int) -> list[int]:
         """``off``, and its replica when it lies in an inode table."""
-        n = self.sb.inodes_per_cpu * L.INODE_SIZE
-        for r in self.regions:
-            lo = r.itable_start * L.BLOCK
-            if self.rtables is not None and lo <= off < lo + n:
-                return [off, self.rtables[r.cpu] + off - lo]
-        return [off]
+        twin = L.replica_of(self.regions, self.sb.inodes_per_cpu, off)
+        return [off] if twin is None else [off, twin]
 
     def close(self) -> None:
         self.pm.close()

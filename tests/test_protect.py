@@ -28,6 +28,7 @@ from pnova.inject import main as inject_main
 from pnova.mkfs import format_device
 from pnova.pmem import load_badblocks, save_badblocks
 
+from helpers import flip as _flip
 from helpers import fsck
 from test_mount import Mount, needs_fuse
 
@@ -59,14 +60,6 @@ def _block_of(path: str, name: str, page: int) -> int:
         return fs.get(fs.lookup(ROOT, name.encode()).ino).pages[page]
     finally:
         fs.unmount()
-
-
-def _flip(path: str, off: int, mask: int = 0xFF) -> None:
-    with open(path, "r+b") as f:
-        f.seek(off)
-        b = f.read(1)[0]
-        f.seek(off)
-        f.write(bytes([b ^ mask]))
 
 
 def _read(fs: FileSystem, name: str, off: int = 0, size: int = 1 << 20) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 
 import pytest
@@ -19,7 +20,9 @@ from pnova.mkfs import format_device
 from pnova.pmem import PMem, save_badblocks
 from pnova_mkfs.cli import main as mkfs_main
 
+from helpers import flip as _flip
 from helpers import fork_workers, fsck
+from test_mount import Mount, needs_fuse
 
 ROOT = L.ROOT_INO
 
@@ -39,14 +42,6 @@ def _tables(path: str) -> list[tuple[bytes, bytes]]:
                 for p, r in zip(fs._itables, fs._rtables)]
     finally:
         fs.unmount()
-
-
-def _flip(path: str, off: int, mask: int = 0xFF) -> None:
-    with open(path, "r+b") as f:
-        f.seek(off)
-        b = f.read(1)[0]
-        f.seek(off)
-        f.write(bytes([b ^ mask]))
 
 
 def _workload(path: str) -> dict[str, bytes]:
@@ -361,3 +356,31 @@ def test_flips_in_one_copy_of_a_slot_always_read_back_exactly(tmp_path_factory, 
     _check(fs, want)
     fs.unmount()
     assert all(p == q for p, q in _tables(path))
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+@needs_fuse
+def test_the_pnova_command_restores_a_damaged_slot_at_mount(tmp_path, capsys):
+    """Through the mount a user runs: a file whose slot was damaged while the
+    image was unmounted reads back exactly with cat-like reads, the mount log
+    says what was restored, and fsck is clean afterwards."""
+    path = _image(tmp_path)
+    want = _workload(path)
+    ino, a, _r = _slot(path, "d/f5")
+    _flip(path, a + 7)                                   # line 0 of its slot
+    said = f"inode {ino}: its slot is damaged (inode fields fail their checksum); " \
+        "restored from the replica"
+    m = Mount(path, tmp_path / "mnt")
+    try:
+        r = m.run()
+        assert r.returncode == 0 and os.path.ismount(m.mnt), r.stderr
+        assert said in r.stderr                         # on the terminal, as in the log
+        for name, data in want.items():
+            assert (m.mnt / name).read_bytes() == data, name
+        m.stop()
+    finally:
+        m.cleanup()
+    with open(m.log) as log:
+        assert said in log.read()
+    assert fsck(capsys, path, "-n", "-f")[0] == 0

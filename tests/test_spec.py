@@ -63,11 +63,8 @@ def slot_copies(pm: PMem, sb: L.Superblock, ino: int) -> list[int]:
     regions = L.plan_regions(sb.total_blocks, sb.numa_nodes, sb.cpus_per_node,
                              sb.inodes_per_cpu, sb.features)
     a = slot(pm, sb, ino)
-    rt = L.replica_tables(regions)
-    if rt is None:
-        return [a]
-    c = (ino - 1) % sb.ncpus
-    return [a, rt[c] + a - regions[c].itable_start * L.BLOCK]
+    twin = L.replica_of(regions, sb.inodes_per_cpu, a)
+    return [a] if twin is None else [a, twin]
 
 
 def warnings_of(caplog) -> list[str]:
