@@ -55,6 +55,12 @@ _CACHED_OPEN = W.FOPEN_KEEP_CACHE | W.FOPEN_NOFLUSH
 # file only for direct-I/O opens): the engine's range locks order the writers,
 # the kernel's inode lock need not.
 _DIRECT_OPEN = W.FOPEN_DIRECT_IO | W.FOPEN_PARALLEL_DIRECT_WRITES | W.FOPEN_NOFLUSH
+# Under the inode scheme (NOVA's baseline) a file's writes are serialised for
+# their whole length, as NOVA's VFS inode lock serialises them: through the
+# mount that lock is the kernel's own, held from the request to its reply, so
+# its direct opens do not ask for parallel writes.  The engine's inode lock
+# then only orders this mount's processes against each other.
+_SERIAL_DIRECT_OPEN = W.FOPEN_DIRECT_IO | W.FOPEN_NOFLUSH
 
 
 def _member(gid: int, pid: int) -> Callable[[int], bool]:
@@ -94,6 +100,7 @@ class PnovaOperations:
         # A reply for a name that does not exist: the kernel caches the
         # negative entry for the timeout (safe: every create goes through us).
         self._negative = W.ENTRY_HEAD.pack(0, 0, sec, 0, nsec, 0) + bytes(W.ATTR.size)
+        self._direct_open = _SERIAL_DIRECT_OPEN if fs.lock_name == "inode" else _DIRECT_OPEN
         t = [None] * 64
         for op, fn in ((W.LOOKUP, self.lookup), (W.FORGET, self.forget),
                        (W.BATCH_FORGET, self.batch_forget), (W.GETATTR, self.getattr),
@@ -257,14 +264,14 @@ class PnovaOperations:
         else:
             self.fs.getattr(ino)                 # the inode must exist
         # The file handle is the inode number: the engine keeps no per-open state.
-        return W.OPEN_OUT.pack(ino, _DIRECT_OPEN if flags & os.O_DIRECT else _CACHED_OPEN, 0)
+        return W.OPEN_OUT.pack(ino, self._direct_open if flags & os.O_DIRECT else _CACHED_OPEN, 0)
 
     def create(self, parent: int, body: memoryview, uid: int, gid: int,
             pid: int) -> bytes:
         flags, mode, _umask, _open_flags = W.CREATE_IN.unpack_from(body)
         a = self.fs.create(parent, _name(body[W.CREATE_IN.size:]), mode, uid, gid)
         return self._handed_out(a) + W.OPEN_OUT.pack(
-            a.ino, _DIRECT_OPEN if flags & os.O_DIRECT else _CACHED_OPEN, 0)
+            a.ino, self._direct_open if flags & os.O_DIRECT else _CACHED_OPEN, 0)
 
     def read(self, ino: int, body: memoryview, uid: int, gid: int,
             pid: int) -> bytes:

@@ -27,7 +27,8 @@ class Inode:
                  "dents", "order", "parent", "dent_bytes", "xattrs",
                  "array", "local", "tseq", "vers", "names_seen", "rewrites", "wide")
 
-    def __init__(self, ino: int, st: L.InodeStatic, head: int, tail: int) -> None:
+    def __init__(self, ino: int, st: L.InodeStatic, head: int, tail: int, *,
+                 wide: bool = True) -> None:
         self.ino = ino
         self.mode = st.mode
         self.uid = st.uid
@@ -64,7 +65,10 @@ class Inode:
         # Their frees wait for the sync record while other pages remain (see
         # :meth:`holds`; DESIGN 24.3).  A dict, not a sorted map: the common
         # free, of a one-page write's block, costs one lookup.
-        self.wide: dict[int, list] | None = None
+        # False: not kept, where nothing asks (an image in memory never holds
+        # freed blocks back, so the bookkeeping of every big write would be
+        # for nothing: a fifth of a 1 MiB write's time in a serving process).
+        self.wide: dict[int, list] | None | bool = None if wide else False
         if stat.S_ISDIR(st.mode):
             self.pages = None
             self.dents: dict[bytes, tuple[int, int, int]] | None = {}   # name -> (ino, dtype, cookie)
@@ -106,7 +110,8 @@ class Inode:
                 # every write of several pages (one read back from a log
                 # carries no digest field here): counting one without a
                 # digest only holds its blocks longer than needed
-                self._mapped(block, npages, _seq)
+                if self.wide is not False:
+                    self._mapped(block, npages, _seq)
             # Writes only ever grow the size (their field is the end they
             # reach): writes on different cores then commute, and only a
             # setattr, ordered by its sequence number, makes a file shorter.

@@ -91,7 +91,7 @@ class InodeTable:
         addr = self.inode_addr(ino)
         # line 0, then line 1: state FREE (0), head, tail, no log array
         self._slot_write(addr, st.pack() + _LINE1.pack(L.STATE_FREE, page * L.BLOCK, tail, 0))
-        inode = Inode(ino, st, page * L.BLOCK, tail)
+        inode = Inode(ino, st, page * L.BLOCK, tail, wide=self.pm.mode == "disk")
         inode.log_pages = [page] + more
         for e in entries:
             inode.apply(e)

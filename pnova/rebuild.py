@@ -717,7 +717,8 @@ class Rebuild:
         st = L.InodeStatic.unpack(pm.read(addr, 64))
         head = pm.read_u64(addr + L.I_LOG_HEAD)
         array = pm.read_u64(addr + L.I_LOG_ARRAY)
-        inode = Inode(ino, st, head, 0)
+        # blocks of big writes are tracked where freed blocks may be held back
+        inode = Inode(ino, st, head, 0, wide=pm.mode == "disk")
         if array:
             if inode.is_dir:
                 raise ValueError("a directory has per-core logs")
