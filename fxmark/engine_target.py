@@ -62,6 +62,8 @@ class EngineTarget:
             # Preparation runs on logical CPU 0 alone, before the mount goes
             # multi-process, as FxMark's worker 0 prepares.
             shared = workload.prepare(fops, nworkers)
+            if workload.stock is not None:
+                workload.stock(fops, shared, nworkers, duration)
             fs.prepare_workers(workers=nworkers)
 
             def setup(wid: int) -> None:

@@ -86,12 +86,15 @@ def device_size_for(workload: Workload, nworkers: int, duration: float = 5.0) ->
     Copy-on-write needs room for a second copy of what is overwritten while
     old blocks wait to be freed, and logs and per-CPU reserves take some: twice
     the data plus 64 MiB, rounded up to a MiB.  Every file the workload may
-    hold at once takes a log page and an inode slot besides.  Images are
-    sparse files, so only what a run touches takes memory.
+    hold at once takes a log page and an inode slot besides, and the
+    protection of blocks (parity and checksums: an eighth of the data area,
+    SPEC 2.1) comes on top.  Images are sparse files, so only what a run
+    touches takes memory.
     """
     files = workload.files(nworkers, duration)
     need = 2 * (workload.space(nworkers) + files * workload.file_bytes) + 64 * MiB \
         + files * (BLOCK + INODE_SIZE)
+    need += need // 7
     return max(DEFAULT_DEVICE, (need + MiB - 1) // MiB * MiB)
 
 

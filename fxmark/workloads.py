@@ -5,6 +5,9 @@ A workload has these parts, each a plain function:
 ``prepare(fops, nworkers) -> shared``
     Runs once in the parent before the workers exist (FxMark's worker 0
     preparing the files).  What it returns is inherited by the forked workers.
+``stock(fops, shared, nworkers, seconds)`` (optional)
+    Runs after ``prepare``, also in the parent: preparation that depends on
+    how long the workers will run (files for them to use up).
 ``worker(fops, shared, wid) -> op``
     Runs in worker ``wid`` before the start barrier (it opens the worker's
     own handles and builds its buffers) and returns the per-op function
@@ -16,8 +19,11 @@ A workload has these parts, each a plain function:
     seconds that took: the worker loop takes them out of the measured time
     and moves the worker's stop time back by as much (see
     :mod:`fxmark.workers`).  FxMark instead pre-creates files or fills the
-    device until ENOSPC and lets a worker stop early; a bounded pool keeps
-    preparation short and the device small whatever the run's length.
+    device until ENOSPC and lets a worker stop early.  Files to unlink or
+    move are stocked for the whole run where the device allows (``stock``):
+    a refill creates files while the other workers are timed, in the shared
+    directory or through the shared allocator, which the measurement would
+    then include.
 ``check(fops, shared, nworkers, worker_ops) -> str | None``
     After the run: verifies what is on the target given how many ops each
     worker completed; returns None, or a one-line reason (the run is then
@@ -62,6 +68,9 @@ class Workload:
     # (device sizing: each needs an inode slot and a log page).
     files: Callable[[int, float], int] = lambda n, d: 0
     file_bytes: int = 0             # data written into each of those files
+    # stock(fops, shared, nworkers, seconds): more preparation that depends on
+    # the run's length (files to use up), after prepare, before the workers
+    stock: Callable[[FileOps, Any, int, float], None] | None = None
 
 
 def page_pattern(wid: int, seq: int) -> bytes:
@@ -536,9 +545,20 @@ def _join(d: str, name: str) -> str:
     return f"{d}/{name}" if d else name
 
 
+# Files stocked per op a worker is expected to do (unlinks and moves run a
+# little faster than the creates that time the estimate).
+STOCK_MARGIN = 1.3
+
+
+def _stock_limit(d: float) -> int:
+    """The most files one worker stocks for a run of ``d`` seconds: what it
+    could use up at CREATES_PER_SEC, in whole pools."""
+    return POOL * -(-int((d + 0.5) * CREATES_PER_SEC) // POOL)
+
+
 def _pool_files(n: int, d: float) -> int:
-    """A pool and its refill per worker, alive at once at most."""
-    return 2 * POOL * n + n
+    """A full stock and a refill per worker, alive at once at most."""
+    return n * (_stock_limit(d) + POOL) + n
 
 
 def _make_pool(fops: FileOps, d: str, prefix: str, start: int) -> None:
@@ -546,25 +566,55 @@ def _make_pool(fops: FileOps, d: str, prefix: str, start: int) -> None:
         fops.close(fops.create(_join(d, f"{prefix}{k}")))
 
 
-def _pool_created(ops: int) -> int:
-    """Files a worker has created after ``ops`` ops: a pool, plus one per exhaustion."""
-    return POOL * max(1, -(-ops // POOL))
+def _pool_created(ops: int, stocked: int) -> int:
+    """Files a worker has created after ``ops`` ops: its stock, plus a pool per
+    exhaustion."""
+    return stocked + POOL * -(-max(0, ops - stocked) // POOL)
 
 
-def _unlink_prepare(shared_dir: bool) -> Callable[[FileOps, int], None]:
-    def prepare(fops: FileOps, n: int) -> None:
+def _pools(n: int) -> dict[str, list[int]]:
+    """The shared state of a pool workload: files stocked per worker."""
+    return {"stocked": [POOL] * n}
+
+
+def _stock_pools(shared_dir: bool, own_prefix: bool = False) -> Callable[[FileOps, Any, int, float], None]:
+    def stock(fops: FileOps, shared: Any, n: int, seconds: float) -> None:
+        """Give every worker the files it should use up in ``seconds``: the rate
+        at which one more pool is created estimates the rate of the ops, and
+        the device's sizing (:func:`_stock_limit`) bounds it."""
+        limit = _stock_limit(seconds)
+        want = limit
+        stocked = shared["stocked"]
+        for wid in range(n):
+            d, prefix = _pool_dir(shared_dir, wid)
+            if own_prefix:
+                d, prefix = str(wid), f"u-{wid}-"
+            while stocked[wid] < want:
+                took = _untimed(lambda: _make_pool(fops, d, prefix, stocked[wid]))
+                stocked[wid] += POOL
+                if wid == 0 and want == limit:      # the first pool times the target
+                    rate = POOL / max(took, 1e-6)
+                    want = min(limit, POOL * -(-int(rate * STOCK_MARGIN * (seconds + 0.5))
+                                               // POOL))
+    return stock
+
+
+def _unlink_prepare(shared_dir: bool) -> Callable[[FileOps, int], Any]:
+    def prepare(fops: FileOps, n: int) -> dict[str, list[int]]:
         for wid in range(n):
             d, prefix = _pool_dir(shared_dir, wid)
             if d:
                 fops.mkdir(d)
             _make_pool(fops, d, prefix, 0)
+        return _pools(n)
     return prepare
 
 
-def _pool_op(fops: FileOps, d: str, prefix: str, use: Callable[[int], object]) -> Op:
+def _pool_op(fops: FileOps, d: str, prefix: str, use: Callable[[int], object],
+             stocked: int) -> Op:
     """The op that calls ``use(k)`` on pool file k = seq - 1, making the next pool of
-    files (untimed) in directory ``d`` when the current one is used up."""
-    created = [POOL]
+    files (untimed) in directory ``d`` when the ``stocked`` ones are used up."""
+    created = [stocked]
 
     def op(seq: int) -> float | None:
         k = seq - 1
@@ -582,7 +632,8 @@ def _unlink_worker(shared_dir: bool) -> Callable[[FileOps, Any, int], Op]:
         d, prefix = _pool_dir(shared_dir, wid)
         base = _join(d, prefix)
         unlink = fops.unlink
-        return _pool_op(fops, d, prefix, lambda k: unlink(base + str(k)))
+        return _pool_op(fops, d, prefix, lambda k: unlink(base + str(k)),
+                        shared["stocked"][wid])
     return worker
 
 
@@ -591,7 +642,8 @@ def _unlink_check(shared_dir: bool) -> Check:
         for wid in range(n):
             d, prefix = _pool_dir(shared_dir, wid)
             ops = worker_ops[wid]
-            want = {f"{prefix}{k}" for k in range(ops, _pool_created(ops))}
+            want = {f"{prefix}{k}"
+                    for k in range(ops, _pool_created(ops, shared["stocked"][wid]))}
             why = _expect_names(fops, d, want, prefix)
             if why:
                 return why
@@ -601,16 +653,17 @@ def _unlink_check(shared_dir: bool) -> Check:
 
 MWUL = Workload("MWUL", "unlink a pre-created file in its own directory", "low",
                 _unlink_prepare(False), _unlink_worker(False), _unlink_check(False),
-                lambda n: 0, _pool_files)
+                lambda n: 0, _pool_files, stock=_stock_pools(False))
 MWUM = Workload("MWUM", "unlink a pre-created file in the shared directory", "medium",
                 _unlink_prepare(True), _unlink_worker(True), _unlink_check(True),
-                lambda n: 0, _pool_files)
+                lambda n: 0, _pool_files, stock=_stock_pools(True))
 
 
-def _mwrm_prepare(fops: FileOps, n: int) -> None:
+def _mwrm_prepare(fops: FileOps, n: int) -> dict[str, list[int]]:
     for wid in range(n):
         fops.mkdir(str(wid))
         _make_pool(fops, str(wid), f"u-{wid}-", 0)
+    return _pools(n)
 
 
 def _mwrm_worker(fops: FileOps, shared: Any, wid: int) -> Op:
@@ -620,7 +673,7 @@ def _mwrm_worker(fops: FileOps, shared: Any, wid: int) -> Op:
     def move(k: int) -> None:
         name = prefix + str(k)
         rename(f"{d}/{name}", name)
-    return _pool_op(fops, d, prefix, move)
+    return _pool_op(fops, d, prefix, move, shared["stocked"][wid])
 
 
 def _mwrm_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> str | None:
@@ -628,7 +681,8 @@ def _mwrm_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> st
         prefix, ops = f"u-{wid}-", worker_ops[wid]
         why = (_expect_names(fops, "", {f"{prefix}{k}" for k in range(ops)}, prefix)
                or _expect_names(fops, str(wid),
-                                {f"{prefix}{k}" for k in range(ops, _pool_created(ops))}))
+                                {f"{prefix}{k}" for k in
+                                 range(ops, _pool_created(ops, shared["stocked"][wid]))}))
         if why:
             return why
     return None
@@ -636,7 +690,7 @@ def _mwrm_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> st
 
 MWRM = Workload("MWRM", "rename a file from its own directory into the shared one",
                 "medium", _mwrm_prepare, _mwrm_worker, _mwrm_check, lambda n: 0,
-                _pool_files)
+                _pool_files, stock=_stock_pools(False, own_prefix=True))
 
 # ------------------------------------------------------------- MWRL
 
@@ -666,7 +720,7 @@ def _mwrl_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> st
 
 MWRL = Workload("MWRL", "rename a file within its own directory", "low",
                 _mwrl_prepare, _mwrl_worker, _mwrl_check, lambda n: 0,
-                _pool_files)
+                lambda n, d: 2 * n)
 
 # ------------------------------------------------------------- MRPL / MRPM / MRPH
 FANOUT, DEPTH = 8, 5           # the shared tree: 8^4 directories, 8 files in each

@@ -478,3 +478,32 @@ def test_images_have_room_for_the_files_a_workload_makes(tmp_path):
         assert fs.statfs().files >= 16 * (workloads.POOL + 1)
     finally:
         fs.unmount()
+
+
+@pytest.mark.parametrize("name", ["MWUL", "MWUM", "MWRM"])
+def test_pool_workloads_stock_the_run_before_it_starts(monkeypatch, tmp_path, name):
+    """Files to unlink or move are created before the clock starts, as many as the
+    run should use (a refill during the run would be timed beside the other
+    workers' ops); a refill still covers a run that goes beyond them, and the
+    check counts the stocked files as well."""
+    monkeypatch.setattr(workloads, "POOL", 8)
+    monkeypatch.setattr(workloads, "CREATES_PER_SEC", 40)     # at most 104 per worker
+    w = WORKLOADS[name]
+    fops = PosixOps(str(tmp_path))
+    shared = w.prepare(fops, 2)
+    w.stock(fops, shared, 2, 2.0)
+    assert shared["stocked"] == [104, 104]
+    made = sum(len([n for n in os.listdir(tmp_path / d) if n.startswith("u-")])
+               for d in ("", "0", "1") if (tmp_path / d).is_dir())
+    assert made == 208
+    ops = [50, 110]                                  # the second one refills once
+    refills = []
+    for wid, n in enumerate(ops):
+        op = w.worker(fops, shared, wid)
+        refills.append(sum(1 for seq in range(1, n + 1) if op(seq) is not None))
+    assert refills == [0, 1]
+    assert w.check(fops, shared, 2, ops) is None
+    # a stocked file that the run did not use, lost: the check says so
+    victim = {"MWUL": "0/u-100", "MWUM": "u-0-100", "MWRM": "0/u-0-100"}[name]
+    os.unlink(tmp_path / victim)
+    assert w.check(fops, shared, 2, ops) is not None
