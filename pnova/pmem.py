@@ -22,9 +22,11 @@ does.  ``pnova-inject`` adds entries.
 """
 from __future__ import annotations
 
+import errno
 import gc
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Callable
 
@@ -43,13 +45,54 @@ class DeviceError(Exception):
     """The device file cannot be opened or mapped (one-line message)."""
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def reserve(fd: int, path: str, size: int, *, new: bool = False) -> None:
+    """Give every byte of a regular image file its storage now.
+
+    A store into a hole of a shared mapping takes a page (tmpfs) or a block
+    (a disk file system) at that moment; when the file system is full the
+    storing process gets SIGBUS, or EFAULT from a read(2) into the mapping,
+    and the mount dies with it.  With every block of the image allocated
+    before it is mapped, running out of room is pnova's own ENOSPC, answered
+    like any other error.  An image whose file has all its blocks already
+    costs one fstat.  Raises DeviceError (one line) when the file system has
+    no room; ``new``: the file is being formatted (the message differs).
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_blocks * 512 >= size:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        try:
+            vfs = os.fstatvfs(fd)
+            free = _mib(vfs.f_bavail * vfs.f_frsize)
+        except OSError:
+            free = "unknown"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if new:
+                raise DeviceError(f"{path}: no room for a {_mib(size)} image on its file "
+                                  f"system ({free} free)") from None
+            raise DeviceError(
+                f"{path}: the image file is sparse and its file system has no room for "
+                f"the rest of it ({_mib(size - st.st_blocks * 512)} without storage, {free} "
+                "free); free some space there, or mount it read-only") from None
+        raise DeviceError(f"{path}: cannot allocate the image's storage: "
+                          f"{e.strerror}") from None
+
+
 class PMem:
     """A device file mapped shared, with store / flush / fence primitives."""
 
     def __init__(self, path: str, *, size: int | None = None, create: bool = False,
                  readonly: bool = False) -> None:
         flags = os.O_RDONLY if readonly else os.O_RDWR
+        made = False
         if create:
+            made = not os.path.exists(path)
             flags |= os.O_CREAT
         try:
             self.fd = os.open(path, flags, 0o644)
@@ -63,6 +106,8 @@ class PMem:
             self.size = os.fstat(self.fd).st_size
             if self.size == 0:
                 raise DeviceError(f"{path}: device is empty")
+            if not readonly:
+                reserve(self.fd, path, self.size, new=create)
             prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
             self.mm = None
             if not readonly and not create and type(self) is PMem and _cpu_can_persist():
@@ -82,6 +127,8 @@ class PMem:
             raise DeviceError(f"cannot map {path}: {e.strerror}") from None
         except DeviceError:
             os.close(self.fd)
+            if made:                             # nothing of it is worth keeping
+                os.unlink(path)
             raise
         self.readonly = readonly
         # numpy views of the whole mapping: ``buf`` (read-only) for readers,

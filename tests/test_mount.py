@@ -1194,3 +1194,118 @@ def test_the_mount_recovers_a_rename_a_power_loss_cut_in_half(tmp_path: Path,
                        capture_output=True, text=True, timeout=WAIT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "a rename reached the disk in its new directory only" in open(m.log).read()
+
+
+# ---------------------------------------------------------------- the image's own storage
+MKFS = [str(BIN / "mkfs.pnova")] if (BIN / "mkfs.pnova").exists() else \
+    [sys.executable, "-m", "tools.mkfs.cli"]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs: needs root")
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MiB tmpfs: a host file system that fills up."""
+    d = tmp_path / "host"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        for _ in range(50):
+            if subprocess.run(["umount", str(d)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)                      # a daemon may still hold the image
+
+
+def _fill_up(d: Path) -> None:
+    """Take every free byte of the file system of ``d`` with another file."""
+    fd = os.open(d / "other", os.O_CREAT | os.O_WRONLY, 0o644)
+    chunk = bytes(1 << 16)
+    try:
+        with pytest.raises(OSError) as err:
+            while True:
+                os.write(fd, chunk)
+        assert err.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+@needs_root
+def test_mkfs_refuses_an_image_its_file_system_has_no_room_for(small_fs: Path) -> None:
+    """The image's storage is taken at mkfs: a device bigger than the room left
+    is refused in one line, and no half-made file is left behind."""
+    img = small_fs / "big.img"
+    r = subprocess.run([*MKFS, "--size", "128M", str(img)], capture_output=True, text=True,
+                       timeout=WAIT)
+    assert r.returncode == 1 and one_line(r.stderr) and "no room" in r.stderr, r.stderr
+    assert not img.exists()
+
+
+@needs_root
+@needs_fuse
+def test_a_full_host_file_system_leaves_the_mount_serving(small_fs: Path, tmp_path: Path,
+                                                          capsys) -> None:
+    """Once formatted, the image owns its storage: when other files fill its host
+    file system, writes into the mount go on until pnova's own space runs out
+    (ENOSPC), and the mount keeps serving.  (A store into a hole of the mapping
+    with the host full would kill the serving process, and the mount with it.)"""
+    img = small_fs / "pnova.img"
+    r = subprocess.run([*MKFS, "-q", "--size", "40M", str(img)], capture_output=True,
+                       text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stderr
+    assert os.stat(img).st_blocks * 512 >= 40 << 20
+    m = Mount(str(img), tmp_path / "mnt")
+    try:
+        m.start()
+        _fill_up(small_fs)
+        piece = random.Random(7).randbytes(1 << 20)
+        written = 0
+        with pytest.raises(OSError) as err:
+            with open(m.mnt / "data", "wb", buffering=0) as f:
+                for _ in range(64):
+                    f.write(piece)
+                    written += len(piece)
+        assert err.value.errno == errno.ENOSPC
+        assert written >= 24 << 20
+        assert os.listdir(m.mnt) == ["data"]             # still served
+        with open(m.mnt / "data", "rb") as f:
+            assert f.read(1 << 20) == piece
+        m.stop()
+    finally:
+        m.cleanup()
+    rc, out = fsck(capsys, str(img), "-n", "-f")
+    assert rc == 0, out
+
+
+@needs_root
+@needs_fuse
+def test_a_sparse_image_gets_its_storage_at_mount_or_is_refused(small_fs: Path,
+                                                              tmp_path: Path) -> None:
+    """An image copied sparse (or made before images owned their storage) is
+    allocated by a read-write mount; where its file system has no room, the
+    mount is refused in one line, and a read-only mount still works."""
+    made = tmp_path / "made.img"
+    r = subprocess.run([*MKFS, "-q", "--size", "40M", str(made)], capture_output=True,
+                       text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stderr
+    img = small_fs / "pnova.img"
+    subprocess.run(["cp", "--sparse=always", str(made), str(img)], check=True)
+    assert os.stat(img).st_blocks * 512 < 8 << 20
+    with open(small_fs / "other", "wb") as f:
+        f.write(bytes(40 << 20))                         # 8 MiB stay free
+    m = Mount(str(img), tmp_path / "mnt")
+    try:
+        r = m.run()
+        assert r.returncode == 1 and one_line(r.stderr), r.stderr
+        assert "sparse" in r.stderr and "read-only" in r.stderr
+        assert not is_mounted(m.mnt)
+        m.start("-o", "ro")
+        assert os.listdir(m.mnt) == []
+        m.stop()
+        os.unlink(small_fs / "other")
+        m.start()
+        assert os.stat(img).st_blocks * 512 >= 40 << 20
+        (m.mnt / "f").write_bytes(b"kept")
+        m.stop()
+    finally:
+        m.cleanup()

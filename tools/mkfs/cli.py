@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             features &= ~L.FEATURE_INODE_REPLICA
         sb = format_device(a.device, size, numa_nodes=nodes, cpus_per_node=cpn,
                            inodes_per_cpu=ipc, label=a.label.encode()[:32], features=features)
-    except ValueError as e:
+    except (ValueError, DeviceError) as e:
         print(f"mkfs.pnova: {e}", file=sys.stderr)
         return 1
     except OSError as e:
