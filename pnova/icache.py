@@ -42,6 +42,9 @@ class InodeCache:
                 self.cache.pop(inode.ino, None)
                 return None
             if head != inode.head or array != inode.array or rewrites != inode.rewrites:
+                if rewrites == inode.rewrites + 1 and not array and inode.dents is not None \
+                        and self._adopt(inode, rewrites, head):
+                    continue                     # on the new chain: catch up from its tail
                 return self._reload(inode)
             if not array and _tail == inode.tail:
                 return inode                     # one log, and it has not grown
@@ -77,6 +80,34 @@ class InodeCache:
                     return self._reload(inode)
             return inode
         return self._reload(inode)
+
+    def _adopt(self, inode: Inode, rewrites: int, head: int) -> bool:
+        """Move a cached directory onto the chain another process compacted its
+        log into, when the compaction (its record in the shared area) started
+        from exactly the state this cache holds: same head, same tail.  The
+        new chain then holds this cache's names, attributes and positions;
+        only its pages are walked (no entry is read).  False: reload.
+
+        Before the record, every compaction of a shared directory made every
+        other process re-read all of it (DESIGN 19.5)."""
+        rec = self.area.compaction(inode.ino)
+        if rec is None:
+            return False
+        r, old_head, old_tail, new_head, new_tail, last_seq = rec
+        if (r, old_head, old_tail, new_head) != (rewrites, inode.head, inode.tail, head):
+            return False
+        try:
+            pages = plog.chain_pages(self.pm, new_head, new_tail, inode.ino,
+                                     self.max_log_pages)
+        except plog.LogError:
+            return False
+        if self._rewrites(inode.ino) != rewrites:
+            return False                         # compacted again meanwhile: its pages may be gone
+        inode.head, inode.tail, inode.log_pages = new_head, new_tail, pages
+        inode.rewrites = rewrites
+        # the compaction's attribute entries carry newer sequence numbers
+        inode.tseq = max(inode.tseq, last_seq)
+        return True
 
     def _reload(self, old: Inode) -> Inode:
         try:

@@ -179,6 +179,24 @@ def _check_tail(pm: PMem, page: int, owner: int) -> None:
         raise LogError(f"log page {page:#x}: {why}")
 
 
+def chain_pages(pm: PMem, head: int, tail: int, owner: int, max_pages: int) -> list[int]:
+    """Block numbers of the pages from ``head`` to the page that holds ``tail``,
+    following the links and checking each page tail (owner, checksum) but not
+    the entries; LogError when the links do not lead there."""
+    dev = pm.size
+    if head % L.BLOCK or not (L.BLOCK <= head < dev):
+        raise LogError(f"log head {head:#x} is not a page inside the device")
+    _check_tail(pm, head, owner)
+    page = head
+    out = [head // L.BLOCK]
+    while not (page <= tail <= page + L.LOG_DATA):
+        page = _next(pm, page, owner, dev)
+        out.append(page // L.BLOCK)
+        if len(out) > max_pages:
+            raise LogError("log chain loops or is longer than the device")
+    return out
+
+
 def pages_of(pm: PMem, head: int, tail: int) -> list[int]:
     """Block numbers of a (validated) chain's pages, head page to tail page."""
     if head == 0:

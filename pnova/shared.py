@@ -50,6 +50,12 @@ Layout (byte offsets; every region starts on a 64-byte line)::
             it unlocks them (see the engine's write path)
     ...     name versions: NAME_SLOTS u64, one per name lock word; the holder of
             a name lock adds one before it unlocks (see the engine's namei)
+    ...     compaction records: COMPACT_SLOTS lines, hashed by inode: version
+            u64 (odd while written), inode u64, its log rewrites after the
+            compaction u64, old head u64, old tail u64, new head u64, new tail
+            u64, the compaction's last sequence number u64; the last compaction
+            of a directory, so that a cache that had reached the old tail takes
+            the new chain without re-reading it (see the engine's icache)
     ...     per region (one per CPU): a line with the free-block counter u64 and
             the allocation cursor u64, then the block bitmap (u64 words, bit i
             of word j = data block 64*j + i of the region, 1 = in use)
@@ -64,7 +70,7 @@ import time
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 12
+VERSION = 13
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -77,6 +83,7 @@ REF_DYING = 1 << 31           # a reference count's word once its inode is being
 STASH_SLOTS = 64              # free blocks one CPU keeps at hand
 HELD_SLOTS = 2048             # records of one CPU's list of held blocks and inode slots
 HELD_REC = 32                 # one record: tag u64, start u64, count u32, kind u32, need u64
+COMPACT_SLOTS = 256           # compaction records (one line each)
 VER_BITS = 16
 VER_SLOTS = 1 << VER_BITS     # page-group version words
 VER_SHIFT_PAGES = 4
@@ -122,7 +129,8 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     o["held_size"] = LINE + HELD_SLOTS * HELD_REC
     o["versions"] = o["held"] + ncpus * o["held_size"]
     o["name_versions"] = o["versions"] + 8 * VER_SLOTS
-    off = o["name_versions"] + 8 * NAME_SLOTS
+    o["compactions"] = o["name_versions"] + 8 * NAME_SLOTS
+    off = o["compactions"] + LINE * COMPACT_SLOTS
     for i, n in enumerate(region_blocks):
         o[f"region{i}"] = off
         off += LINE + _line(8 * ((n + 63) // 64))
@@ -178,9 +186,41 @@ class SharedArea:
         self.held_size = o["held_size"]
         self.versions = o["versions"]
         self.name_versions = o["name_versions"]
+        self.compactions = o["compactions"]
         self.regions = [o[f"region{i}"] for i in range(len(region_blocks))]
         self.itables = [o[f"itable{c}"] for c in range(ncpus)]
         self.size = o["size"]
+
+    def note_compaction(self, ino: int, rewrites: int, old: tuple[int, int],
+                        new: tuple[int, int], last_seq: int) -> None:
+        """Record that ``ino``'s log went from (head, tail) ``old`` to ``new``,
+        its rewrites count becoming ``rewrites``.  A hint: a writer that finds
+        the line being written by another gives up, and a reader checks every
+        field against what it knows."""
+        w = self.w
+        off = self.compactions + LINE * (ino % COMPACT_SLOTS)
+        for _ in range(100):
+            v = w.load64(off)
+            if not v & 1 and w.cas64(off, v, v + 1):
+                break
+        else:
+            return                               # (its writer may have died mid-way)
+        for i, x in enumerate((ino, rewrites, *old, *new, last_seq), 1):
+            w.store64(off + 8 * i, x)
+        w.store64(off, v + 2)
+
+    def compaction(self, ino: int) -> tuple[int, ...] | None:
+        """The last compaction recorded for ``ino``: (rewrites, old head, old
+        tail, new head, new tail, last sequence number), or None."""
+        w = self.w
+        off = self.compactions + LINE * (ino % COMPACT_SLOTS)
+        v = w.load64(off)
+        if v & 1:
+            return None
+        rec = w.load64s(off + 8, 7, 8)
+        if w.load64(off) != v or rec[0] != ino:
+            return None
+        return rec[1:]
 
     @staticmethod
     def size_for(ncpus: int, ninodes: int, region_blocks: list[int]) -> int:

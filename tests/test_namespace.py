@@ -321,8 +321,25 @@ def _dir_users(fs: FileSystem, d: int) -> int:
     return fs.area.w.load64(fs._dir_users + 8 * (d - 1))
 
 
+def _names_and_reads(fs: FileSystem, d: int) -> tuple[list[bytes], int]:
+    """The names in ``d`` as this CPU sees them, and how many inodes it read
+    whole from their logs to answer (a cache it could not bring up to date)."""
+    reads = [0]
+    read_inode = fs._read_inode
+
+    def counted(ino, *args, **kw):
+        reads[0] += 1
+        return read_inode(ino, *args, **kw)
+    fs._read_inode = counted
+    try:
+        names = sorted(n for n, *_ in fs.readdir(d, 0) if n not in (b".", b".."))
+    finally:
+        del fs._read_inode
+    return names, reads[0]
+
+
 _IN_CPU = {"lookup_while_another_cpu_frees": _lookup_while_another_cpu_frees,
-           "dir_users": _dir_users}
+           "dir_users": _dir_users, "names_and_reads": _names_and_reads}
 
 
 class _Cpu:
@@ -432,3 +449,27 @@ def test_an_inode_freed_while_a_lookup_reads_it_is_gone_not_damaged(tmp_path):
         with pytest.raises(FsError) as e:
             b("lookup", d, b"f")
         assert e.value.errno == errno.ENOENT
+
+
+def test_a_directory_compacted_by_another_cpu_is_not_read_again(tmp_path):
+    """A compaction rewrites a directory's log as a new chain.  A process whose
+    cache had reached the tail the compaction started from takes the new chain
+    as it is (the compaction record in the shared area) and reads only what was
+    appended after it; a cache that was behind reads the directory again.
+    Either way every name is there."""
+    with _two_cpus(tmp_path) as (d, a, b):
+        for i in range(40):
+            b("create", d, b"f%d" % i, 0o644)
+        for i in range(0, 40, 2):
+            b("unlink", d, b"f%d" % i)
+        want = sorted(b"f%d" % i for i in range(1, 40, 2))
+        assert a("names_and_reads", d) == (want, 0)          # caught up with CPU 1
+        b("compact", d)
+        b("create", d, b"after", 0o644)                      # appended to the new chain
+        assert a("names_and_reads", d) == (sorted(want + [b"after"]), 0)
+        # behind the tail the next compaction starts from: read again, all of it
+        b("create", d, b"later", 0o644)
+        b("compact", d)
+        assert a("names_and_reads", d) == (sorted(want + [b"after", b"later"]), 1)
+        a("create", d, b"from-a", 0o644)
+        assert b("names_and_reads", d) == (sorted(want + [b"after", b"from-a", b"later"]), 0)
