@@ -52,7 +52,7 @@ from .protect import DataProtection
 from .rebuild import Rebuild
 from .replica import SlotReplicas
 from .ring import Ring
-from .shared import H_SEQ, HELD_MAX, SharedArea
+from .shared import H_DEATHS, H_SEQ, HELD_MAX, SharedArea
 from .xattr import Xattrs
 from .super import Mount, StatFs, read_regions, read_superblock, write_superblock
 from .xattr import CAPS_XATTR
@@ -142,6 +142,7 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
         self._name_versions = area.name_versions
         self._dir_users = area.dir_users
         self._seen_dirs: dict[int, None] = {}    # directories holding a copy, oldest first
+        self._deaths_seen = 0                    # H_DEATHS when the caches last trusted versions
         self._ns_alone = False                   # the only process changing the device
         self._ns_names: list[tuple[int, int]] = []   # (directory, name slot) it locked
         self._name_base = sb.ncpus * sb.inodes_per_cpu + 1   # first name-lock key
@@ -163,6 +164,21 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
         a = self.inode_addr(ino)
         w = self.pm.words
         return (w.load64(a + L.I_GENERATION),) + w.load64s(a + L.I_STATE, 4, 8)
+
+    def _trust_versions(self) -> None:
+        """Before a cache is trusted on the word of version words: if another
+        process released a dead worker's write lock since this process last
+        looked, that worker may have committed a change without bumping its
+        versions (it dies between the two), so every cached inode forgets what
+        the versions vouched for and is caught up in full at its next use
+        (DESIGN 19.7).  One load when nobody died."""
+        deaths = self.area.u64[H_DEATHS >> 3]
+        if deaths != self._deaths_seen:
+            self._deaths_seen = deaths
+            for inode in self.cache.values():
+                inode.vers.clear()
+                inode.names_seen = None
+            self._seen_dirs.clear()
 
     def _rewrites(self, ino: int) -> int:
         """How often the inode's logs have been rewritten (shared area)."""

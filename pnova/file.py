@@ -485,6 +485,7 @@ class FileData:
         counts a change the cache lacks.  Returns the inode and the version
         words (the size epoch's last).
         """
+        self._trust_versions()
         area = self.area
         q = area.u64
         slots = area.version_slots(ino, first, last)

@@ -567,25 +567,31 @@ class Checker:
             self._check_sync_record()
 
     def _check_sync_record(self) -> None:
-        """Version 6: the sync record is 0 or a valid word, and on a clean image
-        no larger than the last sequence number handed out (a record too large
-        would let recovery trust writes it should check)."""
-        word = self.pm.read_u64(L.SYNC_RECORD)
-        if not word:
-            return
-        seq = L.decode_sync_record(word)
-        if seq is None:
-            why = f"holds {word:#x}, which fails its check"
-        elif self.clean and seq > self.sb.next_seq - 1:
-            why = f"covers sequence number {seq}, beyond the last one handed out " \
-                  f"({self.sb.next_seq - 1})"
+        """Version 6 on: each copy of the sync record is 0 or a valid word, and on
+        a clean image what they say is no larger than the last sequence number
+        handed out (a record too large would let recovery trust writes it
+        should check).  The copies may differ (either can reach a disk first,
+        and an image written before the copy existed has 0 there): a reader
+        takes the smaller, so a difference is no problem."""
+        addrs = L.sync_record_addrs(self.sb.total_blocks)
+        words = [self.pm.read_u64(a) for a in addrs]
+        why = ""
+        for a, word in zip(addrs, words):
+            if word and L.decode_sync_record(word) is None:
+                why = f"(block {a // L.BLOCK}, byte {a % L.BLOCK}) holds {word:#x}, " \
+                      "which fails its check"
+                break
         else:
-            return
-        if self.problem(f"the sync record (block 0, byte {L.SYNC_RECORD}) {why}",
-                        "Clear it (recovery then checks the data of every write it "
-                        "may)", safe=True):
-            self.pm.store_u64(L.SYNC_RECORD, 0)
-            self.pm.persist(L.SYNC_RECORD, 8)
+            seq = L.sync_record_of(*words)
+            if seq is not None and self.clean and seq > self.sb.next_seq - 1:
+                why = f"covers sequence number {seq}, beyond the last one handed out " \
+                      f"({self.sb.next_seq - 1})"
+        if why and self.problem(f"the sync record {why}",
+                                "Clear it (recovery then checks the data of every write it "
+                                "may)", safe=True):
+            for a in addrs:
+                self.pm.store_u64(a, 0)
+                self.pm.persist(a, 8)
 
     def _replica_blocks(self) -> list[int]:
         return L.replica_blocks(self.pm.read(0, L.SB_SIZE), self.pm.read(L.BLOCK, L.BLOCK),

@@ -76,6 +76,22 @@ def decode_sync_record(word: int) -> int | None:
     return seq
 
 
+def sync_record_addrs(total_blocks: int) -> tuple[int, int]:
+    """Byte offsets of the sync record and of its copy (SPEC 3.1): byte 256 of
+    block 0 and of block T-1, beside the superblock and its replica."""
+    return SYNC_RECORD, (total_blocks - 1) * BLOCK + SYNC_RECORD
+
+
+def sync_record_of(first: int, second: int) -> int | None:
+    """What the two copies of the sync record say (SPEC 3.1): the smaller of the
+    two numbers, None unless both words are valid.  A damaged copy can then
+    only make recovery check more writes, never fewer."""
+    a, b = decode_sync_record(first), decode_sync_record(second)
+    if a is None or b is None:
+        return None
+    return min(a, b)
+
+
 @dataclass
 class Superblock:
     total_blocks: int

@@ -47,7 +47,7 @@ import time
 
 import numpy as np
 
-from .shared import H_RENAME_LOCK, HELD_MAX, RANGE_ENTRY, RANGE_MAX, SEG_SLOTS, SharedArea, process_alive
+from .shared import H_DEATHS, H_RENAME_LOCK, HELD_MAX, RANGE_ENTRY, RANGE_MAX, SEG_SLOTS, SharedArea, process_alive
 
 WRITER = 0x80000000
 WANTED = 0x40000000        # a writer waits for the readers to leave
@@ -171,6 +171,10 @@ class Semaphores:
             # CPU's previous process (a dead worker this process took over from).
             pid = area.pid_of(owner) if 0 <= owner < area.ncpus else 0
             if pid and pid != os.getpid() and not process_alive(pid):
+                # Counted before the release: the dead writer may have
+                # committed without bumping its versions, and whoever takes
+                # the lock next must not trust them (DESIGN 19.7).
+                w.add64(H_DEATHS, 1)
                 return w.cas32(off, v, 0)
             return False
         freed = False
@@ -184,9 +188,31 @@ class Semaphores:
                     freed = True
         return freed
 
+    def _holds_writes(self) -> bool:
+        """Whether a lock word or the rename lock is write-held as this CPU."""
+        area = self.area
+        if self.w.load32(H_RENAME_LOCK) == self.mine:
+            return True
+        for lo, hi in ((area.inode_locks, area.refs), (area.name_locks, area.seg_locks),
+                       (area.seg_locks, area.range_table + 4)):
+            words = np.frombuffer(area.mm, dtype="<u4", count=(hi - lo) // 4, offset=lo)
+            found = bool((words == self.mine).any())
+            del words
+            if found:
+                return True
+        for i in range(RANGE_MAX):
+            e = area.range_table + 64 + RANGE_ENTRY * i
+            if self.w.load64(e) and self.w.load32(e + 24) == self.cpu + 1:
+                return True
+        return False
+
     def take_over(self) -> None:
         """Become ``cpu``: release every lock a previous (dead) worker held as it."""
         area, w = self.area, self.w
+        # A write lock of the previous worker of this CPU is released below:
+        # counted first, as in reap()
+        if self._holds_writes():
+            w.add64(H_DEATHS, 1)
         for i in range(HELD_MAX):
             rec = area.held_slot(self.cpu, i)
             off = w.load64(rec)
@@ -379,6 +405,8 @@ class RangeTreeScheme(Scheme):
             owner = w.load32(e + 24) - 1
             if owner != self.sem.cpu and 0 <= owner < area.ncpus and \
                     not process_alive(area.pid_of(owner)):
+                if w.load32(e + 28) == self.WRITE:   # see Semaphores.reap
+                    w.add64(H_DEATHS, 1)
                 w.store64(e, 0)
 
 

@@ -18,6 +18,7 @@ from . import layout as L
 from .attrs import Attr
 from .errors import FsError
 from .inode import Inode
+from .locks import WRITER
 from .shared import DIR_SHARED, H_RENAME_LOCK, H_SYNC_STARTED, H_SYNCED, NAME_SLOTS
 
 if TYPE_CHECKING:
@@ -262,6 +263,7 @@ class Namei:
             if held is None or held.get(parent, (True,))[0]:
                 return self._dir(parent)
             slots = [slot for p, slot in self._ns_names if p == parent]
+        self._trust_versions()
         q = self.area.u64
         epoch_word = self.area.epoch_slot(parent)
         epoch = q[epoch_word >> 3]
@@ -355,7 +357,15 @@ class Namei:
             # shared, whose operations bump name versions, not the epoch
             # that would make this cache catch up in full for every lookup.
             self._private_dir(parent)
-            d = self._dir_names(parent, [self._name_slot(parent, name)])
+            slot = self._name_slot(parent, name)
+            # A change of the name in progress holds its lock as a writer; a
+            # writer that died there may have committed without bumping the
+            # version, and nothing else would tell this lookup: a held word
+            # costs a look at whether its holder lives (DESIGN 19.7).
+            lock = self._name_locks + 4 * slot
+            if self.area.w.load32(lock) & WRITER:
+                self.scheme.sem.reap(lock)
+            d = self._dir_names(parent, [slot])
         else:
             d = self._dir(parent)
         ent = d.dents.get(name)

@@ -348,7 +348,7 @@ class Rebuild:
         their data; None when the image has no valid one."""
         if not self.sync_record:
             return None
-        return L.decode_sync_record(self.pm.read_u64(L.SYNC_RECORD))
+        return self._sync_record()
 
     def _cut_torn_logs(self, ino: int, digests: bool = False) -> int | None:
         """After a power loss on a disk-backed image: end each log of ``ino`` just

@@ -18,7 +18,8 @@ Layout (byte offsets; every region starts on a 64-byte line)::
             rename lock word u32, syncs started u64, syncs done u64, held
             blocks u64
     64      sync record line: covered sequence number u64, durable record
-            u64, record lock u32
+            u64, record lock u32; at 88 held inode slots u64, at 96 the deaths
+            noticed u64 (dead workers' write locks released by others)
     128     worker registry: one line per CPU: pid u64, held-read records
             (HELD_MAX u64 lock offsets, 0 = empty)
     ...     inode lock words: one u32 per inode slot
@@ -70,7 +71,7 @@ import time
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 13
+VERSION = 14
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -102,6 +103,9 @@ H_RSYNC = 64                  # u64: the newest sequence number a completed sync
 H_RDURABLE = 72               # u64: the newest sync record a completed sync wrote back
 H_RLOCK = 80                  # u32: held while a sync stores the record into the image
 H_HELD_INOS = 88              # u64: inode slots freed but not yet reusable, all processes
+# u64: how often a dead worker's write lock was released by another process; a
+# change tells every cache to stop trusting version words (DESIGN 19.7)
+H_DEATHS = 96
 HEADER = 2 * 64
 
 

@@ -213,7 +213,7 @@ class Mount:
                 fs._recover()
                 fs.mount_path = "recovery"
             if not readonly:
-                if fs.sync_record and pm.read_u64(L.SYNC_RECORD):
+                if fs.sync_record and any(pm.read_u64(a) for a in fs._sync_record_addrs()):
                     # No session keeps the record up unless it holds freed
                     # blocks back (hold_frees_until_sync sets it again): until
                     # then it says nothing (DESIGN 24.3, step 9).
@@ -410,7 +410,7 @@ class Mount:
         lock_word(w, H_RLOCK)
         try:
             want = w.load64(H_RSYNC)
-            have = L.decode_sync_record(pm.read_u64(L.SYNC_RECORD)) or 0
+            have = self._sync_record() or 0
             if want > have and L.encode_sync_record(want):
                 self._put_sync_record(want)
                 have = want
@@ -434,11 +434,22 @@ class Mount:
         # whose process stays idle strands nothing
         self.alloc.release_limbo(every_cpu=True)
 
+    def _sync_record_addrs(self) -> tuple[int, int]:
+        return L.sync_record_addrs(self.sb.total_blocks)
+
+    def _sync_record(self) -> int | None:
+        """What the image's sync record says (both copies, SPEC 3.1)."""
+        a, b = self._sync_record_addrs()
+        return L.sync_record_of(self.pm.read_u64(a), self.pm.read_u64(b))
+
     def _put_sync_record(self, seq: int) -> None:
-        """Store and flush the sync record word for ``seq`` (0: no record); the
-        caller's next fence, or msync, makes it durable."""
-        self.pm.store_u64(L.SYNC_RECORD, L.encode_sync_record(seq) if seq else 0)
-        self.pm.flush(L.SYNC_RECORD, 8)
+        """Store and flush both copies of the sync record for ``seq`` (0: no
+        record); the caller's next fence, or msync, makes them durable.  Either
+        may reach the medium first: a reader takes the smaller."""
+        word = L.encode_sync_record(seq) if seq else 0
+        for a in self._sync_record_addrs():
+            self.pm.store_u64(a, word)
+            self.pm.flush(a, 8)
 
     def _start_sync_record(self) -> None:
         """When a session starts holding freed blocks back on a version-6 image:

@@ -333,6 +333,49 @@ def test_the_sync_record_word_and_what_fsck_says_of_it(tmp_path):
     assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
 
 
+def test_the_sync_record_has_a_copy_and_a_damaged_one_never_covers_more(tmp_path):
+    """The record is kept twice, at byte 256 of the first and of the last block
+    (beside the superblock and its replica); recovery takes the smaller number,
+    and nothing when either copy fails its check, so one damaged copy can make
+    recovery check more writes, never fewer.  fsck.pnova reports a damaged copy
+    and clears both."""
+    from pnova.fsck import Checker
+    path = _disk_image(tmp_path)
+    first, second = L.sync_record_addrs(os.path.getsize(path) // L.BLOCK)
+    assert second == os.path.getsize(path) - L.BLOCK + 256
+    fs = FileSystem.mount(path)
+    fs.hold_frees_until_sync()
+    ino = fs.create(ROOT, b"f", 0o644).ino
+    fs.write(ino, 0, b"x" * 3 * 4096)
+    fs.sync()
+    fs.sync()
+    words = [fs.pm.read_u64(first), fs.pm.read_u64(second)]
+    assert words[0] == words[1] and L.decode_sync_record(words[0]) >= fs.area.w.load64(H_SEQ) - 3
+    covered = fs._sync_covered()
+    assert covered == L.decode_sync_record(words[0])
+    # one copy claims more than was synced: the other one counts
+    fs.pm.store_u64(second, L.encode_sync_record(covered + 1000))
+    assert fs._sync_covered() == covered
+    fs.pm.store_u64(first, L.encode_sync_record(covered + 2000))
+    assert fs._sync_covered() == covered + 1000
+    # a copy that fails its check: no record at all
+    fs.pm.store_u64(first, L.encode_sync_record(covered) ^ 1 << 40)
+    assert fs._sync_covered() is None
+    fs.pm.store_u64(first, words[0])
+    fs.pm.store_u64(second, words[1])
+    fs.unmount()
+    with open(path, "r+b") as f:
+        f.seek(second)
+        f.write((L.encode_sync_record(7) ^ 1 << 30).to_bytes(8, "little"))
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 4
+    assert f"block {second // L.BLOCK}, byte 256" in out.getvalue()
+    assert Checker(path, policy="yes", force=True, out=io.StringIO()).run() == 1
+    assert _record_on(path) is None
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
+
+
 def test_the_cache_line_helper_writes_back_what_it_is_asked_to():
     """clwb (or clflushopt, clflush) per 64-byte line of the range, sfence for the
     fence: the primitives of a MAP_SYNC mapping.  They change no byte."""
@@ -435,10 +478,13 @@ def test_held_frees_through_a_mount_on_a_disk(tmp_path, capsys):
 
 
 def _record_on(path: str) -> int | None:
-    """The sync record of an image, as a reader of the file sees it."""
+    """The sync record of an image, as a reader of the file sees it (both copies)."""
+    words = []
     with open(path, "rb") as f:
-        f.seek(L.SYNC_RECORD)
-        return L.decode_sync_record(int.from_bytes(f.read(8), "little"))
+        for a in L.sync_record_addrs(os.path.getsize(path) // L.BLOCK):
+            f.seek(a)
+            words.append(int.from_bytes(f.read(8), "little"))
+    return L.sync_record_of(*words)
 
 
 @needs_fuse

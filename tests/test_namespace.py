@@ -473,3 +473,61 @@ def test_a_directory_compacted_by_another_cpu_is_not_read_again(tmp_path):
         assert a("names_and_reads", d) == (sorted(want + [b"after", b"later"]), 1)
         a("create", d, b"from-a", 0o644)
         assert b("names_and_reads", d) == (sorted(want + [b"after", b"from-a", b"later"]), 0)
+
+
+def _die_after_commit(fs: FileSystem, cpu: int, bump: str, change) -> None:
+    """Fork a worker acting as ``cpu`` that makes ``change(fs)`` and is killed
+    between its commit and the version bumps (``bump``: the method that makes
+    them), holding the locks of the change."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fs.become_worker(cpu)
+            setattr(fs, bump, lambda *args: os._exit(0))
+            change(fs)
+        finally:
+            os._exit(1)                                  # the change never got that far
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_a_worker_killed_before_its_version_bumps_is_not_missed(tmp_path):
+    """A worker killed after it committed a change but before it bumped the
+    versions that tell other processes of it: the next process that takes a
+    lock it held, or a lookup that finds the name's lock held by it, counts the
+    death, and every process stops trusting its caches' versions.  The new name
+    is found (a lookup takes no lock: it looks at the name's lock word and finds
+    the dead writer there), a second create of it fails, and a partial write of
+    a page the dead worker rewrote keeps the dead worker's bytes around it."""
+    path = str(tmp_path / "two.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs = FileSystem.mount(path)
+    d = fs.mkdir(1, b"d", 0o755).ino
+    f = fs.create(d, b"f", 0o644).ino
+    fs.write(f, 0, b"a" * 4096)
+    fs.prepare_workers(workers=2)
+    a = _Cpu(fs, 0)
+    try:
+        b = _Cpu(fs, 1)
+        b("create", d, b"x", 0o644)
+        b("write", f, 4096, b"x")                        # CPU 1's local log of f
+        b.close()
+        # CPU 0 catches up with CPU 1's changes and from then on trusts the
+        # versions: it has seen every name of d and every page of f
+        assert a("lookup", d, b"x") and a("lookup", d, b"f") == f
+        assert a("read", f, 4096, 1) == b"x"
+        assert a("write", f, 0, b"A" * 10) == 10
+        _die_after_commit(fs, 1, "_ns_bump", lambda w: w.create(d, b"new", 0o644))
+        assert a("lookup", d, b"new")                    # not taken from the stale cache
+        with pytest.raises(FsError) as e:
+            a("create", d, b"new", 0o644)
+        assert e.value.errno == errno.EEXIST
+        _die_after_commit(fs, 1, "_bump_versions", lambda w: w.write(f, 0, b"b" * 4096))
+        assert a("write", f, 0, b"c" * 100) == 100       # waits out the dead holder
+        assert a("read", f, 0, 4096) == b"c" * 100 + b"b" * 3996
+    finally:
+        a.close()
+    fs.unmount()
+    fs = FileSystem.mount(path)
+    assert fs.read(fs.lookup(d, b"f").ino, 0, 4096) == b"c" * 100 + b"b" * 3996
+    assert fs.lookup(d, b"new")
+    fs.unmount()
