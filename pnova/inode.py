@@ -103,7 +103,10 @@ class Inode:
                 pages[pgoff] = block
             else:                          # a big write: the loops run in C
                 span = range(pgoff, pgoff + npages)
-                freed = [b for b in map(pages.get, span) if b is not None]
+                freed = [*map(pages.get, span)]
+                holes = freed.count(None)
+                if holes:                  # (none in an overwrite, all in an append)
+                    freed = [] if holes == npages else [b for b in freed if b is not None]
                 pages.update(zip(span, range(block, block + npages)))
                 if freed and self.wide:
                     self._unmapped(freed)
