@@ -823,7 +823,8 @@ class Checker:
         if self.sb.inode_replicas:
             self.rtables = L.replica_tables(self.regions)
         for r in self.regions:
-            j = Journal(self.pm, r.journal_block, self._replica_of)
+            j = Journal(self.pm, r.journal_block, self._replica_of,
+                        L.journal_twin(self.regions, r.cpu))
             where = f"lite journal of CPU {r.cpu} (block {r.journal_block})"
             try:
                 recs = j.pending()
@@ -851,7 +852,9 @@ class Checker:
             # A crash in the middle of a multi-inode operation: normal.  Look at the
             # image the way mount will, after the rollback.
             self.notes.append(f"{self.path}: the {where} holds an unfinished operation "
-                              f"({len(recs)} words); mount rolls it back")
+                              f"({len(recs)} words); mount rolls it back" +
+                              (" from the twin of its records (the records themselves are "
+                               "damaged)" if j.from_twin else ""))
             for addr, old in reversed(recs):
                 self.overlay[addr] = old
                 twin = self._replica_of(addr)

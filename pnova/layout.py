@@ -606,6 +606,20 @@ def decode_entry(raw: bytes) -> tuple:
 J_RECORDS = 64
 J_RECORD = 16
 J_MAX_RECORDS = (BLOCK - J_RECORDS) // J_RECORD
+# With INODE_REPLICA, the records of CPU c's journal have a twin in the second
+# half of CPU c+1's journal block (SPEC 8.1), so a transaction there keeps to
+# the first half.
+J_TWIN = BLOCK // 2
+J_MAX_TWINNED = (J_TWIN - J_RECORDS) // J_RECORD
+
+
+def journal_twin(regions: list[Region], cpu: int) -> int | None:
+    """Byte offset of the twin of CPU ``cpu``'s journal records (SPEC 8.1): in
+    the next CPU's journal block, so that one damaged block or region never
+    holds both.  None without inode replicas or with one CPU."""
+    if len(regions) < 2 or not regions[0].rtable_blocks:
+        return None
+    return regions[(cpu + 1) % len(regions)].journal_block * BLOCK + J_TWIN
 
 
 # The inode words a lite-journal record may name (its undo target).

@@ -187,6 +187,10 @@ class Rebuild:
                 if not self._is_inode_word(addr):
                     raise CorruptImage(f"{self.pm.path}: lite journal points outside the "
                                        "inode tables; run fsck.pnova")
+            if j.from_twin:
+                logger.warning("%s: the records of lite journal block %d are damaged; "
+                               "rolling back from their twin", self.pm.path,
+                               j.base // L.BLOCK)
             undone += j.rollback()
         live = self._build_free_inodes()
         used = [np.zeros(ra.hi - ra.lo, dtype=bool) for ra in self.alloc.regions]

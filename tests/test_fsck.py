@@ -357,6 +357,31 @@ def test_damaged_journal_on_dirty_image(img, capsys, tmp_path):
     assert "Discard the unfinished transaction? yes" in fixed
 
 
+def test_damaged_journal_records_are_read_from_their_twin(img, capsys):
+    """An unfinished operation whose journal records are damaged: the twin of
+    the records, in the next CPU's journal block (SPEC 8.1), is checked by the
+    same journal word; fsck says so, and the mount rolls back from it."""
+    ino = workload(img)
+    with Img(img) as m:
+        open_rename_txn(m, ino)
+        jb = m.regions[0].journal_block * L.BLOCK
+        n = m.u64(jb) & 0xFFFFFFFF
+        twin = L.journal_twin(m.regions, 0)
+        assert twin == m.regions[1].journal_block * L.BLOCK + L.J_TWIN
+        m.put(twin, m.pm.read(jb + L.J_RECORDS, n * L.J_RECORD))
+        m.flip(jb + L.J_RECORDS + 3)
+        m.sb.clean = 0
+        write_superblock(m.pm, m.sb)
+    rc, out = fsck(capsys, img, "-n")
+    assert rc == 0, out
+    assert "mount rolls it back from the twin of its records" in out
+    fs = FileSystem.mount(img)
+    assert fs.lookup(ROOT, b"f").ino == ino["f"]        # rolled back: /f, not /f2
+    assert b"f2" not in [n for n, _, _ in fs.readdir(ROOT)]
+    fs.unmount()
+    assert fsck(capsys, img, "-f", "-n")[0] == 0
+
+
 # ---------------------------------------------------------------------- superblocks, regions
 def test_primary_superblock_damaged(img, capsys, tmp_path):
     workload(img)

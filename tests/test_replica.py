@@ -384,3 +384,30 @@ def test_the_pnova_command_restores_a_damaged_slot_at_mount(tmp_path, capsys):
     with open(m.log) as log:
         assert said in log.read()
     assert fsck(capsys, path, "-n", "-f")[0] == 0
+
+
+def test_every_journal_transaction_leaves_a_twin_of_its_records(tmp_path):
+    """Each CPU's lite-journal records are stored a second time, in the second
+    half of the next CPU's journal block, before the fence that orders them
+    (SPEC 8.1); without inode replicas there is no twin."""
+    path = _image(tmp_path)
+    fs = FileSystem.mount(path, cpu=1)
+    d = fs.mkdir(ROOT, b"d", 0o755).ino
+    fs.rename(ROOT, b"d", ROOT, b"e")                    # a transaction of CPU 1
+    journals = fs.regions[1].journal_block, fs.regions[0].journal_block
+    fs.unmount()
+    with open(path, "rb") as f:
+        f.seek(journals[0] * L.BLOCK + L.J_RECORDS)
+        records = f.read(4 * L.J_RECORD)
+        f.seek(journals[1] * L.BLOCK + L.J_TWIN)
+        twin = f.read(4 * L.J_RECORD)
+    assert records.strip(b"\0") and twin == records
+    assert d
+    plain = str(tmp_path / "plain.img")
+    assert mkfs_main(["-q", "--size", "8M", "--cpus-per-node", "2", "--no-inode-replicas",
+                      plain]) == 0
+    fs = FileSystem.mount(plain)
+    try:
+        assert all(j.twin is None for j in fs.journals)
+    finally:
+        fs.unmount()

@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="no checksums and no parity for file data (for benchmarks: "
                     "damaged data is then read back as it is)")
     ap.add_argument("--no-inode-replicas", action="store_true",
-                    help="keep one copy of each inode slot, not two (for benchmarks: a "
-                    "damaged slot is then reported by fsck, not repaired)")
+                    help="keep one copy of each inode slot and of the lite journals' "
+                    "records, not two (for benchmarks: damage there is then reported by "
+                    "fsck, not repaired)")
     ap.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     a = ap.parse_args(argv)
     try:
