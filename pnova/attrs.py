@@ -68,10 +68,14 @@ class Attributes:
         args = (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, kill_suidgid, in_group)
         inode = self.get(ino)
         if size is None:
+            # No lock keeps writers away from a mode or owner change, so its
+            # epoch is odd while the change is made: a process that dies in
+            # between leaves it odd, and nobody trusts it (DESIGN 19.7).
+            self._bump_epoch(ino, 1)
             try:
                 a = self._setattr_locked(inode, *args)
             finally:
-                self._bump_epoch(ino)            # a mode change matters to writers too
+                self._bump_epoch(ino, 1)         # a mode change matters to writers too
             if self._compact_wanted:             # (chmod, chown and touch grow logs too)
                 self._compact_pending()
             return a
@@ -98,11 +102,14 @@ class Attributes:
             self._compact_pending()
         return a
 
-    def _bump_epoch(self, ino: int) -> None:
+    def _bump_epoch(self, ino: int, by: int = 2) -> None:
         """Tell writers of other processes that skip catching up (see
-        :meth:`_current_for_write`) that the size, mode or capabilities changed."""
+        :meth:`_current_for_write`) that the size, mode or capabilities changed.
+        Version words move by 2; a change made without a lock that keeps those
+        writers out adds 1 before it and 1 after, so that its epoch is odd, and
+        never trusted, while it is in flight."""
         if self.shared:
-            self.area.w.add64(self.area.epoch_slot(ino), 1)
+            self.area.w.add64(self.area.epoch_slot(ino), by)
 
     def _privilege_drop(self, inode: Inode, kill_suidgid: bool, now: int,
                         in_group: Callable[[int], bool] | None = None) -> list[tuple]:

@@ -502,7 +502,9 @@ class FileData:
                 else:
                     return inode, slots
         inode = self.get(ino)
-        inode.vers.update(zip(slots, vals))
+        # an odd word is a change in flight (or one whose maker died): never
+        # recorded, so it is never trusted (DESIGN 19.7)
+        inode.vers.update((a, v) for a, v in zip(slots, vals) if not v & 1)
         return inode, slots
 
     def _bump_versions(self, ino: int, inode: Inode, slots: list[int]) -> None:
@@ -513,10 +515,10 @@ class FileData:
         add = self.area.w.add64
         vers = inode.vers if self.cache.get(ino) is inode else None
         for a in slots[:-1]:
-            old = add(a, 1)
+            old = add(a, 2)                       # even: odd means "in flight"
             if vers is not None:
                 if vers.get(a) == old:
-                    vers[a] = old + 1
+                    vers[a] = old + 2
                 else:
                     vers.pop(a, None)
 

@@ -864,9 +864,13 @@ class Checker:
                 self.pending_rollback.append(j)
 
     def _clear_journal(self, j: Journal) -> None:
-        if self.pm.poisoned(j.base, L.BLOCK):
-            self.pm.store_zero(j.base, L.BLOCK)          # whole sectors: clears the poison
-            self.pm.persist(j.base, L.BLOCK)
+        # With twins, the second half of the block is the previous CPU's twin
+        # (SPEC 8.1), which a rollback of that CPU may still need: only this
+        # journal's own part is cleared.
+        own = L.BLOCK if L.journal_twin(self.regions, 0) is None else L.J_TWIN
+        if self.pm.poisoned(j.base, own):
+            self.pm.store_zero(j.base, own)              # whole sectors: clears the poison
+            self.pm.persist(j.base, own)
         else:
             self.pm.store_u64(j.base, 0)
             self.pm.persist(j.base, 8)

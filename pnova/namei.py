@@ -239,10 +239,10 @@ class Namei:
                     # entries: it may count them if nobody else bumped the
                     # epoch since it was copied (as for names above).
                     a = self.area.epoch_slot(key)
-                    old = add(a, 1)
+                    old = add(a, 2)              # version words move by 2 (19.7)
                     vers = inode.vers
                     if vers.get(a) == old:
-                        vers[a] = old + 1
+                        vers[a] = old + 2
                     else:
                         vers.pop(a, None)
 
@@ -286,7 +286,8 @@ class Namei:
         base = self._name_versions >> 3
         snapshot = q[base:base + NAME_SLOTS].tolist()
         d = self._dir(parent)
-        d.vers[epoch_word] = epoch
+        if not epoch & 1:                        # odd: a change in flight, never trusted
+            d.vers[epoch_word] = epoch
         d.names_seen = snapshot
         seen_dirs = self._seen_dirs
         seen_dirs.pop(parent, None)
@@ -362,9 +363,12 @@ class Namei:
             # writer that died there may have committed without bumping the
             # version, and nothing else would tell this lookup: a held word
             # costs a look at whether its holder lives (DESIGN 19.7).
-            lock = self._name_locks + 4 * slot
-            if self.area.w.load32(lock) & WRITER:
-                self.scheme.sem.reap(lock)
+            # The directory itself may be held whole by its change (mkdir,
+            # rmdir, a directory held by the one CPU using it): its word too.
+            w = self.area.w
+            for lock in (self._name_locks + 4 * slot, self._inode_locks + 4 * (parent - 1)):
+                if w.load32(lock) & WRITER:
+                    self.scheme.sem.reap(lock)
             d = self._dir_names(parent, [slot])
         else:
             d = self._dir(parent)

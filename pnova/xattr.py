@@ -45,10 +45,15 @@ class Xattrs:
             raise FsError(errno.EEXIST)
         if flags & 2 and not exists:
             raise FsError(errno.ENODATA)
-        self._commit([(inode, [(L.E_XATTR, 0, L.X_SET, name, bytes(value),
-                                time.time_ns())])])
-        if ns == b"security.":
-            self._bump_epoch(ino)                # writers must see capabilities come
+        security = ns == b"security."
+        if security:
+            self._bump_epoch(ino, 1)             # odd while it is in flight (attrs)
+        try:
+            self._commit([(inode, [(L.E_XATTR, 0, L.X_SET, name, bytes(value),
+                                    time.time_ns())])])
+        finally:
+            if security:
+                self._bump_epoch(ino, 1)         # writers must see capabilities come
         if self._compact_wanted:
             self._compact_pending()
 

@@ -382,6 +382,34 @@ def test_damaged_journal_records_are_read_from_their_twin(img, capsys):
     assert fsck(capsys, img, "-f", "-n")[0] == 0
 
 
+def test_discarding_one_journal_keeps_the_twin_of_another(img, capsys):
+    """Two faults at once: CPU 0's unfinished operation has damaged records (its
+    twin lies in the second half of CPU 1's journal block) and CPU 1's journal
+    word sits on a poisoned sector.  Discarding CPU 1's journal clears its own
+    half only, so CPU 0 is still rolled back from the twin."""
+    ino = workload(img)
+    with Img(img) as m:
+        open_rename_txn(m, ino)
+        jb = m.regions[0].journal_block * L.BLOCK
+        n = m.u64(jb) & 0xFFFFFFFF
+        m.put(L.journal_twin(m.regions, 0), m.pm.read(jb + L.J_RECORDS, n * L.J_RECORD))
+        m.flip(jb + L.J_RECORDS + 3)
+        j1 = m.regions[1].journal_block * L.BLOCK
+        m.put64(j1, L.journal_word(1, bytes(16)))
+        m.sb.clean = 0
+        write_superblock(m.pm, m.sb)
+    with open(img + ".badblocks", "w") as f:
+        f.write(f"{j1 // 512} 1\n")
+    rc, out = fsck(capsys, img, "-y")
+    assert rc == 1, out
+    assert "Discard the unfinished transaction? yes" in out
+    assert "rolls it back from the twin" in out
+    assert fsck(capsys, img, "-f", "-n")[0] == 0
+    fs = FileSystem.mount(img)
+    assert fs.lookup(ROOT, b"f").ino == ino["f"]        # CPU 0's rename was undone
+    fs.unmount()
+
+
 # ---------------------------------------------------------------------- superblocks, regions
 def test_primary_superblock_damaged(img, capsys, tmp_path):
     workload(img)

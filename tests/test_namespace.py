@@ -557,3 +557,63 @@ def test_a_directory_two_cpus_churn_is_still_compacted(tmp_path):
         pages = a("churn", d, b"a", 1)
         assert pages <= 12, pages                        # 1,200 pairs would fill ~30 pages
         assert b("names_and_reads", d)[0] == []
+
+
+def test_a_worker_killed_inside_a_lock_free_change_or_a_whole_directory_is_not_missed(tmp_path):
+    """Two more places a worker can die after its commit and before its version
+    words move: a mkdir, which holds the new name's directory whole (a lookup
+    looks at the directory's lock word too), and a chmod or a capability set,
+    which no lock covers (their epoch is odd while they are in flight, and an
+    odd epoch is never trusted): another worker sees the change at once, and
+    its writes drop the set-user-ID bit and the capability as Linux does."""
+    path = str(tmp_path / "two.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs = FileSystem.mount(path)
+    d = fs.mkdir(1, b"d", 0o755).ino
+    fs.prepare_workers(workers=2)
+    b = _Cpu(fs, 1)
+    f = b("create", 1, b"f", 0o755)                     # home CPU 1
+    b("write", f, 0, b"a" * 4096)
+    b("create", d, b"x", 0o644)
+    b.close()
+    a = _Cpu(fs, 0)
+    try:
+        assert a("lookup", d, b"x")                      # CPU 0 trusts d's versions
+        assert a("write", f, 0, b"A" * 10) == 10         # and f's (its local log)
+        _die_after_commit(fs, 1, "_ns_bump", lambda w: w.mkdir(d, b"sub", 0o755))
+        assert a("lookup", d, b"sub")
+
+        def second_bump_dies(w, change):
+            """Make ``change`` and die at the first epoch bump after its commit."""
+            bump, commit, done = w._bump_epoch, w._commit, []
+
+            def committing(*args, **kw):
+                out = commit(*args, **kw)
+                done.append(True)
+                return out
+
+            def dying(ino, by=2):
+                if done:
+                    os._exit(0)
+                bump(ino, by)
+            w._commit, w._bump_epoch = committing, dying
+            change(w)
+        for change in (lambda w: w.setattr(f, mode=0o4755),
+                       lambda w: w.setxattr(f, b"security.capability", b"\x01" * 20)):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    fs.become_worker(1)
+                    second_bump_dies(fs, change)
+                finally:
+                    os._exit(1)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+            a("write", f, 10, b"B" * 10, True)             # a writer without CAP_FSETID
+    finally:
+        a.close()
+    fs.unmount()
+    fs = FileSystem.mount(path)
+    assert fs.lookup(d, b"sub")
+    assert fs.getattr(f).mode & 0o7777 == 0o755
+    assert b"security.capability" not in fs.listxattr(f)
+    fs.unmount()
