@@ -577,22 +577,25 @@ def _pools(n: int) -> dict[str, list[int]]:
     return {"stocked": [POOL] * n}
 
 
-def _stock_pools(shared_dir: bool, own_prefix: bool = False) -> Callable[[FileOps, Any, int, float], None]:
+def _stock_pools(where: Callable[[int], tuple[str, str]]
+                 ) -> Callable[[FileOps, Any, int, float], None]:
+    """The stock step of a pool workload whose worker ``wid`` uses up files
+    ``where(wid)`` = (directory, name prefix)."""
     def stock(fops: FileOps, shared: Any, n: int, seconds: float) -> None:
         """Give every worker the files it should use up in ``seconds``: the rate
         at which one more pool is created estimates the rate of the ops, and
         the device's sizing (:func:`_stock_limit`) bounds it."""
         limit = _stock_limit(seconds)
         want = limit
+        timed = False
         stocked = shared["stocked"]
         for wid in range(n):
-            d, prefix = _pool_dir(shared_dir, wid)
-            if own_prefix:
-                d, prefix = str(wid), f"u-{wid}-"
+            d, prefix = where(wid)
             while stocked[wid] < want:
                 took = _untimed(lambda: _make_pool(fops, d, prefix, stocked[wid]))
                 stocked[wid] += POOL
-                if wid == 0 and want == limit:      # the first pool times the target
+                if not timed:                        # the first pool times the target
+                    timed = True
                     rate = POOL / max(took, 1e-6)
                     want = min(limit, POOL * -(-int(rate * STOCK_MARGIN * (seconds + 0.5))
                                                // POOL))
@@ -653,21 +656,29 @@ def _unlink_check(shared_dir: bool) -> Check:
 
 MWUL = Workload("MWUL", "unlink a pre-created file in its own directory", "low",
                 _unlink_prepare(False), _unlink_worker(False), _unlink_check(False),
-                lambda n: 0, _pool_files, stock=_stock_pools(False))
+                lambda n: 0, _pool_files,
+                stock=_stock_pools(lambda wid: _pool_dir(False, wid)))
 MWUM = Workload("MWUM", "unlink a pre-created file in the shared directory", "medium",
                 _unlink_prepare(True), _unlink_worker(True), _unlink_check(True),
-                lambda n: 0, _pool_files, stock=_stock_pools(True))
+                lambda n: 0, _pool_files,
+                stock=_stock_pools(lambda wid: _pool_dir(True, wid)))
+
+
+def _mwrm_pool(wid: int) -> tuple[str, str]:
+    """(directory, name prefix) of MWRM worker wid's pool of files."""
+    return str(wid), f"u-{wid}-"
 
 
 def _mwrm_prepare(fops: FileOps, n: int) -> dict[str, list[int]]:
     for wid in range(n):
-        fops.mkdir(str(wid))
-        _make_pool(fops, str(wid), f"u-{wid}-", 0)
+        d, prefix = _mwrm_pool(wid)
+        fops.mkdir(d)
+        _make_pool(fops, d, prefix, 0)
     return _pools(n)
 
 
 def _mwrm_worker(fops: FileOps, shared: Any, wid: int) -> Op:
-    d, prefix = str(wid), f"u-{wid}-"
+    d, prefix = _mwrm_pool(wid)
     rename = fops.rename
 
     def move(k: int) -> None:
@@ -690,7 +701,7 @@ def _mwrm_check(fops: FileOps, shared: Any, n: int, worker_ops: list[int]) -> st
 
 MWRM = Workload("MWRM", "rename a file from its own directory into the shared one",
                 "medium", _mwrm_prepare, _mwrm_worker, _mwrm_check, lambda n: 0,
-                _pool_files, stock=_stock_pools(False, own_prefix=True))
+                _pool_files, stock=_stock_pools(_mwrm_pool))
 
 # ------------------------------------------------------------- MWRL
 

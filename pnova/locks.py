@@ -47,7 +47,8 @@ import time
 
 import numpy as np
 
-from .shared import H_DEATHS, H_RENAME_LOCK, HELD_MAX, RANGE_ENTRY, RANGE_MAX, SEG_SLOTS, SharedArea, process_alive
+from .shared import (H_DEATHS, H_RENAME_LOCK, HELD_MAX, RANGE_ENTRY, RANGE_MAX, SEG_SLOTS,
+                     SharedArea, process_alive)
 
 WRITER = 0x80000000
 WANTED = 0x40000000        # a writer waits for the readers to leave
@@ -188,47 +189,35 @@ class Semaphores:
                     freed = True
         return freed
 
-    def _holds_writes(self) -> bool:
-        """Whether a lock word or the rename lock is write-held as this CPU."""
-        area = self.area
-        if self.w.load32(H_RENAME_LOCK) == self.mine:
-            return True
+    def _written_words(self) -> tuple[list[int], list[int]]:
+        """The lock words (inode, log, name and segment words, the range table's
+        guard) and the range-table entries held as this CPU."""
+        area, w = self.area, self.w
+        words: list[int] = []
         for lo, hi in ((area.inode_locks, area.refs), (area.name_locks, area.seg_locks),
                        (area.seg_locks, area.range_table + 4)):
-            words = np.frombuffer(area.mm, dtype="<u4", count=(hi - lo) // 4, offset=lo)
-            found = bool((words == self.mine).any())
-            del words
-            if found:
-                return True
-        for i in range(RANGE_MAX):
-            e = area.range_table + 64 + RANGE_ENTRY * i
-            if self.w.load64(e) and self.w.load32(e + 24) == self.cpu + 1:
-                return True
-        return False
+            view = np.frombuffer(area.mm, dtype="<u4", count=(hi - lo) // 4, offset=lo)
+            words += [lo + 4 * i for i in np.flatnonzero(view == self.mine).tolist()]
+            del view
+        entries = [e for e in (area.range_table + 64 + RANGE_ENTRY * i for i in range(RANGE_MAX))
+                   if w.load64(e) and w.load32(e + 24) == self.cpu + 1]
+        return words, entries
 
     def take_over(self) -> None:
         """Become ``cpu``: release every lock a previous (dead) worker held as it."""
         area, w = self.area, self.w
-        # A write lock of the previous worker of this CPU is released below:
-        # counted first, as in reap()
-        if self._holds_writes():
-            w.add64(H_DEATHS, 1)
+        words, entries = self._written_words()
+        if words or entries or w.load32(H_RENAME_LOCK) == self.mine:
+            w.add64(H_DEATHS, 1)                 # counted before the release, as in reap()
         for i in range(HELD_MAX):
             rec = area.held_slot(self.cpu, i)
             off = w.load64(rec)
             if off and w.cas64(rec, off, 0):
                 w.add32(off - 1, -1)
-        # inode, log, name and segment lock words, and the range table's guard
-        for lo, hi in ((area.inode_locks, area.refs), (area.name_locks, area.seg_locks),
-                       (area.seg_locks, area.range_table + 4)):
-            words = np.frombuffer(area.mm, dtype="<u4", count=(hi - lo) // 4, offset=lo)
-            for idx in np.flatnonzero(words == self.mine).tolist():
-                w.cas32(lo + 4 * idx, self.mine, 0)
-            del words
-        for i in range(RANGE_MAX):
-            e = area.range_table + 64 + RANGE_ENTRY * i
-            if w.load64(e) and w.load32(e + 24) == self.cpu + 1:
-                w.store64(e, 0)
+        for off in words:
+            w.cas32(off, self.mine, 0)
+        for e in entries:
+            w.store64(e, 0)
         w.cas32(H_RENAME_LOCK, self.mine, 0)
         area.register(self.cpu)
 
