@@ -411,3 +411,33 @@ def test_every_journal_transaction_leaves_a_twin_of_its_records(tmp_path):
         assert all(j.twin is None for j in fs.journals)
     finally:
         fs.unmount()
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_through_the_mount_every_serving_process_leaves_journal_twins(tmp_path):
+    """Renames through the pnova command, served by one process per CPU: every
+    CPU whose journal held a transaction has the twin of its records in the
+    next CPU's journal block after the unmount."""
+    path = _image(tmp_path)
+    m = Mount(path, tmp_path / "mnt")
+    try:
+        m.start()
+        for i in range(20):
+            (m.mnt / f"a{i}").write_bytes(b"x")
+            os.rename(m.mnt / f"a{i}", m.mnt / f"b{i}")
+        m.stop()
+    finally:
+        m.cleanup()
+    fs = FileSystem.mount(path, readonly=True)
+    try:
+        used = 0
+        for j in fs.journals:
+            records = fs.pm.read(j.base + L.J_RECORDS, 4 * L.J_RECORD)
+            if records.strip(b"\0"):
+                used += 1
+                assert fs.pm.read(j.twin, 4 * L.J_RECORD) == records
+        assert used >= 1
+    finally:
+        fs.unmount()
