@@ -5,17 +5,23 @@
  * CRC32C values (u32, little-endian: 32 bytes) and one parity strip, the XOR
  * of the eight (512 bytes); see docs/SPEC.md section 9.1.  Computing them in
  * Python costs more than the write they protect, so this helper does the
- * arithmetic; it only reads the buffers it is given and returns new bytes
- * objects: every store to the device still goes through the pmem layer.
+ * arithmetic.  It reads the buffers it is given and returns new bytes objects,
+ * except seal_into, which the pmem layer calls to store a block's records into
+ * the mapping it owns (every store to the device still goes through it).
  *
  * CRC32C (Castagnoli, reflected polynomial 0x82F63B78, initial value and
- * final XOR 0xFFFFFFFF, as the crc32c package computes it) uses the SSE 4.2
- * instruction when the processor has it and a table otherwise.
+ * final XOR 0xFFFFFFFF, as the crc32c package computes it) uses, by what the
+ * processor has: carry-less multiplication of 512-bit vectors (VPCLMULQDQ with
+ * AVX-512), the SSE 4.2 CRC instruction, or a table.  implementation() names
+ * the one in use and use() selects another, so tests can check each.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #define BLOCK 4096
 #define STRIP 512
@@ -23,7 +29,10 @@
 #define CSUM_BYTES (4 * STRIPS)
 
 static uint32_t table[8][256];
-static int have_sse42;
+static int have_sse42, have_vpclmul;
+enum { IMPL_TABLE, IMPL_SSE42, IMPL_VPCLMUL };
+static int impl = IMPL_TABLE;                   /* what block_protect uses */
+static const char *const impl_names[] = {"table", "sse4.2", "vpclmulqdq"};
 
 static void
 make_tables(void)
@@ -130,11 +139,104 @@ block_sse42(const uint8_t *blk, uint8_t *sums, uint8_t *par)
 }
 #endif
 
+#if defined(__x86_64__)
+/*
+ * The same record by folding.  A strip's CRC is the remainder of its bits (as
+ * a polynomial) times x^32 modulo P, and multiplying by a power of x commutes
+ * with taking remainders, so a 128-bit piece of the strip can be moved d bits
+ * further on by two carry-less products with x^(d+31) mod P and x^(d-33) mod P
+ * (bit-reflected: the first byte holds the highest powers; the offsets, +31
+ * and -33 rather than +32 and -32, absorb the one-bit shift that a product of
+ * two reflected 64-bit values carries).  Each strip keeps four such pieces in
+ * one 512-bit register and folds them 512 bits on per 64 bytes read; at the
+ * strip's end the four are folded into the last one and the CRC instruction
+ * finishes its 16 bytes.  The eight strips of a block are folded side by side
+ * (the products' latency overlaps), and their XOR, the parity, comes out of
+ * the same loads.
+ */
+static uint64_t fold_k[4][2];   /* (low, high) multipliers: 512 bits on, then 384, 256, 128 */
+
+static uint32_t
+xpow_mod(unsigned n)            /* x^n mod P, bit-reflected (bit i: x^(31-i)) */
+{
+    uint32_t v = 0x80000000u;
+    while (n--)
+        v = (v >> 1) ^ (0x82F63B78u & (0u - (v & 1)));
+    return v;
+}
+
+static void
+make_fold_constants(void)
+{
+    static const unsigned dist[4] = {512, 384, 256, 128};
+    for (int i = 0; i < 4; i++) {
+        fold_k[i][0] = xpow_mod(dist[i] + 31);
+        fold_k[i][1] = xpow_mod(dist[i] - 33);
+    }
+}
+
+#define VEC_TARGET __attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.2")))
+
+VEC_TARGET static inline __m128i
+fold128(__m128i x, __m128i k, __m128i y)
+{
+    return _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00),
+                                       _mm_clmulepi64_si128(x, k, 0x11)), y);
+}
+
+VEC_TARGET static void
+block_vpclmul(const uint8_t *blk, uint8_t *sums, uint8_t *par)
+{
+    const __m512i k = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)fold_k[0]));
+    const __m128i k384 = _mm_loadu_si128((const __m128i *)fold_k[1]);
+    const __m128i k256 = _mm_loadu_si128((const __m128i *)fold_k[2]);
+    const __m128i k128 = _mm_loadu_si128((const __m128i *)fold_k[3]);
+    /* the initial value 0xFFFFFFFF is the same as XORing the first 4 bytes */
+    const __m512i init = _mm512_castsi128_si512(_mm_cvtsi32_si128(-1));
+    __m512i acc[STRIPS];
+    __m512i x = _mm512_setzero_si512();
+    for (int s = 0; s < STRIPS; s++) {
+        __m512i d = _mm512_loadu_si512((const void *)(blk + s * STRIP));
+        acc[s] = _mm512_xor_si512(d, init);
+        x = _mm512_xor_si512(x, d);
+    }
+    if (par != NULL)
+        _mm512_storeu_si512((void *)par, x);
+    for (int i = 1; i < STRIP / 64; i++) {
+        x = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int s = 0; s < STRIPS; s++) {
+            __m512i d = _mm512_loadu_si512((const void *)(blk + s * STRIP + 64 * i));
+            acc[s] = _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(acc[s], k, 0x00),
+                                               _mm512_clmulepi64_epi128(acc[s], k, 0x11),
+                                               d, 0x96);          /* a ^ b ^ c */
+            x = _mm512_xor_si512(x, d);
+        }
+        if (par != NULL)
+            _mm512_storeu_si512((void *)(par + 64 * i), x);
+    }
+    for (int s = 0; s < STRIPS; s++) {
+        __m128i l0 = _mm512_extracti32x4_epi32(acc[s], 0);
+        __m128i l1 = _mm512_extracti32x4_epi32(acc[s], 1);
+        __m128i l2 = _mm512_extracti32x4_epi32(acc[s], 2);
+        __m128i l3 = _mm512_extracti32x4_epi32(acc[s], 3);
+        __m128i v = fold128(l0, k384, fold128(l1, k256, fold128(l2, k128, l3)));
+        uint64_t c = __builtin_ia32_crc32di(0, (uint64_t)_mm_cvtsi128_si64(v));
+        c = __builtin_ia32_crc32di(c, (uint64_t)_mm_extract_epi64(v, 1));
+        put_u32(sums + 4 * s, (uint32_t)c ^ 0xFFFFFFFFu);
+    }
+}
+#endif
+
 static void
 block_protect(const uint8_t *blk, uint8_t *sums, uint8_t *par)
 {
 #if defined(__x86_64__)
-    if (have_sse42) {
+    if (impl == IMPL_VPCLMUL) {
+        block_vpclmul(blk, sums, par);
+        return;
+    }
+    if (impl == IMPL_SSE42) {
         block_sse42(blk, sums, par);
         return;
     }
@@ -238,6 +340,54 @@ seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(NN)", sums, par);
 }
 
+/* seal_into(buf, offset, nblocks, sums, sums2, parity) -> int: seal() writing into
+ * the writable buffer itself: the checksums at byte `sums` (and again at
+ * `sums2` unless it is -1), the parity at byte `parity` (unless -1); returns
+ * the CRC32C of the checksums (the extent's data digest).  For the pmem layer,
+ * which owns the buffer: the records need no copy through Python objects. */
+static PyObject *
+seal_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "seal_into(buffer, offset, nblocks, sums, sums2, parity)");
+        return NULL;
+    }
+    Py_ssize_t at[3];
+    for (int i = 0; i < 3; i++) {
+        at[i] = PyLong_AsSsize_t(args[3 + i]);
+        if (at[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    Py_ssize_t n;
+    const uint8_t *p = blocks_at(&view, args, &n);
+    if (p == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    Py_ssize_t need[3] = {n * CSUM_BYTES, n * CSUM_BYTES, n * STRIP};
+    for (int i = 0; i < 3; i++) {
+        if (at[i] < -1 || (i == 0 && at[i] < 0) || at[i] > view.len - need[i]) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "a record outside the buffer");
+            return NULL;
+        }
+    }
+    uint8_t *base = (uint8_t *)view.buf;
+    uint8_t *sums = base + at[0];
+    uint8_t *par = at[2] >= 0 ? base + at[2] : NULL;
+    for (Py_ssize_t b = 0; b < n; b++)
+        block_protect(p + b * BLOCK, sums + b * CSUM_BYTES, par ? par + b * STRIP : NULL);
+    if (at[1] >= 0)
+        memcpy(base + at[1], sums, (size_t)need[0]);
+    uint32_t digest = crc32c(sums, (size_t)need[0]);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(digest);
+}
+
 /* matches(buf, block_offset, record_offset) -> bool: the block's strips have the
  * checksums the record at record_offset holds (the read path's one call) */
 static PyObject *
@@ -318,16 +468,61 @@ crc(PyObject *module, PyObject *arg)
     return PyLong_FromUnsignedLong(c);
 }
 
+/* implementation() -> str: how block records are computed here */
+static PyObject *
+implementation(PyObject *module, PyObject *unused)
+{
+    return PyUnicode_FromString(impl_names[impl]);
+}
+
+/* implementations() -> list of str: those this processor can run, fastest first */
+static PyObject *
+implementations(PyObject *module, PyObject *unused)
+{
+    if (have_vpclmul)
+        return Py_BuildValue("[sss]", impl_names[2], impl_names[1], impl_names[0]);
+    if (have_sse42)
+        return Py_BuildValue("[ss]", impl_names[1], impl_names[0]);
+    return Py_BuildValue("[s]", impl_names[0]);
+}
+
+/* use(name) -> str: compute block records with `name` from now on; returns the
+ * previous one (ValueError if this processor cannot run it) */
+static PyObject *
+use(PyObject *module, PyObject *arg)
+{
+    const char *name = PyUnicode_AsUTF8AndSize(arg, NULL);
+    if (name == NULL)
+        return NULL;
+    int avail[3] = {1, have_sse42, have_vpclmul};
+    for (int i = 0; i < 3; i++) {
+        if (strcmp(name, impl_names[i]) == 0 && avail[i]) {
+            int old = impl;
+            impl = i;
+            return PyUnicode_FromString(impl_names[old]);
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "%s: not an implementation this processor runs", name);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"checksums", (PyCFunction)(void (*)(void))checksums, METH_FASTCALL,
      "checksums(buffer, offset, nblocks) -> bytes: eight CRC32C (u32 LE) per block"},
     {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL,
      "seal(buffer, offset, nblocks) -> (checksums, parity) of the blocks"},
+    {"seal_into", (PyCFunction)(void (*)(void))seal_into, METH_FASTCALL,
+     "seal_into(buffer, offset, nblocks, sums, sums2, parity) -> int: records written "
+     "into the buffer; returns the checksums' CRC32C"},
     {"matches", (PyCFunction)(void (*)(void))matches, METH_FASTCALL,
      "matches(buffer, block_offset, record_offset) -> bool"},
     {"good_run", (PyCFunction)(void (*)(void))good_run, METH_FASTCALL,
      "good_run(buffer, block_offset, nblocks, record_offset) -> int: blocks that match"},
     {"crc32c", crc, METH_O, "crc32c(data) -> int"},
+    {"implementation", implementation, METH_NOARGS, "implementation() -> str: the one in use"},
+    {"implementations", implementations, METH_NOARGS,
+     "implementations() -> list: those this processor runs, fastest first"},
+    {"use", use, METH_O, "use(name) -> str: select an implementation; returns the previous"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -343,6 +538,17 @@ PyInit__protect(void)
 #if defined(__x86_64__)
     __builtin_cpu_init();
     have_sse42 = __builtin_cpu_supports("sse4.2");
+    /* (the AVX-512 check includes the operating system's saving of its registers) */
+    have_vpclmul = have_sse42 && __builtin_cpu_supports("avx512f")
+        && __builtin_cpu_supports("vpclmulqdq") && __builtin_cpu_supports("pclmul");
+    make_fold_constants();
+    impl = have_vpclmul ? IMPL_VPCLMUL : have_sse42 ? IMPL_SSE42 : IMPL_TABLE;
 #endif
-    return PyModule_Create(&protect_module);
+    PyObject *m = PyModule_Create(&protect_module);
+    if (m != NULL && (PyModule_AddIntConstant(m, "CSUM_BYTES", CSUM_BYTES) < 0
+                      || PyModule_AddIntConstant(m, "STRIP_BYTES", STRIP) < 0)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -8,7 +8,9 @@ device the mapping itself is the medium, so in the default fast mode flush and
 fence only count; a tracked mode that keeps a separate durable image (for crash
 injection, :class:`TrackedPMem`) subclasses this class and overrides the
 primitives, so callers never change: ``store``, ``store_u64``, ``store_zero``, ``store_copy``,
-``flush`` and ``fence`` are the whole set of mutating calls.  The numpy view
+``store_read`` (a request read from a descriptor into the mapping), ``store_seal``
+(a data extent's protection records, computed into the mapping), ``flush`` and
+``fence`` are the whole set of mutating calls.  The numpy view
 ``buf`` handed to readers is read-only, so no caller can bypass them.
 
 **Poison.** Real persistent memory reports uncorrectable media errors as
@@ -32,6 +34,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from . import _protect
 from .atomics import SharedWords
 
 CACHELINE = 64
@@ -285,6 +288,31 @@ class PMem:
                 left -= n
         return got
 
+    def store_seal(self, off: int, nblocks: int, sums: int, sums2: int, parity: int) -> int:
+        """Store the protection records of the ``nblocks`` data blocks at byte
+        ``off``, computed from them: their strip checksums at ``sums`` and
+        again at ``sums2``, their parity at ``parity`` (-1: that one not kept).
+        Returns the checksums' CRC32C (the extent's data digest).  One call
+        instead of a store of each record: the records never pass through
+        Python objects (SPEC 9.1, DESIGN 23)."""
+        digest = _protect.seal_into(self._wbuf, off, nblocks, sums, sums2, parity)
+        self.stores += 1
+        if self.poison:
+            for o, n in self._seal_ranges(nblocks, sums, sums2, parity):
+                self._clear_poison(o, n)
+        return digest
+
+    @staticmethod
+    def _seal_ranges(nblocks: int, sums: int, sums2: int,
+                     parity: int) -> list[tuple[int, int]]:
+        """The byte ranges :meth:`store_seal` writes."""
+        out = [(sums, nblocks * _protect.CSUM_BYTES)]
+        if sums2 >= 0:
+            out.append((sums2, nblocks * _protect.CSUM_BYTES))
+        if parity >= 0:
+            out.append((parity, nblocks * _protect.STRIP_BYTES))
+        return out
+
     def flush(self, off: int, n: int) -> None:
         """Write back every cache line that covers [off, off+n)."""
         self.flushes += ((off + n + CACHELINE - 1) // CACHELINE) - off // CACHELINE
@@ -483,6 +511,12 @@ class TrackedPMem(PMem):
             pos += n
             left -= n
         return got
+
+    def store_seal(self, off: int, nblocks: int, sums: int, sums2: int, parity: int) -> int:
+        digest = super().store_seal(off, nblocks, sums, sums2, parity)
+        for o, n in self._seal_ranges(nblocks, sums, sums2, parity):
+            self._mark(o, n)                   # each record a store unit of its own
+        return digest
 
     def commit_u64(self, off: int, value: int) -> None:
         self.fence()

@@ -103,16 +103,16 @@ class DataProtection:
         if not self.csum:
             return None
         pm = self.pm
-        sums, par = _protect.seal(pm.mm, start * L.BLOCK, count)
         c1, c2, p = self.records(start)
-        pm.store(c1, sums)
-        pm.store(c2, sums)
-        pm.flush(c1, len(sums))
-        pm.flush(c2, len(sums))
-        if self.parity:
-            pm.store(p, par)
-            pm.flush(p, len(par))
-        return _protect.crc32c(sums) if self.digests else None
+        if not self.parity:
+            p = -1
+        digest = pm.store_seal(start * L.BLOCK, count, c1, c2, p)
+        n = count * L.CSUM_SIZE
+        pm.flush(c1, n)
+        pm.flush(c2, n)
+        if p >= 0:
+            pm.flush(p, count * L.PARITY_SIZE)
+        return digest if self.digests else None
 
     def reseal(self, start: int, count: int) -> None:
         """Rewrite the records of blocks whose data is known good (a write entry's
