@@ -105,7 +105,20 @@ class PMem:
         try:
             st = os.fstat(self.fd)
             if create and size is not None and st.st_size != size:
-                os.ftruncate(self.fd, size)
+                # Formatting an existing file at another size: its storage is
+                # taken first, and a refusal leaves the file as it was (a
+                # shrink only after the room is there, a growth undone).
+                if size < st.st_size:
+                    reserve(self.fd, path, size, new=True)
+                    os.ftruncate(self.fd, size)
+                else:
+                    os.ftruncate(self.fd, size)
+                    try:
+                        reserve(self.fd, path, size, new=True)
+                    except DeviceError:
+                        if not made:
+                            os.ftruncate(self.fd, st.st_size)
+                        raise
             self.size = os.fstat(self.fd).st_size
             if self.size == 0:
                 raise DeviceError(f"{path}: device is empty")

@@ -1239,6 +1239,14 @@ def test_mkfs_refuses_an_image_its_file_system_has_no_room_for(small_fs: Path) -
                        timeout=WAIT)
     assert r.returncode == 1 and one_line(r.stderr) and "no room" in r.stderr, r.stderr
     assert not img.exists()
+    # An existing file is left exactly as it was: not grown, not emptied.
+    old = small_fs / "old.img"
+    content = random.Random(3).randbytes(1 << 20)
+    old.write_bytes(content)
+    r = subprocess.run([*MKFS, "-f", "--size", "128M", str(old)], capture_output=True,
+                       text=True, timeout=WAIT)
+    assert r.returncode == 1 and one_line(r.stderr) and "no room" in r.stderr, r.stderr
+    assert old.stat().st_size == 1 << 20 and old.read_bytes() == content
 
 
 @needs_root
