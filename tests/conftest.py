@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -39,3 +42,14 @@ def fs(image):
     yield f
     if f.pm is not None:
         f.unmount()
+
+
+@pytest.fixture
+def shm_dir():
+    """A fresh directory in /dev/shm (tmpfs): an image there is one in memory
+    (no syncs to a disk), whatever file system holds the test's own tmp_path."""
+    d = tempfile.mkdtemp(prefix="pnova-test-", dir="/dev/shm")
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
