@@ -351,13 +351,17 @@ class Namei:
             return self.attr(d if name == b"." else self.get(d.parent or parent))
         if len(name) > L.NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        if self.shared and not self._ns_alone and self._valid_ino(parent):
+        if self.shared and not self._ns_alone and self._valid_ino(parent) and \
+                not self._private_dir(parent):
             # No lock: a change of this name that has not bumped its version
             # yet has not returned either, and the lookup may come before it.
             # A lookup counts as a use: the directory of another CPU becomes
             # shared, whose operations bump name versions, not the epoch
             # that would make this cache catch up in full for every lookup.
-            self._private_dir(parent)
+            # (A directory this CPU alone uses lately is read as any cache is
+            # validated, below: no other process appends to its log, so
+            # that costs nothing, and a change another CPU begins now marks
+            # it shared first, so it comes after this lookup.)
             slot = self._name_slot(parent, name)
             # A change of the name in progress holds its lock as a writer; a
             # writer that died there may have committed without bumping the
