@@ -288,7 +288,8 @@ blocks_at(Py_buffer *view, PyObject *const *args, Py_ssize_t *nblocks)
     *nblocks = PyLong_AsSsize_t(args[2]);
     if (*nblocks == -1 && PyErr_Occurred())
         return NULL;
-    if (off < 0 || *nblocks < 0 || off > view->len - *nblocks * BLOCK) {
+    /* (divided, not multiplied: a huge count must not wrap around) */
+    if (off < 0 || *nblocks < 0 || off > view->len || *nblocks > (view->len - off) / BLOCK) {
         PyErr_Format(PyExc_ValueError, "blocks %zd+%zd*4096 outside a buffer of %zd bytes",
                      off, *nblocks, view->len);
         return NULL;
@@ -340,6 +341,12 @@ seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(NN)", sums, par);
 }
 
+static int
+overlaps(Py_ssize_t a, Py_ssize_t alen, Py_ssize_t b, Py_ssize_t blen)
+{
+    return alen > 0 && blen > 0 && a < b + blen && b < a + alen;
+}
+
 /* seal_into(buf, offset, nblocks, sums, sums2, parity) -> int: seal() writing into
  * the writable buffer itself: the checksums at byte `sums` (and again at
  * `sums2` unless it is -1), the parity at byte `parity` (unless -1); returns
@@ -368,11 +375,22 @@ seal_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&view);
         return NULL;
     }
+    /* (n blocks fit in the buffer, so these products cannot wrap) */
     Py_ssize_t need[3] = {n * CSUM_BYTES, n * CSUM_BYTES, n * STRIP};
+    Py_ssize_t data = p - (const uint8_t *)view.buf;
     for (int i = 0; i < 3; i++) {
         if (at[i] < -1 || (i == 0 && at[i] < 0) || at[i] > view.len - need[i]) {
             PyBuffer_Release(&view);
             PyErr_SetString(PyExc_ValueError, "a record outside the buffer");
+            return NULL;
+        }
+        /* a record kept inside the blocks it describes, or over another record */
+        int bad = at[i] >= 0 && overlaps(at[i], need[i], data, n * BLOCK);
+        for (int j = 0; j < i; j++)
+            bad |= at[i] >= 0 && at[j] >= 0 && overlaps(at[i], need[i], at[j], need[j]);
+        if (bad) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "records overlap each other or the blocks");
             return NULL;
         }
     }

@@ -48,8 +48,14 @@ class Compaction:
         compaction syncs the image first (its new chain must be on the disk
         before the words that switch to it), an msync of milliseconds: a file
         overwritten in place filled its 4-page threshold every 190 writes, and
-        the syncs took a fifth of the time of 4 KiB overwrites (DESIGN 12)."""
-        return DISK_COMPACT_MIN_PAGES if self.pm.mode == "disk" else COMPACT_MIN_PAGES
+        the syncs took a fifth of the time of 4 KiB overwrites (DESIGN 12).
+        Long logs take room, though: once less than a quarter of the blocks
+        is free, logs are compacted from four pages again, so that many files
+        written in place never fill the device with dead entries."""
+        if self.pm.mode != "disk":
+            return COMPACT_MIN_PAGES
+        a = self.alloc
+        return DISK_COMPACT_MIN_PAGES if 4 * a.nfree >= a.ntotal else COMPACT_MIN_PAGES
 
     def _want_compaction(self, inode: Inode) -> None:
         """Note an inode whose logs have grown well past its live state."""

@@ -84,6 +84,23 @@ def test_a_file_overwritten_in_place_is_compacted_rarely_on_a_disk(tmp_path):
             os.unlink(shm)
 
 
+def test_many_files_overwritten_in_place_never_fill_a_disk_image_with_logs(tmp_path):
+    # Each of 40 small files may keep a long log on a disk-backed image, but not
+    # at the price of the space: once a quarter of the blocks is all that is
+    # free, logs are compacted from four pages again, and the writes go on.
+    path = _disk_image(tmp_path, 4 << 20)
+    fs = FileSystem.mount(path)
+    inos = [fs.create(ROOT, b"f%d" % i, 0o644).ino for i in range(40)]
+    total = fs.statfs().blocks
+    last = {}
+    for k in range(40 * L.LOG_DATA // 64 * 24):          # 24 pages of entries each
+        fs.write(inos[k % 40], 0, b"%08d" % k)
+        last[inos[k % 40]] = b"%08d" % k
+    assert 4 * fs.statfs().bfree >= total - 4 * 40 * 2   # about a quarter stays free
+    assert all(fs.read(ino, 0, 8) == v for ino, v in last.items())
+    fs.unmount()
+
+
 def test_fsync_pushes_the_image_to_the_disk(tmp_path):
     path = _disk_image(tmp_path)
     fs = FileSystem.mount(path)

@@ -142,7 +142,11 @@ def test_records_are_computed_into_the_mapping_where_they_are_kept():
     assert buf2[12288 + 96:] == bytes(4096 - 96)
     for bad in ((0, 3, 12288, -1, 16384 - 1000),       # parity past the end
                 (0, 3, -1, -1, -1),                     # the first copy is not optional
-                (8192, 3, 12288, -1, -1)):              # blocks past the end
+                (8192, 3, 12288, -1, -1),               # blocks past the end
+                (0, 2 ** 59, 0, -1, -1),                # a count whose size wraps around
+                (0, 3, 12288, 12288 + 16, -1),          # the copies overlap
+                (0, 3, 12288, -1, 12288 + 64),          # parity over the checksums
+                (0, 3, 4096, -1, -1)):                  # checksums inside the blocks
         with pytest.raises(ValueError):
             _protect.seal_into(buf, *bad)
     with pytest.raises(BufferError):

@@ -57,9 +57,12 @@ def _workload(path: str) -> dict[str, bytes]:
         fs.write(ino, 0, data)
         want[f"d/f{i}"] = data
     big = fs.create(ROOT, b"big", 0o644).ino
-    for k in range(400):                  # enough overwrites to compact its log
+    # enough overwrites to compact its log (from 64 pages on a disk, DESIGN 12)
+    n = max(400, L.LOG_DATA // 64 * (fs._compact_min_pages() + 2)) // 4 * 4
+    for k in range(n):
         fs.write(big, (k % 4) * 4096, bytes([k % 251]) * 4096)
-    want["big"] = b"".join(bytes([k % 251]) * 4096 for k in range(396, 400))
+    assert fs.get(big).rewrites >= 1 or len(fs.get(big).log_pages) < 4   # compacted
+    want["big"] = b"".join(bytes([k % 251]) * 4096 for k in range(n - 4, n))
     fs.setxattr(big, b"user.k", b"v")
     fs.link(fs.lookup(d, b"f1").ino, ROOT, b"hard")
     want["hard"] = want["d/f1"]
