@@ -87,23 +87,25 @@ class Commit:
             updates = [(self.inode_addr(i.ino) + L.I_LOG_TAIL, t)
                        for i, t, _, _, _ in appended]
             self.journals[self.cpu].run(updates + list(extra))
-            freed: list[int] = []
-            for inode, new_tail, pages, entries, behind in appended:
-                if behind:
-                    # The cache keeps its tail and pages: the next validation
-                    # walks from there and applies, in log order, the other
-                    # processes' entries and these again (dentries, and link
-                    # counts changed only under the directory's exclusive lock,
-                    # give the same state either way).
-                    for e in entries:
-                        inode.apply(e)
-                    if pages:
-                        self._compact_wanted.add(inode.ino)   # looked at once caught up
-                else:
-                    freed.extend(self._committed(inode, new_tail, pages, entries))
         finally:
             for ino in reversed(locked):
                 sch.log_unlock(ino)
+        # The caches follow after the locks are gone: they are this process's
+        # alone, and the logs' waiters need not wait for them (DESIGN 19.8).
+        freed: list[int] = []
+        for inode, new_tail, pages, entries, behind in appended:
+            if behind:
+                # The cache keeps its tail and pages: the next validation
+                # walks from there and applies, in log order, the other
+                # processes' entries and these again (dentries, and link
+                # counts changed only under the directory's exclusive lock,
+                # give the same state either way).
+                for e in entries:
+                    inode.apply(e)
+                if pages:
+                    self._compact_wanted.add(inode.ino)   # looked at once caught up
+            else:
+                freed.extend(self._committed(inode, new_tail, pages, entries))
         return freed
 
     def _dir_tail_under_log_lock(self, inode: Inode) -> tuple[Inode, int | None]:
@@ -173,9 +175,9 @@ class Commit:
             new_tail, pages = self._append(inode.tail, _encode(entries, self.marks),
                                            ino, self._new_log_page)
             self._slot_commit(addr + L.I_LOG_TAIL, new_tail)
-            return self._committed(inode, new_tail, pages, entries)
         finally:
             sch.log_unlock(ino)
+        return self._committed(inode, new_tail, pages, entries)   # (after the lock, as above)
 
     def _append(self, tail: int, raws: list[bytes], ino: int, new_page) -> tuple[int, list[int]]:
         """:func:`plog.append`, with one entry that fits in the tail's page written
