@@ -20,6 +20,7 @@ import os
 import pickle
 import socket
 import stat
+import time
 
 import hypothesis.strategies as st
 import pytest
@@ -421,6 +422,8 @@ def test_a_directory_one_cpu_uses_alone_is_held_whole_and_others_still_see_it(tm
         a("create", d, b"a0", 0o644)
         assert a("dir_users", d) & DIR_SHARED                 # CPU 0 came: shared
         assert a("lookup", d, b"b0")
+        # "at once" is the next tick of the directory users word's clock (2^20 ns)
+        time.sleep(0.003)
         b("rename", d, b"b0", d, b"b1")                       # (takes it back: private)
         assert b("dir_users", d) == 2
         b("create", d, b"b2", 0o644)
