@@ -80,6 +80,16 @@ class DataProtection:
         self.repaired = 0            # strips rebuilt and copies rewritten since mount
         self.lost = 0                # blocks found with strips that could not be rebuilt
 
+    def summary(self) -> str:
+        """How file data is protected, for the mount log."""
+        if not self.csum:
+            return "file data: no checksums (formatted with --no-data-csum)"
+        how = (f"file data: a CRC32C per 512-byte strip, kept twice, computed with "
+               f"{_protect.implementation()}")
+        if not self.parity:
+            return how + "; no parity (formatted with --no-data-parity)"
+        return how + ", and a parity strip per block"
+
     # ------------------------------------------------------------ where
     def records(self, block: int) -> tuple[int, int, int]:
         """Byte offsets of ``block``'s checksum record, its replica and its parity."""

@@ -234,6 +234,7 @@ class Mount:
         logger.info("mounted %s via %s path in %.3f s (%d free blocks, %d free inodes)",
                     path, fs.mount_path, fs.mount_seconds, fs.alloc.nfree, fs.nfree_inodes)
         logger.info("%s: %s", path, pm.describe())
+        logger.info("%s: %s", path, fs.prot.summary())
         return fs
 
     def unmount(self) -> None:

@@ -122,6 +122,20 @@ def test_every_implementation_this_processor_runs_computes_the_same_records(impl
         _protect.use("no-such-implementation")
 
 
+def test_the_mount_log_says_how_file_data_is_protected(tmp_path, caplog):
+    caplog.set_level("INFO", logger="pnova")
+    for features, words in ((L.DEFAULT_FEATURES, ["computed with " + _protect.implementation(),
+                                                  "a parity strip per block"]),
+                            (L.FEATURE_DATA_CSUM, ["no parity"]),
+                            (0, ["no checksums"])):
+        path = str(tmp_path / "p.img")
+        format_device(path, 8 << 20, numa_nodes=1, cpus_per_node=1, features=features)
+        caplog.clear()
+        FileSystem.mount(path).unmount()
+        line = [r.getMessage() for r in caplog.records if "file data:" in r.getMessage()]
+        assert len(line) == 1 and all(w in line[0] for w in words), line
+
+
 def test_records_are_computed_into_the_mapping_where_they_are_kept():
     # The write path's one call: both checksum copies and the parity land in
     # the buffer (the device's mapping), nothing else changes, and the answer
