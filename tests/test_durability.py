@@ -50,7 +50,7 @@ def test_an_image_in_memory_is_told_from_one_on_a_disk(tmp_path):
             os.unlink(shm)
 
 
-def test_a_file_overwritten_in_place_is_compacted_rarely_on_a_disk(tmp_path):
+def test_a_file_overwritten_in_place_is_compacted_rarely_on_a_disk(tmp_path, shm_dir):
     # Each compaction of a disk-backed image syncs it (its new chain must reach
     # the disk before the words that switch to it): a file overwritten in place
     # must not pay one every few pages, as an image in memory may.
@@ -70,18 +70,14 @@ def test_a_file_overwritten_in_place_is_compacted_rarely_on_a_disk(tmp_path):
     assert len(fs.get(ino).log_pages) <= 5               # the new chain and what followed
     assert fs.read(ino, 0, 8) == b"%08d" % (per_page * 4 - 1)
     fs.unmount()
-    if os.path.isdir("/dev/shm"):                        # in memory: after four pages
-        shm = f"/dev/shm/pnova-test-{os.getpid()}.img"
-        try:
-            format_device(shm, 16 << 20, numa_nodes=1, cpus_per_node=1)
-            fs = FileSystem.mount(shm)
-            ino = fs.create(ROOT, b"f", 0o644).ino
-            for i in range(per_page * 8):
-                fs.write(ino, 0, b"%08d" % i)
-                assert len(fs.get(ino).log_pages) <= 4
-            fs.unmount()
-        finally:
-            os.unlink(shm)
+    shm = str(shm_dir / "m.img")                         # in memory: after four pages
+    format_device(shm, 16 << 20, numa_nodes=1, cpus_per_node=1)
+    fs = FileSystem.mount(shm)
+    ino = fs.create(ROOT, b"f", 0o644).ino
+    for i in range(per_page * 8):
+        fs.write(ino, 0, b"%08d" % i)
+        assert len(fs.get(ino).log_pages) <= 4
+    fs.unmount()
 
 
 def test_many_files_overwritten_in_place_never_fill_a_disk_image_with_logs(tmp_path):
