@@ -64,9 +64,10 @@ class Target(Protocol):
 
 
 # What a pnova image is formatted to protect (mkfs.pnova's options): "full" is
-# the default (data checksums and parity, inode replicas), "data" leaves the
-# inode replicas out, "csum" the parity too, "none" everything.
-PROTECTIONS = {"full": 7, "data": 3, "csum": 1, "none": 0}
+# the default (data checksums and parity, inode replicas, log page twins),
+# "data" leaves the metadata replicas out, "csum" the parity too, "none"
+# everything.
+PROTECTIONS = {"full": 15, "data": 3, "csum": 1, "none": 0}
 
 
 def split_scheme(scheme: str) -> tuple[str, int]:

@@ -49,7 +49,10 @@ class Attributes:
                     size, blocks, inode.atime, inode.mtime, inode.ctime, inode.generation)
 
     def getattr(self, ino: int) -> Attr:
-        return self.attr(self.get(ino))
+        attr = self.attr(self.get(ino))
+        if self._repair_wanted:
+            self._compact_pending()              # its log was read around damage
+        return attr
 
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,

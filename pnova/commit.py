@@ -37,8 +37,28 @@ def _encode(entries: list[tuple], marks: bool = True) -> list[bytes]:
 class Commit:
     """Appending entries and committing them."""
 
-    def _new_log_page(self) -> int:
-        return self.alloc.alloc_one(self.cpu, meta=True)
+    def _new_log_page(self) -> tuple[int, int]:
+        """A log page from this CPU's region and its twin (0: the image keeps
+        none) from the next CPU's, so that one damaged region never holds
+        both copies."""
+        blk = self.alloc.alloc_one(self.cpu, meta=True)
+        if not self.log_twins:
+            return blk, 0
+        try:
+            return blk, self.alloc.alloc_one(self._twin_cpu, meta=True)
+        except FsError:
+            self.alloc.free(blk, 1)
+            raise
+
+    def _tail_twin(self, pages: list[int], tail: int) -> int | None:
+        """The twin of the page holding ``tail``, when a cache's page list (each
+        page followed by its twin) ends with that page; else None (the page
+        tail says)."""
+        if not self.log_twins:
+            return 0
+        if len(pages) >= 2 and pages[-2] == tail // L.BLOCK:
+            return pages[-1]
+        return None
 
     def _commit(self, changes: list[tuple[Inode, list[tuple]]],
                 extra: list[tuple[int, int]] = (), extra_pages: list[int] = ()) -> list[int]:
@@ -71,8 +91,10 @@ class Commit:
                             inode = self._current_under_log_lock(inode)
                     entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
                     raws = _encode(entries, self.marks)
-                    new_tail, pages = plog.append(pm, inode.tail if tail is None else tail,
-                                                  raws, inode.ino, self._new_log_page)
+                    at = inode.tail if tail is None else tail
+                    twin = self._tail_twin(inode.log_pages, at)
+                    new_tail, pages = plog.append(pm, at, raws, inode.ino, self._new_log_page,
+                                                  self._twin_here(at) if twin is None else twin)
                     appended.append((inode, new_tail, pages, entries, tail is not None))
             except FsError as exc:
                 for p in getattr(exc, "pages", []):
@@ -162,7 +184,6 @@ class Commit:
     def _commit_one(self, inode: Inode, entries: list[tuple]) -> list[int]:
         """:meth:`_commit` for one inode and no other words: one log, one tail
         store (the common case, kept short: it is on every write's path)."""
-        pm = self.pm
         sch = self.scheme
         ino = inode.ino
         addr = self.inode_addr(ino)
@@ -173,28 +194,47 @@ class Commit:
             seq = self._next_seq
             entries = [(e[0], seq()) + e[2:] for e in entries]
             new_tail, pages = self._append(inode.tail, _encode(entries, self.marks),
-                                           ino, self._new_log_page)
+                                           ino, self._new_log_page, inode.log_pages)
             self._slot_commit(addr + L.I_LOG_TAIL, new_tail)
         finally:
             sch.log_unlock(ino)
         return self._committed(inode, new_tail, pages, entries)   # (after the lock, as above)
 
-    def _append(self, tail: int, raws: list[bytes], ino: int, new_page) -> tuple[int, list[int]]:
+    def _append(self, tail: int, raws: list[bytes], ino: int, new_page,
+                pages: list[int]) -> tuple[int, list[int]]:
         """:func:`plog.append`, with one entry that fits in the tail's page written
-        directly; pages it allocated are freed again if it fails."""
+        directly; pages it allocated are freed again if it fails.  ``pages``:
+        the cache's list of the log's pages."""
+        twin = self._tail_twin(pages, tail)
         if len(raws) == 1:
             raw = raws[0]
             if tail % L.BLOCK + len(raw) <= L.LOG_DATA:
                 pm = self.pm
                 pm.store(tail, raw)
                 pm.flush(tail, len(raw))
+                if twin is None:
+                    twin = self._twin_here(tail)
+                if twin:
+                    t = twin * L.BLOCK + tail % L.BLOCK
+                    pm.store(t, raw)
+                    pm.flush(t, len(raw))
                 return tail + len(raw), []
         try:
-            return plog.append(self.pm, tail, raws, ino, new_page)
+            if twin is None:
+                twin = self._twin_here(tail)
+            return plog.append(self.pm, tail, raws, ino, new_page, twin)
         except FsError as exc:
             for p in getattr(exc, "pages", []):
                 self.alloc.free(p, 1)
             raise
+
+    def _twin_here(self, tail: int) -> int:
+        """The twin of the page holding ``tail``, from that page's tail (EIO when
+        it does not read: the log is repaired when it is next read whole)."""
+        try:
+            return plog.twin_of(self.pm, tail - tail % L.BLOCK)
+        except plog.LogError as e:
+            raise FsError(errno.EIO, str(e)) from None
 
     def _commit_local(self, inode: Inode, entries: list[tuple]) -> list[int]:
         """Append file-write entries to this CPU's local log and commit them.
@@ -211,24 +251,29 @@ class Commit:
         line = inode.array * L.BLOCK + cpu * L.LA_LINE
         have = inode.local.get(cpu)
         if have is None:
-            page = self._local_page()
+            page, twin = self._local_page()
+            first = [page] + ([twin] if twin else [])
             try:
-                plog.init_page(pm, page, inode.ino)
-                tail, more = plog.append(pm, page * L.BLOCK, raws, inode.ino, self._local_page)
+                plog.init_page(pm, page, inode.ino, twin)
+                tail, more = plog.append(pm, page * L.BLOCK, raws, inode.ino, self._local_page,
+                                         twin)
             except FsError as exc:
-                for p in [page] + getattr(exc, "pages", []):
+                for p in first + getattr(exc, "pages", []):
                     self.alloc.free(p, 1)
                 raise
             pm.fence()                                 # entries durable before the log exists
+            if twin:
+                pm.store_u64(line + L.LA_HEAD_TWIN, twin * L.BLOCK)
+                pm.flush(line + L.LA_HEAD_TWIN, 8)
             pm.store_u64(line + L.LA_HEAD, page * L.BLOCK)
             pm.flush(line + L.LA_HEAD, 8)
             pm.fence()                                 # head before tail: tail 0 = no log yet
             pm.store_u64(line + L.LA_TAIL, tail)
             pm.flush(line + L.LA_TAIL, 8)
             pm.fence()                                 # committed
-            have = inode.local[cpu] = [page * L.BLOCK, tail, [page] + more]
+            have = inode.local[cpu] = [page * L.BLOCK, tail, first + more]
         else:
-            tail, more = self._append(have[1], raws, inode.ino, self._local_page)
+            tail, more = self._append(have[1], raws, inode.ino, self._local_page, have[2])
             pm.commit_u64(line + L.LA_TAIL, tail)
             have[1] = tail
             if more:
@@ -267,15 +312,24 @@ class Commit:
         finally:
             sch.log_unlock(inode.ino)
 
-    def _local_page(self) -> int:
-        """A log page for this CPU's local logs: from its ring, else allocated now."""
+    def _local_page(self) -> tuple[int, int]:
+        """A log page for this CPU's local logs, from its ring, else allocated
+        now; and its twin (0: none), from the next CPU's region."""
         v = None
         if self.shared:
             ring = self.rings[self.cpu]
             v = ring.pop()
             if self.ring_low is not None and len(ring) < RING_LOW:
                 self.ring_low()
-        return v if v else self.alloc.alloc_one(self.cpu, meta=True)
+        if not v:
+            return self._new_log_page()
+        if not self.log_twins:
+            return v, 0
+        try:
+            return v, self.alloc.alloc_one(self._twin_cpu, meta=True)
+        except FsError:
+            self.alloc.free(v, 1)
+            raise
 
     def refill_rings(self, low: int = RING_LOW) -> int:
         """The designated refiller: top up every CPU's ring of free log pages.

@@ -44,6 +44,7 @@ from .crashtest import IMAGE_SIZE  # noqa: F401  (the size of the crash images i
 from .crashtest import (OBJECT_OPS, SETUP, SEQ1_OPS, CaseResult, Driver, Failure, Model, Step,
                         _explicit_times, _shm, _valid, check_state, edge_cases, prepare_image,
                         run_cases, seq2_cases)
+from . import layout as L
 from .engine import FileSystem
 from .pmem import PAGE, PagedPMem, PMem
 
@@ -80,7 +81,7 @@ def page_states(versions: dict[int, list[bytes]], rng: random.Random,
     (pages left out hold version 0, the synced one).
 
     ``twins`` maps each page of an inode-replica table to the page of the table
-    it mirrors (SPEC 5.5).  In the exhaustive subsets a dirty twin arrives with
+    it mirrors (SPEC 5.5), and each twin log page to its primary (SPEC 6).  In the exhaustive subsets a dirty twin arrives with
     the page it mirrors, so that replicas do not shrink the number of pages
     enumerated exhaustively, and in the first random states it holds the version
     of the same moment as that page; the single pages, all-but-one and
@@ -193,6 +194,13 @@ def run_steps(setup: list[Step], ops: list[Step], *, ident: str = "custom", case
 
         def snapshot(p: PagedPMem) -> None:
             for page in p.dirty_pages().tolist():
+                if fs.log_twins and page not in twins:
+                    # a log page's twin (format 8) moves with its primary too
+                    tail = p.buf[page * PAGE + L.PT_NEXT:(page + 1) * PAGE].tobytes()
+                    if L.check_page_tail(tail) is None:
+                        named = L.page_tail_twin(tail)
+                        if named & L.TWIN_ROLE:
+                            twins[page] = named & ~L.TWIN_ROLE
                 v = versions.setdefault(page, [p.disk[page * PAGE:(page + 1) * PAGE].tobytes()])
                 now = p.buf[page * PAGE:(page + 1) * PAGE].tobytes()
                 if v[-1] != now:

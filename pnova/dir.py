@@ -22,6 +22,9 @@ class Directories:
         """Entries after cookie ``off``: (name, ino, next cookie), '.' and '..' first;
         at most ``limit`` of them (a reply buffer's worth) when given."""
         d = self._dir(ino)
+        if self._repair_wanted:
+            self._compact_pending()              # its log was read around damage
+            d = self._dir(ino)
         out: list[tuple[bytes, int, int]] = []
         if off < 1:
             out.append((b".", ino, 1))

@@ -118,6 +118,9 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
         self.read_chunk = READ_CHUNK if lock in ("inode", "rangetree") else \
             min(READ_CHUNK, (HELD_MAX - 2) * segment_pages * L.BLOCK)
         self.local_logs = lock == "pnova"        # per-core logs for file writes
+        # Every log page has a twin in the next CPU's region (format 8).
+        self.log_twins = sb.log_replicas
+        self._twin_cpu = (self.cpu + 1) % self.ncpus
         self.rings: list[Ring] = [Ring(area, c) for c in range(self.ncpus)]
         # Called when this CPU's ring runs short (the mount's refiller sleeps
         # until then); None: the refiller tops up on its own schedule.
@@ -132,6 +135,10 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
         self.alloc.free_ino = lambda ino: self._release_ino(ino, held=False)
         self.cache: dict[int, Inode] = {}
         self._compact_wanted: set[int] = set()
+        # logs read around a damaged copy (rewritten by a compaction), and
+        # whether such damage is repaired where it lies (recovery at mount)
+        self._repair_wanted: set[int] = set()
+        self._repair_in_place = False
         # all heads and tails of a per-core log array, read in one call
         # namespace locks held by the running namespace operation (None: none running)
         # locks of the running namespace operation: key -> (for writing, word);

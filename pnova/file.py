@@ -20,6 +20,7 @@ from . import layout as L
 from .attrs import SUIDGID as _SUIDGID
 from .errors import FsError
 from .inode import Inode
+from .locks import LockTimeout
 from .log import LogError
 from .protect import strip_ranges
 from .shared import HELD_MAX
@@ -49,12 +50,13 @@ class ScrubCounts:
     lost: int = 0              # blocks with strips that cannot be rebuilt
     meta: int = 0              # 1: the inode's slot or logs do not read back
     slots: int = 0             # 1: its slot was restored from the replica
+    logs: int = 0              # 1: its logs were damaged in one copy and rewritten
 
     def wire(self) -> bytes:
         """The answer of the scrub attribute (SCRUB_XATTR) through the mount."""
         return (f"blocks={self.blocks} rebuilt={self.rebuilt} copies={self.copies} "
                 f"parity={self.parity} lost={self.lost} meta={self.meta} "
-                f"slots={self.slots}").encode()
+                f"slots={self.slots} logs={self.logs}").encode()
 
 
 def _runs(pages: dict[int, int], first: int, last: int):
@@ -203,6 +205,9 @@ class FileData:
     def read(self, ino: int, off: int, size: int) -> bytes | bytearray:
         """Read under a read lock of the range (in chunks of at most READ_CHUNK bytes)."""
         inode = self.get(ino)
+        if self._repair_wanted:
+            self._compact_pending()              # its log was read around damage
+            inode = self.get(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
         if off < 0:
@@ -256,20 +261,31 @@ class FileData:
         tail of its logs, read again from the device (what this process has
         cached may hide damage done since), and then, for a file, its data
         (:meth:`scrub_data`).  A slot that does not read is restored from its
-        replica, a damaged replica rewritten (``scrub_slot``); damage to the
-        logs (which have no second copy yet) is reported (logged with the
-        path, counted in ``meta``), for fsck.pnova to repair with the image
-        unmounted."""
+        replica, a damaged replica rewritten (``scrub_slot``); logs whose
+        pages are damaged in one copy (of two, format 8) are rewritten by a
+        compaction; damage that leaves no good copy is reported (logged with
+        the path, counted in ``meta``), for fsck.pnova to repair with the
+        image unmounted."""
         self.get(ino)                            # ENOENT / ESTALE as any request
         slots = self.scrub_slot(ino)
         try:
             self._read_inode(ino)
+            fixes = self._verify_logs(ino)
         except (LogError, ValueError) as e:
             logger.error("%s: its metadata does not read back from the device (%s); "
                          "unmount and run fsck.pnova", self.path_of(ino), e)
             return ScrubCounts(meta=1, slots=slots)
+        logs = 0
+        if fixes and not self.readonly:
+            logger.warning("%s: its log is damaged in one copy (%d piece(s)); it is "
+                           "rewritten", self.path_of(ino), len(fixes))
+            try:
+                self.compact(ino)
+                logs = 1
+            except (FsError, LockTimeout):
+                self._log_damage(ino, fixes)     # busy: the next operation on it tries again
         counts = self.scrub_data(ino)
-        counts.slots = slots
+        counts.slots, counts.logs = slots, logs
         return counts
 
     def scrub_data(self, ino: int) -> ScrubCounts:

@@ -120,6 +120,7 @@ class _Chain:
     pages: list[int] = field(default_factory=list)      # pages up to good_end
     walked: list[int] = field(default_factory=list)     # every page validated
     entries: list[tuple] = field(default_factory=list)  # the entries before good_end
+    fixes: list[plog.Fix] = field(default_factory=list)  # writes that mend one copy from the other
 
     @property
     def new_tail(self) -> int | None:
@@ -145,6 +146,7 @@ class _Rec:
     static_err: str | None = None
     head: int = 0
     tail: int = 0
+    head_twin: int = 0                   # byte offset of the twin of the first log page
     inode: Inode | None = None
     log_err: str | None = None
     bad_tail: bool = False
@@ -165,6 +167,7 @@ class _Rec:
     headless: list[int] = field(default_factory=list)  # cpus whose line has a tail, no head
     reserved: list[int] = field(default_factory=list)  # cpus whose line has reserved bytes set
     beyond: bool = False                 # bytes past the last CPU's line are set
+    twin_fixes: list[plog.Fix] = field(default_factory=list)   # global log, one copy damaged
 
     @property
     def is_dir(self) -> bool:
@@ -423,9 +426,13 @@ class Checker:
         self.next_seq += 1
         return s
 
-    def _alloc_block(self) -> int:
-        """A block nobody claims, for a repair; raises FsError(ENOSPC) if none."""
-        for r in self.regions:
+    def _alloc_block(self, avoid: int | None = None) -> int:
+        """A block nobody claims, for a repair; raises FsError(ENOSPC) if none.
+        ``avoid``: a block whose region is taken last."""
+        regions = self.regions
+        if avoid is not None:
+            regions = sorted(regions, key=lambda r: r.data_start <= avoid < r.end)
+        for r in regions:
             free = np.flatnonzero(~self.claimed[r.data_start:r.end])
             if len(free):
                 b = r.data_start + int(free[0])
@@ -433,6 +440,14 @@ class Checker:
                 self.allocated.add(b)
                 return b
         raise FsError(errno.ENOSPC, "no free block left for the repair")
+
+    def _alloc_pair(self) -> tuple[int, int]:
+        """A log page for a repair and, on an image whose log pages have twins,
+        its twin, from another region where there is one."""
+        page = self._alloc_block()
+        if not self.sb.log_replicas:
+            return page, 0
+        return page, self._alloc_block(avoid=page)
 
     def _append(self, rec: _Rec, entries: list[tuple]) -> None:
         """Append entries to an inode's log and commit them with one tail store."""
@@ -446,7 +461,7 @@ class Checker:
         self._prepare_write()
         pm = self.pm
         raws = [L.encode_entry(e) for e in entries]
-        tail, pages = plog.append(pm, rec.tail, raws, rec.ino, self._alloc_block)
+        tail, pages = plog.append(pm, rec.tail, raws, rec.ino, self._alloc_pair)
         pm.fence()                                       # entries before the tail
         self._put_u64(rec.addr + L.I_LOG_TAIL, tail)
         rec.tail = tail
@@ -991,6 +1006,7 @@ class Checker:
         rec.head = self._u64(src + L.I_LOG_HEAD)
         rec.tail = self._u64(src + L.I_LOG_TAIL)
         rec.array = self._u64(src + L.I_LOG_ARRAY)
+        rec.head_twin = self._u64(src + L.I_LOG_HEAD_TWIN)
         if rec.static is not None:
             self._parse_log(rec, rec.static)
         else:
@@ -1039,8 +1055,10 @@ class Checker:
             return
         is_dir = stat.S_ISDIR(st.mode)
         inode = Inode(ino, st, head, tail)
-        ch = self._walk_chain(ino, head, tail, inode.apply if is_dir else _file_entry, set())
+        ch = self._walk_chain(ino, head, tail, inode.apply if is_dir else _file_entry, set(),
+                              rec.head_twin)
         rec.log_err, rec.bad_tail, rec.walked = ch.err, ch.bad_tail, ch.walked
+        rec.twin_fixes = ch.fixes
         if rec.array:
             # Even for an inode that goes, learn which blocks its local logs hold.
             self._parse_array(rec, is_dir, set(ch.walked))
@@ -1073,12 +1091,16 @@ class Checker:
         rec.maxseq = max([rec.replay_static.create_seq] + [e[1] for e in entries])
 
     def _walk_chain(self, ino: int, head: int, tail: int, check: Callable[[tuple], object],
-                    other: set[int]) -> _Chain:
+                    other: set[int], head_twin: int = 0) -> _Chain:
         """Walk one log chain (``head`` != 0) and keep what is good of it.
 
         ``check`` rejects a decoded entry this chain may not hold (ValueError
         or KeyError); ``other`` are blocks of the inode's other logs and of its
-        log array, which no page of this chain may be.
+        log array, which no page of this chain may be.  ``head_twin`` (a byte
+        offset, 0: none) is where the slot or array line says the first page's
+        twin lies; both copies of every page are compared, and the writes that
+        would mend a damaged copy from the other are kept in the chain's
+        ``fixes``.
         """
         pm = self.pm
         ch = _Chain(head, tail)
@@ -1096,6 +1118,7 @@ class Checker:
         checked = 0
         pos = good_end = head
         err: str | None = None
+        copies = 2 if self.sb.log_replicas else 1
 
         def check_new_pages() -> None:
             # walk() validated these pages' tails; they must also be new and in a data area
@@ -1112,10 +1135,11 @@ class Checker:
             checked = len(pages)
 
         try:
-            for raw in plog.walk(pm, head, tail, ino, self.sb.total_blocks, pages):
+            for raw in plog.walk(pm, head, tail, ino, self.sb.total_blocks, pages, 0, None,
+                                 head_twin // L.BLOCK, ch.fixes, True):
                 if len(pages) != checked:
                     check_new_pages()
-                    pos = pages[-1] * L.BLOCK
+                    pos = pages[-copies] * L.BLOCK
                 epos = pos
                 pos += len(raw)
                 try:
@@ -1123,9 +1147,19 @@ class Checker:
                     self._sane(e)
                     check(e)
                 except (ValueError, KeyError) as ve:
-                    name = L.ENTRY_NAMES.get(raw[0], f"type {raw[0]}")
-                    raise plog.LogError(f"{name} entry at {epos:#x} is malformed "
-                                        f"({ve})") from None
+                    # A scribble that kept the checksum right: the twin's copy,
+                    # if it is a good entry of the same size, is the one kept
+                    # (and the walk's fix that copied the primary over it goes).
+                    alt = self._twin_entry(pages[-1], epos, len(raw), check) \
+                        if copies == 2 else None
+                    if alt is None:
+                        name = L.ENTRY_NAMES.get(raw[0], f"type {raw[0]}")
+                        raise plog.LogError(f"{name} entry at {epos:#x} is malformed "
+                                            f"({ve})") from None
+                    e, good = alt
+                    tpos = pages[-1] * L.BLOCK + epos % L.BLOCK
+                    ch.fixes[:] = [f for f in ch.fixes if f[0] != tpos]
+                    ch.fixes.append((epos, good))
                 ch.entries.append(e)
                 good_end = pos
             check_new_pages()
@@ -1143,10 +1177,28 @@ class Checker:
             ch.err = f"{ch.err}; {err}" if ch.bad_tail else err
         if not valid:
             return ch
-        # good_end only advanced on pages already checked, so it lies in ``valid``.
-        ch.pages = valid[:valid.index(good_end // L.BLOCK) + 1]
+        # good_end only advanced on pages already checked, so it lies in ``valid``
+        # (followed by its twin).
+        ch.pages = valid[:valid.index(good_end // L.BLOCK) + copies]
         ch.good_end = good_end
         return ch
+
+    def _twin_entry(self, twin: int, pos: int, size: int, check: Callable[[tuple], object]
+                    ) -> tuple[tuple, bytes] | None:
+        """(decoded entry, raw bytes) of the copy in twin block ``twin`` of the
+        entry at ``pos`` whose primary is malformed, when that copy is a good
+        entry of the same size; else None."""
+        t = twin * L.BLOCK + pos % L.BLOCK
+        raw = bytes(self.pm.mm[t:t + size])
+        if len(raw) != size or L.entry_header(raw)[2] != size or not L.entry_crc_ok(raw):
+            return None
+        try:
+            e = L.decode_entry(raw)
+            self._sane(e)
+            check(e)
+        except (ValueError, KeyError):
+            return None
+        return e, raw
 
     def _parse_array(self, rec: _Rec, is_dir: bool, other: set[int]) -> None:
         """The per-core log array of a file: its pointer, every line, every live local log."""
@@ -1163,8 +1215,8 @@ class Checker:
         ncpus = self.sb.ncpus
         for cpu in range(ncpus):
             off = cpu * L.LA_LINE
-            head, tail = struct.unpack_from("<QQ", raw, off + L.LA_HEAD)
-            if any(raw[off + 16:off + L.LA_LINE]):
+            head, tail, head_twin = struct.unpack_from("<QQQ", raw, off + L.LA_HEAD)
+            if any(raw[off + 24:off + L.LA_LINE]):
                 rec.reserved.append(cpu)
             if tail == 0:
                 continue                # no log, or one whose creation never committed
@@ -1174,7 +1226,7 @@ class Checker:
             owner = self._page_owner(head)
             if owner is not None and owner != rec.ino:
                 theirs.add(owner)
-            ch = self._walk_chain(rec.ino, head, tail, _local_entry, other)
+            ch = self._walk_chain(rec.ino, head, tail, _local_entry, other, head_twin)
             other |= set(ch.walked)
             rec.local_walked.extend(ch.walked)
             rec.lines[cpu] = ch
@@ -1356,6 +1408,7 @@ class Checker:
             else:
                 self._declined(rec)
             return
+        self._report_twins(rec)
         if rec.log_err is not None:
             if rec.good_end is None:
                 if self.problem(f"{desc}: {rec.log_err}", "Clear the inode (its log is lost)",
@@ -1426,8 +1479,26 @@ class Checker:
                     pm.flush(off, n)
                 pm.fence()
 
+    def _report_twins(self, rec: _Rec) -> None:
+        """Log pages of which one copy is damaged (format 8's twins): the other
+        copy is written over it (a safe repair: both copies held the same)."""
+        fixes = list(rec.twin_fixes)
+        if rec.array and not rec.array_err:
+            for ch in rec.local_kept():
+                fixes.extend(ch.fixes)
+        if not fixes:
+            return
+        where = ", ".join(f"{off:#x}" for off, _ in fixes[:4]) + \
+            (f" and {len(fixes) - 4} more" if len(fixes) > 4 else "")
+        if self.problem(f"{self._desc(rec.ino)}: {len(fixes)} piece(s) of its log pages are "
+                        f"damaged in one copy (at {where})",
+                        "Restore them from the other copy", safe=True):
+            self._prepare_write()
+            plog.repair(self.pm, fixes)
+
     def _report_root(self, rec: _Rec) -> None:
         """The root can't be cleared: rebuild its static line / log / state instead."""
+        self._report_twins(rec)
         if rec.static_err:
             if self.problem(f"the root directory (inode 1): {rec.static_err}",
                             "Rebuild the root inode", safe=False):
@@ -1441,13 +1512,14 @@ class Checker:
             if rec.good_end is None:
                 if self.problem(f"the root directory (inode 1): {rec.log_err}",
                                 "Give the root directory a new empty log", safe=False):
-                    page = self._alloc_block()
+                    page, twin = self._alloc_pair()
                     self._prepare_write()
-                    plog.init_page(self.pm, page, L.ROOT_INO)
+                    plog.init_page(self.pm, page, L.ROOT_INO, twin)
                     self.pm.fence()
+                    self._put_u64(rec.addr + L.I_LOG_HEAD_TWIN, twin * L.BLOCK)
                     self._put_u64(rec.addr + L.I_LOG_HEAD, page * L.BLOCK)
                     self._put_u64(rec.addr + L.I_LOG_TAIL, page * L.BLOCK)
-                    rec.log_pages = [page]
+                    rec.log_pages = [page] + ([twin] if twin else [])
                     rec.head = rec.tail = page * L.BLOCK
                 else:
                     rec.head = rec.tail = 0

@@ -26,7 +26,9 @@ class Compaction:
     """Noting long logs and rewriting them."""
 
     def _log_pages(self, inode: Inode) -> int:
-        return len(inode.log_pages) + sum(len(v[2]) for v in inode.local.values())
+        """Log pages of an inode, twins not counted."""
+        n = len(inode.log_pages) + sum(len(v[2]) for v in inode.local.values())
+        return n // 2 if self.log_twins else n
 
     def _needs_compaction(self, inode: Inode, npages: int | None = None) -> bool:
         """Whether an inode's logs have grown well past its live state: twice
@@ -78,12 +80,13 @@ class Compaction:
         if not inode.log_pages:
             return True
         tail = self._slot_words(inode.ino)[3]
+        copies = 2 if self.log_twins else 1
         try:
-            more = plog.chain_pages(self.pm, inode.log_pages[-1] * L.BLOCK, tail, inode.ino,
-                                    self.max_log_pages)
+            more = plog.chain_pages(self.pm, inode.log_pages[-copies] * L.BLOCK, tail,
+                                    inode.ino, self.max_log_pages)
         except plog.LogError:
             return True                          # compacted or moving: let the exact path see
-        return self._needs_compaction(inode, len(inode.log_pages) + len(more) - 1)
+        return self._needs_compaction(inode, (len(inode.log_pages) + len(more)) // copies - 1)
 
     def _owner_decides(self, inode: Inode) -> bool:
         """A file with per-core local logs, on a device other processes share:
@@ -95,12 +98,20 @@ class Compaction:
         own = inode.local.get(self.cpu)
         if own is None:
             return False
-        n = len(own[2])
+        n = len(own[2]) // (2 if self.log_twins else 1)
         return n >= self._compact_min_pages() and \
             n > 2 * (inode.live_log_estimate() // L.LOG_DATA + 1) + 1
 
     def _compact_pending(self) -> None:
-        """Compact what the last operation asked for (no locks are held here)."""
+        """Compact what the last operation asked for (no locks are held here),
+        and the logs read around a damaged copy (DESIGN 23.2)."""
+        while self._repair_wanted:
+            ino = self._repair_wanted.pop()
+            self._compact_wanted.discard(ino)
+            try:
+                self.compact(ino)
+            except (FsError, LockTimeout):
+                pass                             # gone, or busy: read from the good copy
         while self._compact_wanted:
             ino = self._compact_wanted.pop()
             try:
@@ -219,15 +230,17 @@ class Compaction:
                         inode.mtime, inode.ctime))
         entries.append((L.E_LINK, self._next_seq(), inode.nlink, inode.ctime))
         pm = self.pm
-        first = self._new_log_page()
-        plog.init_page(pm, first, ino)
+        first, ftwin = self._new_log_page()
+        pages = [first] + ([ftwin] if ftwin else [])
+        plog.init_page(pm, first, ino, ftwin)
         try:
-            tail, pages = plog.append(pm, first * L.BLOCK, [L.encode_entry(e) for e in entries],
-                                      ino, self._new_log_page)
+            tail, more = plog.append(pm, first * L.BLOCK, [L.encode_entry(e) for e in entries],
+                                     ino, self._new_log_page, ftwin)
         except FsError as exc:
-            for p in [first] + getattr(exc, "pages", []):
+            for p in pages + getattr(exc, "pages", []):
                 self.alloc.free(p, 1)
             raise
+        pages += more
         if pm.mode == "disk":
             # The new chain is on the disk before the words that switch to it
             # can be: after a power loss the slot names the old chain (its
@@ -235,6 +248,8 @@ class Compaction:
             pm.sync()
         addr = self.inode_addr(ino)
         updates = [(addr + L.I_LOG_HEAD, first * L.BLOCK), (addr + L.I_LOG_TAIL, tail)]
+        if ftwin:
+            updates.append((addr + L.I_LOG_HEAD_TWIN, ftwin * L.BLOCK))
         if inode.array:
             updates.append((addr + L.I_LOG_ARRAY, 0))
         if inode.is_dir and self.shared:
@@ -255,7 +270,7 @@ class Compaction:
             old.extend(lpages)
         if inode.array:
             old.append(inode.array)
-        inode.head, inode.tail, inode.log_pages = first * L.BLOCK, tail, [first] + pages
+        inode.head, inode.tail, inode.log_pages = first * L.BLOCK, tail, pages
         inode.array = 0
         inode.local = {}
         self._free_blocks(old)

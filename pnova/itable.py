@@ -16,7 +16,7 @@ from .shared import H_HELD_INOS, REF_DYING
 
 
 # line 1 of an inode slot: state, log head, log tail, log array, then zeros
-_LINE1 = struct.Struct("<QQQQ32x")
+_LINE1 = struct.Struct("<QQQQQ24x")   # state, head, tail, array, head's twin
 
 
 class InodeTable:
@@ -65,7 +65,11 @@ class InodeTable:
         try:
             page = self.alloc.alloc_one(self.cpu, meta=False)
             allocated.append(page)
-            plog.init_page(pm, page, ino)
+            twin = 0
+            if self.log_twins:
+                twin = self.alloc.alloc_one(self._twin_cpu, meta=False)
+                allocated.append(twin)
+            plog.init_page(pm, page, ino, twin)
             if data is not None:            # symlink target: one data block
                 blk = self.alloc.alloc_one(self.cpu, meta=False)
                 allocated.append(blk)
@@ -81,7 +85,7 @@ class InodeTable:
             tail, more = page * L.BLOCK, []
             if entries:
                 tail, more = plog.append(pm, tail, [L.encode_entry(e) for e in entries],
-                                         ino, self._new_log_page)
+                                         ino, self._new_log_page, twin)
                 allocated.extend(more)
         except FsError as exc:
             for b in allocated + getattr(exc, "pages", []):
@@ -90,9 +94,10 @@ class InodeTable:
             raise
         addr = self.inode_addr(ino)
         # line 0, then line 1: state FREE (0), head, tail, no log array
-        self._slot_write(addr, st.pack() + _LINE1.pack(L.STATE_FREE, page * L.BLOCK, tail, 0))
+        self._slot_write(addr, st.pack() + _LINE1.pack(L.STATE_FREE, page * L.BLOCK, tail, 0,
+                                                        twin * L.BLOCK))
         inode = Inode(ino, st, page * L.BLOCK, tail, wide=self.pm.mode == "disk")
-        inode.log_pages = [page] + more
+        inode.log_pages = [page] + ([twin] if twin else []) + more
         for e in entries:
             inode.apply(e)
         return inode, addr, allocated

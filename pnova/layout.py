@@ -13,15 +13,17 @@ from dataclasses import dataclass
 
 from crc32c import crc32c
 
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 # Versions this code reads: 2 is 3 without the features field (always 0 there).
-READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8)
 # Superblock feature bits (SPEC section 3): what the image protects.
 FEATURE_DATA_CSUM = 1          # per-strip CRC32C of every file data block, two copies
 FEATURE_DATA_PARITY = 2        # one parity strip per file data block (needs DATA_CSUM)
 FEATURE_INODE_REPLICA = 4      # every inode slot has a replica in the next CPU's region
-KNOWN_FEATURES = FEATURE_DATA_CSUM | FEATURE_DATA_PARITY | FEATURE_INODE_REPLICA
-DEFAULT_FEATURES = FEATURE_DATA_CSUM | FEATURE_DATA_PARITY | FEATURE_INODE_REPLICA
+FEATURE_LOG_REPLICA = 8        # every log page has a twin page in the next CPU's region
+KNOWN_FEATURES = FEATURE_DATA_CSUM | FEATURE_DATA_PARITY | FEATURE_INODE_REPLICA | \
+    FEATURE_LOG_REPLICA
+DEFAULT_FEATURES = KNOWN_FEATURES
 STRIP = 512                    # bytes of data one checksum covers
 STRIPS = 8                     # strips per 4096-byte block
 CSUM_SIZE = 4 * 8              # checksum record of one data block: 8 x u32
@@ -146,6 +148,8 @@ class Superblock:
             raise ValueError("a version 2 superblock with features set")
         if sb.version < 7 and sb.features & FEATURE_INODE_REPLICA:
             raise ValueError(f"a version {sb.version} superblock with inode replicas")
+        if sb.version < 8 and sb.features & FEATURE_LOG_REPLICA:
+            raise ValueError(f"a version {sb.version} superblock with log page twins")
         if sb.block_size != BLOCK:
             raise ValueError(f"unsupported block size {sb.block_size}")
         if not (1 <= sb.ncpus <= MAX_CPUS):
@@ -169,6 +173,10 @@ class Superblock:
     @property
     def inode_replicas(self) -> bool:
         return bool(self.features & FEATURE_INODE_REPLICA)
+
+    @property
+    def log_replicas(self) -> bool:
+        return bool(self.features & FEATURE_LOG_REPLICA)
 
 
 # ---------------------------------------------------------------------------
@@ -348,12 +356,14 @@ I_STATE = 64        # u64: 0 free, 1 live
 I_LOG_HEAD = 72     # u64: byte offset of the first log page (0: none)
 I_LOG_TAIL = 80     # u64: byte offset just past the last committed entry
 I_LOG_ARRAY = 88    # u64: block number of the per-core log array (0: none)
+I_LOG_HEAD_TWIN = 96  # u64 (version 8): byte offset of the twin of the first log page (0: none)
 I_GENERATION = 24   # u64 in line 0: tells a reused slot from the inode a cache knew
 
 # Per-core log array: one 64-byte line per CPU, holding that CPU's local log.
 LA_LINE = 64
 LA_HEAD = 0         # u64: byte offset of the local log's first page (0: none)
 LA_TAIL = 8         # u64: just past its last committed entry (0: empty, see SPEC)
+LA_HEAD_TWIN = 16   # u64 (version 8): byte offset of the twin of its first page (0: none)
 STATE_FREE = 0
 STATE_LIVE = 1
 
@@ -390,14 +400,24 @@ LOG_DATA = 4064
 PT_NEXT = 4064      # u64 byte offset of the next log page (0: none); not in the CRC
 PT_OWNER = 4072     # u64 owning inode number
 PT_MAGIC = 4080     # u32 b"PLOG"
+PT_TWIN = 4084      # u64 (version 8): block number of the page's twin (0: none), in the CRC
 PT_CRC = 4092       # u32 crc32c of bytes 4072..4091
 LOG_MAGIC = 0x474F4C50  # b"PLOG" little-endian
+TWIN_ROLE = 1 << 63     # set in the ``twin`` field of a twin page (it names its primary)
+_PT_BODY = struct.Struct("<QIQ")
 
 
-def pack_page_tail(owner: int) -> bytes:
-    """The 32-byte tail of a fresh log page (next = 0)."""
-    body = struct.pack("<QIII", owner, LOG_MAGIC, 0, 0)
+def pack_page_tail(owner: int, twin: int = 0) -> bytes:
+    """The 32-byte tail of a fresh log page (next = 0); ``twin`` is the field's
+    value: the twin's block number in a primary, the primary's with
+    TWIN_ROLE in a twin, 0 in a page without one."""
+    body = _PT_BODY.pack(owner, LOG_MAGIC, twin)
     return struct.pack("<Q", 0) + body + struct.pack("<I", crc32c(body))
+
+
+def page_tail_twin(raw: bytes) -> int:
+    """The ``twin`` field of a 32-byte page tail (check it first)."""
+    return _PT_BODY.unpack_from(raw, 8)[2]
 
 
 def check_page_tail(raw: bytes, owner: int | None = None) -> str | None:
@@ -623,7 +643,7 @@ def journal_twin(regions: list[Region], cpu: int) -> int | None:
 
 
 # The inode words a lite-journal record may name (its undo target).
-JOURNALED_WORDS = (I_STATE, I_LOG_HEAD, I_LOG_TAIL, I_LOG_ARRAY)
+JOURNALED_WORDS = (I_STATE, I_LOG_HEAD, I_LOG_TAIL, I_LOG_ARRAY, I_LOG_HEAD_TWIN)
 
 
 def is_journaled_word(addr: int, regions: list[Region], inodes_per_cpu: int) -> bool:

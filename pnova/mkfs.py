@@ -69,7 +69,12 @@ def format_device(path: str, size: int, *, numa_nodes: int = 1, cpus_per_node: i
         pm.store(L.BLOCK, table)
         # Root directory: inode 1 (CPU 0, slot 0), its log in CPU 0's first data block.
         root_page = regions[0].data_start
-        plog.init_page(pm, root_page, L.ROOT_INO)
+        # ... and its twin (format 8) in the next CPU's first data block
+        twin_region = regions[1 % len(regions)]
+        root_twin = 0
+        if sb.log_replicas:
+            root_twin = twin_region.data_start + (1 if twin_region is regions[0] else 0)
+        plog.init_page(pm, root_page, L.ROOT_INO, root_twin)
         now = time.time_ns()
         st = L.InodeStatic(stat.S_IFDIR | 0o755, os.getuid() if uid is None else uid,
                            os.getgid() if gid is None else gid, 0, 0, 1, now, 1)
@@ -78,17 +83,22 @@ def format_device(path: str, size: int, *, numa_nodes: int = 1, cpus_per_node: i
         # The root's '..' names the root itself, like every directory's '..' entry.
         dotdot = L.dentry_entry(2, L.D_ADD, L.DOTDOT, L.ROOT_INO, stat.S_IFDIR >> 12, now)
         pm.store(root_page * L.BLOCK, dotdot)
+        if root_twin:
+            pm.store(root_twin * L.BLOCK, dotdot)
+            pm.store_u64(addr + L.I_LOG_HEAD_TWIN, root_twin * L.BLOCK)
         pm.store_u64(addr + L.I_LOG_HEAD, root_page * L.BLOCK)
         pm.store_u64(addr + L.I_LOG_TAIL, root_page * L.BLOCK + len(dotdot))
         pm.store_u64(addr + L.I_STATE, L.STATE_LIVE)
         replicas = L.replica_tables(regions)
         if replicas is not None:                # the root slot's second copy (SPEC 5.5)
             pm.store(replicas[0], pm.read(addr, L.INODE_SIZE))
-        # Saved allocator state: everything free but the root's log page.
+        # Saved allocator state: everything free but the root's log page (and twin).
         for r in regions:
             used = np.zeros(r.data_blocks, dtype=bool)
             if r.cpu == 0:
                 used[0] = True
+            if root_twin and r.data_start <= root_twin < r.data_start + r.data_blocks:
+                used[root_twin - r.data_start] = True
             bits = np.packbits(used, bitorder="little").tobytes()
             pm.store(r.bitmap_start * L.BLOCK, bits)
         pm.flush(0, pm.size)

@@ -118,10 +118,13 @@ class Rebuild:
         (again, after an undo on the disk's logs that a power loss called for)."""
         for _ in range(RESTARTS):
             try:
+                self._repair_in_place = True
                 self._recover_once()
                 return
             except _Restart:
                 self.cache.clear()
+            finally:
+                self._repair_in_place = False
         raise CorruptImage(f"{self.pm.path}: recovery from the power loss does not settle; "
                            "run fsck.pnova")
 
@@ -644,13 +647,59 @@ class Rebuild:
             raise ValueError(f"setattr entry (seq {e[1]}) sets an impossible size")
 
     def _entries(self, head: int, tail: int, ino: int, pages: list[int],
-                 start: int = 0) -> list[tuple]:
+                 start: int = 0, twin: int | None = None) -> list[tuple]:
         out = []
-        for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, pages, start):
+        fixes: list[plog.Fix] = []
+        # recovery compares the copies too: after a power loss on a disk, one
+        # copy of a page may have reached it and the other not
+        for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, pages, start,
+                             None, twin, fixes, self._repair_in_place):
             e = L.decode_entry(raw)
             self._check_entry(e)
             out.append(e)
+        if fixes:
+            self._log_damage(ino, fixes)
         return out
+
+    def _verify_logs(self, ino: int) -> list[plog.Fix]:
+        """Every log of an inode read with both copies of each page compared
+        (a scrub's look); returns the writes that would mend a damaged copy
+        (none on an image without twins).  LogError when a log does not read."""
+        pm = self.pm
+        addr = self.inode_addr(ino)
+        w = pm.words
+        head, tail = w.load64(addr + L.I_LOG_HEAD), w.load64(addr + L.I_LOG_TAIL)
+        logs = [(head, tail, pm.read_u64(addr + L.I_LOG_HEAD_TWIN))]
+        array = w.load64(addr + L.I_LOG_ARRAY)
+        if array:
+            base = array * L.BLOCK
+            logs += [(h, t, pm.read_u64(base + c * L.LA_LINE + L.LA_HEAD_TWIN))
+                     for c, h, t in self._local_lines(array)]
+        fixes: list[plog.Fix] = []
+        for h, t, tw in logs:
+            for _ in plog.walk(pm, h, t, ino, self.max_log_pages, None, 0, None,
+                               tw // L.BLOCK, fixes, True):
+                pass
+        return fixes
+
+    def _log_damage(self, ino: int, fixes: list[plog.Fix]) -> None:
+        """A log read around damage to one copy of its pages (format 8's twins).
+        Recovery at mount, before anything else uses the image, writes the good
+        copies back at once; later, other processes may be appending to the
+        log or freeing its pages, so the log is compacted instead (a new chain
+        from what was read; the damaged pages are freed)."""
+        if self.readonly:
+            return
+        if self._repair_in_place:
+            plog.repair(self.pm, fixes)
+            logger.warning("%s: inode %d: %d damaged piece(s) of its log restored from "
+                           "their twins", self.pm.path, ino, len(fixes))
+            return
+        if ino not in self._repair_wanted:
+            logger.warning("%s: inode %d: its log is damaged in one copy and was read from "
+                           "the other; it is rewritten", self.pm.path, ino)
+            self._repair_wanted.add(ino)
+            self._compact_wanted.add(ino)        # (what makes operations look)
 
     def _local_lines(self, array: int) -> list[tuple[int, int, int]]:
         """(cpu, head, tail) of every live local log in a per-core log array."""
@@ -727,7 +776,8 @@ class Rebuild:
             if inode.is_dir:
                 raise ValueError("a directory has per-core logs")
             self._local_lines(array)             # checks where the array lies
-        entries, inode.tail, inode.log_pages, inode.local = self._gather(ino, head, array, 0, {})
+        entries, inode.tail, inode.log_pages, inode.local = self._gather(
+            ino, head, array, 0, {}, pm.read_u64(addr + L.I_LOG_HEAD_TWIN))
         inode.array = array
         if array:
             entries.sort(key=lambda e: e[1])
@@ -738,8 +788,8 @@ class Rebuild:
             inode.apply(e)
         return inode, maxseq
 
-    def _gather(self, ino: int, head: int, array: int, gtail: int,
-                known: dict[int, list]) -> tuple[list[tuple], int, list[int], dict[int, list]]:
+    def _gather(self, ino: int, head: int, array: int, gtail: int, known: dict[int, list],
+                head_twin: int = 0) -> tuple[list[tuple], int, list[int], dict[int, list]]:
         """Collect every entry committed past the given positions of an inode's logs.
 
         ``gtail`` is how far the global log was read (0: not at all), ``known``
@@ -762,7 +812,8 @@ class Rebuild:
             moved = False
             tail = words.load64(tail_addr)
             if tail != gtail:
-                out += self._entries(head, tail, ino, gpages, gtail)
+                out += self._entries(head, tail, ino, gpages, gtail,
+                                     None if gtail else head_twin // L.BLOCK)
                 gtail = tail
                 moved = True
             if array:
@@ -774,7 +825,9 @@ class Rebuild:
                         continue                 # unchanged, or a log never committed
                     if have is None or have[0] != lhead:
                         have = local[cpu] = [lhead, 0, []]
-                    got = self._entries(lhead, ltail, ino, have[2], have[1])
+                    twin = None if have[1] else self.pm.read_u64(
+                        base + cpu * L.LA_LINE + L.LA_HEAD_TWIN) // L.BLOCK
+                    got = self._entries(lhead, ltail, ino, have[2], have[1], twin)
                     if any(e[0] != L.E_WRITE for e in got):
                         raise ValueError(f"the local log of CPU {cpu} holds an entry "
                                          "other than a file write")

@@ -71,11 +71,12 @@ class Judge:
     def _in_data(self, block: int) -> bool:
         return any(r.data_start <= block < r.end for r in self.regions)
 
-    def _seqs(self, ino: int, head: int, tail: int) -> list[int]:
-        """The sequence numbers of a log's entries; raises LogError when the
-        log does not read."""
+    def _seqs(self, ino: int, head: int, tail: int, head_twin: int) -> list[int]:
+        """The sequence numbers of a log's entries (read around damage to one
+        copy of a page); raises LogError when the log does not read."""
         return [int.from_bytes(raw[8:16], "little")
-                for raw in plog.walk(self.pm, head, tail, ino, self.max_pages)]
+                for raw in plog.walk(self.pm, head, tail, ino, self.max_pages, None, 0, None,
+                                     head_twin // L.BLOCK)]
 
     def problem(self, ino: int, addr: int) -> tuple[str | None, list[int]]:
         """(None, the sequence numbers of its global log's entries) if the slot
@@ -98,10 +99,13 @@ class Judge:
             st = L.InodeStatic.unpack(pm.read(addr, 64))
         except ValueError:
             return "inode fields fail their checksum", []
-        if any(pm.read(addr + 96, 32)):
+        if any(pm.read(addr + 104, 24)):
             return "reserved bytes are not zero", []
+        head_twin = self.read_u64(addr + L.I_LOG_HEAD_TWIN)
+        if head_twin and (head_twin % L.BLOCK or not self._in_data(head_twin // L.BLOCK)):
+            return f"the twin of its first log page ({head_twin:#x}) is not a data block", []
         saved = self.saved_used
-        lines: list[tuple[int, int]] = []
+        lines: list[tuple[int, int, int]] = []
         if array:
             if stat.S_ISDIR(st.mode) or not self._in_data(array):
                 return f"log array {array} is not a block of a data area", []
@@ -109,19 +113,20 @@ class Judge:
                 return "its log array is free in the saved bitmap", []
             raw = pm.read(array * L.BLOCK, L.BLOCK)
             n = len(self.regions)
-            if any(raw[64 * n:]) or any(any(raw[64 * c + 16:64 * c + 64]) for c in range(n)):
+            if any(raw[64 * n:]) or any(any(raw[64 * c + 24:64 * c + 64]) for c in range(n)):
                 return f"block {array} is not a log array", []
             lines = [(int.from_bytes(raw[64 * c:64 * c + 8], "little"),
-                      int.from_bytes(raw[64 * c + 8:64 * c + 16], "little")) for c in range(n)]
+                      int.from_bytes(raw[64 * c + 8:64 * c + 16], "little"),
+                      int.from_bytes(raw[64 * c + 16:64 * c + 24], "little")) for c in range(n)]
         if saved is not None and head and not saved(head // L.BLOCK):
             return "its log's first page is free in the saved bitmap", []
         if not self.walk:
             return None, []
         try:
-            seqs = self._seqs(ino, head, tail)
-            for lh, lt in lines:
+            seqs = self._seqs(ino, head, tail, head_twin)
+            for lh, lt, ltw in lines:
                 if lh and lt:
-                    self._seqs(ino, lh, lt)
+                    self._seqs(ino, lh, lt, ltw)
         except plog.LogError as e:
             return str(e), []
         return None, seqs

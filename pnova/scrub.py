@@ -10,9 +10,10 @@ against its checksums, both checksum copies, the parity strip), repair what it
 can and answer with counts (only root may read trusted.* attributes; as
 another user this step is skipped and said so).  An inode slot that does not
 read is restored from its replica then and there (a damaged replica rewritten
-from the slot); other metadata that does not read back (log pages have no
-replica yet) is reported by path: fsck.pnova repairs it with the image
-unmounted.
+from the slot), and every log page is compared with its twin (format 8): a
+log damaged in one copy is rewritten from what reads.  Metadata that does not
+read back in either copy is reported by path: fsck.pnova repairs what it can
+with the image unmounted.
 Then it reads every byte of each file with
 O_DIRECT, so that the kernel's page cache answers nothing itself: every read
 the mount serves checks the strips it returns, and bytes that cannot be
@@ -36,7 +37,7 @@ from .fuse_session import mounted_source
 CHUNK = 1 << 20
 STRIP = 512
 SCRUB_XATTR = "trusted.pnova.scrub"
-COUNTS = ("blocks", "rebuilt", "copies", "parity", "lost", "meta", "slots")
+COUNTS = ("blocks", "rebuilt", "copies", "parity", "lost", "meta", "slots", "logs")
 
 
 def _n(n: int, one: str, many: str | None = None) -> str:
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             checked = False
         else:
             found["slots"] += counts["slots"]
+            found["logs"] += counts["logs"]
             if counts["meta"]:
                 found["meta"] += 1
                 meta_damaged(path)
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     if checked:
         print(f"{a.mountpoint}: {_n(len(files) + len(dirs), 'inode')} read back from the "
               f"device; {found['meta']} with damaged metadata; "
-              f"{_n(found['slots'], 'inode slot')} restored from the replica")
+              f"{_n(found['slots'], 'inode slot')} restored from the replica; "
+              f"{_n(found['logs'], 'log')} damaged in one copy rewritten")
         ro = bool(os.statvfs(mnt).f_flag & os.ST_RDONLY)
         print(f"{a.mountpoint}: {_n(found['blocks'], 'data block')} checked; "
               f"{'rebuildable' if ro else 'rebuilt'} from parity: "

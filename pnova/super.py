@@ -188,6 +188,10 @@ class Mount:
                 logger.info("%s: inode slots have no replicas (format version %d%s): a "
                             "damaged slot is reported, not repaired", path, sb.version,
                             ", formatted with --no-inode-replicas" if sb.version >= 7 else "")
+            if not sb.log_replicas:
+                logger.info("%s: log pages have no twins (format version %d%s): a damaged "
+                            "log entry is reported, not repaired", path, sb.version,
+                            ", formatted with --no-log-replicas" if sb.version >= 8 else "")
             if sb.clean not in (0, 1):
                 logger.warning("%s: the superblock's clean field holds %d (neither 0 nor 1); "
                                "the image is treated as not cleanly unmounted", path, sb.clean)

@@ -60,9 +60,10 @@ def workload(path: str) -> dict[str, int]:
 class Img:
     """Raw access to an image for damaging it on purpose (through the pmem layer).
 
-    Damage to an inode slot is made to its replica too (SPEC 5.5): these tests
-    check what fsck does with a slot neither copy of which reads;
-    tests/test_replica.py checks the repairs from the replica."""
+    Damage to an inode slot is made to its replica too (SPEC 5.5), and damage to
+    a log page to its twin (6.1): these tests check what fsck does with
+    metadata neither copy of which reads; tests/test_replica.py and
+    tests/test_logtwins.py check the repairs from the second copy."""
 
     def __init__(self, path: str) -> None:
         self.pm = PMem(path)
@@ -70,8 +71,16 @@ class Img:
         self.regions = read_regions(self.pm, self.sb)
 
     def _copies(self, off: int) -> list[int]:
-        """``off``, and its replica when it lies in an inode table."""
+        """``off``, and its replica when it lies in an inode table, or the same
+        byte of the twin when it lies in a log page that has one."""
         twin = L.replica_of(self.regions, self.sb.inodes_per_cpu, off)
+        if twin is None:
+            page = off - off % L.BLOCK
+            tail = self.pm.read(page + L.PT_NEXT, 32)
+            if L.check_page_tail(tail) is None:
+                t = L.page_tail_twin(tail)
+                if t and not t & L.TWIN_ROLE:
+                    twin = t * L.BLOCK + off % L.BLOCK
         return [off] if twin is None else [off, twin]
 
     def close(self) -> None:
@@ -122,20 +131,22 @@ class Img:
     def chain(self, ino: int, head: int, tail: int) -> list[tuple[int, bytes]]:
         pages: list[int] = []
         out, seen, pos = [], 0, head
+        copies = 2 if self.sb.log_replicas else 1
         for raw in plog.walk(self.pm, head, tail, ino, self.sb.total_blocks, pages):
             if len(pages) != seen:
-                seen, pos = len(pages), pages[-1] * L.BLOCK
+                seen, pos = len(pages), pages[-copies] * L.BLOCK
             out.append((pos, raw))
             pos += len(raw)
         return out
 
     def log_pages(self, ino: int) -> list[int]:
+        """The pages of ino's global log (not their twins)."""
         a = self.addr(ino)
         pages: list[int] = []
         for _ in plog.walk(self.pm, self.u64(a + L.I_LOG_HEAD), self.u64(a + L.I_LOG_TAIL), ino,
                            self.sb.total_blocks, pages):
             pass
-        return pages
+        return pages[::2] if self.sb.log_replicas else pages
 
     def seq(self) -> int:
         """A fresh sequence number; the superblock's counter moves past it."""

@@ -441,7 +441,7 @@ def test_protected_and_unprotected_images_in_one_run(tmp_path, capsys):
                     "--workers", "1", "--protection", "full,data,csum,none", "--keep")
     assert rc == 0
     assert [r["scheme"] for r in recs] == ["pnova", "pnova:data", "pnova:csum", "pnova:none"]
-    for r, want in zip(recs, (7, 3, 1, 0)):
+    for r, want in zip(recs, (15, 3, 1, 0)):
         _sane(r, "DWOM", "engine", r["scheme"])
         pm = PMem(r["image"], readonly=True)
         try:

@@ -33,7 +33,8 @@ from helpers import fsck
 from test_mount import Mount, needs_fuse
 
 ROOT = L.ROOT_INO
-NO_REPLICAS = L.DEFAULT_FEATURES & ~L.FEATURE_INODE_REPLICA
+# no second copy of inode slots or log pages
+NO_REPLICAS = L.DEFAULT_FEATURES & ~(L.FEATURE_INODE_REPLICA | L.FEATURE_LOG_REPLICA)
 
 
 def _image(tmp_path, features: int = L.DEFAULT_FEATURES, name: str = "p.img") -> str:
@@ -538,6 +539,17 @@ def _entry_of(path: str, name: str) -> int:
         fs.unmount()
 
 
+def _flip_both(path: str, off: int) -> None:
+    """Flip a byte of a log page and the same byte of its twin (SPEC 6.1): damage
+    neither copy of which reads."""
+    with open(path, "rb") as f:
+        f.seek(off - off % L.BLOCK + L.PT_NEXT)
+        twin = L.page_tail_twin(f.read(32))
+    _flip(path, off)
+    if twin:
+        _flip(path, twin * L.BLOCK + off % L.BLOCK)
+
+
 def test_a_scrub_reads_metadata_again_from_the_device(tmp_path, caplog):
     """Damage to a log entry after the inode was cached: reads go on from the
     cache, but the scrub reads the slot and the logs again from the device,
@@ -549,7 +561,7 @@ def test_a_scrub_reads_metadata_again_from_the_device(tmp_path, caplog):
     try:
         ino = fs.lookup(ROOT, b"b").ino
         fs.read(ino, 0, 100)                              # cached
-        _flip(path, entry + 20)                           # inside the first entry
+        _flip_both(path, entry + 20)                      # inside the first entry
         assert fs.scrub(ino).meta == 1
         assert "/b: its metadata does not read back from the device" in caplog.text
         assert fs.scrub(fs.lookup(ROOT, b"d").ino).meta == 0
@@ -559,8 +571,8 @@ def test_a_scrub_reads_metadata_again_from_the_device(tmp_path, caplog):
 
 
 def test_pnova_scrub_reports_damaged_metadata_by_path(tmp_path, capsys):
-    """A damaged log entry is reported by path (logs have no replica yet); a
-    damaged inode slot is restored from its replica by the scrub itself."""
+    """A log entry damaged in both copies is reported by path; a damaged inode
+    slot is restored from its replica by the scrub itself."""
     path = _image(tmp_path)
     want = _files(path)
     entry = _entry_of(path, "c")
@@ -572,7 +584,7 @@ def test_pnova_scrub_reports_damaged_metadata_by_path(tmp_path, capsys):
         m.start()
         for name, data in want.items():                  # everything cached
             assert (m.mnt / name).read_bytes() == data
-        _flip(path, entry + 20)
+        _flip_both(path, entry + 20)
         _flip(path, slot_a + 5)                          # line 0 of a's slot
         scrub = subprocess.run([sys.executable, "-m", "pnova.scrub", str(m.mnt)],
                                capture_output=True, text=True, timeout=60)
@@ -630,8 +642,9 @@ def test_poisoned_metadata_is_a_media_error_not_garbage(tmp_path, capsys):
     check would make them: the primary superblock falls back to its replica, a
     poisoned inode slot or log page costs that inode (EIO), and fsck reports it;
     nothing is read from a poisoned sector as if it were good.  (An image
-    without inode replicas: with them a poisoned slot sector is rewritten from
-    the replicas, tests/test_replica.py.)"""
+    without metadata replicas: with them a poisoned slot sector is rewritten
+    from the replicas, tests/test_replica.py, and a poisoned log page is read
+    from its twin, tests/test_logtwins.py.)"""
     path = _image(tmp_path, NO_REPLICAS)
     want = _files(path)
     fs = FileSystem.mount(path)

@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep one copy of each inode slot and of the lite journals' "
                     "records, not two (for benchmarks: damage there is then reported by "
                     "fsck, not repaired)")
+    ap.add_argument("--no-log-replicas", action="store_true",
+                    help="give log pages no twin (for benchmarks: a damaged log entry or "
+                    "page tail is then reported, and the inode's log cut there, not "
+                    "repaired)")
     ap.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     a = ap.parse_args(argv)
     try:
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             features &= ~(L.FEATURE_DATA_CSUM | L.FEATURE_DATA_PARITY)
         if a.no_inode_replicas:
             features &= ~L.FEATURE_INODE_REPLICA
+        if a.no_log_replicas:
+            features &= ~L.FEATURE_LOG_REPLICA
         sb = format_device(a.device, size, numa_nodes=nodes, cpus_per_node=cpn,
                            inodes_per_cpu=ipc, label=a.label.encode()[:32], features=features)
     except (ValueError, DeviceError) as e:
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({sb.total_blocks} blocks of {L.BLOCK} B), {sb.numa_nodes} NUMA node(s) x "
               f"{sb.cpus_per_node} CPU(s), {sb.inodes_per_cpu * sb.ncpus} inodes; file data: "
               f"{describe_protection(sb.features)}; inode slots: "
-              f"{'two copies' if sb.inode_replicas else 'one copy'}")
+              f"{'two copies' if sb.inode_replicas else 'one copy'}; log pages: "
+              f"{'two copies' if sb.log_replicas else 'one copy'}")
     return 0
 
 

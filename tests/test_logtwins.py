@@ -1,0 +1,337 @@
+"""Log page twins (SPEC 6.1, DESIGN 23.2): every log page has a second copy in
+the next CPU's region; readers read around damage to either copy, recovery and
+fsck.pnova write the good copy back, a mounted filesystem rewrites the log,
+a scrub finds damage to the copy readers do not look at, and
+``mkfs.pnova --no-log-replicas`` really keeps one copy."""
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import struct
+
+import pytest
+from crc32c import crc32c
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pnova import layout as L
+from pnova import log as plog
+from pnova.engine import FileSystem
+from pnova.pmem import save_badblocks
+from pnova_fsck.cli import main as fsck_main
+from pnova_mkfs.cli import main as mkfs_main
+
+from helpers import flip, fsck
+from test_replica import ROOT, _check, _image, _workload
+
+
+def _logs(fs: FileSystem, ino: int) -> list[tuple[int, int, int]]:
+    """(head, tail, head's twin as a byte offset) of every log of an inode."""
+    a = fs.inode_addr(ino)
+    rd = fs.pm.read_u64
+    out = [(rd(a + L.I_LOG_HEAD), rd(a + L.I_LOG_TAIL), rd(a + L.I_LOG_HEAD_TWIN))]
+    array = rd(a + L.I_LOG_ARRAY)
+    if array:
+        base = array * L.BLOCK
+        out += [(h, t, rd(base + c * L.LA_LINE + L.LA_HEAD_TWIN))
+                for c, h, t in fs._local_lines(array)]
+    return out
+
+
+def _live(fs: FileSystem) -> list[int]:
+    """Every live inode, from the slots' state words."""
+    n = fs.ncpus * fs.sb.inodes_per_cpu
+    return [i for i in range(1, n + 1)
+            if fs.pm.read_u64(fs.inode_addr(i) + L.I_STATE) == L.STATE_LIVE]
+
+
+def _pages(path: str) -> list[tuple[int, int, int, int]]:
+    """(inode, page block, twin block, bytes used in the page) of every page of
+    every log of every live inode, read from a fresh read-only mount."""
+    fs = FileSystem.mount(path, readonly=True)
+    try:
+        out = []
+        for ino in _live(fs):
+            for head, tail, _ in _logs(fs, ino):
+                pages = plog.chain_pages(fs.pm, head, tail, ino, fs.max_log_pages)
+                for k in range(0, len(pages), 2):
+                    p, t = pages[k], pages[k + 1]
+                    last = k + 2 == len(pages)
+                    used = tail % L.BLOCK if last else L.LOG_DATA
+                    out.append((ino, p, t, used))
+        return out
+    finally:
+        fs.unmount()
+
+
+def _with_big_local_log(path: str, want: dict[str, bytes]) -> None:
+    """Writes to 'big' (home CPU 0) from CPU 1: a per-core local log."""
+    fs = FileSystem.mount(path, cpu=1)
+    big = fs.lookup(ROOT, b"big").ino
+    for k in range(70):                       # more than one local log page
+        fs.write(big, 8192, bytes([k]) * 100)
+    want["big"] = want["big"][:8192] + bytes([69]) * 100 + want["big"][8292:]
+    assert fs.get(big).local
+    fs.unmount()
+
+
+@pytest.fixture(scope="module")
+def twinned(tmp_path_factory):
+    """An image after every kind of update, its expected contents and its log pages."""
+    path = _image(tmp_path_factory.mktemp("twins"))
+    want = _workload(path)
+    _with_big_local_log(path, want)
+    return path, want, _pages(path)
+
+
+def test_every_log_page_has_a_twin_in_the_next_cpus_region(twinned):
+    """Each page of every log (global and local) has a twin from the other
+    CPU's region holding the same entries; their tails name each other."""
+    path, _want, pages = twinned
+    fs = FileSystem.mount(path, readonly=True)
+    try:
+        regions = fs.regions
+
+        def region(b: int) -> int:
+            return next(r.cpu for r in regions if r.data_start <= b < r.end)
+
+        assert len(pages) > 30
+        for ino, p, t, used in pages:
+            assert region(t) != region(p), (ino, p, t)
+            tail_p = fs.pm.read(p * L.BLOCK + L.PT_NEXT, 32)
+            tail_t = fs.pm.read(t * L.BLOCK + L.PT_NEXT, 32)
+            assert L.page_tail_twin(tail_p) == t
+            assert L.page_tail_twin(tail_t) == p | L.TWIN_ROLE
+            assert fs.pm.read(p * L.BLOCK, used) == fs.pm.read(t * L.BLOCK, used)
+        for ino in _live(fs):
+            for head, tail, twin in _logs(fs, ino):
+                fixes: list = []
+                for _ in plog.walk(fs.pm, head, tail, ino, fs.max_log_pages, None, 0, None,
+                                   twin // L.BLOCK, fixes, True):
+                    pass
+                assert fixes == [] and twin
+    finally:
+        fs.unmount()
+    assert fsck_clean(path)
+
+
+def fsck_clean(path: str) -> bool:
+    return fsck_main(["-n", "-f", path]) == 0
+
+
+def _damage_spot(rng: random.Random, pages, twin: bool) -> tuple[int, int]:
+    """A byte of a log page (or of its twin) that means something: an entry
+    before the tail, or the page tail (the last page's ``next`` means nothing)."""
+    ino, p, t, used = rng.choice(pages)
+    last = used != L.LOG_DATA or not any(q[1] != p and q[0] == ino for q in pages)
+    spots = list(range(0, used)) + list(range(L.PT_OWNER if last else L.PT_NEXT, L.BLOCK))
+    return (t if twin else p) * L.BLOCK + rng.choice(spots), ino
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10 ** 6), nbytes=st.integers(1, 8), twin=st.booleans())
+def test_flips_in_one_copy_of_a_log_page_read_back_exactly(twinned, tmp_path_factory, seed,
+                                                          nbytes, twin):
+    """1 to 8 random bytes flipped in one copy of a log page (entries, page tail
+    or link): fsck.pnova -n reports it and -p restores it from the other copy;
+    a mount without fsck reads every file and directory exactly, and rewrites a
+    log whose primary copy it found damaged."""
+    path, want, pages = twinned
+    rng = random.Random(seed)
+    tmp = tmp_path_factory.mktemp("flip")
+    img = str(tmp / "f.img")
+    shutil.copy(path, img)
+    spot, ino = _damage_spot(rng, pages, twin)
+    for k in range(nbytes):
+        flip(img, spot + k if (spot + k) % L.BLOCK else spot, rng.randrange(1, 256))
+    other = str(tmp / "g.img")
+    shutil.copy(img, other)
+    # fsck: reported, then a safe repair
+    rc = fsck_main(["-n", "-f", img])
+    assert rc != 0 or _unused_flip(img, path), (spot, ino)
+    assert fsck_main(["-p", "-f", img]) in (0, 1)
+    assert fsck_main(["-n", "-f", img]) == 0
+    fs = FileSystem.mount(img)
+    _check(fs, want)
+    fs.unmount()
+    # the mount alone: exact contents; a damaged primary is read around and
+    # the log rewritten, a damaged twin (which readers do not read) is left
+    # for fsck or a scrub
+    fs = FileSystem.mount(other)
+    _check(fs, want)
+    fs.readdir(ROOT)
+    fs.unmount()
+    if twin:
+        assert fsck_main(["-p", "-f", other]) in (0, 1)
+    assert fsck_main(["-n", "-f", other]) == 0
+
+
+def _unused_flip(img: str, orig: str) -> bool:
+    """Whether the flipped bytes all landed where they mean nothing (a flip can
+    give a byte back the value it had)."""
+    with open(img, "rb") as a, open(orig, "rb") as b:
+        return a.read() == b.read()
+
+
+def test_a_poisoned_log_page_is_read_from_its_twin(twinned, tmp_path, capsys):
+    """A media error in a directory's log page: fsck reports it and restores the
+    whole page from its twin (which clears the poison); a mount reads the
+    directory from the twin."""
+    path, want, pages = twinned
+    fs = FileSystem.mount(path, readonly=True)
+    d = fs.lookup(ROOT, b"d").ino
+    fs.unmount()
+    p = next(q for q in pages if q[0] == d)[1]
+    for variant in ("fsck", "mount"):
+        img = str(tmp_path / f"{variant}.img")
+        shutil.copy(path, img)
+        save_badblocks(img, {p * L.BLOCK // 512 + 2})
+        if variant == "fsck":
+            rc, out = fsck(capsys, img, "-n", "-f")
+            assert rc != 0 and "damaged in one copy" in out, out
+            rc, out = fsck(capsys, img, "-p", "-f")
+            assert "Restore them from the other copy? yes" in out, out
+            assert fsck(capsys, img, "-n", "-f")[0] == 0
+        fs = FileSystem.mount(img)
+        _check(fs, want)
+        fs.unmount()
+        assert fsck(capsys, img, "-n", "-f")[0] == 0
+
+
+def test_recovery_writes_the_good_copy_back(twinned, tmp_path, caplog):
+    """After a crash, recovery reads every log and mends a damaged copy where it
+    lies, before the mount serves."""
+    path, want, pages = twinned
+    img = str(tmp_path / "c.img")
+    shutil.copy(path, img)
+    fs = FileSystem.mount(img)
+    fs.pm.close()                                # no clean unmount: recovery next
+    _ino, p, t, used = pages[len(pages) // 2]
+    flip(img, t * L.BLOCK + used // 2)           # the twin: readers never look there
+    flip(img, p * L.BLOCK + L.PT_OWNER)
+    caplog.set_level(logging.WARNING)
+    fs = FileSystem.mount(img)
+    assert "restored from their twins" in caplog.text
+    _check(fs, want)
+    fs.unmount()
+    assert fsck_clean(img)
+
+
+def test_a_scrub_finds_a_damaged_twin_and_rewrites_the_log(twinned, tmp_path, caplog):
+    """Readers use the primary copy, so damage to a twin stays unseen until a
+    scrub compares the copies: the log is then rewritten (a compaction)."""
+    path, want, pages = twinned
+    img = str(tmp_path / "s.img")
+    shutil.copy(path, img)
+    fs = FileSystem.mount(img)
+    try:
+        ino, _p, t, used = next(q for q in pages if q[3] > 200 and q[0] != ROOT)
+        fs.pm.store(t * L.BLOCK + 64, b"\xA5" * 8)
+        assert fs.scrub(ino).logs == 1
+        assert fs._verify_logs(ino) == []
+        assert "its log is damaged in one copy" in caplog.text
+        assert fs.scrub(ino).logs == 0
+        _check(fs, want)
+    finally:
+        fs.unmount()
+    assert fsck_clean(img)
+
+
+def test_without_twins_the_same_damage_is_only_reported(tmp_path, capsys):
+    """mkfs.pnova --no-log-replicas: log pages have no twin; a damaged entry is
+    found by fsck (and cut there), not repaired."""
+    path = str(tmp_path / "n.img")
+    assert mkfs_main(["-s", "16M", "--cpus-per-node", "2", "--no-log-replicas",
+                      path]) == 0
+    fs = FileSystem.mount(path)
+    assert not fs.sb.log_replicas and not fs.log_twins
+    d = fs.mkdir(ROOT, b"d", 0o755).ino
+    for i in range(20):
+        fs.create(d, b"f%d" % i, 0o644)
+    head = fs.get(d).head
+    assert fs.pm.read_u64(fs.inode_addr(d) + L.I_LOG_HEAD_TWIN) == 0
+    assert L.page_tail_twin(fs.pm.read(head + L.PT_NEXT, 32)) == 0
+    fs.unmount()
+    flip(path, head + 200)
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc != 0 and "checksum" in out and "damaged in one copy" not in out
+
+
+def test_mkfs_says_how_log_pages_are_kept(tmp_path, capsys):
+    path = str(tmp_path / "m.img")
+    assert mkfs_main(["-s", "16M", path]) == 0
+    assert "log pages: two copies" in capsys.readouterr().out
+    assert mkfs_main(["-f", "-s", "16M", "--no-log-replicas", path]) == 0
+    assert "log pages: one copy" in capsys.readouterr().out
+
+
+def test_a_version_7_image_mounts_without_log_twins(tmp_path, capsys, caplog):
+    """An image of the format before twins (version 7, features 7) is read and
+    written as it is, and says so in the mount log; version 7 with the twin
+    bit is not a valid superblock."""
+    path = _image(tmp_path, L.DEFAULT_FEATURES & ~L.FEATURE_LOG_REPLICA)
+    with open(path, "r+b") as f:
+        raw = bytearray(f.read(L.SB_SIZE))
+        struct.pack_into("<I", raw, 8, 7)
+        raw[L.SB_CRC_OFF:] = struct.pack("<I", crc32c(bytes(raw[:L.SB_CRC_OFF])))
+        for off in (0, -L.BLOCK):
+            f.seek(off, 0 if off == 0 else 2)
+            f.write(raw)
+    caplog.set_level(logging.INFO)
+    want = _workload(path)
+    fs = FileSystem.mount(path)
+    assert fs.sb.version == 7 and not fs.log_twins
+    _check(fs, want)
+    fs.unmount()
+    assert "log pages have no twins (format version 7)" in caplog.text
+    assert fsck(capsys, path, "-n", "-f")[0] == 0
+    struct.pack_into("<I", raw, 136, 15)
+    raw[L.SB_CRC_OFF:] = struct.pack("<I", crc32c(bytes(raw[:L.SB_CRC_OFF])))
+    with pytest.raises(ValueError, match="version 7 superblock with log page twins"):
+        L.Superblock.unpack(bytes(raw))
+
+
+def test_a_scribble_that_keeps_the_checksum_is_undone_from_the_twin(twinned, tmp_path,
+                                                                    capsys):
+    """A write entry rewritten with a valid checksum but an impossible block (a
+    stray write of a whole entry): fsck.pnova keeps the twin's copy, which is a
+    good entry, and writes it over the primary, never the other way round."""
+    path, want, _pages = twinned
+    img = str(tmp_path / "w.img")
+    shutil.copy(path, img)
+    fs = FileSystem.mount(img, readonly=True)
+    ino = fs.lookup(fs.lookup(ROOT, b"d").ino, b"f0").ino
+    head, tail, _ = _logs(fs, ino)[0]
+    pos, raw = next((head + off, raw) for off, raw in _offsets(fs, ino, head, tail)
+                    if raw[0] == L.E_WRITE)
+    fs.unmount()
+    body = bytearray(raw)
+    struct.pack_into("<Q", body, 32, 1)                  # block 1: the region table
+    body[4:8] = b"\0\0\0\0"
+    with open(img, "r+b") as f:
+        f.seek(pos)
+        f.write(L._seal(body))
+    rc, out = fsck(capsys, img, "-n", "-f")
+    assert rc == 4 and "damaged in one copy" in out and "malformed" not in out, out
+    rc, out = fsck(capsys, img, "-p", "-f")
+    assert "Restore them from the other copy? yes" in out, out
+    assert fsck(capsys, img, "-n", "-f")[0] == 0
+    with open(img, "rb") as f:
+        f.seek(pos)
+        assert f.read(len(raw)) == raw
+    fs = FileSystem.mount(img)
+    _check(fs, want)
+    fs.unmount()
+
+
+def _offsets(fs: FileSystem, ino: int, head: int, tail: int) -> list[tuple[int, bytes]]:
+    """(offset from the head page, raw entry) of the entries in a log's first page."""
+    out, pos = [], 0
+    for raw in plog.walk(fs.pm, head, tail, ino, fs.max_log_pages):
+        if pos + len(raw) > L.LOG_DATA:
+            break
+        out.append((pos, bytes(raw)))
+        pos += len(raw)
+    return out
