@@ -249,6 +249,8 @@ class Commit:
         entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
         raws = _encode(entries, self.marks)
         line = inode.array * L.BLOCK + cpu * L.LA_LINE
+        # the line's copy in the array's twin (format 8), 0: none
+        tline = inode.array_twin * L.BLOCK + cpu * L.LA_LINE if inode.array_twin else 0
         have = inode.local.get(cpu)
         if have is None:
             page, twin = self._local_page()
@@ -262,19 +264,23 @@ class Commit:
                     self.alloc.free(p, 1)
                 raise
             pm.fence()                                 # entries durable before the log exists
-            if twin:
-                pm.store_u64(line + L.LA_HEAD_TWIN, twin * L.BLOCK)
-                pm.flush(line + L.LA_HEAD_TWIN, 8)
-            pm.store_u64(line + L.LA_HEAD, page * L.BLOCK)
-            pm.flush(line + L.LA_HEAD, 8)
+            for ln in (line, tline) if tline else (line,):
+                if twin:
+                    pm.store_u64(ln + L.LA_HEAD_TWIN, twin * L.BLOCK)
+                pm.store_u64(ln + L.LA_HEAD, page * L.BLOCK)
+                pm.flush(ln, 24)
             pm.fence()                                 # head before tail: tail 0 = no log yet
-            pm.store_u64(line + L.LA_TAIL, tail)
-            pm.flush(line + L.LA_TAIL, 8)
+            for ln in (line, tline) if tline else (line,):
+                pm.store_u64(ln + L.LA_TAIL, tail)
+                pm.flush(ln + L.LA_TAIL, 8)
             pm.fence()                                 # committed
             have = inode.local[cpu] = [page * L.BLOCK, tail, first + more]
         else:
             tail, more = self._append(have[1], raws, inode.ino, self._local_page, have[2])
-            pm.commit_u64(line + L.LA_TAIL, tail)
+            if tline:
+                pm.commit_u64_twice(line + L.LA_TAIL, tline + L.LA_TAIL, tail)
+            else:
+                pm.commit_u64(line + L.LA_TAIL, tail)
             have[1] = tail
             if more:
                 have[2].extend(more)
@@ -301,13 +307,24 @@ class Commit:
                 return inode
             pm = self.pm
             blk = self.alloc.alloc_one(self.cpu, meta=True)
-            pm.store_zero(blk * L.BLOCK, L.BLOCK)
-            pm.flush(blk * L.BLOCK, L.BLOCK)
+            tblk = 0
+            if self.log_twins:                  # its twin, in the next CPU's region
+                try:
+                    tblk = self.alloc.alloc_one(self._twin_cpu, meta=True)
+                except FsError:
+                    self.alloc.free(blk, 1)
+                    raise
+            for b in (blk, tblk) if tblk else (blk,):
+                pm.store_zero(b * L.BLOCK, L.BLOCK)
+                pm.flush(b * L.BLOCK, L.BLOCK)
             pm.fence()                                 # zeroed lines before the pointer
             if pm.mode == "disk":
                 pm.sync()       # on a disk too: a stale block's lines would name old logs
-            self._slot_commit(self.inode_addr(inode.ino) + L.I_LOG_ARRAY, blk)
-            inode.array = blk
+            addr = self.inode_addr(inode.ino)
+            if tblk:                                   # the twin's word before the
+                self._slot_store(addr + L.I_LOG_ARRAY_TWIN, tblk)   # array's (its fence)
+            self._slot_commit(addr + L.I_LOG_ARRAY, blk)
+            inode.array, inode.array_twin = blk, tblk
             return inode
         finally:
             sch.log_unlock(inode.ino)

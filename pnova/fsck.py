@@ -79,7 +79,7 @@ from .inode import Inode
 from .journal import Journal, JournalError
 from .pmem import DeviceError, PMem
 from .protect import DataProtection, strip_ranges
-from .replica import USABLE, Judge, copy_slot, differing_slots, saved_bitmap_reader
+from .replica import USABLE, Judge, copy_slot, differing_slots, pick_line, saved_bitmap_reader
 
 # Answer policies.
 NO, YES, PREEN = "no", "yes", "preen"
@@ -167,7 +167,9 @@ class _Rec:
     headless: list[int] = field(default_factory=list)  # cpus whose line has a tail, no head
     reserved: list[int] = field(default_factory=list)  # cpus whose line has reserved bytes set
     beyond: bool = False                 # bytes past the last CPU's line are set
-    twin_fixes: list[plog.Fix] = field(default_factory=list)   # global log, one copy damaged
+    twin_fixes: list[plog.Fix] = field(default_factory=list)   # one copy damaged, the other good
+    array_twin: int = 0                  # block of the log array's twin (format 8), 0: none
+    array_twin_err: str | None = None    # the twin pointer is bad: cleared, the array kept
 
     @property
     def is_dir(self) -> bool:
@@ -192,6 +194,8 @@ class _Rec:
             out.extend((b, "log page") for b in ch.pages)
         if self.array and not self.array_err:
             out.append((self.array, "per-core log array"))
+            if self.array_twin and not self.array_twin_err:
+                out.append((self.array_twin, "per-core log array twin"))
         return out
 
 
@@ -1007,6 +1011,7 @@ class Checker:
         rec.tail = self._u64(src + L.I_LOG_TAIL)
         rec.array = self._u64(src + L.I_LOG_ARRAY)
         rec.head_twin = self._u64(src + L.I_LOG_HEAD_TWIN)
+        rec.array_twin = self._u64(src + L.I_LOG_ARRAY_TWIN) if rec.array else 0
         if rec.static is not None:
             self._parse_log(rec, rec.static)
         else:
@@ -1058,7 +1063,7 @@ class Checker:
         ch = self._walk_chain(ino, head, tail, inode.apply if is_dir else _file_entry, set(),
                               rec.head_twin)
         rec.log_err, rec.bad_tail, rec.walked = ch.err, ch.bad_tail, ch.walked
-        rec.twin_fixes = ch.fixes
+        rec.twin_fixes = list(ch.fixes)
         if rec.array:
             # Even for an inode that goes, learn which blocks its local logs hold.
             self._parse_array(rec, is_dir, set(ch.walked))
@@ -1211,6 +1216,10 @@ class Checker:
             return
         raw = self.pm.read(blk * L.BLOCK, L.BLOCK)
         other = other | {blk}
+        if rec.array_twin:
+            raw = self._settle_array(rec, raw)
+            if not rec.array_twin_err:
+                other |= {rec.array_twin}
         theirs: set[int] = set()        # other inodes whose logs the lines lead to
         ncpus = self.sb.ncpus
         for cpu in range(ncpus):
@@ -1241,6 +1250,46 @@ class Checker:
         elif rec.reserved or rec.beyond:
             rec.array_err = ("does not point to a per-core log array (reserved bytes are set "
                              "and no line leads to a log of this inode)")
+
+    def _settle_array(self, rec: _Rec, raw: bytes) -> bytes:
+        """The lines of a per-core log array that has a twin (format 8), each from
+        the copy that reads (:func:`pick_line`), as the array block's bytes;
+        the writes that make both copies hold them go to ``rec.twin_fixes``."""
+        tblk, n, pm = rec.array_twin, self.sb.ncpus, self.pm
+        if not self._in_data(tblk):
+            rec.array_twin_err = "lies outside the data area"
+        elif tblk == rec.array:
+            rec.array_twin_err = "is the array itself"
+        if rec.array_twin_err:
+            return raw
+        tbase, base = tblk * L.BLOCK, rec.array * L.BLOCK
+        traw = pm.read(tbase, L.BLOCK)
+        good = bytearray(L.BLOCK)                # the lines as kept, the rest zero
+        for c in range(n):
+            off = c * L.LA_LINE
+            p = struct.unpack_from("<QQQ", raw, off)
+            q = struct.unpack_from("<QQQ", traw, off)
+            bad = (bool(pm.poison and pm.poisoned(base + off, 24)),
+                   bool(pm.poison and pm.poisoned(tbase + off, 24)))
+            which = 0
+            if p != q or any(bad):
+                which = pick_line(pm, rec.ino, p, q, self.sb.total_blocks, bad)[0]
+            struct.pack_into("<QQQ", good, off, *(p, q)[which])
+            if which == 1:
+                rec.twin_fixes.append((base + off, bytes(good[off:off + 24])))
+        if bytes(traw) != bytes(good) or (pm.poison and pm.poisoned(tbase, L.BLOCK)):
+            rec.twin_fixes.append((tbase, bytes(good)))
+        out = bytearray(raw)
+        for c in range(n):
+            out[c * L.LA_LINE:c * L.LA_LINE + 24] = good[c * L.LA_LINE:c * L.LA_LINE + 24]
+        return bytes(out)
+
+    def _put_line(self, rec: _Rec, off: int, value: int) -> None:
+        """Store a word of a per-core log array (byte ``off`` of the block) in the
+        array and in its twin."""
+        self._put_u64(rec.array * L.BLOCK + off, value)
+        if rec.array_twin and not rec.array_twin_err:
+            self._put_u64(rec.array_twin * L.BLOCK + off, value)
 
     def _page_owner(self, head: int) -> int | None:
         """The owner a well-formed log page at ``head`` names, else None."""
@@ -1327,6 +1376,12 @@ class Checker:
             what = used.get(rec.array)
             if what is None:
                 used[rec.array] = f"the per-core log array of inode {rec.ino}"
+                if rec.array_twin and not rec.array_twin_err:
+                    twhat = used.get(rec.array_twin)
+                    if twhat is None:
+                        used[rec.array_twin] = f"the per-core log array twin of inode {rec.ino}"
+                    else:
+                        rec.array_twin_err = f"is also {twhat}"
                 continue
             rec.array_err = f"is also {what}"
             rec.array_clash = True
@@ -1347,6 +1402,8 @@ class Checker:
                 claimed[b] = True
             if 0 < rec.array < total:
                 claimed[rec.array] = True
+            if 0 < rec.array_twin < total:
+                claimed[rec.array_twin] = True
             if rec.inode is not None and rec.inode.pages:
                 for b in rec.inode.pages.values():
                     claimed[b] = True
@@ -1362,6 +1419,9 @@ class Checker:
             self.released.update(b for b in rec.local_walked if b not in kept)
             if rec.array and rec.array not in kept and not rec.array_clash:
                 self.released.add(rec.array)
+            if rec.array_twin and rec.array_twin not in kept and 0 < rec.array_twin < total \
+                    and self._in_data(rec.array_twin):
+                self.released.add(rec.array_twin)
             if not live and rec.inode is not None and rec.inode.pages:
                 self.released.update(rec.inode.pages.values())
 
@@ -1436,9 +1496,17 @@ class Checker:
                             f"{rec.array_err}", "Clear the pointer (the per-core logs it "
                             "leads to are lost)", safe=False):
                 self._put_u64(rec.addr + L.I_LOG_ARRAY, 0)
+                if rec.array_twin:
+                    self._put_u64(rec.addr + L.I_LOG_ARRAY_TWIN, 0)
             else:
                 self._declined(rec)
             return
+        if rec.array_twin_err:
+            if self.problem(f"{desc}: the twin of its per-core log array (block "
+                            f"{rec.array_twin}) {rec.array_twin_err}", "Clear that pointer "
+                            "(the array keeps one copy)", safe=True):
+                self._put_u64(rec.addr + L.I_LOG_ARRAY_TWIN, 0)
+                rec.array_twin = 0
         base = rec.array * L.BLOCK
         where = f"{desc}: per-core log array (block {rec.array})"
         for cpu in rec.headless:
@@ -1447,7 +1515,7 @@ class Checker:
             if self.problem(f"{where}: the line of CPU {cpu} has a tail "
                             f"({self.pm.read_u64(line + L.LA_TAIL):#x}) but no head",
                             "Clear that tail", safe=True):
-                self._put_u64(line + L.LA_TAIL, 0)
+                self._put_line(rec, cpu * L.LA_LINE + L.LA_TAIL, 0)
         for cpu, ch in sorted(rec.lines.items()):
             if ch.err is None:
                 continue
@@ -1456,7 +1524,7 @@ class Checker:
                 "Set its tail after the last valid entry" if ch.bad_tail else \
                 "Truncate it after the last good entry"
             if self.problem(f"{desc}: per-core log of CPU {cpu}: {ch.err}", fix, safe=False):
-                self._put_u64(base + cpu * L.LA_LINE + L.LA_TAIL, new)
+                self._put_line(rec, cpu * L.LA_LINE + L.LA_TAIL, new)
             else:
                 self._declined(rec)
         if rec.reserved or rec.beyond:
@@ -1470,7 +1538,7 @@ class Checker:
                             safe=True):
                 self._prepare_write()
                 pm = self.pm
-                spans = [(base + cpu * L.LA_LINE + 16, L.LA_LINE - 16) for cpu in rec.reserved]
+                spans = [(base + cpu * L.LA_LINE + 24, L.LA_LINE - 24) for cpu in rec.reserved]
                 if rec.beyond:
                     end = self.sb.ncpus * L.LA_LINE
                     spans.append((base + end, L.BLOCK - end))

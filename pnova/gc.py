@@ -252,6 +252,8 @@ class Compaction:
             updates.append((addr + L.I_LOG_HEAD_TWIN, ftwin * L.BLOCK))
         if inode.array:
             updates.append((addr + L.I_LOG_ARRAY, 0))
+        if inode.array_twin:
+            updates.append((addr + L.I_LOG_ARRAY_TWIN, 0))
         if inode.is_dir and self.shared:
             # The new chain holds exactly what a cache that reached the old
             # tail holds: such a cache in another process takes the new chain
@@ -270,7 +272,9 @@ class Compaction:
             old.extend(lpages)
         if inode.array:
             old.append(inode.array)
+        if inode.array_twin:
+            old.append(inode.array_twin)
         inode.head, inode.tail, inode.log_pages = first * L.BLOCK, tail, pages
-        inode.array = 0
+        inode.array = inode.array_twin = 0
         inode.local = {}
         self._free_blocks(old)

@@ -50,7 +50,7 @@ class InodeCache:
                 return inode                     # one log, and it has not grown
             try:
                 new, tail, gpages, local = self._gather(inode.ino, head, array, inode.tail,
-                                                        inode.local)
+                                                        inode.local, 0, inode.array_twin)
                 torn = False
             except (plog.LogError, ValueError):
                 torn = True

@@ -117,6 +117,8 @@ def _metadata(fs: FileSystem) -> list[tuple[int, str]]:
             out += [(b, "log page (per-core log)") for b in pages]
         if inode.array:
             out.append((inode.array, "per-core log array"))
+        if inode.array_twin:
+            out.append((inode.array_twin, "per-core log array twin"))
         if inode.pages and fs.prot.csum:
             for b in inode.pages.values():
                 c1, c2, par = fs.prot.records(b)

@@ -25,7 +25,7 @@ class Inode:
     __slots__ = ("ino", "mode", "uid", "gid", "rdev", "generation", "nlink", "size",
                  "atime", "mtime", "ctime", "head", "tail", "log_pages", "pages",
                  "dents", "order", "parent", "dent_bytes", "xattrs",
-                 "array", "local", "tseq", "vers", "names_seen", "rewrites", "wide")
+                 "array", "array_twin", "local", "tseq", "vers", "names_seen", "rewrites", "wide")
 
     def __init__(self, ino: int, st: L.InodeStatic, head: int, tail: int, *,
                  wide: bool = True) -> None:
@@ -45,6 +45,7 @@ class Inode:
         self.parent = 0
         self.dent_bytes = 0
         self.array = 0                     # block of the per-core log array, 0: none
+        self.array_twin = 0                # block of its twin (format 8), 0: none
         # cpu -> [head, tail, pages] of that CPU's local log, as far as replayed
         self.local: dict[int, list] = {}
         # Sequence number of the entry that last set the times: with several

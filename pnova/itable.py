@@ -16,7 +16,7 @@ from .shared import H_HELD_INOS, REF_DYING
 
 
 # line 1 of an inode slot: state, log head, log tail, log array, then zeros
-_LINE1 = struct.Struct("<QQQQQ24x")   # state, head, tail, array, head's twin
+_LINE1 = struct.Struct("<QQQQQQ16x")   # state, head, tail, array, head's twin, array's twin
 
 
 class InodeTable:
@@ -95,7 +95,7 @@ class InodeTable:
         addr = self.inode_addr(ino)
         # line 0, then line 1: state FREE (0), head, tail, no log array
         self._slot_write(addr, st.pack() + _LINE1.pack(L.STATE_FREE, page * L.BLOCK, tail, 0,
-                                                        twin * L.BLOCK))
+                                                        twin * L.BLOCK, 0))
         inode = Inode(ino, st, page * L.BLOCK, tail, wide=self.pm.mode == "disk")
         inode.log_pages = [page] + ([twin] if twin else []) + more
         for e in entries:

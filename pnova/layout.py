@@ -357,6 +357,7 @@ I_LOG_HEAD = 72     # u64: byte offset of the first log page (0: none)
 I_LOG_TAIL = 80     # u64: byte offset just past the last committed entry
 I_LOG_ARRAY = 88    # u64: block number of the per-core log array (0: none)
 I_LOG_HEAD_TWIN = 96  # u64 (version 8): byte offset of the twin of the first log page (0: none)
+I_LOG_ARRAY_TWIN = 104  # u64 (version 8): block number of the log array's twin (0: none)
 I_GENERATION = 24   # u64 in line 0: tells a reused slot from the inode a cache knew
 
 # Per-core log array: one 64-byte line per CPU, holding that CPU's local log.
@@ -643,7 +644,8 @@ def journal_twin(regions: list[Region], cpu: int) -> int | None:
 
 
 # The inode words a lite-journal record may name (its undo target).
-JOURNALED_WORDS = (I_STATE, I_LOG_HEAD, I_LOG_TAIL, I_LOG_ARRAY, I_LOG_HEAD_TWIN)
+JOURNALED_WORDS = (I_STATE, I_LOG_HEAD, I_LOG_TAIL, I_LOG_ARRAY, I_LOG_HEAD_TWIN,
+                   I_LOG_ARRAY_TWIN)
 
 
 def is_journaled_word(addr: int, regions: list[Region], inodes_per_cpu: int) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import struct
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ from . import log as plog
 from .errors import CorruptImage, FsError
 from .inode import Inode
 from .journal import JournalError
+from .replica import pick_line
 from .shared import H_SEQ
 
 
@@ -714,6 +716,45 @@ class Rebuild:
                 out.append((cpu, head, tail))
         return out
 
+    def _settle_lines(self, ino: int, base: int, tbase: int, heads: tuple[int, ...],
+                      tails: tuple[int, ...]) -> tuple[list[int], list[int], list[int]]:
+        """The lines of a per-core log array whose twin (format 8) lies at byte
+        ``tbase``: (heads, tails, heads' twins), each line from the copy
+        :func:`pick_line` takes where the two differ.  A copy that is damaged
+        (not merely one store behind) is mended as a log page's would be
+        (:meth:`_log_damage`)."""
+        pm = self.pm
+        n = self.ncpus
+        theads, ttails = self._read_lines(tbase)
+        w = pm.words
+        htw = list(w.load64s(base + L.LA_HEAD_TWIN, n, L.LA_LINE))
+        poison = (pm.poison and bool(pm.poisoned(base, n * L.LA_LINE)),
+                  pm.poison and bool(pm.poisoned(tbase, n * L.LA_LINE)))
+        if heads == theads and tails == ttails and not any(poison):
+            return list(heads), list(tails), htw
+        thtw = w.load64s(tbase + L.LA_HEAD_TWIN, n, L.LA_LINE)
+        heads, tails = list(heads), list(tails)
+        fixes: list[plog.Fix] = []
+        for src, dst, bad in ((base, tbase, poison[1]), (tbase, base, poison[0])):
+            if bad:                              # a poisoned copy: rewritten whole
+                fixes.append((dst, bytes(pm.read(src, L.BLOCK))))
+                break
+        for c in range(n):
+            off = c * L.LA_LINE
+            bad = (poison[0] and bool(pm.poisoned(base + off, 24)),
+                   poison[1] and bool(pm.poisoned(tbase + off, 24)))
+            p, q = (heads[c], tails[c], htw[c]), (theads[c], ttails[c], thtw[c])
+            if p == q and not any(bad):
+                continue
+            which, damaged = pick_line(pm, ino, p, q, self.max_log_pages, bad)
+            good = (p, q)[which]
+            heads[c], tails[c], htw[c] = good
+            if damaged or self._repair_in_place:
+                fixes.append(((tbase, base)[which] + off, struct.pack("<QQQ", *good)))
+        if fixes:
+            self._log_damage(ino, fixes)
+        return heads, tails, htw
+
     def _read_lines(self, base: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(heads, tails) of every line of the per-core log array at byte ``base``.
 
@@ -776,9 +817,10 @@ class Rebuild:
             if inode.is_dir:
                 raise ValueError("a directory has per-core logs")
             self._local_lines(array)             # checks where the array lies
+        array_twin = pm.read_u64(addr + L.I_LOG_ARRAY_TWIN) if array else 0
         entries, inode.tail, inode.log_pages, inode.local = self._gather(
-            ino, head, array, 0, {}, pm.read_u64(addr + L.I_LOG_HEAD_TWIN))
-        inode.array = array
+            ino, head, array, 0, {}, pm.read_u64(addr + L.I_LOG_HEAD_TWIN), array_twin)
+        inode.array, inode.array_twin = array, array_twin
         if array:
             entries.sort(key=lambda e: e[1])
         maxseq = st.create_seq
@@ -789,7 +831,8 @@ class Rebuild:
         return inode, maxseq
 
     def _gather(self, ino: int, head: int, array: int, gtail: int, known: dict[int, list],
-                head_twin: int = 0) -> tuple[list[tuple], int, list[int], dict[int, list]]:
+                head_twin: int = 0, array_twin: int = 0
+                ) -> tuple[list[tuple], int, list[int], dict[int, list]]:
         """Collect every entry committed past the given positions of an inode's logs.
 
         ``gtail`` is how far the global log was read (0: not at all), ``known``
@@ -818,6 +861,10 @@ class Rebuild:
                 moved = True
             if array:
                 heads, tails = self._read_lines(base)
+                twins = None
+                if array_twin:
+                    heads, tails, twins = self._settle_lines(ino, base, array_twin * L.BLOCK,
+                                                             heads, tails)
                 for cpu in range(ncpus):
                     lhead, ltail = heads[cpu], tails[cpu]
                     have = local.get(cpu)
@@ -825,8 +872,8 @@ class Rebuild:
                         continue                 # unchanged, or a log never committed
                     if have is None or have[0] != lhead:
                         have = local[cpu] = [lhead, 0, []]
-                    twin = None if have[1] else self.pm.read_u64(
-                        base + cpu * L.LA_LINE + L.LA_HEAD_TWIN) // L.BLOCK
+                    twin = None if have[1] else (twins[cpu] if twins else self.pm.read_u64(
+                        base + cpu * L.LA_LINE + L.LA_HEAD_TWIN)) // L.BLOCK
                     got = self._entries(lhead, ltail, ino, have[2], have[1], twin)
                     if any(e[0] != L.E_WRITE for e in got):
                         raise ValueError(f"the local log of CPU {cpu} holds an entry "
@@ -844,6 +891,8 @@ class Rebuild:
             blocks.extend(lpages)
         if inode.array:
             blocks.append(inode.array)
+        if inode.array_twin:
+            blocks.append(inode.array_twin)
         if inode.pages:
             blocks.extend(inode.pages.values())
         return blocks

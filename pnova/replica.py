@@ -33,6 +33,51 @@ def slot_words(read_u64: Callable[[int], int], addr: int) -> tuple[int, int, int
             read_u64(addr + L.I_LOG_TAIL), read_u64(addr + L.I_LOG_ARRAY))
 
 
+def pick_line(pm: PMem, ino: int, p: tuple[int, int, int], q: tuple[int, int, int],
+              max_pages: int, poisoned: tuple[bool, bool] = (False, False)
+              ) -> tuple[int, bool]:
+    """Which copy of a per-core log array line (head, tail, head's twin) to read
+    when the array and its twin (format 8) differ there: (0 for the array's,
+    1 for the twin's, whether the other copy is damaged rather than one store
+    behind).  A copy whose log does not read (or that lies in a poisoned
+    sector) loses; of two that read, the twin's wins only when its log is the
+    array's followed by newer entries (a tail the damage moved back); a twin's
+    log that is the array's cut short is a commit between its two stores
+    (the array's line is stored first)."""
+    def seqs(line: tuple[int, int, int], bad: bool) -> list[int] | None:
+        if bad:
+            return None
+        h, t, tw = line
+        if not (h and t):
+            return []                            # no log: a line not yet committed
+        try:
+            return [int.from_bytes(raw[8:16], "little")
+                    for raw in plog.walk(pm, h, t, ino, max_pages, None, 0, None,
+                                         tw // L.BLOCK)]
+        except plog.LogError:
+            return None
+    if _foreign(pm, p[0], ino) or _foreign(pm, q[0], ino):
+        # A line that leads to another inode's log: the array (or twin)
+        # pointer itself is wrong, which no line of the other copy mends.
+        return 0, False
+    sp, sq = seqs(p, poisoned[0]), seqs(q, poisoned[1])
+    if sp is None:
+        return (1, True) if sq is not None else (0, False)
+    if sq is None:
+        return 0, True
+    if p[0] == q[0] and _goes_on(sp, sq):
+        return 1, True
+    return 0, not ((q[0] == p[0] or not q[1]) and sq == sp[:len(sq)])
+
+
+def _foreign(pm: PMem, head: int, ino: int) -> bool:
+    """Whether ``head`` is a well-formed log page of an inode other than ``ino``."""
+    if not head or head % L.BLOCK or not L.BLOCK <= head < pm.size:
+        return False
+    raw = pm.read(head + L.PT_NEXT, 32)
+    return L.check_page_tail(raw) is None and int.from_bytes(raw[8:16], "little") != ino
+
+
 # how a usable copy that was not kept is described (see Judge.choose)
 USABLE = "usable: "
 
@@ -99,8 +144,11 @@ class Judge:
             st = L.InodeStatic.unpack(pm.read(addr, 64))
         except ValueError:
             return "inode fields fail their checksum", []
-        if any(pm.read(addr + 104, 24)):
+        if any(pm.read(addr + 112, 16)):
             return "reserved bytes are not zero", []
+        array_twin = self.read_u64(addr + L.I_LOG_ARRAY_TWIN)
+        if array_twin and not self._in_data(array_twin):
+            return f"the twin of its log array ({array_twin}) is not a data block", []
         head_twin = self.read_u64(addr + L.I_LOG_HEAD_TWIN)
         if head_twin and (head_twin % L.BLOCK or not self._in_data(head_twin // L.BLOCK)):
             return f"the twin of its first log page ({head_twin:#x}) is not a data block", []
@@ -115,9 +163,11 @@ class Judge:
             n = len(self.regions)
             if any(raw[64 * n:]) or any(any(raw[64 * c + 24:64 * c + 64]) for c in range(n)):
                 return f"block {array} is not a log array", []
-            lines = [(int.from_bytes(raw[64 * c:64 * c + 8], "little"),
-                      int.from_bytes(raw[64 * c + 8:64 * c + 16], "little"),
-                      int.from_bytes(raw[64 * c + 16:64 * c + 24], "little")) for c in range(n)]
+            lines = _lines(raw, n)
+            if array_twin:                       # each line from the copy that reads
+                traw = pm.read(array_twin * L.BLOCK, L.BLOCK)
+                lines = [p if p == q else (p, q)[pick_line(pm, ino, p, q, self.max_pages)[0]]
+                         for p, q in zip(lines, _lines(traw, n))]
         if saved is not None and head and not saved(head // L.BLOCK):
             return "its log's first page is free in the saved bitmap", []
         if not self.walk:
@@ -166,6 +216,13 @@ class Judge:
         if why_r is None:
             return "replica", why_p, None
         return "neither", why_p, why_r
+
+
+def _lines(raw: bytes, n: int) -> list[tuple[int, int, int]]:
+    """(head, tail, head's twin) of the first ``n`` lines of a log array block."""
+    return [(int.from_bytes(raw[64 * c:64 * c + 8], "little"),
+             int.from_bytes(raw[64 * c + 8:64 * c + 16], "little"),
+             int.from_bytes(raw[64 * c + 16:64 * c + 24], "little")) for c in range(n)]
 
 
 def _plain(why: str | None) -> str:

@@ -61,19 +61,23 @@ class Img:
     """Raw access to an image for damaging it on purpose (through the pmem layer).
 
     Damage to an inode slot is made to its replica too (SPEC 5.5), and damage to
-    a log page to its twin (6.1): these tests check what fsck does with
-    metadata neither copy of which reads; tests/test_replica.py and
+    a log page or a per-core log array to its twin (6.1, 5.4): these tests check
+    what fsck does with metadata neither copy of which reads; tests/test_replica.py and
     tests/test_logtwins.py check the repairs from the second copy."""
 
     def __init__(self, path: str) -> None:
         self.pm = PMem(path)
         self.sb, _ = read_superblock(self.pm)
         self.regions = read_regions(self.pm, self.sb)
+        self.array_twins: dict[int, int] = {}     # log array block -> its twin's
 
     def _copies(self, off: int) -> list[int]:
         """``off``, and its replica when it lies in an inode table, or the same
-        byte of the twin when it lies in a log page that has one."""
+        byte of the twin when it lies in a log page or a log array (one this
+        object has looked up) that has one."""
         twin = L.replica_of(self.regions, self.sb.inodes_per_cpu, off)
+        if twin is None and self.array_twins.get(off // L.BLOCK):
+            twin = self.array_twins[off // L.BLOCK] * L.BLOCK + off % L.BLOCK
         if twin is None:
             page = off - off % L.BLOCK
             tail = self.pm.read(page + L.PT_NEXT, 32)
@@ -118,7 +122,9 @@ class Img:
         return self.chain(ino, self.u64(a + L.I_LOG_HEAD), self.u64(a + L.I_LOG_TAIL))
 
     def array(self, ino: int) -> int:
-        return self.u64(self.addr(ino) + L.I_LOG_ARRAY)
+        blk = self.u64(self.addr(ino) + L.I_LOG_ARRAY)
+        self.array_twins[blk] = self.u64(self.addr(ino) + L.I_LOG_ARRAY_TWIN)
+        return blk
 
     def line(self, ino: int, cpu: int) -> int:
         """Device offset of CPU ``cpu``'s line in ino's per-core log array."""
@@ -991,7 +997,7 @@ def test_log_array_line_words_preened(img, capsys):
     with Img(img) as m:
         raw = m.pm.read(m.array(f) * L.BLOCK, L.BLOCK)
         assert not any(raw[2 * L.LA_LINE:])
-        assert not any(any(raw[c * L.LA_LINE + 16:(c + 1) * L.LA_LINE]) for c in range(2))
+        assert not any(any(raw[c * L.LA_LINE + 24:(c + 1) * L.LA_LINE]) for c in range(2))
         assert struct.unpack_from("<Q", raw, (1 - away(f)) * L.LA_LINE + L.LA_TAIL)[0] == 0
     check_contents(img, want)
 

@@ -335,3 +335,67 @@ def _offsets(fs: FileSystem, ino: int, head: int, tail: int) -> list[tuple[int, 
         out.append((pos, bytes(raw)))
         pos += len(raw)
     return out
+
+
+def _array_of(path: str, name: str) -> tuple[int, int, int, int]:
+    """(inode, array block, twin block, CPU of its local log) of a file with one."""
+    fs = FileSystem.mount(path, readonly=True)
+    try:
+        ino = fs.lookup(ROOT, name.encode()).ino
+        inode = fs.get(ino)
+        return ino, inode.array, inode.array_twin, next(iter(inode.local))
+    finally:
+        fs.unmount()
+
+
+def test_a_per_core_log_array_has_a_twin_in_the_next_cpus_region(twinned):
+    """The array of a file written from another CPU has a twin (slot word
+    log_array_twin) whose lines are the array's, in the other region."""
+    path, _want, _pages = twinned
+    ino, arr, twin, cpu = _array_of(path, "big")
+    fs = FileSystem.mount(path, readonly=True)
+    try:
+        assert arr and twin
+        region = {r.cpu: (r.data_start, r.end) for r in fs.regions}
+        assert not region[0][0] <= twin < region[0][1] or not region[0][0] <= arr < region[0][1]
+        assert fs.pm.read(arr * L.BLOCK, L.BLOCK) == fs.pm.read(twin * L.BLOCK, L.BLOCK)
+        line = fs.pm.read(arr * L.BLOCK + cpu * L.LA_LINE, 24)
+        head, tail, head_twin = struct.unpack("<QQQ", line)
+        assert head and tail and head_twin
+    finally:
+        fs.unmount()
+
+
+@pytest.mark.parametrize("damage", ["tail moved back", "tail garbage", "poisoned"])
+def test_a_damaged_log_array_line_is_read_from_the_twin(twinned, tmp_path, capsys, damage):
+    """The array's line of a local log damaged: its tail moved back to an earlier
+    entry (which still reads: only the twin shows entries are missing), turned
+    to garbage, or in a poisoned sector.  fsck reports it and restores the line
+    from the twin; a mount without fsck reads the file exactly."""
+    path, want, _pages = twinned
+    ino, arr, _twin, cpu = _array_of(path, "big")
+    line = arr * L.BLOCK + cpu * L.LA_LINE
+    for variant in ("fsck", "mount"):
+        img = str(tmp_path / f"{variant}.img")
+        shutil.copy(path, img)
+        with open(img, "r+b") as f:
+            f.seek(line)
+            head, tail = struct.unpack("<QQ", f.read(16))
+            if damage == "tail moved back":
+                f.seek(line + L.LA_TAIL)
+                f.write(struct.pack("<Q", head + 64))        # just past its first entry
+            elif damage == "tail garbage":
+                f.seek(line + L.LA_TAIL)
+                f.write(struct.pack("<Q", tail ^ 0x5A5A00))
+        if damage == "poisoned":
+            save_badblocks(img, {line // 512})
+        if variant == "fsck":
+            rc, out = fsck(capsys, img, "-n", "-f")
+            assert rc == 4 and "damaged in one copy" in out, out
+            rc, out = fsck(capsys, img, "-p", "-f")
+            assert "Restore them from the other copy? yes" in out, out
+            assert fsck(capsys, img, "-n", "-f")[0] == 0
+        fs = FileSystem.mount(img)
+        _check(fs, want)
+        fs.unmount()
+        assert fsck(capsys, img, "-n", "-f")[0] == 0, variant
