@@ -383,7 +383,12 @@ class Allocator:
     def __init__(self, area: SharedArea, regions: list[Region], cpus_per_node: int,
                  reserve: int) -> None:
         self.regions = [RegionBitmap(area, r) for r in regions]
-        self.stashes = [Stash(area, r.cpu) for r in regions]
+        # each CPU's stash of its own region's blocks, then its twin stash, of
+        # the next CPU's region (where its log pages' twins come from)
+        n = len(regions)
+        self.stashes = [Stash(area, r.cpu) for r in regions] + \
+            [Stash(area, n + r.cpu) for r in regions]
+        self._twin_of = {c: (c + 1) % n for c in range(n)}
         # The CPU whose stash this process uses (None: no stash, e.g. a primary
         # whose workers act as its CPUs).
         self.stash_cpu: int | None = None
@@ -581,7 +586,22 @@ class Allocator:
         return self._alloc_one(cpu, meta)
 
     def _alloc_one(self, cpu: int, meta: bool) -> int:
-        if cpu == self.stash_cpu:
+        mine = self.stash_cpu
+        if mine is not None and cpu != mine and cpu == self._twin_of[mine]:
+            # a twin for this CPU's log page: from its twin stash
+            stash = self.stashes[len(self.regions) + mine]
+            blk = stash.pop()
+            if blk:
+                return blk
+            region = self._orders[cpu][0]
+            if region.nfree > STASH_REFILL + self.reserve:
+                for s, c in region.alloc(STASH_REFILL):
+                    for b in range(s, s + c):
+                        stash.push(b)
+                blk = stash.pop()
+                if blk:
+                    return blk
+        if cpu == mine:
             stash = self.stashes[cpu]
             blk = stash.pop()
             if blk:
@@ -661,6 +681,13 @@ class Allocator:
                 if not own.w.load64(own.words + 8 * (b >> 6)) >> (b & 63) & 1:
                     raise AssertionError(f"double free of block {start}")
                 if self.stashes[self.stash_cpu].push(start):
+                    return
+            tw = self._orders[self._twin_of[self.stash_cpu]][0]
+            if tw is not own and tw.lo <= start < tw.hi:
+                b = start - tw.lo                # a twin's block: to the twin stash
+                if not tw.w.load64(tw.words + 8 * (b >> 6)) >> (b & 63) & 1:
+                    raise AssertionError(f"double free of block {start}")
+                if self.stashes[len(self.regions) + self.stash_cpu].push(start):
                     return
         while n > 0:
             ra = self.owner(start)

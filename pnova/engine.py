@@ -139,6 +139,7 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
         # whether such damage is repaired where it lies (recovery at mount)
         self._repair_wanted: set[int] = set()
         self._repair_in_place = False
+        self._found: list[tuple[int, list]] = []  # damage optimistic reads found
         # all heads and tails of a per-core log array, read in one call
         # namespace locks held by the running namespace operation (None: none running)
         # locks of the running namespace operation: key -> (for writing, word);

@@ -48,6 +48,7 @@ class InodeCache:
                 return self._reload(inode)
             if not array and _tail == inode.tail:
                 return inode                     # one log, and it has not grown
+            mark = len(self._found)
             try:
                 new, tail, gpages, local = self._gather(inode.ino, head, array, inode.tail,
                                                         inode.local, 0, inode.array_twin)
@@ -56,9 +57,12 @@ class InodeCache:
                 torn = True
             _g, _s, head2, _t, array2 = self._slot_words(inode.ino)
             if head2 != head or array2 != array or self._rewrites(inode.ino) != rewrites:
+                del self._found[mark:]           # what it found may be freed pages
                 continue                    # compacted meanwhile: look again
             if torn:
+                del self._found[mark:]
                 return self._reload(inode)
+            self._found_valid(mark)
             inode.tail = tail
             inode.log_pages.extend(gpages)
             for cpu, (lhead, ltail, lpages) in local.items():

@@ -660,8 +660,25 @@ class Rebuild:
             self._check_entry(e)
             out.append(e)
         if fixes:
-            self._log_damage(ino, fixes)
+            self._note_damage(ino, fixes)
         return out
+
+    def _note_damage(self, ino: int, fixes: list[plog.Fix]) -> None:
+        """Damage a read found.  With several processes a read is optimistic
+        (a compaction may free the pages it walks, which then read as
+        anything): what it found counts only once the read is known to have
+        seen one state, so it waits in ``_found`` for :meth:`_found_valid`."""
+        if self.shared:
+            self._found.append((ino, fixes))
+        else:
+            self._log_damage(ino, fixes)
+
+    def _found_valid(self, mark: int) -> None:
+        """The reads since ``len(self._found)`` was ``mark`` saw one state."""
+        found = self._found[mark:]
+        del self._found[mark:]
+        for ino, fixes in found:
+            self._log_damage(ino, fixes)
 
     def _verify_logs(self, ino: int) -> list[plog.Fix]:
         """Every log of an inode read with both copies of each page compared
@@ -717,15 +734,17 @@ class Rebuild:
         return out
 
     def _settle_lines(self, ino: int, base: int, tbase: int, heads: tuple[int, ...],
-                      tails: tuple[int, ...]) -> tuple[list[int], list[int], list[int]]:
+                      tails: tuple[int, ...], tlines: tuple[tuple[int, ...], tuple[int, ...]]
+                      ) -> tuple[list[int], list[int], list[int]]:
         """The lines of a per-core log array whose twin (format 8) lies at byte
         ``tbase``: (heads, tails, heads' twins), each line from the copy
-        :func:`pick_line` takes where the two differ.  A copy that is damaged
-        (not merely one store behind) is mended as a log page's would be
+        :func:`pick_line` takes where the two differ; ``tlines`` are the twin's
+        (heads, tails), read before the array's.  A copy that is damaged (not
+        merely one store behind) is mended as a log page's would be
         (:meth:`_log_damage`)."""
         pm = self.pm
         n = self.ncpus
-        theads, ttails = self._read_lines(tbase)
+        theads, ttails = tlines
         w = pm.words
         htw = list(w.load64s(base + L.LA_HEAD_TWIN, n, L.LA_LINE))
         poison = (pm.poison and bool(pm.poisoned(base, n * L.LA_LINE)),
@@ -752,7 +771,7 @@ class Rebuild:
             if damaged or self._repair_in_place:
                 fixes.append(((tbase, base)[which] + off, struct.pack("<QQQ", *good)))
         if fixes:
-            self._log_damage(ino, fixes)
+            self._note_damage(ino, fixes)
         return heads, tails, htw
 
     def _read_lines(self, base: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -780,7 +799,9 @@ class Rebuild:
             return got
         addr = self.inode_addr(ino)
         err: Exception | None = None
+        mark = len(self._found)
         for _ in range(RETRIES):
+            del self._found[mark:]               # what a torn attempt found
             rewrites = self._rewrites(ino)
             gen = self.pm.read_u64(addr + L.I_GENERATION)
             head = self.pm.read_u64(addr + L.I_LOG_HEAD)
@@ -800,6 +821,7 @@ class Rebuild:
                 if got is None:
                     raise err
                 got[0].rewrites = rewrites
+                self._found_valid(mark)
                 return got
         raise err or plog.LogError("the log kept changing while it was read")
 
@@ -860,11 +882,17 @@ class Rebuild:
                 gtail = tail
                 moved = True
             if array:
-                heads, tails = self._read_lines(base)
                 twins = None
                 if array_twin:
+                    # the twin's lines first: a writer stores the array's line
+                    # first, so a commit between the two reads leaves the
+                    # twin's behind (not taken for damage), never ahead
+                    tlines = self._read_lines(array_twin * L.BLOCK)
+                    heads, tails = self._read_lines(base)
                     heads, tails, twins = self._settle_lines(ino, base, array_twin * L.BLOCK,
-                                                             heads, tails)
+                                                             heads, tails, tlines)
+                else:
+                    heads, tails = self._read_lines(base)
                 for cpu in range(ncpus):
                     lhead, ltail = heads[cpu], tails[cpu]
                     have = local.get(cpu)

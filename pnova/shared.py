@@ -39,7 +39,9 @@ Layout (byte offsets; every region starts on a 64-byte line)::
     ...     per-CPU rings: head line, tail line, RING_SLOTS u64 slots
     ...     per-CPU block stashes: a line with the count u64, then STASH_SLOTS
             u64 block numbers; each is changed only by the process acting as
-            its CPU (and by the primary once every worker has exited)
+            its CPU (and by the primary once every worker has exited); then
+            as many twin stashes, CPU c's holding blocks of CPU c+1's region
+            (for log page twins)
     ...     per-CPU held lists: a line with the lock word u32 (its holder's
             pid), head u64, tail u64 and held blocks u64, then HELD_SLOTS
             records (tag u64, start u64, count u32, kind u32, need u64) of
@@ -71,7 +73,7 @@ import time
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 14
+VERSION = 15
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -129,7 +131,7 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     o["ring_size"] = 2 * LINE + _line(8 * RING_SLOTS)
     o["stashes"] = o["rings"] + ncpus * o["ring_size"]
     o["stash_size"] = LINE + _line(8 * STASH_SLOTS)
-    o["held"] = o["stashes"] + ncpus * o["stash_size"]
+    o["held"] = o["stashes"] + 2 * ncpus * o["stash_size"]      # own and twin stashes
     o["held_size"] = LINE + HELD_SLOTS * HELD_REC
     o["versions"] = o["held"] + ncpus * o["held_size"]
     o["name_versions"] = o["versions"] + 8 * VER_SLOTS
