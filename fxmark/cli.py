@@ -99,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                      f"(default {','.join(SCHEMES)})")
     run.add_argument("--protection", type=_protections, default=["full"],
                      help="comma-separated protection for the images of 'engine' and "
-                     "'pnova' targets: full (data checksums and parity, inode replicas: "
-                     "mkfs's default), data (no inode replicas), csum (no parity either), "
-                     "none; each is a run of its own, shown as SCHEME:data, SCHEME:csum "
-                     "or SCHEME:none (default full)")
+                     "'pnova' targets: full (data checksums and parity, inode replicas, "
+                     "log page twins: mkfs's default), slots (no log page twins), data "
+                     "(no metadata replicas), csum (no parity either), none; each is a "
+                     "run of its own, shown as SCHEME:slots, SCHEME:data, ... (default "
+                     "full)")
     run.add_argument("--workers", type=_int_list, default=[1, 2],
                      help="comma-separated worker counts (default 1,2)")
     run.add_argument("--duration", type=float, default=5.0,

@@ -65,9 +65,9 @@ class Target(Protocol):
 
 # What a pnova image is formatted to protect (mkfs.pnova's options): "full" is
 # the default (data checksums and parity, inode replicas, log page twins),
-# "data" leaves the metadata replicas out, "csum" the parity too, "none"
-# everything.
-PROTECTIONS = {"full": 15, "data": 3, "csum": 1, "none": 0}
+# "slots" leaves the log page twins out, "data" every metadata replica, "csum"
+# the parity too, "none" everything.
+PROTECTIONS = {"full": 15, "slots": 7, "data": 3, "csum": 1, "none": 0}
 
 
 def split_scheme(scheme: str) -> tuple[str, int]:
@@ -87,14 +87,14 @@ def device_size_for(workload: Workload, nworkers: int, duration: float = 5.0) ->
     Copy-on-write needs room for a second copy of what is overwritten while
     old blocks wait to be freed, and logs and per-CPU reserves take some: twice
     the data plus 64 MiB, rounded up to a MiB.  Every file the workload may
-    hold at once takes a log page and an inode slot besides, and the
+    hold at once takes a log page (and its twin) and an inode slot besides, and the
     protection of blocks (parity and checksums: an eighth of the data area,
     SPEC 2.1) comes on top.  Images are sparse files, so only what a run
     touches takes memory.
     """
     files = workload.files(nworkers, duration)
     need = 2 * (workload.space(nworkers) + files * workload.file_bytes) + 64 * MiB \
-        + files * (BLOCK + INODE_SIZE)
+        + files * (2 * BLOCK + INODE_SIZE)           # a log page and its twin
     need += need // 7
     return max(DEFAULT_DEVICE, (need + MiB - 1) // MiB * MiB)
 
