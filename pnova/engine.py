@@ -140,6 +140,7 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
         self._repair_wanted: set[int] = set()
         self._repair_in_place = False
         self._found: list[tuple[int, list]] = []  # damage optimistic reads found
+        self._slot_repairs: set[int] = set()     # slots read from their replicas
         # all heads and tails of a per-core log array, read in one call
         # namespace locks held by the running namespace operation (None: none running)
         # locks of the running namespace operation: key -> (for writing, word);

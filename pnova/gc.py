@@ -105,6 +105,12 @@ class Compaction:
     def _compact_pending(self) -> None:
         """Compact what the last operation asked for (no locks are held here),
         and the logs read around a damaged copy (DESIGN 23.2)."""
+        while self._slot_repairs:
+            ino = self._slot_repairs.pop()
+            try:
+                self.scrub_slot(ino)             # the slot restored from its replica
+            except (FsError, LockTimeout):
+                pass
         while self._repair_wanted:
             ino = self._repair_wanted.pop()
             self._compact_wanted.discard(ino)

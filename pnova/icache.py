@@ -117,8 +117,10 @@ class InodeCache:
         try:
             inode, _ = self._read_inode(old.ino)
         except (plog.LogError, ValueError) as e:
-            logger.error("inode %d is damaged: %s (run fsck.pnova)", old.ino, e)
-            raise FsError(errno.EIO) from None
+            inode = self._read_replica(old.ino, e)
+            if inode is None:
+                logger.error("inode %d is damaged: %s (run fsck.pnova)", old.ino, e)
+                raise FsError(errno.EIO) from None
         self.cache[old.ino] = inode
         return inode
 
@@ -135,18 +137,26 @@ class InodeCache:
         if not self._valid_ino(ino):
             raise FsError(errno.ENOENT)
         state = self.pm.read_u64(self.inode_addr(ino) + L.I_STATE)
+        why = None
         if self.pm.poison and self.pm.poisoned(self.inode_addr(ino), L.INODE_SIZE):
-            logger.error("inode %d: its slot has a media error; run fsck.pnova", ino)
-            raise FsError(errno.EIO)
-        if state != L.STATE_LIVE:
-            if state != L.STATE_FREE:            # damaged: not the same as gone
-                logger.error("inode %d has a bad state word (%#x); run fsck.pnova", ino, state)
+            why = "a media error"
+        elif state not in (L.STATE_LIVE, L.STATE_FREE):    # damaged: not the same as gone
+            why = f"a bad state word ({state:#x})"
+        if why is not None:
+            inode = self._read_replica(ino, why)
+            if inode is None:
+                logger.error("inode %d: its slot has %s; run fsck.pnova", ino, why)
                 raise FsError(errno.EIO)
+            self.cache[ino] = inode
+            return inode
+        if state != L.STATE_LIVE:
             raise FsError(errno.ENOENT)
         try:
             inode, _ = self._read_inode(ino)
         except (plog.LogError, ValueError) as e:
-            logger.error("inode %d is damaged: %s (run fsck.pnova)", ino, e)
-            raise FsError(errno.EIO) from None
+            inode = self._read_replica(ino, e)
+            if inode is None:
+                logger.error("inode %d is damaged: %s (run fsck.pnova)", ino, e)
+                raise FsError(errno.EIO) from None
         self.cache[ino] = inode
         return inode

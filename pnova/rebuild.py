@@ -784,20 +784,21 @@ class Rebuild:
         tails = w.load64s(base + L.LA_TAIL, self.ncpus, L.LA_LINE)
         return w.load64s(base + L.LA_HEAD, self.ncpus, L.LA_LINE), tails
 
-    def _read_inode(self, ino: int) -> tuple[Inode, int]:
+    def _read_inode(self, ino: int, src: int | None = None) -> tuple[Inode, int]:
         """Build an Inode from its slot and logs; return it and its highest seq.
 
         A file's entries may sit in its global log and in per-core local logs:
         they are merged by sequence number.  A directory has one log, replayed
         in order.  With several processes the read is optimistic (see
         :meth:`_validate`): it is repeated if a compaction moved the head or
-        the array meanwhile.
+        the array meanwhile.  ``src``: the slot copy to read (default the
+        slot; :meth:`_read_replica` passes the replica).
         """
         if not self.shared:
-            got = self._read_inode_once(ino)
+            got = self._read_inode_once(ino, src)
             got[0].rewrites = self._rewrites(ino)
             return got
-        addr = self.inode_addr(ino)
+        addr = self.inode_addr(ino) if src is None else src
         err: Exception | None = None
         mark = len(self._found)
         for _ in range(RETRIES):
@@ -807,7 +808,7 @@ class Rebuild:
             head = self.pm.read_u64(addr + L.I_LOG_HEAD)
             array = self.pm.read_u64(addr + L.I_LOG_ARRAY)
             try:
-                got = self._read_inode_once(ino)
+                got = self._read_inode_once(ino, src)
             except (plog.LogError, ValueError) as e:
                 got, err = None, e
             if self.pm.read_u64(addr + L.I_STATE) != L.STATE_LIVE or \
@@ -825,8 +826,31 @@ class Rebuild:
                 return got
         raise err or plog.LogError("the log kept changing while it was read")
 
-    def _read_inode_once(self, ino: int) -> tuple[Inode, int]:
-        addr = self.inode_addr(ino)
+    def _read_replica(self, ino: int, why: object) -> Inode | None:
+        """An inode whose slot does not read (``why``), read from the slot's
+        replica (DESIGN 23.1), or None when there is none or it does not read
+        either.  The slot is restored from the replica after the operation
+        (:meth:`_compact_pending`), unless the mount is read-only."""
+        if self._rtables is None:
+            return None
+        r = self._replica(self.inode_addr(ino))
+        pm = self.pm
+        if (pm.poison and pm.poisoned(r, L.INODE_SIZE)) or \
+                pm.read_u64(r + L.I_STATE) != L.STATE_LIVE:
+            return None
+        try:
+            inode, _ = self._read_inode(ino, r)
+        except (plog.LogError, ValueError, FsError):
+            return None
+        logger.warning("%s: inode %d: its slot does not read (%s); read from its replica",
+                       pm.path, ino, why)
+        if not self.readonly:
+            self._slot_repairs.add(ino)
+            self._compact_wanted.add(ino)        # (what makes operations look)
+        return inode
+
+    def _read_inode_once(self, ino: int, src: int | None = None) -> tuple[Inode, int]:
+        addr = self.inode_addr(ino) if src is None else src
         pm = self.pm
         if pm.poison and pm.poisoned(addr, L.INODE_SIZE):
             raise ValueError(f"the slot of inode {ino} has a media error (poisoned sector)")
@@ -841,7 +865,8 @@ class Rebuild:
             self._local_lines(array)             # checks where the array lies
         array_twin = pm.read_u64(addr + L.I_LOG_ARRAY_TWIN) if array else 0
         entries, inode.tail, inode.log_pages, inode.local = self._gather(
-            ino, head, array, 0, {}, pm.read_u64(addr + L.I_LOG_HEAD_TWIN), array_twin)
+            ino, head, array, 0, {}, pm.read_u64(addr + L.I_LOG_HEAD_TWIN), array_twin,
+            addr)
         inode.array, inode.array_twin = array, array_twin
         if array:
             entries.sort(key=lambda e: e[1])
@@ -853,7 +878,7 @@ class Rebuild:
         return inode, maxseq
 
     def _gather(self, ino: int, head: int, array: int, gtail: int, known: dict[int, list],
-                head_twin: int = 0, array_twin: int = 0
+                head_twin: int = 0, array_twin: int = 0, slot: int | None = None
                 ) -> tuple[list[tuple], int, list[int], dict[int, list]]:
         """Collect every entry committed past the given positions of an inode's logs.
 
@@ -867,7 +892,7 @@ class Rebuild:
         each log's page list holding only pages not in ``known``).
         """
         words = self.pm.words
-        tail_addr = self.inode_addr(ino) + L.I_LOG_TAIL
+        tail_addr = (self.inode_addr(ino) if slot is None else slot) + L.I_LOG_TAIL
         local = {c: [h, t, []] for c, (h, t, _) in known.items()}
         gpages: list[int] = []
         out: list[tuple] = []

@@ -444,3 +444,56 @@ def test_through_the_mount_every_serving_process_leaves_journal_twins(tmp_path):
         assert used >= 1
     finally:
         fs.unmount()
+
+
+def test_a_slot_damaged_while_mounted_is_read_from_its_replica(tmp_path, caplog):
+    """Damage to slots no cache holds yet (line 0, a state word, a log head):
+    reads take the replica, the files read back exactly, and the slots are
+    restored from their replicas after the operation.  A read-only mount,
+    started on the damaged image (its mount repairs nothing), reads the
+    replicas too and writes nothing."""
+    import struct
+    path = _image(tmp_path)
+    want = _workload(path)
+    names = [b"f4", b"f5", b"f7"]
+    fs = FileSystem.mount(path, readonly=True)
+    d = fs.lookup(ROOT, b"d").ino
+    inos = [fs.lookup(d, n).ino for n in names]
+    a = [fs.inode_addr(i) for i in inos]
+    before = [fs.pm.read(x, L.INODE_SIZE) for x in a]
+    fs.unmount()
+    damage = [(a[0] + 5, bytes([before[0][5] ^ 0xFF])),
+              (a[1] + L.I_STATE, struct.pack("<Q", 0xBAD)),
+              (a[2] + L.I_LOG_HEAD, struct.pack("<Q", struct.unpack_from(
+                  "<Q", before[2], L.I_LOG_HEAD)[0] ^ 1 << 40))]
+
+    def check(fs: FileSystem) -> None:
+        for n, i in zip(names, inos):
+            assert fs.read(i, 0, 1 << 20) == want["d/" + n.decode()], n
+        assert "its slot does not read" in caplog.text
+
+    with open(path, "r+b") as f:                        # before a read-only mount
+        for off, raw in damage:
+            f.seek(off)
+            f.write(raw)
+    fs = FileSystem.mount(path, readonly=True)
+    try:
+        check(fs)
+        assert [fs.pm.read(x, L.INODE_SIZE) for x in a] != before
+    finally:
+        fs.unmount()
+    with open(path, "r+b") as f:                        # undone
+        for x, b in zip(a, before):
+            f.seek(x)
+            f.write(b)
+    caplog.clear()
+    fs = FileSystem.mount(path)                         # while mounted
+    try:
+        for off, raw in damage:
+            fs.pm.store(off, raw)
+        check(fs)
+        fs.create(ROOT, b"after", 0o644)                  # the repairs follow an operation
+        assert [fs.pm.read(x, L.INODE_SIZE) for x in a] == before
+    finally:
+        fs.unmount()
+    assert all(p == r for p, r in _tables(path))
