@@ -294,16 +294,19 @@ class FileData:
         what can be (not on a read-only mount).  A read checks only what it
         returns against the first copy, so a damaged second copy or parity
         strip waits for this (or fsck) to be found.  Runs under read locks of
-        SCRUB_PAGES pages at a time: readers go on, writers wait for one
-        piece at most."""
+        at most SCRUB_PAGES pages at a time (and no more than a read takes):
+        readers go on, writers wait for one piece at most."""
         inode = self.get(ino)
         out = ScrubCounts()
         if inode.is_dir or inode.pages is None or not self.prot.csum:
             return out
         sch = self.scheme
         top = max(inode.pages, default=-1)
-        for first in range(0, top + 1, SCRUB_PAGES):
-            last = min(top, first + SCRUB_PAGES - 1)
+        # no more at once than a read takes: a segment lock scheme lets a CPU
+        # hold a few segments' read locks only
+        step = max(1, min(SCRUB_PAGES, self.read_chunk // L.BLOCK))
+        for first in range(0, top + 1, step):
+            last = min(top, first + step - 1)
             tok = sch.lock(ino, first, last, False)
             try:
                 if self.shared:
