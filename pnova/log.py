@@ -226,7 +226,7 @@ def _walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
                 t = tw * L.BLOCK + in_page
                 if mm[t:t + len(raw)] != raw:
                     fixes.append((t, bytes(raw)))
-            if raw[0] != L.E_NEXT_PAGE:
+            if raw[0] != L.E_NEXT_PAGE or len(raw) != 8:     # (the marker is 8 bytes)
                 yield raw
                 pos += len(raw)
                 if good is not None:
