@@ -575,3 +575,21 @@ def test_the_region_examples_of_section_2_1_are_what_the_formula_gives():
     # CPU 0's slots are replicated in region 1, CPU 3's in region 0
     assert L.replica_tables(seven) == [66050 * L.BLOCK, 131585 * L.BLOCK, 197120 * L.BLOCK,
                                        515 * L.BLOCK]
+
+
+def test_the_appendix_page_tails_are_what_the_writer_packs():
+    """SPEC 18's page tails, byte by byte: a fresh page, and in version 8 a page
+    with its twin and the twin's tail (SPEC 6.1)."""
+    import os
+    import re
+    spec = open(os.path.join(os.path.dirname(__file__), "..", "docs", "SPEC.md")).read()
+    app = spec[spec.index("## 18. Appendix"):]
+    blocks = re.findall(r"```\n(.*?)```", app, re.S)
+
+    def hexbytes(block: str) -> bytes:
+        return bytes.fromhex(" ".join(line[:24] for line in block.splitlines()))
+
+    assert hexbytes(blocks[1]) == L.pack_page_tail(1)
+    both = hexbytes(blocks[2])
+    assert both[:32] == L.pack_page_tail(1, 0x1205)
+    assert both[32:] == L.pack_page_tail(1, 0x300 | L.TWIN_ROLE)
