@@ -309,7 +309,7 @@ def _lookup_while_another_cpu_frees(fs: FileSystem, d: int, name: bytes) -> int:
     (another process unlinked it and reused its log pages)."""
     read_once = fs._read_inode_once
 
-    def racing(ino: int):
+    def racing(ino: int, *args):
         fs._read_inode_once = read_once
         fs.unlink(d, name)                       # the last name: the inode is freed
         raise ValueError("dentry in a file log")  # what reused pages look like
