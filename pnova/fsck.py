@@ -79,7 +79,8 @@ from .inode import Inode
 from .journal import Journal, JournalError
 from .pmem import DeviceError, PMem
 from .protect import DataProtection, strip_ranges
-from .replica import USABLE, Judge, copy_slot, differing_slots, pick_line, saved_bitmap_reader
+from .replica import (USABLE, Judge, all_foreign, copy_slot, differing_slots, pick_line,
+                      saved_bitmap_reader)
 
 # Answer policies.
 NO, YES, PREEN = "no", "yes", "preen"
@@ -169,6 +170,7 @@ class _Rec:
     beyond: bool = False                 # bytes past the last CPU's line are set
     twin_fixes: list[plog.Fix] = field(default_factory=list)   # one copy damaged, the other good
     array_twin: int = 0                  # block of the log array's twin (format 8), 0: none
+    head_twin_want: int | None = None    # where the first page's twin is, when the slot errs
     array_twin_err: str | None = None    # the twin pointer is bad: cleared, the array kept
 
     @property
@@ -905,7 +907,8 @@ class Checker:
             return
         pm, n = self.pm, self.sb.inodes_per_cpu
         saved = saved_bitmap_reader(pm, self.regions) if self.clean else None
-        judge = Judge(pm, self.regions, self.sb.total_blocks, self._u64, saved)
+        judge = Judge(pm, self.regions, self.sb.total_blocks, self._u64, saved,
+                      twins=self.sb.log_replicas)
         for r in self.regions:
             p0, r0 = r.itable_start * L.BLOCK, self.rtables[r.cpu]
             for i in differing_slots(pm, p0, r0, n):
@@ -1064,6 +1067,10 @@ class Checker:
                               rec.head_twin)
         rec.log_err, rec.bad_tail, rec.walked = ch.err, ch.bad_tail, ch.walked
         rec.twin_fixes = list(ch.fixes)
+        if self.sb.log_replicas and ch.walked and len(ch.walked) > 1 and \
+                self._is_twin_of(ch.walked[1], head // L.BLOCK) and \
+                rec.head_twin != ch.walked[1] * L.BLOCK:
+            rec.head_twin_want = ch.walked[1] * L.BLOCK
         if rec.array:
             # Even for an inode that goes, learn which blocks its local logs hold.
             self._parse_array(rec, is_dir, set(ch.walked))
@@ -1123,7 +1130,7 @@ class Checker:
         checked = 0
         pos = good_end = head
         err: str | None = None
-        copies = 2 if self.sb.log_replicas else 1
+        twin = 0                            # the current page's twin (0: none)
 
         def check_new_pages() -> None:
             # walk() validated these pages' tails; they must also be new and in a data area
@@ -1143,8 +1150,11 @@ class Checker:
             for raw in plog.walk(pm, head, tail, ino, self.sb.total_blocks, pages, 0, None,
                                  head_twin // L.BLOCK, ch.fixes, True):
                 if len(pages) != checked:
+                    # the walk lists each page, then its twin if it has one
+                    new = pages[checked:]
                     check_new_pages()
-                    pos = pages[-copies] * L.BLOCK
+                    pos = new[0] * L.BLOCK
+                    twin = new[1] if len(new) > 1 else 0
                 epos = pos
                 pos += len(raw)
                 try:
@@ -1155,14 +1165,13 @@ class Checker:
                     # A scribble that kept the checksum right: the twin's copy,
                     # if it is a good entry of the same size, is the one kept
                     # (and the walk's fix that copied the primary over it goes).
-                    alt = self._twin_entry(pages[-1], epos, len(raw), check) \
-                        if copies == 2 else None
+                    alt = self._twin_entry(twin, epos, len(raw), check) if twin else None
                     if alt is None:
                         name = L.ENTRY_NAMES.get(raw[0], f"type {raw[0]}")
                         raise plog.LogError(f"{name} entry at {epos:#x} is malformed "
                                             f"({ve})") from None
                     e, good = alt
-                    tpos = pages[-1] * L.BLOCK + epos % L.BLOCK
+                    tpos = twin * L.BLOCK + epos % L.BLOCK
                     ch.fixes[:] = [f for f in ch.fixes if f[0] != tpos]
                     ch.fixes.append((epos, good))
                 ch.entries.append(e)
@@ -1184,9 +1193,17 @@ class Checker:
             return ch
         # good_end only advanced on pages already checked, so it lies in ``valid``
         # (followed by its twin).
-        ch.pages = valid[:valid.index(good_end // L.BLOCK) + copies]
+        end = valid.index(good_end // L.BLOCK) + 1
+        if end < len(valid) and self._is_twin_of(valid[end], valid[end - 1]):
+            end += 1
+        ch.pages = valid[:end]
         ch.good_end = good_end
         return ch
+
+    def _is_twin_of(self, b: int, page: int) -> bool:
+        """Whether block ``b``'s page tail says it is the twin of block ``page``."""
+        raw = self.pm.read(b * L.BLOCK + L.PT_NEXT, 32)
+        return L.check_page_tail(raw) is None and L.page_tail_twin(raw) == page | L.TWIN_ROLE
 
     def _twin_entry(self, twin: int, pos: int, size: int, check: Callable[[tuple], object]
                     ) -> tuple[tuple, bytes] | None:
@@ -1216,6 +1233,7 @@ class Checker:
             return
         raw = self.pm.read(blk * L.BLOCK, L.BLOCK)
         other = other | {blk}
+        keep = 24 if self.sb.log_replicas else 16    # bytes of a line that may be set
         if rec.array_twin:
             raw = self._settle_array(rec, raw)
             if not rec.array_twin_err:
@@ -1225,7 +1243,7 @@ class Checker:
         for cpu in range(ncpus):
             off = cpu * L.LA_LINE
             head, tail, head_twin = struct.unpack_from("<QQQ", raw, off + L.LA_HEAD)
-            if any(raw[off + 24:off + L.LA_LINE]):
+            if any(raw[off + keep:off + L.LA_LINE]):
                 rec.reserved.append(cpu)
             if tail == 0:
                 continue                # no log, or one whose creation never committed
@@ -1264,24 +1282,43 @@ class Checker:
             return raw
         tbase, base = tblk * L.BLOCK, rec.array * L.BLOCK
         traw = pm.read(tbase, L.BLOCK)
+        tpoison = bool(pm.poison and pm.poisoned(tbase, L.BLOCK))
+        if not tpoison and (any(traw[n * L.LA_LINE:]) or any(
+                any(traw[c * L.LA_LINE + 24:(c + 1) * L.LA_LINE]) for c in range(n))):
+            rec.array_twin_err = "is not a per-core log array (bytes it keeps zero are set)"
+            return raw
+        lp = [struct.unpack_from("<QQQ", raw, c * L.LA_LINE) for c in range(n)]
+        lq = [struct.unpack_from("<QQQ", traw, c * L.LA_LINE) for c in range(n)]
+        if all_foreign(pm, rec.ino, lq):
+            rec.array_twin_err = "leads to logs of other inodes"
+            return raw
+        # (an array whose lines all lead elsewhere while its twin's do not: the
+        # lines are taken from the twin; if the array block turns out to be
+        # another inode's, the writes into it are dropped, _report_twins)
+        sane = (True, True)
+        out = bytearray(raw)
         good = bytearray(L.BLOCK)                # the lines as kept, the rest zero
+        decided = True
         for c in range(n):
             off = c * L.LA_LINE
-            p = struct.unpack_from("<QQQ", raw, off)
-            q = struct.unpack_from("<QQQ", traw, off)
+            p, q = lp[c], lq[c]
             bad = (bool(pm.poison and pm.poisoned(base + off, 24)),
                    bool(pm.poison and pm.poisoned(tbase + off, 24)))
-            which = 0
+            which, damaged = 0, False
             if p != q or any(bad):
-                which = pick_line(pm, rec.ino, p, q, self.sb.total_blocks, bad)[0]
-            struct.pack_into("<QQQ", good, off, *(p, q)[which])
+                which, damaged = pick_line(pm, rec.ino, p, q, self.sb.total_blocks, bad, sane)
+            chosen = (p, q)[which]
+            struct.pack_into("<QQQ", good, off, *chosen)
+            out[off:off + 24] = good[off:off + 24]
+            if damaged is None:
+                decided = False                  # neither copy is written over the other
+                continue
             if which == 1:
                 rec.twin_fixes.append((base + off, bytes(good[off:off + 24])))
-        if bytes(traw) != bytes(good) or (pm.poison and pm.poisoned(tbase, L.BLOCK)):
+            elif q != chosen and not tpoison:
+                rec.twin_fixes.append((tbase + off, bytes(good[off:off + 24])))
+        if tpoison and decided:                  # rewritten whole, which clears it
             rec.twin_fixes.append((tbase, bytes(good)))
-        out = bytearray(raw)
-        for c in range(n):
-            out[c * L.LA_LINE:c * L.LA_LINE + 24] = good[c * L.LA_LINE:c * L.LA_LINE + 24]
         return bytes(out)
 
     def _put_line(self, rec: _Rec, off: int, value: int) -> None:
@@ -1538,7 +1575,9 @@ class Checker:
                             safe=True):
                 self._prepare_write()
                 pm = self.pm
-                spans = [(base + cpu * L.LA_LINE + 24, L.LA_LINE - 24) for cpu in rec.reserved]
+                keep = 24 if self.sb.log_replicas else 16
+                spans = [(base + cpu * L.LA_LINE + keep, L.LA_LINE - keep)
+                         for cpu in rec.reserved]
                 if rec.beyond:
                     end = self.sb.ncpus * L.LA_LINE
                     spans.append((base + end, L.BLOCK - end))
@@ -1550,10 +1589,21 @@ class Checker:
     def _report_twins(self, rec: _Rec) -> None:
         """Log pages of which one copy is damaged (format 8's twins): the other
         copy is written over it (a safe repair: both copies held the same)."""
+        if rec.head_twin_want is not None:
+            if self.problem(f"{self._desc(rec.ino)}: its slot names {rec.head_twin:#x} as the "
+                            "twin of its first log page, which names "
+                            f"{rec.head_twin_want:#x}", "Set the slot's word to the page's",
+                            safe=True):
+                self._put_u64(rec.addr + L.I_LOG_HEAD_TWIN, rec.head_twin_want)
         fixes = list(rec.twin_fixes)
         if rec.array and not rec.array_err:
             for ch in rec.local_kept():
                 fixes.extend(ch.fixes)
+        # nothing is written into an array (or twin) whose pointer is wrong: the
+        # block may be another inode's
+        for blk, err in ((rec.array, rec.array_err), (rec.array_twin, rec.array_twin_err)):
+            if blk and err:
+                fixes = [f for f in fixes if not blk * L.BLOCK <= f[0] < (blk + 1) * L.BLOCK]
         if not fixes:
             return
         where = ", ".join(f"{off:#x}" for off, _ in fixes[:4]) + \

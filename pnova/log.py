@@ -341,8 +341,11 @@ def _restore(pm: PMem, bad: int, good: int, owner: int, named: int,
     ``good``: a poisoned page whole, else its tail (next is set when the walk
     moves on)."""
     if pm.poison and pm.poisoned(bad, L.BLOCK):
+        # the link stays what it reads as now: the walk compares the pair it
+        # moves to with it and adds the fix of the link after this one
         body = bytes(pm.mm[good:good + L.LOG_DATA])
-        fixes.append((bad, body + L.pack_page_tail(owner, named)))
+        link = bytes(pm.mm[bad + L.PT_NEXT:bad + L.PT_OWNER])
+        fixes.append((bad, body + link + L.pack_page_tail(owner, named)[8:]))
     else:
         fixes.append((bad + L.PT_OWNER, L.pack_page_tail(owner, named)[8:]))
 
@@ -358,6 +361,7 @@ def _next_pair(pm: PMem, page: int, tw: int, owner: int, dev: int,
     np_ = _U64.unpack_from(mm, page + L.PT_NEXT)[0]
     nt = _U64.unpack_from(mm, toff + L.PT_NEXT)[0]
     best: tuple[int, int, int] | None = None
+    cands: list[tuple[int, int]] = []
     for x, y in _candidates(pm, np_, nt, owner, dev):
         score = (x == np_) + (y * L.BLOCK == nt)
         tx, _ = _tail_of(pm, x, owner, False)
@@ -365,6 +369,8 @@ def _next_pair(pm: PMem, page: int, tw: int, owner: int, dev: int,
         score += (tx == y) + (ty is not None and ty * L.BLOCK == x)
         if tx is None and ty is None:
             continue
+        if score >= 3:
+            cands.append((x, y))
         if best is None or score > best[0]:
             best = (score, x, y)
     if best is None or best[0] < 2:
@@ -377,6 +383,13 @@ def _next_pair(pm: PMem, page: int, tw: int, owner: int, dev: int,
         raise LogError(f"log page {page:#x} links to {np_:#x} and its twin to {nt:#x}; "
                        "neither leads to a log page of this inode")
     _, x, y = best
+    if len(cands) > 1:
+        # Two pairs that both check: one link was damaged into another page of
+        # this log.  The right one is the earlier: the other is reached from it.
+        for cx, cy in cands:
+            if (cx, cy) != (x, y) and _reaches(pm, (cx, cy), (x, y), owner, dev):
+                x, y = cx, cy
+                break
     if fixes is not None:
         if np_ != x:
             fixes.append((page + L.PT_NEXT, _U64.pack(x)))
@@ -389,6 +402,28 @@ def _next_pair(pm: PMem, page: int, tw: int, owner: int, dev: int,
         elif ty is None or ty * L.BLOCK != x:
             _restore(pm, y * L.BLOCK, x, owner, x // L.BLOCK | L.TWIN_ROLE, fixes)
     return x, y
+
+
+def _reaches(pm: PMem, a: tuple[int, int], b: tuple[int, int], owner: int, dev: int,
+             steps: int = 16) -> bool:
+    """Whether following the links from page pair ``a`` (either copy's) leads to
+    pair ``b`` within a few pages."""
+    page, tw = a
+    for _ in range(steps):
+        np_ = _U64.unpack_from(pm.mm, page + L.PT_NEXT)[0] if _in_dev(page, dev) else 0
+        nt = _U64.unpack_from(pm.mm, tw * L.BLOCK + L.PT_NEXT)[0] \
+            if _in_dev(tw * L.BLOCK, dev) else 0
+        if np_ == b[0] or nt == b[1] * L.BLOCK:
+            return True
+        if _in_dev(np_, dev) and _tail_of(pm, np_, owner, False)[1] is None:
+            page = np_
+            tw = _tail_of(pm, np_, owner, False)[0] or 0
+        elif _in_dev(nt, dev) and _tail_of(pm, nt, owner, True)[1] is None:
+            tw = nt // L.BLOCK
+            page = (_tail_of(pm, nt, owner, True)[0] or 0) * L.BLOCK
+        else:
+            return False
+    return False
 
 
 def _candidates(pm: PMem, np_: int, nt: int, owner: int, dev: int) -> list[tuple[int, int]]:

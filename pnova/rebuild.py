@@ -19,7 +19,7 @@ from . import log as plog
 from .errors import CorruptImage, FsError
 from .inode import Inode
 from .journal import JournalError
-from .replica import pick_line
+from .replica import all_foreign, pick_line
 from .shared import H_SEQ
 
 
@@ -139,29 +139,31 @@ class Rebuild:
         pm = self.pm
         for x in self._build_free_inodes():
             addr = self.inode_addr(x)
-            logs = [(addr + L.I_LOG_TAIL, pm.read_u64(addr + L.I_LOG_HEAD),
-                     pm.read_u64(addr + L.I_LOG_TAIL), False)]
-            array = pm.read_u64(addr + L.I_LOG_ARRAY)
+            logs = [(None, pm.read_u64(addr + L.I_LOG_HEAD), pm.read_u64(addr + L.I_LOG_TAIL),
+                     pm.read_u64(addr + L.I_LOG_HEAD_TWIN))]
             try:
-                if array:
-                    logs += [(array * L.BLOCK + cpu * L.LA_LINE + L.LA_TAIL, h, t, True)
-                             for cpu, h, t in self._local_lines(array)]
-                for word, head, tail, local in logs:
-                    cut = self._first_dependent(x, head, tail, seq, moved)
-                    if cut is not None:
-                        (pm.commit_u64 if local else self._slot_commit)(
-                            word, 0 if local and cut == head else cut)
+                array, twin, lines = self._lines_of(x, addr)
+                logs += [(cpu, h, t, tw) for cpu, h, t, tw in lines]
+                for cpu, head, tail, htw in logs:
+                    cut = self._first_dependent(x, head, tail, seq, moved, htw)
+                    if cut is None:
+                        continue
+                    if cpu is None:
+                        self._slot_commit(addr + L.I_LOG_TAIL, cut)
+                    else:
+                        self._line_commit(array, twin, cpu, 0 if cut == head else cut)
             except (plog.LogError, ValueError):
                 continue                         # left to the rebuild to report
 
     def _first_dependent(self, ino: int, head: int, tail: int, seq: int,
-                         moved: set[int]) -> int | None:
+                         moved: set[int], twin: int = 0) -> int | None:
         """Where the first operation after ``seq`` in this log that uses an inode
         of ``moved`` starts (None: there is none)."""
         stop: dict = {}
         start, first, dep = head, None, False
         names: dict[bytes, int] = {}
-        for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, None, 0, stop):
+        for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, None, 0, stop,
+                             twin // L.BLOCK):
             e = L.decode_entry(raw)
             if first is None:
                 first = e[1]
@@ -256,8 +258,8 @@ class Rebuild:
         entry that fails its checks is corruption (fsck.pnova decides)."""
         return self.power_loss and self.pm.mode == "disk"
 
-    def _cut_log(self, ino: int, head: int, tail: int, final: set[int] | None = None
-                 ) -> tuple[int | None, str | None]:
+    def _cut_log(self, ino: int, head: int, tail: int, final: set[int] | None = None,
+                 twin: int = 0) -> tuple[int | None, str | None]:
         """(where a log's last entry that arrived ends, why the rest did not):
         (``tail``, None) if every entry did; (None, why) if its first page did
         not arrive (the log never existed on disk).  With ``final`` (the
@@ -268,7 +270,10 @@ class Rebuild:
         stop: dict = {}
         op_end = head               # just past the last whole operation (no F_CONT)
         page, last = -1, -1         # the page of the entry before, and its sequence number
-        for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, None, 0, stop):
+        # (``twin``: where the first page's twin lies, which may have arrived
+        # when the page did not)
+        for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, None, 0, stop,
+                             twin // L.BLOCK):
             try:
                 e = L.decode_entry(raw)
                 self._check_entry(e)
@@ -303,7 +308,8 @@ class Rebuild:
         why = stop["why"] or "the log's last operation is not whole"
         if op_end == head and head and (
                 head % L.BLOCK or not L.BLOCK <= head < self.pm.size
-                or L.check_page_tail(self.pm.mm[head + L.PT_NEXT:head + L.BLOCK], ino)):
+                or L.check_page_tail(self.pm.mm[head + L.PT_NEXT:head + L.BLOCK], ino)) \
+                and not self._first_twin_arrived(ino, head, twin):
             return None, why
         return op_end, why
 
@@ -314,13 +320,13 @@ class Rebuild:
         that are the newest for every page they map."""
         pm = self.pm
         addr = self.inode_addr(ino)
-        logs = [(pm.read_u64(addr + L.I_LOG_HEAD), pm.read_u64(addr + L.I_LOG_TAIL))]
-        array = pm.read_u64(addr + L.I_LOG_ARRAY)
-        if array:
-            logs += [(h, t) for _c, h, t in self._local_lines(array)]
+        logs = [(pm.read_u64(addr + L.I_LOG_HEAD), pm.read_u64(addr + L.I_LOG_TAIL),
+                 pm.read_u64(addr + L.I_LOG_HEAD_TWIN))]
+        logs += [(h, t, tw) for _c, h, t, tw in self._lines_of(ino, addr)[2]]
         found = []
-        for head, tail in logs:
-            for raw in plog.walk(pm, head, tail, ino, self.max_log_pages):
+        for head, tail, twin in logs:
+            for raw in plog.walk(pm, head, tail, ino, self.max_log_pages, None, 0, None,
+                                 twin // L.BLOCK):
                 e = L.decode_entry(raw)
                 if e[0] == L.E_WRITE or (e[0] == L.E_SETATTR and e[2] & L.SA_SIZE):
                     found.append(e)
@@ -359,6 +365,15 @@ class Rebuild:
             return None
         return self._sync_record()
 
+    def _first_twin_arrived(self, ino: int, head: int, twin: int) -> bool:
+        """Whether the twin of a log's first page is on the disk (its tail names
+        the page and this inode)."""
+        if not twin or twin % L.BLOCK or not L.BLOCK <= twin < self.pm.size:
+            return False
+        raw = self.pm.mm[twin + L.PT_NEXT:twin + L.BLOCK]
+        return L.check_page_tail(raw, ino) is None and \
+            L.page_tail_twin(raw) == head // L.BLOCK | L.TWIN_ROLE
+
     def _cut_torn_logs(self, ino: int, digests: bool = False) -> int | None:
         """After a power loss on a disk-backed image: end each log of ``ino`` just
         past its last entry that arrived (one 8-byte store of each tail).
@@ -373,7 +388,7 @@ class Rebuild:
         head = pm.read_u64(addr + L.I_LOG_HEAD)
         tail = pm.read_u64(addr + L.I_LOG_TAIL)
         final = self._final_writes(ino) if digests else None
-        new, why = self._cut_log(ino, head, tail, final)
+        new, why = self._cut_log(ino, head, tail, final, pm.read_u64(addr + L.I_LOG_HEAD_TWIN))
         if new is None:
             logger.warning("%s: inode %d was created after the last sync and its log did "
                            "not reach the disk (%s): it is dropped", pm.path, ino, why)
@@ -386,19 +401,16 @@ class Rebuild:
                            "before the power loss ends (%s)", pm.path, ino, new, why)
             self._slot_commit(addr + L.I_LOG_TAIL, new)
             cuts += 1
-        array = pm.read_u64(addr + L.I_LOG_ARRAY)
-        if not array:
-            return cuts
-        base = array * L.BLOCK
-        for cpu, lhead, ltail in self._local_lines(array):
-            lnew, why = self._cut_log(ino, lhead, ltail, final)
+        array, twin, lines = self._lines_of(ino, addr)
+        for cpu, lhead, ltail, ltwin in lines:
+            lnew, why = self._cut_log(ino, lhead, ltail, final, ltwin)
             if lnew == ltail:
                 continue
             logger.warning("%s: inode %d: the local log of CPU %d is cut (%s)", pm.path, ino,
                            cpu, why)
-            # no entry arrived: no log (a tail of 0 says so)
-            pm.commit_u64(base + cpu * L.LA_LINE + L.LA_TAIL,
-                          0 if lnew is None or lnew == lhead else lnew)
+            # no entry arrived: no log (a tail of 0 says so); both copies of
+            # the line, or the twin's longer log would bring the cut back
+            self._line_commit(array, twin, cpu, 0 if lnew is None or lnew == lhead else lnew)
             cuts += 1
         return cuts
 
@@ -416,7 +428,8 @@ class Rebuild:
             stop: dict = {}
             op_start = head
             top = 0
-            for raw in plog.walk(pm, head, tail, d.ino, self.max_log_pages, None, 0, stop):
+            for raw in plog.walk(pm, head, tail, d.ino, self.max_log_pages, None, 0, stop,
+                                 pm.read_u64(addr + L.I_LOG_HEAD_TWIN) // L.BLOCK):
                 top = max(top, L.entry_seq(raw))
                 moved = L.dentry_moved(raw) if raw[0] == L.E_DENTRY else None
                 if moved:
@@ -681,20 +694,47 @@ class Rebuild:
             self._log_damage(ino, fixes)
 
     def _verify_logs(self, ino: int) -> list[plog.Fix]:
-        """Every log of an inode read with both copies of each page compared
-        (a scrub's look); returns the writes that would mend a damaged copy
-        (none on an image without twins).  LogError when a log does not read."""
-        pm = self.pm
+        """Every log of an inode read with both copies of each page and array
+        line compared (a scrub's look); returns the writes that would mend a
+        damaged copy (none on an image without twins).  LogError when a log
+        does not read.  Optimistic, like :meth:`_read_inode`: repeated when a
+        compaction moved the logs meanwhile."""
         addr = self.inode_addr(ino)
-        w = pm.words
-        head, tail = w.load64(addr + L.I_LOG_HEAD), w.load64(addr + L.I_LOG_TAIL)
-        logs = [(head, tail, pm.read_u64(addr + L.I_LOG_HEAD_TWIN))]
-        array = w.load64(addr + L.I_LOG_ARRAY)
-        if array:
-            base = array * L.BLOCK
-            logs += [(h, t, pm.read_u64(base + c * L.LA_LINE + L.LA_HEAD_TWIN))
-                     for c, h, t in self._local_lines(array)]
+        err: Exception | None = None
+        for _ in range(RETRIES):
+            rewrites = self._rewrites(ino)
+            words = self._slot_words(ino)
+            try:
+                fixes = self._verify_once(ino, addr)
+            except (plog.LogError, ValueError) as e:
+                fixes, err = None, e
+            if self._rewrites(ino) == rewrites and self._slot_words(ino)[2::2] == words[2::2]:
+                if fixes is None:
+                    raise err
+                return fixes
+        raise err or plog.LogError("the log kept changing while it was read")
+
+    def _verify_once(self, ino: int, addr: int) -> list[plog.Fix]:
+        pm = self.pm
         fixes: list[plog.Fix] = []
+        logs = [(pm.read_u64(addr + L.I_LOG_HEAD), pm.read_u64(addr + L.I_LOG_TAIL),
+                 pm.read_u64(addr + L.I_LOG_HEAD_TWIN))]
+        array = pm.read_u64(addr + L.I_LOG_ARRAY)
+        if array:
+            self._local_lines(array)             # checks where the array lies
+            twin = pm.read_u64(addr + L.I_LOG_ARRAY_TWIN)
+            base = array * L.BLOCK
+            if twin:
+                tlines = self._read_lines(twin * L.BLOCK)
+                heads, tails = self._read_lines(base)
+                heads, tails, htw, more = self._settled(ino, base, twin * L.BLOCK, heads,
+                                                        tails, tlines)
+                fixes += more
+            else:
+                heads, tails = self._read_lines(base)
+                htw = pm.words.load64s(base + L.LA_HEAD_TWIN, self.ncpus, L.LA_LINE)
+            logs += [(heads[c], tails[c], htw[c]) for c in range(self.ncpus)
+                     if heads[c] and tails[c]]
         for h, t, tw in logs:
             for _ in plog.walk(pm, h, t, ino, self.max_log_pages, None, 0, None,
                                tw // L.BLOCK, fixes, True):
@@ -742,6 +782,16 @@ class Rebuild:
         (heads, tails), read before the array's.  A copy that is damaged (not
         merely one store behind) is mended as a log page's would be
         (:meth:`_log_damage`)."""
+        heads, tails, htw, fixes = self._settled(ino, base, tbase, heads, tails, tlines)
+        if fixes:
+            self._note_damage(ino, fixes)
+        return heads, tails, htw
+
+    def _settled(self, ino: int, base: int, tbase: int, heads: tuple[int, ...],
+                 tails: tuple[int, ...], tlines: tuple[tuple[int, ...], tuple[int, ...]]
+                 ) -> tuple[list[int], list[int], list[int], list[plog.Fix]]:
+        """:meth:`_settle_lines`' choice, and the writes that would make both
+        copies hold it (nothing is noted)."""
         pm = self.pm
         n = self.ncpus
         theads, ttails = tlines
@@ -750,29 +800,75 @@ class Rebuild:
         poison = (pm.poison and bool(pm.poisoned(base, n * L.LA_LINE)),
                   pm.poison and bool(pm.poisoned(tbase, n * L.LA_LINE)))
         if heads == theads and tails == ttails and not any(poison):
-            return list(heads), list(tails), htw
+            return list(heads), list(tails), htw, []
         thtw = w.load64s(tbase + L.LA_HEAD_TWIN, n, L.LA_LINE)
+        lines = [[(heads[c], tails[c], htw[c]), (theads[c], ttails[c], thtw[c])]
+                 for c in range(n)]
+        # A copy all of whose live lines lead to another inode's logs may not be
+        # this file's array at all (a wrong pointer, and the block another
+        # file's): only fsck, which knows who owns each block, settles that.
+        sane = [not all_foreign(pm, ino, [ln[k] for ln in lines]) for k in (0, 1)]
+        if not all(sane):
+            raise ValueError("a copy of its per-core log array leads only to logs of other "
+                             "inodes")
         heads, tails = list(heads), list(tails)
-        fixes: list[plog.Fix] = []
-        for src, dst, bad in ((base, tbase, poison[1]), (tbase, base, poison[0])):
-            if bad:                              # a poisoned copy: rewritten whole
-                fixes.append((dst, bytes(pm.read(src, L.BLOCK))))
-                break
+        chosen, mend = [], [False, False]
         for c in range(n):
             off = c * L.LA_LINE
-            bad = (poison[0] and bool(pm.poisoned(base + off, 24)),
-                   poison[1] and bool(pm.poisoned(tbase + off, 24)))
-            p, q = (heads[c], tails[c], htw[c]), (theads[c], ttails[c], thtw[c])
-            if p == q and not any(bad):
-                continue
-            which, damaged = pick_line(pm, ino, p, q, self.max_log_pages, bad)
+            bad = (bool(poison[0] and pm.poisoned(base + off, 24)),
+                   bool(poison[1] and pm.poisoned(tbase + off, 24)))
+            p, q = lines[c]
+            which, damaged = 0, False
+            if p != q or any(bad):
+                which, damaged = pick_line(pm, ino, p, q, self.max_log_pages, bad, sane)
             good = (p, q)[which]
             heads[c], tails[c], htw[c] = good
-            if damaged or self._repair_in_place:
-                fixes.append(((tbase, base)[which] + off, struct.pack("<QQQ", *good)))
-        if fixes:
-            self._note_damage(ino, fixes)
-        return heads, tails, htw
+            chosen.append(good)
+            if damaged is not None and (damaged or self._repair_in_place) and p != q:
+                mend[1 - which] = True
+        fixes: list[plog.Fix] = []
+        for k, b in ((0, base), (1, tbase)):
+            if not sane[k] or not sane[1 - k]:
+                continue
+            if poison[k]:                        # a poisoned copy: rewritten whole
+                block = bytearray(L.BLOCK)
+                for c, good in enumerate(chosen):
+                    struct.pack_into("<QQQ", block, c * L.LA_LINE, *good)
+                fixes.append((b, bytes(block)))
+            elif mend[k]:
+                fixes += [(b + c * L.LA_LINE, struct.pack("<QQQ", *good))
+                          for c, good in enumerate(chosen) if lines[c][k] != good]
+        return heads, tails, htw, fixes
+
+    def _lines_of(self, ino: int, addr: int) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+        """(array, its twin, [(cpu, head, tail, head's twin) of every live line])
+        of an inode whose slot is at ``addr``, each line from the copy that
+        reads (for recovery, which then stores both copies)."""
+        pm = self.pm
+        array = pm.read_u64(addr + L.I_LOG_ARRAY)
+        if not array:
+            return 0, 0, []
+        self._local_lines(array)                 # checks where the array lies
+        twin = pm.read_u64(addr + L.I_LOG_ARRAY_TWIN)
+        base = array * L.BLOCK
+        if twin:
+            tlines = self._read_lines(twin * L.BLOCK)
+            heads, tails = self._read_lines(base)
+            heads, tails, htw, _ = self._settled(ino, base, twin * L.BLOCK, heads, tails,
+                                                 tlines)
+        else:
+            heads, tails = self._read_lines(base)
+            htw = list(pm.words.load64s(base + L.LA_HEAD_TWIN, self.ncpus, L.LA_LINE))
+        return array, twin, [(c, heads[c], tails[c], htw[c]) for c in range(self.ncpus)
+                             if heads[c] and tails[c]]
+
+    def _line_commit(self, array: int, twin: int, cpu: int, value: int) -> None:
+        """Commit a new tail in CPU ``cpu``'s line of an array and of its twin."""
+        word = array * L.BLOCK + cpu * L.LA_LINE + L.LA_TAIL
+        if twin:
+            self.pm.commit_u64_twice(word, twin * L.BLOCK + cpu * L.LA_LINE + L.LA_TAIL, value)
+        else:
+            self.pm.commit_u64(word, value)
 
     def _read_lines(self, base: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(heads, tails) of every line of the per-core log array at byte ``base``.

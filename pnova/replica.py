@@ -34,16 +34,30 @@ def slot_words(read_u64: Callable[[int], int], addr: int) -> tuple[int, int, int
 
 
 def pick_line(pm: PMem, ino: int, p: tuple[int, int, int], q: tuple[int, int, int],
-              max_pages: int, poisoned: tuple[bool, bool] = (False, False)
-              ) -> tuple[int, bool]:
+              max_pages: int, poisoned: tuple[bool, bool] = (False, False),
+              sane: tuple[bool, bool] = (True, True)) -> tuple[int, bool | None]:
     """Which copy of a per-core log array line (head, tail, head's twin) to read
     when the array and its twin (format 8) differ there: (0 for the array's,
     1 for the twin's, whether the other copy is damaged rather than one store
-    behind).  A copy whose log does not read (or that lies in a poisoned
-    sector) loses; of two that read, the twin's wins only when its log is the
-    array's followed by newer entries (a tail the damage moved back); a twin's
-    log that is the array's cut short is a commit between its two stores
-    (the array's line is stored first)."""
+    behind; None: neither is to be written over the other).
+
+    A copy whose log does not read (or that lies in a poisoned sector) loses;
+    of two that read, the twin's wins only when its log is the array's
+    followed by newer entries (a tail the damage moved back); a twin's log
+    that is the array's cut short is a commit between its two stores (the
+    array's line is stored first).  A line whose head is a log page of
+    another inode loses too, unless its whole copy leads elsewhere (``sane``
+    false: a wrong array or twin pointer, which no line mends).  Of two copies
+    with the same log, the one whose head's twin is the one the head page
+    names wins."""
+    pf, qf = _foreign(pm, p[0], ino), _foreign(pm, q[0], ino)
+    if pf or qf:
+        if pf and not qf and sane[0] and sane[1]:
+            return 1, True
+        if qf and not pf and sane[0] and sane[1]:
+            return 0, True
+        return 0, None
+
     def seqs(line: tuple[int, int, int], bad: bool) -> list[int] | None:
         if bad:
             return None
@@ -56,18 +70,38 @@ def pick_line(pm: PMem, ino: int, p: tuple[int, int, int], q: tuple[int, int, in
                                          tw // L.BLOCK)]
         except plog.LogError:
             return None
-    if _foreign(pm, p[0], ino) or _foreign(pm, q[0], ino):
-        # A line that leads to another inode's log: the array (or twin)
-        # pointer itself is wrong, which no line of the other copy mends.
-        return 0, False
     sp, sq = seqs(p, poisoned[0]), seqs(q, poisoned[1])
     if sp is None:
-        return (1, True) if sq is not None else (0, False)
+        return (1, True) if sq is not None else (0, None)
     if sq is None:
         return 0, True
     if p[0] == q[0] and _goes_on(sp, sq):
         return 1, True
+    if p[:2] == q[:2] and p[2] != q[2]:          # only the heads' twins differ
+        named = _named_twin(pm, p[0], ino)
+        if named is not None and q[2] == named * L.BLOCK:
+            return 1, True
+        return 0, True
     return 0, not ((q[0] == p[0] or not q[1]) and sq == sp[:len(sq)])
+
+
+def all_foreign(pm: PMem, ino: int, lines: list[tuple[int, int, int]]) -> bool:
+    """Whether every live line of one copy of an array leads to another inode's
+    log (and there is one): the copy is not this file's array."""
+    live = [ln for ln in lines if ln[0] and ln[1]]
+    return bool(live) and all(_foreign(pm, ln[0], ino) for ln in live)
+
+
+def _named_twin(pm: PMem, head: int, ino: int) -> int | None:
+    """The twin block the tail of the log page at ``head`` names, when it reads
+    as a primary page of ``ino``."""
+    if not head or head % L.BLOCK or not L.BLOCK <= head < pm.size:
+        return None
+    raw = pm.read(head + L.PT_NEXT, 32)
+    if L.check_page_tail(raw, ino) is not None:
+        return None
+    t = L.page_tail_twin(raw)
+    return None if t & L.TWIN_ROLE else t
 
 
 def _foreign(pm: PMem, head: int, ino: int) -> bool:
@@ -105,8 +139,10 @@ class Judge:
 
     def __init__(self, pm: PMem, regions: list[L.Region], max_pages: int,
                  read_u64: Callable[[int], int] | None = None,
-                 saved_used: Callable[[int], bool] | None = None, walk: bool = True) -> None:
+                 saved_used: Callable[[int], bool] | None = None, walk: bool = True,
+                 twins: bool = True) -> None:
         self.pm = pm
+        self.twins = twins           # the image's logs have twins (format 8's LOG_REPLICA)
         self.regions = regions
         self.max_pages = max_pages
         self.read_u64 = read_u64 or pm.read_u64
@@ -144,7 +180,7 @@ class Judge:
             st = L.InodeStatic.unpack(pm.read(addr, 64))
         except ValueError:
             return "inode fields fail their checksum", []
-        if any(pm.read(addr + 112, 16)):
+        if any(pm.read(addr + 112, 16)) or (not self.twins and any(pm.read(addr + 96, 16))):
             return "reserved bytes are not zero", []
         array_twin = self.read_u64(addr + L.I_LOG_ARRAY_TWIN)
         if array_twin and not self._in_data(array_twin):
@@ -161,13 +197,20 @@ class Judge:
                 return "its log array is free in the saved bitmap", []
             raw = pm.read(array * L.BLOCK, L.BLOCK)
             n = len(self.regions)
-            if any(raw[64 * n:]) or any(any(raw[64 * c + 24:64 * c + 64]) for c in range(n)):
+            keep = 24 if self.twins else 16      # bytes of a line that may be set
+            if any(raw[64 * n:]) or any(any(raw[64 * c + keep:64 * c + 64]) for c in range(n)):
                 return f"block {array} is not a log array", []
             lines = _lines(raw, n)
             if array_twin:                       # each line from the copy that reads
                 traw = pm.read(array_twin * L.BLOCK, L.BLOCK)
+                tlines = _lines(traw, n)
+                if any(traw[64 * n:]) or any(any(traw[64 * c + 24:64 * c + 64])
+                                             for c in range(n)) or \
+                        (saved is not None and not saved(array_twin)) or \
+                        all_foreign(pm, ino, tlines) or all_foreign(pm, ino, lines):
+                    return f"block {array_twin} is not its log array's twin", []
                 lines = [p if p == q else (p, q)[pick_line(pm, ino, p, q, self.max_pages)[0]]
-                         for p, q in zip(lines, _lines(traw, n))]
+                         for p, q in zip(lines, tlines)]
         if saved is not None and head and not saved(head // L.BLOCK):
             return "its log's first page is free in the saved bitmap", []
         if not self.walk:
@@ -359,6 +402,7 @@ class SlotReplicas:
         # (their pages reached the disk at different times): each is a state
         # the slot had, and recovery cuts whichever logs did not arrive.
         judge = Judge(pm, self.regions, self.max_log_pages, saved_used=saved,
+                      twins=self.sb.log_replicas,
                       walk=saved is not None or not self._pages_may_be_lost())
         n = self.sb.inodes_per_cpu
         restored = synced = 0
@@ -405,7 +449,8 @@ class SlotReplicas:
             if pm.read(p, _SLOT) == pm.read(r, _SLOT) and not (
                     pm.poison and (pm.poisoned(p, _SLOT) or pm.poisoned(r, _SLOT))):
                 return 0
-            keep, why_p, why_r = Judge(pm, self.regions, self.max_log_pages).choose(ino, p, r)
+            keep, why_p, why_r = Judge(pm, self.regions, self.max_log_pages,
+                                       twins=self.sb.log_replicas).choose(ino, p, r)
             _settle(pm, ino, keep, p, r, why_p, why_r)
             pm.fence()
             return int(keep == "replica")

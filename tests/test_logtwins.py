@@ -461,3 +461,37 @@ def test_processes_writing_one_file_never_take_each_other_for_damage(tmp_path):
     fork_workers(fs, 2, work)
     fs.unmount()
     assert fsck_clean(path)
+
+
+def test_fsck_sets_a_slot_s_head_twin_that_names_the_wrong_page(twinned, tmp_path, capsys):
+    """The slot word naming the first log page's twin is used only when the
+    page's own tail does not read, so damage to it would stay unseen: fsck
+    compares it with the page's tail and sets it back (a safe repair)."""
+    path, want, _pages = twinned
+    img = str(tmp_path / "h.img")
+    shutil.copy(path, img)
+    fs = FileSystem.mount(img, readonly=True)
+    ino = fs.lookup(ROOT, b"d").ino
+    addr = fs.inode_addr(ino)
+    good = fs.pm.read_u64(addr + L.I_LOG_HEAD_TWIN)
+    fs.unmount()
+    for off in (addr, _replica_addr(img, addr)):
+        with open(img, "r+b") as f:
+            f.seek(off + L.I_LOG_HEAD_TWIN)
+            f.write(struct.pack("<Q", good + L.BLOCK))
+    rc, out = fsck(capsys, img, "-n", "-f")
+    assert rc == 4 and "as the twin of its first log page" in out, out
+    rc, out = fsck(capsys, img, "-p", "-f")
+    assert "Set the slot's word to the page's? yes" in out, out
+    assert fsck(capsys, img, "-n", "-f")[0] == 0
+    with open(img, "rb") as f:
+        f.seek(addr + L.I_LOG_HEAD_TWIN)
+        assert struct.unpack("<Q", f.read(8))[0] == good
+
+
+def _replica_addr(path: str, addr: int) -> int:
+    fs = FileSystem.mount(path, readonly=True)
+    try:
+        return fs._replica(addr)
+    finally:
+        fs.unmount()
