@@ -228,7 +228,9 @@ class DataProtection:
         for i, (c, copy) in enumerate(zip((c1, c2), copies)):
             if copy is None or copy != truth:
                 out.csum_fixed.append(i + 1)
-                if repair:
+                if repair and pm.poison and pm.poisoned(c, L.CSUM_SIZE):
+                    self._rewrite_sector(block, c, (c2, c1)[i], good)
+                elif repair:
                     pm.store(c, good)
                     pm.flush(c, L.CSUM_SIZE)
         if self.parity and not out.rebuilt:      # a rebuild proved the parity right
@@ -245,6 +247,50 @@ class DataProtection:
             pm.fence()
             self.repaired += len(out.rebuilt) + len(out.csum_fixed) + out.parity_fixed
         return out
+
+    def _rewrite_sector(self, block: int, c: int, other: int, good: bytes) -> None:
+        """Rewrite the poisoned sector that holds ``block``'s record at ``c`` whole
+        (which clears the poison; a smaller store would not): ``good`` for
+        this block, and for each other block of the sector the record that
+        matches it, taken from the other copy's sector at ``other``.  Where
+        that record disagrees with its block, the block's own checksums are
+        taken if its parity agrees with its data (the record was the damaged
+        one, as :meth:`examine` would find), else the other copy's record is
+        kept (so a later check still sees the disagreement)."""
+        pm, mm = self.pm, self.pm.mm
+        at = c % SECTOR
+        lo, olo = c - at, other - at
+        first = block - at // L.CSUM_SIZE
+        out = bytearray(SECTOR)
+        for k in range(SECTOR // L.CSUM_SIZE):
+            b = first + k
+            off = k * L.CSUM_SIZE
+            if b == block:
+                out[off:off + L.CSUM_SIZE] = good
+                continue
+            rec = b"" if pm.poisoned(olo + off, L.CSUM_SIZE) else \
+                bytes(mm[olo + off:olo + off + L.CSUM_SIZE])
+            try:
+                _, _, par = self.records(b)
+            except ValueError:
+                out[off:off + L.CSUM_SIZE] = rec or bytes(L.CSUM_SIZE)
+                continue
+            base = b * L.BLOCK
+            if rec and pm.poisoned(base, L.BLOCK):
+                out[off:off + L.CSUM_SIZE] = rec     # its data cannot vouch for anything
+                continue
+            mine = _protect.checksums(mm, base, 1)
+            if rec == bytes(mine):
+                out[off:off + L.CSUM_SIZE] = rec
+                continue
+            strips = np.frombuffer(mm, dtype=np.uint8, count=L.BLOCK,
+                                   offset=base).reshape(STRIPS, STRIP)
+            agree = self.parity and not pm.poisoned(par, L.PARITY_SIZE) and \
+                bytes(np.bitwise_xor.reduce(strips, axis=0)) == mm[par:par + L.PARITY_SIZE]
+            del strips
+            out[off:off + L.CSUM_SIZE] = bytes(mine) if agree or not rec else rec
+        pm.store(lo, bytes(out))
+        pm.flush(lo, SECTOR)
 
     @staticmethod
     def describe(found: Examined) -> str:

@@ -842,3 +842,28 @@ def test_a_scrub_checks_a_file_larger_than_one_read(tmp_path):
         assert fs.read(ino, 0, 3 << 20) == data
     finally:
         fs.unmount()
+
+
+def test_a_poisoned_sector_of_checksum_records_is_rewritten_whole(tmp_path, capsys):
+    """A media error in a sector of checksum records (sixteen blocks' records):
+    the repair of one record rewrites the whole sector, the other records from
+    the replica copy where they match their blocks, which clears the poison;
+    fsck then finds nothing."""
+    from pnova.pmem import load_badblocks
+    path = _image(tmp_path)
+    want = _files(path)
+    fs = FileSystem.mount(path, readonly=True)
+    blk = fs.get(fs.lookup(ROOT, b"a").ino).pages[0]
+    c1, _c2, _p = fs.prot.records(blk)
+    fs.unmount()
+    save_badblocks(path, {c1 // 512})
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 4 and "checksum copy 1" in out, out
+    rc, out = fsck(capsys, path, "-p", "-f")
+    assert rc == 1, out
+    assert not load_badblocks(path)
+    assert fsck(capsys, path, "-n", "-f")[0] == 0
+    fs = FileSystem.mount(path)
+    for name, data in want.items():
+        assert _read(fs, name) == data
+    fs.unmount()
