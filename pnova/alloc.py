@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from .errors import FsError
-from .layout import Region
+from .layout import BLOCK, Region
 from .shared import (H_HELD_INOS, H_LIMBO, H_RDURABLE, H_SEQ, H_SYNC_STARTED, H_SYNCED,
                      HELD_REC, HELD_SLOTS, LINE, STASH_SLOTS, SharedArea, lock_word,
                      unlock_word)
@@ -389,6 +389,9 @@ class Allocator:
         self.stashes = [Stash(area, r.cpu) for r in regions] + \
             [Stash(area, n + r.cpu) for r in regions]
         self._twin_of = {c: (c + 1) % n for c in range(n)}
+        # maps blocks about to be written for the first time in one call
+        # (PMem.prefault); None: no device (tests of the allocator alone)
+        self.prefault: Callable[[int, int], None] | None = None
         # The CPU whose stash this process uses (None: no stash, e.g. a primary
         # whose workers act as its CPUs).
         self.stash_cpu: int | None = None
@@ -596,6 +599,7 @@ class Allocator:
             region = self._orders[cpu][0]
             if region.nfree > STASH_REFILL + self.reserve:
                 for s, c in region.alloc(STASH_REFILL):
+                    self._prefault(s, c)
                     for b in range(s, s + c):
                         stash.push(b)
                 blk = stash.pop()
@@ -610,6 +614,7 @@ class Allocator:
             # Refill from the own region only, and only well above the reserve.
             if own.nfree > STASH_REFILL + self.reserve:
                 for s, c in own.alloc(STASH_REFILL):
+                    self._prefault(s, c)
                     for b in range(s, s + c):
                         stash.push(b)
                 blk = stash.pop()
@@ -617,6 +622,14 @@ class Allocator:
                     return blk
         ((start, _),) = self._bitmaps_or_sync(cpu, 1, meta)
         return start
+
+    def _prefault(self, start: int, n: int) -> None:
+        """Blocks taken into a stash will be written soon, most of them for the
+        first time by this process (log pages, one-block writes, new inodes'
+        first pages): their pages are mapped in one call rather than one page
+        fault each (2 of a create's 34 µs)."""
+        if self.prefault is not None:
+            self.prefault(start * BLOCK, n * BLOCK)
 
     def stashed(self) -> int:
         """Free blocks kept in stashes (free space, though not in the bitmaps)."""

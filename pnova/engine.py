@@ -108,6 +108,7 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
         self.alloc = Allocator(area, regions, sb.cpus_per_node,
                                reserve=max(8, min(1024, total // 512)))
         self.alloc.stash_cpu = None if readonly else self.cpu
+        self.alloc.prefault = pm.prefault
         self.journals = [Journal(pm, r.journal_block, self._mirror_of,
                                  L.journal_twin(regions, r.cpu)) for r in regions]
         self.prot = DataProtection(pm, sb, regions)

@@ -162,3 +162,30 @@ def test_a_scattered_read_clears_the_poison_of_whole_sectors_it_fills(tmp_path):
     # the read filled sector 8 whole and sector 9 in part: only 8 is good again
     assert pm.poisoned(4096, 1024) == [9]
     pm.close()
+
+
+def test_prefault_maps_pages_without_writing_them(tmp_path):
+    """PMem.prefault (blocks a stash is about to hand out) changes no byte of the
+    image, and on a kernel or mapping that cannot do it, quietly does nothing."""
+    path = str(tmp_path / "p.img")
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * 64)          # 16 KiB of known bytes
+    pm = PMem(path)
+    try:
+        before = pm.read(0, 16384)
+        pm.prefault(4096, 8192)
+        assert pm.read(0, 16384) == before
+        pm._populate = True
+
+        class NoMadvise:                          # a mapping without the call
+            def __getattr__(self, name):
+                raise AttributeError(name)
+        real, pm.mm = pm.mm, NoMadvise()
+        pm.prefault(0, 4096)
+        pm.mm = real
+        assert pm._populate is False
+        pm.prefault(0, 4096)                      # now a no-op
+    finally:
+        pm.close()
+    with open(path, "rb") as f:
+        assert f.read() == before
