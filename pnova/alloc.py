@@ -590,38 +590,31 @@ class Allocator:
 
     def _alloc_one(self, cpu: int, meta: bool) -> int:
         mine = self.stash_cpu
-        if mine is not None and cpu != mine and cpu == self._twin_of[mine]:
-            # a twin for this CPU's log page: from its twin stash
-            stash = self.stashes[len(self.regions) + mine]
-            blk = stash.pop()
-            if blk:
-                return blk
-            region = self._orders[cpu][0]
-            if region.nfree > STASH_REFILL + self.reserve:
-                for s, c in region.alloc(STASH_REFILL):
-                    self._prefault(s, c)
-                    for b in range(s, s + c):
-                        stash.push(b)
-                blk = stash.pop()
-                if blk:
-                    return blk
+        blk = 0
         if cpu == mine:
-            stash = self.stashes[cpu]
-            blk = stash.pop()
-            if blk:
-                return blk
-            own = self._orders[cpu][0]
-            # Refill from the own region only, and only well above the reserve.
-            if own.nfree > STASH_REFILL + self.reserve:
-                for s, c in own.alloc(STASH_REFILL):
-                    self._prefault(s, c)
-                    for b in range(s, s + c):
-                        stash.push(b)
-                blk = stash.pop()
-                if blk:
-                    return blk
+            blk = self._from_stash(self.stashes[cpu], cpu)
+        elif mine is not None and cpu == self._twin_of[mine]:
+            # a twin for this CPU's log page: from its twin stash
+            blk = self._from_stash(self.stashes[len(self.regions) + mine], cpu)
+        if blk:
+            return blk
         ((start, _),) = self._bitmaps_or_sync(cpu, 1, meta)
         return start
+
+    def _from_stash(self, stash: Stash, cpu: int) -> int:
+        """A block of CPU ``cpu``'s region from ``stash``, which is refilled from
+        that region only, and only well above the reserve; 0 if none."""
+        blk = stash.pop()
+        if blk:
+            return blk
+        region = self._orders[cpu][0]
+        if region.nfree > STASH_REFILL + self.reserve:
+            for s, c in region.alloc(STASH_REFILL):
+                self._prefault(s, c)
+                for b in range(s, s + c):
+                    stash.push(b)
+            blk = stash.pop()
+        return blk
 
     def _prefault(self, start: int, n: int) -> None:
         """Blocks taken into a stash will be written soon, most of them for the

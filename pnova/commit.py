@@ -41,7 +41,11 @@ class Commit:
         """A log page from this CPU's region and its twin (0: the image keeps
         none) from the next CPU's, so that one damaged region never holds
         both copies."""
-        blk = self.alloc.alloc_one(self.cpu, meta=True)
+        return self._with_twin(self.alloc.alloc_one(self.cpu, meta=True))
+
+    def _with_twin(self, blk: int) -> tuple[int, int]:
+        """``blk`` and a twin for it from the next CPU's region (0 where the image
+        keeps none); ``blk`` is freed if no twin can be had."""
         if not self.log_twins:
             return blk, 0
         try:
@@ -338,15 +342,7 @@ class Commit:
             v = ring.pop()
             if self.ring_low is not None and len(ring) < RING_LOW:
                 self.ring_low()
-        if not v:
-            return self._new_log_page()
-        if not self.log_twins:
-            return v, 0
-        try:
-            return v, self.alloc.alloc_one(self._twin_cpu, meta=True)
-        except FsError:
-            self.alloc.free(v, 1)
-            raise
+        return self._with_twin(v) if v else self._new_log_page()
 
     def refill_rings(self, low: int = RING_LOW) -> int:
         """The designated refiller: top up every CPU's ring of free log pages.

@@ -716,25 +716,10 @@ class Rebuild:
 
     def _verify_once(self, ino: int, addr: int) -> list[plog.Fix]:
         pm = self.pm
-        fixes: list[plog.Fix] = []
+        _array, _twin, lines, fixes = self._lines_and_fixes(ino, addr)
         logs = [(pm.read_u64(addr + L.I_LOG_HEAD), pm.read_u64(addr + L.I_LOG_TAIL),
                  pm.read_u64(addr + L.I_LOG_HEAD_TWIN))]
-        array = pm.read_u64(addr + L.I_LOG_ARRAY)
-        if array:
-            self._local_lines(array)             # checks where the array lies
-            twin = pm.read_u64(addr + L.I_LOG_ARRAY_TWIN)
-            base = array * L.BLOCK
-            if twin:
-                tlines = self._read_lines(twin * L.BLOCK)
-                heads, tails = self._read_lines(base)
-                heads, tails, htw, more = self._settled(ino, base, twin * L.BLOCK, heads,
-                                                        tails, tlines)
-                fixes += more
-            else:
-                heads, tails = self._read_lines(base)
-                htw = pm.words.load64s(base + L.LA_HEAD_TWIN, self.ncpus, L.LA_LINE)
-            logs += [(heads[c], tails[c], htw[c]) for c in range(self.ncpus)
-                     if heads[c] and tails[c]]
+        logs += [(h, t, tw) for _c, h, t, tw in lines]
         for h, t, tw in logs:
             for _ in plog.walk(pm, h, t, ino, self.max_log_pages, None, 0, None,
                                tw // L.BLOCK, fixes, True):
@@ -844,23 +829,30 @@ class Rebuild:
         """(array, its twin, [(cpu, head, tail, head's twin) of every live line])
         of an inode whose slot is at ``addr``, each line from the copy that
         reads (for recovery, which then stores both copies)."""
+        return self._lines_and_fixes(ino, addr)[:3]
+
+    def _lines_and_fixes(self, ino: int, addr: int
+                         ) -> tuple[int, int, list[tuple[int, int, int, int]], list[plog.Fix]]:
+        """:meth:`_lines_of`, and the writes that would make both copies of the
+        array hold the lines chosen (nothing is noted)."""
         pm = self.pm
         array = pm.read_u64(addr + L.I_LOG_ARRAY)
         if not array:
-            return 0, 0, []
+            return 0, 0, [], []
         self._local_lines(array)                 # checks where the array lies
         twin = pm.read_u64(addr + L.I_LOG_ARRAY_TWIN)
         base = array * L.BLOCK
+        fixes: list[plog.Fix] = []
         if twin:
             tlines = self._read_lines(twin * L.BLOCK)
             heads, tails = self._read_lines(base)
-            heads, tails, htw, _ = self._settled(ino, base, twin * L.BLOCK, heads, tails,
-                                                 tlines)
+            heads, tails, htw, fixes = self._settled(ino, base, twin * L.BLOCK, heads, tails,
+                                                     tlines)
         else:
             heads, tails = self._read_lines(base)
             htw = list(pm.words.load64s(base + L.LA_HEAD_TWIN, self.ncpus, L.LA_LINE))
         return array, twin, [(c, heads[c], tails[c], htw[c]) for c in range(self.ncpus)
-                             if heads[c] and tails[c]]
+                             if heads[c] and tails[c]], fixes
 
     def _line_commit(self, array: int, twin: int, cpu: int, value: int) -> None:
         """Commit a new tail in CPU ``cpu``'s line of an array and of its twin."""
