@@ -213,15 +213,8 @@ class Commit:
         if len(raws) == 1:
             raw = raws[0]
             if tail % L.BLOCK + len(raw) <= L.LOG_DATA:
-                pm = self.pm
-                pm.store(tail, raw)
-                pm.flush(tail, len(raw))
-                if twin is None:
-                    twin = self._twin_here(tail)
-                if twin:
-                    t = twin * L.BLOCK + tail % L.BLOCK
-                    pm.store(t, raw)
-                    pm.flush(t, len(raw))
+                plog.store_entry(self.pm, tail, raw,
+                                 self._twin_here(tail) if twin is None else twin)
                 return tail + len(raw), []
         try:
             if twin is None:
