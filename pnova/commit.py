@@ -77,16 +77,40 @@ class Commit:
         durable when this returns).
         """
         if len(changes) == 1 and not extra:
+            if self._dir_local(*changes[0]):
+                return self._commit_local(*changes[0])
             return self._commit_one(*changes[0])
         pm = self.pm
         sch = self.scheme
-        locked = sorted({inode.ino for inode, _ in changes})
+        # Directories whose dentries go to this CPU's local log (19.3): their
+        # arrays are made first, as that takes the directory's log lock.
+        local: set[int] = set()
+        if self.dir_logs and self._ns is not None:
+            changes = list(changes)
+            for k, (inode, entries) in enumerate(changes):
+                if self._dir_local(inode, entries):
+                    if not inode.array:
+                        changes[k] = (self._ensure_array(inode), entries)
+                    local.add(k)
+        locked = sorted({inode.ino for k, (inode, _) in enumerate(changes) if k not in local})
         for ino in locked:
             sch.log_lock(ino)
-        appended: list[tuple[Inode, int, list[int], list[tuple], bool]] = []
+        appended: list[tuple[Inode, int, list[int], list[tuple], object]] = []
+        updates: list[tuple[int, int]] = []
         try:
             try:
-                for inode, entries in changes:
+                for k, (inode, entries) in enumerate(changes):
+                    if k in local:
+                        entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
+                        line, tline, new_tail, pages, head = self._local_append(
+                            inode, _encode(entries, self.marks))
+                        # the array's line first, then its twin's (readers load
+                        # the twin's first: a commit between is never damage)
+                        updates.append((line + L.LA_TAIL, new_tail))
+                        if tline:
+                            updates.append((tline + L.LA_TAIL, new_tail))
+                        appended.append((inode, new_tail, pages, entries, ("local", head)))
+                        continue
                     tail = None
                     if self.shared:
                         if inode.is_dir:
@@ -99,6 +123,7 @@ class Commit:
                     twin = self._tail_twin(inode.log_pages, at)
                     new_tail, pages = plog.append(pm, at, raws, inode.ino, self._new_log_page,
                                                   self._twin_here(at) if twin is None else twin)
+                    updates.append((self.inode_addr(inode.ino) + L.I_LOG_TAIL, new_tail))
                     appended.append((inode, new_tail, pages, entries, tail is not None))
             except FsError as exc:
                 for p in getattr(exc, "pages", []):
@@ -110,8 +135,7 @@ class Commit:
                     self.alloc.free(p, 1)
                 raise
             # several words change at once: the lite journal makes them atomic
-            updates = [(self.inode_addr(i.ino) + L.I_LOG_TAIL, t)
-                       for i, t, _, _, _ in appended]
+            # (a new local log's head, stored above, is durable by its F1)
             self.journals[self.cpu].run(updates + list(extra))
         finally:
             for ino in reversed(locked):
@@ -119,8 +143,17 @@ class Commit:
         # The caches follow after the locks are gone: they are this process's
         # alone, and the logs' waiters need not wait for them (DESIGN 19.8).
         freed: list[int] = []
-        for inode, new_tail, pages, entries, behind in appended:
-            if behind:
+        for inode, new_tail, pages, entries, how in appended:
+            if how is True or isinstance(how, tuple):
+                if isinstance(how, tuple):
+                    # this CPU's local log: its position in the cache is exact
+                    head = how[1]
+                    if head is not None:
+                        inode.local[self.cpu] = [head, new_tail, pages]
+                    else:
+                        have = inode.local[self.cpu]
+                        have[1] = new_tail
+                        have[2].extend(pages)
                 # The cache keeps its tail and pages: the next validation
                 # walks from there and applies, in log order, the other
                 # processes' entries and these again (dentries, and link
@@ -133,6 +166,20 @@ class Commit:
             else:
                 freed.extend(self._committed(inode, new_tail, pages, entries))
         return freed
+
+    def _dir_local(self, inode: Inode, entries: list[tuple]) -> bool:
+        """Whether this change goes to this CPU's local log of a directory
+        (DESIGN 19.3): dentries only, made by a namespace operation that
+        holds the directory shared (the names' locks order them), on a CPU
+        other than the directory's home.  Changes of the directory's link
+        count, `..` or attributes, and every change made while it is held
+        whole, go to its global log."""
+        if not self.dir_logs or not inode.is_dir or self._ns is None or \
+                self.cpu == (inode.ino - 1) % self.ncpus:
+            return False
+        held = self._ns.get(inode.ino)
+        return held is not None and not held[0] and \
+            all(e[0] == L.E_DENTRY and e[3] != L.DOTDOT for e in entries)
 
     def _dir_tail_under_log_lock(self, inode: Inode) -> tuple[Inode, int | None]:
         """For a directory's append: the cached inode and, if only other
@@ -234,7 +281,8 @@ class Commit:
             raise FsError(errno.EIO, str(e)) from None
 
     def _commit_local(self, inode: Inode, entries: list[tuple]) -> list[int]:
-        """Append file-write entries to this CPU's local log and commit them.
+        """Append entries to this CPU's local log and commit them: a file's
+        writes, or a directory's dentries (:meth:`_dir_local`).
 
         Only this CPU ever appends to its local log, so no lock is taken: the
         commit is the one 8-byte store of the local tail, as for a global log.
@@ -244,48 +292,67 @@ class Commit:
         if not inode.array:
             inode = self._ensure_array(inode)
         entries = [(e[0], self._next_seq()) + e[2:] for e in entries]
-        raws = _encode(entries, self.marks)
-        line = inode.array * L.BLOCK + cpu * L.LA_LINE
-        # the line's copy in the array's twin (format 8), 0: none
-        tline = inode.array_twin * L.BLOCK + cpu * L.LA_LINE if inode.array_twin else 0
-        have = inode.local.get(cpu)
-        if have is None:
-            page, twin = self._local_page()
-            first = [page] + ([twin] if twin else [])
-            try:
-                plog.init_page(pm, page, inode.ino, twin)
-                tail, more = plog.append(pm, page * L.BLOCK, raws, inode.ino, self._local_page,
-                                         twin)
-            except FsError as exc:
-                for p in first + getattr(exc, "pages", []):
-                    self.alloc.free(p, 1)
-                raise
-            pm.fence()                                 # entries durable before the log exists
-            for ln in (line, tline) if tline else (line,):
-                if twin:
-                    pm.store_u64(ln + L.LA_HEAD_TWIN, twin * L.BLOCK)
-                pm.store_u64(ln + L.LA_HEAD, page * L.BLOCK)
-                pm.flush(ln, 24)
+        line, tline, tail, more, head = self._local_append(inode, _encode(entries, self.marks))
+        if head is not None:
             pm.fence()                                 # head before tail: tail 0 = no log yet
             for ln in (line, tline) if tline else (line,):
                 pm.store_u64(ln + L.LA_TAIL, tail)
                 pm.flush(ln + L.LA_TAIL, 8)
             pm.fence()                                 # committed
-            have = inode.local[cpu] = [page * L.BLOCK, tail, first + more]
+            inode.local[cpu] = [head, tail, more]
         else:
-            tail, more = self._append(have[1], raws, inode.ino, self._local_page, have[2])
             if tline:
                 pm.commit_u64_twice(line + L.LA_TAIL, tline + L.LA_TAIL, tail)
             else:
                 pm.commit_u64(line + L.LA_TAIL, tail)
+            have = inode.local[cpu]
             have[1] = tail
             if more:
                 have[2].extend(more)
-                self._want_compaction(inode)
+                if inode.is_dir:
+                    self._compact_wanted.add(inode.ino)   # judged as a directory is
+                else:
+                    self._want_compaction(inode)
         freed: list[int] = []
         for e in entries:
             freed.extend(inode.apply(e))
         return freed
+
+    def _local_append(self, inode: Inode, raws: list[bytes]
+                      ) -> tuple[int, int, int, list[int], int | None]:
+        """Append encoded entries to this CPU's local log of ``inode`` (which
+        has an array); no tail is stored.  A CPU without a local log there
+        gets one: a page (and twin) holding the entries, fenced, then the head
+        stored in the line of both array copies, not fenced (the caller
+        fences before the tail store).  Returns (the line's byte offset, the
+        twin array's line or 0, the new tail, the pages added, the new log's
+        head or None)."""
+        pm = self.pm
+        cpu = self.cpu
+        line = inode.array * L.BLOCK + cpu * L.LA_LINE
+        # the line's copy in the array's twin (format 8), 0: none
+        tline = inode.array_twin * L.BLOCK + cpu * L.LA_LINE if inode.array_twin else 0
+        have = inode.local.get(cpu)
+        if have is not None:
+            tail, more = self._append(have[1], raws, inode.ino, self._local_page, have[2])
+            return line, tline, tail, more, None
+        page, twin = self._local_page()
+        first = [page] + ([twin] if twin else [])
+        try:
+            plog.init_page(pm, page, inode.ino, twin)
+            tail, more = plog.append(pm, page * L.BLOCK, raws, inode.ino, self._local_page,
+                                     twin)
+        except FsError as exc:
+            for p in first + getattr(exc, "pages", []):
+                self.alloc.free(p, 1)
+            raise
+        pm.fence()                                     # entries durable before the log exists
+        for ln in (line, tline) if tline else (line,):
+            if twin:
+                pm.store_u64(ln + L.LA_HEAD_TWIN, twin * L.BLOCK)
+            pm.store_u64(ln + L.LA_HEAD, page * L.BLOCK)
+            pm.flush(ln, 24)
+        return line, tline, tail, first + more, page * L.BLOCK
 
     def _ensure_array(self, inode: Inode) -> Inode:
         """Give a file its per-core log array (an empty block, then one 8-byte store).

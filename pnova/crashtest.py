@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 
 from . import layout as L
+from . import namei
 from .engine import FileSystem, Landing
 from .errors import FsError
 from .mkfs import format_device
@@ -529,6 +530,20 @@ DUAL_CASES: list[list[Step]] = [
     [("cpu", 1, ("link", "/bar", "/A/bl")), ("cpu", 0, ("unlink", "/B/barlink")),
      ("cpu", 1, ("rename", "/A/bl", "/bar", 2)), ("cpu", 0, ("symlink", "bar", "/A/s")),
      ("cpu", 1, ("rename", "/A/s", "/A/foo", 0)), ("cpu", 0, ("unlink", "/bar"))],
+    # one directory both CPUs change: CPU 1 holds it whole while it is the
+    # only one there; once it is shared, CPU 1 (not its home) puts its
+    # dentries in its own local log of it (format 9; the first makes the
+    # directory's log array and that log, the later ones append) and CPU 0 in
+    # the global log; a mkdir there holds it whole again; names move out of it
+    [("cpu", 1, ("create", "/A/q", 0o644)), ("cpu", 0, ("create", "/A/p", 0o644)),
+     ("cpu", 1, ("rename", "/A/q", "/A/r", 0)), ("cpu", 0, ("unlink", "/A/p")),
+     ("cpu", 1, ("link", "/A/r", "/A/s")), ("cpu", 0, ("mkdir", "/A/E", 0o755)),
+     ("cpu", 1, ("rename", "/A/s", "/B/t", 0)), ("cpu", 1, ("unlink", "/A/r"))],
+    # a directory of CPU 1's table, where CPU 0 is the one with a local log,
+    # emptied by both CPUs and removed: its array and local log go with it
+    [("cpu", 1, ("mkdir", "/B/G", 0o755)), ("cpu", 0, ("create", "/B/G/b", 0o644)),
+     ("cpu", 1, ("create", "/B/G/a", 0o644)), ("cpu", 0, ("unlink", "/B/G/b")),
+     ("cpu", 1, ("unlink", "/B/G/a")), ("cpu", 0, ("rmdir", "/B/G"))],
 ]
 
 
@@ -640,7 +655,8 @@ def usable_after_recovery(img_path: str) -> str | None:
         d = Driver(fs)
         fs.write(fs.create(L.ROOT_INO, b"after-crash", 0o644).ino, 0, b"z" * 5000)
         _remove_all(fs, L.ROOT_INO)
-        root_pages = len(fs.get(L.ROOT_INO).log_pages)
+        # (its log pages, and its per-core log array and local logs if it has them)
+        root_pages = len(fs._blocks_of(fs.get(L.ROOT_INO)))
         st = fs.statfs()
         if st.blocks - st.bfree != root_pages:
             return f"{st.blocks - st.bfree - root_pages} blocks still in use after removing " \
@@ -697,6 +713,21 @@ def run_steps(setup: list[Step], ops: list[Step], k: int, *, ident: str = "custo
               tmpdir: str | None = None,
               tick: Callable[[int], None] | None = None) -> CaseResult:
     """Apply ``setup`` normally, then ``ops`` with every crash state checked."""
+    # A directory two CPUs have used stays shared for the whole case, however
+    # long the checks between its steps take: each CPU's change there then
+    # takes the path it takes under load (name locks; the dentries of a CPU
+    # other than the directory's home in its local log, DESIGN 19.3 and 19.8).
+    saved = namei.PRIVATE_AFTER
+    namei.PRIVATE_AFTER = 1 << 60
+    try:
+        return _run_steps(setup, ops, k, ident, case_no, only, keep, tmpdir, tick)
+    finally:
+        namei.PRIVATE_AFTER = saved
+
+
+def _run_steps(setup: list[Step], ops: list[Step], k: int, ident: str, case_no: int,
+               only: tuple[int, int] | None, keep: str | None, tmpdir: str | None,
+               tick: Callable[[int], None] | None) -> CaseResult:
     res = CaseResult(case_no)
     ncpus = 2 if any(s[0] == "cpu" for s in ops) else 1
     with tempfile.TemporaryDirectory(dir=tmpdir or _shm()) as tmp:

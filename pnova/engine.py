@@ -119,6 +119,10 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
         self.read_chunk = READ_CHUNK if lock in ("inode", "rangetree") else \
             min(READ_CHUNK, (HELD_MAX - 2) * segment_pages * L.BLOCK)
         self.local_logs = lock == "pnova"        # per-core logs for file writes
+        # ... and for the dentries of directories several CPUs change (format 9;
+        # not on a disk, where settling half-arrived renames after a power loss
+        # reads each directory's one log in order: DESIGN 24.3)
+        self.dir_logs = self.local_logs and sb.version >= 9 and pm.mode != "disk"
         # Every log page has a twin in the next CPU's region (format 8).
         self.log_twins = sb.log_replicas
         self._twin_cpu = (self.cpu + 1) % self.ncpus

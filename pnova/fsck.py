@@ -208,9 +208,15 @@ def _file_entry(e: tuple) -> None:
 
 
 def _local_entry(e: tuple) -> None:
-    """A local log holds only file writes."""
+    """A file's local log holds only file writes."""
     if e[0] != L.E_WRITE:
         raise ValueError("a per-core log holds only file writes")
+
+
+def _local_dentry(e: tuple) -> None:
+    """A directory's local log (version 9) holds only dentries of its names."""
+    if not L.local_entry_ok(e, True):
+        raise ValueError("a directory's per-core log holds only dentries of its names")
 
 
 def _ftype(mode: int) -> str:
@@ -837,7 +843,8 @@ class Checker:
 
     # ------------------------------------------------------------ pass 3: journals
     def _is_inode_word(self, addr: int) -> bool:
-        return L.is_journaled_word(addr, self.regions, self.sb.inodes_per_cpu)
+        return L.is_journaled_word(addr, self.regions, self.sb.inodes_per_cpu,
+                                   self.sb.version)
 
     def check_journals(self) -> None:
         """Lite journals: closed, or (dirty image) an intact transaction mount rolls back."""
@@ -908,7 +915,8 @@ class Checker:
         pm, n = self.pm, self.sb.inodes_per_cpu
         saved = saved_bitmap_reader(pm, self.regions) if self.clean else None
         judge = Judge(pm, self.regions, self.sb.total_blocks, self._u64, saved,
-                      twins=self.sb.log_replicas)
+                      twins=self.sb.log_replicas,
+                      dir_logs=self.sb.version >= L.DIR_LOGS_VERSION)
         for r in self.regions:
             p0, r0 = r.itable_start * L.BLOCK, self.rtables[r.cpu]
             for i in differing_slots(pm, p0, r0, n):
@@ -1078,8 +1086,19 @@ class Checker:
             return                          # the head page itself is unusable
         rec.log_pages, rec.good_end = ch.pages, ch.good_end
         if is_dir:
+            entries = ch.entries
+            if rec.array and not rec.array_err and rec.local_kept():
+                # version 9: its dentries from the local logs too, merged by
+                # sequence number as the engine replays them
+                entries = list(entries)
+                for lch in rec.local_kept():
+                    entries.extend(lch.entries)
+                entries.sort(key=lambda e: e[1])
+                inode = Inode(ino, st, head, tail)
+                for e in entries:
+                    inode.apply(e)
             rec.inode = inode
-            rec.maxseq = max([st.create_seq] + [e[1] for e in ch.entries])
+            rec.maxseq = max([st.create_seq] + [e[1] for e in entries])
         else:
             rec.replay_static, rec.global_entries = st, ch.entries
             self._replay_file(rec)
@@ -1228,7 +1247,7 @@ class Checker:
         if not self._in_data(blk):
             rec.array_err = "lies outside the data area"
             return
-        if is_dir:
+        if is_dir and self.sb.version < L.DIR_LOGS_VERSION:
             rec.array_err = "is set, but a directory has only its one log"
             return
         raw = self.pm.read(blk * L.BLOCK, L.BLOCK)
@@ -1253,7 +1272,8 @@ class Checker:
             owner = self._page_owner(head)
             if owner is not None and owner != rec.ino:
                 theirs.add(owner)
-            ch = self._walk_chain(rec.ino, head, tail, _local_entry, other, head_twin)
+            ch = self._walk_chain(rec.ino, head, tail, _local_dentry if is_dir else _local_entry,
+                                  other, head_twin)
             other |= set(ch.walked)
             rec.local_walked.extend(ch.walked)
             rec.lines[cpu] = ch

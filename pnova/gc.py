@@ -11,6 +11,7 @@ import stat
 from . import layout as L
 from . import log as plog
 from .errors import FsError
+from .icache import log_positions
 from .inode import Inode
 from .locks import LockTimeout
 from .namei import namespace_op
@@ -86,7 +87,10 @@ class Compaction:
                                     inode.ino, self.max_log_pages)
         except plog.LogError:
             return True                          # compacted or moving: let the exact path see
-        return self._needs_compaction(inode, (len(inode.log_pages) + len(more)) // copies - 1)
+        # (the local logs' pages as far as this cache knows them: its own exactly)
+        local = sum(len(v[2]) for v in inode.local.values())
+        return self._needs_compaction(inode,
+                                      (len(inode.log_pages) + len(more) + local) // copies - 1)
 
     def _owner_decides(self, inode: Inode) -> bool:
         """A file with per-core local logs, on a device other processes share:
@@ -266,7 +270,8 @@ class Compaction:
             # instead of re-reading the whole directory (icache).  Recorded
             # before the count moves, so that a reader who sees the new count
             # finds the record (or, once it is overwritten, reloads).
-            self.area.note_compaction(ino, self._rewrites(ino) + 1, (inode.head, inode.tail),
+            self.area.note_compaction(ino, self._rewrites(ino) + 1,
+                                      (inode.head, log_positions(inode)),
                                       (first * L.BLOCK, tail), entries[-1][1])
         # Before the switch: a reader that catches up across it sees the count
         # move and reads the inode again (its positions are in freed pages, and

@@ -8,6 +8,7 @@ against the slot's words first and catches up with what was appended.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 
 from . import layout as L
@@ -18,6 +19,18 @@ from .rebuild import RETRIES
 
 
 logger = logging.getLogger("pnova")
+
+
+def log_positions(inode: Inode) -> int:
+    """How far a cache has read an inode's logs, as one word: the global tail
+    alone when it knows no local log, else a 63-bit digest of every
+    position with the top bit set (a tail is below 2**63).  A compaction
+    record (:meth:`InodeCache._adopt`) names the state it started from so."""
+    if not inode.local:
+        return inode.tail
+    key = repr((inode.tail, sorted((c, v[0], v[1]) for c, v in inode.local.items())))
+    return (1 << 63) | int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(),
+                                      "little") >> 1
 
 
 class InodeCache:
@@ -45,13 +58,24 @@ class InodeCache:
                 if rewrites == inode.rewrites + 1 and not array and inode.dents is not None \
                         and self._adopt(inode, rewrites, head):
                     continue                     # on the new chain: catch up from its tail
+                if head == inode.head and rewrites == inode.rewrites and not inode.array \
+                        and not inode.local:
+                    # An array appeared (the first write or dentry of another
+                    # CPU): its lines were zero when it was stored and only
+                    # lead to entries since, so the cache reads them from their
+                    # heads instead of reading the whole inode again.
+                    inode.array = array
+                    inode.array_twin = self.pm.words.load64(self.inode_addr(inode.ino)
+                                                            + L.I_LOG_ARRAY_TWIN)
+                    continue
                 return self._reload(inode)
             if not array and _tail == inode.tail:
                 return inode                     # one log, and it has not grown
             mark = len(self._found)
             try:
                 new, tail, gpages, local = self._gather(inode.ino, head, array, inode.tail,
-                                                        inode.local, 0, inode.array_twin)
+                                                        inode.local, 0, inode.array_twin,
+                                                        None, inode.dents is not None)
                 torn = False
             except (plog.LogError, ValueError):
                 torn = True
@@ -98,7 +122,8 @@ class InodeCache:
         if rec is None:
             return False
         r, old_head, old_tail, new_head, new_tail, last_seq = rec
-        if (r, old_head, old_tail, new_head) != (rewrites, inode.head, inode.tail, head):
+        if (r, old_head, old_tail, new_head) != (rewrites, inode.head, log_positions(inode),
+                                                 head):
             return False
         try:
             pages = plog.chain_pages(self.pm, new_head, new_tail, inode.ino,
@@ -108,6 +133,8 @@ class InodeCache:
         if self._rewrites(inode.ino) != rewrites:
             return False                         # compacted again meanwhile: its pages may be gone
         inode.head, inode.tail, inode.log_pages = new_head, new_tail, pages
+        inode.array = inode.array_twin = 0       # the new chain replaced its local logs
+        inode.local = {}
         inode.rewrites = rewrites
         # the compaction's attribute entries carry newer sequence numbers
         inode.tseq = max(inode.tseq, last_seq)

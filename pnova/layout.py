@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 from crc32c import crc32c
 
-FORMAT_VERSION = 8
+FORMAT_VERSION = 9
 # Versions this code reads: 2 is 3 without the features field (always 0 there).
-READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8)
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8, 9)
+# The first version whose directories may have per-core local logs of dentries
+# (and whose journal records may name a local log's tail in a log array).
+DIR_LOGS_VERSION = 9
 # Superblock feature bits (SPEC section 3): what the image protects.
 FEATURE_DATA_CSUM = 1          # per-strip CRC32C of every file data block, two copies
 FEATURE_DATA_PARITY = 2        # one parity strip per file data block (needs DATA_CSUM)
@@ -648,13 +651,31 @@ JOURNALED_WORDS = (I_STATE, I_LOG_HEAD, I_LOG_TAIL, I_LOG_ARRAY, I_LOG_HEAD_TWIN
                    I_LOG_ARRAY_TWIN)
 
 
-def is_journaled_word(addr: int, regions: list[Region], inodes_per_cpu: int) -> bool:
-    """True if ``addr`` is a word of an inode slot that a journal record may
-    restore (its replica, if any, is restored with it)."""
+def local_entry_ok(e: tuple, is_dir: bool) -> bool:
+    """Whether a decoded entry may sit in a per-core local log: a file's holds
+    only its writes, a directory's (version 9) only dentries of its names
+    (never its `..`)."""
+    if is_dir:
+        return e[0] == E_DENTRY and e[3] != DOTDOT
+    return e[0] == E_WRITE
+
+
+def is_journaled_word(addr: int, regions: list[Region], inodes_per_cpu: int,
+                      version: int = FORMAT_VERSION) -> bool:
+    """True if ``addr`` is a word a journal record may restore: a word of an
+    inode slot (its replica, if any, is restored with it), or, from version 9,
+    the tail of a line of a per-core log array in a data area (each copy of
+    the array has a record of its own)."""
     for r in regions:
         lo = r.itable_start * BLOCK
         if lo <= addr < lo + inodes_per_cpu * INODE_SIZE:
             return (addr - lo) % INODE_SIZE in JOURNALED_WORDS
+    if version >= DIR_LOGS_VERSION:
+        ncpus = len(regions)
+        for r in regions:
+            if r.data_start * BLOCK <= addr < r.end * BLOCK:
+                line, word = divmod(addr % BLOCK, LA_LINE)
+                return word == LA_TAIL and line < ncpus
     return False
 
 

@@ -648,7 +648,8 @@ class Rebuild:
         u[block - ra.lo] = True
 
     def _is_inode_word(self, addr: int) -> bool:
-        return L.is_journaled_word(addr, self.regions, self.sb.inodes_per_cpu)
+        return L.is_journaled_word(addr, self.regions, self.sb.inodes_per_cpu,
+                                   self.sb.version)
 
     def _check_entry(self, e: tuple) -> None:
         """A CRC only proves an entry is what was written: check its ranges too."""
@@ -948,13 +949,13 @@ class Rebuild:
         # blocks of big writes are tracked where freed blocks may be held back
         inode = Inode(ino, st, head, 0, wide=pm.mode == "disk")
         if array:
-            if inode.is_dir:
+            if inode.is_dir and self.sb.version < L.DIR_LOGS_VERSION:
                 raise ValueError("a directory has per-core logs")
             self._local_lines(array)             # checks where the array lies
         array_twin = pm.read_u64(addr + L.I_LOG_ARRAY_TWIN) if array else 0
         entries, inode.tail, inode.log_pages, inode.local = self._gather(
             ino, head, array, 0, {}, pm.read_u64(addr + L.I_LOG_HEAD_TWIN), array_twin,
-            addr)
+            addr, inode.is_dir)
         inode.array, inode.array_twin = array, array_twin
         if array:
             entries.sort(key=lambda e: e[1])
@@ -966,8 +967,8 @@ class Rebuild:
         return inode, maxseq
 
     def _gather(self, ino: int, head: int, array: int, gtail: int, known: dict[int, list],
-                head_twin: int = 0, array_twin: int = 0, slot: int | None = None
-                ) -> tuple[list[tuple], int, list[int], dict[int, list]]:
+                head_twin: int = 0, array_twin: int = 0, slot: int | None = None,
+                is_dir: bool = False) -> tuple[list[tuple], int, list[int], dict[int, list]]:
         """Collect every entry committed past the given positions of an inode's logs.
 
         ``gtail`` is how far the global log was read (0: not at all), ``known``
@@ -1016,9 +1017,10 @@ class Rebuild:
                     twin = None if have[1] else (twins[cpu] if twins else self.pm.read_u64(
                         base + cpu * L.LA_LINE + L.LA_HEAD_TWIN)) // L.BLOCK
                     got = self._entries(lhead, ltail, ino, have[2], have[1], twin)
-                    if any(e[0] != L.E_WRITE for e in got):
+                    if any(not L.local_entry_ok(e, is_dir) for e in got):
                         raise ValueError(f"the local log of CPU {cpu} holds an entry "
-                                         "other than a file write")
+                                         + ("other than a dentry" if is_dir
+                                            else "other than a file write"))
                     out += got
                     have[1] = ltail
                     moved = True

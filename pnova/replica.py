@@ -140,9 +140,10 @@ class Judge:
     def __init__(self, pm: PMem, regions: list[L.Region], max_pages: int,
                  read_u64: Callable[[int], int] | None = None,
                  saved_used: Callable[[int], bool] | None = None, walk: bool = True,
-                 twins: bool = True) -> None:
+                 twins: bool = True, dir_logs: bool = True) -> None:
         self.pm = pm
         self.twins = twins           # the image's logs have twins (format 8's LOG_REPLICA)
+        self.dir_logs = dir_logs     # directories may have local logs (format 9)
         self.regions = regions
         self.max_pages = max_pages
         self.read_u64 = read_u64 or pm.read_u64
@@ -191,7 +192,7 @@ class Judge:
         saved = self.saved_used
         lines: list[tuple[int, int, int]] = []
         if array:
-            if stat.S_ISDIR(st.mode) or not self._in_data(array):
+            if (stat.S_ISDIR(st.mode) and not self.dir_logs) or not self._in_data(array):
                 return f"log array {array} is not a block of a data area", []
             if saved is not None and not saved(array):
                 return "its log array is free in the saved bitmap", []
@@ -403,6 +404,7 @@ class SlotReplicas:
         # the slot had, and recovery cuts whichever logs did not arrive.
         judge = Judge(pm, self.regions, self.max_log_pages, saved_used=saved,
                       twins=self.sb.log_replicas,
+                      dir_logs=self.sb.version >= L.DIR_LOGS_VERSION,
                       walk=saved is not None or not self._pages_may_be_lost())
         n = self.sb.inodes_per_cpu
         restored = synced = 0
@@ -450,7 +452,9 @@ class SlotReplicas:
                     pm.poison and (pm.poisoned(p, _SLOT) or pm.poisoned(r, _SLOT))):
                 return 0
             keep, why_p, why_r = Judge(pm, self.regions, self.max_log_pages,
-                                       twins=self.sb.log_replicas).choose(ino, p, r)
+                                       twins=self.sb.log_replicas,
+                                       dir_logs=self.sb.version >= L.DIR_LOGS_VERSION
+                                       ).choose(ino, p, r)
             _settle(pm, ino, keep, p, r, why_p, why_r)
             pm.fence()
             return int(keep == "replica")

@@ -301,10 +301,10 @@ def test_a_write_a_truncate_unmapped_whole_is_not_checked_by_recovery(tmp_path):
 
 def test_another_process_frees_a_partly_replaced_write_as_held(tmp_path):
     """The cache of a process that read a file back from its logs (here because
-    another CPU gave the file a per-core log array) knows its writes of several
-    pages too: replacing one page of such a write frees the block as held, not
-    as one no sync saw, so nothing reuses it and recovery after a crash of the
-    process finds the write whole."""
+    its cached copy was dropped after another CPU wrote the file through its
+    own local log) knows its writes of several pages too: replacing one page of
+    such a write frees the block as held, not as one no sync saw, so nothing
+    reuses it and recovery after a crash of the process finds the write whole."""
     path = str(tmp_path / "d.img")
     format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
     fs0 = FileSystem.mount(path)
@@ -317,6 +317,7 @@ def test_another_process_frees_a_partly_replaced_write_as_held(tmp_path):
     first = fs0.get(ino).pages[0]
     before = fs0.cache[ino]
     fs1.write(ino, 5 * 4096, b"1" * 4096)                 # another CPU: a log array
+    del fs0.cache[ino]
     fs0.write(ino, 0, b"A" * 4096)                        # replaces the entry's page 0
     assert fs0.cache[ino] is not before                   # read back from the logs
     assert fs0.alloc.limbo_blocks == 1                    # held, not given back

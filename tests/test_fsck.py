@@ -950,9 +950,22 @@ def test_bad_log_array_pointer(img, capsys, tmp_path, kind):
     fs.unmount()
 
 
-def test_directory_with_log_array(img, capsys, tmp_path):
+def _as_version(path: str, version: int) -> None:
+    """Give the image an older format version (both superblock copies)."""
+    import crc32c
+    with open(path, "r+b") as f:
+        raw = bytearray(f.read(L.SB_SIZE))
+        struct.pack_into("<I", raw, 8, version)
+        raw[L.SB_CRC_OFF:] = struct.pack("<I", crc32c.crc32c(bytes(raw[:L.SB_CRC_OFF])))
+        for off in (0, os.path.getsize(path) - L.BLOCK):
+            f.seek(off)
+            f.write(raw)
+
+
+def test_directory_with_log_array_before_version_9(img, capsys, tmp_path):
     ino, want = local_workload(img)
     d = ino["d"]
+    _as_version(img, 8)
     with Img(img) as m:
         blk = m.regions[1].end - 1                          # a free data block
         m.put64(m.addr(d) + L.I_LOG_ARRAY, blk)
@@ -962,6 +975,24 @@ def test_directory_with_log_array(img, capsys, tmp_path):
                               tmp_dir=str(tmp_path), mount="refused")
     with Img(img) as m:
         assert m.array(d) == 0
+    check_contents(img, want)
+
+
+def test_directory_log_array_pointing_at_a_files(img, capsys, tmp_path):
+    """Version 9: a directory may have a log array (DESIGN 19.3), and its pointer is
+    checked as a file's is: one that leads to another inode's local logs is
+    cleared, and the directory keeps its names."""
+    ino, want = local_workload(img)
+    d, f = ino["d"], ino["f"]
+    with Img(img) as m:
+        m.put64(m.addr(d) + L.I_LOG_ARRAY, m.array(f))
+        mark_dirty(m)
+    out, fixed = repair_cycle(capsys, img, f"directory {d} ('/d'): per-core log array pointer "
+                              f"(block ", f"does not point to this inode's per-core log array "
+                              f"(its lines lead to logs of inode {f})",
+                              tmp_dir=str(tmp_path), mount="refused")
+    with Img(img) as m:
+        assert m.array(d) == 0 and m.array(f) != 0
     check_contents(img, want)
 
 

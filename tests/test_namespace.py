@@ -175,22 +175,32 @@ def run(path: str, per_cpu: list[list[tuple]], tmp) -> None:
     clean.unmount()
 
 
+@pytest.fixture(params=["disk", "memory"])
+def where(request, tmp_path, shm_dir):
+    """Where the image lies: on a disk (tmp_path) directories keep one log; in
+    memory the dentries of a CPU other than a shared directory's home go to its
+    local log of the directory (DESIGN 19.3)."""
+    return tmp_path if request.param == "disk" else shm_dir
+
+
 @pytest.mark.parametrize("ncpus", [1, 2, 3])
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_cpus_change_private_and_shared_directories(tmp_path, ncpus, data):
+def test_cpus_change_private_and_shared_directories(tmp_path, where, ncpus, data):
     per_cpu = data.draw(st.lists(st.lists(op, min_size=20, max_size=80), min_size=ncpus,
                                  max_size=ncpus))
-    path = str(tmp_path / f"ns{ncpus}.img")
+    path = str(where / f"ns{ncpus}.img")
+    if os.path.exists(path):
+        os.unlink(path)
     format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=ncpus)
     run(path, per_cpu, tmp_path)
 
 
-def test_busy_shared_directory(tmp_path):
+def test_busy_shared_directory(tmp_path, where):
     """Two processes create, rename and unlink hundreds of names in one
     directory at once (long enough to overlap on any machine)."""
-    path = str(tmp_path / "busy.img")
+    path = str(where / "busy.img")
     format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=2)
     per_cpu = [[(k, w, NAMES[(i * 7 + c) % 5], NAMES[(i * 3 + c) % 5])
                 for i in range(300)

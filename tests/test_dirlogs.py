@@ -1,0 +1,219 @@
+"""Per-core local logs of directories (format 9, DESIGN 19.3).
+
+A CPU other than a directory's home that changes names in it while another CPU
+uses it too appends its dentries to its own local log of the directory, with
+no log lock; replay merges the logs by sequence number.  These tests drive two
+CPUs of one image in one process (``FileSystem.attach``) so that which CPU does
+what is exact, and check the image's words and logs, every CPU's view, a
+recovery, a clean remount and fsck.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import struct
+
+import crc32c
+import pytest
+
+import pnova.namei
+from pnova import layout as L
+from pnova import log as plog
+from pnova.engine import FileSystem
+from pnova.fsck import Checker
+from pnova.mkfs import format_device
+
+
+@pytest.fixture(autouse=True)
+def _stays_shared(monkeypatch):
+    """A directory two CPUs used stays shared for the whole test (the directory
+    users word would otherwise hand it back to one CPU after a second)."""
+    monkeypatch.setattr(pnova.namei, "PRIVATE_AFTER", 1 << 60)
+
+
+def _fsck_clean(path: str) -> None:
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
+
+
+def _names(fs: FileSystem, d: int) -> list[bytes]:
+    return sorted(n for n, _, _ in fs.readdir(d)[2:])
+
+
+def _array(fs: FileSystem, d: int) -> int:
+    return fs.pm.read_u64(fs.inode_addr(d) + L.I_LOG_ARRAY)
+
+
+def _line(fs: FileSystem, array: int, cpu: int) -> tuple[int, int]:
+    base = array * L.BLOCK + cpu * L.LA_LINE
+    return fs.pm.read_u64(base + L.LA_HEAD), fs.pm.read_u64(base + L.LA_TAIL)
+
+
+def _local_entries(fs: FileSystem, d: int, cpu: int) -> list[tuple]:
+    head, tail = _line(fs, _array(fs, d), cpu)
+    return [L.decode_entry(raw) for raw in plog.walk(fs.pm, head, tail, d, 1 << 20)]
+
+
+def _global_names(fs: FileSystem, d: int) -> set[bytes]:
+    a = fs.inode_addr(d)
+    head, tail = fs.pm.read_u64(a + L.I_LOG_HEAD), fs.pm.read_u64(a + L.I_LOG_TAIL)
+    return {e[3] for e in map(L.decode_entry, plog.walk(fs.pm, head, tail, d, 1 << 20))
+            if e[0] == L.E_DENTRY}
+
+
+def _two_cpus(path: str) -> tuple[FileSystem, FileSystem, int]:
+    format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=2)
+    fs0 = FileSystem.mount(path)
+    d = fs0.mkdir(1, b"d", 0o755).ino
+    assert (d - 1) % 2 == 0                      # CPU 0's table: its home
+    return fs0, FileSystem.attach(fs0, 1), d
+
+
+def test_the_dentries_of_a_cpu_other_than_the_home_go_to_its_local_log(shm_dir):
+    """Once two CPUs change one directory, CPU 1's creates, unlinks, renames and
+    links there are appended to CPU 1's local log of it (the global log holds
+    none of its names) while CPU 0's go to the global log; each CPU sees every
+    name; a recovery from the logs and a clean remount give the same directory,
+    and fsck is clean."""
+    path = str(shm_dir / "d.img")
+    fs0, fs1, d = _two_cpus(path)
+    fs0.create(d, b"a0", 0o644)                  # CPU 0's alone: held whole
+    for i in range(20):
+        fs1.create(d, b"b%d" % i, 0o644)         # now shared
+        fs0.create(d, b"a%d" % (i + 1), 0o600)
+    fs1.unlink(d, b"b3")
+    fs1.rename(d, b"b4", d, b"b44")
+    fs1.link(fs1.lookup(d, b"a1").ino, d, b"b-link")
+    fs0.unlink(d, b"b5")                         # a name of CPU 1's, removed by CPU 0
+    fs1.mkdir(d, b"sub", 0o755)                  # its link count: global log, held whole
+    fs1.create(d, b"b-after", 0o644)
+
+    want = sorted([b"a%d" % i for i in range(21)] +
+                  [b"b%d" % i for i in range(20) if i not in (3, 4, 5)] +
+                  [b"b44", b"b-link", b"sub", b"b-after"])
+    assert _names(fs0, d) == want and _names(fs1, d) == want
+    assert fs0.lookup(d, b"b44").ino == fs1.lookup(d, b"b44").ino
+    array = _array(fs0, d)
+    assert array
+    assert _line(fs0, array, 0) == (0, 0)        # the home CPU has no local log
+    local = _local_entries(fs0, d, 1)
+    assert local and all(e[0] == L.E_DENTRY for e in local)
+    assert {e[3] for e in local} >= {b"b0", b"b19", b"b3", b"b4", b"b44", b"b-link",
+                                     b"b-after"}
+    assert not any(n.startswith(b"b") for n in _global_names(fs0, d) - {b"b5"})
+    assert b"sub" in _global_names(fs0, d)       # held whole: the global log
+
+    # a recovery from the logs (the image as a crash would leave it)
+    crash = str(shm_dir / "crash.img")
+    shutil.copyfile(path, crash)
+    fs0.unmount()
+    _fsck_clean(path)
+    for img in (crash, path):
+        fs = FileSystem.mount(img)
+        assert _names(fs, d) == want
+        assert fs.getattr(d).nlink == 3
+        fs.unmount()
+        _fsck_clean(img)
+
+
+def test_a_directory_with_local_logs_is_compacted_and_removed_whole(shm_dir):
+    """A compaction of a directory folds its local logs into one new chain and
+    clears its log array in the same transaction; a CPU whose cache had read
+    every log as far as the compaction started takes the new chain without
+    reading the directory again; once empty, the directory goes with its
+    array and local log, and every block comes back."""
+    path = str(shm_dir / "d.img")
+    fs0, fs1, d = _two_cpus(path)
+    before = fs0.statfs().bfree
+    first = len(fs0.get(d).log_pages)            # d's first log page (and its twin)
+    fs0.create(d, b"a", 0o644)
+    for i in range(60):
+        fs1.create(d, b"n%d" % i, 0o644)
+    for i in range(0, 60, 2):
+        fs1.unlink(d, b"n%d" % i)
+    want = sorted([b"a"] + [b"n%d" % i for i in range(1, 60, 2)])
+    assert _names(fs0, d) == want                # CPU 0 caught up with CPU 1's log
+    assert _array(fs0, d) and _local_entries(fs0, d, 1)
+
+    reads = []
+    real = fs0._read_inode
+    fs0._read_inode = lambda *a, **k: (reads.append(a[0]), real(*a, **k))[1]
+    fs1.compact(d)
+    assert _array(fs0, d) == 0                   # one chain again
+    assert _names(fs0, d) == want and _names(fs1, d) == want
+    assert reads == []                           # CPU 0 took the new chain as it was
+    fs1.create(d, b"later", 0o644)               # a new array and local log
+    assert _array(fs0, d) and fs0.lookup(d, b"later")
+
+    for n in want + [b"later"]:
+        (fs0 if n.startswith(b"a") else fs1).unlink(d, n)
+    assert _names(fs1, d) == []
+    fs0.rmdir(1, b"d")
+    fs0.unmount()
+    _fsck_clean(path)
+    fs = FileSystem.mount(path)
+    assert fs.statfs().bfree == before + first   # d's first log page is free again too
+    fs.unmount()
+
+
+def test_an_image_on_a_disk_or_of_version_8_keeps_one_log_per_directory(tmp_path, shm_dir):
+    """On a disk the settling of renames half-written by a power loss reads each
+    directory's one log in order (DESIGN 24.3), so there directories get no
+    local log; nor in a version-8 image, whose readers do not know them (the
+    version is kept)."""
+    disk = str(tmp_path / "disk.img")
+    old = str(shm_dir / "v8.img")
+    for path in (disk, old):
+        format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=2)
+        if path == old:
+            with open(path, "r+b") as f:
+                raw = bytearray(f.read(L.SB_SIZE))
+                struct.pack_into("<I", raw, 8, 8)
+                raw[L.SB_CRC_OFF:] = struct.pack("<I", crc32c.crc32c(bytes(raw[:L.SB_CRC_OFF])))
+                for off in (0, os.path.getsize(path) - L.BLOCK):
+                    f.seek(off)
+                    f.write(raw)
+        fs0 = FileSystem.mount(path)
+        d = fs0.mkdir(1, b"d", 0o755).ino
+        fs1 = FileSystem.attach(fs0, 1)
+        fs0.create(d, b"a", 0o644)
+        for i in range(10):
+            fs1.create(d, b"b%d" % i, 0o644)
+        assert _array(fs0, d) == 0
+        assert _global_names(fs0, d) == {b"..", b"a"} | {b"b%d" % i for i in range(10)}
+        assert fs0.sb.version == (8 if path == old else L.FORMAT_VERSION)
+        fs0.unmount()
+        _fsck_clean(path)
+
+
+def test_fsck_reads_a_directorys_local_log_and_refuses_a_stray_entry_in_it(shm_dir, capsys):
+    """fsck merges a directory's local logs into its names (a name only there
+    is no orphan); an entry other than a dentry of its names in such a log (here
+    a `..`, which only the global log may hold) is damage fsck reports and
+    repairs by cutting that log."""
+    path = str(shm_dir / "d.img")
+    fs0, fs1, d = _two_cpus(path)
+    fs0.create(d, b"a", 0o644)
+    fs1.create(d, b"b", 0o644)
+    fs1.create(d, b"c", 0o644)
+    array = _array(fs0, d)
+    head, tail = _line(fs0, array, 1)
+    fs0.unmount()
+    _fsck_clean(path)
+
+    # the second entry of CPU 1's local log becomes a `..` (CRC made good)
+    fs = FileSystem.mount(path)
+    (first, second) = list(plog.walk(fs.pm, head, tail, d, 1 << 20))
+    twin = plog.twin_of(fs.pm, head - head % L.BLOCK)
+    fs.unmount()
+    e = L.decode_entry(second)
+    bad = L.encode_entry((L.E_DENTRY, e[1], L.D_ADD, L.DOTDOT, 1, e[5], e[6]))
+    assert len(bad) == len(second) and twin
+    with open(path, "r+b") as f:
+        for page in (head - head % L.BLOCK, twin * L.BLOCK):   # both copies
+            f.seek(page + head % L.BLOCK + len(first))
+            f.write(bad)
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() != 0
+    assert "dentries of its names" in out.getvalue()
