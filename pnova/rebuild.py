@@ -1000,9 +1000,16 @@ class Rebuild:
                 if array_twin:
                     # the twin's lines first: a writer stores the array's line
                     # first, so a commit between the two reads leaves the
-                    # twin's behind (not taken for damage), never ahead
-                    tlines = self._read_lines(array_twin * L.BLOCK)
-                    heads, tails = self._read_lines(base)
+                    # twin's behind (not taken for damage), never ahead.  Such
+                    # a commit ends within microseconds: the lines are read
+                    # again before the copies are settled, which walks both
+                    # logs (another CPU committing all the time made that a
+                    # tenth of a reader's time).
+                    for _ in range(4):
+                        tlines = self._read_lines(array_twin * L.BLOCK)
+                        heads, tails = self._read_lines(base)
+                        if (heads, tails) == tlines:
+                            break
                     heads, tails, twins = self._settle_lines(ino, base, array_twin * L.BLOCK,
                                                              heads, tails, tlines)
                 else:
