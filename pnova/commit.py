@@ -77,8 +77,6 @@ class Commit:
         durable when this returns).
         """
         if len(changes) == 1 and not extra:
-            if self._dir_local(*changes[0]):
-                return self._commit_local(*changes[0])
             return self._commit_one(*changes[0])
         pm = self.pm
         sch = self.scheme
@@ -270,6 +268,7 @@ class Commit:
         except FsError as exc:
             for p in getattr(exc, "pages", []):
                 self.alloc.free(p, 1)
+            exc.pages = []                       # (freed: a caller must not again)
             raise
 
     def _twin_here(self, tail: int) -> int:
@@ -281,8 +280,7 @@ class Commit:
             raise FsError(errno.EIO, str(e)) from None
 
     def _commit_local(self, inode: Inode, entries: list[tuple]) -> list[int]:
-        """Append entries to this CPU's local log and commit them: a file's
-        writes, or a directory's dentries (:meth:`_dir_local`).
+        """Append a file's write entries to this CPU's local log and commit them.
 
         Only this CPU ever appends to its local log, so no lock is taken: the
         commit is the one 8-byte store of the local tail, as for a global log.
@@ -309,10 +307,7 @@ class Commit:
             have[1] = tail
             if more:
                 have[2].extend(more)
-                if inode.is_dir:
-                    self._compact_wanted.add(inode.ino)   # judged as a directory is
-                else:
-                    self._want_compaction(inode)
+                self._want_compaction(inode)
         freed: list[int] = []
         for e in entries:
             freed.extend(inode.apply(e))
@@ -345,6 +340,7 @@ class Commit:
         except FsError as exc:
             for p in first + getattr(exc, "pages", []):
                 self.alloc.free(p, 1)
+            exc.pages = []                       # (freed: a caller must not again)
             raise
         pm.fence()                                     # entries durable before the log exists
         for ln in (line, tline) if tline else (line,):

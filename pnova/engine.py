@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
+import time
 from collections.abc import Callable
 
 from . import layout as L
@@ -196,8 +198,26 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
             self._seen_dirs.clear()
 
     def _rewrites(self, ino: int) -> int:
-        """How often the inode's logs have been rewritten (shared area)."""
+        """How often the inode's logs have been rewritten (shared area): twice
+        per compaction, odd while one switches the slot's words."""
         return self.area.w.load32(self.area.rewrites + 4 * (ino - 1))
+
+    def _rewrites_settled(self, ino: int) -> int:
+        """The rewrite count once it is even: a reader about to read an inode's
+        slot words and logs waits out a compaction that is switching them.  A
+        count that stays odd for a second belongs to a compactor that stopped
+        (a killed worker, whose open journal only recovery settles): the
+        reader then goes on and finds what it finds."""
+        load = self.area.w.load32
+        off = self.area.rewrites + 4 * (ino - 1)
+        v = load(off)
+        if not v & 1:
+            return v
+        deadline = time.monotonic() + 1.0
+        while v & 1 and time.monotonic() < deadline:
+            os.sched_yield()
+            v = load(off)
+        return v
 
     def _valid_ino(self, ino: int) -> bool:
         return 1 <= ino and (ino - 1) // self.ncpus < self.sb.inodes_per_cpu

@@ -158,7 +158,7 @@ class _Rec:
     fate: str = "live"                   # live | clear (state -> FREE)
     frozen: bool = False                 # a structural repair was declined: no appends
     # Per-core logs (files only).
-    replay_static: L.InodeStatic | None = None   # what the file's state is replayed from
+    replay_static: L.InodeStatic | None = None   # what the inode's state is replayed from
     global_entries: list[tuple] = field(default_factory=list)
     array: int = 0                       # block of the per-core log array, 0: none
     array_err: str | None = None         # the pointer is bad: cleared, local logs dropped
@@ -402,6 +402,19 @@ class Checker:
     def _u64(self, addr: int) -> int:
         v = self.overlay.get(addr)
         return self.pm.read_u64(addr) if v is None else v
+
+    def _block_overlaid(self, blk: int) -> bytes:
+        """A block's bytes as mount will see them after rolling back the open
+        journals (their records may name a log array line's tail, SPEC 8)."""
+        raw = self.pm.read(blk * L.BLOCK, L.BLOCK)
+        lo = blk * L.BLOCK
+        over = [(a, v) for a, v in self.overlay.items() if lo <= a < lo + L.BLOCK]
+        if not over:
+            return raw
+        out = bytearray(raw)
+        for a, v in over:
+            struct.pack_into("<Q", out, a - lo, v)
+        return bytes(out)
 
     def _prepare_write(self) -> None:
         """Before the first inode/log write: undo open journals for real, mark dirty."""
@@ -1085,30 +1098,21 @@ class Checker:
         if ch.good_end is None:
             return                          # the head page itself is unusable
         rec.log_pages, rec.good_end = ch.pages, ch.good_end
-        if is_dir:
-            entries = ch.entries
-            if rec.array and not rec.array_err and rec.local_kept():
-                # version 9: its dentries from the local logs too, merged by
-                # sequence number as the engine replays them
-                entries = list(entries)
-                for lch in rec.local_kept():
-                    entries.extend(lch.entries)
-                entries.sort(key=lambda e: e[1])
-                inode = Inode(ino, st, head, tail)
-                for e in entries:
-                    inode.apply(e)
-            rec.inode = inode
-            rec.maxseq = max([st.create_seq] + [e[1] for e in entries])
+        rec.replay_static, rec.global_entries = st, ch.entries
+        if is_dir and not (rec.array and not rec.array_err and rec.local_kept()):
+            rec.inode = inode                    # applied as walked, in log order
+            rec.maxseq = max([st.create_seq] + [e[1] for e in ch.entries])
         else:
-            rec.replay_static, rec.global_entries = st, ch.entries
-            self._replay_file(rec)
+            self._replay(rec)
 
-    def _replay_file(self, rec: _Rec) -> None:
-        """A file's state: its kept global and local entries, merged by sequence number.
+    def _replay(self, rec: _Rec) -> None:
+        """An inode's state: its kept global and local entries, merged by sequence
+        number (a directory's local logs are version 9's).
 
         Exactly the engine's replay: with a log array, the global log followed
         by the local logs in CPU order, stably sorted by sequence number;
-        without one, the global log in its own order.
+        without one (or once its local logs are dropped), the global log in
+        its own order.
         """
         entries = list(rec.global_entries)
         if rec.array and not rec.array_err:
@@ -1116,8 +1120,17 @@ class Checker:
                 entries.extend(ch.entries)
             entries.sort(key=lambda e: e[1])
         inode = Inode(rec.ino, rec.replay_static, rec.head, rec.good_end)
-        for e in entries:
-            inode.apply(e)
+        try:
+            for e in entries:
+                inode.apply(e)
+        except ValueError as e:
+            if not (rec.array and not rec.array_err):
+                raise
+            # (two names at one position: entries of the local logs that
+            # cannot belong with the global log's)
+            rec.array_err = f"leads to local logs that do not fit the inode's log ({e})"
+            self._replay(rec)
+            return
         rec.inode = inode
         rec.maxseq = max([rec.replay_static.create_seq] + [e[1] for e in entries])
 
@@ -1250,7 +1263,7 @@ class Checker:
         if is_dir and self.sb.version < L.DIR_LOGS_VERSION:
             rec.array_err = "is set, but a directory has only its one log"
             return
-        raw = self.pm.read(blk * L.BLOCK, L.BLOCK)
+        raw = self._block_overlaid(blk)
         other = other | {blk}
         keep = 24 if self.sb.log_replicas else 16    # bytes of a line that may be set
         if rec.array_twin:
@@ -1301,7 +1314,7 @@ class Checker:
         if rec.array_twin_err:
             return raw
         tbase, base = tblk * L.BLOCK, rec.array * L.BLOCK
-        traw = pm.read(tbase, L.BLOCK)
+        traw = self._block_overlaid(tblk)
         tpoison = bool(pm.poison and pm.poisoned(tbase, L.BLOCK))
         if not tpoison and (any(traw[n * L.LA_LINE:]) or any(
                 any(traw[c * L.LA_LINE + 24:(c + 1) * L.LA_LINE]) for c in range(n))):
@@ -1443,7 +1456,7 @@ class Checker:
             rec.array_err = f"is also {what}"
             rec.array_clash = True
             if rec.replay_static is not None and rec.good_end is not None:
-                self._replay_file(rec)      # its state without the local logs
+                self._replay(rec)           # its state without the local logs
 
     def _live(self) -> list[_Rec]:
         return [self.recs[i] for i in sorted(self.recs) if self.recs[i].fate == "live"]

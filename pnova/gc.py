@@ -270,14 +270,21 @@ class Compaction:
             # instead of re-reading the whole directory (icache).  Recorded
             # before the count moves, so that a reader who sees the new count
             # finds the record (or, once it is overwritten, reloads).
-            self.area.note_compaction(ino, self._rewrites(ino) + 1,
+            self.area.note_compaction(ino, self._rewrites(ino) + 2,
                                       (inode.head, log_positions(inode)),
                                       (first * L.BLOCK, tail), entries[-1][1])
-        # Before the switch: a reader that catches up across it sees the count
-        # move and reads the inode again (its positions are in freed pages, and
-        # the new head may even be a number an old page had).
-        inode.rewrites = self.area.w.add32(self.area.rewrites + 4 * (ino - 1), 1) + 1
-        self.journals[self.cpu].run(updates)
+        # The count is odd while the journal switches the slot's words, one at a
+        # time: a reader that meets an odd count waits for it (a mix of old and
+        # new head, tail and array reads as damage, or, old local logs with the
+        # new chain, as names removed long ago), and one that saw it move while
+        # it read reads the inode again (its positions are in freed pages, and
+        # the new head may even be a number an old page had).  DESIGN 19.5.
+        word = self.area.rewrites + 4 * (ino - 1)
+        self.area.w.add32(word, 1)
+        try:
+            self.journals[self.cpu].run(updates)
+        finally:
+            inode.rewrites = self.area.w.add32(word, 1) + 1
         old = list(inode.log_pages)
         for _, _, lpages in inode.local.values():
             old.extend(lpages)

@@ -49,13 +49,13 @@ class InodeCache:
         again if either moved (every compaction moves the head).
         """
         for _ in range(RETRIES):
-            rewrites = self._rewrites(inode.ino)
+            rewrites = self._rewrites_settled(inode.ino)
             gen, state, head, _tail, array = self._slot_words(inode.ino)
             if state != L.STATE_LIVE or gen != inode.generation:
                 self.cache.pop(inode.ino, None)
                 return None
             if head != inode.head or array != inode.array or rewrites != inode.rewrites:
-                if rewrites == inode.rewrites + 1 and not array and inode.dents is not None \
+                if rewrites == inode.rewrites + 2 and not array and inode.dents is not None \
                         and self._adopt(inode, rewrites, head):
                     continue                     # on the new chain: catch up from its tail
                 if head == inode.head and rewrites == inode.rewrites and not inode.array \

@@ -158,7 +158,9 @@ class Inode:
                 raise ValueError("dentry in a file log")
             if name == L.DOTDOT:
                 self.parent = ino
-                self.ctime = time_ns
+                if seq >= self.tseq:
+                    self.ctime = time_ns
+                    self.tseq = seq
                 return freed
             old = self.dents.pop(name, None)
             if old is not None:
@@ -170,7 +172,12 @@ class Inode:
                 self.dents[name] = (ino, dtype, seq)
                 self.order[seq] = name
                 self.dent_bytes += (47 + len(name)) & ~7
-            self.mtime = self.ctime = time_ns
+            # The times are the newest entry's: dentries of different names,
+            # from different CPUs' logs, may be applied out of their order
+            # (DESIGN 19.3.1), and a compacted log keeps old numbers.
+            if seq >= self.tseq:
+                self.mtime = self.ctime = time_ns
+                self.tseq = seq
         elif t == L.E_XATTR:
             _, _seq, op, name, value, time_ns = e
             if op == L.X_SET:

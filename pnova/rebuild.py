@@ -703,7 +703,7 @@ class Rebuild:
         addr = self.inode_addr(ino)
         err: Exception | None = None
         for _ in range(RETRIES):
-            rewrites = self._rewrites(ino)
+            rewrites = self._rewrites_settled(ino)
             words = self._slot_words(ino)
             try:
                 fixes = self._verify_once(ino, addr)
@@ -892,7 +892,7 @@ class Rebuild:
         mark = len(self._found)
         for _ in range(RETRIES):
             del self._found[mark:]               # what a torn attempt found
-            rewrites = self._rewrites(ino)
+            rewrites = self._rewrites_settled(ino)
             gen = self.pm.read_u64(addr + L.I_GENERATION)
             head = self.pm.read_u64(addr + L.I_LOG_HEAD)
             array = self.pm.read_u64(addr + L.I_LOG_ARRAY)

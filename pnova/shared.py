@@ -25,7 +25,8 @@ Layout (byte offsets; every region starts on a 64-byte line)::
     ...     inode lock words: one u32 per inode slot
     ...     inode log-tail lock words: one u32 per inode slot
     ...     reference counts (kernel lookups, open handles): one u32 per inode slot
-    ...     log rewrites (compactions): one u32 per inode slot
+    ...     log rewrites: one u32 per inode slot, two per compaction, odd
+            while the compaction switches the slot's words
     ...     moves between directories: one u64 per inode slot, 1 + the sync
             interval of the last one (0 = none)
     ...     directory users: one u64 per inode slot, CPU + 1 of the one CPU
@@ -55,10 +56,11 @@ Layout (byte offsets; every region starts on a 64-byte line)::
             a name lock adds one before it unlocks (see the engine's namei)
     ...     compaction records: COMPACT_SLOTS lines, hashed by inode: version
             u64 (odd while written), inode u64, its log rewrites after the
-            compaction u64, old head u64, old tail u64, new head u64, new tail
-            u64, the compaction's last sequence number u64; the last compaction
-            of a directory, so that a cache that had reached the old tail takes
-            the new chain without re-reading it (see the engine's icache)
+            compaction u64, old head u64, old positions u64 (the tail, or a
+            digest of every log's position), new head u64, new tail u64, the
+            compaction's last sequence number u64; the last compaction of a
+            directory, so that a cache that had reached the old positions
+            takes the new chain without re-reading it (see the engine's icache)
     ...     per region (one per CPU): a line with the free-block counter u64 and
             the allocation cursor u64, then the block bitmap (u64 words, bit i
             of word j = data block 64*j + i of the region, 1 = in use)
@@ -73,7 +75,7 @@ import time
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 15
+VERSION = 16
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
