@@ -69,8 +69,19 @@ class InodeCache:
                                                             + L.I_LOG_ARRAY_TWIN)
                     continue
                 return self._reload(inode)
-            if not array and _tail == inode.tail:
-                return inode                     # one log, and it has not grown
+            if _tail == inode.tail:
+                if not array:
+                    return inode                 # one log, and it has not grown
+                # Nor has any local log, when every line's tail is where this
+                # cache read to (a writer stores the array's line first): one
+                # load of the tails instead of reading both copies of every
+                # line (a directory several CPUs use is validated on every
+                # lookup and getattr).
+                local = inode.local
+                tails = self.pm.words.load64s(array * L.BLOCK + L.LA_TAIL, self.ncpus,
+                                              L.LA_LINE)
+                if all(t == (local[c][1] if c in local else 0) for c, t in enumerate(tails)):
+                    return inode
             mark = len(self._found)
             try:
                 new, tail, gpages, local = self._gather(inode.ino, head, array, inode.tail,

@@ -431,6 +431,7 @@ def test_a_commit_between_the_reads_of_a_line_s_two_copies_is_not_damage(tmp_pat
             b.write(ino, 0, b"c" * 100)
         return got
 
+    b.write(ino, 8192, b"d" * 10)                # a line moved: the reader reads them
     a._read_lines = read_lines
     assert a.read(ino, 0, 100) == b"c" * 100
     assert calls and not damage
