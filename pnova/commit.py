@@ -82,18 +82,19 @@ class Commit:
         sch = self.scheme
         # Directories whose dentries go to this CPU's local log (19.3): their
         # arrays are made first, as that takes the directory's log lock.
-        local: set[int] = set()
-        if self.dir_logs and self._ns is not None:
-            changes = list(changes)
-            for k, (inode, entries) in enumerate(changes):
-                if self._dir_local(inode, entries):
-                    if not inode.array:
-                        changes[k] = (self._ensure_array(inode), entries)
-                    local.add(k)
+        changes = list(changes)
+        local = {k for k, (inode, entries) in enumerate(changes)
+                 if self._dir_local(inode, entries)}
+        for k in local:
+            inode, entries = changes[k]
+            if not inode.array:
+                changes[k] = (self._ensure_array(inode), entries)
         locked = sorted({inode.ino for k, (inode, _) in enumerate(changes) if k not in local})
         for ino in locked:
             sch.log_lock(ino)
-        appended: list[tuple[Inode, int, list[int], list[tuple], object]] = []
+        # (inode, new tail, pages added, entries, where: "local" | "behind" |
+        # "caught up", a new local log's head or None)
+        appended: list[tuple[Inode, int, list[int], list[tuple], str, int | None]] = []
         updates: list[tuple[int, int]] = []
         try:
             try:
@@ -107,7 +108,7 @@ class Commit:
                         updates.append((line + L.LA_TAIL, new_tail))
                         if tline:
                             updates.append((tline + L.LA_TAIL, new_tail))
-                        appended.append((inode, new_tail, pages, entries, ("local", head)))
+                        appended.append((inode, new_tail, pages, entries, "local", head))
                         continue
                     tail = None
                     if self.shared:
@@ -122,11 +123,12 @@ class Commit:
                     new_tail, pages = plog.append(pm, at, raws, inode.ino, self._new_log_page,
                                                   self._twin_here(at) if twin is None else twin)
                     updates.append((self.inode_addr(inode.ino) + L.I_LOG_TAIL, new_tail))
-                    appended.append((inode, new_tail, pages, entries, tail is not None))
+                    appended.append((inode, new_tail, pages, entries,
+                                     "caught up" if tail is None else "behind", None))
             except FsError as exc:
                 for p in getattr(exc, "pages", []):
                     self.alloc.free(p, 1)
-                for _, _, pages, _, _ in appended:
+                for _, _, pages, _, _, _ in appended:
                     for p in pages:
                         self.alloc.free(p, 1)
                 for p in extra_pages:
@@ -141,17 +143,16 @@ class Commit:
         # The caches follow after the locks are gone: they are this process's
         # alone, and the logs' waiters need not wait for them (DESIGN 19.8).
         freed: list[int] = []
-        for inode, new_tail, pages, entries, how in appended:
-            if how is True or isinstance(how, tuple):
-                if isinstance(how, tuple):
-                    # this CPU's local log: its position in the cache is exact
-                    head = how[1]
-                    if head is not None:
-                        inode.local[self.cpu] = [head, new_tail, pages]
-                    else:
-                        have = inode.local[self.cpu]
-                        have[1] = new_tail
-                        have[2].extend(pages)
+        for inode, new_tail, pages, entries, where, head in appended:
+            if where == "local":
+                # this CPU's local log: its position in the cache is exact
+                if head is not None:
+                    inode.local[self.cpu] = [head, new_tail, pages]
+                else:
+                    have = inode.local[self.cpu]
+                    have[1] = new_tail
+                    have[2].extend(pages)
+            if where != "caught up":
                 # The cache keeps its tail and pages: the next validation
                 # walks from there and applies, in log order, the other
                 # processes' entries and these again (dentries, and link

@@ -272,10 +272,10 @@ class Namei:
             gen, state, head, tail, array = self._slot_words(parent)
             if gen == d.generation and state == L.STATE_LIVE and head == d.head and \
                     self._rewrites(parent) == d.rewrites:
+                # (with local logs their lines may have moved: the versions
+                # below say whether any of these names did)
                 if tail == d.tail and array == d.array and not array:
                     return d                     # nothing appended since: exact
-                    # (with local logs, their lines may have moved: the
-                    # versions below say whether any of these names did)
                 seen = d.names_seen
                 if seen is not None and d.vers.get(epoch_word) == epoch:
                     base = self._name_versions >> 3

@@ -18,6 +18,23 @@ def fsck(capsys, path: str, *opts: str) -> tuple[int, str]:
     return rc, cap.out + cap.err
 
 
+def set_version(path: str, version: int) -> None:
+    """Give an unmounted image another format version (both superblock copies,
+    their CRC made good): how an image an older pnova wrote is made here."""
+    import struct
+
+    import crc32c
+
+    from pnova import layout as L
+    with open(path, "r+b") as f:
+        raw = bytearray(f.read(L.SB_SIZE))
+        struct.pack_into("<I", raw, 8, version)
+        raw[L.SB_CRC_OFF:] = struct.pack("<I", crc32c.crc32c(bytes(raw[:L.SB_CRC_OFF])))
+        for off in (0, os.path.getsize(path) - L.BLOCK):
+            f.seek(off)
+            f.write(raw)
+
+
 def flip(path: str, off: int, mask: int = 0xFF) -> None:
     """XOR the byte at ``off`` of the file ``path`` with ``mask`` (damage on purpose)."""
     with open(path, "r+b") as f:

@@ -397,25 +397,17 @@ def test_a_move_between_directories_names_the_new_directory_from_format_5(tmp_pa
     directories; a version-4 image keeps version 4's shorter marks (a writer
     preserves the version it found), images before version 6 get no sync
     record, and all read back and check clean."""
-    import struct
-
-    import crc32c
-
     from pnova import layout as L
     from pnova.engine import FileSystem
     from pnova.mkfs import format_device
+
+    from helpers import set_version
 
     path = str(tmp_path / "v.img")
     # (inode replicas came with version 7)
     format_device(path, 16 << 20, features=L.FEATURE_DATA_CSUM | L.FEATURE_DATA_PARITY)
     if version < L.FORMAT_VERSION:
-        with open(path, "r+b") as f:
-            raw = bytearray(f.read(L.SB_SIZE))
-            struct.pack_into("<I", raw, 8, version)
-            raw[L.SB_CRC_OFF:] = struct.pack("<I", crc32c.crc32c(bytes(raw[:L.SB_CRC_OFF])))
-            for off in (0, os.path.getsize(path) - L.BLOCK):
-                f.seek(off)
-                f.write(raw)
+        set_version(path, version)
     fs = FileSystem.mount(path)
     assert fs.sb.version == version
     a, b = fs.mkdir(1, b"a", 0o755).ino, fs.mkdir(1, b"b", 0o755).ino

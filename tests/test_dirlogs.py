@@ -10,11 +10,9 @@ recovery, a clean remount and fsck.
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import struct
 
-import crc32c
 import pytest
 
 import pnova.namei
@@ -23,6 +21,8 @@ from pnova import log as plog
 from pnova.engine import FileSystem
 from pnova.fsck import Checker
 from pnova.mkfs import format_device
+
+from helpers import set_version
 
 
 @pytest.fixture(autouse=True)
@@ -167,13 +167,7 @@ def test_an_image_on_a_disk_or_of_version_8_keeps_one_log_per_directory(tmp_path
     for path in (disk, old):
         format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=2)
         if path == old:
-            with open(path, "r+b") as f:
-                raw = bytearray(f.read(L.SB_SIZE))
-                struct.pack_into("<I", raw, 8, 8)
-                raw[L.SB_CRC_OFF:] = struct.pack("<I", crc32c.crc32c(bytes(raw[:L.SB_CRC_OFF])))
-                for off in (0, os.path.getsize(path) - L.BLOCK):
-                    f.seek(off)
-                    f.write(raw)
+            set_version(path, 8)
         fs0 = FileSystem.mount(path)
         d = fs0.mkdir(1, b"d", 0o755).ino
         fs1 = FileSystem.attach(fs0, 1)
@@ -217,6 +211,26 @@ def test_fsck_reads_a_directorys_local_log_and_refuses_a_stray_entry_in_it(shm_d
     out = io.StringIO()
     assert Checker(path, force=True, out=out).run() != 0
     assert "dentries of its names" in out.getvalue()
+
+
+def _open_and_store(journal, updates: list[tuple[int, int]], before_store=None) -> None:
+    """Steps 1 to 3 of ``Journal.run`` (records, open, new values, each fenced),
+    leaving the transaction open; ``before_store(k)`` runs before the k-th
+    word is stored."""
+    pm = journal.pm
+    recs = b"".join(struct.pack("<QQ", a, pm.read_u64(a)) for a, _ in updates)
+    pm.store(journal.base + L.J_RECORDS, recs)
+    if journal.twin is not None:
+        pm.store(journal.twin, recs)
+    pm.fence()
+    pm.store_u64(journal.base, L.journal_word(len(updates), recs))
+    pm.fence()
+    for k, (a, v) in enumerate(updates):
+        if before_store is not None:
+            before_store(k)
+        for t in journal._targets(a):
+            pm.store_u64(t, v)
+    pm.fence()
 
 
 def _attrs_time(fs: FileSystem, d: int) -> tuple[int, int]:
@@ -275,23 +289,14 @@ def test_a_reader_waits_out_a_compaction_that_is_switching_the_words(shm_dir, st
         """Journal.run for the compaction, paused after ``stores`` of its words."""
         if updates[0][0] != fs1.inode_addr(d) + L.I_LOG_HEAD:
             return real(self, updates)
-        pm = self.pm
-        recs = b"".join(struct.pack("<QQ", a, pm.read_u64(a)) for a, _ in updates)
-        pm.store(self.base + L.J_RECORDS, recs)
-        if self.twin is not None:
-            pm.store(self.twin, recs)
-        pm.fence()
-        pm.store_u64(self.base, L.journal_word(len(updates), recs))
-        pm.fence()
-        for k, (a, v) in enumerate(updates):
+        def pause(k: int) -> None:
             if k == stores:
                 inside.set()
                 go.wait(10)
-            for t in self._targets(a):
-                pm.store_u64(t, v)
-        pm.fence()
-        pm.store_u64(self.base, 0)
-        pm.fence()
+
+        _open_and_store(self, updates, pause)
+        self.pm.store_u64(self.base, 0)
+        self.pm.fence()
 
     got = []
     journal.Journal.run = paused
@@ -338,18 +343,7 @@ def test_fsck_reads_a_dirty_images_lines_as_the_rollback_leaves_them(shm_dir):
         pass
 
     def crash_after_f3(self, updates):
-        pm = self.pm
-        recs = b"".join(struct.pack("<QQ", a, pm.read_u64(a)) for a, _ in updates)
-        pm.store(self.base + L.J_RECORDS, recs)
-        if self.twin is not None:
-            pm.store(self.twin, recs)
-        pm.fence()
-        pm.store_u64(self.base, L.journal_word(len(updates), recs))
-        pm.fence()
-        for a, v in updates:
-            for t in self._targets(a):
-                pm.store_u64(t, v)
-        pm.fence()
+        _open_and_store(self, updates)
         shutil.copyfile(path, crash)             # the image as the crash leaves it
         raise Crash
 

@@ -20,7 +20,7 @@ from pnova.errors import CorruptImage
 from pnova.fsck import NO, YES, Checker
 from pnova.mkfs import format_device
 
-from helpers import fsck
+from helpers import fsck, set_version
 from pnova.pmem import PMem
 
 ROOT = 1
@@ -950,22 +950,10 @@ def test_bad_log_array_pointer(img, capsys, tmp_path, kind):
     fs.unmount()
 
 
-def _as_version(path: str, version: int) -> None:
-    """Give the image an older format version (both superblock copies)."""
-    import crc32c
-    with open(path, "r+b") as f:
-        raw = bytearray(f.read(L.SB_SIZE))
-        struct.pack_into("<I", raw, 8, version)
-        raw[L.SB_CRC_OFF:] = struct.pack("<I", crc32c.crc32c(bytes(raw[:L.SB_CRC_OFF])))
-        for off in (0, os.path.getsize(path) - L.BLOCK):
-            f.seek(off)
-            f.write(raw)
-
-
 def test_directory_with_log_array_before_version_9(img, capsys, tmp_path):
     ino, want = local_workload(img)
     d = ino["d"]
-    _as_version(img, 8)
+    set_version(img, 8)
     with Img(img) as m:
         blk = m.regions[1].end - 1                          # a free data block
         m.put64(m.addr(d) + L.I_LOG_ARRAY, blk)
