@@ -69,19 +69,8 @@ class InodeCache:
                                                             + L.I_LOG_ARRAY_TWIN)
                     continue
                 return self._reload(inode)
-            if _tail == inode.tail:
-                if not array:
-                    return inode                 # one log, and it has not grown
-                # Nor has any local log, when every line's tail is where this
-                # cache read to (a writer stores the array's line first): one
-                # load of the tails instead of reading both copies of every
-                # line (a directory several CPUs use is validated on every
-                # lookup and getattr).
-                local = inode.local
-                tails = self.pm.words.load64s(array * L.BLOCK + L.LA_TAIL, self.ncpus,
-                                              L.LA_LINE)
-                if all(t == (local[c][1] if c in local else 0) for c, t in enumerate(tails)):
-                    return inode
+            if _tail == inode.tail and (not array or self._locals_unchanged(inode)):
+                return inode                     # no log has grown
             mark = len(self._found)
             try:
                 new, tail, gpages, local = self._gather(inode.ino, head, array, inode.tail,
@@ -119,6 +108,28 @@ class InodeCache:
                     return self._reload(inode)
             return inode
         return self._reload(inode)
+
+    def _locals_unchanged(self, inode: Inode) -> bool:
+        """Whether every local log of an inode with an array ends where this
+        cache read to: every line's tail where the cache has it (a writer
+        stores the array's line first).  One load of the tails instead of
+        reading both copies of every line (a directory several CPUs use is
+        validated on every lookup and getattr)."""
+        local = inode.local
+        tails = self.pm.words.load64s(inode.array * L.BLOCK + L.LA_TAIL, self.ncpus,
+                                      L.LA_LINE)
+        return all(t == (local[c][1] if c in local else 0) for c, t in enumerate(tails))
+
+    def _unchanged(self, inode: Inode) -> bool:
+        """Whether no process has changed a cached inode since this cache read
+        it (the first look of :meth:`_validate`, which catches up otherwise):
+        the cache is then exact as it stands."""
+        rewrites = self._rewrites_settled(inode.ino)
+        gen, state, head, tail, array = self._slot_words(inode.ino)
+        return (state == L.STATE_LIVE and gen == inode.generation and head == inode.head
+                and tail == inode.tail and array == inode.array
+                and rewrites == inode.rewrites
+                and (not array or self._locals_unchanged(inode)))
 
     def _adopt(self, inode: Inode, rewrites: int, head: int) -> bool:
         """Move a cached directory onto the chain another process compacted its

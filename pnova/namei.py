@@ -157,7 +157,14 @@ class Namei:
         if have is not None and have[0]:
             return                               # held exclusively: every name is covered
         if have is None and 1 <= parent < self._name_base and self._private_dir(parent):
-            self._ns_lock(parent)
+            if held:
+                self._ns_lock(parent)
+                return
+            # the operation's first lock, so in order: taken directly
+            off = self._inode_locks + 4 * (parent - 1)
+            self.scheme.sem.wlock(off)
+            held[parent] = (True, off)
+            self._ns_top = parent
             return
         slot = self._name_slot(parent, name)
         if held or not 1 <= parent < self._name_base:
@@ -353,7 +360,14 @@ class Namei:
             return self.attr(d if name == b"." else self.get(d.parent or parent))
         if len(name) > L.NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        if self.shared and not self._ns_alone and self._valid_ino(parent) and \
+        d = self.cache.get(parent) if self.shared else None
+        if d is not None and d.dents is not None and self._unchanged(d):
+            # Nobody has changed the directory since this cache read it: exact
+            # for every name, with no name's version to look at (the path
+            # walks of other processes through a directory they share look
+            # up there all the time, and change nothing).
+            pass
+        elif self.shared and not self._ns_alone and self._valid_ino(parent) and \
                 not self._private_dir(parent):
             # No lock: a change of this name that has not bumped its version
             # yet has not returned either, and the lookup may come before it.

@@ -9,6 +9,7 @@ recovery, a clean remount and fsck.
 """
 from __future__ import annotations
 
+import errno
 import io
 import shutil
 import struct
@@ -19,6 +20,7 @@ import pnova.namei
 from pnova import layout as L
 from pnova import log as plog
 from pnova.engine import FileSystem
+from pnova.errors import FsError
 from pnova.fsck import Checker
 from pnova.mkfs import format_device
 
@@ -263,6 +265,30 @@ def test_a_directorys_times_are_its_newest_entrys_in_every_view(shm_dir):
     assert _attrs_time(fs, d) == newest
     assert _names(fs, d) == [b"a", b"b", b"early", b"late"]
     fs.unmount()
+
+
+def test_a_lookup_sees_a_name_that_only_another_cpus_local_log_holds(shm_dir):
+    """A lookup answers from the cache of a directory no process has changed
+    since it was read, without looking at name versions.  "Changed" includes
+    a local log that grew while the global log did not: CPU 0's cache of the
+    directory is current, CPU 1 creates and removes names in its own local
+    log, and each lookup of CPU 0 sees each change at once."""
+    path = str(shm_dir / "d.img")
+    fs0, fs1, d = _two_cpus(path)
+    fs0.create(d, b"a", 0o644)
+    fs1.create(d, b"b", 0o644)                   # shared; CPU 1 has a local log
+    assert fs0.lookup(d, b"b").ino == fs1.lookup(d, b"b").ino
+    g = fs0.pm.read_u64(fs0.inode_addr(d) + L.I_LOG_TAIL)
+    c = fs1.create(d, b"c", 0o644).ino
+    assert fs0.pm.read_u64(fs0.inode_addr(d) + L.I_LOG_TAIL) == g    # only the local log
+    assert fs0.lookup(d, b"c").ino == c
+    fs1.unlink(d, b"b")
+    with pytest.raises(FsError) as e:
+        fs0.lookup(d, b"b")
+    assert e.value.errno == errno.ENOENT
+    fs1.rename(d, b"c", d, b"c2")
+    assert fs0.lookup(d, b"c2").ino == c
+    fs0.unmount()
 
 
 @pytest.mark.parametrize("stores", [1, 2, 3])
