@@ -41,7 +41,7 @@ from .shared import (H_HELD_INOS, H_LIMBO, H_RDURABLE, H_SEQ, H_SYNC_STARTED, H_
 ALL = (1 << 64) - 1
 STASH_REFILL = 32              # blocks a stash takes from the bitmap at once
 LOW_FIRST = 64                 # requests of this many blocks or more: lowest free first
-FRESH_MAX = 1 << 16            # blocks remembered as never synced, at most
+_M32 = (1 << 32) - 1
 LIMBO_WANT = 2048              # blocks held back by one process before it asks for a sync,
                                # at least (more on a larger device: hold_frees)
 
@@ -414,11 +414,13 @@ class Allocator:
         self.sync_now: Callable[[], None] | None = None       # sync and wait
         self._asked = -1                  # the sync generation a sync was asked in
         self.limbo_want = LIMBO_WANT
-        # Blocks this process allocated while no sync was running and none has
-        # started since (the generation below): no synced state ever used them,
-        # so freeing one needs no wait.
-        self._fresh: set[int] = set()
-        self._fresh_gen = -1
+        # Blocks allocated while no sync was running and none has started since
+        # are marked in the fresh words of the shared area: no synced state
+        # ever used them, so freeing one needs no wait, whichever process
+        # allocated it (the serving processes of a mount take any client's
+        # requests, so the one that frees a block is often not the one that
+        # allocated it).
+        self._fresh_base = area.fresh
         self.split_frees = False
 
     @property
@@ -491,21 +493,63 @@ class Allocator:
     release_synced = _before_alloc
 
     def _note_fresh(self, extents: list[tuple[int, int]]) -> None:
-        """Remember blocks allocated while no sync runs (see ``_fresh``)."""
+        """Mark blocks allocated while no sync runs as fresh in this interval."""
         w = self.w
         gen = w.load64(H_SYNC_STARTED)
-        if gen != self._fresh_gen:
-            self._fresh.clear()
-            self._fresh_gen = gen
         if w.load64(H_SYNCED) != gen:
             return                              # a sync is running: it may see them
-        if len(self._fresh) > FRESH_MAX:
-            self._fresh.clear()                 # long without a sync: forget (safe)
+        g = (gen & _M32) << 32
+        load, cas = w.load64, w.cas64
         for s, c in extents:
-            if c == 1:
-                self._fresh.add(s)
-            else:
-                self._fresh.update(range(s, s + c))
+            for off, mask in self._fresh_words(s, c) or ():
+                while True:
+                    v = load(off)
+                    # another interval's bits mean nothing now: start afresh
+                    if cas(off, v, g | (v & _M32 if v & ~_M32 == g else 0) | mask):
+                        break
+
+    def _fresh_words(self, start: int, n: int) -> list[tuple[int, int]] | None:
+        """The fresh words (offset, mask of the blocks' bits) of blocks
+        start..start+n-1, or None if they are not all in one region."""
+        i = bisect.bisect_right(self._starts, start) - 1
+        ra = self.regions[i]
+        if not (ra.lo <= start and start + n <= ra.hi):
+            return None
+        b = start - ra.lo
+        base = self._fresh_base[i]
+        if n == 1:                               # (most frees and allocations)
+            return [(base + 8 * (b >> 5), 1 << (b & 31))]
+        out = []
+        while n > 0:
+            bit = b & 31
+            take = min(n, 32 - bit)
+            out.append((base + 8 * (b >> 5), ((1 << take) - 1) << bit))
+            b += take
+            n -= take
+        return out
+
+    def _take_fresh(self, start: int, n: int, tag: int) -> bool:
+        """Whether blocks start..start+n-1 were all allocated in sync interval
+        ``tag`` (now running) with no sync running; if so their marks are
+        cleared and the caller frees them at once.  The decision is made on
+        the first look: the entry that unmapped them was committed before
+        ``tag`` was read, so no synced state can hold them, whatever starts
+        after."""
+        words = self._fresh_words(start, n)
+        if words is None:
+            return False
+        g = (tag & _M32) << 32
+        load, cas = self.w.load64, self.w.cas64
+        for off, mask in words:
+            v = load(off)
+            if v & ~_M32 != g or v & mask != mask:
+                return False
+        for off, mask in words:
+            while True:
+                v = load(off)
+                if v & ~_M32 != g or cas(off, v, v & ~mask):
+                    break                       # (reset by a newer interval: nothing left)
+        return True
 
     # -- blocks held back until a sync -------------------------------------------
     def hold_frees(self, cpu: int, split: bool = False) -> None:
@@ -656,14 +700,8 @@ class Allocator:
             if not self.split_frees or need <= w.load64(H_RDURABLE):
                 need = 0
             split = need > 0
-            fresh = self._fresh
-            if not split and tag == self._fresh_gen and start in fresh and \
-                    (n == 1 or all(b in fresh for b in range(start + 1, start + n))):
+            if not split and self._take_fresh(start, n, tag):
                 # allocated and freed within one interval: no synced state used it
-                if n == 1:
-                    fresh.discard(start)
-                else:
-                    fresh.difference_update(range(start, start + n))
                 self._free_now(start, n)
                 return
             if self._releasable():

@@ -65,6 +65,11 @@ Layout (byte offsets; every region starts on a 64-byte line)::
             the allocation cursor u64, then the block bitmap (u64 words, bit i
             of word j = data block 64*j + i of the region, 1 = in use)
     ...     per CPU inode table: the same (counter, cursor, bitmap of its slots)
+    ...     per region: fresh words, one u64 per 32 data blocks: the sync
+            interval (syncs started, low 32 bits) in the high half, and in the
+            low half a bit per block allocated in that interval while no sync
+            ran (so no synced state has used it: freed in the same interval,
+            it needs no sync; DESIGN 24)
 """
 from __future__ import annotations
 
@@ -75,7 +80,7 @@ import time
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 16
+VERSION = 17
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -146,6 +151,9 @@ def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, in
     for c in range(ncpus):
         o[f"itable{c}"] = off
         off += LINE + _line(8 * ((per_cpu + 63) // 64))
+    for i, n in enumerate(region_blocks):
+        o[f"fresh{i}"] = off
+        off += _line(8 * ((n + 31) // 32))
     o["size"] = off
     return o
 
@@ -197,6 +205,7 @@ class SharedArea:
         self.compactions = o["compactions"]
         self.regions = [o[f"region{i}"] for i in range(len(region_blocks))]
         self.itables = [o[f"itable{c}"] for c in range(ncpus)]
+        self.fresh = [o[f"fresh{i}"] for i in range(len(region_blocks))]
         self.size = o["size"]
 
     def note_compaction(self, ino: int, rewrites: int, old: tuple[int, int],

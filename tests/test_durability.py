@@ -233,6 +233,33 @@ def test_blocks_of_a_write_that_keeps_other_pages_wait_for_the_sync_record(tmp_p
     fs.unmount()
 
 
+def test_a_block_another_process_allocated_since_the_last_sync_goes_straight_back(tmp_path):
+    """The serving processes of a mount take any client's requests, so the one
+    that overwrites a page is often not the one that wrote it.  A block that
+    CPU 0 allocated and CPU 1 replaced with no sync in between was never part
+    of a synced state: it is free again at once (the fresh words of the shared
+    area say so to every process).  One that a sync saw waits for the next."""
+    path = str(tmp_path / "d.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs0 = FileSystem.mount(path)
+    fs0.hold_frees_until_sync()
+    ino = fs0.create(ROOT, b"f", 0o644).ino
+    fs0.sync()
+    fs1 = FileSystem.attach(fs0, 1)
+    fs1.hold_frees_until_sync()
+    for i in range(20):                          # CPU 0 writes, CPU 1 replaces
+        fs0.write(ino, 0, b"a" * 4096)
+        fs1.write(ino, 0, b"b" * 4096)
+    assert fs1.alloc.limbo_blocks == 0 and fs0.alloc.limbo_blocks == 0
+    assert fs0.area.w.load64(H_LIMBO) == 0
+    fs0.write(ino, 0, b"c" * 4096)
+    fs1.sync()                                   # the synced state maps CPU 0's block
+    fs1.write(ino, 0, b"d" * 4096)
+    assert fs1.alloc.limbo_blocks == 1
+    assert fs0.read(ino, 0, 4096) == b"d" * 4096
+    fs0.unmount()
+
+
 def _holding_file(tmp_path, name: bytes) -> tuple[str, FileSystem, int]:
     """A disk image whose engine holds freed blocks back, with an empty file
     ``name`` synced: (path, the mounted engine, its inode number)."""
