@@ -35,7 +35,7 @@ import numpy as np
 from .errors import FsError
 from .layout import BLOCK, Region
 from .shared import (H_HELD_INOS, H_LIMBO, H_RDURABLE, H_SEQ, H_SYNC_STARTED, H_SYNCED,
-                     HELD_REC, HELD_SLOTS, LINE, STASH_SLOTS, SharedArea, lock_word,
+                     H_SYNCS_RUNNING, HELD_REC, HELD_SLOTS, LINE, STASH_SLOTS, SharedArea, lock_word,
                      unlock_word)
 
 ALL = (1 << 64) - 1
@@ -496,7 +496,7 @@ class Allocator:
         """Mark blocks allocated while no sync runs as fresh in this interval."""
         w = self.w
         gen = w.load64(H_SYNC_STARTED)
-        if w.load64(H_SYNCED) != gen:
+        if w.load64(H_SYNCED) != gen or w.load64(H_SYNCS_RUNNING):
             return                              # a sync is running: it may see them
         g = (gen & _M32) << 32
         load, cas = w.load64, w.cas64

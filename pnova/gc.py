@@ -253,9 +253,14 @@ class Compaction:
         pages += more
         if pm.mode == "disk":
             # The new chain is on the disk before the words that switch to it
-            # can be: after a power loss the slot names the old chain (its
-            # pages are held until the next sync) or a whole new one.
-            pm.sync()
+            # can be: after a power loss the slot names the old chain or a
+            # whole new one.  A sync of its own, not a bare msync: it opens a
+            # new sync interval, so the old chain's pages, which it has just
+            # made part of the state on the disk, are held until the next sync
+            # (under a bare msync, those allocated since the last sync counted
+            # as never synced and went straight back to the allocator, to be
+            # rewritten while the disk's slot may still name them).
+            self.sync()
         addr = self.inode_addr(ino)
         updates = [(addr + L.I_LOG_HEAD, first * L.BLOCK), (addr + L.I_LOG_TAIL, tail)]
         if ftwin:

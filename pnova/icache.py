@@ -118,7 +118,16 @@ class InodeCache:
         local = inode.local
         tails = self.pm.words.load64s(inode.array * L.BLOCK + L.LA_TAIL, self.ncpus,
                                       L.LA_LINE)
-        return all(t == (local[c][1] if c in local else 0) for c, t in enumerate(tails))
+        if not all(t == (local[c][1] if c in local else 0) for c, t in enumerate(tails)):
+            return False
+        # The array was read after the slot's words: a compaction (or an rmdir
+        # and the slot's reuse) may have freed its block meanwhile, and the
+        # tails read from whatever holds it now.  The same words again, and
+        # the rewrite count, say that the block was still the array.
+        gen, state, head, tail, array = self._slot_words(inode.ino)
+        return (array == inode.array and head == inode.head and tail == inode.tail
+                and gen == inode.generation and state == L.STATE_LIVE
+                and self._rewrites(inode.ino) == inode.rewrites)
 
     def _unchanged(self, inode: Inode) -> bool:
         """Whether no process has changed a cached inode since this cache read

@@ -19,7 +19,8 @@ Layout (byte offsets; every region starts on a 64-byte line)::
             blocks u64
     64      sync record line: covered sequence number u64, durable record
             u64, record lock u32; at 88 held inode slots u64, at 96 the deaths
-            noticed u64 (dead workers' write locks released by others)
+            noticed u64 (dead workers' write locks released by others), at 104
+            the syncs running u64 (begun, not yet done)
     128     worker registry: one line per CPU: pid u64, held-read records
             (HELD_MAX u64 lock offsets, 0 = empty)
     ...     inode lock words: one u32 per inode slot
@@ -80,7 +81,7 @@ import time
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 17
+VERSION = 18
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -115,6 +116,9 @@ H_HELD_INOS = 88              # u64: inode slots freed but not yet reusable, all
 # u64: how often a dead worker's write lock was released by another process; a
 # change tells every cache to stop trusting version words (DESIGN 19.7)
 H_DEATHS = 96
+# u64: syncs begun and not yet done; a block allocated while any runs is never
+# fresh (DESIGN 24)
+H_SYNCS_RUNNING = 104
 HEADER = 2 * 64
 
 

@@ -21,7 +21,7 @@ from .inode import Inode
 from .locks import make_scheme
 from .pmem import DeviceError, PMem
 from .shared import (H_HELD_INOS, H_LIMBO, H_RDURABLE, H_RLOCK, H_RSYNC, H_SEQ, H_SYNC_STARTED,
-                     H_SYNCED, lock_word, unlock_word)
+                     H_SYNCED, H_SYNCS_RUNNING, lock_word, unlock_word)
 
 if TYPE_CHECKING:
     from .engine import FileSystem
@@ -397,6 +397,12 @@ class Mount:
         if pm.mode != "disk" or self.readonly:
             return None
         w = self.area.w
+        # Counted as running first: an allocation that finds none running knows
+        # that no sync began before it looked (the interval alone cannot tell:
+        # H_SYNCED is the highest interval done, and a later sync may finish
+        # before an earlier one).  A sync that fails leaves the count up, and
+        # the fresh-block shortcut off, until the next mount.
+        w.add64(H_SYNCS_RUNNING, 1)
         started = w.add64(H_SYNC_STARTED, 1) + 1
         # Every entry numbered up to here took its number after its data was
         # stored, so before the msync below begins: once it completes, such an
@@ -435,6 +441,7 @@ class Mount:
                 cur = w.load64(off)
                 if cur >= value or w.cas64(off, cur, value):
                     break
+        w.add64(H_SYNCS_RUNNING, -1)
         # every CPU's held blocks and slots, not only this process's: a CPU
         # whose process stays idle strands nothing
         self.alloc.release_limbo(every_cpu=True)

@@ -291,6 +291,44 @@ def test_a_lookup_sees_a_name_that_only_another_cpus_local_log_holds(shm_dir):
     fs0.unmount()
 
 
+def test_a_lookup_that_a_compaction_overtakes_reads_the_directory_again(shm_dir):
+    """A lookup reads the slot's words, then the array's line tails.  If, in
+    between, another CPU compacts the directory (its array block freed) and a
+    file's write lands in that block with the cache's old tail at the line's
+    offset, the tails match the cache by chance: the lookup must still see the
+    name created before it began (it looks at the slot's words again)."""
+    path = str(shm_dir / "d.img")
+    fs0, fs1, d = _two_cpus(path)
+    fs0.create(d, b"a", 0o644)
+    fs1.create(d, b"b0", 0o644)                  # CPU 1's local log
+    fs0.lookup(d, b"b0")                         # CPU 0's cache: line 1 at t1
+    old_tail = fs0.cache[d].local[1][1]
+    g = fs1.create(1, b"g", 0o644).ino
+    fs1.write(g, 0, b"g" * 4096)
+    x = fs1.create(d, b"x0", 0o644).ino          # returned: line 1 moved on
+    array = _array(fs0, d)
+    real = fs0._slot_words
+    reused = []
+
+    def compacted_between(ino):
+        words = real(ino)
+        if ino == d and not reused:
+            fs1.compact(d)                       # the array block is freed
+            data = bytearray(4096)
+            struct.pack_into("<Q", data, L.LA_LINE + L.LA_TAIL, old_tail)
+            fs1.write(g, 4096, bytes(data))      # ...and a file's data lands in it
+            reused.append(fs1.get(g).pages[1])
+        return words
+
+    fs0._slot_words = compacted_between
+    try:
+        assert fs0.lookup(d, b"x0").ino == x
+    finally:
+        fs0._slot_words = real
+    assert reused == [array]                     # the case the test is about happened
+    fs0.unmount()
+
+
 @pytest.mark.parametrize("stores", [1, 2, 3])
 def test_a_reader_waits_out_a_compaction_that_is_switching_the_words(shm_dir, stores):
     """A compaction of a directory with local logs switches head, tail, head

@@ -260,6 +260,60 @@ def test_a_block_another_process_allocated_since_the_last_sync_goes_straight_bac
     fs0.unmount()
 
 
+def test_a_block_allocated_while_an_earlier_sync_still_runs_is_not_fresh(tmp_path):
+    """Two syncs overlap and the later one finishes first: the interval numbers
+    then say "no sync running" while the earlier sync, which may cover what is
+    written now, has not read the sequence counter yet.  A block allocated
+    meanwhile is not fresh: replaced before the next sync, it is held."""
+    path = str(tmp_path / "d.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs0 = FileSystem.mount(path)
+    fs0.hold_frees_until_sync()
+    ino = fs0.create(ROOT, b"f", 0o644).ino
+    fs0.sync()
+    fs1 = FileSystem.attach(fs0, 1)
+    fs1.hold_frees_until_sync()
+    early = fs0.sync_start()                     # begun, not done
+    fs1.sync()                                   # begun later, done first
+    fs0.write(ino, 0, b"x" * 4096)
+    fs1.write(ino, 0, b"y" * 4096)
+    assert fs1.alloc.limbo_blocks == 1
+    fs0.pm.sync()
+    fs0.sync_done(early)
+    fs0.write(ino, 0, b"z" * 4096)               # no sync running now: fresh again
+    fs1.write(ino, 0, b"w" * 4096)
+    assert fs1.alloc.limbo_blocks == 1
+    fs0.unmount()
+
+
+def test_a_compaction_on_a_disk_holds_the_old_chain_until_the_next_sync(tmp_path,
+                                                                      monkeypatch):
+    """A compaction makes its new chain durable with a sync before the words that
+    switch to it; until another sync the disk's slot may still name the old
+    chain, whose pages that sync has just written.  So they are held, even those
+    allocated since the previous sync, and reused only after the next one."""
+    import pnova.gc
+    monkeypatch.setattr(pnova.gc, "DISK_COMPACT_MIN_PAGES", 4)
+    path = _disk_image(tmp_path, 64 << 20)
+    fs = FileSystem.mount(path)
+    fs.hold_frees_until_sync()
+    ino = fs.create(ROOT, b"f", 0o644).ino
+    fs.sync()
+    rewrites = fs._rewrites(ino)
+    old: list[int] = []
+    i = 0
+    while fs._rewrites(ino) == rewrites:
+        old = list(fs.get(ino).log_pages)
+        fs.write(ino, 0, b"%08d" % i)
+        i += 1
+    assert len(old) >= 4 and not set(old) & set(fs.get(ino).log_pages)
+    assert fs.alloc.limbo_blocks >= len(old)     # all held, none back in a stash
+    fs.sync()
+    assert fs.alloc.limbo_blocks == 0
+    assert fs.read(ino, 0, 8) == b"%08d" % (i - 1)
+    fs.unmount()
+
+
 def _holding_file(tmp_path, name: bytes) -> tuple[str, FileSystem, int]:
     """A disk image whose engine holds freed blocks back, with an empty file
     ``name`` synced: (path, the mounted engine, its inode number)."""
