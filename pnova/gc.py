@@ -259,7 +259,9 @@ class Compaction:
             # made part of the state on the disk, are held until the next sync
             # (under a bare msync, those allocated since the last sync counted
             # as never synced and went straight back to the allocator, to be
-            # rewritten while the disk's slot may still name them).
+            # rewritten while the disk's slot may still name them: recovery
+            # then cut the old chain there, losing only entries no sync had
+            # covered, but the old chain was no longer whole).
             self.sync()
         addr = self.inode_addr(ino)
         updates = [(addr + L.I_LOG_HEAD, first * L.BLOCK), (addr + L.I_LOG_TAIL, tail)]
