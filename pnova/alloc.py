@@ -35,8 +35,8 @@ import numpy as np
 from .errors import FsError
 from .layout import BLOCK, Region
 from .shared import (H_HELD_INOS, H_LIMBO, H_RDURABLE, H_SEQ, H_SYNC_STARTED, H_SYNCED,
-                     H_SYNCS_RUNNING, HELD_REC, HELD_SLOTS, LINE, STASH_SLOTS, SharedArea, lock_word,
-                     unlock_word)
+                     H_SYNCS_RUNNING, HELD_REC, HELD_SLOTS, LINE, STASH_SLOTS, SharedArea,
+                     lock_word, unlock_word)
 
 ALL = (1 << 64) - 1
 STASH_REFILL = 32              # blocks a stash takes from the bitmap at once
