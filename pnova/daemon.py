@@ -459,7 +459,11 @@ async def _syncer(fs: FileSystem, syncs: int, commit: float) -> None:
         if asked or now != done or behind:
             ticket = fs.sync_start()
             if ticket:
-                await trio.to_thread.run_sync(fs.pm.sync)
+                try:
+                    await trio.to_thread.run_sync(fs.pm.sync)
+                except BaseException:
+                    fs.sync_failed(ticket)
+                    raise
                 fs.sync_done(ticket)
             done = now
 

@@ -381,7 +381,11 @@ class Mount:
         before the sync began may be reused once it has completed (DESIGN 24)."""
         ticket = self.sync_start()
         if ticket:
-            self.pm.sync()
+            try:
+                self.pm.sync()
+            except BaseException:
+                self.sync_failed(ticket)
+                raise
             self.sync_done(ticket)
 
     def sync_start(self) -> "SyncTicket | None":
@@ -400,8 +404,9 @@ class Mount:
         # Counted as running first: an allocation that finds none running knows
         # that no sync began before it looked (the interval alone cannot tell:
         # H_SYNCED is the highest interval done, and a later sync may finish
-        # before an earlier one).  A sync that fails leaves the count up, and
-        # the fresh-block shortcut off, until the next mount.
+        # before an earlier one).  A sync whose msync fails takes itself off
+        # (sync_failed); one whose process dies in the middle leaves the count
+        # up, and the fresh-block shortcut off, until the next mount.
         w.add64(H_SYNCS_RUNNING, 1)
         started = w.add64(H_SYNC_STARTED, 1) + 1
         # Every entry numbered up to here took its number after its data was
@@ -429,6 +434,11 @@ class Mount:
             unlock_word(w, H_RLOCK)
         pm.fence()
         return have
+
+    def sync_failed(self, ticket: "SyncTicket") -> None:
+        """A sync whose msync failed: it runs no more and completes nothing (the
+        blocks held for it stay held, and its interval is never published)."""
+        self.area.w.add64(H_SYNCS_RUNNING, -1)
 
     def sync_done(self, ticket: "SyncTicket") -> None:
         """The second half of :meth:`sync`, once the msync begun after

@@ -286,6 +286,32 @@ def test_a_block_allocated_while_an_earlier_sync_still_runs_is_not_fresh(tmp_pat
     fs0.unmount()
 
 
+def test_a_sync_that_fails_does_not_count_as_running_afterwards(tmp_path, monkeypatch):
+    """An fsync whose msync fails reports the error and takes itself off the
+    count of running syncs: the syncs after it give freed blocks back as
+    before, and blocks allocated and freed between two of them go straight
+    back."""
+    path = _disk_image(tmp_path)
+    fs = FileSystem.mount(path)
+    fs.hold_frees_until_sync()
+    ino = fs.create(ROOT, b"f", 0o644).ino
+    real = fs.pm.sync
+
+    def failing() -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(fs.pm, "sync", failing)
+    with pytest.raises(OSError):
+        fs.fsync(ino)
+    monkeypatch.setattr(fs.pm, "sync", real)
+    fs.sync()
+    fs.write(ino, 0, b"a" * 4096)
+    fs.write(ino, 0, b"b" * 4096)
+    assert fs.alloc.limbo_blocks == 0
+    assert fs.read(ino, 0, 4096) == b"b" * 4096
+    fs.unmount()
+
+
 def test_a_compaction_on_a_disk_holds_the_old_chain_until_the_next_sync(tmp_path,
                                                                       monkeypatch):
     """A compaction makes its new chain durable with a sync before the words that
