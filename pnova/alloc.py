@@ -537,22 +537,6 @@ class Allocator:
         after."""
         g = (tag & _M32) << 32
         load, cas = self.w.load64, self.w.cas64
-        if n == 1:                               # (an overwrite's block: kept short)
-            i = bisect.bisect_right(self._starts, start) - 1
-            ra = self.regions[i]
-            b = start - ra.lo
-            if b < 0 or start >= ra.hi:
-                return False
-            off = self._fresh_base[i] + 8 * (b >> 5)
-            bit = 1 << (b & 31)
-            v = load(off)
-            if v & ~_M32 != g or not v & bit:
-                return False
-            while not cas(off, v, v & ~bit):
-                v = load(off)
-                if v & ~_M32 != g:
-                    break                        # (reset by a newer interval)
-            return True
         words = self._fresh_words(start, n)
         if words is None:
             return False

@@ -88,9 +88,7 @@ class Compaction:
         except plog.LogError:
             return True                          # compacted or moving: let the exact path see
         # (the local logs' pages as far as this cache knows them: its own exactly)
-        local = sum(len(v[2]) for v in inode.local.values())
-        return self._needs_compaction(inode,
-                                      (len(inode.log_pages) + len(more) + local) // copies - 1)
+        return self._needs_compaction(inode, self._log_pages(inode) + len(more) // copies - 1)
 
     def _owner_decides(self, inode: Inode) -> bool:
         """A file with per-core local logs, on a device other processes share:
