@@ -79,6 +79,14 @@ def split_scheme(scheme: str) -> tuple[str, int]:
 
 MiB = 1 << 20
 DEFAULT_DEVICE = 1024 * MiB
+# Room for the logs of the directories that hold a workload's files, per file:
+# a name's entry (about 64 bytes) and its twin, in a directory log that may
+# grow to four times its live size before it is compacted (a directory several
+# processes change), plus the new chain a compaction writes beside the old one.
+# About 170 bytes a file were used when 516,000 files were moved into one
+# directory by two workers (MWRM, 8 s), whose image, sized without this, ran
+# out of blocks at the first refill.
+DENTRY_ROOM = 2 * 64 * (4 + 1)
 
 
 def device_size_for(workload: Workload, nworkers: int, duration: float = 5.0) -> int:
@@ -87,14 +95,15 @@ def device_size_for(workload: Workload, nworkers: int, duration: float = 5.0) ->
     Copy-on-write needs room for a second copy of what is overwritten while
     old blocks wait to be freed, and logs and per-CPU reserves take some: twice
     the data plus 64 MiB, rounded up to a MiB.  Every file the workload may
-    hold at once takes a log page (and its twin) and an inode slot besides, and the
+    hold at once takes a log page (and its twin), an inode slot and room for its
+    name in a directory's log (:data:`DENTRY_ROOM`) besides, and the
     protection of blocks (parity and checksums: an eighth of the data area,
     SPEC 2.1) comes on top.  Images are sparse files, so only what a run
     touches takes memory.
     """
     files = workload.files(nworkers, duration)
     need = 2 * (workload.space(nworkers) + files * workload.file_bytes) + 64 * MiB \
-        + files * (2 * BLOCK + INODE_SIZE)           # a log page and its twin
+        + files * (2 * BLOCK + INODE_SIZE + DENTRY_ROOM)    # a log page and its twin
     need += need // 7
     return max(DEFAULT_DEVICE, (need + MiB - 1) // MiB * MiB)
 

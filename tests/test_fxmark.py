@@ -480,6 +480,41 @@ def test_images_have_room_for_the_files_a_workload_makes(tmp_path):
         fs.unmount()
 
 
+def test_image_sizing_counts_the_directory_logs_of_moved_files(tmp_path):
+    """Two workers moving files from their own directories into a shared one
+    (MWRM's pattern) use, beyond each file's log page and twin, blocks for the
+    names in the directories' logs: the image sizing's allowance per file covers
+    what they took (without it an 8 s MWRM run of two workers ran out of
+    blocks at its first refill)."""
+    from fxmark.targets import DENTRY_ROOM
+    from pnova.layout import BLOCK
+    from tests.helpers import fork_workers
+    path = str(tmp_path / "names.img")
+    format_device(path, 512 << 20)
+    fs = FileSystem.mount(path)
+    per_worker = 4000
+    try:
+        dirs = [fs.mkdir(1, b"%d" % w, 0o755, 0, 0).ino for w in range(2)]
+        fs.prepare_workers(2)
+        before = fs.statfs().bfree
+
+        def work(cpu: int) -> None:
+            fs.become_worker(cpu)
+            names = [b"u-%d-%d" % (cpu, k) for k in range(per_worker)]
+            for name in names:
+                fs.create(dirs[cpu], name, 0o644, 0, 0)
+            for name in names:
+                fs.rename(dirs[cpu], name, 1, name)
+        fork_workers(fs, 2, work)
+        files = 2 * per_worker
+        assert len(fs.readdir(1)) == files + 4          # '.', '..', 0 and 1 besides
+        used = (before - fs.statfs().bfree) * BLOCK
+        names_used = used - files * 2 * BLOCK           # beyond log pages and twins
+        assert 0 < names_used <= files * DENTRY_ROOM, (used, files)
+    finally:
+        fs.unmount()
+
+
 @pytest.mark.parametrize("name", ["MWUL", "MWUM", "MWRM"])
 def test_pool_workloads_stock_the_run_before_it_starts(monkeypatch, tmp_path, name):
     """Files to unlink or move are created before the clock starts, as many as the
