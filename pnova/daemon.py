@@ -78,6 +78,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 WATCH_INTERVAL = 0.005         # seconds between a busy worker's looks for waiting requests
 COMMIT_INTERVAL = 5.0          # seconds between syncs of a disk-backed image
 CONCURRENT_NS = 50_000_000     # overlapping requests this recent keep a second reader awake
+# The keeper spins this long after the last caller's request began (DESIGN 22.3).
+KEEP_NS = 1_000_000
 # Readers waiting at once while requests overlap.  More only rotate the requests
 # over more processes (the kernel hands each to the reader that waited longest),
 # each with its CPU gone idle and its cache behind the others' writes: on 16
@@ -125,7 +127,10 @@ class Readers:
     Shared words (a small anonymous mapping made before the fork): the number
     of workers in read(), the number serving a caller's request, the time two
     were last served at once, a bitmap of sleeping workers and the number of
-    requests finished; each sleeper waits on an eventfd of its own.
+    requests finished; each sleeper waits on an eventfd of its own.  For the
+    keeper (:meth:`keep`) they also hold when the last caller's request began,
+    that caller's thread id and whether the keeper sleeps (it waits on an
+    eventfd too).
 
     Nothing polls: while a worker serves callers' requests and others sleep,
     an interval timer (SIGALRM every WATCH_INTERVAL) looks whether requests
@@ -139,6 +144,9 @@ class Readers:
     """
 
     _READING, _BUSY, _OVERLAP, _ASLEEP, _DONE = 0, 4, 8, 16, 24
+    # the keeper's: when the last caller's request began, its caller, and
+    # whether the keeper sleeps (1) or spins (0)
+    _LAST, _CALLER, _KEEPER_ASLEEP = 32, 40, 44
 
     def __init__(self, nworkers: int) -> None:
         self.mm = mmap.mmap(-1, 64, mmap.MAP_SHARED)
@@ -156,6 +164,8 @@ class Readers:
         self.watch = select.poll()
         # called before this worker goes to sleep (it may sleep for long)
         self.before_sleep: Callable[[], None] | None = None
+        # wakes the keeper (-1: the mount has none)
+        self.keep_efd = -1
 
     def become(self, worker: int, fd: int) -> None:
         """In the forked worker: act as reader ``worker`` of descriptor ``fd``."""
@@ -198,8 +208,14 @@ class Readers:
         w = self.w
         op, caller = _OP_CALLER.unpack_from(request)
         self.counted = caller != 0 and op not in _BACKGROUND
-        if self.counted and w.add32(self._BUSY, 1):
-            w.store64(self._OVERLAP, time.monotonic_ns())     # served at once
+        if self.counted:
+            if w.add32(self._BUSY, 1):
+                w.store64(self._OVERLAP, time.monotonic_ns())     # served at once
+            if self.keep_efd >= 0:
+                w.store64(self._LAST, time.monotonic_ns())
+                w.store32(self._CALLER, caller)
+                if w.load32(self._KEEPER_ASLEEP) and w.cas32(self._KEEPER_ASLEEP, 1, 0):
+                    os.eventfd_write(self.keep_efd, 1)
         # Requests wait behind this one: wake a sleeper, unless this one is a
         # release, which pnova answers at once (a close's RELEASE is queued just
         # before the caller's next request; waking a second process for that
@@ -276,6 +292,46 @@ class Readers:
                 return True
         return False
 
+    # -- the keeper --------------------------------------------------------------
+    def keep(self) -> None:
+        """The keeper's loop (it never returns): spin while callers' requests
+        come, on the CPU the last caller ran on, and sleep once none began for
+        KEEP_NS.  It runs at the idle scheduling class, so any task that wants
+        its CPU, the caller first, gets it at once; what it buys is that the
+        CPU is busy rather than halted when the reply wakes the caller there
+        (DESIGN 22.3)."""
+        w = self.w
+        clock = time.monotonic_ns
+        cpus = os.sched_getaffinity(0)
+        on = -1                                   # the CPU it keeps (-1: any)
+        while True:
+            w.store32(self._KEEPER_ASLEEP, 1)
+            # (stored before the look: a request that begins meanwhile sees
+            # the flag and writes the eventfd, so no wake-up is lost)
+            if clock() - w.load64(self._LAST) > KEEP_NS:
+                os.eventfd_read(self.keep_efd)
+            w.store32(self._KEEPER_ASLEEP, 0)
+            n = 0
+            while clock() - w.load64(self._LAST) <= KEEP_NS:
+                n += 1
+                if not n & 4095:                  # about every millisecond
+                    on = _follow(w.load32(self._CALLER), on, cpus)
+
+
+def _follow(caller: int, on: int, cpus: set[int]) -> int:
+    """Move this process onto the CPU ``caller`` last ran on; returns the CPU
+    it now keeps.  (Field 39 of /proc/PID/stat, counted after the command
+    name, which may hold spaces.)"""
+    try:
+        with open(f"/proc/{caller}/stat", "rb") as f:
+            cpu = int(f.read().rpartition(b")")[2].split()[36])
+        if cpu != on and cpu in cpus:
+            os.sched_setaffinity(0, {cpu})
+            return cpu
+    except (OSError, ValueError, IndexError):
+        pass                                      # gone, or not ours to read
+    return on
+
 
 def default_workers(fs: FileSystem) -> int:
     """One serving process per logical CPU of the image that this machine has."""
@@ -286,6 +342,7 @@ def default_workers(fs: FileSystem) -> int:
 class _State:
     """What the supervisor has learnt so far."""
     workers: dict[int, int]                       # pid -> CPU, while alive
+    keeper: int = 0                               # the keeper's pid (0: none)
     stopping: bool = False                        # a clean stop is under way
     failure: str | None = None                    # why the mount was aborted
 
@@ -301,7 +358,7 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
           on_ready: Callable[[], None] | None = None,
           child_setup: Callable[[], None] | None = None,
           ops_factory: Callable[[FileSystem], PnovaOperations] = PnovaOperations,
-          wanted: int = WANTED, commit: float = COMMIT_INTERVAL) -> int:
+          wanted: int = WANTED, commit: float = COMMIT_INTERVAL, keeper: bool = True) -> int:
     """Mount ``fs`` on ``mountpoint`` and serve it with ``workers`` processes.
 
     ``options``: VFS and kernel FUSE options, plus ``fsname=`` (the source
@@ -309,7 +366,9 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
     once the workers read requests; ``child_setup`` in each worker right after
     the fork (to close descriptors it must not keep).  ``wanted``: the INIT
     capabilities asked for (tests take one away).  ``commit``: seconds between
-    syncs of a disk-backed image (0: only when asked, DESIGN 24).  Returns 0 after a clean
+    syncs of a disk-backed image (0: only when asked, DESIGN 24).  ``keeper``: with
+    several serving processes, one more process keeps the callers' CPUs awake
+    while requests come (:meth:`Readers.keep`).  Returns 0 after a clean
     unmount (the engine's state is saved), 1 when the mount was aborted (the
     engine is released unsaved).  Raises MountError / ProtocolError when the
     kernel mount or its handshake fails.
@@ -340,6 +399,8 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
                  ", ".join(neg.names()), n, "" if n == 1 else "es")
         fs.prepare_workers(workers=n)
         readers = Readers(n) if n > 1 else None
+        if readers is not None and keeper:
+            readers.keep_efd = os.eventfd(0, os.EFD_CLOEXEC)
         # A worker whose ring of log pages runs low wakes the refiller.
         refill = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         fs.ring_low = functools.partial(os.eventfd_write, refill, 1)
@@ -360,9 +421,17 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
             log.error("cannot start serving processes: %s", e.strerror)
             for pid in pids:
                 _kill(pid, signal.SIGTERM)
+        state = _State(dict(pids))
+        if readers is not None and readers.keep_efd >= 0 and len(pids) == n:
+            try:
+                state.keeper = os.fork()
+                if state.keeper == 0:
+                    _keeper(conn, readers, child_setup)     # never returns
+            except OSError as e:
+                state.keeper = 0
+                log.warning("no keeper process (%s); serving without it", e.strerror)
         if on_ready is not None and len(pids) == n:
             on_ready()
-        state = _State(dict(pids))
         if len(pids) < n:
             state.failure = "not every serving process could be started"
         try:
@@ -373,6 +442,11 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
             for pid in state.workers:
                 _kill(pid, signal.SIGKILL)
         finally:
+            if state.keeper:
+                _kill(state.keeper, signal.SIGKILL)
+                os.waitpid(state.keeper, 0)
+            if readers is not None and readers.keep_efd >= 0:
+                os.close(readers.keep_efd)
             # The connection ends once every serving process has closed it too.
             conn.close()
             os.close(refill)
@@ -516,6 +590,33 @@ def _settle_held(fs: FileSystem, landing: Landing | None = None) -> None:
     runs it (DESIGN 24)."""
     if landing is not None:
         landing.end()
+
+
+def _keeper(conn: Connection, readers: Readers,
+            child_setup: Callable[[], None] | None) -> None:
+    """The forked keeper (:meth:`Readers.keep`): it serves nothing and holds
+    neither the connection nor anything of the engine's; it ends with the
+    supervisor."""
+    supervisor = os.getppid()
+    try:
+        if child_setup is not None:
+            child_setup()
+        os.close(conn.fd)                         # the mount ends with its serving processes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(_PR_SET_NAME, b"pnova-keep")
+        ignore_terminal_signals()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        if os.getppid() == supervisor:            # (else it died before PDEATHSIG was set)
+            # the lowest class: never in the way of a task that wants the CPU,
+            # and (without CAP_SYS_NICE) never allowed back out of it
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            readers.keep()
+    except BaseException:                         # noqa: BLE001 - a keeper only speeds up
+        log.exception("the keeper failed; serving goes on without it")
+    finally:
+        os._exit(0)
 
 
 def _worker(fs: FileSystem, conn: Connection, cpu: int,

@@ -56,6 +56,9 @@ mount options (-o, comma-separated, may be repeated):
                       the image has CPUs and this machine has cores)
   commit=SECONDS      an image on a disk is synced at least this often (default 5;
                       0: only by fsync, syncfs and unmount); see DESIGN.md 24
+  keeper=on|off       while requests come, one more process, at the idle
+                      scheduling class, keeps the callers' CPUs from sleeping
+                      (default on with several serving processes); DESIGN.md 22.3
   debug               same as -d
   dev,nodev,suid,nosuid,exec,noexec,atime,noatime,sync,async,dirsync
                       passed to the kernel
@@ -87,6 +90,7 @@ class Config:
     segment_pages: int = 16
     workers: int | None = None
     commit: float = 5.0
+    keeper: bool = True
     fuse_options: set[str] = field(default_factory=set)
 
 
@@ -142,6 +146,10 @@ def parse_args(argv: list[str]) -> Config:
                 if not value.isdigit() or int(value) < 1:
                     raise UsageError(f"workers={value}: give a positive number of processes")
                 cfg.workers = int(value)
+            elif key == "keeper":
+                if value not in ("on", "off"):
+                    raise UsageError(f"keeper={value}: give on or off")
+                cfg.keeper = value == "on"
             elif key == "commit":
                 try:
                     cfg.commit = float(value)
@@ -365,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     served = False
     try:
         rc = serve(fs, cfg.mountpoint, cfg.fuse_options, workers=cfg.workers, commit=cfg.commit,
+                   keeper=cfg.keeper,
                    debug=cfg.debug, on_ready=ready, child_setup=in_worker)
         served = True
     except (MountError, ProtocolError) as e:          # the kernel mount failed

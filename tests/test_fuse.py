@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -389,6 +390,71 @@ def _wakeups(pids: list[int]) -> int:
     return total
 
 
+def _named(image: str) -> dict[str, int]:
+    """The mount's processes by name (/proc/PID/comm)."""
+    out = {}
+    for pid in daemon_pids(image):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                out[f.read().strip()] = pid
+        except OSError:
+            pass
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rpartition(b")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@needs_fuse
+def test_the_keeper_spins_at_the_idle_class_only_while_requests_come(
+        tmp_path: Path, image: str) -> None:
+    """With several serving processes, one more process (pnova-keep) keeps the
+    callers' CPUs busy while requests come, so that a reply wakes its caller on
+    a CPU that is running rather than halted (DESIGN 22.3): it runs at the idle
+    scheduling class, spins while a caller writes, and sleeps once requests
+    stop; `-o keeper=off` has none, and a keeper killed leaves the mount
+    serving."""
+    m = Mount(image, tmp_path / "mnt")
+    try:
+        m.start("-o", "workers=2")
+        keeper = _named(image)["pnova-keep"]
+        assert os.sched_getscheduler(keeper) == os.SCHED_IDLE
+        f = m.mnt / "f"
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            before = _cpu_seconds(keeper)
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:
+                os.pwrite(fd, b"k" * 4096, 0)
+            busy = _cpu_seconds(keeper) - before
+        finally:
+            os.close(fd)
+        threading.Event().wait(0.3)
+        before = _cpu_seconds(keeper)
+        threading.Event().wait(1.0)
+        idle = _cpu_seconds(keeper) - before
+        # It spun beside the writer (half a CPU on an idle two-CPU machine;
+        # its share is whatever the caller's CPU leaves), and sleeps on an idle
+        # mount (CPU time is counted in ticks of 10 ms).
+        assert busy >= 0.05, busy
+        assert idle <= 0.03, idle
+        os.kill(keeper, 9)
+        wait_for(lambda: "pnova-keep" not in _named(image), "the keeper to die")
+        (m.mnt / "g").write_bytes(b"still served")
+        assert (m.mnt / "g").read_bytes() == b"still served"
+        m.stop()
+        m.start("-o", "workers=2,keeper=off")
+        assert set(_named(image)) == {"pnova", "pnova-cpu0", "pnova-cpu1"}
+        assert f.read_bytes() == b"k" * 4096
+        m.stop()
+    finally:
+        m.cleanup()
+
+
 @needs_fuse
 def test_an_idle_mount_sleeps(tmp_path: Path, image: str) -> None:
     """Nothing in the daemon polls: the supervisor waits for signals, its workers'
@@ -400,7 +466,7 @@ def test_an_idle_mount_sleeps(tmp_path: Path, image: str) -> None:
         (m.mnt / "f").write_bytes(b"x" * 10000)
         assert (m.mnt / "f").read_bytes() == b"x" * 10000
         pids = daemon_pids(image)
-        assert len(pids) == 3                    # the supervisor and two serving processes
+        assert len(pids) == 4        # the supervisor, two serving processes and the keeper
         before = _wakeups(pids)
         threading.Event().wait(1.0)
         # (polling every few milliseconds, as the supervisor once did, is hundreds)

@@ -1203,6 +1203,18 @@ def test_lock_scheme_options(tmp_path):
             parse_args([str(tmp_path / "i"), str(tmp_path), "-o", bad])
 
 
+def test_keeper_option(tmp_path):
+    """-o keeper=on|off: on unless turned off; anything else gets one line."""
+    from pnova.mount import UsageError, parse_args
+
+    args = [str(tmp_path / "i"), str(tmp_path), "-o"]
+    assert parse_args(args + ["rw"]).keeper is True
+    assert parse_args(args + ["keeper=off"]).keeper is False
+    assert parse_args(args + ["keeper=on"]).keeper is True
+    with pytest.raises(UsageError, match="keeper=maybe"):
+        parse_args(args + ["keeper=maybe"])
+
+
 @needs_fuse
 def test_the_mount_recovers_a_rename_a_power_loss_cut_in_half(tmp_path: Path,
                                                              monkeypatch) -> None:
