@@ -299,9 +299,10 @@ class Readers:
     def keep(self) -> None:
         """The keeper's loop (it never returns): spin while a caller's requests
         come one at a time, on the CPU the last caller ran on, and sleep once
-        none began for KEEP_NS (requests that overlap do not count).  It runs at the idle scheduling class, so any task that wants
-        its CPU, the caller first, gets it at once; what it buys is that the
-        CPU is busy rather than halted when the reply wakes the caller there
+        none began for KEEP_NS (requests that overlap do not count).  It runs
+        at the idle scheduling class, so any task that wants its CPU, the
+        caller first, gets it at once; what it buys is that the CPU is busy
+        rather than halted when the reply wakes the caller there
         (DESIGN 22.3)."""
         w = self.w
         clock = time.monotonic_ns
@@ -317,7 +318,7 @@ class Readers:
             n = 0
             while clock() - w.load64(self._LAST) <= KEEP_NS:
                 n += 1
-                if not n & 4095:                  # about every millisecond
+                if not n & 4095:                  # about every millisecond it spins
                     on = _follow(w.load32(self._CALLER), on, cpus)
 
 
@@ -370,8 +371,9 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
     the fork (to close descriptors it must not keep).  ``wanted``: the INIT
     capabilities asked for (tests take one away).  ``commit``: seconds between
     syncs of a disk-backed image (0: only when asked, DESIGN 24).  ``keeper``: with
-    several serving processes, one more process keeps the callers' CPUs awake
-    while requests come (:meth:`Readers.keep`).  Returns 0 after a clean
+    several serving processes, one more process keeps the CPU of a caller whose
+    requests come one at a time awake meanwhile (:meth:`Readers.keep`).
+    Returns 0 after a clean
     unmount (the engine's state is saved), 1 when the mount was aborted (the
     engine is released unsaved).  Raises MountError / ProtocolError when the
     kernel mount or its handshake fails.
@@ -402,7 +404,8 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
                  ", ".join(neg.names()), n, "" if n == 1 else "es")
         fs.prepare_workers(workers=n)
         readers = Readers(n) if n > 1 else None
-        if readers is not None and keeper:
+        if readers is not None and keeper and len(os.sched_getaffinity(0)) > 1:
+            # (with one usable CPU the caller's CPU is the serving one: nothing to keep)
             readers.keep_efd = os.eventfd(0, os.EFD_CLOEXEC)
         # A worker whose ring of log pages runs low wakes the refiller.
         refill = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -425,11 +428,12 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
             for pid in pids:
                 _kill(pid, signal.SIGTERM)
         state = _State(dict(pids))
+        supervisor = os.getpid()
         if readers is not None and readers.keep_efd >= 0 and len(pids) == n:
             try:
                 state.keeper = os.fork()
                 if state.keeper == 0:
-                    _keeper(conn, readers, child_setup)     # never returns
+                    _keeper(conn, readers, child_setup, supervisor)     # never returns
             except OSError as e:
                 state.keeper = 0
                 log.warning("no keeper process (%s); serving without it", e.strerror)
@@ -596,11 +600,12 @@ def _settle_held(fs: FileSystem, landing: Landing | None = None) -> None:
 
 
 def _keeper(conn: Connection, readers: Readers,
-            child_setup: Callable[[], None] | None) -> None:
-    """The forked keeper (:meth:`Readers.keep`): it serves nothing and holds
-    neither the connection nor anything of the engine's; it ends with the
-    supervisor."""
-    supervisor = os.getppid()
+            child_setup: Callable[[], None] | None, supervisor: int) -> None:
+    """The forked keeper (:meth:`Readers.keep`): it serves nothing and closes
+    its copy of the connection; what else it inherited (the image's descriptor,
+    its lock and mapping) it never uses, and the supervisor kills and reaps it
+    before it unlocks the image.  It ends with the supervisor (``supervisor``:
+    its pid, taken before the fork: one read here could already be init's)."""
     try:
         if child_setup is not None:
             child_setup()

@@ -56,9 +56,10 @@ mount options (-o, comma-separated, may be repeated):
                       the image has CPUs and this machine has cores)
   commit=SECONDS      an image on a disk is synced at least this often (default 5;
                       0: only by fsync, syncfs and unmount); see DESIGN.md 24
-  keeper=on|off       while requests come, one more process, at the idle
-                      scheduling class, keeps the callers' CPUs from sleeping
-                      (default on with several serving processes); DESIGN.md 22.3
+  keeper=on|off       while one caller's requests come one at a time, one more
+                      process, at the idle scheduling class, keeps its CPU from
+                      sleeping (default on with several serving processes);
+                      DESIGN.md 22.3
   debug               same as -d
   dev,nodev,suid,nosuid,exec,noexec,atime,noatime,sync,async,dirsync
                       passed to the kernel

@@ -909,12 +909,14 @@ def _write_until_killed(script: str, mnt: Path, enough: int,
 
 
 def serving_processes(image: str) -> dict[str, int]:
-    """The daemon's processes by name: 'pnova' (the supervisor), 'pnova-cpuK' (workers)."""
-    out = {}
-    for pid in daemon_pids(image):
+    """The daemon's processes by name: 'pnova' (the supervisor), 'pnova-cpuK' (workers),
+    'pnova-keep'; of two with one name (a child between its fork and its
+    renaming) the older."""
+    out: dict[str, int] = {}
+    for pid in sorted(daemon_pids(image)):
         try:
             with open(f"/proc/{pid}/comm") as f:
-                out[f.read().strip()] = pid
+                out.setdefault(f.read().strip(), pid)
         except OSError:
             pass
     return out
