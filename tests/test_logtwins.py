@@ -61,11 +61,26 @@ def _pages(path: str) -> list[tuple[int, int, int, int]]:
                 for k in range(0, len(pages), 2):
                     p, t = pages[k], pages[k + 1]
                     last = k + 2 == len(pages)
-                    used = tail % L.BLOCK if last else L.LOG_DATA
+                    used = tail % L.BLOCK if last else _marker_end(fs, p)
                     out.append((ino, p, t, used))
         return out
     finally:
         fs.unmount()
+
+
+def _marker_end(fs: FileSystem, page: int) -> int:
+    """Where the entries of a log page that has a next page end: just after its
+    next-page marker, if the page has room for one (the bytes between it and the
+    page tail mean nothing)."""
+    raw = fs.pm.read(page * L.BLOCK, L.LOG_DATA)
+    off = 0
+    while off < L.LOG_DATA:
+        etype, _flags, size = struct.unpack_from("<BBH", raw, off)
+        assert size, (page, off)
+        off += size
+        if etype == L.E_NEXT_PAGE:
+            break
+    return off
 
 
 def _with_big_local_log(path: str, want: dict[str, bytes]) -> None:
