@@ -209,13 +209,14 @@ class Readers:
         op, caller = _OP_CALLER.unpack_from(request)
         self.counted = caller != 0 and op not in _BACKGROUND
         if self.counted:
+            now = time.monotonic_ns()
             if w.add32(self._BUSY, 1):
-                w.store64(self._OVERLAP, time.monotonic_ns())     # served at once
-            # (only for one caller at a time: with several, every CPU has work,
-            # and a keeper among them was measured costing a third of two
-            # O_DIRECT writers' rate)
-            if self.keep_efd >= 0 and self.sequential():
-                w.store64(self._LAST, time.monotonic_ns())
+                w.store64(self._OVERLAP, now)                     # served at once
+            # (only for one caller at a time, as sequential() tells: with
+            # several, every CPU has work, and a keeper among them was measured
+            # costing a third of two O_DIRECT writers' rate)
+            if self.keep_efd >= 0 and now - w.load64(self._OVERLAP) > CONCURRENT_NS:
+                w.store64(self._LAST, now)
                 w.store32(self._CALLER, caller)
                 if w.load32(self._KEEPER_ASLEEP) and w.cas32(self._KEEPER_ASLEEP, 1, 0):
                     os.eventfd_write(self.keep_efd, 1)
@@ -373,9 +374,8 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
     syncs of a disk-backed image (0: only when asked, DESIGN 24).  ``keeper``: with
     several serving processes, one more process keeps the CPU of a caller whose
     requests come one at a time awake meanwhile (:meth:`Readers.keep`).
-    Returns 0 after a clean
-    unmount (the engine's state is saved), 1 when the mount was aborted (the
-    engine is released unsaved).  Raises MountError / ProtocolError when the
+    Returns 0 after a clean unmount (the engine's state is saved), 1 when the
+    mount was aborted (the engine is released unsaved).  Raises MountError / ProtocolError when the
     kernel mount or its handshake fails.
     """
     opts, fsname, subtype = [], "pnova", "pnova"

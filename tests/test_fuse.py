@@ -26,7 +26,7 @@ from typing import Iterator
 
 import pytest
 
-from test_mount import WAIT, Mount, daemon_pids, needs_fuse, wait_for
+from test_mount import WAIT, Mount, daemon_pids, needs_fuse, serving_processes, wait_for
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 
@@ -390,19 +390,6 @@ def _wakeups(pids: list[int]) -> int:
     return total
 
 
-def _named(image: str) -> dict[str, int]:
-    """The mount's processes by name (/proc/PID/comm); of two with one name (a
-    child between its fork and its renaming) the older."""
-    out: dict[str, int] = {}
-    for pid in sorted(daemon_pids(image)):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                out.setdefault(f.read().strip(), pid)
-        except OSError:
-            pass
-    return out
-
-
 def _runnable_share(pid: int, seconds: float) -> float:
     """The share of samples (every 5 ms for ``seconds``) in which process ``pid``
     was running or waiting to run, rather than asleep: a spinning process is
@@ -452,8 +439,8 @@ def test_the_keeper_spins_at_the_idle_class_only_for_a_lone_caller(
     m = Mount(image, tmp_path / "mnt")
     try:
         m.start("-o", "workers=2")
-        wait_for(lambda: "pnova-keep" in _named(image), "the keeper")
-        keeper = _named(image)["pnova-keep"]
+        wait_for(lambda: "pnova-keep" in serving_processes(image), "the keeper")
+        keeper = serving_processes(image)["pnova-keep"]
         wait_for(lambda: os.sched_getscheduler(keeper) == os.SCHED_IDLE, "the idle class")
         one = _writing([m.mnt / "f"], 1.5)
         threading.Event().wait(0.2)
@@ -469,12 +456,12 @@ def test_the_keeper_spins_at_the_idle_class_only_for_a_lone_caller(
         assert overlapping <= 0.2, overlapping
         assert idle <= 0.05, idle
         os.kill(keeper, 9)
-        wait_for(lambda: "pnova-keep" not in _named(image), "the keeper to die")
+        wait_for(lambda: "pnova-keep" not in serving_processes(image), "the keeper to die")
         (m.mnt / "h").write_bytes(b"still served")
         assert (m.mnt / "h").read_bytes() == b"still served"
         m.stop()
         m.start("-o", "workers=2,keeper=off")
-        assert set(_named(image)) == {"pnova", "pnova-cpu0", "pnova-cpu1"}
+        assert set(serving_processes(image)) == {"pnova", "pnova-cpu0", "pnova-cpu1"}
         assert (m.mnt / "f").read_bytes() == b"k" * 4096
         m.stop()
     finally:
