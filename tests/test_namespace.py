@@ -349,8 +349,28 @@ def _names_and_reads(fs: FileSystem, d: int) -> tuple[list[bytes], int]:
     return names, reads[0]
 
 
+def _read_locked_has(fs: FileSystem, d: int, name: bytes) -> bool:
+    """Whether ``name`` is in ``d`` as an operation holding ``d``'s read lock and
+    the name's lock sees it, the locks taken directly: as an operation takes
+    them after it asked whether the directory is another CPU's alone and found
+    it shared (or lost the race to claim it), and as one started again after
+    a relock takes them (asking nothing)."""
+    fs._ns, fs._ns_names, fs._ns_top = {}, [], -1
+    try:
+        slot = fs._name_slot(d, name)
+        fs._ns_lock(d, False)
+        fs._ns_lock(fs._name_base + slot)
+        fs._ns_names.append((d, slot))
+        return name in fs._dir_names(d).dents
+    finally:
+        fs._ns_release()
+        fs._ns = None
+
+
 _IN_CPU = {"lookup_while_another_cpu_frees": _lookup_while_another_cpu_frees,
-           "dir_users": _dir_users, "names_and_reads": _names_and_reads}
+           "dir_users": _dir_users, "names_and_reads": _names_and_reads,
+           "read_locked_has": _read_locked_has,
+           "private_dir": lambda fs, d: fs._private_dir(d)}
 
 
 class _Cpu:
@@ -449,6 +469,35 @@ def test_a_directory_one_cpu_uses_alone_is_held_whole_and_others_still_see_it(tm
         a("create", d, b"a1", 0o644)
         assert sorted(n for n, *_ in b("readdir", d, 0) if n not in (b".", b"..")) == \
             [b"a1", b"b1", b"b2"]
+
+
+def test_a_cpu_that_takes_a_directory_back_is_seen_by_caches_that_asked_before(tmp_path):
+    """A CPU that holds a directory alone changes its names without name locks or
+    name versions (DESIGN 19.8).  Another CPU's cache must still see every such
+    change: one that copied the directory's state just before the claim (its
+    process had asked whether the directory was another CPU's and found it
+    shared), and one that read the directory again while the other CPU held it
+    (as a process that lost the race to claim it, or an operation started again
+    after a relock, reads it)."""
+    with _two_cpus(tmp_path, private_after_b=0) as (d, a, b):
+        b("create", d, b"b0", 0o644)
+        a("create", d, b"a0", 0o644)                          # shared: CPU 0 caches it
+        assert a("read_locked_has", d, b"b0")
+        time.sleep(0.003)
+        assert not a("private_dir", d)                        # asked: shared, not CPU 0's
+        b("rename", d, b"b0", d, b"b1")                       # CPU 1 takes it back
+        assert b("dir_users", d) == 2
+        # CPU 0 copied the epoch before the claim
+        assert not a("read_locked_has", d, b"b0")
+        assert a("read_locked_has", d, b"b1")
+        # ... and read the directory again after it (as a CPU that lost the
+        # race to claim it would): CPU 1's next changes are seen too
+        b("rename", d, b"b1", d, b"b2")
+        b("create", d, b"b3", 0o644)
+        assert b("dir_users", d) == 2
+        assert not a("read_locked_has", d, b"b1")
+        assert a("read_locked_has", d, b"b2")
+        assert a("read_locked_has", d, b"b3")
 
 
 def test_an_inode_freed_while_a_lookup_reads_it_is_gone_not_damaged(tmp_path):
