@@ -33,16 +33,19 @@ class Compaction:
 
     def _needs_compaction(self, inode: Inode, npages: int | None = None) -> bool:
         """Whether an inode's logs have grown well past its live state: twice
-        what it needs, or four times for a directory that several processes
-        change (each compaction of one stops its users, and a cache that was
-        behind its start reads the whole directory again, DESIGN 12 and 19.5).
+        what it needs, or four times for a directory (a compaction rewrites
+        every name, so in a directory that shrinks or churns, 2 names are
+        rewritten per name removed at twice and 2/3 at four times; and where
+        several processes change it, each compaction stops its users and a
+        cache that was behind its start reads the whole directory again,
+        DESIGN 12 and 19.5).
         What it needs counts a page for each per-core local log as well as the
         live entries: each core writing the inode keeps a log page open
         whatever compaction does, and without them in the count sixteen cores
         writing one small file compacted it (a stop of every writer) every few
         dozen writes (DESIGN 12)."""
         n = self._log_pages(inode) if npages is None else npages
-        factor = 4 if inode.dents is not None and self.shared and not self._ns_alone else 2
+        factor = 4 if inode.dents is not None else 2
         need = inode.live_log_estimate() // L.LOG_DATA + 1 + len(inode.local)
         return n >= self._compact_min_pages() and n > factor * need + 1
 
