@@ -285,7 +285,7 @@ def test_page_model_a_log_compacted_on_a_disk(monkeypatch, tmp_path):
     durable by a sync of its own, then the slot switched through the journal),
     then new files written into freed blocks: every crash state the page model
     makes recovers to an allowed state.  (The crash workloads do not otherwise
-    reach a compaction on a disk, whose threshold is 64 log pages.)  With the
+    reach a compaction on a disk, whose threshold is 256 log pages.)  With the
     compaction's sync left out, the slot may reach the disk naming a new chain
     that did not, and this fails: the synced value of the xattr is lost."""
     import pnova.gc

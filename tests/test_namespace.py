@@ -613,8 +613,8 @@ def test_a_directory_two_cpus_churn_is_still_compacted(shm_dir):
     """Two CPUs creating and unlinking names in one directory, taking turns: its
     log is compacted as it grows (the decision counts pages without catching up
     with the other CPU's entries, DESIGN 19.5), so it stays a few pages long.
-    (An image in memory: on a disk no log shorter than 64 pages is compacted,
-    DESIGN 12, and the same decision would take 50 times the churn.)"""
+    (An image in memory: on a disk no log shorter than 256 pages is compacted,
+    DESIGN 12, and the same decision would take 200 times the churn.)"""
     with _two_cpus(shm_dir) as (d, a, b):
         for _ in range(6):
             a("churn", d, b"a", 100)

@@ -57,7 +57,7 @@ def _workload(path: str) -> dict[str, bytes]:
         fs.write(ino, 0, data)
         want[f"d/f{i}"] = data
     big = fs.create(ROOT, b"big", 0o644).ino
-    # enough overwrites to compact its log (from 64 pages on a disk, DESIGN 12)
+    # enough overwrites to compact its log (from 256 pages on a disk, DESIGN 12)
     n = max(400, L.LOG_DATA // 64 * (fs._compact_min_pages() + 2)) // 4 * 4
     for k in range(n):
         fs.write(big, (k % 4) * 4096, bytes([k % 251]) * 4096)
