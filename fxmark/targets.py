@@ -81,8 +81,8 @@ MiB = 1 << 20
 DEFAULT_DEVICE = 1024 * MiB
 # Room for the logs of the directories that hold a workload's files, per file:
 # a name's entry (about 64 bytes) and its twin, in a directory log that may
-# grow to four times its live size before it is compacted (a directory several
-# processes change), plus the new chain a compaction writes beside the old one.
+# grow to four times its live size before it is compacted (every directory,
+# DESIGN 12), plus the new chain a compaction writes beside the old one.
 # About 170 bytes a file were used when 516,000 files were moved into one
 # directory by two workers (MWRM, 8 s), whose image, sized without this, ran
 # out of blocks at the first refill.

@@ -55,7 +55,7 @@ class Compaction:
         before the words that switch to it), an msync of milliseconds: a file
         overwritten in place filled its 4-page threshold every 190 writes, and
         the syncs took a fifth of the time of 4 KiB overwrites; at 64 pages
-        still 4-12% of the engine's (DESIGN 12).
+        still 4-13% of the engine's (DESIGN 12).
         Long logs take room, though: once less than a quarter of the blocks
         is free, logs are compacted from four pages again, so that many files
         written in place never fill the device with dead entries."""

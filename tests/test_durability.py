@@ -822,10 +822,10 @@ def test_a_reused_log_page_whose_new_content_did_not_arrive_is_cut(tmp_path, mon
 
     import pnova.gc
     from pnova.fsck import Checker
+    from pnova.pmem import PagedPMem, PMem
 
     # a log compacted after a few pages, as on an almost full disk image
     monkeypatch.setattr(pnova.gc, "DISK_COMPACT_MIN_PAGES", 4)
-    from pnova.pmem import PagedPMem, PMem
 
     path = _disk_image(tmp_path)
     pm = PagedPMem(path)

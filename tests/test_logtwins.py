@@ -162,8 +162,8 @@ def test_flips_in_one_copy_of_a_log_page_read_back_exactly(twinned, tmp_path_fac
     img = str(tmp / "f.img")
     shutil.copy(path, img)
     spot, ino = _damage_spot(rng, pages, twin)
-    # the bytes from the spot on, all in its page (a run that went past the
-    # page's end would damage the next block, another inode's log maybe)
+    # a run of bytes through the spot, all in its page (a run that went past
+    # the page's end would damage the next block, another inode's log maybe)
     block, off = divmod(spot, L.BLOCK)
     start = block * L.BLOCK + min(off, L.BLOCK - nbytes)
     for k in range(nbytes):
