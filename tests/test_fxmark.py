@@ -448,6 +448,7 @@ def test_protected_and_unprotected_images_in_one_run(tmp_path, capsys):
             assert read_superblock(pm)[0].features == want
         finally:
             pm.close()
+            os.unlink(r["image"])          # a GiB each, allocated: not left behind
     with pytest.raises(SystemExit):
         cli.main(["run", "--protection", "some", "--out", "x"])
 
@@ -478,6 +479,7 @@ def test_images_have_room_for_the_files_a_workload_makes(tmp_path):
         assert fs.statfs().files >= 16 * (workloads.POOL + 1)
     finally:
         fs.unmount()
+        os.unlink(path)                    # some GiB, allocated: not left behind
 
 
 def test_image_sizing_counts_the_directory_logs_of_moved_files(tmp_path):
@@ -513,6 +515,7 @@ def test_image_sizing_counts_the_directory_logs_of_moved_files(tmp_path):
         assert 0 < names_used <= files * DENTRY_ROOM, (used, files)
     finally:
         fs.unmount()
+        os.unlink(path)                    # half a GiB, allocated: not left behind
 
 
 @pytest.mark.parametrize("name", ["MWUL", "MWUM", "MWRM"])
