@@ -592,6 +592,47 @@ def test_an_allocation_undone_for_lack_of_room_holds_nothing_back(tmp_path):
 
 @needs_fuse
 @pytest.mark.mount
+@pytest.mark.timeout(180)
+def test_a_file_overwritten_through_a_mount_on_a_disk_is_compacted_from_long_logs(tmp_path,
+                                                                                  capsys):
+    """Through the mount, on a disk-backed image, a file overwritten in place
+    keeps long logs (a compaction syncs the image, so one comes only past
+    DISK_COMPACT_MIN_PAGES pages, DESIGN 12) and is compacted once they are
+    that long, whichever serving process writes: after far more writes than
+    that many pages hold, its logs are short again, the last write reads back
+    after a remount, and fsck finds the image clean."""
+    from helpers import fsck
+    from pnova.gc import DISK_COMPACT_MIN_PAGES
+    from test_mount import Mount
+    path = str(tmp_path / "m.img")                       # tmp_path: a disk, not tmpfs
+    format_device(path, 64 << 20, numa_nodes=1, cpus_per_node=2)
+    writes = 3 * DISK_COMPACT_MIN_PAGES * (L.LOG_DATA // 64)     # 64-byte write entries
+    m = Mount(path, tmp_path / "mnt")
+    try:
+        m.start()
+        fd = os.open(m.mnt / "f", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            for i in range(writes):
+                os.pwrite(fd, b"%08d" % i, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        m.stop()
+        fs = FileSystem.mount(path, readonly=True)
+        try:
+            ino = fs.lookup(1, b"f").ino
+            assert fs._log_pages(fs.get(ino)) < 2 * DISK_COMPACT_MIN_PAGES   # compacted
+            assert fs.read(ino, 0, 8) == b"%08d" % (writes - 1)
+        finally:
+            fs.unmount()
+    finally:
+        m.cleanup()
+    rc, out = fsck(capsys, path, "-n", "-f")
+    assert rc == 0, out
+
+
+@needs_fuse
+@pytest.mark.mount
 @pytest.mark.timeout(120)
 def test_held_frees_through_a_mount_on_a_disk(tmp_path, capsys):
     """The daemon holds freed blocks back on a disk-backed image, syncs every
