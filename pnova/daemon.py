@@ -175,9 +175,12 @@ class Readers:
         self.watch.register(fd, select.POLLIN)
         signal.signal(signal.SIGALRM, self._look)
 
-    def sequential(self) -> bool:
-        """No two callers' requests were served at once lately: one caller at a time."""
-        return time.monotonic_ns() - self.w.load64(self._OVERLAP) > CONCURRENT_NS
+    def sequential(self, now: int | None = None) -> bool:
+        """No two callers' requests were served at once lately: one caller at a
+        time (``now``: the monotonic clock in ns, if the caller has read it)."""
+        if now is None:
+            now = time.monotonic_ns()
+        return now - self.w.load64(self._OVERLAP) > CONCURRENT_NS
 
     def may_look(self) -> bool:
         """Looking ahead for the next request (a CPU kept busy) pays: one caller at
@@ -212,10 +215,10 @@ class Readers:
             now = time.monotonic_ns()
             if w.add32(self._BUSY, 1):
                 w.store64(self._OVERLAP, now)                     # served at once
-            # (only for one caller at a time, as sequential() tells: with
+            # (only while requests come from one caller at a time: with
             # several, every CPU has work, and a keeper among them was measured
             # costing a third of two O_DIRECT writers' rate)
-            if self.keep_efd >= 0 and now - w.load64(self._OVERLAP) > CONCURRENT_NS:
+            if self.keep_efd >= 0 and self.sequential(now):
                 w.store64(self._LAST, now)
                 w.store32(self._CALLER, caller)
                 if w.load32(self._KEEPER_ASLEEP) and w.cas32(self._KEEPER_ASLEEP, 1, 0):
