@@ -74,8 +74,13 @@ class EngineTarget:
             # The parent is the designated refiller of the per-CPU log-page
             # rings (a no-op unless the scheme uses them), as pNOVA's refill
             # thread is.
+            def teardown(wid: int) -> None:
+                # a compaction whose chain is on its way to a disk is switched
+                # (or its blocks would stay taken in the image)
+                fs.finish_compactions()
+
             numbers = measure(workload, fops, shared, nworkers, duration, cfg, setup,
-                              chain(fs.refill_rings, tick))
+                              chain(fs.refill_rings, tick), teardown)
         finally:
             fs.unmount()
         rec.update(numbers)

@@ -176,11 +176,13 @@ def one_line(e: BaseException) -> str:
 
 def measure(workload: Workload, fops: FileOps, shared: Any, nworkers: int,
             duration: float, cfg: RunConfig, setup: Callable[[int], None] | None,
-            background: Callable[[], object] | None) -> dict[str, Any]:
+            background: Callable[[], object] | None,
+            teardown: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run the workers of a prepared workload and summarise the run.
 
     ``setup(wid)``, if given, runs first in each forked worker (the engine
-    target makes the worker a logical CPU of the filesystem there).
+    target makes the worker a logical CPU of the filesystem there), and
+    ``teardown(wid)`` in each once its time is up.
     """
     def worker_setup(wid: int) -> Op:
         if setup is not None:
@@ -188,7 +190,8 @@ def measure(workload: Workload, fops: FileOps, shared: Any, nworkers: int,
         return workload.worker(fops, shared, wid)
 
     pool: PoolResult = run_workers(nworkers, worker_setup, duration,
-                                   fail_worker=cfg.fail_worker, background=background)
+                                   fail_worker=cfg.fail_worker, background=background,
+                                   teardown=teardown)
     return summarise(pool)
 
 

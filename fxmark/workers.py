@@ -91,7 +91,8 @@ def usable_cpus() -> list[int]:
 
 
 def _child(wid: int, cpu: int, setup: Callable[[int], Op], go_r: int, out_w: int,
-           stop_at: mmap.mmap, fail_worker: int | None) -> None:
+           stop_at: mmap.mmap, fail_worker: int | None,
+           teardown: Callable[[int], None] | None = None) -> None:
     """Body of worker ``wid``; never returns (os._exit), never raises."""
     res = WorkerResult(wid, cpu)
     status = 0
@@ -124,6 +125,8 @@ def _child(wid: int, cpu: int, setup: Callable[[int], Op], go_r: int, out_w: int
         res.ops, res.elapsed, res.paused = n, t - t0 - paused, paused
         res.utime = ru1.ru_utime - ru0.ru_utime
         res.stime = ru1.ru_stime - ru0.ru_stime
+        if teardown is not None:
+            teardown(wid)                        # after the measured time
     except BaseException as e:                   # noqa: BLE001 - reported, not swallowed
         res.error = _one_line(e)
         res.ops = max(0, n - 1)                  # the ops completed before the failure
@@ -194,14 +197,17 @@ class _Pipes:
 def run_workers(n: int, setup: Callable[[int], Op], duration: float, *,
                 cpus: list[int] | None = None, fail_worker: int | None = None,
                 grace: float = GRACE, background: Callable[[], object] | None = None,
-                interval: float = 0.01) -> PoolResult:
+                interval: float = 0.01,
+                teardown: Callable[[int], None] | None = None) -> PoolResult:
     """Run ``n`` workers for ``duration`` seconds; see the module docstring.
 
     ``background``, if given, is called in the parent every ``interval``
     seconds while the workers run (a filesystem's housekeeping, such as
     pNOVA's designated refiller of log-pointer rings, and the progress
     display).  If it raises, the run fails with its error and it is not
-    called again.
+    called again.  ``teardown(wid)``, if given, runs in each worker once its
+    time is up, before it reports (the engine target hands back what a
+    worker still holds there).
     """
     tick_error: list[str] = []
 
@@ -228,7 +234,8 @@ def run_workers(n: int, setup: Callable[[int], Op], duration: float, *,
             if pid == 0:                         # the worker
                 os.close(go_w)
                 os.close(r)
-                _child(wid, cpus[wid % len(cpus)], setup, go_r, w, stop_at, fail_worker)
+                _child(wid, cpus[wid % len(cpus)], setup, go_r, w, stop_at, fail_worker,
+                       teardown)
             os.close(w)
             pids[wid], fds[wid] = pid, r
         pipes = _Pipes(fds)

@@ -685,14 +685,16 @@ class Allocator:
             raise AssertionError(f"block {block} is not a data block")
         return ra
 
-    def free(self, start: int, n: int, need: int = 0) -> None:
+    def free(self, start: int, n: int, need: int = 0, hold: bool = False) -> None:
         """Give blocks back to the region(s) that own them (a single block of this
         process's own region to its stash, while there is room), or hold them
         back until the next sync (:meth:`hold_frees`).  ``need``: the blocks
         belong to write entry ``need``, which still maps other pages and whose
         data recovery may check after a power loss: unless the sync record on
         the disk covers that entry already, they wait also until it does
-        (DESIGN 24.3)."""
+        (DESIGN 24.3).  ``hold``: held until the next sync even if allocated
+        since the last one began (a compaction's old chain, which the slot on
+        the disk may name until then, DESIGN 24.5)."""
         limbo = self.limbo
         if limbo is not None:
             w = self.w
@@ -700,7 +702,7 @@ class Allocator:
             if not self.split_frees or need <= w.load64(H_RDURABLE):
                 need = 0
             split = need > 0
-            if not split and self._take_fresh(start, n, tag):
+            if not split and not hold and self._take_fresh(start, n, tag):
                 # allocated and freed within one interval: no synced state used it
                 self._free_now(start, n)
                 return

@@ -209,8 +209,14 @@ def run_steps(setup: list[Step], ops: list[Step], *, ident: str = "custom", case
         def synced(p: PagedPMem) -> None:
             versions.clear()
 
+        def pushed(p: PagedPMem) -> None:
+            # every page is on the disk as it is now (a compaction's msync):
+            # none chooses among older contents, but nothing is promised
+            versions.clear()
+
         pm.on_fence = snapshot
         pm.on_sync = synced
+        pm.on_push = pushed
         for point, op in enumerate(ops):
             if op == SYNC:
                 fs.sync()
@@ -254,7 +260,7 @@ def run_steps(setup: list[Step], ops: list[Step], *, ident: str = "custom", case
                     res.failures.append(Failure(f"pages:{ident}:{case_no}:{point}:{sno}", why))
                 if tick is not None:
                     tick(1)
-        pm.on_fence = pm.on_sync = None
+        pm.on_fence = pm.on_sync = pm.on_push = None
         fs.unmount()
     return res
 

@@ -597,7 +597,13 @@ def _settle_held(fs: FileSystem, landing: Landing | None = None) -> None:
     reserved for a landing go back (DESIGN 22.6).  Blocks it holds back until
     a sync need nothing here: they wait in its CPU's held list in the shared
     area, which every completed sync empties of what it made safe, whoever
-    runs it (DESIGN 24)."""
+    runs it (DESIGN 24).  A compaction whose new chain is on its way to the
+    disk is switched first: another process's sync would otherwise make it
+    give up, and one that exits would leave its blocks taken (24.5)."""
+    try:
+        fs.finish_compactions()
+    except Exception:                             # noqa: BLE001 - the mount goes on
+        log.exception("cpu%d: switching a compacted log failed", fs.cpu)
     if landing is not None:
         landing.end()
 

@@ -42,7 +42,7 @@ from .commit import Commit
 from .dir import Directories
 from .errors import FsError
 from .file import READ_CHUNK, FileData, Landing
-from .gc import Compaction
+from .gc import Compaction, PendingSwitch
 from .icache import InodeCache
 from .inode import Inode
 from .itable import InodeTable
@@ -142,6 +142,9 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
         self.alloc.free_ino = lambda ino: self._release_ino(ino, held=False)
         self.cache: dict[int, Inode] = {}
         self._compact_wanted: set[int] = set()
+        # files compacted on a disk whose new chains are on their way to it
+        # (DESIGN 24.5): switched after a later operation
+        self._switches: dict[int, PendingSwitch] = {}
         # logs read around a damaged copy (rewritten by a compaction), and
         # whether such damage is repaired where it lies (recovery at mount)
         self._repair_wanted: set[int] = set()
@@ -240,20 +243,21 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
             return alloc.unknown_need()
         return max(owner.holds(lo), owner.holds(hi))
 
-    def _free_blocks(self, blocks: list[int], ino: int = 0) -> None:
+    def _free_blocks(self, blocks: list[int], ino: int = 0, hold: bool = False) -> None:
         """Free data blocks, as extents.  ``ino``: the file whose write or
-        truncate unmapped them, 0 for other blocks (:meth:`_split_need`)."""
+        truncate unmapped them, 0 for other blocks (:meth:`_split_need`);
+        ``hold``: see :meth:`Allocator.free`."""
         if not blocks:
             return
         free, need = self.alloc.free, self._split_need
         blocks.sort()
         if blocks[-1] - blocks[0] == len(blocks) - 1:     # one extent (no block twice)
-            free(blocks[0], len(blocks), need(ino, blocks[0], blocks[-1]))
+            free(blocks[0], len(blocks), need(ino, blocks[0], blocks[-1]), hold)
             return
         start = prev = blocks[0]
         for b in blocks[1:]:
             if b != prev + 1:
-                free(start, prev - start + 1, need(ino, start, prev))
+                free(start, prev - start + 1, need(ino, start, prev), hold)
                 start = b
             prev = b
-        free(start, prev - start + 1, need(ino, start, prev))
+        free(start, prev - start + 1, need(ino, start, prev), hold)

@@ -7,6 +7,8 @@ by one journal transaction, and the old pages are freed.
 from __future__ import annotations
 
 import stat
+import threading
+from dataclasses import dataclass, field
 
 from . import layout as L
 from . import log as plog
@@ -15,12 +17,37 @@ from .icache import log_positions
 from .inode import Inode
 from .locks import LockTimeout
 from .namei import namespace_op
+from .shared import H_SWITCH_GATE, H_SYNC_STARTED
 
 # A log shorter than this many pages is never compacted: on an image in memory
 # (or on persistent memory), and on one on a disk, where each compaction costs
-# a sync of the image (see Compaction._compact_min_pages).
+# an msync that waits for the disk (see Compaction._compact_min_pages).
 COMPACT_MIN_PAGES = 4
 DISK_COMPACT_MIN_PAGES = 256
+
+
+@dataclass
+class PendingSwitch:
+    """A file's compacted chain, written and being pushed to the disk by an
+    msync of its own, that the slot does not name yet (DESIGN 24.5): what it was
+    built from, so that the switch can check that nothing but appends
+    happened since and copy those."""
+    ino: int
+    generation: int
+    head: int                    # the slot's head, array and rewrite count it was built from
+    array: int
+    rewrites: int
+    gtail: int                   # how far the global log had been read
+    local: dict[int, tuple[int, int]]   # CPU -> (head, tail) of each local log read
+    first: int                   # the new chain: first block and its twin
+    ftwin: int
+    tail: int
+    pages: list[int]             # its blocks, twins included
+    last_seq: int                # the newest sequence number in it
+    started: int                 # syncs started (H_SYNC_STARTED) when it was built
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    switched: bool = False       # the slot names it: its blocks are the file's now
 
 
 class Compaction:
@@ -110,7 +137,18 @@ class Compaction:
 
     def _compact_pending(self) -> None:
         """Compact what the last operation asked for (no locks are held here),
-        and the logs read around a damaged copy (DESIGN 23.2)."""
+        and the logs read around a damaged copy (DESIGN 23.2); switch the files
+        whose compacted chains have reached the disk since (24.5)."""
+        if self._switches:
+            self._finish_switches()
+        try:
+            self._compact_wanted_now()
+        finally:
+            # a chain still on its way to the disk: looked at after the next
+            # operation again
+            self._compact_wanted.update(self._switches)
+
+    def _compact_wanted_now(self) -> None:
         while self._slot_repairs:
             ino = self._slot_repairs.pop()
             try:
@@ -126,24 +164,26 @@ class Compaction:
                 pass                             # gone, or busy: read from the good copy
         while self._compact_wanted:
             ino = self._compact_wanted.pop()
+            if ino in self._switches:
+                continue                         # compacted already, being switched
             try:
                 cached = self.cache.get(ino)
                 if cached is not None and self._owner_decides(cached):
-                    self._compact_shared_file(ino)
+                    self._compact_shared_file(ino, defer=True)
                 elif cached is not None and cached.is_dir and self.shared and \
                         not self._dir_log_may_be_long(cached):
                     pass
                 # decided on a cache caught up with the other processes (a
                 # directory commit may have left that to the next validation)
                 elif self._needs_compaction(self.get(ino)):
-                    self.compact(ino)
+                    self.compact(ino, defer=True)
             except (FsError, LockTimeout):
                 # Gone, no room for a new chain, or a directory too busy to
                 # lock: keep the long log.  The operation that asked has
                 # committed already; nothing here may fail it.
                 pass
 
-    def _compact_shared_file(self, ino: int) -> None:
+    def _compact_shared_file(self, ino: int, defer: bool = False) -> None:
         """Compact a file other cores are writing, if no one else is already.
 
         Its size lock, taken without waiting, makes this process the one
@@ -161,11 +201,11 @@ class Compaction:
             inode = self.get(ino)
             if not (self._own_log_long(inode) or self._needs_compaction(inode)):
                 return                           # someone compacted it meanwhile
-            self._compact_file_sized(inode)
+            self._compact_file_sized(inode, defer)
         finally:
             sch.size_unlock(ino)
 
-    def compact(self, ino: int) -> None:
+    def compact(self, ino: int, defer: bool = False) -> None:
         """Thorough log GC: rewrite the live state as one new chain.
 
         The new chain replaces the global log and every per-core local log in
@@ -173,6 +213,11 @@ class Compaction:
         pages are freed after it.  A file is compacted under its size lock and
         a write lock over its whole range, so no writer is in the middle of an
         append; a directory under its namespace lock and its log lock.
+
+        ``defer``: on an image on a disk, a file's new chain is made durable
+        by an msync that promises nothing, in a thread, and the slot is switched to
+        it after a later operation (:meth:`_finish_switches`), instead of
+        syncing the image first, in the operation's time (DESIGN 24.5).
         """
         sch = self.scheme
         if self.get(ino).is_dir:
@@ -180,11 +225,11 @@ class Compaction:
             return
         sch.size_lock(ino)
         try:
-            self._compact_file_sized(self.get(ino))
+            self._compact_file_sized(self.get(ino), defer)
         finally:
             sch.size_unlock(ino)
 
-    def _compact_file_sized(self, inode: Inode) -> None:
+    def _compact_file_sized(self, inode: Inode, defer: bool = False) -> None:
         """Compact a file whose size lock this process holds: under a write
         lock over its whole range and its log lock."""
         sch, ino = self.scheme, inode.ino
@@ -193,7 +238,7 @@ class Compaction:
         try:
             sch.log_lock(ino)
             try:
-                self._compact_locked(self.get(ino))
+                self._compact_locked(self.get(ino), defer)
             finally:
                 sch.log_unlock(ino)
         finally:
@@ -211,7 +256,7 @@ class Compaction:
         finally:
             self.scheme.log_unlock(ino)
 
-    def _compact_locked(self, inode: Inode) -> None:
+    def _compact_locked(self, inode: Inode, defer: bool = False) -> None:
         ino = inode.ino
         entries: list[tuple] = []
         if inode.is_dir:
@@ -253,6 +298,9 @@ class Compaction:
                 self.alloc.free(p, 1)
             raise
         pages += more
+        if pm.mode == "disk" and defer and not inode.is_dir:
+            self._defer_switch(inode, first, ftwin, tail, pages, entries[-1][1])
+            return
         if pm.mode == "disk":
             # The new chain is on the disk before the words that switch to it
             # can be: after a power loss the slot names the old chain or a
@@ -265,6 +313,13 @@ class Compaction:
             # then cut the old chain there, losing only entries no sync had
             # covered, but the old chain was no longer whole).
             self.sync()
+        self._switch(inode, first, ftwin, tail, pages, entries[-1][1])
+
+    def _switch(self, inode: Inode, first: int, ftwin: int, tail: int, pages: list[int],
+                last_seq: int) -> None:
+        """Switch the slot to a new chain whose entries are on the medium (one
+        journal transaction), then free the old pages."""
+        ino = inode.ino
         addr = self.inode_addr(ino)
         updates = [(addr + L.I_LOG_HEAD, first * L.BLOCK), (addr + L.I_LOG_TAIL, tail)]
         if ftwin:
@@ -281,7 +336,7 @@ class Compaction:
             # finds the record (or, once it is overwritten, reloads).
             self.area.note_compaction(ino, self._rewrites(ino) + 2,
                                       (inode.head, log_positions(inode)),
-                                      (first * L.BLOCK, tail), entries[-1][1])
+                                      (first * L.BLOCK, tail), last_seq)
         # The count is odd while the journal switches the slot's words, one at a
         # time: a reader that meets an odd count waits for it (a mix of old and
         # new head, tail and array reads as damage, or, old local logs with the
@@ -304,4 +359,171 @@ class Compaction:
         inode.head, inode.tail, inode.log_pages = first * L.BLOCK, tail, pages
         inode.array = inode.array_twin = 0
         inode.local = {}
-        self._free_blocks(old)
+        # Held until the next sync even if allocated since the last began:
+        # until it completes, the slot on the disk may still name the old
+        # chain (or, after a switch made without a sync first, the chain
+        # before it), which must stay whole (DESIGN 24.5).
+        self._free_blocks(old, hold=True)
+
+    # -- compactions switched after their chain reached the disk (24.5) -------
+    def _defer_switch(self, inode: Inode, first: int, ftwin: int, tail: int,
+                      pages: list[int], last_seq: int) -> None:
+        """Note a file's new chain, written but not named by the slot, and start
+        making it durable: an msync of the mapping that promises nothing, in a
+        thread (the crash model's device does it at once); it takes the data
+        of every write the chain maps along.  Called under the locks of the
+        compaction: no entry of the file is committed between the state the
+        chain holds and the count of syncs read here."""
+        p = PendingSwitch(
+            ino=inode.ino, generation=inode.generation, head=inode.head, array=inode.array,
+            rewrites=inode.rewrites, gtail=inode.tail,
+            local={c: (v[0], v[1]) for c, v in inode.local.items()},
+            first=first, ftwin=ftwin, tail=tail, pages=pages, last_seq=last_seq,
+            started=self.area.w.load64(H_SYNC_STARTED))
+        self._switches[inode.ino] = p
+        pm = self.pm
+
+        def push() -> None:
+            try:
+                pm.push()
+            except BaseException as exc:     # noqa: BLE001 (reported to the switch)
+                p.error = exc
+            finally:
+                p.done.set()
+
+        if getattr(pm, "push_inline", False):
+            push()
+        else:
+            threading.Thread(target=push, name=f"pnova-chain-{inode.ino}", daemon=True).start()
+
+    def finish_compactions(self) -> None:
+        """Switch every file compacted here whose new chain is on its way to
+        the disk, once it has arrived (DESIGN 24.5).  A process that stops
+        serving calls it, and so do fsync and unmount: a chain left pending
+        would keep its blocks from the allocator until the next mount."""
+        if self._switches:
+            self._finish_switches(wait=True)
+
+    def _finish_switches(self, wait: bool = False) -> None:
+        """Switch every file whose new chain has reached the disk (with
+        ``wait``: every one, once its msync returns; fsync and unmount).  No
+        lock is held by the caller."""
+        for p in list(self._switches.values()):
+            if not p.done.is_set():
+                if not wait:
+                    continue
+                p.done.wait()
+            try:
+                if self._finish_switch(p, wait):
+                    del self._switches[p.ino]
+            except (FsError, LockTimeout):
+                del self._switches[p.ino]
+                if not p.switched:
+                    self._drop_chain(p)
+
+    def _drop_chain(self, p: PendingSwitch) -> None:
+        """A new chain that will never be switched to: its blocks go back (no
+        state on the disk ever named them)."""
+        for b in p.pages:
+            self.alloc.free(b, 1)
+        p.pages = []
+
+    def _finish_switch(self, p: PendingSwitch, wait: bool) -> bool:
+        """Take the file's locks as a compaction does and switch it; False when
+        another process holds its size lock (tried again later)."""
+        sch, ino = self.scheme, p.ino
+        if p.error is not None:
+            self._drop_chain(p)
+            return True
+        if self.shared and not wait:
+            if not sch.try_size_lock(ino):
+                return False
+        else:
+            sch.size_lock(ino)
+        try:
+            inode = self.get(ino)
+            last = max(inode.size // L.BLOCK, max(inode.pages, default=0))
+            tok = sch.lock(ino, 0, last, True)
+            try:
+                sch.log_lock(ino)
+                try:
+                    if not self._switch_appended(p, self.get(ino)):
+                        self._drop_chain(p)
+                finally:
+                    sch.log_unlock(ino)
+            finally:
+                sch.unlock(tok)
+        finally:
+            sch.size_unlock(ino)
+        return True
+
+    def _switch_appended(self, p: PendingSwitch, inode: Inode) -> bool:
+        """Under the file's compaction locks: copy into the new chain the entries
+        committed since it was built, and switch the slot to it.  False (the
+        chain is dropped) if anything but appends changed the file's logs,
+        if a sync has started since the chain was built (an entry it made
+        durable in the old logs would be in the new chain only unsynced), or
+        if the copies cannot be kept whole (DESIGN 24.5)."""
+        if (inode.generation, inode.head, inode.rewrites) != \
+                (p.generation, p.head, p.rewrites) or (p.array and inode.array != p.array):
+            return False
+        sem = self.scheme.sem
+        if not sem.try_rlock(H_SWITCH_GATE):
+            return False
+        try:
+            # after the gate, as sync_start looks at the gate after its count
+            if self.area.w.load64(H_SYNC_STARTED) != p.started:
+                return False
+            raws = self._appended_since(p, inode)
+            if raws is None:
+                return False
+            tail = p.tail
+            if raws:
+                try:
+                    tail, more = plog.append(self.pm, p.tail, raws, inode.ino,
+                                             self._new_log_page)
+                except FsError as exc:
+                    p.pages += getattr(exc, "pages", [])
+                    return False
+                p.pages += more
+            if self.area.w.load64(H_SYNC_STARTED) != p.started:
+                # a sync began meanwhile (this process's own, for room to
+                # append): the copies may be half on the disk, and entries
+                # it covered would then be lost with the slot switched
+                return False
+            p.switched = True
+            self._switch(inode, p.first, p.ftwin, tail, p.pages,
+                         max(p.last_seq, L.decode_entry(raws[-1])[1] if raws else 0))
+            return True
+        finally:
+            sem.runlock(H_SWITCH_GATE)
+
+    def _appended_since(self, p: PendingSwitch, inode: Inode) -> list[bytes] | None:
+        """The raw entries committed to the file's logs since the chain was
+        built, in sequence order (the cache, caught up under the locks, says
+        where each log ends).  None when entries of several logs are to be
+        merged and one of them continues an operation (F_CONT): merged by
+        sequence number, an operation's entries would no longer follow one
+        another, and a cut after a power loss could keep half of it."""
+        pm, ino = self.pm, inode.ino
+        runs: list[list[bytes]] = []
+        try:
+            if inode.tail != p.gtail:
+                runs.append([bytes(r) for r in plog.walk(pm, p.head, inode.tail, ino,
+                                                         self.max_log_pages, None, p.gtail)])
+            for cpu, (lhead, ltail, _) in inode.local.items():
+                old = p.local.get(cpu)
+                start = old[1] if old is not None and old[0] == lhead else 0
+                if ltail != start:
+                    runs.append([bytes(r) for r in plog.walk(pm, lhead, ltail, ino,
+                                                             self.max_log_pages, None, start)])
+        except plog.LogError:
+            return None
+        runs = [r for r in runs if r]
+        if len(runs) > 1 and any(raw[1] & L.F_CONT for r in runs for raw in r):
+            return None
+        keyed = sorted(((L.decode_entry(raw)[1], raw) for r in runs for raw in r),
+                       key=lambda x: x[0])
+        if keyed and keyed[0][0] <= p.last_seq:
+            return None                          # never: taken after the chain's own
+        return [raw for _, raw in keyed]

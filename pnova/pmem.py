@@ -383,6 +383,26 @@ class PMem:
             self.mm.flush()
             self.msyncs += 1
 
+    def push(self) -> None:
+        """msync of the whole mapping that is not a sync: it promises no
+        operation and opens no sync interval (DESIGN 24.5).  A compaction
+        pushes its new chain with it, and with the chain the data of every
+        write the chain maps, before the words that switch to it.  What it
+        writes is one of the states the kernel's own write-back could leave,
+        so it never weakens what a power loss may find.  The call releases the
+        interpreter's lock (ctypes), so it may run in a thread while the
+        process goes on serving.  Nothing to do for an image in memory or on
+        persistent memory."""
+        if self.readonly or self.mode != "disk":
+            return
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.msync(ctypes.c_void_p(self._wbuf.ctypes.data),
+                      ctypes.c_size_t(self._wbuf.nbytes), _MS_SYNC) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        self.msyncs += 1
+
     def close(self) -> None:
         self.buf = self._wbuf = None  # type: ignore[assignment]
         self.words.release()
@@ -401,6 +421,7 @@ class PMem:
 
 
 _MAP_SHARED_VALIDATE, _MAP_SYNC = 0x03, 0x80000
+_MS_SYNC = 4
 _TMPFS_MAGIC, _RAMFS_MAGIC = 0x01021994, 0x858458F6
 _MEMORY_FILESYSTEMS = (_TMPFS_MAGIC, _RAMFS_MAGIC)
 
@@ -628,6 +649,10 @@ class PagedPMem(PMem):
         self.disk = np.array(self.buf, copy=True)
         self.on_fence: Callable[["PagedPMem"], None] | None = None
         self.on_sync: Callable[["PagedPMem"], None] | None = None
+        self.on_push: Callable[["PagedPMem"], None] | None = None
+        # a compaction's chain is pushed at once, not by a thread: the crash
+        # states are taken in program order
+        self.push_inline = True
 
     def fence(self) -> None:
         if self.on_fence is not None:
@@ -653,4 +678,12 @@ class PagedPMem(PMem):
         if self.on_sync is not None:
             self.on_sync(self)
         self.disk[:] = self.buf
+        self.msyncs += 1
+
+    def push(self) -> None:
+        """msync that promises nothing (a compaction's, DESIGN 24.5): every
+        page reaches the disk, and ``on_sync`` is not called."""
+        self.disk[:] = self.buf
+        if self.on_push is not None:
+            self.on_push(self)
         self.msyncs += 1

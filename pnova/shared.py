@@ -81,7 +81,7 @@ import time
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 18
+VERSION = 19
 LINE = 64
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
@@ -119,6 +119,10 @@ H_DEATHS = 96
 # u64: syncs begun and not yet done; a block allocated while any runs is never
 # fresh (DESIGN 24)
 H_SYNCS_RUNNING = 104
+# u32 lock word: read-held by each compaction that is switching a slot to a
+# chain made durable by its own msync (DESIGN 24.5); a sync that starts waits
+# until no one holds it (never write-locked)
+H_SWITCH_GATE = 112
 HEADER = 2 * 64
 
 

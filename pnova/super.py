@@ -9,6 +9,7 @@ state saved by a clean unmount or recovers (:mod:`pnova.rebuild`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,10 +19,10 @@ import numpy as np
 from . import layout as L
 from .errors import CorruptImage, FsError
 from .inode import Inode
-from .locks import make_scheme
+from .locks import LEASE, TIMEOUT, LockTimeout, make_scheme
 from .pmem import DeviceError, PMem
 from .shared import (H_HELD_INOS, H_LIMBO, H_RDURABLE, H_RLOCK, H_RSYNC, H_SEQ, H_SYNC_STARTED,
-                     H_SYNCED, H_SYNCS_RUNNING, lock_word, unlock_word)
+                     H_SWITCH_GATE, H_SYNCED, H_SYNCS_RUNNING, lock_word, unlock_word)
 
 if TYPE_CHECKING:
     from .engine import FileSystem
@@ -246,6 +247,11 @@ class Mount:
         if self.pm is None:
             return
         if not self.readonly:
+            # compacted chains on their way to the disk: switched now (the
+            # syncs below make it durable)
+            for fs in [self] + self._attached:
+                if fs.pm is not None:
+                    fs.finish_compactions()
             if self.shared:
                 for inode in list(self.cache.values()):
                     self._validate(inode)
@@ -373,6 +379,7 @@ class Mount:
         self.scheme = make_scheme(self.lock_name, self.area, self.cpu, self.segment_pages)
         self.scheme.sem.take_over()
         self._compact_wanted = set()
+        self._switches = {}                      # the parent's, not this process's
 
     def sync(self) -> None:
         """Make every operation that has returned durable on the image's backing
@@ -409,11 +416,43 @@ class Mount:
         # up, and the fresh-block shortcut off, until the next mount.
         w.add64(H_SYNCS_RUNNING, 1)
         started = w.add64(H_SYNC_STARTED, 1) + 1
+        # A compaction that switches a slot to its new chain copies into it,
+        # unsynced, the entries written since the chain was made durable; it
+        # may do so only while no sync starts (it read-locks the gate word,
+        # then looks at H_SYNC_STARTED; this sync bumped that, then looks at
+        # the gate: one of the two sees the other).  So the
+        # msync below begins after every such switch has ended (DESIGN 24.5).
+        try:
+            self._wait_switches()
+        except BaseException:
+            w.add64(H_SYNCS_RUNNING, -1)         # no sync runs after all
+            raise
         # Every entry numbered up to here took its number after its data was
         # stored, so before the msync below begins: once it completes, such an
         # entry is on the disk only with its data.
         covered = w.load64(H_SEQ) - 1
         return SyncTicket(started, covered, self._store_sync_record())
+
+    def _wait_switches(self) -> None:
+        """Wait until no compaction is switching a slot (microseconds each).
+        The switchers hold the gate word as readers, recorded per CPU: one
+        still there after a lease may be a dead process's, which is reaped.
+        A share of this process's own (a switch whose allocation ran out of
+        room and syncs) is not waited for: that switch looks at the count of
+        syncs again before it switches, and gives up."""
+        sem = self.scheme.sem
+        load = self.area.w.load32
+        own = len(sem.record_of.get(H_SWITCH_GATE, ()))
+        if load(H_SWITCH_GATE) <= own:
+            return
+        start = time.monotonic()
+        while load(H_SWITCH_GATE) > own:
+            waited = time.monotonic() - start
+            if waited > TIMEOUT:
+                raise LockTimeout(f"a compaction's switch held the sync gate for {TIMEOUT:.0f} s")
+            if waited > LEASE:
+                sem.reap(H_SWITCH_GATE)
+            os.sched_yield()
 
     def _store_sync_record(self) -> int:
         """Raise the image's sync record to what completed syncs cover; return

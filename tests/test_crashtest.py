@@ -281,19 +281,25 @@ def test_page_model_bites_when_a_split_write_gives_its_blocks_back_early(monkeyp
 
 
 def test_page_model_a_log_compacted_on_a_disk(monkeypatch, tmp_path):
-    """A file's log compacted on a disk image after a sync (its new chain made
-    durable by a sync of its own, then the slot switched through the journal),
-    then new files written into freed blocks: every crash state the page model
-    makes recovers to an allowed state.  (The crash workloads do not otherwise
-    reach a compaction on a disk, whose threshold is 256 log pages.)  With the
-    compaction's sync left out, the slot may reach the disk naming a new chain
-    that did not, and this fails: the synced value of the xattr is lost."""
+    """A file written and given xattrs after a sync, its log compacted on a disk
+    image (the new chain pushed to the disk by an msync that promises nothing,
+    then, after the next operation, the entries written meanwhile copied into it
+    and the slot switched through the journal), then new files written into
+    freed blocks: every crash state the page model makes recovers to an allowed
+    state.  (The crash workloads do not otherwise reach a compaction on a disk,
+    whose threshold is 256 log pages.)  Two ways it bites (DESIGN 24.5): with
+    no push, the slot may reach the disk naming a new chain that did not (the
+    synced value of the xattr is lost); with a push of the log pages alone, the
+    chain maps the unsynced write's block, whose data may not have arrived
+    (the write survives torn)."""
     import pnova.gc
+    from pnova import layout as L
     from pnova.engine import FileSystem
-    from pnova.pmem import PagedPMem
+    from pnova.pmem import PAGE, PagedPMem
     monkeypatch.setattr(pnova.gc, "DISK_COMPACT_MIN_PAGES", 4)
     value = [bytes([0x41 + i]) * 1800 for i in range(7)]  # two entries fill a log page
     ops = [("setxattr", "/bar", b"user.big", v) for v in value[:4]] + [cp.SYNC] + \
+        [("write", "/bar", 0, 4096, 0x55)] + \
         [("setxattr", "/bar", b"user.big", v) for v in value[4:]] + \
         [("create", "/A/new", 0o644), ("write", "/A/new", 0, 8192, 0x33)]
     img = str(tmp_path / "d.img")                # the same steps on the engine alone:
@@ -307,9 +313,23 @@ def test_page_model_a_log_compacted_on_a_disk(monkeypatch, tmp_path):
         fs.sync() if op == cp.SYNC else drv.apply(op)
         counts.append(fs._rewrites(bar))
     fs.unmount()
-    assert counts[4] == counts[0] and counts[-1] == counts[0] + 2
+    assert counts[5] == counts[0] and counts[-1] == counts[0] + 2
     res = cp.run_steps(cp.SETUP, ops)
     assert res.checked > 300 and not res.failures, res.failures[:3]
+
+    def logs_only(self: PagedPMem) -> None:
+        # the pages that end in a valid log page tail, and no data block
+        for page in self.dirty_pages().tolist():
+            lo = page * PAGE
+            if L.check_page_tail(self.buf[lo + L.PT_NEXT:lo + PAGE].tobytes()) is None:
+                self.disk[lo:lo + PAGE] = self.buf[lo:lo + PAGE]
+        if self.on_push is not None:
+            self.on_push(self)
+
+    monkeypatch.setattr(PagedPMem, "push", logs_only)
+    assert cp.run_steps(cp.SETUP, ops).failures
+    monkeypatch.setattr(PagedPMem, "push", lambda self: None)
+    assert cp.run_steps(cp.SETUP, ops).failures
 
 
 def test_page_model_command_line(tmp_path):
