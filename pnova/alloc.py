@@ -528,6 +528,25 @@ class Allocator:
             n -= take
         return out
 
+    def unfresh(self, start: int, n: int) -> None:
+        """Clear the fresh marks of blocks start..start+n-1: freed later in this
+        interval, they wait for a sync like any other.  A compaction marks so
+        the data blocks its new chain maps, which a slot on the disk may name
+        once the chain is switched to without a sync (DESIGN 24.5)."""
+        if self.limbo is None or n <= 0:
+            return
+        words = self._fresh_words(start, n)
+        if words is None:                        # across regions: block by block
+            for b in range(start, start + n):
+                self.unfresh(b, 1)
+            return
+        load, cas = self.w.load64, self.w.cas64
+        for off, mask in words:
+            while True:
+                v = load(off)
+                if not v & mask or cas(off, v, v & ~mask):
+                    break
+
     def _take_fresh(self, start: int, n: int, tag: int) -> bool:
         """Whether blocks start..start+n-1 were all allocated in sync interval
         ``tag`` (now running) with no sync running; if so their marks are

@@ -6,6 +6,8 @@ by one journal transaction, and the old pages are freed.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from .inode import Inode
 from .locks import LockTimeout
 from .namei import namespace_op
 from .shared import H_SWITCH_GATE, H_SYNC_STARTED
+
+log = logging.getLogger("pnova.gc")
 
 # A log shorter than this many pages is never compacted: on an image in memory
 # (or on persistent memory), and on one on a disk, where each compaction costs
@@ -299,7 +303,7 @@ class Compaction:
             raise
         pages += more
         if pm.mode == "disk" and defer and not inode.is_dir:
-            self._defer_switch(inode, first, ftwin, tail, pages, entries[-1][1])
+            self._defer_switch(inode, first, ftwin, tail, pages, entries)
             return
         if pm.mode == "disk":
             # The new chain is on the disk before the words that switch to it
@@ -316,9 +320,10 @@ class Compaction:
         self._switch(inode, first, ftwin, tail, pages, entries[-1][1])
 
     def _switch(self, inode: Inode, first: int, ftwin: int, tail: int, pages: list[int],
-                last_seq: int) -> None:
+                last_seq: int, free: bool = True) -> list[int]:
         """Switch the slot to a new chain whose entries are on the medium (one
-        journal transaction), then free the old pages."""
+        journal transaction), then free the old pages (or, with ``free``
+        false, return them for the caller to free)."""
         ino = inode.ino
         addr = self.inode_addr(ino)
         updates = [(addr + L.I_LOG_HEAD, first * L.BLOCK), (addr + L.I_LOG_TAIL, tail)]
@@ -359,6 +364,11 @@ class Compaction:
         inode.head, inode.tail, inode.log_pages = first * L.BLOCK, tail, pages
         inode.array = inode.array_twin = 0
         inode.local = {}
+        if free:
+            self._free_old_chain(old)
+        return old
+
+    def _free_old_chain(self, old: list[int]) -> None:
         # Held until the next sync even if allocated since the last began:
         # until it completes, the slot on the disk may still name the old
         # chain (or, after a switch made without a sync first, the chain
@@ -367,13 +377,24 @@ class Compaction:
 
     # -- compactions switched after their chain reached the disk (24.5) -------
     def _defer_switch(self, inode: Inode, first: int, ftwin: int, tail: int,
-                      pages: list[int], last_seq: int) -> None:
+                      pages: list[int], entries: list[tuple]) -> None:
         """Note a file's new chain, written but not named by the slot, and start
         making it durable: an msync of the mapping that promises nothing, in a
         thread (the crash model's device does it at once); it takes the data
         of every write the chain maps along.  Called under the locks of the
         compaction: no entry of the file is committed between the state the
-        chain holds and the count of syncs read here."""
+        chain holds and the count of syncs read here.
+
+        The data blocks the chain maps lose their fresh marks: freed later in
+        this sync interval (a write replacing a page before or after the
+        switch), they wait for a sync, since a slot on the disk may name the
+        chain, whose entries carry no digest, until one completes.  Given back
+        at once as blocks no sync saw, one was reused and recovery found it
+        mapped twice (DESIGN 24.5)."""
+        for e in entries:
+            if e[0] == L.E_WRITE:
+                self.alloc.unfresh(e[4], e[3])
+        last_seq = entries[-1][1]
         p = PendingSwitch(
             ino=inode.ino, generation=inode.generation, head=inode.head, array=inode.array,
             rewrites=inode.rewrites, gtail=inode.tail,
@@ -416,10 +437,12 @@ class Compaction:
             try:
                 if self._finish_switch(p, wait):
                     del self._switches[p.ino]
-            except (FsError, LockTimeout):
+            except Exception as exc:                 # noqa: BLE001 - the operation committed
                 del self._switches[p.ino]
                 if not p.switched:
                     self._drop_chain(p)
+                if not isinstance(exc, (FsError, LockTimeout)):
+                    log.exception("switching inode %d to its compacted log failed", p.ino)
 
     def _drop_chain(self, p: PendingSwitch) -> None:
         """A new chain that will never be switched to: its blocks go back (no
@@ -442,6 +465,9 @@ class Compaction:
             sch.size_lock(ino)
         try:
             inode = self.get(ino)
+            if inode.generation != p.generation or inode.pages is None:
+                self._drop_chain(p)              # another inode in the slot now
+                return True
             last = max(inode.size // L.BLOCK, max(inode.pages, default=0))
             tok = sch.lock(ino, 0, last, True)
             try:
@@ -460,43 +486,86 @@ class Compaction:
     def _switch_appended(self, p: PendingSwitch, inode: Inode) -> bool:
         """Under the file's compaction locks: copy into the new chain the entries
         committed since it was built, and switch the slot to it.  False (the
-        chain is dropped) if anything but appends changed the file's logs,
-        if a sync has started since the chain was built (an entry it made
-        durable in the old logs would be in the new chain only unsynced), or
-        if the copies cannot be kept whole (DESIGN 24.5)."""
+        chain is dropped) if anything but appends changed the file's logs, or
+        if the copies cannot be kept whole (DESIGN 24.5).
+
+        Without a sync only if no sync has started since the chain was built:
+        one that did may have made entries durable in the old logs that the
+        new chain would hold only as unsynced copies.  Then the switch is made
+        as before 24.5: the copies, a sync, the switch (never starved by
+        others' syncs, at the price of one sync in this case).  Nothing inside
+        the gate may sync: the copies' pages are taken before it, and the old
+        chain is freed (a free may sync when the held list is full) after it."""
         if (inode.generation, inode.head, inode.rewrites) != \
                 (p.generation, p.head, p.rewrites) or (p.array and inode.array != p.array):
             return False
-        sem = self.scheme.sem
-        if not sem.try_rlock(H_SWITCH_GATE):
+        raws = self._appended_since(p, inode)
+        if raws is None:
             return False
+        spare = self._spare_log_pages(p.tail, raws)
+        if spare is None:
+            return False
+
+        def new_page() -> tuple[int, int]:
+            if not spare:
+                raise FsError(errno.ENOSPC)      # (never: enough were taken)
+            pair = spare.pop()
+            p.pages.extend(b for b in pair if b)
+            return pair
+
+        w, sem = self.area.w, self.scheme.sem
+        tail, copied, old = p.tail, not raws, None
+        last_seq = max(p.last_seq, L.decode_entry(raws[-1])[1] if raws else 0)
         try:
-            # after the gate, as sync_start looks at the gate after its count
-            if self.area.w.load64(H_SYNC_STARTED) != p.started:
-                return False
-            raws = self._appended_since(p, inode)
-            if raws is None:
-                return False
-            tail = p.tail
-            if raws:
+            if sem.try_rlock(H_SWITCH_GATE):
                 try:
-                    tail, more = plog.append(self.pm, p.tail, raws, inode.ino,
-                                             self._new_log_page)
-                except FsError as exc:
-                    p.pages += getattr(exc, "pages", [])
-                    return False
-                p.pages += more
-            if self.area.w.load64(H_SYNC_STARTED) != p.started:
-                # a sync began meanwhile (this process's own, for room to
-                # append): the copies may be half on the disk, and entries
-                # it covered would then be lost with the slot switched
-                return False
-            p.switched = True
-            self._switch(inode, p.first, p.ftwin, tail, p.pages,
-                         max(p.last_seq, L.decode_entry(raws[-1])[1] if raws else 0))
-            return True
+                    # after the gate, as sync_start looks at the gate after its count
+                    if w.load64(H_SYNC_STARTED) == p.started:
+                        if raws:
+                            tail, _ = plog.append(self.pm, p.tail, raws, inode.ino, new_page)
+                            copied = True
+                        if w.load64(H_SYNC_STARTED) == p.started:
+                            p.switched = True
+                            old = self._switch(inode, p.first, p.ftwin, tail, p.pages,
+                                               last_seq, free=False)
+                finally:
+                    sem.runlock(H_SWITCH_GATE)
+            if old is None:
+                if not copied:
+                    tail, _ = plog.append(self.pm, p.tail, raws, inode.ino, new_page)
+                self.sync()                      # the copies on the disk first
+                p.switched = True
+                old = self._switch(inode, p.first, p.ftwin, tail, p.pages, last_seq,
+                                   free=False)
         finally:
-            sem.runlock(H_SWITCH_GATE)
+            for pair in spare:
+                for b in pair:
+                    if b:
+                        self.alloc.free(b, 1)
+        self._free_old_chain(old)
+        return True
+
+    def _spare_log_pages(self, tail: int, raws: list[bytes]) -> list[tuple[int, int]] | None:
+        """The log pages (with their twins) that appending ``raws`` after
+        ``tail`` opens (as :func:`log.append` fills pages), taken now; None
+        (none kept) if there is no room."""
+        need, in_page = 0, tail % L.BLOCK
+        for r in raws:
+            if in_page + len(r) > L.LOG_DATA:
+                need += 1
+                in_page = 0
+            in_page += len(r)
+        got: list[tuple[int, int]] = []
+        try:
+            for _ in range(need):
+                got.append(self._new_log_page())
+        except FsError:
+            for pair in got:
+                for b in pair:
+                    if b:
+                        self.alloc.free(b, 1)
+            return None
+        return got
 
     def _appended_since(self, p: PendingSwitch, inode: Inode) -> list[bytes] | None:
         """The raw entries committed to the file's logs since the chain was

@@ -24,6 +24,7 @@ does.  ``pnova-inject`` adds entries.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import gc
 import mmap
@@ -395,10 +396,8 @@ class PMem:
         persistent memory."""
         if self.readonly or self.mode != "disk":
             return
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.msync(ctypes.c_void_p(self._wbuf.ctypes.data),
-                      ctypes.c_size_t(self._wbuf.nbytes), _MS_SYNC) != 0:
+        if _LIBC.msync(ctypes.c_void_p(self._wbuf.ctypes.data),
+                       ctypes.c_size_t(self._wbuf.nbytes), _MS_SYNC) != 0:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
         self.msyncs += 1
@@ -422,6 +421,9 @@ class PMem:
 
 _MAP_SHARED_VALIDATE, _MAP_SYNC = 0x03, 0x80000
 _MS_SYNC = 4
+# loaded once, here: a process may fork while a thread pushes (DESIGN 24.5), and
+# a library loaded in that thread meanwhile could leave the loader locked
+_LIBC = ctypes.CDLL(None, use_errno=True)
 _TMPFS_MAGIC, _RAMFS_MAGIC = 0x01021994, 0x858458F6
 _MEMORY_FILESYSTEMS = (_TMPFS_MAGIC, _RAMFS_MAGIC)
 

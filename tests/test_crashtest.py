@@ -291,9 +291,13 @@ def test_page_model_a_log_compacted_on_a_disk(monkeypatch, tmp_path):
     no push, the slot may reach the disk naming a new chain that did not (the
     synced value of the xattr is lost); with a push of the log pages alone, the
     chain maps the unsynced write's block, whose data may not have arrived
-    (the write survives torn)."""
+    (the write survives torn).  And a third: with the blocks the chain maps
+    left fresh, the second write's replaced block goes straight back and is
+    reused by /A/new, while a slot on the disk may name the chain that maps it
+    (recovery finds the block used twice)."""
     import pnova.gc
     from pnova import layout as L
+    from pnova.alloc import Allocator
     from pnova.engine import FileSystem
     from pnova.pmem import PAGE, PagedPMem
     monkeypatch.setattr(pnova.gc, "DISK_COMPACT_MIN_PAGES", 4)
@@ -301,6 +305,7 @@ def test_page_model_a_log_compacted_on_a_disk(monkeypatch, tmp_path):
     ops = [("setxattr", "/bar", b"user.big", v) for v in value[:4]] + [cp.SYNC] + \
         [("write", "/bar", 0, 4096, 0x55)] + \
         [("setxattr", "/bar", b"user.big", v) for v in value[4:]] + \
+        [("write", "/bar", 0, 4096, 0x66)] + \
         [("create", "/A/new", 0o644), ("write", "/A/new", 0, 8192, 0x33)]
     img = str(tmp_path / "d.img")                # the same steps on the engine alone:
     ct.prepare_image(img, ct.SETUP)              # the log is compacted once, after the sync
@@ -326,6 +331,10 @@ def test_page_model_a_log_compacted_on_a_disk(monkeypatch, tmp_path):
         if self.on_push is not None:
             self.on_push(self)
 
+    monkeypatch.setattr(Allocator, "unfresh", lambda self, start, n: None)
+    assert cp.run_steps(cp.SETUP, ops).failures
+    monkeypatch.undo()
+    monkeypatch.setattr(pnova.gc, "DISK_COMPACT_MIN_PAGES", 4)
     monkeypatch.setattr(PagedPMem, "push", logs_only)
     assert cp.run_steps(cp.SETUP, ops).failures
     monkeypatch.setattr(PagedPMem, "push", lambda self: None)

@@ -1161,40 +1161,37 @@ def test_a_compaction_on_a_disk_syncs_nothing_on_the_write_path(tmp_path, monkey
 
 
 @pytest.mark.parametrize("check", [True, False])
-def test_a_compaction_is_not_switched_once_a_sync_began_after_it(tmp_path, monkeypatch, check):
+def test_a_compaction_switched_after_a_sync_began_syncs_first(tmp_path, monkeypatch, check):
     """A write made after a file's chain was built, then a sync: the write is
-    durable in the old log, and promised.  Switched now, the slot would name a
-    chain holding that write only as an unsynced copy, and a power loss that
-    keeps the slot's page but not the copy's would lose it; so the switch is
-    given up (the chain's blocks go back, the long log stays).  Without that
-    check the promised write is lost in such a state."""
+    durable in the old log, and promised.  Switched without a sync, the slot
+    would name a chain holding that write only as an unsynced copy, and a
+    power loss that keeps the slot's page but not the copy's would lose it;
+    so the switch syncs first, as compactions did before DESIGN 24.5.  Without
+    that check (the count of syncs read from a word that never moves) the
+    promised write is lost in such a state."""
     import pnova.gc
     from pnova.pmem import PMem
+    from pnova.shared import H_SYNC_STARTED
     if not check:
-        # the count of syncs read from a word that never moves: the check passes
         monkeypatch.setattr(pnova.gc, "H_SYNC_STARTED", 0)
     fs, pm, ino, release = _compacting_file(tmp_path, monkeypatch)
     first = fs._switches[ino]
     fs.write(ino, 4096, b"promised")
     fs.sync()
+    syncs = fs.area.w.load64(H_SYNC_STARTED)
     release.set()
     first.done.wait(10)
     rewrites = fs._rewrites(ino)
-    fs.write(ino, 2 * 4096, b"after")                # the switch is looked at after it
-    assert fs._switches.get(ino) is not first        # (given up, the log is compacted anew)
-    assert (fs._rewrites(ino) == rewrites) == check
-    tail = first.tail
-    # The power loss: every page changed since the sync arrived but those of
-    # the chain from where the copies went in.
+    fs.write(ino, 2 * 4096, b"after")                # the switch is made after it
+    assert fs._switches.get(ino) is not first and fs._rewrites(ino) == rewrites + 2
+    assert (fs.area.w.load64(H_SYNC_STARTED) == syncs + 1) == check     # its own sync
+    # The power loss: every page changed since the last sync arrived but those
+    # of the new chain from where the copies went in.
     pages = fs.get(ino).log_pages
-    copies = 2 if fs.log_twins else 1
-    cut = set()
-    if not check:
-        at = pages.index(tail // L.BLOCK)
-        cut = set(pages[at:])
-        assert at % copies == 0
+    at = pages.index(first.tail // L.BLOCK)
+    assert at % (2 if fs.log_twins else 1) == 0
     image = pm.buf.copy()
-    for b in cut:
+    for b in pages[at:]:
         image[b * L.BLOCK:(b + 1) * L.BLOCK] = pm.disk[b * L.BLOCK:(b + 1) * L.BLOCK]
     crash = str(tmp_path / "crash.img")
     with open(crash, "wb") as out:
