@@ -82,11 +82,12 @@ class Compaction:
 
     def _compact_min_pages(self) -> int:
         """The fewest log pages worth a compaction.  On an image on a disk every
-        compaction syncs the image first (its new chain must be on the disk
-        before the words that switch to it), an msync of milliseconds: a file
-        overwritten in place filled its 4-page threshold every 190 writes, and
-        the syncs took a fifth of the time of 4 KiB overwrites; at 64 pages
-        still 4-13% of the engine's (DESIGN 12).
+        compaction is an msync of milliseconds (its new chain must be on the
+        disk before the words that switch to it; for a file it runs in a
+        thread, DESIGN 24.5): a file overwritten in place filled its 4-page
+        threshold every 190 writes, and when those syncs were in the write's
+        time they took a fifth of it; at 64 pages still 4-13% of the engine's,
+        and with the msync in a thread 64 pages still cost 9% (DESIGN 12).
         Long logs take room, though: once less than a quarter of the blocks
         is free, logs are compacted from four pages again, so that many files
         written in place never fill the device with dead entries."""
@@ -236,13 +237,19 @@ class Compaction:
     def _compact_file_sized(self, inode: Inode, defer: bool = False) -> None:
         """Compact a file whose size lock this process holds: under a write
         lock over its whole range and its log lock."""
+        self._whole_file_locked(inode, lambda locked: self._compact_locked(locked, defer))
+
+    def _whole_file_locked(self, inode: Inode, fn) -> None:
+        """``fn`` on the file, caught up, under a write lock over its whole
+        range and its log lock (its size lock held by the caller): no writer
+        is between taking its sequence number and its commit."""
         sch, ino = self.scheme, inode.ino
         last = max(inode.size // L.BLOCK, max(inode.pages, default=0))
         tok = sch.lock(ino, 0, last, True)
         try:
             sch.log_lock(ino)
             try:
-                self._compact_locked(self.get(ino), defer)
+                fn(self.get(ino))
             finally:
                 sch.log_unlock(ino)
         finally:
@@ -468,17 +475,12 @@ class Compaction:
             if inode.generation != p.generation or inode.pages is None:
                 self._drop_chain(p)              # another inode in the slot now
                 return True
-            last = max(inode.size // L.BLOCK, max(inode.pages, default=0))
-            tok = sch.lock(ino, 0, last, True)
-            try:
-                sch.log_lock(ino)
-                try:
-                    if not self._switch_appended(p, self.get(ino)):
-                        self._drop_chain(p)
-                finally:
-                    sch.log_unlock(ino)
-            finally:
-                sch.unlock(tok)
+
+            def switch(locked: Inode) -> None:
+                if not self._switch_appended(p, locked):
+                    self._drop_chain(p)
+
+            self._whole_file_locked(inode, switch)
         finally:
             sch.size_unlock(ino)
         return True

@@ -437,16 +437,14 @@ class Mount:
         """Wait until no compaction is switching a slot (microseconds each).
         The switchers hold the gate word as readers, recorded per CPU: one
         still there after a lease may be a dead process's, which is reaped.
-        A share of this process's own (a switch whose allocation ran out of
-        room and syncs) is not waited for: that switch looks at the count of
-        syncs again before it switches, and gives up."""
+        Nothing a switch does inside the gate syncs, so a sync never waits
+        for its own process's share."""
         sem = self.scheme.sem
         load = self.area.w.load32
-        own = len(sem.record_of.get(H_SWITCH_GATE, ()))
-        if load(H_SWITCH_GATE) <= own:
+        if not load(H_SWITCH_GATE):
             return
         start = time.monotonic()
-        while load(H_SWITCH_GATE) > own:
+        while load(H_SWITCH_GATE):
             waited = time.monotonic() - start
             if waited > TIMEOUT:
                 raise LockTimeout(f"a compaction's switch held the sync gate for {TIMEOUT:.0f} s")
