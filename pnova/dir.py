@@ -30,12 +30,13 @@ class Directories:
             out.append((b".", ino, 1))
         if off < 2:
             out.append((b"..", d.parent or ino, 2))
-        for cookie in d.order.irange(minimum=max(0, off - 2)):
+        pos = d.pos
+        for cookie in d.cookies().irange(minimum=max(0, off - 2)):
             if limit is not None and len(out) >= limit:
                 break
             if cookie + 3 <= off:
                 continue
-            name = d.order[cookie]
+            name = pos[cookie]
             out.append((name, d.dents[name][0], cookie + 3))
         return out
 

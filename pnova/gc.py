@@ -273,7 +273,11 @@ class Compaction:
         if inode.is_dir:
             entries.append((L.E_DENTRY, self._next_seq(), L.D_ADD, L.DOTDOT, inode.parent,
                             stat.S_IFDIR >> 12, inode.ctime))
-            for cookie, name in inode.order.items():
+            # names in cookie order, the order readdir lists them (each entry
+            # keeps the sequence number its name was added with: SPEC 12.8)
+            pos = inode.pos
+            for cookie in (inode.sorted_pos if inode.sorted_pos is not None else sorted(pos)):
+                name = pos[cookie]
                 child, dtype, _ = inode.dents[name]
                 entries.append((L.E_DENTRY, cookie, L.D_ADD, name, child, dtype, inode.mtime))
         else:

@@ -34,8 +34,9 @@ Dead holders: a waiter that has waited for ``LEASE`` seconds looks up the
 holder's process in the shared area's registry; if it has exited, the waiter
 releases the lock on its behalf (a writer word by compare-and-swap back to 0,
 a reader's share by the records each CPU keeps of its read locks).  A reader
-killed in the few instructions between its compare-and-swap and its record (or
-between dropping the record and its fetch-add) leaves a share nobody owns:
+killed between its compare-and-swap and its record, or between dropping the
+record and its fetch-add (two instructions each, in the compiled helper's
+``rdlock`` and ``rdunlock``), leaves a share nobody owns:
 waiters on that lock then fail with :class:`LockTimeout` after ``TIMEOUT``
 seconds instead of hanging, and a worker that takes over the CPU resets every
 lock word the old one held.
@@ -99,50 +100,50 @@ class Semaphores:
         self.w.store32(off, 0)
 
     # -- readers -------------------------------------------------------------
-    def _try_read(self, off: int, polite: bool = True) -> bool:
-        # A failed compare-and-swap with no writer means another reader came or
-        # went meanwhile: try again at once rather than wait.  A reader already
+    def _try_read(self, off: int, rec: int, polite: bool = True) -> bool:
+        # One call of the compiled helper: up to eight tries, since a failed
+        # compare-and-swap with no writer means another reader came or went
+        # meanwhile; the record is stored with the share.  A reader already
         # holding a share must not wait for a writer that waits for it.
-        w = self.w
-        stop = WRITER | WANTED if polite and not self.record_of.get(off) else WRITER
-        for _ in range(8):
-            v = w.load32(off)
-            if v & stop:
-                return False
-            # impolite: the bit goes too (a live writer that still waits sets it
-            # again; a dead one's would hold every later reader back a lease)
-            if w.cas32(off, v, (v if polite else v & ~WANTED) + 1):
-                return True
-        return False
+        # Impolite, the WANTED bit goes too (a live writer that still waits
+        # sets it again; a dead one's would hold every later reader back a lease).
+        if not polite:
+            return self.w.rdlock(off, WRITER, WANTED, rec)
+        return self.w.rdlock(off, WRITER if self.record_of.get(off) else WRITER | WANTED, 0, rec)
 
     def rlock(self, off: int) -> None:
-        if not self.free_records:
+        free = self.free_records
+        if not free:
             raise RuntimeError(f"a CPU may hold at most {HELD_MAX} read locks at once")
-        if not self._try_read(off):
+        rec = free[-1]
+        if not self._try_read(off, rec):
             self.waits += 1
             since = time.monotonic()
-            self._wait(off, lambda: self._try_read(off, time.monotonic() - since < LEASE))
-        self._record(off)
+            self._wait(off, lambda: self._try_read(off, rec, time.monotonic() - since < LEASE))
+        self._record(off, free.pop())
 
     def try_rlock(self, off: int) -> bool:
         """Take a read share if no writer holds the word now; never waits."""
-        if not self.free_records:
+        free = self.free_records
+        if not free:
             raise RuntimeError(f"a CPU may hold at most {HELD_MAX} read locks at once")
-        if not self._try_read(off):
+        if not self._try_read(off, free[-1]):
             return False
-        self._record(off)
+        self._record(off, free.pop())
         return True
 
-    def _record(self, off: int) -> None:
-        rec = self.free_records.pop()
-        self.w.store64(rec, off + 1)
-        self.record_of.setdefault(off, []).append(rec)
+    def _record(self, off: int, rec: int) -> None:
+        """Remember which record holds the share of ``off`` (already stored)."""
+        recs = self.record_of.get(off)
+        if recs is None:
+            self.record_of[off] = [rec]
+        else:
+            recs.append(rec)
 
     def runlock(self, off: int) -> None:
         rec = self.record_of[off].pop()
-        self.w.store64(rec, 0)
+        self.w.rdunlock(off, rec)
         self.free_records.append(rec)
-        self.w.add32(off, -1)
 
     # -- waiting and dead holders -----------------------------------------------
     def _wait(self, off: int, attempt) -> None:

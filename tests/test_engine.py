@@ -372,6 +372,55 @@ def test_overwrites_keep_the_log_short(fs):
     fs.unmount()
 
 
+def test_a_listing_follows_the_changes_made_after_it(shm_dir):
+    """A directory's sorted positions are built at its first listing and kept
+    from then on: names added and removed later are listed in the order they
+    were added, a listing resumed from a cookie goes on after it, and a
+    compaction, with the positions built or not, keeps every cookie."""
+    path = str(shm_dir / "list.img")
+    format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=2)
+    fs = FileSystem.mount(path)
+    d = fs.mkdir(ROOT, b"d", 0o755).ino
+    e = fs.mkdir(ROOT, b"e", 0o755).ino
+    for n in range(10):
+        fs.create(d, b"a%d" % n, 0o644)
+        fs.create(e, b"a%d" % n, 0o644)
+    assert [n for n, _, _ in fs.readdir(d)][2:] == [b"a%d" % n for n in range(10)]
+    for dir_ in (d, e):                        # d listed before the changes, e not
+        fs.unlink(dir_, b"a3")
+        fs.create(dir_, b"b0", 0o644)
+        fs.unlink(dir_, b"a0")
+        fs.create(dir_, b"a3", 0o644)          # back, at a new position: listed last
+        fs.rename(dir_, b"a5", dir_, b"a9")    # a9 replaced, at the new name's position
+    want = [b"a1", b"a2", b"a4", b"a6", b"a7", b"a8", b"b0", b"a3", b"a9"]
+    ents = {x: fs.readdir(x) for x in (d, e)}
+    for x in (d, e):
+        assert [n for n, _, _ in ents[x]][2:] == want
+        for k in range(2, len(ents[x]) - 1):
+            assert fs.readdir(x, ents[x][k][2]) == ents[x][k + 1:]
+    for x in (d, e):
+        fs.compact(x)
+        assert fs.readdir(x) == ents[x]        # same names, same cookies
+    fs = remount(fs, clean=False)
+    for x in (d, e):
+        assert fs.readdir(x) == ents[x]
+    fs.unmount()
+
+
+def test_two_names_at_one_directory_position_are_refused():
+    """Two dentries with one sequence number (a log that does not fit its
+    inode) cannot both be listed: the replay refuses the second."""
+    st = L.InodeStatic(stat.S_IFDIR | 0o755, 0, 0, 0, 0, 1, 0, 1)
+    from pnova.inode import Inode
+    d = Inode(5, st, 0, 0)
+    d.apply((L.E_DENTRY, 7, L.D_ADD, b"x", 9, 8, 0))
+    d.apply((L.E_DENTRY, 8, L.D_ADD, b"x", 10, 8, 0))   # x again: its old position goes
+    with pytest.raises(ValueError, match="share directory position 8"):
+        d.apply((L.E_DENTRY, 8, L.D_ADD, b"y", 11, 8, 0))
+    d.apply((L.E_DENTRY, 7, L.D_ADD, b"y", 11, 8, 0))   # 7 is free again
+    assert sorted(d.pos) == [7, 8] and list(d.cookies()) == [7, 8]
+
+
 def test_big_directory_survives_compaction_and_remount(shm_dir):
     # (an image in memory: on a disk a 13-page log is not compacted, DESIGN 12)
     path = str(shm_dir / "big.img")

@@ -69,6 +69,46 @@ def test_atomic_counter_from_two_processes(area):
     assert area.next_seq() == 1 + 2 * n
 
 
+def test_a_reader_share_and_its_record_come_and_go_together(area):
+    """The compiled helper takes a share and stores its record in one call,
+    and drops the record before the share: what a reaper of dead readers
+    counts on (a record never names a share that is gone)."""
+    w = area.w
+    word, rec = area.inode_locks + 24, area.held_slot(1, 0)
+    assert w.rdlock(word, WRITER | WANTED, 0, rec)
+    assert w.load32(word) == 1 and w.load64(rec) == word + 1
+    w.store32(word, WRITER | 2)                         # a writer holds it
+    assert not w.rdlock(word, WRITER, 0, area.held_slot(1, 1))
+    assert w.load64(area.held_slot(1, 1)) == 0          # no share, no record
+    w.store32(word, WANTED | 1)                         # one reader, a writer waiting
+    assert not w.rdlock(word, WRITER | WANTED, 0, area.held_slot(1, 1))     # polite
+    assert w.rdlock(word, WRITER, WANTED, area.held_slot(1, 1))            # past a lease
+    assert w.load32(word) == 2                          # the bit is gone, two readers
+    w.rdunlock(word, area.held_slot(1, 1))
+    w.rdunlock(word, rec)
+    assert w.load32(word) == 0 and w.load64(rec) == w.load64(area.held_slot(1, 1)) == 0
+    with pytest.raises(ValueError):
+        w.rdlock(word + 2, WRITER, 0, rec)              # misaligned word
+    with pytest.raises(ValueError):
+        w.rdlock(word, WRITER, 0, rec + 4)              # misaligned record
+    with pytest.raises(ValueError):
+        w.rdunlock(word, len(area.mm))                  # outside the mapping
+
+
+def test_a_cpu_records_each_read_share_it_holds(area):
+    sem = Semaphores(area, 2)
+    word = area.inode_locks + 32
+    sem.rlock(word)
+    assert sem.try_rlock(word)                          # a second share of one word
+    recs = [area.w.load64(area.held_slot(2, i)) for i in range(locks.HELD_MAX)]
+    assert sorted(recs)[-2:] == [word + 1, word + 1] and area.w.load32(word) == 2
+    sem.runlock(word)
+    sem.runlock(word)
+    assert area.w.load32(word) == 0
+    assert not any(area.w.load64(area.held_slot(2, i)) for i in range(locks.HELD_MAX))
+    assert len(sem.free_records) == locks.HELD_MAX
+
+
 def test_write_lock_excludes_across_processes(area):
     """A read-modify-write of two plain words under the lock never loses an update."""
     word, a, b = area.inode_locks, area.rings - 64, area.rings - 56   # scratch words
