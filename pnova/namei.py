@@ -80,8 +80,9 @@ def namespace_op(fn):
             while True:
                 self._ns = {}
                 self._ns_names = []
-                for key in sorted(want):
-                    self._ns_lock(key, want[key])
+                if want:
+                    for key in sorted(want):
+                        self._ns_lock(key, want[key])
                 try:
                     return fn(self, *args, **kwargs)
                 except Relock as r:
@@ -133,10 +134,15 @@ class Namei:
             if have[0] or not write:
                 return
             raise Relock(key, True)              # a read lock must become a write lock
-        if RENAME_KEY < key < self._name_base and not self._valid_ino(key):
-            raise FsError(errno.ENOENT)          # never a word outside the table
+        if key == RENAME_KEY:
+            off = H_RENAME_LOCK
+        elif key < self._name_base:
+            if not self._valid_ino(key):
+                raise FsError(errno.ENOENT)      # never a word outside the table
+            off = self._inode_locks + 4 * (key - 1)
+        else:
+            off = self._name_locks + 4 * (key - self._name_base)
         sem = self.scheme.sem
-        off = self._ns_word(key)
         if key > self._ns_top:                   # in order: may wait
             if write:
                 sem.wlock(off)
@@ -210,11 +216,12 @@ class Namei:
         if held:
             self._ns_bump(held)
             sem = self.scheme.sem
+            wunlock, runlock = sem.wunlock, sem.runlock
             for write, off in held.values():
                 if write:
-                    sem.wunlock(off)
+                    wunlock(off)
                 else:
-                    sem.runlock(off)
+                    runlock(off)
             held.clear()
         self._ns_top = -1
 
@@ -224,23 +231,27 @@ class Namei:
         counts, names changed without name locks, '..'), so that other
         processes know to catch up."""
         add = self.area.w.add64
-        for parent, slot in self._ns_names:
-            old = add(self._name_versions + 8 * slot, 1)
-            d = self.cache.get(parent)
-            seen = d.names_seen if d is not None else None
-            if seen is not None:
-                # The cache has this operation's entries: it may count them if
-                # nobody else changed a name of this word meanwhile.
-                if seen[slot] == old:
-                    seen[slot] = old + 1
-                else:
-                    seen[slot] = 0               # never a version: look next time
-        self._ns_names = []
+        cache = self.cache
+        if self._ns_names:
+            versions = self._name_versions
+            for parent, slot in self._ns_names:
+                old = add(versions + 8 * slot, 1)
+                d = cache.get(parent)
+                seen = d.names_seen if d is not None else None
+                if seen is not None:
+                    # The cache has this operation's entries: it may count them
+                    # if nobody else changed a name of this word meanwhile.
+                    if seen[slot] == old:
+                        seen[slot] = old + 1
+                    else:
+                        seen[slot] = 0           # never a version: look next time
+            self._ns_names = []
+        base = self._name_base
         for key, (write, _) in held.items():
-            if write and RENAME_KEY < key < self._name_base:
+            if write and RENAME_KEY < key < base:
                 # Only a directory's epoch says anything to namespace
                 # operations; a file's link count matters to none of them.
-                inode = self.cache.get(key)
+                inode = cache.get(key)
                 if inode is not None and inode.dents is not None:
                     # The cache, caught up under the lock, has this operation's
                     # entries: it may count them if nobody else bumped the
