@@ -133,11 +133,14 @@ class InodeCache:
         """Whether no process has changed a cached inode since this cache read
         it (the first look of :meth:`_validate`, which catches up otherwise):
         the cache is then exact as it stands."""
-        rewrites = self._rewrites_settled(inode.ino)
+        # The words first: a directory others change fails here, after one
+        # load.  Read after them, an unchanged, even rewrite count says no
+        # compaction began before they were read, and none switched them
+        # while they were (an odd count is waited out, and then differs).
         gen, state, head, tail, array = self._slot_words(inode.ino)
-        return (state == L.STATE_LIVE and gen == inode.generation and head == inode.head
-                and tail == inode.tail and array == inode.array
-                and rewrites == inode.rewrites
+        return (tail == inode.tail and head == inode.head and state == L.STATE_LIVE
+                and gen == inode.generation and array == inode.array
+                and self._rewrites_settled(inode.ino) == inode.rewrites
                 and (not array or self._locals_unchanged(inode)))
 
     def _adopt(self, inode: Inode, rewrites: int, head: int) -> bool:

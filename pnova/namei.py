@@ -372,14 +372,11 @@ class Namei:
         if len(name) > L.NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
         d = self.cache.get(parent) if self.shared else None
-        if d is not None and d.dents is not None and d.names_seen is None and self._unchanged(d):
+        if d is not None and d.dents is not None and self._unchanged(d):
             # Nobody has changed the directory since this cache read it: exact
             # for every name, with no name's version to look at (the path
             # walks of other processes through a directory they share look
-            # up there all the time, and change nothing).  A directory whose
-            # name versions this cache holds goes straight to the version of
-            # the name: it is one that others change, and looking at its logs
-            # first cost a third of such a lookup.
+            # up there all the time, and change nothing).
             pass
         elif self.shared and not self._ns_alone and self._valid_ino(parent) and \
                 not self._private_dir(parent):
