@@ -10,6 +10,10 @@ Python method call costs (DESIGN section 17 has the measurements).
     w = SharedWords(mapping)       # keeps the mapping's buffer until release()
     w.load32(off) / w.store32(off, v) / w.cas32(off, expected, desired) / w.add32(off, d)
     w.load64(off) / w.store64(off, v) / w.cas64(off, expected, desired) / w.add64(off, d)
+    w.load64s(off, count, stride)              # several u64 words, each loaded whole
+    w.rdlock(off, stop, clear, rec) / w.rdunlock(off, rec)
+                                   # a reader's share of a lock word and its record
+                                   # (pnova.locks.Semaphores), each one call
 
 Offsets are byte offsets, naturally aligned (4 for 32-bit words, 8 for 64-bit);
 an offset outside the mapping or misaligned raises ValueError.  ``add`` wraps

@@ -134,15 +134,10 @@ class Namei:
             if have[0] or not write:
                 return
             raise Relock(key, True)              # a read lock must become a write lock
-        if key == RENAME_KEY:
-            off = H_RENAME_LOCK
-        elif key < self._name_base:
-            if not self._valid_ino(key):
-                raise FsError(errno.ENOENT)      # never a word outside the table
-            off = self._inode_locks + 4 * (key - 1)
-        else:
-            off = self._name_locks + 4 * (key - self._name_base)
+        if RENAME_KEY < key < self._name_base and not self._valid_ino(key):
+            raise FsError(errno.ENOENT)          # never a word outside the table
         sem = self.scheme.sem
+        off = self._ns_word(key)
         if key > self._ns_top:                   # in order: may wait
             if write:
                 sem.wlock(off)
