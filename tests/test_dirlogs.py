@@ -291,6 +291,35 @@ def test_a_lookup_sees_a_name_that_only_another_cpus_local_log_holds(shm_dir):
     fs0.unmount()
 
 
+def test_a_listing_kept_sorted_follows_another_cpus_names(shm_dir):
+    """CPU 0 lists a directory, which from then on keeps its cookies sorted;
+    CPU 1 adds and removes names in its local log, and CPU 0's cache applies
+    them when it catches up: both CPUs list the same names at the same
+    cookies, a listing resumed from a cookie goes on after it, and after CPU 1
+    compacts the directory (CPU 0 adopts or re-reads it) nothing moves."""
+    path = str(shm_dir / "d.img")
+    fs0, fs1, d = _two_cpus(path)
+    for n in range(6):
+        fs0.create(d, b"a%d" % n, 0o644)
+    fs1.create(d, b"b0", 0o644)                  # shared from here on
+    assert [n for n, _, _ in fs0.readdir(d)][2:] == [b"a%d" % n for n in range(6)] + [b"b0"]
+    fs1.unlink(d, b"a2")
+    fs1.create(d, b"b1", 0o644)
+    fs0.create(d, b"a6", 0o644)
+    fs1.rename(d, b"a4", d, b"b2")
+    fs1.unlink(d, b"a0")
+    want = [b"a1", b"a3", b"a5", b"b0", b"b1", b"a6", b"b2"]
+    ents = fs0.readdir(d)
+    assert [n for n, _, _ in ents][2:] == want
+    assert fs1.readdir(d) == ents
+    for k in range(2, len(ents) - 1):
+        assert fs0.readdir(d, ents[k][2]) == ents[k + 1:]
+    fs1.compact(d)
+    assert fs0.readdir(d) == ents and fs1.readdir(d) == ents
+    fs0.unmount()
+    _fsck_clean(path)
+
+
 def test_a_lookup_that_a_compaction_overtakes_reads_the_directory_again(shm_dir):
     """A lookup reads the slot's words, then the array's line tails.  If, in
     between, another CPU compacts the directory (its array block freed) and a
