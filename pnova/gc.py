@@ -521,7 +521,7 @@ class Compaction:
 
         w, sem = self.area.w, self.scheme.sem
         tail, copied, old = p.tail, not raws, None
-        last_seq = max(p.last_seq, L.decode_entry(raws[-1])[1] if raws else 0)
+        last_seq = max(p.last_seq, L.entry_seq(raws[-1]) if raws else 0)
         try:
             if sem.try_rlock(H_SWITCH_GATE):
                 try:
@@ -544,10 +544,7 @@ class Compaction:
                 old = self._switch(inode, p.first, p.ftwin, tail, p.pages, last_seq,
                                    free=False)
         finally:
-            for pair in spare:
-                for b in pair:
-                    if b:
-                        self.alloc.free(b, 1)
+            self._free_page_pairs(spare)
         self._free_old_chain(old)
         return True
 
@@ -566,12 +563,16 @@ class Compaction:
             for _ in range(need):
                 got.append(self._new_log_page())
         except FsError:
-            for pair in got:
-                for b in pair:
-                    if b:
-                        self.alloc.free(b, 1)
+            self._free_page_pairs(got)
             return None
         return got
+
+    def _free_page_pairs(self, pairs: list[tuple[int, int]]) -> None:
+        """Give back log pages taken with their twins (0: none) and never used."""
+        for pair in pairs:
+            for b in pair:
+                if b:
+                    self.alloc.free(b, 1)
 
     def _appended_since(self, p: PendingSwitch, inode: Inode) -> list[bytes] | None:
         """The raw entries committed to the file's logs since the chain was
@@ -597,7 +598,7 @@ class Compaction:
         runs = [r for r in runs if r]
         if len(runs) > 1 and any(raw[1] & L.F_CONT for r in runs for raw in r):
             return None
-        keyed = sorted(((L.decode_entry(raw)[1], raw) for r in runs for raw in r),
+        keyed = sorted(((L.entry_seq(raw), raw) for r in runs for raw in r),
                        key=lambda x: x[0])
         if keyed and keyed[0][0] <= p.last_seq:
             return None                          # never: taken after the chain's own
