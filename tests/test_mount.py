@@ -496,6 +496,42 @@ def test_namespace_operations_of_two_clients_through_two_serving_processes(
     check()
 
 
+_LISTING_CLIENT = r"""
+import os, sys
+d, c = os.path.join(sys.argv[1], "shared"), sys.argv[2]
+for i in range(150):
+    open(os.path.join(d, f"{c}-{i}"), "w").close()
+    if i % 3 == 2:
+        os.unlink(os.path.join(d, f"{c}-{i - 1}"))
+    if i % 25 == 0:
+        os.listdir(d)                      # a listing in the middle of the changes
+"""
+
+
+@needs_fuse
+def test_a_directory_listed_while_two_clients_change_it_keeps_its_order(mnt: Mount) -> None:
+    """Two clients create and remove names in one directory through two serving
+    processes, listing it as they go (a listed directory keeps its positions
+    sorted from then on, in each process that listed it): at the end, and
+    after a remount, each client's names are listed in the order it created
+    them, and the two listings are the same."""
+    mnt.start("-o", "workers=2")
+    shared = mnt.mnt / "shared"
+    shared.mkdir()
+    clients = [subprocess.Popen([sys.executable, "-c", _LISTING_CLIENT, str(mnt.mnt), c],
+                                stderr=subprocess.PIPE, text=True) for c in "ab"]
+    for p in clients:
+        _, err = p.communicate(timeout=WAIT)
+        assert p.returncode == 0, err
+    listed = os.listdir(shared)
+    for c in "ab":
+        want = [f"{c}-{i}" for i in range(150) if i % 3 != 1]
+        assert [n for n in listed if n.startswith(c + "-")] == want
+    mnt.stop()
+    mnt.start()
+    assert os.listdir(shared) == listed
+
+
 _SHARED_DIR_CLIENT = r"""
 import os, sys
 d, c, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
