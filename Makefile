@@ -9,6 +9,9 @@
 #               tmpfs, buffered and direct, written into docs/PERFORMANCE.md (minutes)
 # make install-helpers: (root) link pnova, mkfs.pnova, fsck.pnova into /usr/local/bin
 #                       so that mount -t fuse.pnova, mkfs -t pnova, fsck -t pnova work
+# make fuse-uring: (root) switch on the kernel's FUSE over io_uring (Linux 6.14+;
+#                  until the next boot), which pnova uses to serve each CPU's
+#                  requests on that CPU; run, test and the comparisons do it first
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,8 +20,8 @@ MNT ?= mnt
 SIZE ?= 1G
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps venv umount clean install-helpers crashtest crashtest-long compare \
-	compare-fuse
+.PHONY: run test deps venv umount clean install-helpers fuse-uring crashtest crashtest-long \
+	compare compare-fuse
 
 deps:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null \
@@ -28,7 +31,7 @@ deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml setup.py pnova/_atomic.c pnova/_protect.c pnova/_persist.c | deps
+$(STAMP): pyproject.toml setup.py pnova/_atomic.c pnova/_protect.c pnova/_persist.c pnova/_uring.c | deps
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
@@ -49,7 +52,17 @@ install-helpers: venv
 		echo "hint: as root, run 'make install-helpers' so that mount -t fuse.pnova finds pnova"; \
 	fi
 
-run: venv install-helpers
+URING_PARAM := /sys/module/fuse/parameters/enable_uring
+fuse-uring:
+	@if [ ! -e $(URING_PARAM) ]; then \
+		echo "this kernel has no FUSE over io_uring: pnova reads /dev/fuse"; \
+	elif [ "$$(cat $(URING_PARAM))" != Y ]; then \
+		if [ "$$(id -u)" = 0 ]; then echo Y > $(URING_PARAM) && \
+			echo "switched on FUSE over io_uring ($(URING_PARAM))"; \
+		else echo "hint: as root, run 'make fuse-uring' (FUSE over io_uring is off)"; fi; \
+	fi
+
+run: venv install-helpers fuse-uring
 	@if [ -e "$(IMAGE)" ]; then echo "$(IMAGE) exists: mounting it as is"; \
 	else $(VENV)/bin/mkfs.pnova --size $(SIZE) $(IMAGE); fi
 	@mkdir -p $(MNT)
@@ -59,7 +72,7 @@ run: venv install-helpers
 umount:
 	fusermount3 -u $(MNT)
 
-test: venv install-helpers
+test: venv install-helpers fuse-uring
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 crashtest: venv
@@ -76,11 +89,11 @@ crashtest-long: venv
 	$(VENV)/bin/pnova-crashtest --model pages --workload seq2 --jobs $$(nproc)
 
 COMPARE_DURATION ?= 5
-compare: venv install-helpers
+compare: venv install-helpers fuse-uring
 	$(VENV)/bin/fxmark reproduce --duration $(COMPARE_DURATION) --out results/pnova-comparison \
 		--doc docs/PERFORMANCE.md --figure docs/figures/pnova-comparison
 
-compare-fuse: venv install-helpers
+compare-fuse: venv install-helpers fuse-uring
 	$(VENV)/bin/fxmark compare-fuse --duration $(COMPARE_DURATION) --build build \
 		--out results/fuse-comparison --doc docs/PERFORMANCE.md \
 		--figure docs/figures/fuse-comparison

@@ -18,4 +18,7 @@ setup(ext_modules=[
     # clwb / sfence for an image mapped with MAP_SYNC (pnova/pmem.py).
     Extension("pnova._persist", sources=["pnova/_persist.c"], extra_compile_args=["-O2"],
               **LIMITED),
+    # io_uring for FUSE requests taken on the caller's CPU (pnova/fuse_session.py).
+    Extension("pnova._uring", sources=["pnova/_uring.c"], extra_compile_args=["-O2"],
+              **LIMITED),
 ])

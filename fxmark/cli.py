@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         "must be reported as FAILED.")
     run.add_argument("--target", action="append", default=[], metavar="TARGET",
                      help="'engine' (the pnova engine driven directly by worker processes), "
-                     "'pnova' (a fresh pnova FUSE mount per run), or a directory, DIR or "
+                     "'pnova' (a fresh pnova FUSE mount per run, taking requests through "
+                     "io_uring when the kernel offers it), 'pnova-devfuse' (the same, always "
+                     "reading /dev/fuse), or a directory, DIR or "
                      "LABEL=DIR, on any filesystem; may be repeated (default: engine)")
     run.add_argument("--workload", type=_workloads, default=[workloads.DWOM],
                      help="comma-separated workloads, or 'all' (default DWOM)")
@@ -240,16 +242,21 @@ def run_plan(wls: list[workloads.Workload], targets: list[Target], schemes: list
     table.header()
     failed = 0
     path = os.path.join(out, "results.jsonl")
+    paths: dict[str, set[str]] = {}            # pnova target -> how requests came
     for w, t, scheme, n in plan:
         progress.start(f"{w.name} {t.label} {scheme} {n}w")
         rec = t.run(w, scheme, n, duration, cfg, progress.tick)
         progress.clear()
         path = results.append(out, rec)
         table.row(rec)
+        if "requests" in rec:
+            paths.setdefault(t.label, set()).add(rec["requests"])
         for key in ("image", "kept"):
             if key in rec:
                 print(f"  kept: {rec[key]}", flush=True)
         failed += "failed" in rec
+    for label, how in paths.items():
+        print(f"{label}: requests taken through {' and '.join(sorted(how))}", flush=True)
     print(f"{failed} of {len(plan)} runs failed; " if failed else "",
           f"results appended to {path}", sep="", flush=True)
     return failed

@@ -16,7 +16,9 @@ limit of open files raised as far as allowed (both keep a descriptor per inode
 they know; MWCL runs at most CREATE_SECONDS for the same reason).  DWOM, DWOL, MWCL and DWBL (1 MiB sequential
 writes) then run against tmpfs, both references and a fresh pnova mount per
 run (lock scheme pnova; for DWOM also inode, NOVA's per-inode lock), with
-buffered and with direct I/O, at each worker count.  The tables, a table of
+buffered and with direct I/O, at each worker count.  Where the kernel offers
+FUSE over io_uring, pnova runs twice: taking its requests that way (``pnova``)
+and reading ``/dev/fuse`` as the references do (``pnova-devfuse``).  The tables, a table of
 ratios and the figure replace the marked section of docs/PERFORMANCE.md
 (between ``<!-- fxmark:compare-fuse:begin -->`` and
 ``<!-- fxmark:compare-fuse:end -->``).  ``make compare-fuse`` calls it.
@@ -36,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pnova.fuse_session import detach
+from pnova.fuse_session import detach, uring_offered
 
 from . import workloads
 from .mount_target import DirTarget, PnovaMountTarget
@@ -181,9 +183,9 @@ def ratios(recs: list[dict], workers: list[int]) -> str:
     lo, hi = min(workers), max(workers)
     lines = ["### Ratios, from the runs above", "",
              f"| workload | I/O | pnova / passthroughfs.py ({lo}w) | pnova / passthrough_ll "
-             f"({lo}w) | pnova {hi}w / {lo}w | inode {hi}w / {lo}w | passthrough_ll "
-             f"{hi}w / {lo}w | tmpfs {hi}w / {lo}w |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"({lo}w) | pnova {hi}w / {lo}w | inode {hi}w / {lo}w | pnova-devfuse "
+             f"{hi}w / {lo}w | passthrough_ll {hi}w / {lo}w | tmpfs {hi}w / {lo}w |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def get(wl: str, target: str, scheme: str, n: int) -> float | None:
         return ops.get((wl, target, scheme, n))
@@ -198,6 +200,8 @@ def ratios(recs: list[dict], workers: list[int]) -> str:
                    ratio(p(lo), get(wl, "passthroughfs.py" + sfx, "-", lo)),
                    ratio(p(lo), get(wl, "passthrough_ll" + sfx, "-", lo)),
                    ratio(p(hi), p(lo)), ratio(p(hi, "inode"), p(lo, "inode")),
+                   ratio(get(wl, "pnova-devfuse" + sfx, "pnova", hi),
+                         get(wl, "pnova-devfuse" + sfx, "pnova", lo)),
                    ratio(get(wl, "passthrough_ll" + sfx, "-", hi),
                          get(wl, "passthrough_ll" + sfx, "-", lo)),
                    ratio(get(wl, "tmpfs" + sfx, "-", hi), get(wl, "tmpfs" + sfx, "-", lo))]
@@ -219,6 +223,10 @@ def compare_fuse(*, build: str, workers: list[int], duration: float, out: str, d
         os.replace(results, results + ".old")
     load_avg = os.getloadavg()
     about = machine()
+    uring = uring_offered()
+    about += ("; FUSE over io_uring offered (pnova takes requests through it; "
+              "pnova-devfuse reads /dev/fuse)" if uring else
+              "; FUSE over io_uring not offered (pnova reads /dev/fuse)")
     failed = 0
     for direct in (False, True):
         sfx = " direct" if direct else ""
@@ -235,6 +243,8 @@ def compare_fuse(*, build: str, workers: list[int], duration: float, out: str, d
                 targets += [DirTarget(r.label + sfx, m.mnt, "fuse")
                             for r, m in zip(refs, mounted)]
                 targets.append(PnovaMountTarget("pnova" + sfx))
+                if uring:
+                    targets.append(PnovaMountTarget("pnova-devfuse" + sfx, uring=False))
                 schemes = ["pnova", "inode"] if wl == "DWOM" else ["pnova"]
                 failed += run_plan([workloads.get(wl)], targets, schemes, workers,
                                    min(duration, CREATE_SECONDS) if wl == "MWCL" else duration,

@@ -6,7 +6,10 @@ afterwards.  :class:`PnovaMountTarget` formats a fresh image for each run,
 mounts it with ``pnova -f -o lock=SCHEME`` on a temporary mount point, runs
 the workload there, checks the contents through the mount, unmounts, and
 checks the image with fsck: the same engine, lock schemes and checks as the
-``engine`` target, with the kernel's FUSE layer in between.
+``engine`` target, with the kernel's FUSE layer in between.  The daemon takes
+requests through FUSE over io_uring when the kernel offers it (target
+``pnova``) or always reads ``/dev/fuse`` (``pnova-devfuse``); each record says
+which path served it (``requests``).
 """
 from __future__ import annotations
 
@@ -103,8 +106,9 @@ class PnovaMountTarget:
 
     uses_schemes = True
 
-    def __init__(self, label: str = "pnova") -> None:
+    def __init__(self, label: str = "pnova", uring: bool | None = None) -> None:
         self.label = label
+        self.uring = uring                     # the daemon's io_uring= (None: auto)
 
     def run(self, workload: Workload, scheme: str, nworkers: int, duration: float,
             cfg: RunConfig, tick: Callable[[], object] | None) -> dict[str, Any]:
@@ -118,7 +122,8 @@ class PnovaMountTarget:
                           features=split_scheme(scheme)[1],
                           inodes_per_cpu=rec["inodes_per_cpu"])
             os.mkdir(mnt)
-            daemon = self._mount(image, mnt, scheme, cfg, logpath)
+            daemon = self._mount(image, mnt, scheme, cfg, logpath, self.uring)
+            rec["requests"] = requests_path(logpath)
             run_dir = os.path.join(mnt, "fxmark")
             os.mkdir(run_dir)
             _PosixRun.measure_in(rec, workload, run_dir, nworkers, duration, cfg, tick)
@@ -146,10 +151,11 @@ class PnovaMountTarget:
 
     @staticmethod
     def _mount(image: str, mnt: str, scheme: str, cfg: RunConfig,
-               logpath: str) -> subprocess.Popen:
+               logpath: str, uring: bool | None) -> subprocess.Popen:
+        how = "auto" if uring is None else ("on" if uring else "off")
         cmd = _pnova_command() + [image, mnt, "-f", "-o",
                                   f"lock={split_scheme(scheme)[0]},"
-                                  f"segment_pages={cfg.segment_pages}"]
+                                  f"segment_pages={cfg.segment_pages},io_uring={how}"]
         with open(logpath, "ab") as log:
             daemon = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL)
@@ -177,6 +183,18 @@ class PnovaMountTarget:
                                "unmount") from None
         if rc != 0:
             raise RuntimeError(f"pnova exited with status {rc}: {_last_line(logpath)}")
+
+
+def requests_path(logpath: str) -> str:
+    """How the daemon that logs to ``logpath`` takes its requests, from its
+    log: 'io_uring' or '/dev/fuse'."""
+    try:
+        with open(logpath, encoding="utf-8", errors="replace") as f:
+            if "requests come through io_uring" in f.read():
+                return "io_uring"
+    except OSError:
+        pass
+    return "/dev/fuse"
 
 
 def _last_line(path: str) -> str:

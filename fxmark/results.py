@@ -13,7 +13,8 @@ seconds), worker_ops and worker_seconds (per worker), and either
 Also: direct (O_DIRECT asked for), host_cpus, started, worker_paused when a
 workload replenished (untimed) what it uses up.  Targets add their own
 settings: engine and pnova: segment_pages, ncpus, device_size (and image
-when kept); directory targets: path and fstype (and kept).
+when kept); pnova mounts also requests ('io_uring' or '/dev/fuse': how the
+daemon took its requests); directory targets: path and fstype (and kept).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import json
 import os
 from typing import Any, TextIO
 
-COLUMNS = (("workload", 8), ("target", 10), ("scheme", 9), ("workers", 7),
+COLUMNS = (("workload", 8), ("target", 13), ("scheme", 9), ("workers", 7),
            ("ops/s", 12), ("speed-up", 8), ("user", 5), ("sys", 5), ("idle", 5))
 
 

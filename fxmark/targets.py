@@ -215,16 +215,19 @@ def parse_target(spec: str, taken: set[str]) -> Target:
         return EngineTarget()
     if spec == "pnova":
         return PnovaMountTarget()
+    if spec == "pnova-devfuse":
+        return PnovaMountTarget("pnova-devfuse", uring=False)
     label, sep, path = spec.partition("=")
     if not sep:
         label, path = "", spec
     if not os.path.isdir(path):
-        raise ValueError(f"target {spec!r}: not 'engine', 'pnova' or a directory")
+        raise ValueError(f"target {spec!r}: not 'engine', 'pnova', 'pnova-devfuse' or a "
+                         "directory")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"target {spec!r}: directory not writable")
     fstype = fstype_of(path)
     if not label:
         label = fstype if fstype not in taken else os.path.abspath(path)
-    if label in taken or label in ("engine", "pnova"):
+    if label in taken or label in ("engine", "pnova", "pnova-devfuse"):
         raise ValueError(f"target label {label!r} used twice; name it with LABEL=DIR")
     return DirTarget(label, os.path.abspath(path), fstype)

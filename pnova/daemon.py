@@ -67,7 +67,9 @@ from . import fuse_wire as W
 from .atomics import SharedWords
 from .engine import FileSystem, Landing
 from .fuse_ops import PnovaOperations
-from .fuse_session import WANTED, Connection, Loop, detach, ignore_terminal_signals
+from .fuse_session import (WANTED, Connection, Loop, MountError, UringLoop, UringUnavailable,
+                           clone_nonblocking, detach, ignore_terminal_signals,
+                           possible_cpus, uring_offered)
 from .locks import LockTimeout
 from .shared import H_LIMBO, H_RDURABLE, H_RSYNC, H_SEQ
 
@@ -367,7 +369,8 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
           on_ready: Callable[[], None] | None = None,
           child_setup: Callable[[], None] | None = None,
           ops_factory: Callable[[FileSystem], PnovaOperations] = PnovaOperations,
-          wanted: int = WANTED, commit: float = COMMIT_INTERVAL, keeper: bool = True) -> int:
+          wanted: int = WANTED, commit: float = COMMIT_INTERVAL, keeper: bool = True,
+          uring: bool | None = None) -> int:
     """Mount ``fs`` on ``mountpoint`` and serve it with ``workers`` processes.
 
     ``options``: VFS and kernel FUSE options, plus ``fsname=`` (the source
@@ -378,6 +381,9 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
     syncs of a disk-backed image (0: only when asked, DESIGN 24).  ``keeper``: with
     several serving processes, one more process keeps the CPU of a caller whose
     requests come one at a time awake meanwhile (:meth:`Readers.keep`).
+    ``uring``: take requests through FUSE over io_uring, one queue per CPU
+    (DESIGN 22.8): None uses it when the kernel offers it, True insists (a
+    MountError if it does not), False never asks for it.
     Returns 0 after a clean unmount (the engine's state is saved), 1 when the
     mount was aborted (the engine is released unsaved).  Raises MountError / ProtocolError when the
     kernel mount or its handshake fails.
@@ -392,6 +398,12 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
         elif o != "debug":
             opts.append(o)
     n = workers or default_workers(fs)
+    offered = uring_offered()
+    if uring and not offered:
+        raise MountError("io_uring=on: this kernel does not offer FUSE over io_uring "
+                         "(/sys/module/fuse/parameters/enable_uring is not Y)")
+    if uring is not False and offered:
+        wanted |= W.OVER_IO_URING
     # Signals stay blocked until the supervisor's trio receiver exists (and,
     # in workers, until their handlers are set), so that a SIGTERM arriving
     # right after the mount appears still unmounts cleanly.
@@ -407,7 +419,15 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
         log.info("FUSE protocol 7.%d with %s; %d serving process%s", neg.minor,
                  ", ".join(neg.names()), n, "" if n == 1 else "es")
         fs.prepare_workers(workers=n)
-        readers = Readers(n) if n > 1 else None
+        queues: list[list[int]] | None = None
+        if neg.flags & W.OVER_IO_URING:
+            # each CPU's queue to one worker; worker k serves CPUs k, k + n, ...
+            nq = possible_cpus()
+            queues = [[q for q in range(nq) if q % n == k] for k in range(n)]
+            log.info("requests come through io_uring: %d queues over %d serving "
+                     "process%s", nq, n, "" if n == 1 else "es")
+        # (with io_uring, requests are already spread by the caller's CPU)
+        readers = Readers(n) if n > 1 and queues is None else None
         if readers is not None and keeper and len(os.sched_getaffinity(0)) > 1:
             # (with one usable CPU the caller's CPU is the serving one: nothing to keep)
             readers.keep_efd = os.eventfd(0, os.EFD_CLOEXEC)
@@ -425,7 +445,8 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
                 pid = os.fork()
                 if pid == 0:
                     _worker(fs, conn, cpu, ops_factory, debug, child_setup,
-                            readers)             # never returns
+                            readers, None if queues is None else queues[cpu])
+                    # (never returns)
                 pids[pid] = cpu
         except OSError as e:
             log.error("cannot start serving processes: %s", e.strerror)
@@ -643,10 +664,42 @@ def _keeper(conn: Connection, readers: Readers,
         os._exit(0)
 
 
+def _uring_loop(fs: FileSystem, conn: Connection, cpu: int, ops: PnovaOperations,
+                queues: list[int], debug: bool) -> Loop:
+    """The request loop of a worker serving the io_uring queues ``queues``
+    (CPU numbers): pinned to those CPUs, so that their requests are served
+    where their callers run.  Worker 0 also reads what comes through the
+    descriptor itself.  If the kernel refuses the ring, the worker reads the
+    descriptor as without io_uring (a warning says so)."""
+    allowed = os.sched_getaffinity(0)
+    mine = set(queues) & allowed
+    if mine:
+        os.sched_setaffinity(0, mine)
+    classic = -1
+    try:
+        classic = clone_nonblocking(conn.fd) if cpu == 0 else -1
+        loop = UringLoop(conn.fd, ops.table, queues, classic=classic, name=f"cpu{cpu}",
+                         debug=debug)
+        loop.first = loop.register()
+        # the data of a write comes in the ring's buffer: nothing to land
+        ops.landing = None
+        return loop
+    except (OSError, UringUnavailable) as e:
+        log.warning("cpu%d: the kernel refused FUSE over io_uring (%s); reading "
+                    "/dev/fuse instead", cpu, e)
+        if classic >= 0:
+            os.close(classic)
+        if mine:
+            os.sched_setaffinity(0, allowed)
+        return Loop(conn.fd, ops.table, name=f"cpu{cpu}", debug=debug, landing=ops.landing)
+
+
 def _worker(fs: FileSystem, conn: Connection, cpu: int,
             ops_factory: Callable[[FileSystem], PnovaOperations], debug: bool,
-            child_setup: Callable[[], None] | None, readers: Readers | None) -> None:
-    """The forked child: serve as ``cpu`` until the mount ends, then exit."""
+            child_setup: Callable[[], None] | None, readers: Readers | None,
+            queues: list[int] | None = None) -> None:
+    """The forked child: serve as ``cpu`` until the mount ends, then exit
+    (``queues``: the io_uring queues it serves, None to read /dev/fuse)."""
     code = EXIT_FAILED
     supervisor = os.getppid()
     try:
@@ -661,8 +714,11 @@ def _worker(fs: FileSystem, conn: Connection, cpu: int,
         if readers is not None:
             readers.become(cpu, conn.fd)
             readers.before_sleep = functools.partial(_settle_held, fs, ops.landing)
-        loop = Loop(conn.fd, ops.table, name=f"cpu{cpu}", debug=debug, turns=readers,
-                    landing=ops.landing)
+        if queues is not None:
+            loop = _uring_loop(fs, conn, cpu, ops, queues, debug)
+        else:
+            loop = Loop(conn.fd, ops.table, name=f"cpu{cpu}", debug=debug, turns=readers,
+                        landing=ops.landing)
         ignore_terminal_signals()
         # Every request allocates short-lived objects and the inode cache keeps
         # growing: with Python's default threshold a young collection runs every

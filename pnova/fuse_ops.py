@@ -43,6 +43,8 @@ log = logging.getLogger("pnova.fuse")
 CACHE_TIMEOUT = 10.0
 
 _EMPTY = b""
+# a readdirplus entry that hands the kernel no inode (fuse_entry_out, node id 0)
+_NO_ENTRY = bytes(W.ENTRY_OUT_SIZE)
 # what a caller asking for the size of the scrub's answer is told (asking
 # scrubs nothing: the answer is shorter than this)
 SCRUB_ANSWER_MAX = 256
@@ -326,7 +328,7 @@ class PnovaOperations:
         _fh, off, size, _, _, _, _ = W.READ_IN.unpack_from(body)
         out = bytearray()
         for name, child, next_off in self.fs.readdir(ino, off, limit=size // 32 + 1):
-            d = W.dirent(child, next_off, name, (self.fs.getattr(child).mode & W.S_IFMT) >> 12)
+            d = W.dirent(child, next_off, name, self._dtype(child))
             if len(out) + len(d) > size:
                 break
             out += d
@@ -338,7 +340,19 @@ class PnovaOperations:
         fs = self.fs
         out = bytearray()
         for name, child, next_off in fs.readdir(ino, off, limit=size // 160 + 1):
-            a = fs.getattr(child)
+            try:
+                a = fs.getattr(child)
+            except FsError as e:
+                if e.errno != errno.EIO:
+                    raise
+                # Its inode does not read back: listed by name alone (node id 0
+                # hands the kernel no inode), so that a damaged file costs that
+                # file, not its directory's listing; a lookup of it answers EIO.
+                d = _NO_ENTRY + W.dirent(child, next_off, name, 0)
+                if len(out) + len(d) > size:
+                    break
+                out += d
+                continue
             d = self._entry(a) + W.dirent(child, next_off, name, (a.mode & W.S_IFMT) >> 12)
             if len(out) + len(d) > size:
                 break
@@ -351,6 +365,16 @@ class PnovaOperations:
                     continue                     # removed since: as if listed after
             out += d
         return out
+
+    def _dtype(self, child: int) -> int:
+        """A directory entry's type (DT_*); unknown (0) for an inode that does not
+        read back, which a listing still names (see readdirplus)."""
+        try:
+            return (self.fs.getattr(child).mode & W.S_IFMT) >> 12
+        except FsError as e:
+            if e.errno != errno.EIO:
+                raise
+            return 0
 
     # ------------------------------------------------------------ xattrs
     def setxattr(self, ino: int, body: memoryview, uid: int, gid: int,

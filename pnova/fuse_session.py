@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
+import mmap
 import os
 import re
 import select
@@ -465,20 +467,222 @@ class Loop:
             return None
         return [_pack_out(W.OUT_HEADER_SIZE + len(out), 0, unique), out], unique, 0
 
-    def _send(self, parts: list, unique: int, error: int) -> None:
-        """Write a reply (``error``: its errno, 0 for success)."""
+    def _send(self, parts: list, unique: int, error: int, fd: int = -1) -> None:
+        """Write a reply (``error``: its errno, 0 for success) to the loop's
+        descriptor, or to ``fd``."""
         if self.debug:
             # before the reply, so that tracing does not keep the process busy
             # while the caller goes on
             log.debug("%s: #%d -> %s", self.name, unique,
                       "ok" if error == 0 else errno.errorcode.get(error, error))
         try:
-            os.writev(self.fd, parts)
+            os.writev(self.fd if fd < 0 else fd, parts)
         except OSError as e:
             # ENOENT: the kernel no longer waits for this request (interrupted,
             # or the connection is being torn down); nothing to do.
             if e.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("%s: reply to #%d failed: %s", self.name, unique, e.strerror)
+
+
+# ---------------------------------------------------------------- io_uring
+URING_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
+_POLL = 1 << 62                 # user_data of the classic descriptor's poll
+_ROOM = 4096                    # before an entry's payload: the request's headers
+
+
+def uring_offered() -> bool:
+    """Whether this kernel lets FUSE requests come through io_uring: built with
+    it, and switched on (``enable_uring``, which only root can set)."""
+    try:
+        with open(URING_PARAMETER, encoding="ascii") as f:
+            return f.read().strip() in ("Y", "1")
+    except OSError:
+        return False
+
+
+def possible_cpus() -> int:
+    """How many CPUs the kernel may ever run (its ``num_possible_cpus``): FUSE
+    over io_uring keeps one request queue for each."""
+    try:
+        with open("/sys/devices/system/cpu/possible", encoding="ascii") as f:
+            text = f.read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+class UringUnavailable(Exception):
+    """The kernel refused to take this process's io_uring entries."""
+
+
+class UringLoop(Loop):
+    """The request loop of a serving process that takes requests from the
+    kernel's per-CPU queues of FUSE over io_uring (DESIGN 22.8).
+
+    ``queues`` are the queues (CPU numbers) this process serves; the kernel
+    puts a request on the queue of the CPU its caller runs on, so a process
+    pinned to that CPU serves it there, and a reply and the fetch of the
+    next request are one system call.  ``classic``: this process also reads
+    the descriptor itself, for what never comes through io_uring (FORGET,
+    INTERRUPT) and everything until every queue has an entry: ``classic`` is
+    then a non-blocking clone of the descriptor (:func:`clone_nonblocking`),
+    else -1.
+
+    Each entry has its own buffer: the 288-byte header area the kernel fills,
+    then ``_ROOM`` bytes where the request's headers are copied to sit right
+    before the payload, then the payload; the handlers so see the request as
+    one contiguous buffer, as a read() of the descriptor gives it.
+    """
+
+    def __init__(self, fd: int, handlers: Sequence[Handler | None], queues: Sequence[int],
+                 *, classic: int = -1, name: str = "", debug: bool = False) -> None:
+        super().__init__(fd, handlers, name=name, debug=debug)
+        from ._uring import Ring                 # (compiled; only this loop needs it)
+        self.queues = list(queues)
+        self.classic = classic
+        self.first: list[tuple[int, int]] = []
+        self.ring = Ring(max(8, 4 * len(self.queues) + 4))
+        size = W.URING_HEADER_SIZE + _ROOM + BUFFER_SIZE
+        self.areas = [mmap.mmap(-1, size) for _ in self.queues]
+        self.views = [memoryview(a) for a in self.areas]
+        # iovec pairs (header, payload) the REGISTER commands point at
+        self.iovecs = []
+        for area in self.areas:
+            base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            self.iovecs.append((ctypes.c_uint64 * 4)(
+                base, W.URING_HEADER_SIZE,
+                base + W.URING_HEADER_SIZE + _ROOM, BUFFER_SIZE))
+
+    def register(self) -> list[tuple[int, int]]:
+        """Give the kernel one entry for each of this process's queues; returns
+        the completions already there.  Raises UringUnavailable if the kernel
+        refuses the entries (nothing is then registered for this process)."""
+        ring = self.ring
+        for i, qid in enumerate(self.queues):
+            ring.cmd(self.fd, W.URING_CMD_REGISTER, W.URING_CMD.pack(0, 0, qid),
+                     ctypes.addressof(self.iovecs[i]), 2, i)
+        if self.classic >= 0:
+            ring.poll(self.classic, select.POLLIN, _POLL)
+        # A refusal completes at once; an accepted entry completes with a request.
+        done = ring.enter(False)
+        for ud, res in done:
+            if ud != _POLL and res < 0:
+                raise UringUnavailable(os.strerror(-res))
+        return done
+
+    def run(self) -> str:
+        """Serve until the connection ends ('unmounted') or a stop ('stopped').
+        :meth:`register` must have been called."""
+        ring = self.ring
+        views = self.views
+        queues = self.queues
+        fd = self.fd
+        head_at = W.URING_HEADER_SIZE + _ROOM
+        cmd = ring.cmd
+        commit_op = W.URING_CMD_COMMIT_AND_FETCH
+        pack_cmd = W.URING_CMD.pack
+        ent = W.URING_ENT.unpack_from
+        classic = bytearray(BUFFER_SIZE) if self.classic >= 0 else None
+        done = self.first
+        while True:
+            if self.stopping:
+                return "stopped"
+            if not done:
+                self.waiting = True
+                try:
+                    done = ring.enter(True)
+                except Stop:
+                    return "stopped"
+                finally:
+                    self.waiting = False
+            for ud, res in done:
+                if ud == _POLL:
+                    if self._classic(classic, res):
+                        return "unmounted"
+                    ring.poll(self.classic, select.POLLIN, _POLL)
+                    continue
+                if res < 0:
+                    # the connection ended: every entry is given back
+                    if res in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED):
+                        return "unmounted"
+                    raise OSError(-res, f"io_uring entry {ud}: {os.strerror(-res)}")
+                v = views[ud]
+                length = _unpack_in(v)[0]
+                _flags, commit_id, psz = ent(v, W.URING_ENT_IN_OUT)
+                h = length - W.IN_HEADER_SIZE - psz      # the opcode's header
+                if not 0 <= h <= W.URING_OP_IN:
+                    raise ProtocolError(f"io_uring request of {length} bytes with a "
+                                        f"{psz}-byte payload")
+                start = head_at - h - W.IN_HEADER_SIZE
+                v[start:start + W.IN_HEADER_SIZE] = v[:W.IN_HEADER_SIZE]
+                v[head_at - h:head_at] = v[W.URING_OP_IN:W.URING_OP_IN + h]
+                reply = self._answer(v[start:start + length])
+                if reply is None:             # (no such request comes this way)
+                    v[:W.OUT_HEADER_SIZE] = _pack_out(W.OUT_HEADER_SIZE, 0, commit_id)
+                    psz = 0
+                else:
+                    parts = reply[0]
+                    if self.debug:
+                        log.debug("%s: #%d -> %s", self.name, reply[1],
+                                  "ok" if reply[2] == 0 else
+                                  errno.errorcode.get(reply[2], reply[2]))
+                    v[:W.OUT_HEADER_SIZE] = parts[0]
+                    psz = 0
+                    for part in parts[1:]:
+                        n = len(part)
+                        v[head_at + psz:head_at + psz + n] = part
+                        psz += n
+                v[W.URING_PAYLOAD_SZ:W.URING_PAYLOAD_SZ + 4] = psz.to_bytes(4, "little")
+                cmd(fd, commit_op, pack_cmd(0, commit_id, queues[ud]), 0, 0, ud)
+            done = []
+
+    def _classic(self, buf: bytearray, res: int) -> bool:
+        """Serve what waits on the descriptor itself (it is non-blocking);
+        True if the connection has ended."""
+        if res < 0 or res & (select.POLLERR | select.POLLHUP):
+            return True
+        mv = memoryview(buf)
+        fd = self.classic
+        while True:
+            try:
+                n = os.readv(fd, [buf])
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue
+                if e.errno in (errno.ENODEV, errno.ECONNABORTED):
+                    return True
+                raise
+            if n == 0:
+                return True
+            reply = self._answer(mv[:n])
+            if reply is not None:
+                self._send(*reply, fd=fd)
+
+    def close(self) -> None:
+        """Give the ring back (the kernel cancels the entries it still holds)."""
+        self.ring.close()
+
+
+_FUSE_DEV_IOC_CLONE = 0x8004E500        # _IOR(229, 0, uint32_t)
+
+
+def clone_nonblocking(fd: int) -> int:
+    """A second descriptor of the connection ``fd``, non-blocking: a request
+    read from it is answered on it.  (Reading the shared descriptor without
+    blocking would change it for every process.)"""
+    new = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(new, _FUSE_DEV_IOC_CLONE, struct.pack("I", fd))
+    except OSError:
+        os.close(new)
+        raise
+    return new
 
 
 def ignore_terminal_signals() -> None:

@@ -58,6 +58,7 @@ CACHE_SYMLINKS = 1 << 23
 HANDLE_KILLPRIV_V2 = 1 << 28
 INIT_EXT = 1 << 30                   # the flags go on in flags2 (bits 32..63)
 DIRECT_IO_ALLOW_MMAP = 1 << 36       # a direct-I/O open may still be mapped shared
+OVER_IO_URING = 1 << 41              # requests may come through io_uring (Linux 6.14)
 
 INIT_FLAG_NAMES = {
     ASYNC_READ: "async_read", ATOMIC_O_TRUNC: "atomic_o_trunc",
@@ -65,7 +66,7 @@ INIT_FLAG_NAMES = {
     AUTO_INVAL_DATA: "auto_inval_data", DO_READDIRPLUS: "readdirplus",
     ASYNC_DIO: "async_dio", PARALLEL_DIROPS: "parallel_dirops", MAX_PAGES: "max_pages",
     CACHE_SYMLINKS: "cache_symlinks", HANDLE_KILLPRIV_V2: "handle_killpriv_v2",
-    DIRECT_IO_ALLOW_MMAP: "direct_io_allow_mmap",
+    DIRECT_IO_ALLOW_MMAP: "direct_io_allow_mmap", OVER_IO_URING: "over_io_uring",
 }
 
 # open reply flags (fuse_open_out.open_flags)
@@ -123,6 +124,20 @@ GETXATTR_OUT = struct.Struct("<II")          # size padding
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")  # fuse_kstatfs, 80 bytes
 DIRENT = struct.Struct("<QQII")              # ino off namelen type
 INTERRUPT_IN = struct.Struct("<Q")           # unique of the interrupted request
+
+# FUSE over io_uring (<linux/fuse.h> 7.42).  Each ring entry has a 288-byte
+# header buffer: the fuse_in_header / fuse_out_header in the first 128 bytes,
+# the opcode's own header (its first argument) in the next 128, then
+# fuse_uring_ent_in_out (flags, commit_id, payload_sz, padding, reserved).
+# Everything after the opcode's header, both ways, is in the payload buffer.
+URING_CMD_REGISTER = 1                       # register an entry's buffers, fetch
+URING_CMD_COMMIT_AND_FETCH = 2               # answer the entry's request, fetch
+URING_OP_IN = 128                            # offset of the opcode's header
+URING_ENT_IN_OUT = 256                       # offset of fuse_uring_ent_in_out
+URING_HEADER_SIZE = 288
+URING_ENT = struct.Struct("<QQI")            # flags commit_id payload_sz
+URING_PAYLOAD_SZ = URING_ENT_IN_OUT + 16     # offset of payload_sz
+URING_CMD = struct.Struct("<QQH6x")          # fuse_uring_cmd_req: flags commit_id qid
 
 # S_IFMT >> 12 is the dirent type the kernel expects (DT_*)
 S_IFMT = 0o170000

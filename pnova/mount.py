@@ -60,6 +60,11 @@ mount options (-o, comma-separated, may be repeated):
                       process, at the idle scheduling class, keeps its CPU from
                       sleeping (default on with several serving processes);
                       DESIGN.md 22.3
+  io_uring=auto|on|off
+                      take requests through FUSE over io_uring, one queue per
+                      CPU served on that CPU (default auto: when the kernel
+                      offers it, /sys/module/fuse/parameters/enable_uring);
+                      DESIGN.md 22.8
   debug               same as -d
   dev,nodev,suid,nosuid,exec,noexec,atime,noatime,sync,async,dirsync
                       passed to the kernel
@@ -92,6 +97,7 @@ class Config:
     workers: int | None = None
     commit: float = 5.0
     keeper: bool = True
+    uring: bool | None = None                # None: when the kernel offers it
     fuse_options: set[str] = field(default_factory=set)
 
 
@@ -151,6 +157,10 @@ def parse_args(argv: list[str]) -> Config:
                 if value not in ("on", "off"):
                     raise UsageError(f"keeper={value}: give on or off")
                 cfg.keeper = value == "on"
+            elif key == "io_uring":
+                if value not in ("auto", "on", "off"):
+                    raise UsageError(f"io_uring={value}: give auto, on or off")
+                cfg.uring = None if value == "auto" else value == "on"
             elif key == "commit":
                 try:
                     cfg.commit = float(value)
@@ -374,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     served = False
     try:
         rc = serve(fs, cfg.mountpoint, cfg.fuse_options, workers=cfg.workers, commit=cfg.commit,
-                   keeper=cfg.keeper,
+                   keeper=cfg.keeper, uring=cfg.uring,
                    debug=cfg.debug, on_ready=ready, child_setup=in_worker)
         served = True
     except (MountError, ProtocolError) as e:          # the kernel mount failed

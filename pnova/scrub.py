@@ -12,8 +12,9 @@ another user this step is skipped and said so).  An inode slot that does not
 read is restored from its replica then and there (a damaged replica rewritten
 from the slot), and every log page is compared with its twin (format 8): a
 log damaged in one copy is rewritten from what reads.  Metadata that does not
-read back in either copy is reported by path: fsck.pnova repairs what it can
-with the image unmounted.
+read back in either copy is reported by path, and so is a path the mount
+answers EIO for (its serving process could not read the metadata to find
+it): fsck.pnova repairs what it can with the image unmounted.
 Then it reads every byte of each file with
 O_DIRECT, so that the kernel's page cache answers nothing itself: every read
 the mount serves checks the strips it returns, and bytes that cannot be
@@ -61,19 +62,33 @@ def _scrub_attr(path: str) -> dict[str, int] | None:
     return out
 
 
-def _files(top: str, dev: int, dirs_out: list[str] | None = None) -> list[tuple[str, int]]:
+def _files(top: str, dev: int, dirs_out: list[str] | None = None,
+           errors: list[OSError] | None = None) -> list[tuple[str, int]]:
     """(path, size) of every regular file under ``top`` on the same filesystem;
-    the directories (``top`` included) go to ``dirs_out``."""
+    the directories (``top`` included) go to ``dirs_out``, and what could not be
+    listed or looked up (the error, with its ``filename``) to ``errors``."""
     out = []
-    for root, dirs, names in os.walk(top):
-        dirs[:] = [d for d in dirs if os.lstat(os.path.join(root, d)).st_dev == dev]
+    failed = errors.append if errors is not None else None
+
+    def here(path: str) -> bool:
+        try:
+            return os.lstat(path).st_dev == dev
+        except OSError as e:
+            if failed is not None:
+                failed(e)
+            return False
+
+    for root, dirs, names in os.walk(top, onerror=failed):
+        dirs[:] = [d for d in dirs if here(os.path.join(root, d))]
         if dirs_out is not None:
             dirs_out.append(root)
         for n in names:
             p = os.path.join(root, n)
             try:
                 st = os.lstat(p)
-            except OSError:
+            except OSError as e:
+                if failed is not None:
+                    failed(e)
                 continue
             if stat.S_ISREG(st.st_mode) and st.st_dev == dev:
                 out.append((p, st.st_size))
@@ -129,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pnova-scrub: {a.mountpoint} is not a pnova mount point", file=sys.stderr)
         return 2
     dirs: list[str] = []
-    files = _files(mnt, os.stat(mnt).st_dev, dirs)
+    walk_errors: list[OSError] = []
+    files = _files(mnt, os.stat(mnt).st_dev, dirs, walk_errors)
     total = sum(s for _, s in files)
     done = [0]
     last = [0.0]
@@ -156,12 +172,26 @@ def main(argv: list[str] | None = None) -> int:
         print(("\n" if show else "") + f"{path}: its metadata is damaged (the mount "
               "cannot read it back); unmount and run fsck.pnova")
 
+    def failed(path: str, e: OSError, reported: bool) -> None:
+        """A path the mount answered an error for.  EIO: the mount could not read
+        its metadata (a serving process that had it cached would have answered
+        the scrub's request instead), reported as such unless it already was."""
+        nonlocal unreadable
+        if e.errno == errno.EIO:
+            if not reported:
+                found["meta"] += 1
+                meta_damaged(path)
+            return
+        print(f"\n{path}: {e.strerror}" if show else f"{path}: {e.strerror}")
+        unreadable += 1
+
+    for e in walk_errors:                        # not listed, or not looked up
+        failed(str(e.filename), e, False)
     for path in dirs:
         try:
             counts = _scrub_attr(path)
         except OSError as e:
-            print(f"\n{path}: {e.strerror}" if show else f"{path}: {e.strerror}")
-            unreadable += 1
+            failed(path, e, False)
             continue
         if counts is None:
             checked = False
@@ -172,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 found["meta"] += 1
                 meta_damaged(path)
     for path, size in files:
+        reported = False
         try:
             counts = _scrub_attr(path)
             if counts is None:
@@ -181,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                     found[k] += v
                 if counts["meta"]:
                     meta_damaged(path)
+                    reported = True
             lost = _read_all(path, size, buf, done, draw)
         except OSError as e:
-            print(f"\n{path}: {e.strerror}" if show else f"{path}: {e.strerror}")
-            unreadable += 1
+            failed(path, e, reported)
             continue
         if lost:
             damaged += 1

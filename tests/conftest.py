@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from pnova.engine import FileSystem
+from pnova.fuse_session import URING_PARAMETER
 from pnova.mkfs import format_device
 
 settings.register_profile("ci", deadline=None, print_blob=True,
@@ -17,6 +18,31 @@ settings.register_profile("ci", deadline=None, print_blob=True,
 settings.register_profile("long", deadline=None, max_examples=500,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fuse_over_io_uring():
+    """FUSE over io_uring switched on for the whole run, where the kernel has it
+    and the tests run as root, as `make run` and `make test` leave it: a mount's
+    default (io_uring=auto) then takes its requests that way, and the tests of
+    the /dev/fuse path say io_uring=off.  Put back as it was afterwards."""
+    try:
+        with open(URING_PARAMETER, encoding="ascii") as f:
+            before = f.read().strip()
+    except OSError:
+        yield                                    # no such kernel: nothing to switch
+        return
+    switched = False
+    if before != "Y" and os.geteuid() == 0:
+        with open(URING_PARAMETER, "w", encoding="ascii") as f:
+            f.write("Y")
+        switched = True
+    try:
+        yield
+    finally:
+        if switched:
+            with open(URING_PARAMETER, "w", encoding="ascii") as f:
+                f.write(before)
 
 
 @pytest.fixture

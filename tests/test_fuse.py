@@ -11,7 +11,10 @@ gives up after a few seconds and records that it was alone.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
+import select
+import signal
 import os
 import shutil
 import stat
@@ -26,7 +29,8 @@ from typing import Iterator
 
 import pytest
 
-from test_mount import WAIT, Mount, daemon_pids, needs_fuse, serving_processes, wait_for
+from test_mount import (WAIT, Mount, daemon_pids, need_uring, needs_fuse, serving_processes,
+                        wait_for)
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 
@@ -90,8 +94,10 @@ if variant == "no-parallel-dirops":
 if variant == "no-killpriv":
     wanted &= ~W.HANDLE_KILLPRIV_V2
 fs = FileSystem.mount(image, lock="inode" if variant == "inode-scheme" else "pnova")
+# (the /dev/fuse path: through io_uring a request is served by the process of
+# its caller's CPU, and two callers on one CPU would never meet)
 sys.exit(serve(fs, mnt, ["default_permissions", "fsname=" + image], workers=2,
-               ops_factory=Probe, wanted=wanted))
+               ops_factory=Probe, wanted=wanted, uring=False))
 """
 
 
@@ -331,9 +337,12 @@ def test_privileges_dropped_exactly_as_on_tmpfs(image: str) -> None:
 
 
 @needs_fuse
-def test_debug_names_the_serving_process(tmp_path: Path, image: str) -> None:
+@pytest.mark.parametrize("path", ["io_uring", "devfuse"])
+def test_debug_names_the_serving_process(tmp_path: Path, image: str, path: str) -> None:
     """pnova -d traces every request and reply, naming the process that served it."""
-    m = Mount(image, tmp_path / "mnt")
+    if path == "io_uring":
+        need_uring()
+    m = Mount(image, tmp_path / "mnt", path)
     try:
         proc = m.start_foreground("-d", "-o", "workers=2")
         (m.mnt / "f").write_bytes(b"traced")
@@ -356,7 +365,7 @@ def test_one_client_is_served_by_one_process(tmp_path: Path, image: str) -> None
     in turn; the mount keeps the other processes asleep until requests overlap
     (pnova.daemon.Readers), so one process serves almost all of them.  Each
     process logs how many requests it served when the mount ends."""
-    m = Mount(image, tmp_path / "mnt")
+    m = Mount(image, tmp_path / "mnt", "devfuse")
     try:
         m.start("-o", "workers=2")
         fd = os.open(m.mnt / "f", os.O_RDWR | os.O_CREAT, 0o644)
@@ -436,7 +445,7 @@ def test_the_keeper_spins_at_the_idle_class_only_for_a_lone_caller(
     writes, sleeps while two callers' requests overlap (every CPU has work
     then) and on an idle mount; `-o keeper=off` has none, and a keeper killed
     leaves the mount serving."""
-    m = Mount(image, tmp_path / "mnt")
+    m = Mount(image, tmp_path / "mnt", "devfuse")
     try:
         m.start("-o", "workers=2")
         wait_for(lambda: "pnova-keep" in serving_processes(image), "the keeper")
@@ -469,17 +478,22 @@ def test_the_keeper_spins_at_the_idle_class_only_for_a_lone_caller(
 
 
 @needs_fuse
-def test_an_idle_mount_sleeps(tmp_path: Path, image: str) -> None:
+@pytest.mark.parametrize("path", ["io_uring", "devfuse"])
+def test_an_idle_mount_sleeps(tmp_path: Path, image: str, path: str) -> None:
     """Nothing in the daemon polls: the supervisor waits for signals, its workers'
     exits and a ring running low; a serving process waits for requests (or, asleep,
-    for a wake-up).  A mount nobody uses wakes no process."""
-    m = Mount(image, tmp_path / "mnt")
+    for a wake-up; through io_uring, in io_uring_enter).  A mount nobody uses
+    wakes no process."""
+    if path == "io_uring":
+        need_uring()
+    m = Mount(image, tmp_path / "mnt", path)
     try:
         m.start("-o", "workers=2")
         (m.mnt / "f").write_bytes(b"x" * 10000)
         assert (m.mnt / "f").read_bytes() == b"x" * 10000
         pids = daemon_pids(image)
-        assert len(pids) == 4        # the supervisor, two serving processes and the keeper
+        # the supervisor, two serving processes and (reading /dev/fuse) the keeper
+        assert len(pids) == (3 if path == "io_uring" else 4)
         before = _wakeups(pids)
         threading.Event().wait(1.0)
         # (polling every few milliseconds, as the supervisor once did, is hundreds)
@@ -502,7 +516,7 @@ def test_overlapping_clients_keep_few_processes_reading(tmp_path: Path) -> None:
 
     image = str(tmp_path / "six.img")
     format_device(image, 64 << 20, numa_nodes=1, cpus_per_node=6)
-    m = Mount(image, tmp_path / "mnt")
+    m = Mount(image, tmp_path / "mnt", "devfuse")
     try:
         m.start("-o", "workers=6")
         workers = [p for p in daemon_pids(image)
@@ -603,3 +617,197 @@ def test_looking_ahead_under_overlap_only_with_cpus_to_spare() -> None:
     r.w.store32(r._READING, 1)
     r.w.store32(r._BUSY, 0)
     assert not r.may_look()                      # two cores: never while overlapping
+
+
+# ---------------------------------------------------------------- FUSE over io_uring
+def _served_since(log: str, start: int) -> dict[str, int]:
+    """Requests each serving process logged having served, for the mounts whose
+    log begins at byte ``start``."""
+    served: dict[str, int] = {}
+    with open(log) as f:
+        f.seek(start)
+        for line in f:
+            if " after " in line and line.rstrip().endswith(" requests"):
+                cpu = line.split(": ")[1].split()[0]
+                served[cpu] = served.get(cpu, 0) + int(line.split(" after ")[1].split()[0])
+    return served
+
+
+def _log_size(log: str) -> int:
+    try:
+        return os.path.getsize(log)
+    except FileNotFoundError:
+        return 0
+
+
+@needs_fuse
+def test_through_io_uring_a_request_is_served_on_its_callers_cpu(tmp_path: Path,
+                                                                 image: str) -> None:
+    """Through FUSE over io_uring the kernel puts a request on the queue of the CPU
+    its caller runs on, and each queue is served by one process pinned to that CPU
+    (DESIGN 20.6): a caller kept on CPU 0 is served by pnova-cpu0, one kept on CPU
+    1 by pnova-cpu1, and the data is there either way."""
+    need_uring()
+    mine = os.sched_getaffinity(0)
+    if not {0, 1} <= mine:
+        pytest.skip("needs CPUs 0 and 1")
+    m = Mount(image, tmp_path / "mnt", "io_uring")
+    try:
+        for cpu in (0, 1):
+            start = _log_size(m.log)
+            m.start("-o", "workers=2")
+            procs = serving_processes(image)
+            assert os.sched_getaffinity(procs["pnova-cpu0"]) == {0}
+            assert os.sched_getaffinity(procs["pnova-cpu1"]) == {1}
+            os.sched_setaffinity(0, {cpu})
+            try:
+                d = m.mnt / f"from{cpu}"
+                d.mkdir()
+                for i in range(200):
+                    (d / f"f{i}").write_bytes(b"%d" % i)
+                fd = os.open(d / "f0", os.O_WRONLY)
+                try:
+                    for i in range(600):
+                        os.pwrite(fd, b"w" * 4096, 4096 * (i % 8))
+                finally:
+                    os.close(fd)
+            finally:
+                os.sched_setaffinity(0, mine)
+            m.stop()
+            served = _served_since(m.log, start)
+            other = f"cpu{1 - cpu}"
+            assert served[f"cpu{cpu}"] >= 1000, served
+            assert served[other] <= 0.05 * served[f"cpu{cpu}"], served
+        m.start()
+        for cpu in (0, 1):
+            assert sorted(os.listdir(m.mnt / f"from{cpu}")) == sorted(
+                f"f{i}" for i in range(200))
+            assert (m.mnt / f"from{cpu}" / "f7").read_bytes() == b"7"
+            assert (m.mnt / f"from{cpu}" / "f0").read_bytes() == b"w" * 4096 * 8
+        m.stop()
+    finally:
+        m.cleanup()
+
+
+@needs_fuse
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch FUSE over io_uring")
+def test_io_uring_option_auto_on_off(tmp_path: Path, image: str) -> None:
+    """io_uring=auto (the default) takes requests through io_uring where the kernel
+    offers it and reads /dev/fuse where it does not; io_uring=off never asks for
+    it; io_uring=on refuses to mount without it, in one line that says how to
+    switch it on, and leaves nothing mounted."""
+    from pnova.fuse_session import URING_PARAMETER
+    if not os.path.exists(URING_PARAMETER):
+        pytest.skip("this kernel has no FUSE over io_uring")
+    with open(URING_PARAMETER) as f:
+        before = f.read().strip()
+    said = "requests come through io_uring"
+
+    def mount_says(*opts: str) -> bool:
+        start = _log_size(m.log)
+        m.start(*opts)
+        (m.mnt / "f").write_bytes(b"data")
+        assert (m.mnt / "f").read_bytes() == b"data"
+        m.stop()
+        with open(m.log) as f:
+            f.seek(start)
+            return said in f.read()
+
+    def switch(value: str) -> None:
+        with open(URING_PARAMETER, "w") as f:
+            f.write(value)
+
+    m = Mount(image, tmp_path / "mnt")
+    try:
+        switch("Y")
+        assert mount_says()
+        assert mount_says("-o", "io_uring=auto")
+        assert not mount_says("-o", "io_uring=off")
+        switch("N")
+        assert not mount_says()
+        r = m.run("-o", "io_uring=on")
+        assert r.returncode != 0
+        assert "enable_uring" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not os.path.ismount(m.mnt)
+        r = m.run("-o", "io_uring=sometimes")
+        assert r.returncode == 1 and "io_uring=sometimes: give auto, on or off" in r.stderr
+    finally:
+        switch(before)
+        m.cleanup()
+
+
+def test_a_refused_ring_falls_back_to_reading_the_descriptor(
+        image: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A serving process whose io_uring entries the kernel refuses (here: the
+    descriptor is no FUSE connection at all) says so in one warning and serves by
+    reading the descriptor, unpinned, with its landing for large writes kept."""
+    from pnova.daemon import _uring_loop
+    from pnova.engine import FileSystem
+    from pnova.fuse_ops import PnovaOperations
+    from pnova.fuse_session import Connection, Loop, UringLoop
+
+    fs = FileSystem.mount(image)
+    rd, wr = os.pipe()
+    mine = os.sched_getaffinity(0)
+    try:
+        for cpu in (0, 1):
+            ops = PnovaOperations(fs)
+            landing = ops.landing
+            with caplog.at_level(logging.WARNING, logger="pnova.daemon"):
+                loop = _uring_loop(fs, Connection(rd, "/nowhere"), cpu, ops, [cpu], False)
+            assert type(loop) is Loop and not isinstance(loop, UringLoop)
+            assert loop.landing is landing is not None
+            assert os.sched_getaffinity(0) == mine
+            assert "refused FUSE over io_uring" in caplog.text
+            caplog.clear()
+    finally:
+        os.sched_setaffinity(0, mine)
+        os.close(rd)
+        os.close(wr)
+        fs.unmount()
+
+
+def test_the_io_uring_helper() -> None:
+    """pnova._uring.Ring: a poll completes when its descriptor is readable; a
+    command the file does not take completes with a negative errno; a signal
+    during a wait runs its handler, whose exception comes out of the wait; a
+    closed ring refuses further use."""
+    from pnova._uring import Ring
+    ring = Ring(8)
+    rd, wr = os.pipe()
+    old = signal.getsignal(signal.SIGALRM)
+    try:
+        assert ring.fileno() >= 0
+        ring.poll(rd, select.POLLIN, 7)
+        assert ring.enter(False) == []
+        os.write(wr, b"x")
+        got = ring.enter(True)
+        assert len(got) == 1 and got[0][0] == 7 and got[0][1] & select.POLLIN
+        ring.cmd(rd, 1, bytes(24), 0, 0, 9)      # a pipe takes no io_uring command
+        (ud, res), = ring.enter(True)
+        assert ud == 9 and res < 0
+        with pytest.raises(ValueError):
+            ring.cmd(rd, 1, bytes(81), 0, 0, 1)
+
+        class Woken(Exception):
+            pass
+
+        def alarm(*_):
+            raise Woken()
+        signal.signal(signal.SIGALRM, alarm)
+        ring.poll(rd, select.POLLPRI, 8)         # never completes
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Woken):
+            ring.enter(True)
+        ring.close()
+        assert ring.fileno() == -1
+        with pytest.raises(ValueError):
+            ring.enter(False)
+        with pytest.raises(ValueError):
+            ring.poll(rd, select.POLLIN, 1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        ring.close()
+        os.close(rd)
+        os.close(wr)

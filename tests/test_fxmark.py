@@ -107,6 +107,26 @@ def test_pnova_mount_target(tmp_path, capsys):
 
 
 @pytest.mark.mount
+def test_pnova_mount_targets_say_how_requests_came(tmp_path, capsys):
+    """'pnova' takes its requests through FUSE over io_uring where the kernel
+    offers it, 'pnova-devfuse' always reads /dev/fuse; each record and the
+    printed summary say which path served the run."""
+    from pnova.fuse_session import uring_offered
+    rc, recs = _run(tmp_path, "--target", "pnova", "--target", "pnova-devfuse",
+                    "--workload", "MWCL", "--scheme", "pnova", "--workers", "1,2")
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    how = "io_uring" if uring_offered() else "/dev/fuse"
+    assert [(r["target"], r["workers"], r["requests"]) for r in recs] == [
+        ("pnova", 1, how), ("pnova", 2, how),
+        ("pnova-devfuse", 1, "/dev/fuse"), ("pnova-devfuse", 2, "/dev/fuse")]
+    for r in recs:
+        _sane(r, "MWCL", r["target"], "pnova")
+    assert f"pnova: requests taken through {how}" in out
+    assert "pnova-devfuse: requests taken through /dev/fuse" in out
+
+
+@pytest.mark.mount
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting without fusermount3 needs root")
 def test_pnova_mount_target_as_root_needs_no_fusermount3(tmp_path, monkeypatch, capsys):
     """As root the harness unmounts with umount2, as pnova mounts with mount(2): a
@@ -311,7 +331,7 @@ def test_bad_usage(tmp_path, capsys):
         cli.main(["run", "--workload", "DWXX", "--out", "x"])
     assert e.value.code == 2
     assert cli.main(["run", "--target", str(tmp_path / "missing"), "--out", "x"]) == 2
-    assert "not 'engine', 'pnova' or a directory" in capsys.readouterr().err
+    assert "not 'engine', 'pnova', 'pnova-devfuse' or a " in capsys.readouterr().err
     assert cli.main(["run", "--target", f"a={tmp_path}", "--target", f"a={tmp_path}",
                      "--out", "x"]) == 2
     assert cli.main(["report", str(tmp_path / "none")]) == 2

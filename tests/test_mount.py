@@ -33,7 +33,7 @@ from pnova import fuse_wire as W
 from pnova.engine import FileSystem
 from pnova.errors import CorruptImage, FsError
 from pnova.fuse_ops import PnovaOperations
-from pnova.fuse_session import Loop
+from pnova.fuse_session import Loop, uring_offered
 from pnova.mkfs import format_device
 from pnova.util import image_locked
 
@@ -101,14 +101,28 @@ def one_line(text: str) -> bool:
     return text.strip() != "" and "\n" not in text.strip() and "Traceback" not in text
 
 
-class Mount:
-    """One image and one mount point; knows how to start and always stop a mount."""
+def need_uring() -> None:
+    """Skip (saying why) where the kernel does not offer FUSE over io_uring."""
+    if not uring_offered():
+        pytest.skip("this kernel does not offer FUSE over io_uring (Linux 6.14 or later, "
+                    "with /sys/module/fuse/parameters/enable_uring set by root)")
 
-    def __init__(self, image: str, mnt: Path) -> None:
+
+# How a mount takes its requests: the -o option the Mount fixture adds.
+PATHS = {"io_uring": "io_uring=on", "devfuse": "io_uring=off"}
+
+
+class Mount:
+    """One image and one mount point; knows how to start and always stop a mount.
+    ``path``: 'io_uring' or 'devfuse' adds the option that says how the mount
+    takes its requests; None leaves the daemon's default."""
+
+    def __init__(self, image: str, mnt: Path, path: str | None = None) -> None:
         self.image = image
         self.mnt = mnt
         self.log = image + ".log"
         self.fg: subprocess.Popen | None = None
+        self.path_opts = ["-o", PATHS[path]] if path else []
         mnt.mkdir(exist_ok=True)
 
     def run(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -117,13 +131,14 @@ class Mount:
 
     def start(self, *args: str) -> None:
         """Mount as a daemon; the command returns only once the mount answers."""
-        r = self.run(*args)
+        r = self.run(*args, *self.path_opts)
         assert r.returncode == 0, r.stderr
         assert r.stderr == ""
         assert os.path.ismount(self.mnt)            # no waiting: it is there already
 
     def start_foreground(self, *args: str) -> subprocess.Popen:
-        self.fg = subprocess.Popen([*PNOVA, self.image, str(self.mnt), "-f", *args],
+        self.fg = subprocess.Popen([*PNOVA, self.image, str(self.mnt), "-f", *args,
+                                    *self.path_opts],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: os.path.ismount(self.mnt) or self.fg.poll() is not None, "the mount")
         assert self.fg.poll() is None, self.fg.stderr.read()
@@ -169,9 +184,13 @@ class Mount:
                 self.fg.wait(timeout=WAIT)
 
 
-@pytest.fixture
-def mnt(tmp_path: Path, image: str) -> Iterator[Mount]:
-    m = Mount(image, tmp_path / "mnt")
+@pytest.fixture(params=list(PATHS))
+def mnt(tmp_path: Path, image: str, request: pytest.FixtureRequest) -> Iterator[Mount]:
+    """A mount point for ``image``; every test that uses it runs twice, with the
+    requests taken through io_uring and read from /dev/fuse."""
+    if request.param == "io_uring":
+        need_uring()
+    m = Mount(image, tmp_path / "mnt", request.param)
     try:
         yield m
     finally:

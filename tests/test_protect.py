@@ -601,6 +601,36 @@ def test_pnova_scrub_reports_damaged_metadata_by_path(tmp_path, capsys):
     assert "its slot is damaged" not in out, out          # the scrub restored it
 
 
+def test_pnova_scrub_reports_a_path_the_mount_cannot_look_up(tmp_path):
+    """A log entry damaged in both copies before the mount has read the file:
+    the directory still lists the file's name (the listing hands the kernel no
+    inode for it) and the other files read, the mount answers EIO for that path,
+    and the scrub reports that path's metadata as damaged and exits 1, as it
+    does when a cached file's log fails to read back."""
+    path = _image(tmp_path)
+    want = _files(path)
+    entry = _entry_of(path, "c")
+    _flip_both(path, entry + 20)
+    m = Mount(path, tmp_path / "mnt")
+    try:
+        m.start()
+        assert sorted(os.listdir(m.mnt)) == ["a", "b", "c", "d"]
+        assert sorted(e.name for e in os.scandir(m.mnt)) == ["a", "b", "c", "d"]
+        with pytest.raises(OSError) as err:
+            os.stat(m.mnt / "c")
+        assert err.value.errno == errno.EIO
+        for name in "abd":
+            assert (m.mnt / name).read_bytes() == want[name]
+        scrub = subprocess.run([sys.executable, "-m", "pnova.scrub", str(m.mnt)],
+                               capture_output=True, text=True, timeout=60)
+        assert scrub.returncode == 1, scrub.stdout + scrub.stderr
+        assert f"{m.mnt}/c: its metadata is damaged" in scrub.stdout, scrub.stdout
+        assert "not readable" not in scrub.stdout, scrub.stdout
+        m.stop()
+    finally:
+        m.cleanup()
+
+
 def test_a_damaged_inode_state_word_costs_that_inode_not_the_mount(tmp_path, capsys, caplog):
     """A state word neither free (0) nor live (1) on a clean image: the mount goes
     on, never hands the slot out, and answers EIO for that inode only (not ENOENT:
