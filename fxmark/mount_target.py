@@ -187,13 +187,15 @@ class PnovaMountTarget:
 
 def requests_path(logpath: str) -> str:
     """How the daemon that logs to ``logpath`` takes its requests, from its
-    log: 'io_uring' or '/dev/fuse'."""
+    log: 'io_uring', or '/dev/fuse' (also when a serving process's entries were
+    refused: the kernel then sends everything through the descriptor)."""
     try:
         with open(logpath, encoding="utf-8", errors="replace") as f:
-            if "requests come through io_uring" in f.read():
-                return "io_uring"
+            text = f.read()
     except OSError:
-        pass
+        return "/dev/fuse"
+    if "requests come through io_uring" in text and "refused FUSE over io_uring" not in text:
+        return "io_uring"
     return "/dev/fuse"
 
 

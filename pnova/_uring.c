@@ -25,14 +25,39 @@
 #include <unistd.h>
 #include <linux/io_uring.h>
 
+/* Values from Linux 6.1's <linux/io_uring.h>, for older headers (the kernel
+ * that runs it decides whether they work, not the headers it was built with). */
+#ifndef IORING_SETUP_SQE128
+#define IORING_SETUP_SQE128 (1U << 10)
+#endif
 #ifndef IORING_SETUP_SINGLE_ISSUER
 #define IORING_SETUP_SINGLE_ISSUER (1U << 12)
 #endif
 #ifndef IORING_SETUP_DEFER_TASKRUN
 #define IORING_SETUP_DEFER_TASKRUN (1U << 13)
 #endif
+#define OP_POLL_ADD 6
+#define OP_URING_CMD 46
 
 #define SQE_SIZE 128
+
+/* A 128-byte submission entry, laid out here rather than taken from the
+ * headers, whose older versions lack cmd_op and the command area. */
+struct sqe128 {
+    uint8_t opcode;
+    uint8_t flags;
+    uint16_t ioprio;
+    int32_t fd;
+    uint32_t cmd_op;             /* (the file offset's low half for other ops) */
+    uint32_t pad1;
+    uint64_t addr;
+    uint32_t len;
+    uint32_t op_flags;           /* poll32_events for a poll */
+    uint64_t user_data;
+    uint8_t rest[8];
+    uint8_t cmd[SQE_SIZE - 48];  /* a command's own arguments */
+};
+_Static_assert(sizeof(struct sqe128) == SQE_SIZE, "submission entry is 128 bytes");
 
 typedef struct {
     PyObject_HEAD
@@ -124,7 +149,7 @@ do_enter(Ring *r, unsigned submit, unsigned wait)
 
 /* The next free submission entry, zeroed; NULL with an exception set when the
  * queue is full and cannot be submitted. */
-static struct io_uring_sqe *
+static struct sqe128 *
 next_sqe(Ring *r)
 {
     if (r->fd < 0) {
@@ -148,7 +173,7 @@ next_sqe(Ring *r)
         }
     }
     unsigned idx = tail & *r->sq_mask;
-    struct io_uring_sqe *sqe = (struct io_uring_sqe *)(r->sqes + (size_t)idx * SQE_SIZE);
+    struct sqe128 *sqe = (struct sqe128 *)(r->sqes + (size_t)idx * SQE_SIZE);
     memset(sqe, 0, SQE_SIZE);
     r->sq_array[idx] = idx;
     return sqe;
@@ -215,16 +240,16 @@ Ring_cmd(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "command payload longer than 80 bytes");
         return NULL;
     }
-    struct io_uring_sqe *sqe = next_sqe(r);
+    struct sqe128 *sqe = next_sqe(r);
     if (sqe == NULL)
         return NULL;
-    sqe->opcode = IORING_OP_URING_CMD;
+    sqe->opcode = OP_URING_CMD;
     sqe->fd = fd;
     sqe->cmd_op = cmd_op;
     sqe->addr = addr;
     sqe->len = length;
     sqe->user_data = user_data;
-    memcpy((unsigned char *)sqe + 48, payload, (size_t)plen);
+    memcpy(sqe->cmd, payload, (size_t)plen);
     publish(r);
     Py_RETURN_NONE;
 }
@@ -239,12 +264,12 @@ Ring_poll(PyObject *self, PyObject *args)
     unsigned long long user_data;
     if (!PyArg_ParseTuple(args, "iIK", &fd, &events, &user_data))
         return NULL;
-    struct io_uring_sqe *sqe = next_sqe(r);
+    struct sqe128 *sqe = next_sqe(r);
     if (sqe == NULL)
         return NULL;
-    sqe->opcode = IORING_OP_POLL_ADD;
+    sqe->opcode = OP_POLL_ADD;
     sqe->fd = fd;
-    sqe->poll32_events = events;
+    sqe->op_flags = events;
     sqe->user_data = user_data;
     publish(r);
     Py_RETURN_NONE;

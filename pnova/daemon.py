@@ -398,12 +398,14 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
         elif o != "debug":
             opts.append(o)
     n = workers or default_workers(fs)
-    offered = uring_offered()
-    if uring and not offered:
-        raise MountError("io_uring=on: this kernel does not offer FUSE over io_uring "
-                         "(/sys/module/fuse/parameters/enable_uring is not Y)")
-    if uring is not False and offered:
-        wanted |= W.OVER_IO_URING
+    if uring is not False:
+        why = uring_unusable()
+        if why is None:
+            wanted |= W.OVER_IO_URING
+        elif uring:
+            raise MountError(f"io_uring=on: {why}")
+        elif uring_offered():
+            log.warning("FUSE over io_uring is offered but %s; reading /dev/fuse", why)
     # Signals stay blocked until the supervisor's trio receiver exists (and,
     # in workers, until their handlers are set), so that a SIGTERM arriving
     # right after the mount appears still unmounts cleanly.
@@ -421,11 +423,9 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
         fs.prepare_workers(workers=n)
         queues: list[list[int]] | None = None
         if neg.flags & W.OVER_IO_URING:
-            # each CPU's queue to one worker; worker k serves CPUs k, k + n, ...
-            nq = possible_cpus()
-            queues = [[q for q in range(nq) if q % n == k] for k in range(n)]
+            queues = assign_queues(possible_cpus(), n, os.sched_getaffinity(0))
             log.info("requests come through io_uring: %d queues over %d serving "
-                     "process%s", nq, n, "" if n == 1 else "es")
+                     "process%s", possible_cpus(), n, "" if n == 1 else "es")
         # (with io_uring, requests are already spread by the caller's CPU)
         readers = Readers(n) if n > 1 and queues is None else None
         if readers is not None and keeper and len(os.sched_getaffinity(0)) > 1:
@@ -495,6 +495,31 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
     fs.unmount()
     log.info("%s unmounted", mountpoint)
     return 0
+
+
+def uring_unusable() -> str | None:
+    """Why the mount cannot take requests through io_uring here, or None if it
+    can: the kernel must offer FUSE over io_uring and let this process set up a
+    ring (a sysctl or a seccomp filter may forbid io_uring altogether)."""
+    if not uring_offered():
+        return ("this kernel does not offer FUSE over io_uring (Linux 6.14 or later; as "
+                "root: echo Y > /sys/module/fuse/parameters/enable_uring)")
+    try:
+        from ._uring import Ring
+        Ring(8).close()
+    except (OSError, ImportError) as e:
+        return f"io_uring cannot be set up here ({getattr(e, 'strerror', None) or e})"
+    return None
+
+
+def assign_queues(nqueues: int, workers: int, allowed: set[int]) -> list[list[int]]:
+    """The io_uring queues (one per possible CPU) each serving process serves:
+    the CPUs this daemon may run on first, dealt out in turn, so that each
+    process has CPUs to be pinned to where there are enough; then the others
+    (callers elsewhere are served too, just not on their own CPU)."""
+    order = sorted(q for q in allowed if q < nqueues)
+    order += [q for q in range(nqueues) if q not in allowed]
+    return [order[k::workers] for k in range(workers)]
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -685,8 +710,9 @@ def _uring_loop(fs: FileSystem, conn: Connection, cpu: int, ops: PnovaOperations
         ops.landing = None
         return loop
     except (OSError, UringUnavailable) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         log.warning("cpu%d: the kernel refused FUSE over io_uring (%s); reading "
-                    "/dev/fuse instead", cpu, e)
+                    "/dev/fuse instead", cpu, why)
         if classic >= 0:
             os.close(classic)
         if mine:

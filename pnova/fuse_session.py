@@ -488,6 +488,10 @@ class Loop:
 URING_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
 _POLL = 1 << 62                 # user_data of the classic descriptor's poll
 _ROOM = 4096                    # before an entry's payload: the request's headers
+# An entry's payload buffer: the kernel wants room for its largest request,
+# max(8 KiB, max_write, max_pages x its page size); the INIT reply sets
+# max_pages to MAX_WRITE / 4 KiB, and a page may be larger than 4 KiB.
+URING_PAYLOAD = max(BUFFER_SIZE, (MAX_WRITE // 4096) * mmap.PAGESIZE + 4096)
 
 
 def uring_offered() -> bool:
@@ -545,8 +549,9 @@ class UringLoop(Loop):
         self.queues = list(queues)
         self.classic = classic
         self.first: list[tuple[int, int]] = []
+        self.classic_buf: bytearray | None = None
         self.ring = Ring(max(8, 4 * len(self.queues) + 4))
-        size = W.URING_HEADER_SIZE + _ROOM + BUFFER_SIZE
+        size = W.URING_HEADER_SIZE + _ROOM + URING_PAYLOAD
         self.areas = [mmap.mmap(-1, size) for _ in self.queues]
         self.views = [memoryview(a) for a in self.areas]
         # iovec pairs (header, payload) the REGISTER commands point at
@@ -555,12 +560,14 @@ class UringLoop(Loop):
             base = ctypes.addressof(ctypes.c_char.from_buffer(area))
             self.iovecs.append((ctypes.c_uint64 * 4)(
                 base, W.URING_HEADER_SIZE,
-                base + W.URING_HEADER_SIZE + _ROOM, BUFFER_SIZE))
+                base + W.URING_HEADER_SIZE + _ROOM, URING_PAYLOAD))
 
     def register(self) -> list[tuple[int, int]]:
         """Give the kernel one entry for each of this process's queues; returns
         the completions already there.  Raises UringUnavailable if the kernel
-        refuses the entries (nothing is then registered for this process)."""
+        refuses one; the ring is then closed, which gives back any entry it took
+        (the kernel offers none of them requests: until every queue has an entry
+        everything comes through the descriptor)."""
         ring = self.ring
         for i, qid in enumerate(self.queues):
             ring.cmd(self.fd, W.URING_CMD_REGISTER, W.URING_CMD.pack(0, 0, qid),
@@ -571,80 +578,97 @@ class UringLoop(Loop):
         done = ring.enter(False)
         for ud, res in done:
             if ud != _POLL and res < 0:
+                ring.close()
                 raise UringUnavailable(os.strerror(-res))
         return done
+
+    def request_stop(self, *_args: object) -> None:
+        """Signal handler: stop once the requests in hand are answered.  It never
+        raises into the loop: completions already taken from the ring would be
+        lost with it, and their callers left waiting for the connection's end."""
+        self.stopping = True
 
     def run(self) -> str:
         """Serve until the connection ends ('unmounted') or a stop ('stopped').
         :meth:`register` must have been called."""
         ring = self.ring
-        views = self.views
-        queues = self.queues
-        fd = self.fd
-        head_at = W.URING_HEADER_SIZE + _ROOM
-        cmd = ring.cmd
-        commit_op = W.URING_CMD_COMMIT_AND_FETCH
-        pack_cmd = W.URING_CMD.pack
-        ent = W.URING_ENT.unpack_from
-        classic = bytearray(BUFFER_SIZE) if self.classic >= 0 else None
-        done = self.first
+        done, self.first = self.first, []
         while True:
+            if done and self._serve(done):
+                return "unmounted"
             if self.stopping:
+                # The answers queued in the ring go to the kernel.  Without a
+                # wait the kernel hands out no new request (DEFER_TASKRUN), so
+                # what completes here is only a poll or an ended entry.
+                for _ in range(16):
+                    done = ring.enter(False)
+                    if not done:
+                        break
+                    if self._serve(done):
+                        return "unmounted"
+                ring.enter(False)
                 return "stopped"
-            if not done:
-                self.waiting = True
-                try:
-                    done = ring.enter(True)
-                except Stop:
-                    return "stopped"
-                finally:
-                    self.waiting = False
-            for ud, res in done:
-                if ud == _POLL:
-                    if self._classic(classic, res):
-                        return "unmounted"
-                    ring.poll(self.classic, select.POLLIN, _POLL)
-                    continue
-                if res < 0:
-                    # the connection ended: every entry is given back
-                    if res in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED):
-                        return "unmounted"
-                    raise OSError(-res, f"io_uring entry {ud}: {os.strerror(-res)}")
-                v = views[ud]
-                length = _unpack_in(v)[0]
-                _flags, commit_id, psz = ent(v, W.URING_ENT_IN_OUT)
-                h = length - W.IN_HEADER_SIZE - psz      # the opcode's header
-                if not 0 <= h <= W.URING_OP_IN:
-                    raise ProtocolError(f"io_uring request of {length} bytes with a "
-                                        f"{psz}-byte payload")
+            # a stop signal during the wait: EINTR, its handler runs, and this
+            # returns what completed (possibly nothing)
+            done = ring.enter(True)
+
+    def _serve(self, done: list[tuple[int, int]]) -> bool:
+        """Answer the requests that completed (``done``: (user data, result));
+        each answer is queued in the ring, and goes with the next enter.  True
+        if the connection has ended."""
+        views = self.views
+        head_at = W.URING_HEADER_SIZE + _ROOM
+        for ud, res in done:
+            if ud == _POLL:
+                if self._classic(res):
+                    return True
+                self.ring.poll(self.classic, select.POLLIN, _POLL)
+                continue
+            if res < 0:
+                # the connection ended: every entry is given back
+                if res in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED):
+                    return True
+                raise OSError(-res, f"io_uring entry {ud}: {os.strerror(-res)}")
+            v = views[ud]
+            length = _unpack_in(v)[0]
+            _flags, commit_id, psz = W.URING_ENT.unpack_from(v, W.URING_ENT_IN_OUT)
+            h = length - W.IN_HEADER_SIZE - psz          # the opcode's header
+            if not 0 <= h <= W.URING_OP_IN or psz > URING_PAYLOAD:
+                log.error("%s: an io_uring request of %d bytes with a %d-byte payload "
+                          "does not add up; answering EIO", self.name, length, psz)
+                reply = [_pack_out(W.OUT_HEADER_SIZE, -errno.EIO, commit_id)], commit_id, \
+                    errno.EIO
+            else:
                 start = head_at - h - W.IN_HEADER_SIZE
                 v[start:start + W.IN_HEADER_SIZE] = v[:W.IN_HEADER_SIZE]
                 v[head_at - h:head_at] = v[W.URING_OP_IN:W.URING_OP_IN + h]
                 reply = self._answer(v[start:start + length])
-                if reply is None:             # (no such request comes this way)
-                    v[:W.OUT_HEADER_SIZE] = _pack_out(W.OUT_HEADER_SIZE, 0, commit_id)
-                    psz = 0
-                else:
-                    parts = reply[0]
-                    if self.debug:
-                        log.debug("%s: #%d -> %s", self.name, reply[1],
-                                  "ok" if reply[2] == 0 else
-                                  errno.errorcode.get(reply[2], reply[2]))
-                    v[:W.OUT_HEADER_SIZE] = parts[0]
-                    psz = 0
-                    for part in parts[1:]:
-                        n = len(part)
-                        v[head_at + psz:head_at + psz + n] = part
-                        psz += n
-                v[W.URING_PAYLOAD_SZ:W.URING_PAYLOAD_SZ + 4] = psz.to_bytes(4, "little")
-                cmd(fd, commit_op, pack_cmd(0, commit_id, queues[ud]), 0, 0, ud)
-            done = []
+            psz = 0
+            if reply is None:                 # (no such request comes this way)
+                v[:W.OUT_HEADER_SIZE] = _pack_out(W.OUT_HEADER_SIZE, 0, commit_id)
+            else:
+                parts, unique, error = reply
+                if self.debug:
+                    log.debug("%s: #%d -> %s", self.name, unique,
+                              "ok" if error == 0 else errno.errorcode.get(error, error))
+                v[:W.OUT_HEADER_SIZE] = parts[0]
+                for part in parts[1:]:
+                    n = len(part)
+                    v[head_at + psz:head_at + psz + n] = part
+                    psz += n
+            v[W.URING_PAYLOAD_SZ:W.URING_PAYLOAD_SZ + 4] = psz.to_bytes(4, "little")
+            self.ring.cmd(self.fd, W.URING_CMD_COMMIT_AND_FETCH,
+                          W.URING_CMD.pack(0, commit_id, self.queues[ud]), 0, 0, ud)
+        return False
 
-    def _classic(self, buf: bytearray, res: int) -> bool:
+    def _classic(self, res: int) -> bool:
         """Serve what waits on the descriptor itself (it is non-blocking);
         True if the connection has ended."""
         if res < 0 or res & (select.POLLERR | select.POLLHUP):
             return True
+        if self.classic_buf is None:
+            self.classic_buf = bytearray(BUFFER_SIZE)
+        buf = self.classic_buf
         mv = memoryview(buf)
         fd = self.classic
         while True:
