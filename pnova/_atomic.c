@@ -257,6 +257,51 @@ rdunlock(Words *self, PyObject *const *args, Py_ssize_t n)
     Py_RETURN_NONE;
 }
 
+/* The fresh words of a disk-backed image's allocator (pnova/alloc.py, DESIGN
+   24.3): a u64 whose high half names a sync interval and whose low half marks
+   the blocks allocated in it.  g is the interval already shifted into the high
+   half.  Each call is the load and compare-and-swap loop that the allocator
+   made in Python on every allocation and free of a disk-backed image. */
+#define LOW32 0xFFFFFFFFull
+
+/* fresh_mark(off, g, mask): set mask's bits for interval g; bits of another
+   interval mean nothing now and are dropped. */
+static PyObject *
+fresh_mark(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    uint64_t *p;
+    uint64_t g, mask, v, nv;
+    if (check_args(n, 3, "fresh_mark") < 0 || !(p = writable_word_at(self, args[0], 8))
+            || as_u64(args[1], &g) < 0 || as_u64(args[2], &mask) < 0)
+        return NULL;
+    v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    do {
+        nv = g | ((v & ~LOW32) == g ? (v & LOW32) : 0) | mask;
+    } while (!__atomic_compare_exchange_n(p, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    Py_RETURN_NONE;
+}
+
+/* fresh_take(off, g, mask) -> True if every bit of mask is set for interval g
+   (decided on that first look); the bits are then cleared, unless a newer
+   interval has reset the word meanwhile, which leaves nothing to clear. */
+static PyObject *
+fresh_take(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    uint64_t *p;
+    uint64_t g, mask, v;
+    if (check_args(n, 3, "fresh_take") < 0 || !(p = writable_word_at(self, args[0], 8))
+            || as_u64(args[1], &g) < 0 || as_u64(args[2], &mask) < 0)
+        return NULL;
+    v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    if ((v & ~LOW32) != g || (v & mask) != mask)
+        Py_RETURN_FALSE;
+    while ((v & ~LOW32) == g &&
+           !__atomic_compare_exchange_n(p, &v, v & ~mask, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+        ;                       /* v was reloaded by the failed exchange */
+    Py_RETURN_TRUE;
+}
+
 static PyObject *
 words_release(Words *self, PyObject *unused)
 {
@@ -284,6 +329,10 @@ static PyMethodDef words_methods[] = {
     FAST(rdlock, "rdlock(off, stop, clear, rec) -> True if a reader's share of the u32 at off "
                  "was taken (none of stop set; clear dropped) and off + 1 stored at rec"),
     FAST(rdunlock, "rdunlock(off, rec): store 0 at rec, then subtract 1 from the u32 at off"),
+    FAST(fresh_mark, "fresh_mark(off, g, mask): set mask in the fresh word at off for "
+                     "interval g (high half), dropping another interval's bits"),
+    FAST(fresh_take, "fresh_take(off, g, mask) -> True if mask is all set for interval g; "
+                     "the bits are then cleared"),
     {"release", (PyCFunction)words_release, METH_NOARGS,
      "release(): drop the mapping's buffer so that it can be closed"},
     {NULL, NULL, 0, NULL},

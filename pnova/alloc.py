@@ -499,14 +499,24 @@ class Allocator:
         if w.load64(H_SYNCED) != gen or w.load64(H_SYNCS_RUNNING):
             return                              # a sync is running: it may see them
         g = (gen & _M32) << 32
-        load, cas = w.load64, w.cas64
+        mark = w.fresh_mark          # (another interval's bits mean nothing now: dropped)
         for s, c in extents:
             for off, mask in self._fresh_words(s, c) or ():
-                while True:
-                    v = load(off)
-                    # another interval's bits mean nothing now: start afresh
-                    if cas(off, v, g | (v & _M32 if v & ~_M32 == g else 0) | mask):
-                        break
+                mark(off, g, mask)
+
+    def _note_fresh_one(self, blk: int) -> None:
+        """:meth:`_note_fresh` of the one block ``blk`` (every log page and most
+        data blocks), without the lists."""
+        w = self.w
+        gen = w.load64(H_SYNC_STARTED)
+        if w.load64(H_SYNCED) != gen or w.load64(H_SYNCS_RUNNING):
+            return
+        i = bisect.bisect_right(self._starts, blk) - 1
+        ra = self.regions[i]
+        if ra.lo <= blk < ra.hi:
+            b = blk - ra.lo
+            w.fresh_mark(self._fresh_base[i] + 8 * (b >> 5), (gen & _M32) << 32,
+                         1 << (b & 31))
 
     def _fresh_words(self, start: int, n: int) -> list[tuple[int, int]] | None:
         """The fresh words (offset, mask of the blocks' bits) of blocks
@@ -555,10 +565,17 @@ class Allocator:
         ``tag`` was read, so no synced state can hold them, whatever starts
         after."""
         g = (tag & _M32) << 32
-        load, cas = self.w.load64, self.w.cas64
+        if n == 1:                               # (most frees): one compiled call
+            i = bisect.bisect_right(self._starts, start) - 1
+            ra = self.regions[i]
+            if not ra.lo <= start < ra.hi:
+                return False
+            b = start - ra.lo
+            return self.w.fresh_take(self._fresh_base[i] + 8 * (b >> 5), g, 1 << (b & 31))
         words = self._fresh_words(start, n)
         if words is None:
             return False
+        load, cas = self.w.load64, self.w.cas64
         for off, mask in words:
             v = load(off)
             if v & ~_M32 != g or v & mask != mask:
@@ -647,7 +664,7 @@ class Allocator:
         if self.limbo is not None:
             self._before_alloc()
             blk = self._alloc_one(cpu, meta)
-            self._note_fresh([(blk, 1)])
+            self._note_fresh_one(blk)
             return blk
         return self._alloc_one(cpu, meta)
 

@@ -14,6 +14,8 @@ Python method call costs (DESIGN section 17 has the measurements).
     w.rdlock(off, stop, clear, rec) / w.rdunlock(off, rec)
                                    # a reader's share of a lock word and its record
                                    # (pnova.locks.Semaphores), each one call
+    w.fresh_mark(off, g, mask) / w.fresh_take(off, g, mask)
+                                   # a disk image's fresh-block words (pnova.alloc)
 
 Offsets are byte offsets, naturally aligned (4 for 32-bit words, 8 for 64-bit);
 an offset outside the mapping or misaligned raises ValueError.  ``add`` wraps

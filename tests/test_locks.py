@@ -95,6 +95,30 @@ def test_a_reader_share_and_its_record_come_and_go_together(area):
         w.rdunlock(word, len(area.mm))                  # outside the mapping
 
 
+def test_fresh_block_words_mark_and_take_within_one_interval(area):
+    """The compiled fresh-word operations of a disk image's allocator: a mark
+    for one sync interval drops the bits of an older one; a take succeeds only
+    when every asked bit is marked for that interval, and clears just those."""
+    w = area.w
+    off = area.held_slot(1, 2)                            # any u64 word of the area
+    g1, g2 = 1 << 32, 2 << 32
+    w.store64(off, 0)
+    w.fresh_mark(off, g1, 0b0101)
+    assert w.load64(off) == g1 | 0b0101
+    w.fresh_mark(off, g1, 0b1000)
+    assert w.load64(off) == g1 | 0b1101
+    assert not w.fresh_take(off, g2, 0b0001)              # another interval: no
+    assert not w.fresh_take(off, g1, 0b0011)              # one of two not marked: no
+    assert w.load64(off) == g1 | 0b1101                   # and nothing cleared
+    assert w.fresh_take(off, g1, 0b0101)
+    assert w.load64(off) == g1 | 0b1000
+    w.fresh_mark(off, g2, 0b0010)                         # a newer interval starts afresh
+    assert w.load64(off) == g2 | 0b0010
+    assert not w.fresh_take(off, g1, 0b1000)
+    with pytest.raises(ValueError):
+        w.fresh_mark(off + 4, g1, 1)                      # misaligned
+
+
 def test_a_cpu_records_each_read_share_it_holds(area):
     sem = Semaphores(area, 2)
     word = area.inode_locks + 32
