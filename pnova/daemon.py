@@ -14,11 +14,15 @@ local logs and lock identity) and runs the request loop of
 :mod:`pnova.fuse_session`.  The kernel hands each request to exactly one
 reader, so requests spread over the workers by themselves.
 
-Not every worker waits for requests all the time (:class:`Readers`): the
-kernel hands requests to waiting readers in turn, so with every worker
-waiting, a single client's requests would alternate between processes and
-each would first catch up with the other's log entries.  One worker reads
-while the load is sequential; the others sleep until requests overlap.
+Where the kernel offers FUSE over io_uring (DESIGN 22.8), it queues each
+request on its caller's CPU instead, and worker *k*, pinned to the CPUs of its
+queues (:func:`assign_queues`), serves them there (:class:`UringLoop`); worker
+0 also reads what still comes through the descriptor.  Otherwise not every
+worker waits for requests all the time (:class:`Readers`): the kernel hands
+requests to waiting readers in turn, so with every worker waiting, a single
+client's requests would alternate between processes and each would first
+catch up with the other's log entries.  One worker reads while the load is
+sequential; the others sleep until requests overlap.
 
 The supervisor never serves a request.  Under trio it waits for signals and
 for its workers to exit (each through a pidfd), and it is pNOVA's designated
