@@ -179,6 +179,20 @@ next_sqe(Ring *r)
     return sqe;
 }
 
+/* The next submission entry, zeroed and filled with what every operation
+ * here has (opcode, descriptor, user data); NULL with an exception set. */
+static struct sqe128 *
+start_sqe(Ring *r, uint8_t opcode, int fd, unsigned long long user_data)
+{
+    struct sqe128 *sqe = next_sqe(r);
+    if (sqe != NULL) {
+        sqe->opcode = opcode;
+        sqe->fd = fd;
+        sqe->user_data = user_data;
+    }
+    return sqe;
+}
+
 static void
 publish(Ring *r)
 {
@@ -240,15 +254,12 @@ Ring_cmd(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "command payload longer than 80 bytes");
         return NULL;
     }
-    struct sqe128 *sqe = next_sqe(r);
+    struct sqe128 *sqe = start_sqe(r, OP_URING_CMD, fd, user_data);
     if (sqe == NULL)
         return NULL;
-    sqe->opcode = OP_URING_CMD;
-    sqe->fd = fd;
     sqe->cmd_op = cmd_op;
     sqe->addr = addr;
     sqe->len = length;
-    sqe->user_data = user_data;
     memcpy(sqe->cmd, payload, (size_t)plen);
     publish(r);
     Py_RETURN_NONE;
@@ -264,13 +275,10 @@ Ring_poll(PyObject *self, PyObject *args)
     unsigned long long user_data;
     if (!PyArg_ParseTuple(args, "iIK", &fd, &events, &user_data))
         return NULL;
-    struct sqe128 *sqe = next_sqe(r);
+    struct sqe128 *sqe = start_sqe(r, OP_POLL_ADD, fd, user_data);
     if (sqe == NULL)
         return NULL;
-    sqe->opcode = OP_POLL_ADD;
-    sqe->fd = fd;
     sqe->op_flags = events;
-    sqe->user_data = user_data;
     publish(r);
     Py_RETURN_NONE;
 }

@@ -511,12 +511,18 @@ class Allocator:
         gen = w.load64(H_SYNC_STARTED)
         if w.load64(H_SYNCED) != gen or w.load64(H_SYNCS_RUNNING):
             return
+        if (word := self._fresh_word(blk)) is not None:
+            w.fresh_mark(word[0], (gen & _M32) << 32, word[1])
+
+    def _fresh_word(self, blk: int) -> tuple[int, int] | None:
+        """The fresh word (offset, mask of the block's bit) of data block ``blk``,
+        or None if it is in no region."""
         i = bisect.bisect_right(self._starts, blk) - 1
         ra = self.regions[i]
-        if ra.lo <= blk < ra.hi:
-            b = blk - ra.lo
-            w.fresh_mark(self._fresh_base[i] + 8 * (b >> 5), (gen & _M32) << 32,
-                         1 << (b & 31))
+        if not ra.lo <= blk < ra.hi:
+            return None
+        b = blk - ra.lo
+        return self._fresh_base[i] + 8 * (b >> 5), 1 << (b & 31)
 
     def _fresh_words(self, start: int, n: int) -> list[tuple[int, int]] | None:
         """The fresh words (offset, mask of the blocks' bits) of blocks
@@ -527,8 +533,6 @@ class Allocator:
             return None
         b = start - ra.lo
         base = self._fresh_base[i]
-        if n == 1:                               # (most frees and allocations)
-            return [(base + 8 * (b >> 5), 1 << (b & 31))]
         out = []
         while n > 0:
             bit = b & 31
@@ -566,12 +570,8 @@ class Allocator:
         after."""
         g = (tag & _M32) << 32
         if n == 1:                               # (most frees): one compiled call
-            i = bisect.bisect_right(self._starts, start) - 1
-            ra = self.regions[i]
-            if not ra.lo <= start < ra.hi:
-                return False
-            b = start - ra.lo
-            return self.w.fresh_take(self._fresh_base[i] + 8 * (b >> 5), g, 1 << (b & 31))
+            word = self._fresh_word(start)
+            return word is not None and self.w.fresh_take(word[0], g, word[1])
         words = self._fresh_words(start, n)
         if words is None:
             return False

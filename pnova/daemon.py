@@ -427,9 +427,10 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
         fs.prepare_workers(workers=n)
         queues: list[list[int]] | None = None
         if neg.flags & W.OVER_IO_URING:
-            queues = assign_queues(possible_cpus(), n, os.sched_getaffinity(0))
+            nq = possible_cpus()
+            queues = assign_queues(nq, n, os.sched_getaffinity(0))
             log.info("requests come through io_uring: %d queues over %d serving "
-                     "process%s", possible_cpus(), n, "" if n == 1 else "es")
+                     "process%s", nq, n, "" if n == 1 else "es")
         # (with io_uring, requests are already spread by the caller's CPU)
         readers = Readers(n) if n > 1 and queues is None else None
         if readers is not None and keeper and len(os.sched_getaffinity(0)) > 1:

@@ -328,7 +328,8 @@ class PnovaOperations:
         _fh, off, size, _, _, _, _ = W.READ_IN.unpack_from(body)
         out = bytearray()
         for name, child, next_off in self.fs.readdir(ino, off, limit=size // 32 + 1):
-            d = W.dirent(child, next_off, name, self._dtype(child))
+            a = self._listed_attr(child)
+            d = W.dirent(child, next_off, name, 0 if a is None else (a.mode & W.S_IFMT) >> 12)
             if len(out) + len(d) > size:
                 break
             out += d
@@ -340,25 +341,17 @@ class PnovaOperations:
         fs = self.fs
         out = bytearray()
         for name, child, next_off in fs.readdir(ino, off, limit=size // 160 + 1):
-            try:
-                a = fs.getattr(child)
-            except FsError as e:
-                if e.errno != errno.EIO:
-                    raise
-                # Its inode does not read back: listed by name alone (node id 0
-                # hands the kernel no inode), so that a damaged file costs that
-                # file, not its directory's listing; a lookup of it answers EIO.
+            a = self._listed_attr(child)
+            if a is None:
+                # listed by name alone: node id 0 hands the kernel no inode
                 d = _NO_ENTRY + W.dirent(child, next_off, name, 0)
-                if len(out) + len(d) > size:
-                    break
-                out += d
-                continue
-            d = self._entry(a) + W.dirent(child, next_off, name, (a.mode & W.S_IFMT) >> 12)
+            else:
+                d = self._entry(a) + W.dirent(child, next_off, name, (a.mode & W.S_IFMT) >> 12)
             if len(out) + len(d) > size:
                 break
             # readdirplus hands each entry to the kernel, except '.' and '..'
             # which the kernel neither links nor counts.
-            if name != b"." and name != b"..":
+            if a is not None and name != b"." and name != b"..":
                 try:
                     fs.ref(child, generation=a.generation)
                 except FsError:
@@ -366,15 +359,17 @@ class PnovaOperations:
             out += d
         return out
 
-    def _dtype(self, child: int) -> int:
-        """A directory entry's type (DT_*); unknown (0) for an inode that does not
-        read back, which a listing still names (see readdirplus)."""
+    def _listed_attr(self, child: int) -> Attr | None:
+        """The attributes of a directory entry's inode, or None when that inode
+        does not read back (EIO): a listing still names it, with no inode and
+        an unknown type, so that a damaged file costs that file, not its
+        directory's listing; a lookup of it answers EIO."""
         try:
-            return (self.fs.getattr(child).mode & W.S_IFMT) >> 12
+            return self.fs.getattr(child)
         except FsError as e:
             if e.errno != errno.EIO:
                 raise
-            return 0
+            return None
 
     # ------------------------------------------------------------ xattrs
     def setxattr(self, ino: int, body: memoryview, uid: int, gid: int,

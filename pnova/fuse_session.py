@@ -688,10 +688,6 @@ class UringLoop(Loop):
             if reply is not None:
                 self._send(*reply, fd=fd)
 
-    def close(self) -> None:
-        """Give the ring back (the kernel cancels the entries it still holds)."""
-        self.ring.close()
-
 
 _FUSE_DEV_IOC_CLONE = 0x8004E500        # _IOR(229, 0, uint32_t)
 

@@ -62,33 +62,29 @@ def _scrub_attr(path: str) -> dict[str, int] | None:
     return out
 
 
-def _files(top: str, dev: int, dirs_out: list[str] | None = None,
-           errors: list[OSError] | None = None) -> list[tuple[str, int]]:
+def _files(top: str, dev: int, dirs_out: list[str],
+           errors: list[OSError]) -> list[tuple[str, int]]:
     """(path, size) of every regular file under ``top`` on the same filesystem;
     the directories (``top`` included) go to ``dirs_out``, and what could not be
     listed or looked up (the error, with its ``filename``) to ``errors``."""
     out = []
-    failed = errors.append if errors is not None else None
 
     def here(path: str) -> bool:
         try:
             return os.lstat(path).st_dev == dev
         except OSError as e:
-            if failed is not None:
-                failed(e)
+            errors.append(e)
             return False
 
-    for root, dirs, names in os.walk(top, onerror=failed):
+    for root, dirs, names in os.walk(top, onerror=errors.append):
         dirs[:] = [d for d in dirs if here(os.path.join(root, d))]
-        if dirs_out is not None:
-            dirs_out.append(root)
+        dirs_out.append(root)
         for n in names:
             p = os.path.join(root, n)
             try:
                 st = os.lstat(p)
             except OSError as e:
-                if failed is not None:
-                    failed(e)
+                errors.append(e)
                 continue
             if stat.S_ISREG(st.st_mode) and st.st_dev == dev:
                 out.append((p, st.st_size))

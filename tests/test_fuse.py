@@ -375,12 +375,7 @@ def test_one_client_is_served_by_one_process(tmp_path: Path, image: str) -> None
         finally:
             os.close(fd)
         m.stop()
-        served = {}
-        with open(m.log) as f:
-            for line in f:
-                if " after " in line and line.rstrip().endswith(" requests"):
-                    cpu = line.split(": ")[1].split()[0]
-                    served[cpu] = int(line.split(" after ")[1].split()[0])
+        served = _served_since(m.log, 0)
         assert set(served) == {"cpu0", "cpu1"}
         assert sum(served.values()) >= 2000
         assert max(served.values()) >= 0.95 * sum(served.values()), served
