@@ -60,13 +60,11 @@ words_dealloc(Words *self)
     Py_DECREF(tp);          /* heap types are referenced by their instances */
 }
 
-/* The address of the naturally aligned word of `size` bytes at offset `o`. */
+/* The address of the naturally aligned word of `size` bytes at byte offset
+   `off` (ValueError outside the mapping or misaligned). */
 static inline void *
-word_at(Words *self, PyObject *o, Py_ssize_t size)
+word_at_off(Words *self, Py_ssize_t off, Py_ssize_t size)
 {
-    Py_ssize_t off = PyLong_AsSsize_t(o);
-    if (off == -1 && PyErr_Occurred())
-        return NULL;
     if (!self->held) {
         PyErr_SetString(PyExc_ValueError, "the mapping was released");
         return NULL;
@@ -76,6 +74,16 @@ word_at(Words *self, PyObject *o, Py_ssize_t size)
         return NULL;
     }
     return self->base + off;
+}
+
+/* The same, at the offset given by the Python int `o`. */
+static inline void *
+word_at(Words *self, PyObject *o, Py_ssize_t size)
+{
+    Py_ssize_t off = PyLong_AsSsize_t(o);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    return word_at_off(self, off, size);
 }
 
 static int
@@ -302,6 +310,217 @@ fresh_take(Words *self, PyObject *const *args, Py_ssize_t n)
     Py_RETURN_TRUE;
 }
 
+/* fresh_note(off, mask, started, synced, running): fresh_mark(off, g, mask)
+   for the sync interval now running (g from the u64 at started), unless a sync
+   runs: the u64 at synced differs from it, or the one at running is not 0.
+   What the allocator does after each allocation on a disk-backed image, in
+   one call. */
+static PyObject *
+fresh_note(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    uint64_t *p, *ps, *py, *pr;
+    uint64_t mask, g, v, nv;
+    if (check_args(n, 5, "fresh_note") < 0 || !(p = writable_word_at(self, args[0], 8))
+            || as_u64(args[1], &mask) < 0 || !(ps = word_at(self, args[2], 8))
+            || !(py = word_at(self, args[3], 8)) || !(pr = word_at(self, args[4], 8)))
+        return NULL;
+    g = __atomic_load_n(ps, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(py, __ATOMIC_SEQ_CST) != g || __atomic_load_n(pr, __ATOMIC_SEQ_CST))
+        Py_RETURN_NONE;
+    g = (g & LOW32) << 32;
+    v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    do {
+        nv = g | ((v & ~LOW32) == g ? (v & LOW32) : 0) | mask;
+    } while (!__atomic_compare_exchange_n(p, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    Py_RETURN_NONE;
+}
+
+/* A stack of u64 values with one owner (a CPU's stash of free blocks): the
+   count at `count`, the values from `slots` on.  Plain atomic loads and
+   stores suffice, as only the owner changes it; the count is stored after
+   the slot, so another process reading it never sees a slot not yet written. */
+
+/* stash_pop(count, slots) -> the value on top, removed; 0 if the stack is empty */
+static PyObject *
+stash_pop(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    uint64_t *pc, *ps;
+    uint64_t k, v;
+    Py_ssize_t slots;
+    if (check_args(n, 2, "stash_pop") < 0 || !(pc = writable_word_at(self, args[0], 8)))
+        return NULL;
+    slots = PyLong_AsSsize_t(args[1]);
+    if (slots == -1 && PyErr_Occurred())
+        return NULL;
+    k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
+    if (!k)
+        return PyLong_FromLong(0);
+    if (!(ps = word_at_off(self, slots + 8 * (Py_ssize_t)(k - 1), 8)))
+        return NULL;
+    v = __atomic_load_n(ps, __ATOMIC_SEQ_CST);
+    __atomic_store_n(pc, k - 1, __ATOMIC_SEQ_CST);
+    return PyLong_FromUnsignedLongLong(v);
+}
+
+/* stash_push(count, slots, cap, v) -> False if the stack already holds cap values */
+static PyObject *
+stash_push(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    uint64_t *pc, *ps;
+    uint64_t k, cap, v;
+    Py_ssize_t slots;
+    if (check_args(n, 4, "stash_push") < 0 || !(pc = writable_word_at(self, args[0], 8))
+            || as_u64(args[2], &cap) < 0 || as_u64(args[3], &v) < 0)
+        return NULL;
+    slots = PyLong_AsSsize_t(args[1]);
+    if (slots == -1 && PyErr_Occurred())
+        return NULL;
+    k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
+    if (k >= cap)
+        Py_RETURN_FALSE;
+    if (!(ps = word_at_off(self, slots + 8 * (Py_ssize_t)k, 8)))
+        return NULL;
+    __atomic_store_n(ps, v, __ATOMIC_SEQ_CST);
+    __atomic_store_n(pc, k + 1, __ATOMIC_SEQ_CST);
+    Py_RETURN_TRUE;
+}
+
+/* The two commonest calls of a disk-backed image's allocator, each one call:
+   a block of the process's own region taken from its stash and marked fresh,
+   and one given back to the stash at once because it is still fresh.  `lo`
+   and `hi` bound the region, `fresh` is its first fresh word (one per 32
+   blocks), `bitmap` its first bitmap word (one per 64 blocks, a set bit per
+   block in use). */
+
+/* fresh_pop(count, slots, lo, hi, fresh, started, synced, running) -> a block
+   popped from the stash (0: it is empty), marked fresh as fresh_note does
+   when it lies in lo..hi-1 */
+static PyObject *
+fresh_pop(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    uint64_t *pc, *ps, *pst, *psy, *pr, *pw;
+    uint64_t k, blk, lo, hi, g, v, nv;
+    Py_ssize_t slots, fresh;
+    if (check_args(n, 8, "fresh_pop") < 0 || !(pc = writable_word_at(self, args[0], 8))
+            || as_u64(args[2], &lo) < 0 || as_u64(args[3], &hi) < 0
+            || !(pst = word_at(self, args[5], 8)) || !(psy = word_at(self, args[6], 8))
+            || !(pr = word_at(self, args[7], 8)))
+        return NULL;
+    slots = PyLong_AsSsize_t(args[1]);
+    fresh = PyLong_AsSsize_t(args[4]);
+    if ((slots == -1 || fresh == -1) && PyErr_Occurred())
+        return NULL;
+    k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
+    if (!k)
+        return PyLong_FromLong(0);
+    if (!(ps = word_at_off(self, slots + 8 * (Py_ssize_t)(k - 1), 8)))
+        return NULL;
+    blk = __atomic_load_n(ps, __ATOMIC_SEQ_CST);
+    if (lo <= blk && blk < hi) {
+        if (!(pw = word_at_off(self, fresh + 8 * (Py_ssize_t)((blk - lo) >> 5), 8)))
+            return NULL;
+        g = __atomic_load_n(pst, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(psy, __ATOMIC_SEQ_CST) == g && !__atomic_load_n(pr, __ATOMIC_SEQ_CST)) {
+            g = (g & LOW32) << 32;
+            v = __atomic_load_n(pw, __ATOMIC_SEQ_CST);
+            do {
+                nv = g | ((v & ~LOW32) == g ? (v & LOW32) : 0) | (1ull << ((blk - lo) & 31));
+            } while (!__atomic_compare_exchange_n(pw, &v, nv, 0, __ATOMIC_SEQ_CST,
+                                                  __ATOMIC_SEQ_CST));
+        }
+    }
+    __atomic_store_n(pc, k - 1, __ATOMIC_SEQ_CST);
+    return PyLong_FromUnsignedLongLong(blk);
+}
+
+/* fresh_push(blk, lo, hi, fresh, started, bitmap, count, slots, cap) -> 0: the
+   block is not fresh in the interval at started (nothing changed: the caller
+   holds it back); 1: it was, its bit is cleared and it is pushed on the
+   stash; 2: it was and its bit is cleared, but the stash is full (the caller
+   frees it to the bitmap); 3: it was, but the bitmap says it is free already
+   (a double free: the caller raises).  blk must lie in lo..hi-1. */
+static PyObject *
+fresh_push(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    uint64_t *pw, *pst, *pb, *pc, *ps;
+    uint64_t blk, lo, hi, cap, g, v, mask, b, k;
+    Py_ssize_t fresh, bitmap, slots;
+    if (check_args(n, 9, "fresh_push") < 0 || as_u64(args[0], &blk) < 0
+            || as_u64(args[1], &lo) < 0 || as_u64(args[2], &hi) < 0
+            || !(pst = word_at(self, args[4], 8)) || !(pc = writable_word_at(self, args[6], 8))
+            || as_u64(args[8], &cap) < 0)
+        return NULL;
+    fresh = PyLong_AsSsize_t(args[3]);
+    bitmap = PyLong_AsSsize_t(args[5]);
+    slots = PyLong_AsSsize_t(args[7]);
+    if ((fresh == -1 || bitmap == -1 || slots == -1) && PyErr_Occurred())
+        return NULL;
+    if (blk < lo || blk >= hi) {
+        PyErr_SetString(PyExc_ValueError, "fresh_push: the block is not in the region");
+        return NULL;
+    }
+    b = blk - lo;
+    if (!(pw = word_at_off(self, fresh + 8 * (Py_ssize_t)(b >> 5), 8))
+            || !(pb = word_at_off(self, bitmap + 8 * (Py_ssize_t)(b >> 6), 8)))
+        return NULL;
+    g = (__atomic_load_n(pst, __ATOMIC_SEQ_CST) & LOW32) << 32;
+    mask = 1ull << (b & 31);
+    v = __atomic_load_n(pw, __ATOMIC_SEQ_CST);
+    if ((v & ~LOW32) != g || !(v & mask))
+        return PyLong_FromLong(0);
+    while ((v & ~LOW32) == g &&
+           !__atomic_compare_exchange_n(pw, &v, v & ~mask, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+        ;                       /* v was reloaded by the failed exchange */
+    if (!(__atomic_load_n(pb, __ATOMIC_SEQ_CST) >> (b & 63) & 1))
+        return PyLong_FromLong(3);
+    k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
+    if (k >= cap)
+        return PyLong_FromLong(2);
+    if (!(ps = word_at_off(self, slots + 8 * (Py_ssize_t)k, 8)))
+        return NULL;
+    __atomic_store_n(ps, blk, __ATOMIC_SEQ_CST);
+    __atomic_store_n(pc, k + 1, __ATOMIC_SEQ_CST);
+    return PyLong_FromLong(1);
+}
+
+/* held_due(head, tail, slots, nslots, rec, synced, durable) -> whether the
+   oldest record of a ring of records (pnova/alloc.py's held lists: the head
+   and tail counters at head and tail, nslots records of rec bytes from
+   slots on, each a tag at +0 and a need at +24) is due: its tag is below the
+   u64 at synced and its need at most the u64 at durable.  False when the
+   ring is empty.  A hint, read without the ring's lock, as the allocator
+   asks it before each allocation on a disk-backed image. */
+static PyObject *
+held_due(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    uint64_t *ph, *pt, *psy, *pdu, *ptag, *pneed;
+    uint64_t h, nslots, rec;
+    Py_ssize_t slots, at;
+    if (check_args(n, 7, "held_due") < 0 || !(ph = word_at(self, args[0], 8))
+            || !(pt = word_at(self, args[1], 8)) || as_u64(args[3], &nslots) < 0
+            || as_u64(args[4], &rec) < 0 || !(psy = word_at(self, args[5], 8))
+            || !(pdu = word_at(self, args[6], 8)))
+        return NULL;
+    slots = PyLong_AsSsize_t(args[2]);
+    if (slots == -1 && PyErr_Occurred())
+        return NULL;
+    if (!nslots) {
+        PyErr_SetString(PyExc_ValueError, "a ring of no records");
+        return NULL;
+    }
+    h = __atomic_load_n(ph, __ATOMIC_SEQ_CST);
+    if (h == __atomic_load_n(pt, __ATOMIC_SEQ_CST))
+        Py_RETURN_FALSE;
+    at = slots + (Py_ssize_t)((h % nslots) * rec);
+    if (!(ptag = word_at_off(self, at, 8)) || !(pneed = word_at_off(self, at + 24, 8)))
+        return NULL;
+    if (__atomic_load_n(ptag, __ATOMIC_SEQ_CST) < __atomic_load_n(psy, __ATOMIC_SEQ_CST) &&
+            __atomic_load_n(pneed, __ATOMIC_SEQ_CST) <= __atomic_load_n(pdu, __ATOMIC_SEQ_CST))
+        Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
 static PyObject *
 words_release(Words *self, PyObject *unused)
 {
@@ -333,6 +552,18 @@ static PyMethodDef words_methods[] = {
                      "interval g (high half), dropping another interval's bits"),
     FAST(fresh_take, "fresh_take(off, g, mask) -> True if mask is all set for interval g; "
                      "the bits are then cleared"),
+    FAST(fresh_note, "fresh_note(off, mask, started, synced, running): fresh_mark(off, g, mask) "
+                     "for the interval at started, unless synced differs or running is not 0"),
+    FAST(stash_pop, "stash_pop(count, slots) -> top of a one-owner stack of u64, removed "
+                    "(0: empty)"),
+    FAST(stash_push, "stash_push(count, slots, cap, v) -> False if the stack holds cap values; "
+                     "else v is pushed"),
+    FAST(fresh_pop, "fresh_pop(count, slots, lo, hi, fresh, started, synced, running) -> a block "
+                    "popped from a stash (0: empty), marked fresh if in lo..hi-1"),
+    FAST(fresh_push, "fresh_push(blk, lo, hi, fresh, started, bitmap, count, slots, cap) -> 0 not "
+                     "fresh, 1 taken and pushed, 2 taken and the stash full, 3 a double free"),
+    FAST(held_due, "held_due(head, tail, slots, nslots, rec, synced, durable) -> True if the "
+                   "oldest record of the ring has tag < [synced] and need <= [durable]"),
     {"release", (PyCFunction)words_release, METH_NOARGS,
      "release(): drop the mapping's buffer so that it can be closed"},
     {NULL, NULL, 0, NULL},

@@ -261,23 +261,11 @@ class Stash:
 
     def pop(self) -> int:
         """A stashed block, or 0 if the stash is empty."""
-        w = self.w
-        n = w.load64(self.count)
-        if not n:
-            return 0
-        blk = w.load64(self.slots + 8 * (n - 1))
-        w.store64(self.count, n - 1)
-        return blk
+        return self.w.stash_pop(self.count, self.slots)
 
     def push(self, blk: int) -> bool:
         """Keep ``blk``; False if the stash is full."""
-        w = self.w
-        n = w.load64(self.count)
-        if n >= STASH_SLOTS:
-            return False
-        w.store64(self.slots + 8 * n, blk)
-        w.store64(self.count, n + 1)
-        return True
+        return self.w.stash_push(self.count, self.slots, STASH_SLOTS, blk)
 
     def take_all(self) -> list[int]:
         w = self.w
@@ -308,6 +296,9 @@ class HeldList:
         base = area.held + cpu * area.held_size
         self.lock, self.head, self.tail, self.nblocks = base, base + 8, base + 16, base + 24
         self.slots = base + LINE
+        # held_due's arguments: whether the oldest record is due, in one call
+        self.due_args = (self.head, self.tail, self.slots, HELD_SLOTS, HELD_REC, H_SYNCED,
+                         H_RDURABLE)
 
     def __len__(self) -> int:
         w = self.w
@@ -338,14 +329,10 @@ class HeldList:
         w.store64(self.tail, tail + 1)           # published: a releaser may take it
         return True
 
-    def first(self) -> tuple[int, int] | None:
-        """(tag, need) of the oldest record, None when empty (no lock: a hint)."""
-        w = self.w
-        head = w.load64(self.head)
-        if head == w.load64(self.tail):
-            return None
-        rec = self.slots + (head % HELD_SLOTS) * HELD_REC
-        return w.load64(rec), w.load64(rec + 24)
+    def due(self) -> bool:
+        """Whether a completed sync has made the oldest record reusable (no
+        lock: a hint, as :meth:`release` decides again under it)."""
+        return self.w.held_due(*self.due_args)
 
     def release(self, synced: int, durable: int, free_blocks: Callable[[int, int], None],
                 free_ino: Callable[[int], None], everything: bool = False) -> int:
@@ -421,6 +408,11 @@ class Allocator:
         # requests, so the one that frees a block is often not the one that
         # allocated it).
         self._fresh_base = area.fresh
+        # the region of the CPU whose held list this process uses, and its
+        # fresh words: most blocks it allocates and frees are there
+        self._own: RegionBitmap | None = None
+        self._own_fresh = 0
+        self._fast_cpu = -1               # the CPU whose stash the two use (-1: none)
         self.split_frees = False
 
     @property
@@ -476,16 +468,8 @@ class Allocator:
         """Blocks this process's CPU holds back."""
         return self.limbo.blocks if self.limbo is not None else 0
 
-    def _releasable(self) -> bool:
-        """Whether the oldest records this process's CPU holds may be reused now."""
-        first = self.limbo.first()
-        if first is None:
-            return False
-        w = self.w
-        return first[0] < w.load64(H_SYNCED) and first[1] <= w.load64(H_RDURABLE)
-
     def _before_alloc(self) -> None:
-        if self.limbo and self._releasable():
+        if self.limbo.due():
             self.release_limbo()
 
     # A process that only reads for a while (a serving process that takes only
@@ -506,17 +490,17 @@ class Allocator:
 
     def _note_fresh_one(self, blk: int) -> None:
         """:meth:`_note_fresh` of the one block ``blk`` (every log page and most
-        data blocks), without the lists."""
-        w = self.w
-        gen = w.load64(H_SYNC_STARTED)
-        if w.load64(H_SYNCED) != gen or w.load64(H_SYNCS_RUNNING):
-            return
+        data blocks), in one compiled call once its word is known."""
         if (word := self._fresh_word(blk)) is not None:
-            w.fresh_mark(word[0], (gen & _M32) << 32, word[1])
+            self.w.fresh_note(word[0], word[1], H_SYNC_STARTED, H_SYNCED, H_SYNCS_RUNNING)
 
     def _fresh_word(self, blk: int) -> tuple[int, int] | None:
         """The fresh word (offset, mask of the block's bit) of data block ``blk``,
         or None if it is in no region."""
+        own = self._own
+        if own is not None and own.lo <= blk < own.hi:
+            b = blk - own.lo                     # (most blocks: this CPU's own region)
+            return self._own_fresh + 8 * (b >> 5), 1 << (b & 31)
         i = bisect.bisect_right(self._starts, blk) - 1
         ra = self.regions[i]
         if not ra.lo <= blk < ra.hi:
@@ -600,9 +584,22 @@ class Allocator:
         ``split``: the image keeps a sync record, and blocks freed as split
         wait for it too (DESIGN 24.3, step 9).
         """
-        self.limbo = self.held[cpu]
         self.split_frees = split
         self.limbo_want = max(LIMBO_WANT, self.ntotal // (8 * len(self.regions)))
+        self.held_by(cpu)
+
+    def held_by(self, cpu: int) -> None:
+        """This process's frees wait in ``cpu``'s held list (the CPU it acts as)."""
+        self.limbo = self.held[cpu]
+        self._fast_cpu = cpu
+        own = self._own = self._orders[cpu][0]
+        self._own_fresh = self._fresh_base[self.regions.index(own)]
+        stash = self.stashes[cpu]
+        # the compiled calls' fixed arguments (Words.fresh_pop, Words.fresh_push)
+        self._pop_args = (stash.count, stash.slots, own.lo, own.hi, self._own_fresh,
+                          H_SYNC_STARTED, H_SYNCED, H_SYNCS_RUNNING)
+        self._push_args = (own.lo, own.hi, self._own_fresh, H_SYNC_STARTED, own.words,
+                           stash.count, stash.slots, STASH_SLOTS)
 
     def release_limbo(self, everything: bool = False, every_cpu: bool = False) -> int:
         """Free what a completed sync has made safe to reuse (``everything``: all of
@@ -661,8 +658,14 @@ class Allocator:
         raise FsError(errno.ENOSPC)
 
     def alloc_one(self, cpu: int, *, meta: bool = True) -> int:
-        if self.limbo is not None:
-            self._before_alloc()
+        limbo = self.limbo
+        if limbo is not None:
+            w = self.w
+            if w.held_due(*limbo.due_args):            # (_before_alloc, inline)
+                self.release_limbo()
+            if cpu == self.stash_cpu == self._fast_cpu and \
+                    (blk := w.fresh_pop(*self._pop_args)):
+                return blk                       # (most: popped and marked in one call)
             blk = self._alloc_one(cpu, meta)
             self._note_fresh_one(blk)
             return blk
@@ -734,15 +737,29 @@ class Allocator:
         limbo = self.limbo
         if limbo is not None:
             w = self.w
+            looked = False
+            if n == 1 and not need and not hold and self.stash_cpu == self._fast_cpu and \
+                    self._own.lo <= start < self._own.hi:
+                # (most frees: one block of the own region, back to the stash
+                # at once if still fresh, in one call; the look decides, as
+                # in _take_fresh)
+                got = w.fresh_push(start, *self._push_args)
+                if got == 1:
+                    return
+                if got == 2:
+                    self._free_now(start, 1)
+                    return
+                if got == 3:
+                    raise AssertionError(f"double free of block {start}")
+                looked = True
             tag = w.load64(H_SYNC_STARTED)
-            if not self.split_frees or need <= w.load64(H_RDURABLE):
+            if need and (not self.split_frees or need <= w.load64(H_RDURABLE)):
                 need = 0
-            split = need > 0
-            if not split and not hold and self._take_fresh(start, n, tag):
+            if not need and not hold and not looked and self._take_fresh(start, n, tag):
                 # allocated and freed within one interval: no synced state used it
                 self._free_now(start, n)
                 return
-            if self._releasable():
+            if limbo.due():
                 self.release_limbo()
             self._append(tag, BLOCKS, start, n, need)
             # ask early, before the blocks pile up or the list fills (a full

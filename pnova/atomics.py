@@ -15,7 +15,13 @@ Python method call costs (DESIGN section 17 has the measurements).
                                    # a reader's share of a lock word and its record
                                    # (pnova.locks.Semaphores), each one call
     w.fresh_mark(off, g, mask) / w.fresh_take(off, g, mask)
+    w.fresh_note(off, mask, started, synced, running)
                                    # a disk image's fresh-block words (pnova.alloc)
+    w.stash_pop(count, slots) / w.stash_push(count, slots, cap, v)
+                                   # a one-owner stack of u64 (a CPU's stash of blocks)
+    w.fresh_pop(...) / w.fresh_push(...) / w.held_due(...)
+                                   # a disk image's commonest allocator steps, one
+                                   # call each (pnova.alloc, DESIGN 24)
 
 Offsets are byte offsets, naturally aligned (4 for 32-bit words, 8 for 64-bit);
 an offset outside the mapping or misaligned raises ValueError.  ``add`` wraps

@@ -241,7 +241,9 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
         owner = self.cache.get(ino)
         if owner is None:
             return alloc.unknown_need()
-        return max(owner.holds(lo), owner.holds(hi))
+        if not owner.wide:
+            return 0                             # no entry of several pages maps any
+        return owner.holds(lo) if lo == hi else max(owner.holds(lo), owner.holds(hi))
 
     def _free_blocks(self, blocks: list[int], ino: int = 0, hold: bool = False) -> None:
         """Free data blocks, as extents.  ``ino``: the file whose write or

@@ -374,7 +374,7 @@ class Mount:
         self.cpu = cpu % self.ncpus
         self.alloc.stash_cpu = None if self.readonly else self.cpu
         if self.alloc.limbo is not None:
-            self.alloc.limbo = self.alloc.held[self.cpu]     # one producer per list
+            self.alloc.held_by(self.cpu)                     # one producer per list
         self.scheme.close()
         self.scheme = make_scheme(self.lock_name, self.area, self.cpu, self.segment_pages)
         self.scheme.sem.take_over()
