@@ -86,6 +86,31 @@ word_at(Words *self, PyObject *o, Py_ssize_t size)
     return word_at_off(self, off, size);
 }
 
+/* A byte offset given as a Python int; -1 with an exception set if it is not one. */
+static inline int
+as_off(PyObject *o, Py_ssize_t *out)
+{
+    Py_ssize_t off = PyLong_AsSsize_t(o);
+    if (off == -1 && PyErr_Occurred())
+        return -1;
+    *out = off;
+    return 0;
+}
+
+/* The u64 at base + 8 * index, index being a count read from the mapping
+   (checked before the arithmetic: a damaged count never wraps onto a valid
+   offset). */
+static inline uint64_t *
+slot_at(Words *self, Py_ssize_t base, uint64_t index)
+{
+    if (base < 0 || base > self->len || index > (uint64_t)(self->len / 8)) {
+        PyErr_Format(PyExc_ValueError, "slot %llu of the array at %zd is outside the mapping",
+                     (unsigned long long)index, base);
+        return NULL;
+    }
+    return word_at_off(self, base + 8 * (Py_ssize_t)index, 8);
+}
+
 static int
 check_args(Py_ssize_t n, Py_ssize_t want, const char *name)
 {
@@ -347,15 +372,13 @@ stash_pop(Words *self, PyObject *const *args, Py_ssize_t n)
     uint64_t *pc, *ps;
     uint64_t k, v;
     Py_ssize_t slots;
-    if (check_args(n, 2, "stash_pop") < 0 || !(pc = writable_word_at(self, args[0], 8)))
-        return NULL;
-    slots = PyLong_AsSsize_t(args[1]);
-    if (slots == -1 && PyErr_Occurred())
+    if (check_args(n, 2, "stash_pop") < 0 || !(pc = writable_word_at(self, args[0], 8))
+            || as_off(args[1], &slots) < 0)
         return NULL;
     k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
     if (!k)
         return PyLong_FromLong(0);
-    if (!(ps = word_at_off(self, slots + 8 * (Py_ssize_t)(k - 1), 8)))
+    if (!(ps = slot_at(self, slots, k - 1)))
         return NULL;
     v = __atomic_load_n(ps, __ATOMIC_SEQ_CST);
     __atomic_store_n(pc, k - 1, __ATOMIC_SEQ_CST);
@@ -370,15 +393,13 @@ stash_push(Words *self, PyObject *const *args, Py_ssize_t n)
     uint64_t k, cap, v;
     Py_ssize_t slots;
     if (check_args(n, 4, "stash_push") < 0 || !(pc = writable_word_at(self, args[0], 8))
-            || as_u64(args[2], &cap) < 0 || as_u64(args[3], &v) < 0)
-        return NULL;
-    slots = PyLong_AsSsize_t(args[1]);
-    if (slots == -1 && PyErr_Occurred())
+            || as_off(args[1], &slots) < 0 || as_u64(args[2], &cap) < 0
+            || as_u64(args[3], &v) < 0)
         return NULL;
     k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
     if (k >= cap)
         Py_RETURN_FALSE;
-    if (!(ps = word_at_off(self, slots + 8 * (Py_ssize_t)k, 8)))
+    if (!(ps = slot_at(self, slots, k)))
         return NULL;
     __atomic_store_n(ps, v, __ATOMIC_SEQ_CST);
     __atomic_store_n(pc, k + 1, __ATOMIC_SEQ_CST);
@@ -402,22 +423,19 @@ fresh_pop(Words *self, PyObject *const *args, Py_ssize_t n)
     uint64_t k, blk, lo, hi, g, v, nv;
     Py_ssize_t slots, fresh;
     if (check_args(n, 8, "fresh_pop") < 0 || !(pc = writable_word_at(self, args[0], 8))
-            || as_u64(args[2], &lo) < 0 || as_u64(args[3], &hi) < 0
+            || as_off(args[1], &slots) < 0 || as_u64(args[2], &lo) < 0
+            || as_u64(args[3], &hi) < 0 || as_off(args[4], &fresh) < 0
             || !(pst = word_at(self, args[5], 8)) || !(psy = word_at(self, args[6], 8))
             || !(pr = word_at(self, args[7], 8)))
-        return NULL;
-    slots = PyLong_AsSsize_t(args[1]);
-    fresh = PyLong_AsSsize_t(args[4]);
-    if ((slots == -1 || fresh == -1) && PyErr_Occurred())
         return NULL;
     k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
     if (!k)
         return PyLong_FromLong(0);
-    if (!(ps = word_at_off(self, slots + 8 * (Py_ssize_t)(k - 1), 8)))
+    if (!(ps = slot_at(self, slots, k - 1)))
         return NULL;
     blk = __atomic_load_n(ps, __ATOMIC_SEQ_CST);
     if (lo <= blk && blk < hi) {
-        if (!(pw = word_at_off(self, fresh + 8 * (Py_ssize_t)((blk - lo) >> 5), 8)))
+        if (!(pw = slot_at(self, fresh, (blk - lo) >> 5)))
             return NULL;
         g = __atomic_load_n(pst, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(psy, __ATOMIC_SEQ_CST) == g && !__atomic_load_n(pr, __ATOMIC_SEQ_CST)) {
@@ -447,21 +465,16 @@ fresh_push(Words *self, PyObject *const *args, Py_ssize_t n)
     Py_ssize_t fresh, bitmap, slots;
     if (check_args(n, 9, "fresh_push") < 0 || as_u64(args[0], &blk) < 0
             || as_u64(args[1], &lo) < 0 || as_u64(args[2], &hi) < 0
-            || !(pst = word_at(self, args[4], 8)) || !(pc = writable_word_at(self, args[6], 8))
-            || as_u64(args[8], &cap) < 0)
-        return NULL;
-    fresh = PyLong_AsSsize_t(args[3]);
-    bitmap = PyLong_AsSsize_t(args[5]);
-    slots = PyLong_AsSsize_t(args[7]);
-    if ((fresh == -1 || bitmap == -1 || slots == -1) && PyErr_Occurred())
+            || as_off(args[3], &fresh) < 0 || !(pst = word_at(self, args[4], 8))
+            || as_off(args[5], &bitmap) < 0 || !(pc = writable_word_at(self, args[6], 8))
+            || as_off(args[7], &slots) < 0 || as_u64(args[8], &cap) < 0)
         return NULL;
     if (blk < lo || blk >= hi) {
         PyErr_SetString(PyExc_ValueError, "fresh_push: the block is not in the region");
         return NULL;
     }
     b = blk - lo;
-    if (!(pw = word_at_off(self, fresh + 8 * (Py_ssize_t)(b >> 5), 8))
-            || !(pb = word_at_off(self, bitmap + 8 * (Py_ssize_t)(b >> 6), 8)))
+    if (!(pw = slot_at(self, fresh, b >> 5)) || !(pb = slot_at(self, bitmap, b >> 6)))
         return NULL;
     g = (__atomic_load_n(pst, __ATOMIC_SEQ_CST) & LOW32) << 32;
     mask = 1ull << (b & 31);
@@ -477,7 +490,7 @@ fresh_push(Words *self, PyObject *const *args, Py_ssize_t n)
     k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
     if (k >= cap)
         return PyLong_FromLong(2);
-    if (!(ps = word_at_off(self, slots + 8 * (Py_ssize_t)k, 8)))
+    if (!(ps = slot_at(self, slots, k)))
         return NULL;
     __atomic_store_n(ps, blk, __ATOMIC_SEQ_CST);
     __atomic_store_n(pc, k + 1, __ATOMIC_SEQ_CST);
@@ -498,21 +511,19 @@ held_due(Words *self, PyObject *const *args, Py_ssize_t n)
     uint64_t h, nslots, rec;
     Py_ssize_t slots, at;
     if (check_args(n, 7, "held_due") < 0 || !(ph = word_at(self, args[0], 8))
-            || !(pt = word_at(self, args[1], 8)) || as_u64(args[3], &nslots) < 0
-            || as_u64(args[4], &rec) < 0 || !(psy = word_at(self, args[5], 8))
-            || !(pdu = word_at(self, args[6], 8)))
+            || !(pt = word_at(self, args[1], 8)) || as_off(args[2], &slots) < 0
+            || as_u64(args[3], &nslots) < 0 || as_u64(args[4], &rec) < 0
+            || !(psy = word_at(self, args[5], 8)) || !(pdu = word_at(self, args[6], 8)))
         return NULL;
-    slots = PyLong_AsSsize_t(args[2]);
-    if (slots == -1 && PyErr_Occurred())
-        return NULL;
-    if (!nslots) {
-        PyErr_SetString(PyExc_ValueError, "a ring of no records");
+    if (!nslots || !rec || slots < 0 || slots > self->len
+            || nslots - 1 > (uint64_t)self->len / rec) {
+        PyErr_SetString(PyExc_ValueError, "held_due: the ring does not fit in the mapping");
         return NULL;
     }
     h = __atomic_load_n(ph, __ATOMIC_SEQ_CST);
     if (h == __atomic_load_n(pt, __ATOMIC_SEQ_CST))
         Py_RETURN_FALSE;
-    at = slots + (Py_ssize_t)((h % nslots) * rec);
+    at = slots + (Py_ssize_t)((h % nslots) * rec);     /* both bounded above: no wrap */
     if (!(ptag = word_at_off(self, at, 8)) || !(pneed = word_at_off(self, at + 24, 8)))
         return NULL;
     if (__atomic_load_n(ptag, __ATOMIC_SEQ_CST) < __atomic_load_n(psy, __ATOMIC_SEQ_CST) &&

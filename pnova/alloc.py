@@ -413,6 +413,10 @@ class Allocator:
         self._own: RegionBitmap | None = None
         self._own_fresh = 0
         self._fast_cpu = -1               # the CPU whose stash the two use (-1: none)
+        # the compiled calls' fixed arguments (Words.fresh_pop, Words.fresh_push),
+        # set by held_by; used only while stash_cpu == _fast_cpu
+        self._pop_args: tuple[int, ...] = ()
+        self._push_args: tuple[int, ...] = ()
         self.split_frees = False
 
     @property
@@ -469,7 +473,7 @@ class Allocator:
         return self.limbo.blocks if self.limbo is not None else 0
 
     def _before_alloc(self) -> None:
-        if self.limbo.due():
+        if self.limbo is not None and self.limbo.due():
             self.release_limbo()
 
     # A process that only reads for a while (a serving process that takes only
@@ -595,7 +599,6 @@ class Allocator:
         own = self._own = self._orders[cpu][0]
         self._own_fresh = self._fresh_base[self.regions.index(own)]
         stash = self.stashes[cpu]
-        # the compiled calls' fixed arguments (Words.fresh_pop, Words.fresh_push)
         self._pop_args = (stash.count, stash.slots, own.lo, own.hi, self._own_fresh,
                           H_SYNC_STARTED, H_SYNCED, H_SYNCS_RUNNING)
         self._push_args = (own.lo, own.hi, self._own_fresh, H_SYNC_STARTED, own.words,

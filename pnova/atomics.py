@@ -3,7 +3,7 @@
 Python has no atomics of its own, and a plain ``+=`` on a shared numpy array
 loses updates between processes.  :class:`SharedWords` is pnova's compiled
 helper ``pnova._atomic`` (``pnova/_atomic.c``, built when the package is
-installed): each method is one GCC ``__atomic`` builtin, sequentially
+installed): each word method is one GCC ``__atomic`` builtin, sequentially
 consistent, behind a fast-call entry point, so one costs about what any
 Python method call costs (DESIGN section 17 has the measurements).
 
@@ -22,6 +22,9 @@ Python method call costs (DESIGN section 17 has the measurements).
     w.fresh_pop(...) / w.fresh_push(...) / w.held_due(...)
                                    # a disk image's commonest allocator steps, one
                                    # call each (pnova.alloc, DESIGN 24)
+
+The stash and fresh calls are short sequences of such atomic steps, not one:
+they are correct because only the process acting as a CPU changes its stash.
 
 Offsets are byte offsets, naturally aligned (4 for 32-bit words, 8 for 64-bit);
 an offset outside the mapping or misaligned raises ValueError.  ``add`` wraps

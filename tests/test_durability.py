@@ -268,6 +268,40 @@ def test_a_block_another_process_allocated_since_the_last_sync_goes_straight_bac
     fs0.unmount()
 
 
+def test_a_worker_overwriting_uses_the_stash_of_the_cpu_it_acts_as(tmp_path):
+    """A forked worker that becomes CPU 1 of a disk image (as a mount's serving
+    processes and fxmark's workers do) takes its blocks from CPU 1's stash and
+    region, and gives a replaced block that no sync saw straight back to that
+    stash: nothing is held, and CPU 0's stash, the primary's before the fork,
+    is not touched."""
+    path, fs, ino = _holding_file(tmp_path, b"f", cpus=2)
+    fs.prepare_workers(workers=2)
+    stash0 = fs.alloc.stashes[0]
+    before = [stash0.w.load64(stash0.slots + 8 * i) for i in range(len(stash0))]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fs.become_worker(cpu=1)
+            region1 = fs.alloc.order(1)[0]
+            for i in range(50):
+                fs.write(ino, 0, bytes([i]) * 4096)
+                assert region1.contains(fs.get(ino).pages[0])
+                assert fs.alloc.limbo_blocks == 0
+            assert fs.read(ino, 0, 4096) == bytes([49]) * 4096
+            assert len(fs.alloc.stashes[1]) > 0
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert [stash0.w.load64(stash0.slots + 8 * i) for i in range(len(stash0))] == before
+    assert fs.area.w.load64(H_LIMBO) == 0
+    fs.unmount()
+    fs = FileSystem.mount(path)
+    assert fs.read(ino, 0, 4096) == bytes([49]) * 4096
+    fs.unmount()
+
+
 def test_a_block_allocated_while_an_earlier_sync_still_runs_is_not_fresh(tmp_path):
     """Two syncs overlap and the later one finishes first: the interval numbers
     then say "no sync running" while the earlier sync, which may cover what is

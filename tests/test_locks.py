@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 
 from pnova import locks
+from pnova.atomics import SharedWords
 from pnova.locks import WANTED, WRITER, LockTimeout, Semaphores, make_scheme
 from pnova.ring import Ring, refill
-from pnova.atomics import SharedWords
 from pnova.shared import SharedArea
 
 NINODES = 64
@@ -133,20 +133,27 @@ def test_stash_and_fresh_calls_of_a_disk_images_allocator():
     w.store64(started, 5)
     w.store64(synced, 5)
     assert w.stash_pop(count, slots) == 0                 # empty
-    for blk in (1003, 1040, 2000):
-        assert w.stash_push(count, slots, 3, blk)
-    assert not w.stash_push(count, slots, 3, 1)            # full at cap
+    for blk in (1003, 1040, 1010, 2000):
+        assert w.stash_push(count, slots, 4, blk)
+    assert not w.stash_push(count, slots, 4, 1)            # full at cap: nothing stored
+    assert w.load64(count) == 4 and w.load64(slots + 32) == 0
     g = 5 << 32
     pop = (count, slots, lo, hi, fresh, started, synced, running)
-    assert w.fresh_pop(*pop) == 2000 and w.load64(fresh) == 0   # outside lo..hi: no mark
-    assert w.fresh_pop(*pop) == 1040 and w.load64(fresh + 8) == g | 1 << 8
+    assert w.fresh_pop(*pop) == 2000                       # outside lo..hi: no mark,
+    assert w.load64(fresh + 8 * ((2000 - lo) >> 5)) == 0   # where it would have gone
+    assert w.fresh_pop(*pop) == 1010 and w.load64(fresh) == g | 1 << 10
+    w.store64(synced, 4)                                   # a sync began: no mark
+    assert w.fresh_pop(*pop) == 1040 and w.load64(fresh + 8) == 0
+    w.store64(synced, 5)
     w.store64(running, 1)                                  # a sync runs: no mark
-    assert w.fresh_pop(*pop) == 1003 and w.load64(fresh) == 0
+    assert w.fresh_pop(*pop) == 1003 and w.load64(fresh) == g | 1 << 10
     assert w.fresh_pop(*pop) == 0 and w.load64(count) == 0
     w.store64(running, 0)
     push = (lo, hi, fresh, started, bitmap, count, slots, 1)
-    w.store64(bitmap, 1 << 40 | 1 << 3)                    # blocks 1040 and 1003 in use
-    assert w.fresh_push(1003, *push) == 0                  # never marked: held back
+    w.store64(bitmap, 1 << 40 | 1 << 10 | 1 << 3)          # blocks 1040, 1010, 1003 in use
+    assert w.fresh_push(1003, *push) == 0                  # its bit clear in this interval
+    assert w.load64(fresh) == g | 1 << 10 and w.load64(count) == 0
+    w.fresh_note(fresh + 8, 1 << 8, started, synced, running)   # 1040, fresh in 5
     w.store64(started, 6)
     assert w.fresh_push(1040, *push) == 0                  # marked in an older interval
     assert w.load64(fresh + 8) == g | 1 << 8               # and left as it was
@@ -156,29 +163,38 @@ def test_stash_and_fresh_calls_of_a_disk_images_allocator():
     w.fresh_note(fresh, 1 << 3, started, synced, running)  # 1003, fresh now
     w.fresh_note(fresh, 1 << 4, started, synced, running)  # 1004, fresh but free
     w.stash_push(count, slots, 1, 7)                       # the stash full
-    assert w.fresh_push(1003, *push) == 2 and w.load64(fresh) == g | 1 << 4
+    assert w.fresh_push(1003, *push) == 2                  # taken, not pushed
+    assert w.load64(fresh) == g | 1 << 10 | 1 << 4 and w.load64(count) == 1
     assert w.fresh_push(1004, *push) == 3                  # a double free
-    w.store64(synced, 4)                                   # a sync began and runs
+    assert w.load64(count) == 1 and w.load64(slots) == 7
+    w.store64(running, 1)                                  # a sync runs: fresh_note marks nothing
     w.fresh_note(fresh, 1 << 5, started, synced, running)
-    assert w.load64(fresh) == g
+    assert w.load64(fresh) == g | 1 << 10
+    with pytest.raises(ValueError, match="not in the region"):
+        w.fresh_push(999, *push)
+    w.store64(count, 1 << 62)                              # a damaged count
+    with pytest.raises(ValueError, match="outside the mapping"):
+        w.stash_pop(count, slots)
     with pytest.raises(ValueError):
-        w.fresh_push(999, *push)                           # not in the region
-    with pytest.raises(ValueError):
-        w.stash_pop(count, 4090)                           # its slot outside the buffer
+        w.stash_pop(count + 4, slots)                      # misaligned count
     # a ring of 4 records of 32 bytes: head, tail, records, the newest durable
     head, tail, recs, durable = 3072, 3080, 3200, 3088
     due = (head, tail, recs, 4, 32, synced, durable)
-    w.store64(durable, 10)                                 # the newest durable record
+    w.store64(synced, 5)
+    w.store64(durable, 10)
     assert not w.held_due(*due)                            # empty
     w.store64(recs + 32 * 2, 3)                            # record 2 (head 6 mod 4): tag 3
-    w.store64(recs + 32 * 2 + 24, 11)                      # needs record 11
+    w.store64(recs + 32 * 2 + 24, 11)                      # needs sync record 11
+    w.store64(recs + 32 * 3, 1)                            # record 3, the newest: due
     w.store64(head, 6)
-    w.store64(tail, 7)
-    assert not w.held_due(*due)                            # not yet durable
+    w.store64(tail, 8)
+    assert not w.held_due(*due)                            # the oldest is not yet durable
     w.store64(durable, 11)
     assert w.held_due(*due)
     w.store64(synced, 3)
     assert not w.held_due(*due)                            # tagged in an unfinished sync
+    with pytest.raises(ValueError):
+        w.held_due(head, tail, recs, 1 << 40, 32, synced, durable)   # no such ring here
 
 
 def test_a_cpu_records_each_read_share_it_holds(area):
