@@ -297,20 +297,28 @@ rdunlock(Words *self, PyObject *const *args, Py_ssize_t n)
    made in Python on every allocation and free of a disk-backed image. */
 #define LOW32 0xFFFFFFFFull
 
+/* Set mask's bits of the fresh word at p for interval g (high half); bits of
+   another interval mean nothing now and are dropped. */
+static inline void
+fresh_set(uint64_t *p, uint64_t g, uint64_t mask)
+{
+    uint64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST), nv;
+    do {
+        nv = g | ((v & ~LOW32) == g ? (v & LOW32) : 0) | mask;
+    } while (!__atomic_compare_exchange_n(p, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+}
+
 /* fresh_mark(off, g, mask): set mask's bits for interval g; bits of another
    interval mean nothing now and are dropped. */
 static PyObject *
 fresh_mark(Words *self, PyObject *const *args, Py_ssize_t n)
 {
     uint64_t *p;
-    uint64_t g, mask, v, nv;
+    uint64_t g, mask;
     if (check_args(n, 3, "fresh_mark") < 0 || !(p = writable_word_at(self, args[0], 8))
             || as_u64(args[1], &g) < 0 || as_u64(args[2], &mask) < 0)
         return NULL;
-    v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
-    do {
-        nv = g | ((v & ~LOW32) == g ? (v & LOW32) : 0) | mask;
-    } while (!__atomic_compare_exchange_n(p, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    fresh_set(p, g, mask);
     Py_RETURN_NONE;
 }
 
@@ -344,7 +352,7 @@ static PyObject *
 fresh_note(Words *self, PyObject *const *args, Py_ssize_t n)
 {
     uint64_t *p, *ps, *py, *pr;
-    uint64_t mask, g, v, nv;
+    uint64_t mask, g;
     if (check_args(n, 5, "fresh_note") < 0 || !(p = writable_word_at(self, args[0], 8))
             || as_u64(args[1], &mask) < 0 || !(ps = word_at(self, args[2], 8))
             || !(py = word_at(self, args[3], 8)) || !(pr = word_at(self, args[4], 8)))
@@ -353,10 +361,7 @@ fresh_note(Words *self, PyObject *const *args, Py_ssize_t n)
     if (__atomic_load_n(py, __ATOMIC_SEQ_CST) != g || __atomic_load_n(pr, __ATOMIC_SEQ_CST))
         Py_RETURN_NONE;
     g = (g & LOW32) << 32;
-    v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
-    do {
-        nv = g | ((v & ~LOW32) == g ? (v & LOW32) : 0) | mask;
-    } while (!__atomic_compare_exchange_n(p, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    fresh_set(p, g, mask);
     Py_RETURN_NONE;
 }
 
@@ -365,24 +370,34 @@ fresh_note(Words *self, PyObject *const *args, Py_ssize_t n)
    stores suffice, as only the owner changes it; the count is stored after
    the slot, so another process reading it never sees a slot not yet written. */
 
+/* Pop the top of the stack whose count is at pc and slots at `slots` into
+   *out: 1 when popped, 0 when empty, -1 with an exception set. */
+static inline int
+stack_pop(Words *self, uint64_t *pc, Py_ssize_t slots, uint64_t *out)
+{
+    uint64_t *ps;
+    uint64_t k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
+    if (!k)
+        return 0;
+    if (!(ps = slot_at(self, slots, k - 1)))
+        return -1;
+    *out = __atomic_load_n(ps, __ATOMIC_SEQ_CST);
+    __atomic_store_n(pc, k - 1, __ATOMIC_SEQ_CST);
+    return 1;
+}
+
 /* stash_pop(count, slots) -> the value on top, removed; 0 if the stack is empty */
 static PyObject *
 stash_pop(Words *self, PyObject *const *args, Py_ssize_t n)
 {
-    uint64_t *pc, *ps;
-    uint64_t k, v;
+    uint64_t *pc;
+    uint64_t v = 0;
     Py_ssize_t slots;
+    int got;
     if (check_args(n, 2, "stash_pop") < 0 || !(pc = writable_word_at(self, args[0], 8))
-            || as_off(args[1], &slots) < 0)
+            || as_off(args[1], &slots) < 0 || (got = stack_pop(self, pc, slots, &v)) < 0)
         return NULL;
-    k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
-    if (!k)
-        return PyLong_FromLong(0);
-    if (!(ps = slot_at(self, slots, k - 1)))
-        return NULL;
-    v = __atomic_load_n(ps, __ATOMIC_SEQ_CST);
-    __atomic_store_n(pc, k - 1, __ATOMIC_SEQ_CST);
-    return PyLong_FromUnsignedLongLong(v);
+    return PyLong_FromUnsignedLongLong(got ? v : 0);
 }
 
 /* stash_push(count, slots, cap, v) -> False if the stack already holds cap values */
@@ -419,35 +434,26 @@ stash_push(Words *self, PyObject *const *args, Py_ssize_t n)
 static PyObject *
 fresh_pop(Words *self, PyObject *const *args, Py_ssize_t n)
 {
-    uint64_t *pc, *ps, *pst, *psy, *pr, *pw;
-    uint64_t k, blk, lo, hi, g, v, nv;
+    uint64_t *pc, *pst, *psy, *pr, *pw;
+    uint64_t blk = 0, lo, hi, g;
     Py_ssize_t slots, fresh;
+    int got;
     if (check_args(n, 8, "fresh_pop") < 0 || !(pc = writable_word_at(self, args[0], 8))
             || as_off(args[1], &slots) < 0 || as_u64(args[2], &lo) < 0
             || as_u64(args[3], &hi) < 0 || as_off(args[4], &fresh) < 0
             || !(pst = word_at(self, args[5], 8)) || !(psy = word_at(self, args[6], 8))
             || !(pr = word_at(self, args[7], 8)))
         return NULL;
-    k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
-    if (!k)
-        return PyLong_FromLong(0);
-    if (!(ps = slot_at(self, slots, k - 1)))
-        return NULL;
-    blk = __atomic_load_n(ps, __ATOMIC_SEQ_CST);
+    if ((got = stack_pop(self, pc, slots, &blk)) <= 0)
+        return got < 0 ? NULL : PyLong_FromLong(0);
     if (lo <= blk && blk < hi) {
         if (!(pw = slot_at(self, fresh, (blk - lo) >> 5)))
             return NULL;
         g = __atomic_load_n(pst, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(psy, __ATOMIC_SEQ_CST) == g && !__atomic_load_n(pr, __ATOMIC_SEQ_CST)) {
-            g = (g & LOW32) << 32;
-            v = __atomic_load_n(pw, __ATOMIC_SEQ_CST);
-            do {
-                nv = g | ((v & ~LOW32) == g ? (v & LOW32) : 0) | (1ull << ((blk - lo) & 31));
-            } while (!__atomic_compare_exchange_n(pw, &v, nv, 0, __ATOMIC_SEQ_CST,
-                                                  __ATOMIC_SEQ_CST));
+            fresh_set(pw, (g & LOW32) << 32, 1ull << ((blk - lo) & 31));
         }
     }
-    __atomic_store_n(pc, k - 1, __ATOMIC_SEQ_CST);
     return PyLong_FromUnsignedLongLong(blk);
 }
 
