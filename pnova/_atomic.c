@@ -308,6 +308,22 @@ fresh_set(uint64_t *p, uint64_t g, uint64_t mask)
     } while (!__atomic_compare_exchange_n(p, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
 }
 
+/* Clear mask's bits of the fresh word at p if every one is set for interval
+   g, decided on the first look: 1 if so (unless a newer interval has reset the
+   word meanwhile, which leaves nothing to clear), 0 if not. */
+static inline int
+fresh_clear(uint64_t *p, uint64_t g, uint64_t mask)
+{
+    uint64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    if ((v & ~LOW32) != g || (v & mask) != mask)
+        return 0;
+    while ((v & ~LOW32) == g &&
+           !__atomic_compare_exchange_n(p, &v, v & ~mask, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+        ;                       /* v was reloaded by the failed exchange */
+    return 1;
+}
+
 /* fresh_mark(off, g, mask): set mask's bits for interval g; bits of another
    interval mean nothing now and are dropped. */
 static PyObject *
@@ -329,18 +345,11 @@ static PyObject *
 fresh_take(Words *self, PyObject *const *args, Py_ssize_t n)
 {
     uint64_t *p;
-    uint64_t g, mask, v;
+    uint64_t g, mask;
     if (check_args(n, 3, "fresh_take") < 0 || !(p = writable_word_at(self, args[0], 8))
             || as_u64(args[1], &g) < 0 || as_u64(args[2], &mask) < 0)
         return NULL;
-    v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
-    if ((v & ~LOW32) != g || (v & mask) != mask)
-        Py_RETURN_FALSE;
-    while ((v & ~LOW32) == g &&
-           !__atomic_compare_exchange_n(p, &v, v & ~mask, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_SEQ_CST))
-        ;                       /* v was reloaded by the failed exchange */
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(fresh_clear(p, g, mask));
 }
 
 /* fresh_note(off, mask, started, synced, running): fresh_mark(off, g, mask)
@@ -386,6 +395,22 @@ stack_pop(Words *self, uint64_t *pc, Py_ssize_t slots, uint64_t *out)
     return 1;
 }
 
+/* Push v on that stack: 1 when pushed, 0 when it holds cap values already,
+   -1 with an exception set.  The slot is stored before the count. */
+static inline int
+stack_push(Words *self, uint64_t *pc, Py_ssize_t slots, uint64_t cap, uint64_t v)
+{
+    uint64_t *ps;
+    uint64_t k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
+    if (k >= cap)
+        return 0;
+    if (!(ps = slot_at(self, slots, k)))
+        return -1;
+    __atomic_store_n(ps, v, __ATOMIC_SEQ_CST);
+    __atomic_store_n(pc, k + 1, __ATOMIC_SEQ_CST);
+    return 1;
+}
+
 /* stash_pop(count, slots) -> the value on top, removed; 0 if the stack is empty */
 static PyObject *
 stash_pop(Words *self, PyObject *const *args, Py_ssize_t n)
@@ -404,21 +429,15 @@ stash_pop(Words *self, PyObject *const *args, Py_ssize_t n)
 static PyObject *
 stash_push(Words *self, PyObject *const *args, Py_ssize_t n)
 {
-    uint64_t *pc, *ps;
-    uint64_t k, cap, v;
+    uint64_t *pc;
+    uint64_t cap, v;
     Py_ssize_t slots;
+    int got;
     if (check_args(n, 4, "stash_push") < 0 || !(pc = writable_word_at(self, args[0], 8))
             || as_off(args[1], &slots) < 0 || as_u64(args[2], &cap) < 0
-            || as_u64(args[3], &v) < 0)
+            || as_u64(args[3], &v) < 0 || (got = stack_push(self, pc, slots, cap, v)) < 0)
         return NULL;
-    k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
-    if (k >= cap)
-        Py_RETURN_FALSE;
-    if (!(ps = slot_at(self, slots, k)))
-        return NULL;
-    __atomic_store_n(ps, v, __ATOMIC_SEQ_CST);
-    __atomic_store_n(pc, k + 1, __ATOMIC_SEQ_CST);
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(got);
 }
 
 /* The two commonest calls of a disk-backed image's allocator, each one call:
@@ -466,9 +485,10 @@ fresh_pop(Words *self, PyObject *const *args, Py_ssize_t n)
 static PyObject *
 fresh_push(Words *self, PyObject *const *args, Py_ssize_t n)
 {
-    uint64_t *pw, *pst, *pb, *pc, *ps;
-    uint64_t blk, lo, hi, cap, g, v, mask, b, k;
+    uint64_t *pw, *pst, *pb, *pc;
+    uint64_t blk, lo, hi, cap, b;
     Py_ssize_t fresh, bitmap, slots;
+    int got;
     if (check_args(n, 9, "fresh_push") < 0 || as_u64(args[0], &blk) < 0
             || as_u64(args[1], &lo) < 0 || as_u64(args[2], &hi) < 0
             || as_off(args[3], &fresh) < 0 || !(pst = word_at(self, args[4], 8))
@@ -482,25 +502,14 @@ fresh_push(Words *self, PyObject *const *args, Py_ssize_t n)
     b = blk - lo;
     if (!(pw = slot_at(self, fresh, b >> 5)) || !(pb = slot_at(self, bitmap, b >> 6)))
         return NULL;
-    g = (__atomic_load_n(pst, __ATOMIC_SEQ_CST) & LOW32) << 32;
-    mask = 1ull << (b & 31);
-    v = __atomic_load_n(pw, __ATOMIC_SEQ_CST);
-    if ((v & ~LOW32) != g || !(v & mask))
+    if (!fresh_clear(pw, (__atomic_load_n(pst, __ATOMIC_SEQ_CST) & LOW32) << 32,
+                     1ull << (b & 31)))
         return PyLong_FromLong(0);
-    while ((v & ~LOW32) == g &&
-           !__atomic_compare_exchange_n(pw, &v, v & ~mask, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_SEQ_CST))
-        ;                       /* v was reloaded by the failed exchange */
     if (!(__atomic_load_n(pb, __ATOMIC_SEQ_CST) >> (b & 63) & 1))
         return PyLong_FromLong(3);
-    k = __atomic_load_n(pc, __ATOMIC_SEQ_CST);
-    if (k >= cap)
-        return PyLong_FromLong(2);
-    if (!(ps = slot_at(self, slots, k)))
+    if ((got = stack_push(self, pc, slots, cap, blk)) < 0)
         return NULL;
-    __atomic_store_n(ps, blk, __ATOMIC_SEQ_CST);
-    __atomic_store_n(pc, k + 1, __ATOMIC_SEQ_CST);
-    return PyLong_FromLong(1);
+    return PyLong_FromLong(got ? 1 : 2);
 }
 
 /* held_due(head, tail, slots, nslots, rec, synced, durable) -> whether the
