@@ -225,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{damaged} with damage beyond repair"
           + (f", {unreadable} not readable" if unreadable else ""))
     if checked:
-        print(f"{a.mountpoint}: {_n(len(files) + len(dirs), 'inode')} read back from the "
+        # (an inode the walk met as EIO was asked for and failed: counted too,
+        # whether or not a serving process had it cached)
+        asked = len(files) + len(dirs) + sum(e.errno == errno.EIO for e in walk_errors)
+        print(f"{a.mountpoint}: {_n(asked, 'inode')} read back from the "
               f"device; {found['meta']} with damaged metadata; "
               f"{_n(found['slots'], 'inode slot')} restored from the replica; "
               f"{_n(found['logs'], 'log')} damaged in one copy rewritten")
