@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pnova.fuse_session import detach, unmount
+from pnova.fuse_session import detach, mounted_source, unmount
 from pnova.mkfs import format_device
 
 from .fileops import PosixOps
@@ -113,7 +113,6 @@ class PnovaMountTarget:
     def run(self, workload: Workload, scheme: str, nworkers: int, duration: float,
             cfg: RunConfig, tick: Callable[[], object] | None) -> dict[str, Any]:
         rec, size, tmp = image_run(workload, self.label, scheme, nworkers, duration, cfg)
-        rec["fstype"] = "fuse.pnova"
         image, mnt = os.path.join(tmp, "pnova.img"), os.path.join(tmp, "mnt")
         logpath = os.path.join(tmp, "pnova.log")
         daemon: subprocess.Popen | None = None
@@ -124,6 +123,8 @@ class PnovaMountTarget:
             os.mkdir(mnt)
             daemon = self._mount(image, mnt, scheme, cfg, logpath, self.uring)
             rec["requests"] = requests_path(logpath)
+            # (the type says the image's backing: fuse.pnova-memory on tmpfs)
+            rec["fstype"] = (mounted_source(mnt) or ("?",))[0]
             run_dir = os.path.join(mnt, "fxmark")
             os.mkdir(run_dir)
             _PosixRun.measure_in(rec, workload, run_dir, nworkers, duration, cfg, tick)

@@ -424,6 +424,7 @@ def serve(fs: FileSystem, mountpoint: str, options: Iterable[str], *,
             raise
         log.info("FUSE protocol 7.%d with %s; %d serving process%s", neg.minor,
                  ", ".join(neg.names()), n, "" if n == 1 else "es")
+        log.info("mounted on %s, type fuse.%s", mountpoint, subtype)
         fs.prepare_workers(workers=n)
         queues: list[list[int]] | None = None
         if neg.flags & W.OVER_IO_URING:

@@ -65,6 +65,10 @@ mount options (-o, comma-separated, may be repeated):
                       CPU served on that CPU (default auto: when the kernel
                       offers it, /sys/module/fuse/parameters/enable_uring);
                       DESIGN.md 22.8
+  fsname=NAME         the source /proc/mounts and df show (default: the image path)
+  subtype=NAME        the type shown is fuse.NAME (default: by the image's backing,
+                      fuse.pnova on a disk, fuse.pnova-pmem on persistent memory,
+                      fuse.pnova-memory in tmpfs); DESIGN.md 24
   debug               same as -d
   dev,nodev,suid,nosuid,exec,noexec,atime,noatime,sync,async,dirsync
                       passed to the kernel
@@ -77,6 +81,18 @@ unmount: fusermount3 -u MOUNTPOINT   (or umount MOUNTPOINT as root)
 
 
 SUBTYPE = "pnova"                # /proc/mounts shows the type fuse.pnova
+
+# The type /proc/mounts and `df -T` show says what the image's durability rests
+# on (DESIGN 24): the plain type for a file on a disk (the default image of
+# `make run`), a suffix for real persistent memory and for an image in memory.
+# `mount -a` recognises a mounted fstab line by source and mount point, not
+# type, so a line of type fuse.pnova matches all three.
+MODE_SUBTYPES = {"disk": SUBTYPE, "pmem": SUBTYPE + "-pmem", "memory": SUBTYPE + "-memory"}
+
+
+def is_pnova_type(fstype: str) -> bool:
+    """Whether a mount of type ``fstype`` is a pnova mount (any backing)."""
+    return fstype in {"fuse." + s for s in MODE_SUBTYPES.values()}
 
 
 class UsageError(Exception):
@@ -176,8 +192,6 @@ def parse_args(argv: list[str]) -> Config:
         opts.discard("rw")
     if not any(o.startswith("fsname=") for o in opts):
         opts.add(f"fsname={cfg.image}")
-    if not any(o.startswith("subtype=") for o in opts):
-        opts.add(f"subtype={SUBTYPE}")
     if cfg.debug:
         cfg.foreground = True
         opts.add("debug")                           # libfuse traces every request
@@ -231,8 +245,8 @@ def _check_paths(cfg: Config) -> bool:
     try:
         st = os.stat(cfg.mountpoint)
     except OSError as e:
-        if e.errno == errno.ENOTCONN and mounted_source(cfg.mountpoint) == \
-                (f"fuse.{SUBTYPE}", cfg.image):
+        dead = mounted_source(cfg.mountpoint) if e.errno == errno.ENOTCONN else None
+        if dead is not None and is_pnova_type(dead[0]) and dead[1] == cfg.image:
             return True
         raise UsageError(f"mount point {cfg.mountpoint}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
@@ -383,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     rc = 1
     served = False
     try:
-        rc = serve(fs, cfg.mountpoint, cfg.fuse_options, workers=cfg.workers, commit=cfg.commit,
+        opts = set(cfg.fuse_options)
+        if not any(o.startswith("subtype=") for o in opts):
+            opts.add(f"subtype={MODE_SUBTYPES[fs.pm.mode]}")   # an explicit name wins
+        rc = serve(fs, cfg.mountpoint, opts, workers=cfg.workers, commit=cfg.commit,
                    keeper=cfg.keeper, uring=cfg.uring,
                    debug=cfg.debug, on_ready=ready, child_setup=in_worker)
         served = True

@@ -34,6 +34,7 @@ import sys
 import time
 
 from .fuse_session import mounted_source
+from .mount import is_pnova_type
 
 CHUNK = 1 << 20
 STRIP = 512
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     mnt = os.path.realpath(a.mountpoint)
     src = mounted_source(mnt)
-    if src is None or src[0] != "fuse.pnova":
+    if src is None or not is_pnova_type(src[0]):
         print(f"pnova-scrub: {a.mountpoint} is not a pnova mount point", file=sys.stderr)
         return 2
     dirs: list[str] = []

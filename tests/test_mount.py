@@ -763,6 +763,54 @@ def test_mount_t_fuse_pnova(mnt: Mount) -> None:
     assert engine_state(mnt.image) == "clean"
 
 
+@needs_fuse
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount -a needs root")
+def test_the_mount_type_says_what_the_image_rests_on(tmp_path: Path, shm_dir: Path) -> None:
+    """`df -T` and /proc/mounts show fuse.pnova for an image on a disk and
+    fuse.pnova-memory for one in tmpfs (fuse.pnova-pmem on persistent memory,
+    not present here), and an fstab line of type fuse.pnova still finds either
+    mounted: `mount -a` goes by source and mount point."""
+    disk = str(tmp_path / "disk.img")
+    mem = str(shm_dir / "mem.img")
+    expect = {}
+    for path in (disk, mem):
+        format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=2)
+        fs = FileSystem.mount(path)
+        expect[path] = "fuse.pnova" + {"disk": "", "memory": "-memory"}[fs.pm.mode]
+        fs.unmount()
+    assert expect[mem] == "fuse.pnova-memory"
+    mounts = [Mount(disk, tmp_path / "m1"), Mount(mem, tmp_path / "m2")]
+    try:
+        for m in mounts:
+            m.start()
+            source, _, fstype = mount_entry(m.mnt)[:3]
+            assert (source, fstype) == (m.image, expect[m.image])
+            df = subprocess.run(["df", "-T", str(m.mnt)], capture_output=True, text=True,
+                                timeout=WAIT)
+            assert df.returncode == 0 and df.stdout.split()[-6] == expect[m.image], df.stdout
+            with open(m.log) as f:
+                assert f"type {expect[m.image]}" in f.read()
+        fstab = tmp_path / "fstab"
+        fstab.write_text("".join(f"{m.image} {m.mnt} fuse.pnova defaults 0 0\n"
+                                 for m in mounts))
+        r = subprocess.run(["mount", "-a", "-v", "--fstab", str(fstab)], capture_output=True,
+                           text=True, timeout=WAIT)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("already mounted") == 2, r.stdout
+        for m in mounts:
+            with open("/proc/self/mounts") as f:
+                assert sum(line.split()[1] == str(m.mnt) for line in f) == 1
+        # pnova's own tools know both types: pnova-scrub checks the mount in memory
+        r = subprocess.run([str(BIN / "pnova-scrub"), "-q", str(mounts[1].mnt)],
+                           capture_output=True, text=True, timeout=WAIT)
+        assert r.returncode == 0, r.stderr
+        for m in mounts:
+            m.stop()
+    finally:
+        for m in mounts:
+            m.cleanup()
+
+
 # ---------------------------------------------------------------- unmount and crashes
 @needs_fuse
 def test_unmount_leaves_image_clean(mounted: Mount) -> None:
