@@ -88,11 +88,12 @@ SUBTYPE = "pnova"                # /proc/mounts shows the type fuse.pnova
 # `mount -a` recognises a mounted fstab line by source and mount point, not
 # type, so a line of type fuse.pnova matches all three.
 MODE_SUBTYPES = {"disk": SUBTYPE, "pmem": SUBTYPE + "-pmem", "memory": SUBTYPE + "-memory"}
+_PNOVA_TYPES = frozenset("fuse." + s for s in MODE_SUBTYPES.values())
 
 
 def is_pnova_type(fstype: str) -> bool:
     """Whether a mount of type ``fstype`` is a pnova mount (any backing)."""
-    return fstype in {"fuse." + s for s in MODE_SUBTYPES.values()}
+    return fstype in _PNOVA_TYPES
 
 
 class UsageError(Exception):
