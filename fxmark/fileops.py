@@ -3,7 +3,9 @@
 Workloads are written once against :class:`FileOps` and run unchanged on
 
 * :class:`EngineOps`: the pnova engine called directly (paths are walked
-  with ``lookup`` from the root, as the kernel walks them for a system call);
+  from the root with ``lookup_ino``, name by name, as the kernel walks them
+  for a system call: inode numbers only, no attributes of the directories on
+  the way);
 * :class:`PosixOps`: any directory, through real system calls (a pnova mount,
   tmpfs, ext4, ...), optionally with ``O_DIRECT`` for data files.
 
@@ -106,7 +108,7 @@ class EngineOps:
         parent = ROOT_INO
         *dirs, last = path.split("/")
         for name in dirs:
-            parent = self.fs.lookup(parent, name.encode()).ino
+            parent = self.fs.lookup_ino(parent, name.encode())
         return parent, last.encode()
 
     def _ino(self, path: str) -> int:

@@ -361,9 +361,20 @@ class Namei:
         return self.attr(inode)
 
     def lookup(self, parent: int, name: bytes) -> Attr:
+        """The attributes of what ``name`` in directory ``parent`` names."""
+        return self.attr(self.get(self.lookup_ino(parent, name)))
+
+    def lookup_ino(self, parent: int, name: bytes) -> int:
+        """The inode number ``name`` in directory ``parent`` names: a lookup
+        without the attributes of what it finds, which is all a path walk
+        needs of the directories on its way (the kernel's walk asks nothing
+        of them either).  The attributes of a directory other processes
+        change keep moving (its times follow every entry), so reading them
+        means catching its cache up with all of their entries; the name
+        alone is vouched for by its name version (DESIGN 19.8)."""
         if name == b"." or name == b"..":
             d = self._dir(parent)
-            return self.attr(d if name == b"." else self.get(d.parent or parent))
+            return d.ino if name == b"." else (d.parent or parent)
         if len(name) > L.NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
         d = self.cache.get(parent) if self.shared else None
@@ -401,7 +412,7 @@ class Namei:
         ent = d.dents.get(name)
         if ent is None:
             raise FsError(errno.ENOENT)
-        return self.attr(self.get(ent[0]))
+        return ent[0]
 
     def create(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
         """Create a regular file (mode without type bits means a regular file)."""

@@ -500,6 +500,48 @@ def test_a_cpu_that_takes_a_directory_back_is_seen_by_caches_that_asked_before(t
         assert a("read_locked_has", d, b"b3")
 
 
+def test_a_path_walked_through_a_directory_others_change_does_not_catch_it_up(tmp_path):
+    """``lookup_ino`` answers the inode a name names, without the attributes of
+    what it finds: a walk through a directory another CPU keeps changing leaves
+    this CPU's cache of it as it was (``lookup``, which answers the directory's
+    attributes, catches it up first), and still finds the names the other CPU
+    made."""
+    path = str(tmp_path / "walk.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs0 = FileSystem.mount(path)
+    s = fs0.mkdir(1, b"s", 0o755).ino
+    fs0.create(s, b"x", 0o644)
+    fs1 = FileSystem.attach(fs0, 1)
+    assert fs0.lookup_ino(1, b"s") == s and fs0.lookup(s, b"x")     # both cached here
+    made = {fs1.create(s, b"n%d" % i, 0o644).ino: b"n%d" % i for i in range(20)}
+    gathers = [0]
+    gather = fs0._gather
+
+    def counted(*args, **kw):
+        gathers[0] += 1
+        return gather(*args, **kw)
+    fs0._gather = counted
+    try:
+        tail = fs0.cache[s].tail, dict(fs0.cache[s].local)
+        assert fs0.lookup_ino(1, b"s") == s
+        assert gathers[0] == 0 and (fs0.cache[s].tail, fs0.cache[s].local) == tail
+        a = fs0.lookup(1, b"s")                  # the attributes: caught up first
+        assert gathers[0] >= 1 and a.ino == s
+        assert a.mtime_ns == fs1.getattr(s).mtime_ns
+    finally:
+        del fs0._gather
+    for ino, name in made.items():
+        assert fs0.lookup_ino(s, name) == ino
+    assert fs0.lookup_ino(s, b".") == s and fs0.lookup_ino(s, b"..") == 1
+    for name, err in ((b"none", errno.ENOENT), (b"n" * 256, errno.ENAMETOOLONG)):
+        with pytest.raises(FsError) as e:
+            fs0.lookup_ino(s, name)
+        assert e.value.errno == err
+    fs0.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
+
+
 def test_an_inode_freed_while_a_lookup_reads_it_is_gone_not_damaged(tmp_path):
     """A lock-free lookup finds a name, and the inode is freed by another process
     before its logs are read: the lookup answers ENOENT, as if it had come after
