@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from pnova.locks import SCHEMES
 from pnova.util import parse_size
@@ -110,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated worker counts (default 1,2)")
     run.add_argument("--duration", type=float, default=5.0,
                      help="seconds each run measures (default 5)")
+    run.add_argument("--rounds", type=int, default=1,
+                     help="measure each point this many times, every worker count of a "
+                     "round back to back, and report medians: a point's ops/s over its "
+                     "rounds, a speed-up over the ratios measured within each round, with "
+                     "their range (default 1)")
     run.add_argument("--direct", action="store_true",
                      help="open data files with O_DIRECT on directory and pnova targets "
                      "(the engine has no page cache either way)")
@@ -211,6 +217,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.segment_pages < 1:
         print("fxmark: --segment-pages must be 1 or more", file=sys.stderr)
         return 2
+    if a.rounds < 1:
+        print("fxmark: --rounds must be 1 or more", file=sys.stderr)
+        return 2
     try:
         targets = _targets(a.target)
     except ValueError as e:
@@ -228,26 +237,36 @@ def cmd_run(a: argparse.Namespace) -> int:
                     verify=a.verify, direct=a.direct, fail_worker=fail_worker)
     schemes = [s if p == "full" else f"{s}:{p}" for p in a.protection for s in a.scheme]
     return 1 if run_plan(a.workload, targets, schemes, a.workers, a.duration, cfg, a.out,
-                         a.progress) else 0
+                         a.progress, a.rounds) else 0
 
 
 def run_plan(wls: list[workloads.Workload], targets: list[Target], schemes: list[str],
              workers: list[int], duration: float, cfg: RunConfig, out: str,
-             show_progress: bool = True) -> int:
-    """Run every (workload, target, scheme, workers); print the table; return the failures."""
-    plan = [(w, t, s, n) for w in wls for t in targets
-            for s in (schemes if t.uses_schemes else [NO_SCHEME]) for n in workers]
+             show_progress: bool = True, rounds: int = 1) -> int:
+    """Run every (workload, target, scheme, workers), ``rounds`` times (the
+    worker counts of a round one after the other, so that each round's
+    speed-ups compare runs minutes apart at most); print the table, and with
+    rounds the medians; return the failures."""
+    plan = [(w, t, s, r, n) for w in wls for t in targets
+            for s in (schemes if t.uses_schemes else [NO_SCHEME])
+            for r in range(1, rounds + 1) for n in workers]
     progress = Progress(len(plan), duration, enabled=show_progress and sys.stderr.isatty())
     table = results.Table(sys.stdout)
     table.header()
     failed = 0
     path = os.path.join(out, "results.jsonl")
     paths: dict[str, set[str]] = {}            # pnova target -> how requests came
-    for w, t, scheme, n in plan:
-        progress.start(f"{w.name} {t.label} {scheme} {n}w")
+    batch = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}/{os.getpid()}"
+    done: list[dict] = []
+    for w, t, scheme, r, n in plan:
+        progress.start(f"{w.name} {t.label} {scheme} {n}w" +
+                       (f" round {r}/{rounds}" if rounds > 1 else ""))
         rec = t.run(w, scheme, n, duration, cfg, progress.tick)
         progress.clear()
+        if rounds > 1:
+            rec.update(round=r, rounds=rounds, batch=batch)
         path = results.append(out, rec)
+        done.append(rec)
         table.row(rec)
         if "requests" in rec:
             paths.setdefault(t.label, set()).add(rec["requests"])
@@ -257,6 +276,8 @@ def run_plan(wls: list[workloads.Workload], targets: list[Target], schemes: list
         failed += "failed" in rec
     for label, how in paths.items():
         print(f"{label}: requests taken through {' and '.join(sorted(how))}", flush=True)
+    if rounds > 1:
+        results.medians(done, sys.stdout)
     print(f"{failed} of {len(plan)} runs failed; " if failed else "",
           f"results appended to {path}", sep="", flush=True)
     return failed

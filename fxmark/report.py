@@ -5,13 +5,15 @@ column per worker count with ops/s and, in brackets, the speed-up over the
 same row's 1-worker run; then the CPU breakdown of the largest worker count.
 Failed runs show as FAILED, with their reasons listed under the table.  When
 a (workload, target, scheme, workers) was run more than once, the last
-record counts.
+record counts; a point measured in rounds (``fxmark run --rounds``) shows
+the median of its rounds, and its speed-up the median of each round's
+ratio, with their range.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from .results import latest
+from .results import latest, speedup
 from .workloads import WORKLOADS
 
 
@@ -44,7 +46,10 @@ def markdown(recs: list[dict[str, Any]]) -> str:
     direct = {bool(r.get("direct")) for r in recs}
     about.append({frozenset({True}): "direct I/O", frozenset({False}): "buffered I/O"}.get(
         frozenset(direct), "buffered and direct I/O"))
-    lines += [f"{len(last)} runs; " + "; ".join(about) + ".", ""]
+    rounds = sum(len(r.get("rounds_ops", ())) > 1 for r in last.values())
+    counted = f"{len(last)} points, {rounds} of them measured in rounds" if rounds \
+        else f"{len(last)} runs"
+    lines += [counted + "; " + "; ".join(about) + ".", ""]
     for wl in _workload_order({k[0] for k in last}):
         keys = [k for k in last if k[0] == wl]
         workers = sorted({k[3] for k in keys})
@@ -71,7 +76,7 @@ def markdown(recs: list[dict[str, Any]]) -> str:
                     failures.append(f"- {target} {scheme} {n} workers: {r['failed']}")
                 else:
                     ops = r["ops_per_sec"]
-                    up = f" ({ops / base_ops:.2f}x)" if base_ops and n != 1 else ""
+                    up = f" ({speedup(r, base)})" if base_ops and n != 1 else ""
                     cells.append(_fmt_ops(ops) + up)
                     cpu = r.get("cpu") or {}
                     if cpu:

@@ -15,11 +15,15 @@ workload replenished (untimed) what it uses up.  Targets add their own
 settings: engine and pnova: segment_pages, ncpus, device_size (and image
 when kept); pnova mounts also requests ('io_uring' or '/dev/fuse': how the
 daemon took its requests); directory targets: path and fstype (and kept).
+With ``--rounds N`` (N > 1) each point is measured N times: its records
+carry round (1..N), rounds (N) and batch (the same for every record of
+one ``fxmark run``).
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 from typing import Any, TextIO
 
 COLUMNS = (("workload", 8), ("target", 13), ("scheme", 9), ("workers", 7),
@@ -54,26 +58,69 @@ def load(path: str) -> list[dict[str, Any]]:
 
 
 def latest(recs: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], dict[str, Any]]:
-    """The last record of each (workload, target, scheme, workers): a re-run replaces."""
-    out: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+    """The last record of each (workload, target, scheme, workers): a re-run replaces.
+
+    A point measured in several rounds (``fxmark run --rounds``) counts as one
+    record: its last round's, with ``ops_per_sec`` the median over the rounds
+    and ``rounds_ops`` every round's figure, in round order; if a round
+    failed, that round's record (the point failed)."""
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     for r in recs:
-        out[(r["workload"], r["target"], r["scheme"], int(r["workers"]))] = r
-    return out
+        key = (r["workload"], r["target"], r["scheme"], int(r["workers"]))
+        batch = r.get("batch")
+        have = groups.get(key)
+        if batch is not None and have and have[-1].get("batch") == batch:
+            have.append(r)
+        else:
+            groups[key] = [r]
+    return {key: _merged(group) for key, group in groups.items()}
+
+
+def _merged(group: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(group) == 1:
+        return group[0]
+    failed = [r for r in group if "failed" in r]
+    if failed:
+        return failed[0]
+    group = sorted(group, key=lambda r: r.get("round", 0))
+    ops = [r["ops_per_sec"] for r in group]
+    return dict(group[-1], ops_per_sec=statistics.median(ops), rounds_ops=ops)
+
+
+def round_ratios(rec: dict[str, Any], base: dict[str, Any]) -> list[float] | None:
+    """Each round's speed-up of ``rec`` over ``base`` (its 1-worker point),
+    the two measured in the same round, minutes apart at most; None unless
+    both were measured in the same rounds."""
+    a, b = rec.get("rounds_ops"), base.get("rounds_ops")
+    if not a or not b or len(a) != len(b) or not all(b):
+        return None
+    return [x / y for x, y in zip(a, b)]
+
+
+def speedup(rec: dict[str, Any], base: dict[str, Any]) -> str:
+    """The speed-up of ``rec`` over ``base`` as printed: with rounds, the
+    median of each round's ratio and their range; else the one ratio."""
+    ratios = round_ratios(rec, base)
+    if ratios:
+        return (f"{statistics.median(ratios):.2f}x, "
+                f"{min(ratios):.2f}-{max(ratios):.2f}x in {len(ratios)} rounds")
+    return f"{rec['ops_per_sec'] / base['ops_per_sec']:.2f}x"
 
 
 class Table:
-    """Prints rows as runs finish; speed-up is against the same scheme's 1-worker run."""
+    """Prints rows as runs finish; speed-up is against the same scheme's 1-worker
+    run (of the same round)."""
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
-        self.base: dict[tuple[str, str, str], float] = {}
+        self.base: dict[tuple[str, str, str, int], float] = {}
 
     def header(self) -> None:
         self._line([name for name, _ in COLUMNS])
         self._line(["-" * width for _, width in COLUMNS])
 
     def row(self, rec: dict[str, Any]) -> None:
-        key = (rec["workload"], rec["target"], rec["scheme"])
+        key = (rec["workload"], rec["target"], rec["scheme"], rec.get("round", 0))
         first = [rec["workload"], rec["target"], rec["scheme"], str(rec["workers"])]
         if "failed" in rec:
             self._line(first + [f"FAILED: {rec['failed']}"], ragged=True)
@@ -100,3 +147,22 @@ class Table:
             else:
                 parts.append(cell.ljust(width))
         print("  ".join(parts).rstrip(), file=self.out, flush=True)
+
+
+def medians(recs: list[dict[str, Any]], out: TextIO) -> None:
+    """After a run in rounds: each point's median ops/s over its rounds and
+    the median of its rounds' speed-ups, with their range."""
+    last = latest(recs)
+    print(f"\nmedians of {max(r.get('rounds', 1) for r in recs)} rounds", file=out)
+    print(f"{'workload':8}  {'target':13}  {'scheme':9}  {'workers':>7}  {'ops/s':>12}  "
+          "speed-up", file=out)
+    for key, rec in last.items():
+        cells = f"{key[0]:8}  {key[1]:13}  {key[2]:9}  {key[3]:>7}  "
+        if "failed" in rec:
+            print(cells + f"FAILED: {rec['failed']}", file=out)
+            continue
+        base = last.get(key[:3] + (1,))
+        up = "-"
+        if key[3] != 1 and base is not None and "failed" not in base:
+            up = speedup(rec, base)
+        print(cells + f"{rec['ops_per_sec']:>12,.0f}  {up}", file=out, flush=True)

@@ -19,7 +19,7 @@ from .attrs import Attr
 from .errors import FsError
 from .inode import Inode
 from .locks import WRITER
-from .shared import DIR_SHARED, H_RENAME_LOCK, H_SYNC_STARTED, H_SYNCED, NAME_SLOTS
+from .shared import DIR_SHARED, H_DEATHS, H_RENAME_LOCK, H_SYNC_STARTED, H_SYNCED, NAME_SLOTS
 
 if TYPE_CHECKING:
     from .engine import FileSystem
@@ -276,15 +276,22 @@ class Namei:
             if held is None or held.get(parent, (True,))[0]:
                 return self._dir(parent)
             slots = [slot for p, slot in self._ns_names if p == parent]
-        self._trust_versions()
-        q = self.area.u64
-        epoch_word = self.area.epoch_slot(parent)
+        area = self.area
+        q = area.u64
+        if q[H_DEATHS >> 3] != self._deaths_seen:
+            self._trust_versions()
+        epoch_word = area.epoch_slot(parent)
         epoch = q[epoch_word >> 3]
         d = self.cache.get(parent)
         if d is not None and d.dents is not None:
-            gen, state, head, tail, array = self._slot_words(parent)
+            # (the slot's words and rewrite count, as _slot_words and
+            # _rewrites load them: this is on every shared operation's path)
+            a = self.inode_addr(parent)
+            words = self.pm.words
+            gen = words.load64(a + L.I_GENERATION)
+            state, head, tail, array = words.load64s(a + L.I_STATE, 4, 8)
             if gen == d.generation and state == L.STATE_LIVE and head == d.head and \
-                    self._rewrites(parent) == d.rewrites:
+                    area.w.load32(area.rewrites + 4 * (parent - 1)) == d.rewrites:
                 # (with local logs their lines may have moved: the versions
                 # below say whether any of these names did)
                 if tail == d.tail and array == d.array and not array:
@@ -378,7 +385,13 @@ class Namei:
         if len(name) > L.NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
         d = self.cache.get(parent) if self.shared else None
-        if d is not None and d.dents is not None and self._unchanged(d):
+        if d is not None and d.names_seen is not None and d.dents is not None and \
+                not self._ns_alone and self._name_unchanged(d, name):
+            # A directory this process changes in shared mode (it holds a copy
+            # of the name versions), others likely too: one look at the
+            # name's version, as below, in one step.
+            pass
+        elif d is not None and d.dents is not None and self._unchanged(d):
             # Nobody has changed the directory since this cache read it: exact
             # for every name, with no name's version to look at (the path
             # walks of other processes through a directory they share look
@@ -413,6 +426,41 @@ class Namei:
         if ent is None:
             raise FsError(errno.ENOENT)
         return ent[0]
+
+    def _name_unchanged(self, d: Inode, name: bytes) -> bool:
+        """Whether the cached directory ``d`` is exact for ``name``: the lookup
+        below (the directory shared lately, no writer holding the name's or
+        the directory's lock, nobody's death to account for) and
+        :meth:`_dir_names`'s look at the name's version, fused into one step
+        with the words loaded inline; a lookup in a directory other processes
+        change takes this path on every walk through it.  False: not decided
+        here (anything unusual), and the lookup goes the long way."""
+        ino = d.ino
+        area = self.area
+        w = area.w
+        v = w.load64(self._dir_users + 8 * (ino - 1))
+        if not v & DIR_SHARED or (time.monotonic_ns() >> 20) - (v & ~DIR_SHARED) > PRIVATE_AFTER:
+            return False              # private, or one CPU may claim it: _private_dir decides
+        slot = zlib.crc32(name, (ino * 0x9E3779B1) & 0xFFFFFFFF) & (NAME_SLOTS - 1)
+        if w.load32(self._name_locks + 4 * slot) & WRITER or \
+                w.load32(self._inode_locks + 4 * (ino - 1)) & WRITER:
+            return False              # a change in progress, or a dead holder to reap
+        q = area.u64
+        if q[H_DEATHS >> 3] != self._deaths_seen:
+            return False
+        epoch_word = area.epoch_slot(ino)
+        if d.vers.get(epoch_word) != q[epoch_word >> 3]:
+            return False
+        # (the order of _dir_names: the epoch, then the slot's words and the
+        # rewrite count, then the name's version)
+        a = self.inode_addr(ino)
+        words = self.pm.words
+        if words.load64(a + L.I_GENERATION) != d.generation:
+            return False
+        state, head, _tail, _array = words.load64s(a + L.I_STATE, 4, 8)
+        return state == L.STATE_LIVE and head == d.head and \
+            w.load32(area.rewrites + 4 * (ino - 1)) == d.rewrites and \
+            q[(self._name_versions >> 3) + slot] == d.names_seen[slot]
 
     def create(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
         """Create a regular file (mode without type bits means a regular file)."""
@@ -604,7 +652,13 @@ class Namei:
                 self._ns_lock(RENAME_KEY)
             self._ns_lock(p1)                    # link counts of the parents change
             self._ns_lock(p2)
-        self._ns_lock(e1[0])
+        if e1[1] == _DT_DIR or p1 != p2 and self.moves_need_sync:
+            # A directory moved changes its '..'; a move between directories
+            # on a disk-backed image is checked against the barrier under the
+            # inode's lock.  A file renamed otherwise keeps its link count, and
+            # its name, under this operation's locks, keeps it alive: only a
+            # ctime entry goes into its log, under the log lock.
+            self._ns_lock(e1[0])
         if e2:
             self._ns_lock(e2[0])
         if p1 != p2:

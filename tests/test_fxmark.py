@@ -12,12 +12,13 @@ import dataclasses
 import io
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
 import pytest
 
-from fxmark import cli, workloads
+from fxmark import cli, results, workloads
 from fxmark.fileops import EngineOps, PosixOps
 from fxmark.mount_target import fstype_of
 from fxmark.progress import Progress
@@ -383,6 +384,58 @@ def test_report(recorded, tmp_path, capsys):
     dest = tmp_path / "r.md"
     assert cli.main(["report", recorded, "-o", str(dest)]) == 0
     assert dest.read_text() == text
+
+
+def test_rounds_measure_each_point_again_and_report_medians(tmp_path, capsys):
+    """--rounds N runs every worker count of a round back to back, N rounds;
+    the printed medians and the report give each point's median ops/s and the
+    median of the speed-ups measured within each round, with their range."""
+    assert cli.main(["run", "--rounds", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--rounds must be 1 or more" in capsys.readouterr().err
+    rc, recs = _run(tmp_path, "--workload", "MWCL", "--scheme", "pnova", "--workers", "1,2",
+                    "--rounds", "3")
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert [(r["round"], r["workers"]) for r in recs] == \
+        [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]
+    assert {r["rounds"] for r in recs} == {3} and len({r["batch"] for r in recs}) == 1
+    ops = {n: [r["ops_per_sec"] for r in recs if r["workers"] == n] for n in (1, 2)}
+    ratios = [b / a for a, b in zip(ops[1], ops[2])]
+    up = f"{statistics.median(ratios):.2f}x, {min(ratios):.2f}-{max(ratios):.2f}x in 3 rounds"
+    assert "medians of 3 rounds" in printed
+    assert f"{statistics.median(ops[2]):>12,.0f}  {up}" in printed
+    assert cli.main(["report", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "2 points, 2 of them measured in rounds" in text
+    assert f"({up}) |" in text
+    # a later run of the same point, in one round, replaces all three
+    rc, recs = _run(tmp_path, "--workload", "MWCL", "--scheme", "pnova", "--workers", "2")
+    assert rc == 0 and "round" not in recs[-1]
+    capsys.readouterr()
+    last = results.latest(recs)
+    assert last[("MWCL", "engine", "pnova", 2)] is recs[-1]
+    assert last[("MWCL", "engine", "pnova", 1)]["rounds_ops"] == ops[1]
+
+
+def test_a_point_measured_in_rounds_is_their_median_and_fails_with_any_of_them():
+    def rec(n, r, ops=None, batch="b1", failed=None):
+        out = {"workload": "MWRM", "target": "engine", "scheme": "pnova", "workers": n,
+               "round": r, "rounds": 3, "batch": batch}
+        out.update({"failed": failed} if failed else {"ops_per_sec": ops})
+        return out
+    one = [rec(1, 1, 10.0), rec(1, 2, 30.0), rec(1, 3, 20.0)]
+    two = [rec(2, 1, 15.0), rec(2, 2, 45.0), rec(2, 3, 60.0)]
+    last = results.latest(one + two)
+    a, b = last[("MWRM", "engine", "pnova", 1)], last[("MWRM", "engine", "pnova", 2)]
+    assert a["ops_per_sec"] == 20.0 and b["ops_per_sec"] == 45.0
+    # each round's 2-worker point over the same round's 1-worker point
+    assert results.round_ratios(b, a) == [1.5, 1.5, 3.0]
+    assert results.speedup(b, a) == "1.50x, 1.50-3.00x in 3 rounds"
+    last = results.latest(one + two[:2] + [rec(2, 3, failed="worker 1: EIO")])
+    assert last[("MWRM", "engine", "pnova", 2)]["failed"] == "worker 1: EIO"
+    # a later batch replaces an earlier one whole
+    later = [rec(1, 1, 7.0, "b2"), rec(1, 2, 9.0, "b2")]
+    assert results.latest(one + later)[("MWRM", "engine", "pnova", 1)]["rounds_ops"] == [7.0, 9.0]
 
 
 def test_plot(recorded, tmp_path, capsys):

@@ -276,8 +276,9 @@ def test_a_reference_to_an_inode_freed_since_its_lookup_is_refused(tmp_path, reu
 def test_a_link_count_change_holds_the_inode_lock_until_it_commits(tmp_path, op):
     """Two CPUs changing one file's link count each write count + 1 or - 1 from
     what they read: without the inode's lock held across the read and the
-    commit, one change is lost (fsck then finds a wrong link count).  Whatever
-    CPU 0 commits, CPU 1 must not be able to take that file's lock then."""
+    commit, one change is lost (fsck then finds a wrong link count).  When
+    CPU 0 commits a change of the file's link count, CPU 1 must not be able
+    to take that file's lock."""
     path = str(tmp_path / "nlink.img")
     format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
     fs0 = FileSystem.mount(path)
@@ -303,9 +304,16 @@ def test_a_link_count_change_holds_the_inode_lock_until_it_commits(tmp_path, op)
     elif op == "unlink":
         fs0.unlink(a, b"g")
     else:
-        fs0.rename(a, b"g", b, b"f")             # replaces nothing; then one that does
-        fs0.link(f, a, b"x")
-        fs0.rename(a, b"x", b, b"f")
+        # A rename that keeps the file's link count does not hold its lock (a
+        # writer of the file, holding it as its size lock, does not hold the
+        # rename up); one that replaces a name of the file does.
+        fs0.rename(a, b"g", b, b"g")
+        fs0.rename(b, b"g", b, b"h")
+        assert seen == [True, True], "a rename of a file waited for the file's lock"
+        seen.clear()
+        y = fs0.create(b, b"y", 0o644).ino
+        fs0.rename(b, b"y", a, b"f")             # f loses a name
+        assert fs0.lookup(a, b"f").ino == y and fs0.getattr(f).nlink == 1
     assert seen and not any(seen), "another CPU could change the link count meanwhile"
     fs0._commit = commit
     fs0.unmount()
