@@ -145,7 +145,12 @@ class Compaction:
         and the logs read around a damaged copy (DESIGN 23.2); switch the files
         whose compacted chains have reached the disk since (24.5)."""
         if self._switches:
-            self._finish_switches()
+            # Each chain on its way holds its file's old chain and its new one
+            # until it is switched.  Short of room, the operation waits for
+            # them: on a slow disk they piled up and writes failed with
+            # ENOSPC while the room was there to take back.
+            a = self.alloc
+            self._finish_switches(wait=4 * a.nfree < a.ntotal)
         try:
             self._compact_wanted_now()
         finally:
