@@ -276,22 +276,15 @@ class Namei:
             if held is None or held.get(parent, (True,))[0]:
                 return self._dir(parent)
             slots = [slot for p, slot in self._ns_names if p == parent]
-        area = self.area
-        q = area.u64
-        if q[H_DEATHS >> 3] != self._deaths_seen:
-            self._trust_versions()
-        epoch_word = area.epoch_slot(parent)
+        self._trust_versions()
+        q = self.area.u64
+        epoch_word = self.area.epoch_slot(parent)
         epoch = q[epoch_word >> 3]
         d = self.cache.get(parent)
         if d is not None and d.dents is not None:
-            # (the slot's words and rewrite count, as _slot_words and
-            # _rewrites load them: this is on every shared operation's path)
-            a = self.inode_addr(parent)
-            words = self.pm.words
-            gen = words.load64(a + L.I_GENERATION)
-            state, head, tail, array = words.load64s(a + L.I_STATE, 4, 8)
+            gen, state, head, tail, array = self._slot_words(parent)
             if gen == d.generation and state == L.STATE_LIVE and head == d.head and \
-                    area.w.load32(area.rewrites + 4 * (parent - 1)) == d.rewrites:
+                    self._rewrites(parent) == d.rewrites:
                 # (with local logs their lines may have moved: the versions
                 # below say whether any of these names did)
                 if tail == d.tail and array == d.array and not array:
@@ -431,9 +424,9 @@ class Namei:
         """Whether the cached directory ``d`` is exact for ``name``: the lookup
         below (the directory shared lately, no writer holding the name's or
         the directory's lock, nobody's death to account for) and
-        :meth:`_dir_names`'s look at the name's version, fused into one step
-        with the words loaded inline; a lookup in a directory other processes
-        change takes this path on every walk through it.  False: not decided
+        :meth:`_dir_names`'s look at the name's version, fused into one step; a
+        lookup in a directory other processes change takes this path on every
+        walk through it.  False: not decided
         here (anything unusual), and the lookup goes the long way."""
         ino = d.ino
         area = self.area
@@ -441,7 +434,7 @@ class Namei:
         v = w.load64(self._dir_users + 8 * (ino - 1))
         if not v & DIR_SHARED or (time.monotonic_ns() >> 20) - (v & ~DIR_SHARED) > PRIVATE_AFTER:
             return False              # private, or one CPU may claim it: _private_dir decides
-        slot = zlib.crc32(name, (ino * 0x9E3779B1) & 0xFFFFFFFF) & (NAME_SLOTS - 1)
+        slot = self._name_slot(ino, name)
         if w.load32(self._name_locks + 4 * slot) & WRITER or \
                 w.load32(self._inode_locks + 4 * (ino - 1)) & WRITER:
             return False              # a change in progress, or a dead holder to reap
@@ -453,13 +446,9 @@ class Namei:
             return False
         # (the order of _dir_names: the epoch, then the slot's words and the
         # rewrite count, then the name's version)
-        a = self.inode_addr(ino)
-        words = self.pm.words
-        if words.load64(a + L.I_GENERATION) != d.generation:
-            return False
-        state, head, _tail, _array = words.load64s(a + L.I_STATE, 4, 8)
-        return state == L.STATE_LIVE and head == d.head and \
-            w.load32(area.rewrites + 4 * (ino - 1)) == d.rewrites and \
+        gen, state, head, _tail, _array = self._slot_words(ino)
+        return gen == d.generation and state == L.STATE_LIVE and head == d.head and \
+            self._rewrites(ino) == d.rewrites and \
             q[(self._name_versions >> 3) + slot] == d.names_seen[slot]
 
     def create(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
