@@ -91,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         "must be reported as FAILED.")
     run.add_argument("--target", action="append", default=[], metavar="TARGET",
                      help="'engine' (the pnova engine driven directly by worker processes), "
-                     "'pnova' (a fresh pnova FUSE mount per run, taking requests through "
-                     "io_uring when the kernel offers it), 'pnova-devfuse' (the same, always "
-                     "reading /dev/fuse), or a directory, DIR or "
+                     "'engine-apart' (the same with each worker on an image of its own: "
+                     "the engine's scaling with nothing shared), 'pnova' (a fresh pnova "
+                     "FUSE mount per run, taking requests through io_uring when the kernel "
+                     "offers it), 'pnova-devfuse' (the same, always reading /dev/fuse), or a "
+                     "directory, DIR or "
                      "LABEL=DIR, on any filesystem; may be repeated (default: engine)")
     run.add_argument("--workload", type=_workloads, default=[workloads.DWOM],
                      help="comma-separated workloads, or 'all' (default DWOM)")
@@ -272,7 +274,8 @@ def run_plan(wls: list[workloads.Workload], targets: list[Target], schemes: list
             paths.setdefault(t.label, set()).add(rec["requests"])
         for key in ("image", "kept"):
             if key in rec:
-                print(f"  kept: {rec[key]}", flush=True)
+                kept = rec[key] if isinstance(rec[key], str) else ", ".join(rec[key])
+                print(f"  kept: {kept}", flush=True)
         failed += "failed" in rec
     for label, how in paths.items():
         print(f"{label}: requests taken through {' and '.join(sorted(how))}", flush=True)

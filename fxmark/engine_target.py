@@ -24,9 +24,10 @@ from pnova.engine import FileSystem
 from pnova.mkfs import format_device
 
 from .fileops import EngineOps
-from .targets import (RunConfig, chain, fail, fsck_problem, image_run, measure, one_line,
-                      split_scheme)
-from .workloads import Workload
+from .targets import (RunConfig, chain, device_size_for, fail, fsck_problem, image_run,
+                      inodes_per_cpu_for, measure, one_line, split_scheme)
+from .workers import run_workers, summarise
+from .workloads import Op, Workload
 
 
 class EngineTarget:
@@ -95,3 +96,86 @@ class EngineTarget:
         why = why or fsck_problem(image)
         if why:
             fail(rec, why)
+
+
+class EngineApartTarget(EngineTarget):
+    """The engine with nothing shared between workers: the ceiling of its scaling.
+
+    Worker ``k`` works on an image of its own, prepared for one worker and
+    mounted as the one-worker run of ``engine`` mounts it, and is pinned to
+    real CPU ``k`` as an ``engine`` worker is; all start at the same moment
+    and their operations are summed.  Its one-worker point is the same run
+    as ``engine``'s.  No lock, cache, log or allocator is shared, so the
+    speed-up of ``engine-apart`` is what the machine gives the engine's code
+    with more processes (caches, memory, the host's other load): beside it,
+    ``engine``'s speed-up says how much of that the sharing keeps.
+    """
+
+    label = "engine-apart"
+
+    def run(self, workload: Workload, scheme: str, nworkers: int, duration: float,
+            cfg: RunConfig, tick: Callable[[], object] | None) -> dict[str, Any]:
+        rec, _, tmp = image_run(workload, self.label, scheme, nworkers, duration, cfg)
+        # every image holds one worker's files
+        size = cfg.device_size or device_size_for(workload, 1, duration)
+        rec.update(device_size=size, images=nworkers,
+                   inodes_per_cpu=inodes_per_cpu_for(workload, 1, duration, size, cfg.ncpus))
+        images = [os.path.join(tmp, f"pnova-{k}.img") for k in range(nworkers)]
+        try:
+            self._run_apart(rec, workload, scheme, duration, cfg, images, size, tick)
+        except Exception as e:                 # noqa: BLE001 - a failed run, reported as such
+            fail(rec, one_line(e))
+        finally:
+            if cfg.keep:
+                rec["image"] = images
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return rec
+
+    def _run_apart(self, rec: dict[str, Any], workload: Workload, scheme: str,
+                   duration: float, cfg: RunConfig, images: list[str], size: int,
+                   tick: Callable[[], object] | None) -> None:
+        lock, features = split_scheme(scheme)
+        fss: list[FileSystem] = []
+        shares: list[Any] = []
+        try:
+            for image in images:
+                format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus,
+                              features=features, inodes_per_cpu=rec["inodes_per_cpu"])
+                fs = FileSystem.mount(image, cpu=0, lock=lock, segment_pages=cfg.segment_pages)
+                fss.append(fs)
+                fops = EngineOps(fs)
+                shared = workload.prepare(fops, 1)
+                if workload.stock is not None:
+                    workload.stock(fops, shared, 1, duration)
+                fs.prepare_workers(workers=1)
+                shares.append(shared)
+
+            def setup(wid: int) -> Op:
+                fss[wid].become_worker(cpu=0)
+                return workload.worker(EngineOps(fss[wid]), shares[wid], 0)
+
+            def teardown(wid: int) -> None:
+                fss[wid].finish_compactions()
+
+            refill = [fs.refill_rings for fs in fss]
+            pool = run_workers(len(images), setup, duration, fail_worker=cfg.fail_worker,
+                               background=chain(*refill, tick), teardown=teardown)
+            numbers = summarise(pool)
+        finally:
+            for fs in fss:
+                fs.unmount()
+        rec.update(numbers)
+        if not cfg.verify or "failed" in rec:
+            return
+        for k, image in enumerate(images):
+            fs = FileSystem.mount(image, cpu=0)
+            try:
+                why = workload.check(EngineOps(fs), shares[k], 1, [rec["worker_ops"][k]])
+            finally:
+                fs.unmount()
+            why = why and f"wrong contents of worker {k}'s image after the run: {why}"
+            why = why or fsck_problem(image)
+            if why:
+                fail(rec, why)
+                return

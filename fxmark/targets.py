@@ -5,6 +5,9 @@
 ``engine``
     The pnova engine driven directly by the worker processes, one fresh
     device image per run (:mod:`fxmark.engine_target`).
+``engine-apart``
+    The same with nothing shared: each worker on an image of its own, all
+    started together; its speed-up is the ceiling of ``engine``'s.
 ``pnova``
     A pnova FUSE mount made by the harness for each run: a fresh image,
     mounted with the lock scheme under test, used through system calls,
@@ -16,7 +19,7 @@
     filesystem type, then the path if two targets share a type) names the
     target in the results.
 
-Lock schemes apply to ``engine`` and ``pnova``; a directory target runs once
+Lock schemes apply to ``engine``, ``engine-apart`` and ``pnova``; a directory target runs once
 per worker count with scheme ``-``.
 """
 from __future__ import annotations
@@ -209,10 +212,12 @@ def chain(*fns: Callable[[], object] | None) -> Callable[[], None] | None:
 
 def parse_target(spec: str, taken: set[str]) -> Target:
     """The target a ``--target`` value names; ``taken`` holds labels already in use."""
-    from .engine_target import EngineTarget
+    from .engine_target import EngineApartTarget, EngineTarget
     from .mount_target import DirTarget, PnovaMountTarget, fstype_of
     if spec == "engine":
         return EngineTarget()
+    if spec == "engine-apart":
+        return EngineApartTarget()
     if spec == "pnova":
         return PnovaMountTarget()
     if spec == "pnova-devfuse":
@@ -221,13 +226,13 @@ def parse_target(spec: str, taken: set[str]) -> Target:
     if not sep:
         label, path = "", spec
     if not os.path.isdir(path):
-        raise ValueError(f"target {spec!r}: not 'engine', 'pnova', 'pnova-devfuse' or a "
-                         "directory")
+        raise ValueError(f"target {spec!r}: not 'engine', 'engine-apart', 'pnova', "
+                         "'pnova-devfuse' or a directory")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"target {spec!r}: directory not writable")
     fstype = fstype_of(path)
     if not label:
         label = fstype if fstype not in taken else os.path.abspath(path)
-    if label in taken or label in ("engine", "pnova", "pnova-devfuse"):
+    if label in taken or label in ("engine", "engine-apart", "pnova", "pnova-devfuse"):
         raise ValueError(f"target label {label!r} used twice; name it with LABEL=DIR")
     return DirTarget(label, os.path.abspath(path), fstype)

@@ -83,6 +83,51 @@ def test_every_workload_on_the_engine(tmp_path, name, capsys):
 
 
 @pytest.mark.parametrize("name", list(WORKLOADS))
+def test_every_workload_on_the_engine_apart(tmp_path, name, capsys):
+    rc, recs = _run(tmp_path, "--target", "engine-apart", "--workload", name,
+                    "--scheme", "pnova", "--workers", "2")
+    assert rc == 0, capsys.readouterr().out
+    [r] = recs
+    _sane(r, name, "engine-apart", "pnova")
+    assert r["images"] == 2
+    assert not any(p.name.startswith("fxmark-") for p in tmp_path.iterdir())   # cleaned up
+
+
+def test_engine_apart_gives_each_worker_an_image_of_its_own(tmp_path, capsys):
+    # Each worker works on its own image as the one worker of that image: the
+    # shared directory of MWCM holds exactly one worker's files on each.
+    rc, recs = _run(tmp_path, "--target", "engine-apart", "--workload", "MWCM",
+                    "--scheme", "pnova", "--workers", "2", "--keep")
+    assert rc == 0, capsys.readouterr().out
+    [r] = recs
+    assert len(r["image"]) == 2 and len(set(r["image"])) == 2
+    for image, ops in zip(r["image"], r["worker_ops"]):
+        fs = FileSystem.mount(image, cpu=0)
+        try:
+            names = {n for n in EngineOps(fs).listdir("") if n.startswith("m-")}
+        finally:
+            fs.unmount()
+        assert names == {f"m-0-{i}" for i in range(1, ops + 1)}
+
+
+def test_wrong_contents_of_one_apart_image_fail_the_run(tmp_path, monkeypatch, capsys):
+    # every image is checked: damage found on the second fails the run and names it
+    calls = []
+
+    def check(*a):
+        calls.append(a)
+        return "page 0 is not what was written" if len(calls) == 2 else None
+    monkeypatch.setitem(WORKLOADS, "DWOL", dataclasses.replace(workloads.DWOL, check=check))
+    rc, recs = _run(tmp_path, "--target", "engine-apart", "--workload", "DWOL",
+                    "--scheme", "pnova", "--workers", "2")
+    assert rc == 1
+    [r] = recs
+    assert r["failed"] == ("wrong contents of worker 1's image after the run: "
+                           "page 0 is not what was written")
+    assert [a[2:] for a in calls] == [(1, [r["worker_ops"][0]]), (1, [r["worker_ops"][1]])]
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
 def test_every_workload_on_a_directory(tmp_path, fast_dir, name, capsys):
     d = Path(fast_dir) / "dir"
     d.mkdir(parents=True)
@@ -335,7 +380,8 @@ def test_bad_usage(tmp_path, capsys):
         cli.main(["run", "--workload", "DWXX", "--out", "x"])
     assert e.value.code == 2
     assert cli.main(["run", "--target", str(tmp_path / "missing"), "--out", "x"]) == 2
-    assert "not 'engine', 'pnova', 'pnova-devfuse' or a " in capsys.readouterr().err
+    assert "not 'engine', 'engine-apart', 'pnova', 'pnova-devfuse' or a " in \
+        capsys.readouterr().err
     assert cli.main(["run", "--target", f"a={tmp_path}", "--target", f"a={tmp_path}",
                      "--out", "x"]) == 2
     assert cli.main(["report", str(tmp_path / "none")]) == 2
