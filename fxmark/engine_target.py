@@ -38,22 +38,29 @@ class EngineTarget:
 
     def run(self, workload: Workload, scheme: str, nworkers: int, duration: float,
             cfg: RunConfig, tick: Callable[[], object] | None) -> dict[str, Any]:
-        rec, size, tmp = image_run(workload, self.label, scheme, nworkers, duration, cfg)
-        image = os.path.join(tmp, "pnova.img")
+        rec, _, tmp = image_run(workload, self.label, scheme, nworkers, duration, cfg)
+        images = self._images(rec, workload, nworkers, duration, cfg, tmp)
+        size = rec["device_size"]
         try:
-            self._run(rec, workload, scheme, nworkers, duration, cfg, image, size, tick)
+            self._run(rec, workload, scheme, nworkers, duration, cfg, images, size, tick)
         except Exception as e:                 # noqa: BLE001 - a failed run, reported as such
             fail(rec, one_line(e))
         finally:
             if cfg.keep:
-                rec["image"] = image
+                rec["image"] = images[0] if len(images) == 1 else images
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
         return rec
 
+    def _images(self, rec: dict[str, Any], workload: Workload, nworkers: int,
+                duration: float, cfg: RunConfig, tmp: str) -> list[str]:
+        """The run's image paths (one, shared by every worker)."""
+        return [os.path.join(tmp, "pnova.img")]
+
     def _run(self, rec: dict[str, Any], workload: Workload, scheme: str, nworkers: int,
-             duration: float, cfg: RunConfig, image: str, size: int,
+             duration: float, cfg: RunConfig, images: list[str], size: int,
              tick: Callable[[], object] | None) -> None:
+        [image] = images
         lock, features = split_scheme(scheme)
         format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus, features=features,
                       inodes_per_cpu=rec["inodes_per_cpu"])
@@ -87,13 +94,7 @@ class EngineTarget:
         rec.update(numbers)
         if not cfg.verify or "failed" in rec:
             return
-        fs = FileSystem.mount(image, cpu=0)
-        try:
-            why = workload.check(EngineOps(fs), shared, nworkers, rec["worker_ops"])
-        finally:
-            fs.unmount()
-        why = why and f"wrong contents after the run: {why}"
-        why = why or fsck_problem(image)
+        why = _check_image(workload, image, shared, nworkers, rec["worker_ops"], "")
         if why:
             fail(rec, why)
 
@@ -113,28 +114,17 @@ class EngineApartTarget(EngineTarget):
 
     label = "engine-apart"
 
-    def run(self, workload: Workload, scheme: str, nworkers: int, duration: float,
-            cfg: RunConfig, tick: Callable[[], object] | None) -> dict[str, Any]:
-        rec, _, tmp = image_run(workload, self.label, scheme, nworkers, duration, cfg)
-        # every image holds one worker's files
+    def _images(self, rec: dict[str, Any], workload: Workload, nworkers: int,
+                duration: float, cfg: RunConfig, tmp: str) -> list[str]:
+        """An image per worker, each sized for one worker's files."""
         size = cfg.device_size or device_size_for(workload, 1, duration)
         rec.update(device_size=size, images=nworkers,
                    inodes_per_cpu=inodes_per_cpu_for(workload, 1, duration, size, cfg.ncpus))
-        images = [os.path.join(tmp, f"pnova-{k}.img") for k in range(nworkers)]
-        try:
-            self._run_apart(rec, workload, scheme, duration, cfg, images, size, tick)
-        except Exception as e:                 # noqa: BLE001 - a failed run, reported as such
-            fail(rec, one_line(e))
-        finally:
-            if cfg.keep:
-                rec["image"] = images
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return rec
+        return [os.path.join(tmp, f"pnova-{k}.img") for k in range(nworkers)]
 
-    def _run_apart(self, rec: dict[str, Any], workload: Workload, scheme: str,
-                   duration: float, cfg: RunConfig, images: list[str], size: int,
-                   tick: Callable[[], object] | None) -> None:
+    def _run(self, rec: dict[str, Any], workload: Workload, scheme: str, nworkers: int,
+             duration: float, cfg: RunConfig, images: list[str], size: int,
+             tick: Callable[[], object] | None) -> None:
         lock, features = split_scheme(scheme)
         fss: list[FileSystem] = []
         shares: list[Any] = []
@@ -169,13 +159,21 @@ class EngineApartTarget(EngineTarget):
         if not cfg.verify or "failed" in rec:
             return
         for k, image in enumerate(images):
-            fs = FileSystem.mount(image, cpu=0)
-            try:
-                why = workload.check(EngineOps(fs), shares[k], 1, [rec["worker_ops"][k]])
-            finally:
-                fs.unmount()
-            why = why and f"wrong contents of worker {k}'s image after the run: {why}"
-            why = why or fsck_problem(image)
+            why = _check_image(workload, image, shares[k], 1, [rec["worker_ops"][k]],
+                               f" of worker {k}'s image")
             if why:
                 fail(rec, why)
                 return
+
+
+def _check_image(workload: Workload, image: str, shared: Any, nworkers: int,
+                 worker_ops: list[int], whose: str) -> str | None:
+    """Why a run's image is wrong after it (its contents, then fsck), or None."""
+    fs = FileSystem.mount(image, cpu=0)
+    try:
+        why = workload.check(EngineOps(fs), shared, nworkers, worker_ops)
+    finally:
+        fs.unmount()
+    if why:
+        return f"wrong contents{whose} after the run: {why}"
+    return fsck_problem(image)
