@@ -61,18 +61,9 @@ class EngineTarget:
              duration: float, cfg: RunConfig, images: list[str], size: int,
              tick: Callable[[], object] | None) -> None:
         [image] = images
-        lock, features = split_scheme(scheme)
-        format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus, features=features,
-                      inodes_per_cpu=rec["inodes_per_cpu"])
-        fs = FileSystem.mount(image, cpu=0, lock=lock, segment_pages=cfg.segment_pages)
+        fs, shared = _prepared(image, size, rec, cfg, scheme, workload, nworkers, duration)
         try:
             fops = EngineOps(fs)
-            # Preparation runs on logical CPU 0 alone, before the mount goes
-            # multi-process, as FxMark's worker 0 prepares.
-            shared = workload.prepare(fops, nworkers)
-            if workload.stock is not None:
-                workload.stock(fops, shared, nworkers, duration)
-            fs.prepare_workers(workers=nworkers)
 
             def setup(wid: int) -> None:
                 # Runs in the forked worker: it becomes logical CPU wid of the
@@ -125,20 +116,12 @@ class EngineApartTarget(EngineTarget):
     def _run(self, rec: dict[str, Any], workload: Workload, scheme: str, nworkers: int,
              duration: float, cfg: RunConfig, images: list[str], size: int,
              tick: Callable[[], object] | None) -> None:
-        lock, features = split_scheme(scheme)
         fss: list[FileSystem] = []
         shares: list[Any] = []
         try:
             for image in images:
-                format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus,
-                              features=features, inodes_per_cpu=rec["inodes_per_cpu"])
-                fs = FileSystem.mount(image, cpu=0, lock=lock, segment_pages=cfg.segment_pages)
+                fs, shared = _prepared(image, size, rec, cfg, scheme, workload, 1, duration)
                 fss.append(fs)
-                fops = EngineOps(fs)
-                shared = workload.prepare(fops, 1)
-                if workload.stock is not None:
-                    workload.stock(fops, shared, 1, duration)
-                fs.prepare_workers(workers=1)
                 shares.append(shared)
 
             def setup(wid: int) -> Op:
@@ -164,6 +147,29 @@ class EngineApartTarget(EngineTarget):
             if why:
                 fail(rec, why)
                 return
+
+
+def _prepared(image: str, size: int, rec: dict[str, Any], cfg: RunConfig, scheme: str,
+              workload: Workload, nworkers: int, duration: float) -> tuple[FileSystem, Any]:
+    """A fresh image formatted and mounted for the scheme, with the workload
+    prepared (and stocked) for ``nworkers`` and the mount switched to shared
+    multi-process mode: (the mount, the workload's shared state)."""
+    lock, features = split_scheme(scheme)
+    format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus, features=features,
+                  inodes_per_cpu=rec["inodes_per_cpu"])
+    fs = FileSystem.mount(image, cpu=0, lock=lock, segment_pages=cfg.segment_pages)
+    try:
+        fops = EngineOps(fs)
+        # Preparation runs on logical CPU 0 alone, before the mount goes
+        # multi-process, as FxMark's worker 0 prepares.
+        shared = workload.prepare(fops, nworkers)
+        if workload.stock is not None:
+            workload.stock(fops, shared, nworkers, duration)
+        fs.prepare_workers(workers=nworkers)
+    except BaseException:
+        fs.unmount()
+        raise
+    return fs, shared
 
 
 def _check_image(workload: Workload, image: str, shared: Any, nworkers: int,
