@@ -274,6 +274,86 @@ rdlock(Words *self, PyObject *const *args, Py_ssize_t n)
     Py_RETURN_FALSE;
 }
 
+/* rw_pair(roff, woff, rec, stop, mine) -> 0, 1 or 2: a reader's share of the
+   word at roff as rdlock(roff, stop, 0, rec) takes it (0 if it does not:
+   nothing taken), then the writer word at woff moved from 0 or the writer
+   wanted bit (0x40000000) to mine (2 if it was, 1 if not: the share stays
+   held).  The two locks of a namespace operation on one name in a shared
+   directory, in their order, in one call. */
+static PyObject *
+rw_pair(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    uint32_t *p, *q;
+    uint64_t *r;
+    uint64_t stop, mine;
+    int i, got = 0;
+    if (check_args(n, 5, "rw_pair") < 0 || !(p = writable_word_at(self, args[0], 4))
+            || !(q = writable_word_at(self, args[1], 4))
+            || !(r = writable_word_at(self, args[2], 8))
+            || as_u64(args[3], &stop) < 0 || as_u64(args[4], &mine) < 0)
+        return NULL;
+    for (i = 0; i < 8; i++) {
+        uint32_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+        if (v & (uint32_t)stop)
+            break;
+        if (__atomic_compare_exchange_n(p, &v, v + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            __atomic_store_n(r, (uint64_t)((char *)p - self->base) + 1, __ATOMIC_SEQ_CST);
+            got = 1;
+            break;
+        }
+    }
+    if (got) {
+        uint32_t v = __atomic_load_n(q, __ATOMIC_SEQ_CST);
+        if ((v == 0 || v == 0x40000000u) &&
+                __atomic_compare_exchange_n(q, &v, (uint32_t)mine, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST))
+            got = 2;
+    }
+    return PyLong_FromLong(got);
+}
+
+/* bump_unlock(voff, woff) -> old value: add 1 to the u64 at voff, then store 0
+   in the u32 at woff; a name's version counted before its lock is let go. */
+static PyObject *
+bump_unlock(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    uint64_t *v;
+    uint32_t *p;
+    if (check_args(n, 2, "bump_unlock") < 0 || !(v = writable_word_at(self, args[0], 8))
+            || !(p = writable_word_at(self, args[1], 4)))
+        return NULL;
+    uint64_t old = __atomic_fetch_add(v, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(p, 0, __ATOMIC_SEQ_CST);
+    return PyLong_FromUnsignedLongLong(old);
+}
+
+/* versions_match(deaths_off, deaths, epoch_off, epoch, rewrites_off, rewrites,
+   version_off, version) -> True if the u64 at deaths_off holds deaths, the u64
+   at epoch_off epoch, the u32 at rewrites_off rewrites and the u64 at
+   version_off version, loaded in that order (the first that differs ends the
+   look): the shared words that say a process's cached directory is still
+   exact for one name (pnova.namei), in one call. */
+static PyObject *
+versions_match(Words *self, PyObject *const *args, Py_ssize_t n)
+{
+    uint64_t *deaths, *epoch, *version;
+    uint32_t *rewrites;
+    uint64_t want[4];
+    int i;
+    if (check_args(n, 8, "versions_match") < 0 || !(deaths = word_at(self, args[0], 8))
+            || !(epoch = word_at(self, args[2], 8)) || !(rewrites = word_at(self, args[4], 4))
+            || !(version = word_at(self, args[6], 8)))
+        return NULL;
+    for (i = 0; i < 4; i++)
+        if (as_u64(args[2 * i + 1], &want[i]) < 0)
+            return NULL;
+    return PyBool_FromLong(__atomic_load_n(deaths, __ATOMIC_SEQ_CST) == want[0]
+                           && __atomic_load_n(epoch, __ATOMIC_SEQ_CST) == want[1]
+                           && __atomic_load_n(rewrites, __ATOMIC_SEQ_CST) == (uint32_t)want[2]
+                           && want[2] <= 0xFFFFFFFFull
+                           && __atomic_load_n(version, __ATOMIC_SEQ_CST) == want[3]);
+}
+
 /* rdunlock(off, rec): drop the record at rec (store 0), then the share of the
    word at off (fetch-add of -1): a record never outlives its share, so a
    reaper never takes a share twice. */
@@ -574,6 +654,14 @@ static PyMethodDef words_methods[] = {
     FAST(rdlock, "rdlock(off, stop, clear, rec) -> True if a reader's share of the u32 at off "
                  "was taken (none of stop set; clear dropped) and off + 1 stored at rec"),
     FAST(rdunlock, "rdunlock(off, rec): store 0 at rec, then subtract 1 from the u32 at off"),
+    FAST(rw_pair, "rw_pair(roff, woff, rec, stop, mine) -> 0 nothing taken, 1 a reader's "
+                  "share of roff (as rdlock), 2 that and the writer word woff "
+                  "(0 or wanted -> mine)"),
+    FAST(bump_unlock, "bump_unlock(voff, woff) -> old u64 at voff, incremented; then the u32 at "
+                      "woff stored 0"),
+    FAST(versions_match, "versions_match(deaths_off, deaths, epoch_off, epoch, rewrites_off, "
+                         "rewrites, version_off, version) -> True if each word (u64, u64, u32, "
+                         "u64) holds its value, loaded in that order"),
     FAST(fresh_mark, "fresh_mark(off, g, mask): set mask in the fresh word at off for "
                      "interval g (high half), dropping another interval's bits"),
     FAST(fresh_take, "fresh_take(off, g, mask) -> True if mask is all set for interval g; "

@@ -1,5 +1,6 @@
 /*
- * pnova._protect: per-strip CRC32C checksums and parity of 4 KiB data blocks.
+ * pnova._protect: per-strip CRC32C checksums and parity of 4 KiB data blocks,
+ * and the checks of a log page's entries (log_scan, at the end).
  *
  * A data block is eight 512-byte strips.  Its protection record is eight
  * CRC32C values (u32, little-endian: 32 bytes) and one parity strip, the XOR
@@ -486,6 +487,65 @@ crc(PyObject *module, PyObject *arg)
     return PyLong_FromUnsignedLong(c);
 }
 
+/* log_scan(buffer, pos, lim) -> (list of bytes, pos): the log entries that
+ * lie one after another from pos, each whole before lim and matching its
+ * CRC32C (taken over the entry with its crc field, bytes 4..7, as zero; see
+ * docs/SPEC.md section 7), copied out; the scan stops at lim, at a next-page
+ * marker (type 6, 8 bytes) or at the first entry that does not read, and
+ * returns where it stopped.  What a log walk does for every entry of a page,
+ * in one call; the walk itself looks at whatever stopped the scan. */
+static PyObject *
+log_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t pos, lim;
+    uint8_t copy[BLOCK];
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "log_scan(buffer, pos, lim)");
+        return NULL;
+    }
+    pos = PyLong_AsSsize_t(args[1]);
+    lim = PyLong_AsSsize_t(args[2]);
+    if ((pos == -1 || lim == -1) && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        goto fail;
+    if (pos < 0 || lim > view.len || (pos & 7)) {
+        PyErr_SetString(PyExc_ValueError, "log_scan: positions outside the buffer");
+        goto fail;
+    }
+    const uint8_t *base = (const uint8_t *)view.buf;
+    while (pos + 8 <= lim) {
+        const uint8_t *e = base + pos;
+        Py_ssize_t size = e[2] | (e[3] << 8);
+        uint32_t want = e[4] | (e[5] << 8) | (e[6] << 16) | ((uint32_t)e[7] << 24);
+        if ((e[0] == 6 && size == 8) || size < 8 || (size & 7) || size > lim - pos
+                || size > BLOCK)
+            break;
+        memcpy(copy, e, (size_t)size);
+        memset(copy + 4, 0, 4);
+        if (crc32c(copy, (size_t)size) != want)
+            break;
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)e, size);
+        if (raw == NULL || PyList_Append(out, raw) < 0) {
+            Py_XDECREF(raw);
+            goto fail;
+        }
+        Py_DECREF(raw);
+        pos += size;
+    }
+    PyBuffer_Release(&view);
+    PyObject *res = Py_BuildValue("(Nn)", out, pos);
+    return res;
+fail:
+    Py_XDECREF(out);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 /* implementation() -> str: how block records are computed here */
 static PyObject *
 implementation(PyObject *module, PyObject *unused)
@@ -537,6 +597,9 @@ static PyMethodDef methods[] = {
     {"good_run", (PyCFunction)(void (*)(void))good_run, METH_FASTCALL,
      "good_run(buffer, block_offset, nblocks, record_offset) -> int: blocks that match"},
     {"crc32c", crc, METH_O, "crc32c(data) -> int"},
+    {"log_scan", (PyCFunction)(void (*)(void))log_scan, METH_FASTCALL,
+     "log_scan(buffer, pos, lim) -> (entries, pos): the whole entries with good CRCs "
+     "from pos on, up to lim or a next-page marker"},
     {"implementation", implementation, METH_NOARGS, "implementation() -> str: the one in use"},
     {"implementations", implementations, METH_NOARGS,
      "implementations() -> list: those this processor runs, fastest first"},
@@ -546,7 +609,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef protect_module = {
     PyModuleDef_HEAD_INIT, "pnova._protect",
-    "Strip checksums and parity of data blocks (see pnova.protect).", -1, methods,
+    "Strip checksums and parity of data blocks (see pnova.protect), and the checks of "
+    "a log page's entries (see pnova.log).", -1, methods,
 };
 
 PyMODINIT_FUNC

@@ -14,6 +14,13 @@ Python method call costs (DESIGN section 17 has the measurements).
     w.rdlock(off, stop, clear, rec) / w.rdunlock(off, rec)
                                    # a reader's share of a lock word and its record
                                    # (pnova.locks.Semaphores), each one call
+    w.rw_pair(roff, woff, rec, stop, mine) / w.bump_unlock(voff, woff)
+    w.versions_match(deaths_off, deaths, epoch_off, epoch, rewrites_off, rewrites,
+                     version_off, version)
+                                   # a namespace operation's first two locks, a
+                                   # name's version counted and its lock let go,
+                                   # and the look at a cached directory's versions
+                                   # (pnova.namei), each one call
     w.fresh_mark(off, g, mask) / w.fresh_take(off, g, mask)
     w.fresh_note(off, mask, started, synced, running)
                                    # a disk image's fresh-block words (pnova.alloc)

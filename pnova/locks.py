@@ -145,6 +145,26 @@ class Semaphores:
         self.w.rdunlock(off, rec)
         self.free_records.append(rec)
 
+    # -- a name in a directory ---------------------------------------------------
+    def rw_pair(self, roff: int, woff: int) -> None:
+        """A reader's share of ``roff``, then the writer word ``woff`` (in that
+        order, waiting as :meth:`rlock` and :meth:`wlock` do): the two locks of a
+        namespace operation on one name in a directory others use, in one call
+        of the compiled helper when neither has to wait."""
+        free = self.free_records
+        if free and not self.record_of.get(roff):
+            rec = free[-1]
+            got = self.w.rw_pair(roff, woff, rec, WRITER | WANTED, self.mine)
+            if got:
+                self.record_of[roff] = [free.pop()]
+                if got == 2:
+                    return
+                self.waits += 1
+                self._wait(woff, lambda: self._try_write(woff))
+                return
+        self.rlock(roff)
+        self.wlock(woff)
+
     # -- waiting and dead holders -----------------------------------------------
     def _wait(self, off: int, attempt) -> None:
         spins = 0

@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterator
 
 from . import layout as L
+from ._protect import log_scan
 from .pmem import PMem
 
 _U64 = struct.Struct("<Q")
@@ -210,10 +211,23 @@ def _walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
             pages.append(tw)
     mm = pm.mm
     npages = 1
+    # The entries that read are taken a page's run at a time by the compiled
+    # helper; whatever stops its scan (a next-page marker, an entry that does
+    # not read) is looked at below.  Not where a copy of the page may hold
+    # what the primary lacks (poisoned sectors, a verifying walk) or where
+    # each entry's position is reported.
+    fast = good is None and not verify and not pm.poison
+    scanned = -1
     while pos != tail:
         in_page = pos - page
         tail_here = page <= tail <= page + L.LOG_DATA
         if in_page < L.LOG_DATA:
+            if fast and pos != scanned:
+                raws, pos = log_scan(mm, pos, tail if tail_here else page + L.LOG_DATA)
+                scanned = pos
+                if raws:
+                    yield from raws
+                    continue
             lim = tail if tail_here else 0
             raw, why = _entry_at(pm, mm, pos, in_page, lim)
             if why is not None:

@@ -74,27 +74,34 @@ def namespace_op(fn):
             finally:
                 if self._ns is None and self._compact_wanted:
                     self._compact_pending()
-        want: dict[int, bool] = {}
+        self._ns = {}
+        self._ns_names = []
         self._ns_top = -1
         try:
-            while True:
-                self._ns = {}
-                self._ns_names = []
-                if want:
-                    for key in sorted(want):
-                        self._ns_lock(key, want[key])
-                try:
-                    return fn(self, *args, **kwargs)
-                except Relock as r:
-                    want = {k: w for k, (w, _) in self._ns.items()}
-                    want[r.key] = want.get(r.key, False) or r.write
-                    self._ns_release()
+            return fn(self, *args, **kwargs)
+        except Relock as r:
+            return _run_again(self, fn, r, args, kwargs)
         finally:
             self._ns_release()
             self._ns = None
             if self._compact_wanted:
                 self._compact_pending()
     return op
+
+
+def _run_again(fs: "FileSystem", fn, r: Relock, args, kwargs):
+    """Run a namespace operation that met :class:`Relock` again, holding every
+    lock it asked for, taken in order first, until it runs through."""
+    while True:
+        want = {k: w for k, (w, _) in fs._ns.items()}
+        want[r.key] = want.get(r.key, False) or r.write
+        fs._ns_release()
+        for key in sorted(want):
+            fs._ns_lock(key, want[key])
+        try:
+            return fn(fs, *args, **kwargs)
+        except Relock as again:
+            r = again
 
 
 class Namei:
@@ -150,39 +157,45 @@ class Namei:
 
     def _ns_name(self, parent: int, name: bytes) -> None:
         """Read-lock directory ``parent`` and write-lock the name lock of ``name``
-        in it: :meth:`_ns_lock` twice, shortened for the common first locks."""
+        in it, or write-lock the directory alone if this CPU alone uses it
+        lately (:meth:`_private_dir`)."""
         held = self._ns
         if held is None:
             return
-        have = held.get(parent)
-        if have is not None and have[0]:
-            return                               # held exclusively: every name is covered
-        if have is None and 1 <= parent < self._name_base and self._private_dir(parent):
-            if held:
-                self._ns_lock(parent)
-                return
-            # the operation's first lock, so in order: taken directly
+        if held or not 1 <= parent < self._name_base:
+            self._ns_name_more(held, parent, name)
+            return
+        # The operation's first locks, so in order: taken directly.
+        if self._private_dir(parent):
             off = self._inode_locks + 4 * (parent - 1)
             self.scheme.sem.wlock(off)
             held[parent] = (True, off)
             self._ns_top = parent
             return
-        slot = self._name_slot(parent, name)
-        if held or not 1 <= parent < self._name_base:
-            self._ns_lock(parent, False)
-            self._ns_lock(self._name_base + slot)
-            self._ns_names.append((parent, slot))     # bumped when released
-            return
-        sem = self.scheme.sem
-        off = self._inode_locks + 4 * (parent - 1)
-        sem.rlock(off)
-        held[parent] = (False, off)
-        off = self._name_locks + 4 * slot
-        sem.wlock(off)
-        key = self._name_base + slot
-        held[key] = (True, off)
-        self._ns_top = key
+        # (_name_slot's formula, inline: this is every such operation's path)
+        slot = zlib.crc32(name, (parent * 0x9E3779B1) & 0xFFFFFFFF) & (NAME_SLOTS - 1)
+        roff = self._inode_locks + 4 * (parent - 1)
+        woff = self._name_locks + 4 * slot
+        self.scheme.sem.rw_pair(roff, woff)
+        held[parent] = (False, roff)
+        self._ns_top = key = self._name_base + slot
+        held[key] = (True, woff)
         self._ns_names.append((parent, slot))
+
+    def _ns_name_more(self, held: dict[int, tuple[bool, int]], parent: int,
+                      name: bytes) -> None:
+        """:meth:`_ns_name` for an operation that holds locks already (the
+        second name of a rename, a link's new name), through :meth:`_ns_lock`."""
+        have = held.get(parent)
+        if have is not None and have[0]:
+            return                               # held exclusively: every name is covered
+        if have is None and 1 <= parent < self._name_base and self._private_dir(parent):
+            self._ns_lock(parent)
+            return
+        slot = self._name_slot(parent, name)
+        self._ns_lock(parent, False)
+        self._ns_lock(self._name_base + slot)
+        self._ns_names.append((parent, slot))     # bumped when released
 
     def _private_dir(self, parent: int) -> bool:
         """Whether this CPU alone does namespace operations in directory
@@ -191,59 +204,67 @@ class Namei:
         one lock word, no name lock, no name version, and no other process's
         cache to keep exact for its names.  Only a hint: both ways of locking
         are correct."""
-        w = self.area.w
-        off = self._dir_users + 8 * (parent - 1)
-        v = w.load64(off)
-        me = self.cpu + 1
-        if v == me:
+        v = self.area.w.load64(self._dir_users + 8 * (parent - 1))
+        if v == self.cpu + 1:
             return True
-        now = time.monotonic_ns() >> 20
-        if v == 0 or (v & DIR_SHARED and now - (v & ~DIR_SHARED) > PRIVATE_AFTER):
-            return w.cas64(off, v, me)
-        if not v & DIR_SHARED:
-            w.store64(off, DIR_SHARED | now)    # another CPU's: shared from now on
+        if v & DIR_SHARED and (time.monotonic_ns() >> 20) - (v & ~DIR_SHARED) <= PRIVATE_AFTER:
+            return False                         # shared lately
+        return self._claim_dir(parent, v)
+
+    def _claim_dir(self, parent: int, v: int) -> bool:
+        """The directory users word of ``parent`` held ``v``: nobody's yet, or
+        shared but not lately (this CPU's now, if no other CPU changes the word
+        first), or another CPU's (shared from now on)."""
+        off = self._dir_users + 8 * (parent - 1)
+        w = self.area.w
+        if v == 0 or v & DIR_SHARED:
+            return w.cas64(off, v, self.cpu + 1)
+        w.store64(off, DIR_SHARED | (time.monotonic_ns() >> 20))
         return False
 
     def _ns_release(self) -> None:
         """Unlock all the running operation holds (in any order: only taking
-        locks has an order)."""
+        locks has an order), after counting it in the versions of its names
+        and in the epochs of the directories it held exclusively (their link
+        counts, names changed without name locks, '..'), so that other
+        processes know to catch up.
+
+        A name lock goes as soon as its version is counted; the directory's
+        own lock, which a change of the name needs as well and which a lookup
+        looks at, goes last."""
         held = self._ns
         if held:
             self._ns_bump(held)
             sem = self.scheme.sem
-            wunlock, runlock = sem.wunlock, sem.runlock
             for write, off in held.values():
                 if write:
-                    wunlock(off)
+                    sem.wunlock(off)
                 else:
-                    runlock(off)
+                    sem.runlock(off)
             held.clear()
         self._ns_top = -1
 
     def _ns_bump(self, held: dict[int, tuple[bool, int]]) -> None:
-        """Before unlocking: count the operation in the versions of its names and
-        in the epochs of the directories it held exclusively (their link
-        counts, names changed without name locks, '..'), so that other
-        processes know to catch up."""
-        add = self.area.w.add64
+        """Count the operation in the version of each name it changed, letting
+        the name's lock go in the same call (a name lock is only ever taken
+        for writing), then in the epochs of the directories it held
+        exclusively."""
         cache = self.cache
         if self._ns_names:
-            versions = self._name_versions
+            w = self.area.w
             for parent, slot in self._ns_names:
-                old = add(versions + 8 * slot, 1)
-                d = cache.get(parent)
-                seen = d.names_seen if d is not None else None
+                lock = held.pop(self._name_base + slot, None)
+                old = w.bump_unlock(self._name_versions + 8 * slot, lock[1]) if lock else \
+                    w.add64(self._name_versions + 8 * slot, 1)   # a second name of the word
+                seen = getattr(cache.get(parent), "names_seen", None)
                 if seen is not None:
                     # The cache has this operation's entries: it may count them
-                    # if nobody else changed a name of this word meanwhile.
-                    if seen[slot] == old:
-                        seen[slot] = old + 1
-                    else:
-                        seen[slot] = 0           # never a version: look next time
+                    # if nobody else changed a name of this word meanwhile
+                    # (0 is never a version: it looks next time).
+                    seen[slot] = old + 1 if seen[slot] == old else 0
             self._ns_names = []
-        base = self._name_base
         for key, (write, _) in held.items():
-            if write and RENAME_KEY < key < base:
+            if write and RENAME_KEY < key < self._name_base:
                 # Only a directory's epoch says anything to namespace
                 # operations; a file's link count matters to none of them.
                 inode = cache.get(key)
@@ -252,7 +273,7 @@ class Namei:
                     # entries: it may count them if nobody else bumped the
                     # epoch since it was copied (as for names above).
                     a = self.area.epoch_slot(key)
-                    old = add(a, 2)              # version words move by 2 (19.7)
+                    old = self.area.w.add64(a, 2)    # version words move by 2 (19.7)
                     vers = inode.vers
                     if vers.get(a) == old:
                         vers[a] = old + 2
@@ -276,11 +297,14 @@ class Namei:
             if held is None or held.get(parent, (True,))[0]:
                 return self._dir(parent)
             slots = [slot for p, slot in self._ns_names if p == parent]
+        d = self.cache.get(parent)
+        if d is not None and len(slots) == 1 and d.names_seen is not None and \
+                d.dents is not None and self._exact_for(d, slots[0]):
+            return d
         self._trust_versions()
         q = self.area.u64
         epoch_word = self.area.epoch_slot(parent)
         epoch = q[epoch_word >> 3]
-        d = self.cache.get(parent)
         if d is not None and d.dents is not None:
             gen, state, head, tail, array = self._slot_words(parent)
             if gen == d.generation and state == L.STATE_LIVE and head == d.head and \
@@ -429,27 +453,37 @@ class Namei:
         walk through it.  False: not decided
         here (anything unusual), and the lookup goes the long way."""
         ino = d.ino
-        area = self.area
-        w = area.w
+        w = self.area.w
         v = w.load64(self._dir_users + 8 * (ino - 1))
         if not v & DIR_SHARED or (time.monotonic_ns() >> 20) - (v & ~DIR_SHARED) > PRIVATE_AFTER:
             return False              # private, or one CPU may claim it: _private_dir decides
-        slot = self._name_slot(ino, name)
+        slot = zlib.crc32(name, (ino * 0x9E3779B1) & 0xFFFFFFFF) & (NAME_SLOTS - 1)  # _name_slot
         if w.load32(self._name_locks + 4 * slot) & WRITER or \
                 w.load32(self._inode_locks + 4 * (ino - 1)) & WRITER:
             return False              # a change in progress, or a dead holder to reap
-        q = area.u64
-        if q[H_DEATHS >> 3] != self._deaths_seen:
-            return False
+        return self._exact_for(d, slot)
+
+    def _exact_for(self, d: Inode, slot: int) -> bool:
+        """Whether the cached directory ``d``, which holds a copy of the name
+        versions, is still exact for the names of name lock ``slot``: nobody's
+        death to account for, its epoch, rewrite count and the slot's version
+        as the cache recorded them, and its slot still the inode the cache
+        read.  Each is a counter that only grows (or a slot word that only a
+        compaction or a new life of the slot changes, each counted), so values
+        equal to the recorded ones mean nothing changed up to when each was
+        loaded, and the cache was exact for the name at the first load."""
+        ino = d.ino
+        area = self.area
         epoch_word = area.epoch_slot(ino)
-        if d.vers.get(epoch_word) != q[epoch_word >> 3]:
+        if not area.w.versions_match(H_DEATHS, self._deaths_seen,
+                                     epoch_word, d.vers.get(epoch_word, -1),
+                                     area.rewrites + 4 * (ino - 1), d.rewrites,
+                                     self._name_versions + 8 * slot, d.names_seen[slot]):
             return False
-        # (the order of _dir_names: the epoch, then the slot's words and the
-        # rewrite count, then the name's version)
-        gen, state, head, _tail, _array = self._slot_words(ino)
-        return gen == d.generation and state == L.STATE_LIVE and head == d.head and \
-            self._rewrites(ino) == d.rewrites and \
-            q[(self._name_versions >> 3) + slot] == d.names_seen[slot]
+        a = self.inode_addr(ino)
+        words = self.pm.words
+        return words.load64(a + L.I_GENERATION) == d.generation and \
+            words.load64s(a + L.I_STATE, 2, 8) == (L.STATE_LIVE, d.head)
 
     def create(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
         """Create a regular file (mode without type bits means a regular file)."""

@@ -16,7 +16,7 @@ from pnova import locks
 from pnova.atomics import SharedWords
 from pnova.locks import WANTED, WRITER, LockTimeout, Semaphores, make_scheme
 from pnova.ring import Ring, refill
-from pnova.shared import SharedArea
+from pnova.shared import H_DEATHS, SharedArea
 
 NINODES = 64
 
@@ -94,6 +94,91 @@ def test_a_reader_share_and_its_record_come_and_go_together(area):
         w.rdlock(word, WRITER, 0, rec + 4)              # misaligned record
     with pytest.raises(ValueError):
         w.rdunlock(word, len(area.mm))                  # outside the mapping
+
+
+def test_a_directory_share_and_a_name_lock_are_taken_in_one_call(area):
+    """``rw_pair`` takes a reader's share of the first word (with its record)
+    and then the second word as a writer, and says how far it got; nothing is
+    taken when the share is not free, and the share stays when the name lock
+    is not."""
+    w = area.w
+    d, n, rec = area.inode_locks + 8, area.name_locks + 40, area.held_slot(1, 0)
+    mine = WRITER | 2
+    assert w.rw_pair(d, n, rec, WRITER | WANTED, mine) == 2
+    assert (w.load32(d), w.load64(rec), w.load32(n)) == (1, d + 1, mine)
+    w.rdunlock(d, rec)
+    w.store32(n, WRITER | 3)                            # another CPU holds the name
+    assert w.rw_pair(d, n, rec, WRITER | WANTED, mine) == 1
+    assert (w.load32(d), w.load64(rec), w.load32(n)) == (1, d + 1, WRITER | 3)
+    w.rdunlock(d, rec)
+    w.store32(n, WANTED)                                # a writer wants it: mine to take
+    assert w.rw_pair(d, n, rec, WRITER | WANTED, mine) == 2 and w.load32(n) == mine
+    w.rdunlock(d, rec)
+    w.store32(n, 0)
+    for held in (WRITER | 3, WANTED | 1):               # a writer holds or wants the directory
+        w.store32(d, held)
+        assert w.rw_pair(d, n, rec, WRITER | WANTED, mine) == 0
+        assert (w.load32(d), w.load64(rec), w.load32(n)) == (held, 0, 0)
+    assert w.rw_pair(d, n, rec, WRITER, mine) == 2       # one who holds a share ignores a want
+    assert w.load32(d) == WANTED | 2
+    with pytest.raises(ValueError):
+        w.rw_pair(d, n + 2, rec, WRITER, mine)          # misaligned name word
+
+
+def test_a_names_version_is_counted_before_its_lock_goes(area):
+    w = area.w
+    v, n = area.name_versions + 8 * 7, area.name_locks + 4 * 7
+    w.store64(v, 41)
+    w.store32(n, WRITER | 1)
+    assert w.bump_unlock(v, n) == 41
+    assert (w.load64(v), w.load32(n)) == (42, 0)
+
+
+def test_a_cached_directorys_versions_are_matched_in_one_call(area):
+    w = area.w
+    words = [(H_DEATHS, 8, 5), (area.versions + 16, 8, 1 << 40), (area.rewrites + 12, 4, 6),
+             (area.name_versions + 8 * 9, 8, 17)]
+    for off, size, v in words:
+        (w.store64 if size == 8 else w.store32)(off, v)
+    args = [x for off, _, v in words for x in (off, v)]
+    assert w.versions_match(*args)
+    for i in range(4):                                  # any one word moved: not exact
+        moved = list(args)
+        moved[2 * i + 1] += 1
+        assert not w.versions_match(*moved)
+    moved = list(args)
+    moved[5] += 1 << 32                                 # a rewrite count is 32 bits
+    assert not w.versions_match(*moved)
+    moved[5] = -1                                       # a value never recorded
+    assert not w.versions_match(*moved)
+
+
+def test_semaphores_take_the_pair_and_wait_for_a_held_name(area):
+    """The two locks of an operation on one name: taken at once when free;
+    when another process holds the name, the share is kept and the name
+    waited for; the share is then let go as any read share is."""
+    sem = Semaphores(area, 1)
+    d, n = area.inode_locks + 16, area.name_locks + 64
+    sem.rw_pair(d, n)
+    assert area.w.load32(d) == 1 and area.w.load32(n) == sem.mine
+    sem.wunlock(n)
+    sem.runlock(d)
+    assert area.w.load32(d) == 0 and not any(area.w.load64(r) for r in sem.records)
+    area.w.store32(n, WRITER | 1)                       # CPU 0, a live process, holds it
+    pid = fork(lambda: (time.sleep(0.2), area.w.store32(n, 0)))
+    start = time.monotonic()
+    sem.rw_pair(d, n)
+    assert time.monotonic() - start >= 0.15 and area.w.load32(n) == sem.mine
+    join(pid)
+    sem.wunlock(n)
+    sem.runlock(d)
+    area.w.store32(d, WRITER | 1)                       # the directory held exclusively
+    pid = fork(lambda: (time.sleep(0.2), area.w.store32(d, 0)))
+    sem.rw_pair(d, n)
+    assert area.w.load32(d) == 1 and area.w.load32(n) == sem.mine
+    join(pid)
+    sem.wunlock(n)
+    sem.runlock(d)
 
 
 def test_fresh_block_words_mark_and_take_within_one_interval(area):
