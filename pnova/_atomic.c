@@ -250,28 +250,33 @@ load64s(Words *self, PyObject *const *args, Py_ssize_t n)
    share nobody can reap) has a window of two instructions, not of a Python
    call.  The tries are what pnova.locks.Semaphores made in Python, one call
    instead of a dozen on every namespace operation of a shared directory. */
+static inline int
+take_share(Words *self, uint32_t *p, uint64_t *r, uint32_t stop, uint32_t clear)
+{
+    for (int i = 0; i < 8; i++) {
+        uint32_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+        if (v & stop)
+            return 0;
+        if (__atomic_compare_exchange_n(p, &v, (v & ~clear) + 1, 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            __atomic_store_n(r, (uint64_t)((char *)p - self->base) + 1, __ATOMIC_SEQ_CST);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *
 rdlock(Words *self, PyObject *const *args, Py_ssize_t n)
 {
     uint32_t *p;
     uint64_t *r;
     uint64_t stop, clear;
-    int i;
     if (check_args(n, 4, "rdlock") < 0 || !(p = writable_word_at(self, args[0], 4))
             || as_u64(args[1], &stop) < 0 || as_u64(args[2], &clear) < 0
             || !(r = writable_word_at(self, args[3], 8)))
         return NULL;
-    for (i = 0; i < 8; i++) {
-        uint32_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
-        if (v & (uint32_t)stop)
-            Py_RETURN_FALSE;
-        if (__atomic_compare_exchange_n(p, &v, (v & ~(uint32_t)clear) + 1, 0,
-                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
-            __atomic_store_n(r, (uint64_t)((char *)p - self->base) + 1, __ATOMIC_SEQ_CST);
-            Py_RETURN_TRUE;
-        }
-    }
-    Py_RETURN_FALSE;
+    return PyBool_FromLong(take_share(self, p, r, (uint32_t)stop, (uint32_t)clear));
 }
 
 /* rw_pair(roff, woff, rec, stop, mine) -> 0, 1 or 2: a reader's share of the
@@ -286,22 +291,13 @@ rw_pair(Words *self, PyObject *const *args, Py_ssize_t n)
     uint32_t *p, *q;
     uint64_t *r;
     uint64_t stop, mine;
-    int i, got = 0;
+    int got;
     if (check_args(n, 5, "rw_pair") < 0 || !(p = writable_word_at(self, args[0], 4))
             || !(q = writable_word_at(self, args[1], 4))
             || !(r = writable_word_at(self, args[2], 8))
             || as_u64(args[3], &stop) < 0 || as_u64(args[4], &mine) < 0)
         return NULL;
-    for (i = 0; i < 8; i++) {
-        uint32_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
-        if (v & (uint32_t)stop)
-            break;
-        if (__atomic_compare_exchange_n(p, &v, v + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
-            __atomic_store_n(r, (uint64_t)((char *)p - self->base) + 1, __ATOMIC_SEQ_CST);
-            got = 1;
-            break;
-        }
-    }
+    got = take_share(self, p, r, (uint32_t)stop, 0);
     if (got) {
         uint32_t v = __atomic_load_n(q, __ATOMIC_SEQ_CST);
         if ((v == 0 || v == 0x40000000u) &&

@@ -172,8 +172,7 @@ class Namei:
             held[parent] = (True, off)
             self._ns_top = parent
             return
-        # (_name_slot's formula, inline: this is every such operation's path)
-        slot = zlib.crc32(name, (parent * 0x9E3779B1) & 0xFFFFFFFF) & (NAME_SLOTS - 1)
+        slot = self._name_slot(parent, name)
         roff = self._inode_locks + 4 * (parent - 1)
         woff = self._name_locks + 4 * slot
         self.scheme.sem.rw_pair(roff, woff)
@@ -298,9 +297,12 @@ class Namei:
                 return self._dir(parent)
             slots = [slot for p, slot in self._ns_names if p == parent]
         d = self.cache.get(parent)
-        if d is not None and len(slots) == 1 and d.names_seen is not None and \
-                d.dents is not None and self._exact_for(d, slots[0]):
-            return d
+        if d is not None and slots and d.names_seen is not None and d.dents is not None:
+            for slot in slots:
+                if not self._exact_for(d, slot):
+                    break
+            else:
+                return d
         self._trust_versions()
         q = self.area.u64
         epoch_word = self.area.epoch_slot(parent)
@@ -309,18 +311,10 @@ class Namei:
             gen, state, head, tail, array = self._slot_words(parent)
             if gen == d.generation and state == L.STATE_LIVE and head == d.head and \
                     self._rewrites(parent) == d.rewrites:
-                # (with local logs their lines may have moved: the versions
-                # below say whether any of these names did)
+                # (the versions above decide for a cache that holds a copy of
+                # them; with local logs their lines may have moved)
                 if tail == d.tail and array == d.array and not array:
                     return d                     # nothing appended since: exact
-                seen = d.names_seen
-                if seen is not None and d.vers.get(epoch_word) == epoch:
-                    base = self._name_versions >> 3
-                    for slot in slots:
-                        if q[base + slot] != seen[slot]:
-                            break
-                    else:
-                        return d
         # a copy, taken before catching up
         base = self._name_versions >> 3
         snapshot = q[base:base + NAME_SLOTS].tolist()
@@ -457,7 +451,7 @@ class Namei:
         v = w.load64(self._dir_users + 8 * (ino - 1))
         if not v & DIR_SHARED or (time.monotonic_ns() >> 20) - (v & ~DIR_SHARED) > PRIVATE_AFTER:
             return False              # private, or one CPU may claim it: _private_dir decides
-        slot = zlib.crc32(name, (ino * 0x9E3779B1) & 0xFFFFFFFF) & (NAME_SLOTS - 1)  # _name_slot
+        slot = self._name_slot(ino, name)
         if w.load32(self._name_locks + 4 * slot) & WRITER or \
                 w.load32(self._inode_locks + 4 * (ino - 1)) & WRITER:
             return False              # a change in progress, or a dead holder to reap
