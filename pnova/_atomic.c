@@ -308,17 +308,19 @@ rw_pair(Words *self, PyObject *const *args, Py_ssize_t n)
     return PyLong_FromLong(got);
 }
 
-/* bump_unlock(voff, woff) -> old value: add 1 to the u64 at voff, then store 0
-   in the u32 at woff; a name's version counted before its lock is let go. */
+/* bump_unlock(voff, woff, by) -> old value: add by to the u64 at voff, then
+   store 0 in the u32 at woff; a name's version (by 1) or a directory's epoch
+   (by 2) counted before its lock is let go. */
 static PyObject *
 bump_unlock(Words *self, PyObject *const *args, Py_ssize_t n)
 {
     uint64_t *v;
     uint32_t *p;
-    if (check_args(n, 2, "bump_unlock") < 0 || !(v = writable_word_at(self, args[0], 8))
-            || !(p = writable_word_at(self, args[1], 4)))
+    uint64_t by;
+    if (check_args(n, 3, "bump_unlock") < 0 || !(v = writable_word_at(self, args[0], 8))
+            || !(p = writable_word_at(self, args[1], 4)) || as_u64(args[2], &by) < 0)
         return NULL;
-    uint64_t old = __atomic_fetch_add(v, 1, __ATOMIC_SEQ_CST);
+    uint64_t old = __atomic_fetch_add(v, by, __ATOMIC_SEQ_CST);
     __atomic_store_n(p, 0, __ATOMIC_SEQ_CST);
     return PyLong_FromUnsignedLongLong(old);
 }
@@ -653,8 +655,8 @@ static PyMethodDef words_methods[] = {
     FAST(rw_pair, "rw_pair(roff, woff, rec, stop, mine) -> 0 nothing taken, 1 a reader's "
                   "share of roff (as rdlock), 2 that and the writer word woff "
                   "(0 or wanted -> mine)"),
-    FAST(bump_unlock, "bump_unlock(voff, woff) -> old u64 at voff, incremented; then the u32 at "
-                      "woff stored 0"),
+    FAST(bump_unlock, "bump_unlock(voff, woff, by) -> old u64 at voff, by added; then the u32 "
+                      "at woff stored 0"),
     FAST(versions_match, "versions_match(deaths_off, deaths, epoch_off, epoch, rewrites_off, "
                          "rewrites, version_off, version) -> True if each word (u64, u64, u32, "
                          "u64) holds its value, loaded in that order"),

@@ -487,23 +487,98 @@ crc(PyObject *module, PyObject *arg)
     return PyLong_FromUnsignedLong(c);
 }
 
-/* log_scan(buffer, pos, lim) -> (list of bytes, pos): the log entries that
+static inline uint64_t
+le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static inline uint32_t
+le32(const uint8_t *p)
+{
+    return p[0] | (p[1] << 8) | (p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+#define U64(off) PyLong_FromUnsignedLongLong(le64(e + (off)))
+#define U32(off) PyLong_FromUnsignedLong(le32(e + (off)))
+#define U8(off) PyLong_FromLong(e[off])
+#define PAD8(n) (((n) + 7) & ~(Py_ssize_t)7)
+
+/* The tuple layout.decode_entry makes of a whole entry whose CRC is good
+ * (the same fields, in the same order, of the same types: SPEC section 7),
+ * or NULL with no exception set when it would raise ValueError there (a
+ * size that is not its type's, a name length, an operation or an entry type
+ * it does not know): the walk then decodes that entry itself, and so raises
+ * as before.  NULL with an exception: out of memory. */
+static PyObject *
+decode_one(const uint8_t *e, Py_ssize_t size)
+{
+    uint8_t type = e[0], flags = e[1];
+    switch (type) {
+    case 1:                                     /* E_WRITE */
+        if (size != 64)
+            return NULL;
+        return Py_BuildValue("(iNNNNNN)", 1, U64(8), U64(16), U32(24), U64(32), U64(40),
+                             U64(48));
+    case 2:                                     /* E_SETATTR */
+        if (size != 64)
+            return NULL;
+        return Py_BuildValue("(iNNNNNNNNN)", 2, U64(8), U32(16), U32(20), U32(24), U32(28),
+                             U64(32), U64(40), U64(48), U64(56));
+    case 3:                                     /* E_LINK */
+        if (size != 32)
+            return NULL;
+        return Py_BuildValue("(iNNN)", 3, U64(8), U64(16), U64(24));
+    case 4: {                                   /* E_DENTRY */
+        if (size < 48)
+            return NULL;
+        Py_ssize_t nlen = e[32], base = PAD8(40 + nlen);
+        uint8_t op = e[34];
+        if (nlen < 1 || (op != 1 && op != 2) ||
+                size != base + ((flags & 0x40) && size > base ? 8 : 0))
+            return NULL;
+        return Py_BuildValue("(iNNy#NNN)", 4, U64(8), U8(34), (const char *)e + 40, nlen,
+                             U64(16), U8(33), U64(24));
+    }
+    case 5: {                                   /* E_XATTR */
+        if (size < 40)
+            return NULL;
+        Py_ssize_t nlen = e[24], vlen = e[26] | (e[27] << 8);
+        uint8_t op = e[25];
+        if (nlen < 1 || PAD8(32 + nlen + vlen) != size || (op != 1 && op != 2))
+            return NULL;
+        return Py_BuildValue("(iNNy#y#N)", 5, U64(8), U8(25), (const char *)e + 32, nlen,
+                             (const char *)e + 32 + nlen, vlen, U64(16));
+    }
+    }
+    return NULL;
+}
+
+/* log_scan(buffer, pos, lim[, decode]) -> (list, pos): the log entries that
  * lie one after another from pos, each whole before lim and matching its
  * CRC32C (taken over the entry with its crc field, bytes 4..7, as zero; see
- * docs/SPEC.md section 7), copied out; the scan stops at lim, at a next-page
- * marker (type 6, 8 bytes) or at the first entry that does not read, and
- * returns where it stopped.  What a log walk does for every entry of a page,
- * in one call; the walk itself looks at whatever stopped the scan. */
+ * docs/SPEC.md section 7), copied out, or with decode true each decoded as
+ * layout.decode_entry does; the scan stops at lim, at a next-page marker
+ * (type 6, 8 bytes), at the first entry that does not read, or, decoding, at
+ * the first one decode_entry would refuse, and returns where it stopped.
+ * What a log walk does for every entry of a page, in one call; the walk
+ * itself looks at whatever stopped the scan. */
 static PyObject *
 log_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
     Py_ssize_t pos, lim;
     uint8_t copy[BLOCK];
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "log_scan(buffer, pos, lim)");
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "log_scan(buffer, pos, lim[, decode])");
         return NULL;
     }
+    int decode = nargs == 4 ? PyObject_IsTrue(args[3]) : 0;
+    if (decode < 0)
+        return NULL;
     pos = PyLong_AsSsize_t(args[1]);
     lim = PyLong_AsSsize_t(args[2]);
     if ((pos == -1 || lim == -1) && PyErr_Occurred())
@@ -529,7 +604,16 @@ log_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         memset(copy + 4, 0, 4);
         if (crc32c(copy, (size_t)size) != want)
             break;
-        PyObject *raw = PyBytes_FromStringAndSize((const char *)e, size);
+        PyObject *raw;
+        if (decode) {
+            raw = decode_one(e, size);
+            if (raw == NULL) {
+                if (PyErr_Occurred())
+                    goto fail;
+                break;                          /* the walk decodes it, and raises */
+            }
+        } else
+            raw = PyBytes_FromStringAndSize((const char *)e, size);
         if (raw == NULL || PyList_Append(out, raw) < 0) {
             Py_XDECREF(raw);
             goto fail;
@@ -598,8 +682,8 @@ static PyMethodDef methods[] = {
      "good_run(buffer, block_offset, nblocks, record_offset) -> int: blocks that match"},
     {"crc32c", crc, METH_O, "crc32c(data) -> int"},
     {"log_scan", (PyCFunction)(void (*)(void))log_scan, METH_FASTCALL,
-     "log_scan(buffer, pos, lim) -> (entries, pos): the whole entries with good CRCs "
-     "from pos on, up to lim or a next-page marker"},
+     "log_scan(buffer, pos, lim[, decode]) -> (entries, pos): the whole entries with "
+     "good CRCs from pos on, up to lim or a next-page marker, raw or decoded"},
     {"implementation", implementation, METH_NOARGS, "implementation() -> str: the one in use"},
     {"implementations", implementations, METH_NOARGS,
      "implementations() -> list: those this processor runs, fastest first"},

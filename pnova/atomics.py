@@ -14,7 +14,7 @@ Python method call costs (DESIGN section 17 has the measurements).
     w.rdlock(off, stop, clear, rec) / w.rdunlock(off, rec)
                                    # a reader's share of a lock word and its record
                                    # (pnova.locks.Semaphores), each one call
-    w.rw_pair(roff, woff, rec, stop, mine) / w.bump_unlock(voff, woff)
+    w.rw_pair(roff, woff, rec, stop, mine) / w.bump_unlock(voff, woff, by)
     w.versions_match(deaths_off, deaths, epoch_off, epoch, rewrites_off, rewrites,
                      version_off, version)
                                    # a namespace operation's first two locks, a

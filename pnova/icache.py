@@ -100,8 +100,7 @@ class InodeCache:
                 if array:
                     new.sort(key=lambda e: e[1])
                 try:
-                    for e in new:
-                        inode.apply(e)
+                    inode.apply_all(new)
                 except ValueError:
                     # Not this inode's entries: its pages were freed and reused
                     # meanwhile.  A reload from the slot tells gone from damaged.

@@ -146,11 +146,13 @@ class Semaphores:
         self.free_records.append(rec)
 
     # -- a name in a directory ---------------------------------------------------
-    def rw_pair(self, roff: int, woff: int) -> None:
+    def rw_pair(self, roff: int, woff: int, wait_share: bool = True) -> bool:
         """A reader's share of ``roff``, then the writer word ``woff`` (in that
         order, waiting as :meth:`rlock` and :meth:`wlock` do): the two locks of a
         namespace operation on one name in a directory others use, in one call
-        of the compiled helper when neither has to wait."""
+        of the compiled helper when neither has to wait.  Without
+        ``wait_share`` the share is only tried, as :meth:`try_rlock` does: False,
+        with nothing taken, if it is not free now."""
         free = self.free_records
         if free and not self.record_of.get(roff):
             rec = free[-1]
@@ -158,12 +160,18 @@ class Semaphores:
             if got:
                 self.record_of[roff] = [free.pop()]
                 if got == 2:
-                    return
+                    return True
                 self.waits += 1
                 self._wait(woff, lambda: self._try_write(woff))
-                return
-        self.rlock(roff)
+                return True
+            if not wait_share:
+                return False
+        if wait_share:
+            self.rlock(roff)
+        elif not self.try_rlock(roff):
+            return False
         self.wlock(woff)
+        return True
 
     # -- waiting and dead holders -----------------------------------------------
     def _wait(self, off: int, attempt) -> None:

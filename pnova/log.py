@@ -155,8 +155,11 @@ def repair(pm: PMem, fixes: list[Fix]) -> None:
 def walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
          pages: list[int] | None = None, start: int = 0,
          stop: dict | None = None, twin: int | None = None,
-         fixes: list[Fix] | None = None, verify: bool = False) -> Iterator[bytes]:
-    """Yield every committed entry (raw bytes), validating as it goes.
+         fixes: list[Fix] | None = None, verify: bool = False,
+         decode: bool = False) -> Iterator[bytes] | Iterator[tuple]:
+    """Yield every committed entry (raw bytes, or with ``decode`` the tuple
+    :func:`layout.decode_entry` makes of it, raising its ValueError), validating
+    as it goes.
 
     The blocks of the chain's pages are appended to ``pages`` if given, each
     page followed by its twin.  ``start`` resumes an earlier walk at a
@@ -176,19 +179,20 @@ def walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
     """
     if stop is None:
         yield from _walk(pm, head, tail, owner, max_pages, pages, start, None, twin,
-                         fixes, verify)
+                         fixes, verify, decode)
         return
     stop["pos"], stop["why"] = start or head, None
     try:
         yield from _walk(pm, head, tail, owner, max_pages, pages, start, stop, twin,
-                         fixes, verify)
+                         fixes, verify, decode)
     except LogError as e:
         stop["why"] = str(e)
 
 
 def _walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
           pages: list[int] | None, start: int, good: dict | None, twin: int | None,
-          fixes: list[Fix] | None, verify: bool) -> Iterator[bytes]:
+          fixes: list[Fix] | None, verify: bool, decode: bool = False
+          ) -> Iterator[bytes] | Iterator[tuple]:
     dev = pm.size
     if head == 0:
         if tail != 0:
@@ -223,7 +227,8 @@ def _walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
         tail_here = page <= tail <= page + L.LOG_DATA
         if in_page < L.LOG_DATA:
             if fast and pos != scanned:
-                raws, pos = log_scan(mm, pos, tail if tail_here else page + L.LOG_DATA)
+                raws, pos = log_scan(mm, pos, tail if tail_here else page + L.LOG_DATA,
+                                     decode)
                 scanned = pos
                 if raws:
                     yield from raws
@@ -241,7 +246,7 @@ def _walk(pm: PMem, head: int, tail: int, owner: int, max_pages: int,
                 if mm[t:t + len(raw)] != raw:
                     fixes.append((t, bytes(raw)))
             if raw[0] != L.E_NEXT_PAGE or len(raw) != 8:     # (the marker is 8 bytes)
-                yield raw
+                yield L.decode_entry(raw) if decode else raw
                 pos += len(raw)
                 if good is not None:
                     good["pos"] = pos

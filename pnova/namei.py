@@ -184,16 +184,31 @@ class Namei:
     def _ns_name_more(self, held: dict[int, tuple[bool, int]], parent: int,
                       name: bytes) -> None:
         """:meth:`_ns_name` for an operation that holds locks already (the
-        second name of a rename, a link's new name), through :meth:`_ns_lock`."""
+        second name of a rename, a link's new name).  A directory's share
+        that comes before what the operation holds in the order is only
+        tried, the name lock after it taken as :meth:`_ns_lock` would; both in
+        one call when neither is held yet and the name comes last."""
         have = held.get(parent)
         if have is not None and have[0]:
             return                               # held exclusively: every name is covered
-        if have is None and 1 <= parent < self._name_base and self._private_dir(parent):
+        inside = 1 <= parent < self._name_base
+        if have is None and inside and self._private_dir(parent):
             self._ns_lock(parent)
             return
         slot = self._name_slot(parent, name)
-        self._ns_lock(parent, False)
-        self._ns_lock(self._name_base + slot)
+        key = self._name_base + slot
+        top = self._ns_top
+        if have is None and inside and key > top:
+            roff = self._inode_locks + 4 * (parent - 1)
+            woff = self._name_locks + 4 * slot
+            if not self.scheme.sem.rw_pair(roff, woff, parent > top):
+                raise Relock(parent, False)      # out of order and not free now
+            held[parent] = (False, roff)
+            held[key] = (True, woff)
+            self._ns_top = key
+        else:
+            self._ns_lock(parent, False)
+            self._ns_lock(key)
         self._ns_names.append((parent, slot))     # bumped when released
 
     def _private_dir(self, parent: int) -> bool:
@@ -223,61 +238,61 @@ class Namei:
 
     def _ns_release(self) -> None:
         """Unlock all the running operation holds (in any order: only taking
-        locks has an order), after counting it in the versions of its names
-        and in the epochs of the directories it held exclusively (their link
-        counts, names changed without name locks, '..'), so that other
-        processes know to catch up.
+        locks has an order), each lock right after the operation is counted
+        in what it covers, in the same call: a name lock in the version of its
+        name, a directory held exclusively in its epoch (its link count, names
+        changed without name locks, '..'), so that whoever takes the lock next,
+        or looks at it, finds the change counted and catches up.
 
-        A name lock goes as soon as its version is counted; the directory's
-        own lock, which a change of the name needs as well and which a lookup
-        looks at, goes last."""
+        The name locks go first; the directories' own locks, which a change of
+        a name needs as well and which a lookup looks at, after them."""
         held = self._ns
         if held:
-            self._ns_bump(held)
+            if self._ns_names:
+                self._ns_bump_names(held)
             sem = self.scheme.sem
-            for write, off in held.values():
-                if write:
-                    sem.wunlock(off)
-                else:
+            cache = self.cache
+            base = self._name_base
+            for key, (write, off) in held.items():
+                if not write:
                     sem.runlock(off)
+                    continue
+                # Only a directory's epoch says anything to namespace
+                # operations; a file's link count matters to none of them.
+                inode = cache.get(key) if RENAME_KEY < key < base else None
+                if inode is None or inode.dents is None:
+                    sem.wunlock(off)
+                    continue
+                a = self.area.epoch_slot(key)
+                old = self.area.w.bump_unlock(a, off, 2)    # version words move by 2 (19.7)
+                # The cache, caught up under the lock, has this operation's
+                # entries: it may count them if nobody else bumped the epoch
+                # since it was copied (as for names below).
+                vers = inode.vers
+                if vers.get(a) == old:
+                    vers[a] = old + 2
+                else:
+                    vers.pop(a, None)
             held.clear()
         self._ns_top = -1
 
-    def _ns_bump(self, held: dict[int, tuple[bool, int]]) -> None:
+    def _ns_bump_names(self, held: dict[int, tuple[bool, int]]) -> None:
         """Count the operation in the version of each name it changed, letting
         the name's lock go in the same call (a name lock is only ever taken
-        for writing), then in the epochs of the directories it held
-        exclusively."""
+        for writing)."""
         cache = self.cache
-        if self._ns_names:
-            w = self.area.w
-            for parent, slot in self._ns_names:
-                lock = held.pop(self._name_base + slot, None)
-                old = w.bump_unlock(self._name_versions + 8 * slot, lock[1]) if lock else \
-                    w.add64(self._name_versions + 8 * slot, 1)   # a second name of the word
-                seen = getattr(cache.get(parent), "names_seen", None)
-                if seen is not None:
-                    # The cache has this operation's entries: it may count them
-                    # if nobody else changed a name of this word meanwhile
-                    # (0 is never a version: it looks next time).
-                    seen[slot] = old + 1 if seen[slot] == old else 0
-            self._ns_names = []
-        for key, (write, _) in held.items():
-            if write and RENAME_KEY < key < self._name_base:
-                # Only a directory's epoch says anything to namespace
-                # operations; a file's link count matters to none of them.
-                inode = cache.get(key)
-                if inode is not None and inode.dents is not None:
-                    # The cache, caught up under the lock, has this operation's
-                    # entries: it may count them if nobody else bumped the
-                    # epoch since it was copied (as for names above).
-                    a = self.area.epoch_slot(key)
-                    old = self.area.w.add64(a, 2)    # version words move by 2 (19.7)
-                    vers = inode.vers
-                    if vers.get(a) == old:
-                        vers[a] = old + 2
-                    else:
-                        vers.pop(a, None)
+        w = self.area.w
+        for parent, slot in self._ns_names:
+            lock = held.pop(self._name_base + slot, None)
+            old = w.bump_unlock(self._name_versions + 8 * slot, lock[1], 1) if lock else \
+                w.add64(self._name_versions + 8 * slot, 1)   # a second name of the word
+            seen = getattr(cache.get(parent), "names_seen", None)
+            if seen is not None:
+                # The cache has this operation's entries: it may count them
+                # if nobody else changed a name of this word meanwhile
+                # (0 is never a version: it looks next time).
+                seen[slot] = old + 1 if seen[slot] == old else 0
+        self._ns_names = []
 
     def _dir_names(self, parent: int, slots: list[int] | None = None) -> Inode:
         """The cached directory, exact for the names whose name locks this

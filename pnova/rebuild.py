@@ -668,10 +668,12 @@ class Rebuild:
         fixes: list[plog.Fix] = []
         # recovery compares the copies too: after a power loss on a disk, one
         # copy of a page may have reached it and the other not
-        for raw in plog.walk(self.pm, head, tail, ino, self.max_log_pages, pages, start,
-                             None, twin, fixes, self._repair_in_place):
-            e = L.decode_entry(raw)
-            self._check_entry(e)
+        check = self._check_entry
+        # (decoded by the walk: a page's entries in one compiled call)
+        for e in plog.walk(self.pm, head, tail, ino, self.max_log_pages, pages, start,
+                           None, twin, fixes, self._repair_in_place, decode=True):
+            if e[0] <= L.E_SETATTR:              # only writes and setattrs have ranges
+                check(e)
             out.append(e)
         if fixes:
             self._note_damage(ino, fixes)
@@ -959,11 +961,8 @@ class Rebuild:
         inode.array, inode.array_twin = array, array_twin
         if array:
             entries.sort(key=lambda e: e[1])
-        maxseq = st.create_seq
-        for e in entries:
-            if e[1] > maxseq:
-                maxseq = e[1]
-            inode.apply(e)
+        maxseq = max(st.create_seq, max((e[1] for e in entries), default=0))
+        inode.apply_all(entries)
         return inode, maxseq
 
     def _gather(self, ino: int, head: int, array: int, gtail: int, known: dict[int, list],

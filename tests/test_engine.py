@@ -7,6 +7,8 @@ import stat
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pnova import layout as L
 from pnova.engine import FileSystem
@@ -419,6 +421,54 @@ def test_two_names_at_one_directory_position_are_refused():
         d.apply((L.E_DENTRY, 8, L.D_ADD, b"y", 11, 8, 0))
     d.apply((L.E_DENTRY, 7, L.D_ADD, b"y", 11, 8, 0))   # 7 is free again
     assert sorted(d.pos) == [7, 8] and list(d.cookies()) == [7, 8]
+
+
+
+_NAMES = [b"a", b"b", b"c", b"dd", b"e" * 40]
+_DIR_ENTRY = st.one_of(
+    st.tuples(st.just(L.E_DENTRY), st.integers(1, 40), st.sampled_from([L.D_ADD, L.D_REMOVE]),
+              st.sampled_from(_NAMES + [L.DOTDOT]), st.integers(2, 9), st.sampled_from([4, 8]),
+              st.integers(0, 10**6)),
+    st.tuples(st.just(L.E_LINK), st.integers(1, 40), st.integers(2, 6), st.integers(0, 10**6)),
+    st.tuples(st.just(L.E_SETATTR), st.integers(1, 40), st.sampled_from([L.SA_MODE, L.SA_CTIME]),
+              st.just(0o700), st.just(0), st.just(0), st.just(0), st.just(0), st.just(0),
+              st.integers(0, 10**6)),
+    st.tuples(st.just(L.E_XATTR), st.integers(1, 40), st.just(L.X_SET), st.just(b"user.k"),
+              st.binary(max_size=3), st.integers(0, 10**6)))
+
+
+def _dir_state(d) -> tuple:
+    return (d.dents, d.pos, None if d.sorted_pos is None else list(d.sorted_pos), d.dent_bytes,
+            d.mtime, d.ctime, d.tseq, d.parent, d.nlink, d.mode, d.xattrs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=st.lists(_DIR_ENTRY, max_size=40), listed=st.booleans())
+def test_a_directorys_entries_applied_together_as_one_by_one(entries, listed):
+    """A replay or a catching up applies a directory's entries in one call
+    (dentries the short way): the same names, positions, listing order, sizes,
+    times, '..', link count, mode and attributes as applying them one by one,
+    and the same refusal of two names at one position."""
+    from pnova.inode import Inode
+    st_ = L.InodeStatic(stat.S_IFDIR | 0o755, 0, 0, 0, 0, 1, 0, 1)
+    one, together = Inode(5, st_, 0, 0), Inode(5, st_, 0, 0)
+    if listed:                                   # a directory someone has listed
+        one.cookies()
+        together.cookies()
+    refused = None
+    for k, e in enumerate(entries):
+        try:
+            one.apply(e)
+        except ValueError as err:
+            refused = (k, str(err))
+            break
+    try:
+        together.apply_all(entries)
+        assert refused is None
+    except ValueError as err:
+        assert refused is not None and str(err) == refused[1]
+        return
+    assert _dir_state(together) == _dir_state(one)
 
 
 def test_big_directory_survives_compaction_and_remount(shm_dir):

@@ -130,8 +130,16 @@ def test_a_names_version_is_counted_before_its_lock_goes(area):
     v, n = area.name_versions + 8 * 7, area.name_locks + 4 * 7
     w.store64(v, 41)
     w.store32(n, WRITER | 1)
-    assert w.bump_unlock(v, n) == 41
+    assert w.bump_unlock(v, n, 1) == 41
     assert (w.load64(v), w.load32(n)) == (42, 0)
+    # a directory's epoch moves by 2 (an odd one is a change in flight)
+    e, d = area.versions + 8 * 3, area.inode_locks + 4 * 3
+    w.store64(e, 10)
+    w.store32(d, WRITER | 1)
+    assert w.bump_unlock(e, d, 2) == 10
+    assert (w.load64(e), w.load32(d)) == (12, 0)
+    with pytest.raises(TypeError):
+        w.bump_unlock(v, n)
 
 
 def test_a_cached_directorys_versions_are_matched_in_one_call(area):

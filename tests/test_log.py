@@ -4,14 +4,17 @@ A walk takes the entries of a page that read in one call of the compiled
 helper (``log_scan``) and looks at whatever stops the scan itself.  These
 tests hold the scan to the rule the walk applies to each entry (SPEC 7 and
 10): whole before the limit, a size that is a multiple of 8, a CRC32C over
-the entry with its crc field as zero; and a walk that uses it to the walk
-that reads entry by entry.
+the entry with its crc field as zero; a scan that decodes to
+``layout.decode_entry``, field for field, and to its refusals; and a walk that
+uses it to the walk that reads entry by entry.
 """
 from __future__ import annotations
 
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pnova import layout as L
 from pnova import log as plog
@@ -143,5 +146,118 @@ def test_a_walk_reads_the_same_through_the_scan_as_entry_by_entry(tmp_path):
             starts.append(stop["pos"])
         mid = starts[len(starts) // 2]
         assert list(plog.walk(*args, None, mid)) == slow[len(starts) // 2:]
+        # decoded by the scan, as decode_entry decodes each entry the walk reads
+        assert list(plog.walk(*args, None, 0, None, None, None, False, True)) == \
+            [L.decode_entry(r) for r in slow]
+        assert list(plog.walk(*args, None, mid, decode=True)) == \
+            [L.decode_entry(r) for r in slow[len(starts) // 2:]]
+    finally:
+        fs.unmount()
+
+
+def _typed(x):
+    """A decoded entry with each field's type beside it (1 == True in Python)."""
+    return [(type(f), f) for f in x] if isinstance(x, tuple) else x
+
+
+def test_the_decoding_scan_gives_what_decode_entry_gives():
+    entries = _entries()
+    buf, end = _page(entries)
+    got, pos = log_scan(buf, PAGE, PAGE + L.LOG_DATA, True)
+    assert pos == end
+    assert [_typed(e) for e in got] == [_typed(L.decode_entry(r)) for r in entries]
+    # the largest values of each field
+    big = [L.write_entry(2**64 - 1, 2**64 - 1, 2**32 - 1, 2**64 - 1, 2**64 - 1, 2**64 - 1),
+           L.setattr_entry(2**64 - 1, 2**32 - 1, 2**32 - 1, 2**32 - 1, 2**32 - 1, 2**64 - 1,
+                           2**64 - 1, 2**64 - 1, 2**64 - 1),
+           L.link_entry(2**64 - 1, 2**64 - 1, 2**64 - 1),
+           L.dentry_entry(2**64 - 1, L.D_REMOVE, b"\xff" * 255, 2**64 - 1, 255, 2**64 - 1),
+           L.xattr_entry(2**64 - 1, L.X_REMOVE, b"x" * 255, b"\0" * 1000, 2**64 - 1)]
+    buf, end = _page(big)
+    got, pos = log_scan(buf, PAGE, PAGE + L.LOG_DATA, True)
+    assert pos == end
+    assert [_typed(e) for e in got] == [_typed(L.decode_entry(r)) for r in big]
+
+
+def _sealed(etype: int, flags: int, size: int, body: bytes) -> bytes:
+    """An entry of any header and body, with a good CRC."""
+    raw = bytearray(size)
+    raw[0], raw[1] = etype, flags
+    raw[2:4] = size.to_bytes(2, "little")
+    raw[8:size] = body[:size - 8].ljust(size - 8, b"\0")
+    return L._seal(raw)
+
+
+@settings(max_examples=600, deadline=None)
+@given(etype=st.integers(0, 8), flags=st.sampled_from([0, L.D_MOVED, 0xFF]),
+       size=st.integers(1, 80).map(lambda n: 8 * n), fit=st.sampled_from([0, 8, None]),
+       body=st.binary(min_size=632, max_size=632),
+       nlen=st.integers(0, 255), vlen=st.integers(0, 300),
+       op=st.sampled_from([1, 2, 1, 2, 0, 3]))
+def test_a_decoding_scan_refuses_what_decode_entry_refuses(etype, flags, size, fit, body,
+                                                           nlen, vlen, op):
+    """Entries with good CRCs and any header and body (name and value lengths
+    and operations drawn separately, and most sizes those of the type, so that
+    each check is hit both ways): the scan decodes exactly those decode_entry
+    decodes, to the same tuple, and stops at the others, which the walk then
+    hands to decode_entry and so raises as it did."""
+    body = bytearray(body)
+    if fit is not None:                      # the type's own size (+ 0 or 8)
+        size = {L.E_WRITE: 64, L.E_SETATTR: 64, L.E_LINK: 32, L.E_NEXT_PAGE: 8,
+                L.E_DENTRY: (40 + nlen + 7) & ~7, L.E_XATTR: (32 + nlen + vlen + 7) & ~7
+                }.get(etype, size) + fit
+    if etype == L.E_DENTRY:
+        body[32 - 8], body[34 - 8] = nlen, op
+    elif etype == L.E_XATTR:
+        body[24 - 8], body[25 - 8] = nlen, op
+        body[26 - 8:28 - 8] = vlen.to_bytes(2, "little")
+    size = min(size, 640)
+    raw = _sealed(etype, flags, size, bytes(body))
+    follow = L.link_entry(1, 2, 3)
+    buf, end = _page([raw, follow])
+    try:
+        want = L.decode_entry(raw)
+    except ValueError:
+        want = None
+    got, pos = log_scan(buf, PAGE, PAGE + L.LOG_DATA, True)
+    if etype == L.E_NEXT_PAGE and size == 8:                  # a marker ends the scan
+        assert (got, pos) == ([], PAGE)
+    elif want is None:
+        assert (got, pos) == ([], PAGE)
+    else:
+        assert [_typed(e) for e in got] == [_typed(want), _typed(L.decode_entry(follow))]
+        assert pos == end
+
+
+def test_a_decoding_walk_raises_what_decode_entry_raises(tmp_path):
+    """An entry with a good CRC that decode_entry refuses (a dentry whose
+    operation is neither add nor remove), in the middle of a real log: the
+    decoding walk stops the scan there and raises decode_entry's own error,
+    having handed out the entries before it."""
+    path = str(tmp_path / "img")
+    format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=1)
+    fs = FileSystem.mount(path)
+    try:
+        d = fs.mkdir(1, b"d", 0o755).ino
+        for k in range(5):
+            fs.create(d, b"f%d" % k, 0o644)
+        inode = fs.get(d)
+        args = (fs.pm, inode.head, inode.tail, d, fs.max_log_pages)
+        raws = [bytes(r) for r in plog.walk(*args)]
+        at = inode.head
+        for r in raws[:3]:
+            at += len(r)
+        bad = bytearray(raws[3])
+        assert bad[0] == L.E_DENTRY
+        bad[34], bad[4:8] = 3, b"\0\0\0\0"
+        fs.pm.store(at, L._seal(bad))
+        with pytest.raises(ValueError) as want:
+            L.decode_entry(L._seal(bad))
+        got = []
+        with pytest.raises(ValueError) as raised:
+            for e in plog.walk(*args, decode=True):
+                got.append(e)
+        assert str(raised.value) == str(want.value)
+        assert got == [L.decode_entry(r) for r in raws[:3]]
     finally:
         fs.unmount()

@@ -20,6 +20,7 @@ import os
 import pickle
 import socket
 import stat
+import threading
 import time
 
 import hypothesis.strategies as st
@@ -377,7 +378,7 @@ def _read_locked_has(fs: FileSystem, d: int, name: bytes) -> bool:
 
 _IN_CPU = {"lookup_while_another_cpu_frees": _lookup_while_another_cpu_frees,
            "dir_users": _dir_users, "names_and_reads": _names_and_reads,
-           "read_locked_has": _read_locked_has,
+           "read_locked_has": _read_locked_has, "sem_waits": lambda fs: fs.scheme.sem.waits,
            "private_dir": lambda fs, d: fs._private_dir(d)}
 
 
@@ -423,6 +424,49 @@ class _Cpu:
         self.sock.shutdown(socket.SHUT_WR)     # (a CPU forked later holds a copy)
         self.sock.close()
         assert os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1]) == 0
+
+
+def test_a_second_directory_that_comes_first_in_the_order_is_only_tried(tmp_path):
+    """A rename into the root from a directory with a higher inode number, as
+    fxmark's MWRM makes: the root's share comes before the locks the rename
+    holds already, so it is only tried.  Free, the rename goes through without
+    waiting; while another process holds the root whole, the try fails and the
+    rename starts again taking every lock in order, waits for the root, and
+    goes through once it is let go."""
+    from pnova.shared import DIR_SHARED
+    path = str(tmp_path / "two.img")
+    format_device(path, 16 << 20, numa_nodes=1, cpus_per_node=2)
+    fs = FileSystem.mount(path)
+    d = fs.mkdir(1, b"d", 0o755).ino
+    for name in (b"x", b"z"):
+        fs.create(d, name, 0o644)
+    fs.prepare_workers(workers=2)
+    b = _Cpu(fs, 1)
+    try:
+        def shared_lately(ino: int) -> None:             # not one CPU's: the shared path
+            fs.area.w.store64(fs._dir_users + 8 * (ino - 1),
+                              DIR_SHARED | (time.monotonic_ns() >> 20))
+        shared_lately(1)
+        shared_lately(d)
+        b("rename", d, b"z", 1, b"z2", 0)
+        assert b("sem_waits") == 0
+        root_lock, sem = fs._inode_locks, fs.scheme.sem
+        sem.wlock(root_lock)
+        let_go = threading.Timer(0.3, sem.wunlock, (root_lock,))
+        let_go.start()
+        shared_lately(1)
+        shared_lately(d)
+        b("rename", d, b"x", 1, b"y", 0)
+        let_go.join()
+        assert b("sem_waits") >= 1
+        assert b("lookup", 1, b"y") and b("lookup", 1, b"z2")
+        with pytest.raises(FsError):
+            b("lookup", d, b"x")
+    finally:
+        b.close()
+    fs.unmount()
+    out = io.StringIO()
+    assert Checker(path, force=True, out=out).run() == 0, out.getvalue()
 
 
 @contextlib.contextmanager
@@ -591,7 +635,8 @@ def test_a_directory_compacted_by_another_cpu_is_not_read_again(tmp_path):
 def _die_after_commit(fs: FileSystem, cpu: int, bump: str, change) -> None:
     """Fork a worker acting as ``cpu`` that makes ``change(fs)`` and is killed
     between its commit and the version bumps (``bump``: the method that makes
-    them), holding the locks of the change."""
+    them, each with the unlock of the lock it covers), holding the locks of
+    the change."""
     pid = os.fork()
     if pid == 0:
         try:
@@ -629,7 +674,7 @@ def test_a_worker_killed_before_its_version_bumps_is_not_missed(tmp_path):
         assert a("lookup", d, b"x") and a("lookup", d, b"f") == f
         assert a("read", f, 4096, 1) == b"x"
         assert a("write", f, 0, b"A" * 10) == 10
-        _die_after_commit(fs, 1, "_ns_bump", lambda w: w.create(d, b"new", 0o644))
+        _die_after_commit(fs, 1, "_ns_release", lambda w: w.create(d, b"new", 0o644))
         assert a("lookup", d, b"new")                    # not taken from the stale cache
         with pytest.raises(FsError) as e:
             a("create", d, b"new", 0o644)
@@ -695,7 +740,7 @@ def test_a_worker_killed_inside_a_lock_free_change_or_a_whole_directory_is_not_m
     try:
         assert a("lookup", d, b"x")                      # CPU 0 trusts d's versions
         assert a("write", f, 0, b"A" * 10) == 10         # and f's (its local log)
-        _die_after_commit(fs, 1, "_ns_bump", lambda w: w.mkdir(d, b"sub", 0o755))
+        _die_after_commit(fs, 1, "_ns_release", lambda w: w.mkdir(d, b"sub", 0o755))
         assert a("lookup", d, b"sub")
 
         def second_bump_dies(w, change):
