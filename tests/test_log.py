@@ -10,6 +10,7 @@ uses it to the walk that reads entry by entry.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -117,22 +118,32 @@ def test_random_damage_is_judged_as_the_walk_judges_it():
         assert log_scan(buf, PAGE, lim) == _reference(buf, PAGE, lim)
 
 
-def test_a_walk_reads_the_same_through_the_scan_as_entry_by_entry(tmp_path):
-    """A directory log of several pages: the walk that scans each page and the
-    walk that reads entry by entry (one that reports every entry's position)
-    yield the same entries and list the same pages; from a position in the
-    middle of the log too."""
+@contextlib.contextmanager
+def _dir_log(tmp_path, names: int, unlink_every: int = 0):
+    """A mounted image whose directory got ``names`` creates, every
+    ``unlink_every``-th name unlinked again: (the mount, the directory log's
+    walk arguments)."""
     path = str(tmp_path / "img")
     format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=1)
     fs = FileSystem.mount(path)
     try:
         d = fs.mkdir(1, b"d", 0o755).ino
-        for k in range(300):
+        for k in range(names):
             fs.create(d, b"f%03d" % k, 0o644)
-            if k % 3 == 0:
+            if unlink_every and k % unlink_every == 0:
                 fs.unlink(d, b"f%03d" % k)
         inode = fs.get(d)
-        args = (fs.pm, inode.head, inode.tail, d, fs.max_log_pages)
+        yield fs, (fs.pm, inode.head, inode.tail, d, fs.max_log_pages)
+    finally:
+        fs.unmount()
+
+
+def test_a_walk_reads_the_same_through_the_scan_as_entry_by_entry(tmp_path):
+    """A directory log of several pages: the walk that scans each page and the
+    walk that reads entry by entry (one that reports every entry's position)
+    yield the same entries and list the same pages; from a position in the
+    middle of the log too."""
+    with _dir_log(tmp_path, 300, 3) as (_fs, args):
         pages_fast: list[int] = []
         pages_slow: list[int] = []
         fast = list(plog.walk(*args, pages_fast))
@@ -151,8 +162,6 @@ def test_a_walk_reads_the_same_through_the_scan_as_entry_by_entry(tmp_path):
             [L.decode_entry(r) for r in slow]
         assert list(plog.walk(*args, None, mid, decode=True)) == \
             [L.decode_entry(r) for r in slow[len(starts) // 2:]]
-    finally:
-        fs.unmount()
 
 
 def _typed(x):
@@ -234,17 +243,9 @@ def test_a_decoding_walk_raises_what_decode_entry_raises(tmp_path):
     operation is neither add nor remove), in the middle of a real log: the
     decoding walk stops the scan there and raises decode_entry's own error,
     having handed out the entries before it."""
-    path = str(tmp_path / "img")
-    format_device(path, 32 << 20, numa_nodes=1, cpus_per_node=1)
-    fs = FileSystem.mount(path)
-    try:
-        d = fs.mkdir(1, b"d", 0o755).ino
-        for k in range(5):
-            fs.create(d, b"f%d" % k, 0o644)
-        inode = fs.get(d)
-        args = (fs.pm, inode.head, inode.tail, d, fs.max_log_pages)
+    with _dir_log(tmp_path, 5) as (fs, args):
         raws = [bytes(r) for r in plog.walk(*args)]
-        at = inode.head
+        at = args[1]                                     # the log's head
         for r in raws[:3]:
             at += len(r)
         bad = bytearray(raws[3])
@@ -259,5 +260,3 @@ def test_a_decoding_walk_raises_what_decode_entry_raises(tmp_path):
                 got.append(e)
         assert str(raised.value) == str(want.value)
         assert got == [L.decode_entry(r) for r in raws[:3]]
-    finally:
-        fs.unmount()
