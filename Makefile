@@ -20,7 +20,7 @@ MNT ?= mnt
 SIZE ?= 1G
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps venv umount clean install-helpers fuse-uring crashtest crashtest-long \
+.PHONY: run test bench deps venv umount clean install-helpers fuse-uring crashtest crashtest-long \
 	compare compare-fuse
 
 deps:
@@ -97,6 +97,13 @@ compare-fuse: venv install-helpers fuse-uring
 	$(VENV)/bin/fxmark compare-fuse --duration $(COMPARE_DURATION) --build build \
 		--out results/fuse-comparison --doc docs/PERFORMANCE.md \
 		--figure docs/figures/fuse-comparison
+
+# Engine paths timed in one process (pytest-benchmark); BENCH_ARGS passes options,
+# e.g. --benchmark-autosave, then --benchmark-compare on the next version.
+BENCH_ARGS ?=
+bench: venv
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider benchmarks/ \
+		--benchmark-columns=min,median,max,rounds $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
