@@ -99,40 +99,47 @@ class Inode:
     def apply_all(self, entries: list[tuple]) -> None:
         """Apply decoded entries in order, as :meth:`apply` does one by one, the
         blocks they unreference not returned (a replay or a catching up frees
-        nothing).  A directory's dentries, the bulk of what a directory's log
-        holds, take a shorter way here than through :meth:`apply`'s dispatch;
+        nothing).  A directory's names, the bulk of what a directory's log
+        holds, go to :meth:`_name_entry` without :meth:`apply`'s dispatch;
         ValueError as there (the caller drops this cache then)."""
-        dents = self.dents
-        if dents is None:
-            for e in entries:
-                self.apply(e)
-            return
-        pos = self.pos
-        sorted_pos = self.sorted_pos
         apply = self.apply
-        dentry, add, dotdot = L.E_DENTRY, L.D_ADD, L.DOTDOT
+        if self.dents is None:
+            for e in entries:
+                apply(e)
+            return
+        name_entry = self._name_entry
+        dentry, dotdot = L.E_DENTRY, L.DOTDOT
         for e in entries:
             if e[0] != dentry or e[3] == dotdot:
                 apply(e)
-                continue
-            _, seq, op, name, ino, dtype, time_ns = e[:7]
-            old = dents.pop(name, None)
-            if old is not None:
-                del pos[old[2]]
-                if sorted_pos is not None:
-                    sorted_pos.remove(old[2])
-                self.dent_bytes -= (47 + len(name)) & ~7
-            if op == add:
-                if seq in pos:
-                    raise ValueError(f"two names share directory position {seq}")
-                dents[name] = (ino, dtype, seq)
-                pos[seq] = name
-                if sorted_pos is not None:
-                    sorted_pos.add(seq)
-                self.dent_bytes += (47 + len(name)) & ~7
-            if seq >= self.tseq:                # (as in apply: the newest entry's times)
-                self.mtime = self.ctime = time_ns
-                self.tseq = seq
+            else:
+                name_entry(*e[1:7])
+
+    def _name_entry(self, seq: int, op: int, name: bytes, ino: int, dtype: int,
+                    time_ns: int) -> None:
+        """A directory's dentry for a name (not '..'): the name removed (with
+        its position), then added again if ``op`` adds it."""
+        pos = self.pos
+        old = self.dents.pop(name, None)
+        if old is not None:
+            del pos[old[2]]
+            if self.sorted_pos is not None:
+                self.sorted_pos.remove(old[2])
+            self.dent_bytes -= (47 + len(name)) & ~7
+        if op == L.D_ADD:
+            if seq in pos:
+                raise ValueError(f"two names share directory position {seq}")
+            self.dents[name] = (ino, dtype, seq)
+            pos[seq] = name
+            if self.sorted_pos is not None:
+                self.sorted_pos.add(seq)
+            self.dent_bytes += (47 + len(name)) & ~7
+        # The times are the newest entry's: dentries of different names,
+        # from different CPUs' logs, may be applied out of their order
+        # (DESIGN 19.3.1), and a compacted log keeps old numbers.
+        if seq >= self.tseq:
+            self.mtime = self.ctime = time_ns
+            self.tseq = seq
 
     def apply(self, e: tuple) -> list[int]:
         """Apply one decoded entry; return data blocks it made unreferenced."""
@@ -213,27 +220,7 @@ class Inode:
                     self.ctime = time_ns
                     self.tseq = seq
                 return freed
-            pos = self.pos
-            old = self.dents.pop(name, None)
-            if old is not None:
-                del pos[old[2]]
-                if self.sorted_pos is not None:
-                    self.sorted_pos.remove(old[2])
-                self.dent_bytes -= (47 + len(name)) & ~7
-            if op == L.D_ADD:
-                if seq in pos:
-                    raise ValueError(f"two names share directory position {seq}")
-                self.dents[name] = (ino, dtype, seq)
-                pos[seq] = name
-                if self.sorted_pos is not None:
-                    self.sorted_pos.add(seq)
-                self.dent_bytes += (47 + len(name)) & ~7
-            # The times are the newest entry's: dentries of different names,
-            # from different CPUs' logs, may be applied out of their order
-            # (DESIGN 19.3.1), and a compacted log keeps old numbers.
-            if seq >= self.tseq:
-                self.mtime = self.ctime = time_ns
-                self.tseq = seq
+            self._name_entry(seq, op, name, ino, dtype, time_ns)
         elif t == L.E_XATTR:
             _, _seq, op, name, value, time_ns = e
             if op == L.X_SET:

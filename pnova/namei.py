@@ -172,14 +172,7 @@ class Namei:
             held[parent] = (True, off)
             self._ns_top = parent
             return
-        slot = self._name_slot(parent, name)
-        roff = self._inode_locks + 4 * (parent - 1)
-        woff = self._name_locks + 4 * slot
-        self.scheme.sem.rw_pair(roff, woff)
-        held[parent] = (False, roff)
-        self._ns_top = key = self._name_base + slot
-        held[key] = (True, woff)
-        self._ns_names.append((parent, slot))
+        self._name_pair(held, parent, self._name_slot(parent, name), True)
 
     def _ns_name_more(self, held: dict[int, tuple[bool, int]], parent: int,
                       name: bytes) -> None:
@@ -199,17 +192,28 @@ class Namei:
         key = self._name_base + slot
         top = self._ns_top
         if have is None and inside and key > top:
-            roff = self._inode_locks + 4 * (parent - 1)
-            woff = self._name_locks + 4 * slot
-            if not self.scheme.sem.rw_pair(roff, woff, parent > top):
+            if not self._name_pair(held, parent, slot, parent > top):
                 raise Relock(parent, False)      # out of order and not free now
-            held[parent] = (False, roff)
-            held[key] = (True, woff)
-            self._ns_top = key
-        else:
-            self._ns_lock(parent, False)
-            self._ns_lock(key)
+            return
+        self._ns_lock(parent, False)
+        self._ns_lock(key)
         self._ns_names.append((parent, slot))     # bumped when released
+
+    def _name_pair(self, held: dict[int, tuple[bool, int]], parent: int, slot: int,
+                   wait_share: bool) -> bool:
+        """Directory ``parent``'s share and the name lock ``slot`` after it, in
+        one call (:meth:`Semaphores.rw_pair`), when the name lock comes after
+        everything held; the share only tried unless ``wait_share``.  False:
+        nothing taken."""
+        roff = self._inode_locks + 4 * (parent - 1)
+        woff = self._name_locks + 4 * slot
+        if not self.scheme.sem.rw_pair(roff, woff, wait_share):
+            return False
+        held[parent] = (False, roff)
+        self._ns_top = key = self._name_base + slot
+        held[key] = (True, woff)
+        self._ns_names.append((parent, slot))     # bumped when released
+        return True
 
     def _private_dir(self, parent: int) -> bool:
         """Whether this CPU alone does namespace operations in directory
