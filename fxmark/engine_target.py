@@ -24,10 +24,11 @@ from pnova.engine import FileSystem
 from pnova.mkfs import format_device
 
 from .fileops import EngineOps
-from .targets import (RunConfig, chain, device_size_for, fail, fsck_problem, image_run,
-                      inodes_per_cpu_for, measure, one_line, split_scheme)
-from .workers import run_workers, summarise
-from .workloads import Op, Workload
+from .targets import (RunConfig, adopt_stock, chain, device_size_for, fail, fsck_problem,
+                      image_run, inodes_per_cpu_for, measure, one_line, split_scheme,
+                      worker_op)
+from .workers import Setup, run_workers, summarise
+from .workloads import Workload
 
 
 class EngineTarget:
@@ -124,9 +125,9 @@ class EngineApartTarget(EngineTarget):
                 fss.append(fs)
                 shares.append(shared)
 
-            def setup(wid: int) -> Op:
+            def setup(wid: int) -> Setup:
                 fss[wid].become_worker(cpu=0)
-                return workload.worker(EngineOps(fss[wid]), shares[wid], 0)
+                return worker_op(workload, EngineOps(fss[wid]), shares[wid], 0, duration)
 
             def teardown(wid: int) -> None:
                 fss[wid].finish_compactions()
@@ -135,6 +136,7 @@ class EngineApartTarget(EngineTarget):
             pool = run_workers(len(images), setup, duration, fail_worker=cfg.fail_worker,
                                background=chain(*refill, tick), teardown=teardown)
             numbers = summarise(pool)
+            adopt_stock(workload, shares, numbers)
         finally:
             for fs in fss:
                 fs.unmount()
@@ -152,8 +154,8 @@ class EngineApartTarget(EngineTarget):
 def _prepared(image: str, size: int, rec: dict[str, Any], cfg: RunConfig, scheme: str,
               workload: Workload, nworkers: int, duration: float) -> tuple[FileSystem, Any]:
     """A fresh image formatted and mounted for the scheme, with the workload
-    prepared (and stocked) for ``nworkers`` and the mount switched to shared
-    multi-process mode: (the mount, the workload's shared state)."""
+    prepared for ``nworkers`` and the mount switched to shared multi-process
+    mode: (the mount, the workload's shared state)."""
     lock, features = split_scheme(scheme)
     format_device(image, size, numa_nodes=1, cpus_per_node=cfg.ncpus, features=features,
                   inodes_per_cpu=rec["inodes_per_cpu"])
@@ -161,10 +163,9 @@ def _prepared(image: str, size: int, rec: dict[str, Any], cfg: RunConfig, scheme
     try:
         fops = EngineOps(fs)
         # Preparation runs on logical CPU 0 alone, before the mount goes
-        # multi-process, as FxMark's worker 0 prepares.
+        # multi-process, as FxMark's worker 0 prepares the shared files; each
+        # worker stocks its own (targets.worker_op).
         shared = workload.prepare(fops, nworkers)
-        if workload.stock is not None:
-            workload.stock(fops, shared, nworkers, duration)
         fs.prepare_workers(workers=nworkers)
     except BaseException:
         fs.unmount()

@@ -59,8 +59,6 @@ class _PosixRun:
                    tick: Callable[[], object] | None) -> None:
         fops = PosixOps(base, direct=cfg.direct)
         shared = workload.prepare(fops, nworkers)
-        if workload.stock is not None:
-            workload.stock(fops, shared, nworkers, duration)
         rec.update(measure(workload, fops, shared, nworkers, duration, cfg, None, tick))
         if cfg.verify and "failed" not in rec:
             why = workload.check(PosixOps(base), shared, nworkers, rec["worker_ops"])

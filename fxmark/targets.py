@@ -37,8 +37,8 @@ from pnova.layout import BLOCK, INODE_SIZE, INODES_PER_BLOCK
 from pnova.mkfs import default_inodes_per_cpu
 
 from .fileops import FileOps
-from .workers import PoolResult, run_workers, summarise, usable_cpus
-from .workloads import Op, Workload
+from .workers import PoolResult, Setup, run_workers, summarise, usable_cpus
+from .workloads import Workload
 
 NO_SCHEME = "-"
 
@@ -184,18 +184,44 @@ def measure(workload: Workload, fops: FileOps, shared: Any, nworkers: int,
     """Run the workers of a prepared workload and summarise the run.
 
     ``setup(wid)``, if given, runs first in each forked worker (the engine
-    target makes the worker a logical CPU of the filesystem there), and
-    ``teardown(wid)`` in each once its time is up.
+    target makes the worker a logical CPU of the filesystem there), then
+    the workload's ``stock`` for that worker, and ``teardown(wid)`` in each
+    once its time is up.
     """
-    def worker_setup(wid: int) -> Op:
+    def worker_setup(wid: int) -> Setup:
         if setup is not None:
             setup(wid)
-        return workload.worker(fops, shared, wid)
+        return worker_op(workload, fops, shared, wid, duration)
 
     pool: PoolResult = run_workers(nworkers, worker_setup, duration,
                                    fail_worker=cfg.fail_worker, background=background,
                                    teardown=teardown)
-    return summarise(pool)
+    numbers = summarise(pool)
+    adopt_stock(workload, [shared], numbers)
+    return numbers
+
+
+def worker_op(workload: Workload, fops: FileOps, shared: Any, wid: int,
+              duration: float) -> Setup:
+    """In worker ``wid``, once it is the worker: its own stock, if the workload
+    has one, and its per-op function (with the count it stocked)."""
+    if workload.stock is None:
+        return workload.worker(fops, shared, wid)
+    stocked = workload.stock(fops, shared, wid, duration)
+    return workload.worker(fops, shared, wid), stocked
+
+
+def adopt_stock(workload: Workload, shares: list[Any], numbers: dict[str, Any]) -> None:
+    """Give the parent's shared state what the workers stocked (``shares``: one
+    per worker's image, or one for all), for the workload's check."""
+    got = numbers.get("worker_stocked")
+    if workload.stock is None or got is None:
+        return
+    if len(shares) == 1:
+        shares[0]["stocked"] = list(got)
+    else:
+        for share, n in zip(shares, got):
+            share["stocked"] = [n]
 
 
 def chain(*fns: Callable[[], object] | None) -> Callable[[], None] | None:

@@ -4,7 +4,8 @@ How one run goes (FxMark's protocol):
 
 1. The parent forks ``n`` workers.  Worker ``k`` pins itself to one CPU
    (``cpus[k % len(cpus)]``), runs ``setup(k)`` (which returns the per-op
-   function) and reports "ready" on its own pipe.
+   function, or the function and how many files the worker stocked for
+   itself) and reports "ready" on its own pipe.
 2. When every worker is ready the parent writes the common stop time
    (now + duration, CLOCK_MONOTONIC, which all processes share) into a small
    shared mapping, reads /proc/stat, and closes the write end of the "go"
@@ -56,6 +57,11 @@ MIN_FRACTION = 0.9             # a worker must run this share of the duration
 MAX_PAUSED = 3.0               # replenishing may take this many times the duration
 
 
+# What a worker's setup returns: the per-op function, or it and the number of
+# files the worker stocked for itself.
+Setup = Op | tuple[Op, int]
+
+
 class InjectedFailure(RuntimeError):
     """Raised by the test hook (``fail_worker``)."""
 
@@ -70,6 +76,7 @@ class WorkerResult:
     utime: float = 0.0         # user CPU seconds in the timed loop
     stime: float = 0.0         # system CPU seconds in the timed loop
     paused: float = 0.0        # untimed seconds (replenishing), not in elapsed
+    stocked: int | None = None  # files it made for itself before the start (setup's count)
     error: str | None = None
 
 
@@ -90,7 +97,7 @@ def usable_cpus() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-def _child(wid: int, cpu: int, setup: Callable[[int], Op], go_r: int, out_w: int,
+def _child(wid: int, cpu: int, setup: Callable[[int], Setup], go_r: int, out_w: int,
            stop_at: mmap.mmap, fail_worker: int | None,
            teardown: Callable[[int], None] | None = None) -> None:
     """Body of worker ``wid``; never returns (os._exit), never raises."""
@@ -100,6 +107,8 @@ def _child(wid: int, cpu: int, setup: Callable[[int], Op], go_r: int, out_w: int
     try:
         os.sched_setaffinity(0, {cpu})
         op = setup(wid)
+        if isinstance(op, tuple):                # (op, files the worker stocked)
+            op, res.stocked = op
         if fail_worker == wid:
             op = _failing(op)
         os.write(out_w, b"ready\n")
@@ -194,7 +203,7 @@ class _Pipes:
                         self.eof.add(w)
 
 
-def run_workers(n: int, setup: Callable[[int], Op], duration: float, *,
+def run_workers(n: int, setup: Callable[[int], Setup], duration: float, *,
                 cpus: list[int] | None = None, fail_worker: int | None = None,
                 grace: float = GRACE, background: Callable[[], object] | None = None,
                 interval: float = 0.01,
@@ -364,7 +373,8 @@ def summarise(pool: PoolResult) -> dict:
     getrusage(RUSAGE_SELF) of each worker right before and after its timed
     loop, as fractions of their elapsed time (a worker spinning on a lock
     counts as busy, as in FxMark).  ``worker_paused`` lists the untimed
-    seconds each worker spent replenishing (see :mod:`fxmark.workloads`).
+    seconds each worker spent replenishing (see :mod:`fxmark.workloads`),
+    ``worker_stocked`` the files each stocked for itself before the start.
     """
     ws = pool.workers
     rec: dict = {
@@ -373,6 +383,8 @@ def summarise(pool: PoolResult) -> dict:
     }
     if any(w.paused for w in ws):
         rec["worker_paused"] = [round(w.paused, 6) for w in ws]
+    if any(w.stocked is not None for w in ws):
+        rec["worker_stocked"] = [w.stocked for w in ws]
     if pool.failed is None:
         short = [w for w in ws if w.elapsed < MIN_FRACTION * pool.duration]
         if short:

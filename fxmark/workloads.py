@@ -4,10 +4,17 @@ A workload has these parts, each a plain function:
 
 ``prepare(fops, nworkers) -> shared``
     Runs once in the parent before the workers exist (FxMark's worker 0
-    preparing the files).  What it returns is inherited by the forked workers.
-``stock(fops, shared, nworkers, seconds)`` (optional)
-    Runs after ``prepare``, also in the parent: preparation that depends on
-    how long the workers will run (files for them to use up).
+    preparing the shared files).  What it returns is inherited by the forked
+    workers.
+``stock(fops, shared, wid, seconds) -> int`` (optional)
+    Runs in worker ``wid`` before the start barrier, once the target has
+    made the process that worker (the engine target: logical CPU ``wid``),
+    as FxMark's ``pre_work`` runs in each worker on its own CPU: it creates
+    the files this worker will use up in a run of ``seconds``, and returns
+    how many.  A filesystem places a file on the CPU that creates it (pnova:
+    that CPU's inode table and allocator region), so the files a worker
+    uses up are its own, as in FxMark.  The harness hands every worker's
+    count back to the parent, in ``shared["stocked"]``, for ``check``.
 ``worker(fops, shared, wid) -> op``
     Runs in worker ``wid`` before the start barrier (it opens the worker's
     own handles and builds its buffers) and returns the per-op function
@@ -68,9 +75,10 @@ class Workload:
     # (device sizing: each needs an inode slot and a log page).
     files: Callable[[int, float], int] = lambda n, d: 0
     file_bytes: int = 0             # data written into each of those files
-    # stock(fops, shared, nworkers, seconds): more preparation that depends on
-    # the run's length (files to use up), after prepare, before the workers
-    stock: Callable[[FileOps, Any, int, float], None] | None = None
+    # stock(fops, shared, wid, seconds) -> files stocked: worker wid's own
+    # preparation that depends on the run's length (files to use up), in
+    # the worker, before the start barrier
+    stock: Callable[[FileOps, Any, int, float], int] | None = None
 
 
 def page_pattern(wid: int, seq: int) -> bytes:
@@ -573,42 +581,39 @@ def _pool_created(ops: int, stocked: int) -> int:
 
 
 def _pools(n: int) -> dict[str, list[int]]:
-    """The shared state of a pool workload: files stocked per worker."""
-    return {"stocked": [POOL] * n}
+    """The shared state of a pool workload: files stocked per worker (filled in
+    by the workers' ``stock``)."""
+    return {"stocked": [0] * n}
 
 
 def _stock_pools(where: Callable[[int], tuple[str, str]]
-                 ) -> Callable[[FileOps, Any, int, float], None]:
+                 ) -> Callable[[FileOps, Any, int, float], int]:
     """The stock step of a pool workload whose worker ``wid`` uses up files
     ``where(wid)`` = (directory, name prefix)."""
-    def stock(fops: FileOps, shared: Any, n: int, seconds: float) -> None:
-        """Give every worker the files it should use up in ``seconds``: the rate
-        at which one more pool is created estimates the rate of the ops, and
-        the device's sizing (:func:`_stock_limit`) bounds it."""
-        limit = _stock_limit(seconds)
-        want = limit
-        timed = False
-        stocked = shared["stocked"]
-        for wid in range(n):
-            d, prefix = where(wid)
-            while stocked[wid] < want:
-                took = _untimed(lambda: _make_pool(fops, d, prefix, stocked[wid]))
-                stocked[wid] += POOL
-                if not timed:                        # the first pool times the target
-                    timed = True
-                    rate = POOL / max(took, 1e-6)
-                    want = min(limit, POOL * -(-int(rate * STOCK_MARGIN * (seconds + 0.5))
-                                               // POOL))
+    def stock(fops: FileOps, shared: Any, wid: int, seconds: float) -> int:
+        """Give worker ``wid`` the files it should use up in ``seconds``: the
+        rate at which it creates its first pool estimates the rate of its
+        ops, and the device's sizing (:func:`_stock_limit`) bounds it."""
+        d, prefix = where(wid)
+        took = _untimed(lambda: _make_pool(fops, d, prefix, 0))
+        rate = POOL / max(took, 1e-6)
+        want = min(_stock_limit(seconds),
+                   POOL * -(-int(rate * STOCK_MARGIN * (seconds + 0.5)) // POOL))
+        stocked = POOL
+        while stocked < want:
+            _make_pool(fops, d, prefix, stocked)
+            stocked += POOL
+        shared["stocked"][wid] = stocked
+        return stocked
     return stock
 
 
 def _unlink_prepare(shared_dir: bool) -> Callable[[FileOps, int], Any]:
     def prepare(fops: FileOps, n: int) -> dict[str, list[int]]:
         for wid in range(n):
-            d, prefix = _pool_dir(shared_dir, wid)
+            d, _ = _pool_dir(shared_dir, wid)
             if d:
                 fops.mkdir(d)
-            _make_pool(fops, d, prefix, 0)
         return _pools(n)
     return prepare
 
@@ -671,9 +676,7 @@ def _mwrm_pool(wid: int) -> tuple[str, str]:
 
 def _mwrm_prepare(fops: FileOps, n: int) -> dict[str, list[int]]:
     for wid in range(n):
-        d, prefix = _mwrm_pool(wid)
-        fops.mkdir(d)
-        _make_pool(fops, d, prefix, 0)
+        fops.mkdir(_mwrm_pool(wid)[0])
     return _pools(n)
 
 

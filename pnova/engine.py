@@ -54,7 +54,7 @@ from .protect import DataProtection
 from .rebuild import Rebuild
 from .replica import SlotReplicas
 from .ring import Ring
-from .shared import H_DEATHS, H_SEQ, HELD_MAX, SharedArea
+from .shared import H_DEATHS, H_SEQ, HELD_MAX, ISLOT, SharedArea
 from .xattr import Xattrs
 from .super import Mount, StatFs, read_regions, read_superblock, write_superblock
 from .xattr import CAPS_XATTR
@@ -203,7 +203,7 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
     def _rewrites(self, ino: int) -> int:
         """How often the inode's logs have been rewritten (shared area): twice
         per compaction, odd while one switches the slot's words."""
-        return self.area.w.load32(self.area.rewrites + 4 * (ino - 1))
+        return self.area.w.load32(self.area.rewrites + ISLOT * (ino - 1))
 
     def _rewrites_settled(self, ino: int) -> int:
         """The rewrite count once it is even: a reader about to read an inode's
@@ -212,7 +212,7 @@ class FileSystem(Mount, Rebuild, SlotReplicas, InodeCache, Commit, Compaction, I
         (a killed worker, whose open journal only recovery settles): the
         reader then goes on and finds what it finds."""
         load = self.area.w.load32
-        off = self.area.rewrites + 4 * (ino - 1)
+        off = self.area.rewrites + ISLOT * (ino - 1)
         v = load(off)
         if not v & 1:
             return v

@@ -19,7 +19,7 @@ from .icache import log_positions
 from .inode import Inode
 from .locks import LockTimeout
 from .namei import namespace_op
-from .shared import H_SWITCH_GATE, H_SYNC_STARTED
+from .shared import H_SWITCH_GATE, H_SYNC_STARTED, ISLOT
 
 log = logging.getLogger("pnova.gc")
 
@@ -364,7 +364,7 @@ class Compaction:
         # new chain, as names removed long ago), and one that saw it move while
         # it read reads the inode again (its positions are in freed pages, and
         # the new head may even be a number an old page had).  DESIGN 19.5.
-        word = self.area.rewrites + 4 * (ino - 1)
+        word = self.area.rewrites + ISLOT * (ino - 1)
         self.area.w.add32(word, 1)
         try:
             self.journals[self.cpu].run(updates)

@@ -12,7 +12,7 @@ from . import log as plog
 from .errors import FsError
 from .inode import Inode
 from .namei import namespace_op
-from .shared import H_HELD_INOS, REF_DYING
+from .shared import H_HELD_INOS, ISLOT, REF_DYING
 
 
 # line 1 of an inode slot: state, log head, log tail, log array, then zeros
@@ -60,7 +60,7 @@ class InodeTable:
         pm = self.pm
         ino = self._alloc_ino()
         # the count of the slot's last inode ended as REF_DYING (or 0)
-        self.area.w.store32(self.area.refs + 4 * (ino - 1), 0)
+        self.area.w.store32(self.area.refs + ISLOT * (ino - 1), 0)
         allocated: list[int] = []
         try:
             page = self.alloc.alloc_one(self.cpu, meta=False)
@@ -103,7 +103,7 @@ class InodeTable:
         return inode, addr, allocated
 
     def _refs(self, ino: int) -> int:
-        return self.area.w.load32(self.area.refs + 4 * (ino - 1))
+        return self.area.w.load32(self.area.refs + ISLOT * (ino - 1))
 
     def ref(self, ino: int, n: int = 1, generation: int | None = None) -> None:
         """The kernel (or another user) now holds ``n`` more references.
@@ -118,7 +118,7 @@ class InodeTable:
         decides (which then does not happen) or fails (DESIGN 19.8).
         """
         w = self.area.w
-        off = self.area.refs + 4 * (ino - 1)
+        off = self.area.refs + ISLOT * (ino - 1)
         if generation is None:
             self.get(ino)
         while True:
@@ -137,7 +137,7 @@ class InodeTable:
         """Drop ``n`` references; the last one frees an inode that has no name."""
         if not self._valid_ino(ino):
             return
-        off = self.area.refs + 4 * (ino - 1)
+        off = self.area.refs + ISLOT * (ino - 1)
         old = self.area.w.add32(off, -n)
         if old < n:                              # more forgets than refs: clamp at 0
             self.area.w.add32(off, n - old)
@@ -170,7 +170,7 @@ class InodeTable:
                 # No reference may be taken from here on (a lookup that found
                 # the name before it went fails instead); the slot's next
                 # inode starts from 0 again (_make_inode).
-                if not self.area.w.cas32(self.area.refs + 4 * (inode.ino - 1), 0, REF_DYING):
+                if not self.area.w.cas32(self.area.refs + ISLOT * (inode.ino - 1), 0, REF_DYING):
                     return
             self._evict(inode)
 

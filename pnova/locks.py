@@ -48,7 +48,7 @@ import time
 
 import numpy as np
 
-from .shared import (H_DEATHS, H_RENAME_LOCK, HELD_MAX, RANGE_ENTRY, RANGE_MAX, SEG_SLOTS,
+from .shared import (H_DEATHS, H_RENAME_LOCK, HELD_MAX, ISLOT, RANGE_ENTRY, RANGE_MAX, SEG_SLOTS,
                      SharedArea, process_alive)
 
 WRITER = 0x80000000
@@ -223,8 +223,11 @@ class Semaphores:
         guard) and the range-table entries held as this CPU."""
         area, w = self.area, self.w
         words: list[int] = []
-        for lo, hi in ((area.inode_locks, area.refs), (area.name_locks, area.seg_locks),
-                       (area.seg_locks, area.range_table + 4)):
+        for lo in (area.inode_locks, area.log_locks):
+            view = area.column(lo)
+            words += [lo + ISLOT * i for i in np.flatnonzero(view == self.mine).tolist()]
+            del view
+        for lo, hi in ((area.name_locks, area.seg_locks), (area.seg_locks, area.range_table + 4)):
             view = np.frombuffer(area.mm, dtype="<u4", count=(hi - lo) // 4, offset=lo)
             words += [lo + 4 * i for i in np.flatnonzero(view == self.mine).tolist()]
             del view
@@ -273,21 +276,21 @@ class Scheme:
 
     def size_lock(self, ino: int) -> None:
         """Exclude other size changes (extending writes, truncates, compaction)."""
-        self.sem.wlock(self.area.inode_locks + 4 * (ino - 1))
+        self.sem.wlock(self.area.inode_locks + ISLOT * (ino - 1))
 
     def size_unlock(self, ino: int) -> None:
-        self.sem.wunlock(self.area.inode_locks + 4 * (ino - 1))
+        self.sem.wunlock(self.area.inode_locks + ISLOT * (ino - 1))
 
     def try_size_lock(self, ino: int) -> bool:
         """Take the size lock if it is free now; never waits."""
-        return self.sem.try_wlock(self.area.inode_locks + 4 * (ino - 1))
+        return self.sem.try_wlock(self.area.inode_locks + ISLOT * (ino - 1))
 
     def log_lock(self, ino: int) -> None:
         """Serialise appends to the inode's global log."""
-        self.sem.wlock(self.area.log_locks + 4 * (ino - 1))
+        self.sem.wlock(self.area.log_locks + ISLOT * (ino - 1))
 
     def log_unlock(self, ino: int) -> None:
-        self.sem.wunlock(self.area.log_locks + 4 * (ino - 1))
+        self.sem.wunlock(self.area.log_locks + ISLOT * (ino - 1))
 
 
 class InodeScheme(Scheme):
@@ -296,7 +299,7 @@ class InodeScheme(Scheme):
     name = "inode"
 
     def lock(self, ino: int, first: int, last: int, write: bool):
-        off = self.area.inode_locks + 4 * (ino - 1)
+        off = self.area.inode_locks + ISLOT * (ino - 1)
         (self.sem.wlock if write else self.sem.rlock)(off)
         return off, write
 

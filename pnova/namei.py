@@ -19,7 +19,8 @@ from .attrs import Attr
 from .errors import FsError
 from .inode import Inode
 from .locks import WRITER
-from .shared import DIR_SHARED, H_DEATHS, H_RENAME_LOCK, H_SYNC_STARTED, H_SYNCED, NAME_SLOTS
+from .shared import (DIR_SHARED, H_DEATHS, H_RENAME_LOCK, H_SYNC_STARTED, H_SYNCED, ISLOT,
+                     NAME_SLOTS)
 
 if TYPE_CHECKING:
     from .engine import FileSystem
@@ -122,7 +123,7 @@ class Namei:
         if key == RENAME_KEY:
             return H_RENAME_LOCK
         if key < self._name_base:
-            return self._inode_locks + 4 * (key - 1)
+            return self._inode_locks + ISLOT * (key - 1)
         return self._name_locks + 4 * (key - self._name_base)
 
     @staticmethod
@@ -167,7 +168,7 @@ class Namei:
             return
         # The operation's first locks, so in order: taken directly.
         if self._private_dir(parent):
-            off = self._inode_locks + 4 * (parent - 1)
+            off = self._inode_locks + ISLOT * (parent - 1)
             self.scheme.sem.wlock(off)
             held[parent] = (True, off)
             self._ns_top = parent
@@ -205,7 +206,7 @@ class Namei:
         one call (:meth:`Semaphores.rw_pair`), when the name lock comes after
         everything held; the share only tried unless ``wait_share``.  False:
         nothing taken."""
-        roff = self._inode_locks + 4 * (parent - 1)
+        roff = self._inode_locks + ISLOT * (parent - 1)
         woff = self._name_locks + 4 * slot
         if not self.scheme.sem.rw_pair(roff, woff, wait_share):
             return False
@@ -222,7 +223,7 @@ class Namei:
         one lock word, no name lock, no name version, and no other process's
         cache to keep exact for its names.  Only a hint: both ways of locking
         are correct."""
-        v = self.area.w.load64(self._dir_users + 8 * (parent - 1))
+        v = self.area.w.load64(self._dir_users + ISLOT * (parent - 1))
         if v == self.cpu + 1:
             return True
         if v & DIR_SHARED and (time.monotonic_ns() >> 20) - (v & ~DIR_SHARED) <= PRIVATE_AFTER:
@@ -233,7 +234,7 @@ class Namei:
         """The directory users word of ``parent`` held ``v``: nobody's yet, or
         shared but not lately (this CPU's now, if no other CPU changes the word
         first), or another CPU's (shared from now on)."""
-        off = self._dir_users + 8 * (parent - 1)
+        off = self._dir_users + ISLOT * (parent - 1)
         w = self.area.w
         if v == 0 or v & DIR_SHARED:
             return w.cas64(off, v, self.cpu + 1)
@@ -446,7 +447,7 @@ class Namei:
             # The directory itself may be held whole by its change (mkdir,
             # rmdir, a directory held by the one CPU using it): its word too.
             w = self.area.w
-            for lock in (self._name_locks + 4 * slot, self._inode_locks + 4 * (parent - 1)):
+            for lock in (self._name_locks + 4 * slot, self._inode_locks + ISLOT * (parent - 1)):
                 if w.load32(lock) & WRITER:
                     self.scheme.sem.reap(lock)
             d = self._dir_names(parent, [slot])
@@ -467,12 +468,12 @@ class Namei:
         here (anything unusual), and the lookup goes the long way."""
         ino = d.ino
         w = self.area.w
-        v = w.load64(self._dir_users + 8 * (ino - 1))
+        v = w.load64(self._dir_users + ISLOT * (ino - 1))
         if not v & DIR_SHARED or (time.monotonic_ns() >> 20) - (v & ~DIR_SHARED) > PRIVATE_AFTER:
             return False              # private, or one CPU may claim it: _private_dir decides
         slot = self._name_slot(ino, name)
         if w.load32(self._name_locks + 4 * slot) & WRITER or \
-                w.load32(self._inode_locks + 4 * (ino - 1)) & WRITER:
+                w.load32(self._inode_locks + ISLOT * (ino - 1)) & WRITER:
             return False              # a change in progress, or a dead holder to reap
         return self._exact_for(d, slot)
 
@@ -490,7 +491,7 @@ class Namei:
         epoch_word = area.epoch_slot(ino)
         if not area.w.versions_match(H_DEATHS, self._deaths_seen,
                                      epoch_word, d.vers.get(epoch_word, -1),
-                                     area.rewrites + 4 * (ino - 1), d.rewrites,
+                                     area.rewrites + ISLOT * (ino - 1), d.rewrites,
                                      self._name_versions + 8 * slot, d.names_seen[slot]):
             return False
         a = self.inode_addr(ino)
@@ -541,7 +542,7 @@ class Namei:
     def _moved_word(self, ino: int) -> int:
         """Offset of ``ino``'s word in the shared area: 1 + the sync interval in
         which a rename last moved it between directories (0: none)."""
-        return self.area.moved + 8 * (ino - 1)
+        return self.area.moved + ISLOT * (ino - 1)
 
     def _moved_unsynced(self, inos) -> bool:
         """A rename moved one of ``inos`` between directories and no sync begun

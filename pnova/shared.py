@@ -23,16 +23,18 @@ Layout (byte offsets; every region starts on a 64-byte line)::
             the syncs running u64 (begun, not yet done)
     128     worker registry: one line per CPU: pid u64, held-read records
             (HELD_MAX u64 lock offsets, 0 = empty)
-    ...     inode lock words: one u32 per inode slot
-    ...     inode log-tail lock words: one u32 per inode slot
-    ...     reference counts (kernel lookups, open handles): one u32 per inode slot
-    ...     log rewrites: one u32 per inode slot, two per compaction, odd
-            while the compaction switches the slot's words
-    ...     moves between directories: one u64 per inode slot, 1 + the sync
-            interval of the last one (0 = none)
-    ...     directory users: one u64 per inode slot, CPU + 1 of the one CPU
-            doing namespace operations in the directory, or DIR_SHARED | the
-            time (ms) another CPU came; a hint (0 = nobody yet)
+    ...     inode slots: one line per inode slot (ISLOT bytes), in it
+            +0   inode lock word u32
+            +4   inode log-tail lock word u32
+            +8   reference count u32 (kernel lookups, open handles)
+            +12  log rewrites u32, two per compaction, odd while the
+                 compaction switches the slot's words
+            +16  moves between directories u64, 1 + the sync interval of the
+                 last one (0 = none)
+            +24  directory users u64, CPU + 1 of the one CPU doing namespace
+                 operations in the directory, or DIR_SHARED | the time (ms)
+                 another CPU came; a hint (0 = nobody yet)
+            +32  unused (to the end of the line)
     ...     name lock words: NAME_SLOTS u32, hashed by (directory, name); a
             namespace operation holds the one of each name it changes
     ...     segment lock words: SEG_SLOTS u32, hashed by (inode, segment)
@@ -78,11 +80,21 @@ import mmap
 import os
 import time
 
+import numpy as np
+
 from .atomics import SharedWords
 
 MAGIC = 0x41455241_41564F4E   # "NOVAAREA"
-VERSION = 19
+VERSION = 20
 LINE = 64
+# The words of one inode slot, one line per slot (offsets in it): each
+# inode's words come with one line fetched, and two inodes never share a line,
+# so processes working on different inodes never take a line from each other
+# (inode numbers of different CPUs alternate: packed arrays would put every
+# CPU's inodes beside each other's).
+ISLOT = LINE
+S_FIELDS = {"inode_locks": 0, "log_locks": 4, "refs": 8, "rewrites": 12, "moved": 16,
+            "dir_users": 24}
 HELD_MAX = 6                  # read locks one CPU may hold at once
 SEG_SLOTS = 1 << 16
 NAME_SLOTS = 1 << 12
@@ -133,13 +145,10 @@ def _line(n: int) -> int:
 def _offsets(ncpus: int, ninodes: int, region_blocks: list[int]) -> dict[str, int]:
     """Offsets of every table; region_blocks = data blocks of each CPU region."""
     o: dict[str, int] = {"registry": HEADER}
-    o["inode_locks"] = o["registry"] + ncpus * LINE
-    o["log_locks"] = o["inode_locks"] + _line(4 * ninodes)
-    o["refs"] = o["log_locks"] + _line(4 * ninodes)
-    o["rewrites"] = o["refs"] + _line(4 * ninodes)
-    o["moved"] = o["rewrites"] + _line(4 * ninodes)
-    o["dir_users"] = o["moved"] + _line(8 * ninodes)
-    o["name_locks"] = o["dir_users"] + _line(8 * ninodes)
+    o["slots"] = o["registry"] + ncpus * LINE
+    for name, at in S_FIELDS.items():
+        o[name] = o["slots"] + at
+    o["name_locks"] = o["slots"] + ISLOT * ninodes
     o["seg_locks"] = o["name_locks"] + _line(4 * NAME_SLOTS)
     o["range_table"] = o["seg_locks"] + _line(4 * SEG_SLOTS)
     o["rings"] = o["range_table"] + LINE + _line(RANGE_ENTRY * RANGE_MAX)
@@ -184,6 +193,7 @@ class SharedArea:
         self.u64 = memoryview(mm).cast("Q")
         o = _offsets(ncpus, ninodes, region_blocks)
         self.registry = o["registry"]
+        # Inode slot ino's word of a field is at field + ISLOT * (ino - 1).
         self.inode_locks = o["inode_locks"]
         self.log_locks = o["log_locks"]
         self.refs = o["refs"]
@@ -215,6 +225,12 @@ class SharedArea:
         self.itables = [o[f"itable{c}"] for c in range(ncpus)]
         self.fresh = [o[f"fresh{i}"] for i in range(len(region_blocks))]
         self.size = o["size"]
+
+    def column(self, field: int) -> np.ndarray:
+        """The u32 word at ``field`` (``inode_locks``, ``log_locks``, ``refs``...)
+        of every inode slot, as a view; drop it before the area is closed."""
+        return np.ndarray((self.ninodes,), dtype="<u4", buffer=self.mm, offset=field,
+                          strides=(ISLOT,))
 
     def note_compaction(self, ino: int, rewrites: int, old: tuple[int, int],
                         new: tuple[int, int], last_seq: int) -> None:

@@ -304,8 +304,7 @@ class Mount:
         """Live inodes without a name, at unmount: the cached ones and any the
         kernel held a reference to (another process may have unlinked them; the
         shared reference counts are what is left of the processes that did)."""
-        view = np.frombuffer(self.area.mm, dtype="<u4",
-                             count=self.ncpus * self.sb.inodes_per_cpu, offset=self.area.refs)
+        view = self.area.column(self.area.refs)
         held = (np.flatnonzero(view) + 1).tolist()
         del view                                 # no export of the area outlives this
         for ino in held:

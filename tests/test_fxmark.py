@@ -110,6 +110,33 @@ def test_engine_apart_gives_each_worker_an_image_of_its_own(tmp_path, capsys):
         assert names == {f"m-0-{i}" for i in range(1, ops + 1)}
 
 
+@pytest.mark.parametrize("name", ["MWUL", "MWUM", "MWRM"])
+def test_engine_workers_stock_their_own_files_on_their_own_cpu(tmp_path, name, capsys):
+    # As FxMark's pre_work, each worker creates the files it uses up itself,
+    # as the logical CPU it is: their inodes are in its own inode table (the
+    # CPU an inode number belongs to), not all made by the preparing CPU 0.
+    rc, recs = _run(tmp_path, "--target", "engine", "--workload", name, "--scheme", "pnova",
+                    "--workers", "2", "--keep")
+    assert rc == 0, capsys.readouterr().out
+    [r] = recs
+    _sane(r, name, "engine", "pnova")
+    assert all(n >= r["worker_ops"][wid] for wid, n in enumerate(r["worker_stocked"]))
+    fs = FileSystem.mount(r["image"], cpu=0)
+    try:
+        seen = {0: 0, 1: 0}
+        for wid in range(2):
+            d = "" if name == "MWUM" else str(wid)
+            dino = fs.lookup_ino(1, d.encode()) if d else 1
+            for entry, ino, _ in fs.readdir(dino):
+                if entry.startswith(b"u-%d-" % wid if name != "MWUL" else b"u-"):
+                    assert (ino - 1) % fs.ncpus == wid, (entry, ino)
+                    seen[wid] += 1
+        assert seen[0] > 0 and seen[1] > 0       # files were left unused to look at
+    finally:
+        fs.unmount()
+        os.unlink(r["image"])
+
+
 def test_wrong_contents_of_one_apart_image_fail_the_run(tmp_path, monkeypatch, capsys):
     # every image is checked: damage found on the second fails the run and names it
     calls = []
@@ -642,16 +669,17 @@ def test_image_sizing_counts_the_directory_logs_of_moved_files(tmp_path):
 
 @pytest.mark.parametrize("name", ["MWUL", "MWUM", "MWRM"])
 def test_pool_workloads_stock_the_run_before_it_starts(monkeypatch, tmp_path, name):
-    """Files to unlink or move are created before the clock starts, as many as the
-    run should use (a refill during the run would be timed beside the other
-    workers' ops); a refill still covers a run that goes beyond them, and the
-    check counts the stocked files as well."""
+    """Files to unlink or move are created before the clock starts, each worker
+    its own, as many as the run should use (a refill during the run would be
+    timed beside the other workers' ops); a refill still covers a run that
+    goes beyond them, and the check counts the stocked files as well."""
     monkeypatch.setattr(workloads, "POOL", 8)
     monkeypatch.setattr(workloads, "CREATES_PER_SEC", 40)     # at most 104 per worker
     w = WORKLOADS[name]
     fops = PosixOps(str(tmp_path))
     shared = w.prepare(fops, 2)
-    w.stock(fops, shared, 2, 2.0)
+    assert not [n for _, _, names in os.walk(tmp_path) for n in names]   # no file yet
+    assert [w.stock(fops, shared, wid, 2.0) for wid in range(2)] == [104, 104]
     assert shared["stocked"] == [104, 104]
     made = sum(len([n for n in os.listdir(tmp_path / d) if n.startswith("u-")])
                for d in ("", "0", "1") if (tmp_path / d).is_dir())

@@ -16,7 +16,7 @@ from pnova import locks
 from pnova.atomics import SharedWords
 from pnova.locks import WANTED, WRITER, LockTimeout, Semaphores, make_scheme
 from pnova.ring import Ring, refill
-from pnova.shared import H_DEATHS, SharedArea
+from pnova.shared import H_DEATHS, ISLOT, SharedArea
 
 NINODES = 64
 
@@ -75,7 +75,7 @@ def test_a_reader_share_and_its_record_come_and_go_together(area):
     and drops the record before the share: what a reaper of dead readers
     counts on (a record never names a share that is gone)."""
     w = area.w
-    word, rec = area.inode_locks + 24, area.held_slot(1, 0)
+    word, rec = area.inode_locks + ISLOT * 6, area.held_slot(1, 0)
     assert w.rdlock(word, WRITER | WANTED, 0, rec)
     assert w.load32(word) == 1 and w.load64(rec) == word + 1
     w.store32(word, WRITER | 2)                         # a writer holds it
@@ -102,7 +102,7 @@ def test_a_directory_share_and_a_name_lock_are_taken_in_one_call(area):
     taken when the share is not free, and the share stays when the name lock
     is not."""
     w = area.w
-    d, n, rec = area.inode_locks + 8, area.name_locks + 40, area.held_slot(1, 0)
+    d, n, rec = area.inode_locks + ISLOT * 2, area.name_locks + 40, area.held_slot(1, 0)
     mine = WRITER | 2
     assert w.rw_pair(d, n, rec, WRITER | WANTED, mine) == 2
     assert (w.load32(d), w.load64(rec), w.load32(n)) == (1, d + 1, mine)
@@ -133,7 +133,7 @@ def test_a_names_version_is_counted_before_its_lock_goes(area):
     assert w.bump_unlock(v, n, 1) == 41
     assert (w.load64(v), w.load32(n)) == (42, 0)
     # a directory's epoch moves by 2 (an odd one is a change in flight)
-    e, d = area.versions + 8 * 3, area.inode_locks + 4 * 3
+    e, d = area.versions + 8 * 3, area.inode_locks + ISLOT * 3
     w.store64(e, 10)
     w.store32(d, WRITER | 1)
     assert w.bump_unlock(e, d, 2) == 10
@@ -144,8 +144,8 @@ def test_a_names_version_is_counted_before_its_lock_goes(area):
 
 def test_a_cached_directorys_versions_are_matched_in_one_call(area):
     w = area.w
-    words = [(H_DEATHS, 8, 5), (area.versions + 16, 8, 1 << 40), (area.rewrites + 12, 4, 6),
-             (area.name_versions + 8 * 9, 8, 17)]
+    words = [(H_DEATHS, 8, 5), (area.versions + 16, 8, 1 << 40),
+             (area.rewrites + ISLOT * 3, 4, 6), (area.name_versions + 8 * 9, 8, 17)]
     for off, size, v in words:
         (w.store64 if size == 8 else w.store32)(off, v)
     args = [x for off, _, v in words for x in (off, v)]
@@ -166,7 +166,7 @@ def test_semaphores_take_the_pair_and_wait_for_a_held_name(area):
     when another process holds the name, the share is kept and the name
     waited for; the share is then let go as any read share is."""
     sem = Semaphores(area, 1)
-    d, n = area.inode_locks + 16, area.name_locks + 64
+    d, n = area.inode_locks + ISLOT * 4, area.name_locks + 64
     sem.rw_pair(d, n)
     assert area.w.load32(d) == 1 and area.w.load32(n) == sem.mine
     sem.wunlock(n)
@@ -292,7 +292,7 @@ def test_stash_and_fresh_calls_of_a_disk_images_allocator():
 
 def test_a_cpu_records_each_read_share_it_holds(area):
     sem = Semaphores(area, 2)
-    word = area.inode_locks + 32
+    word = area.inode_locks + ISLOT * 8
     sem.rlock(word)
     assert sem.try_rlock(word)                          # a second share of one word
     recs = [area.w.load64(area.held_slot(2, i)) for i in range(locks.HELD_MAX)]
@@ -328,7 +328,7 @@ def test_write_lock_excludes_across_processes(area):
 
 
 def test_readers_share_and_exclude_writers(area):
-    word = area.inode_locks + 8
+    word = area.inode_locks + ISLOT * 2
     sem = Semaphores(area, 0)
     sem.rlock(word)
     flag = area.rings - 64
@@ -370,7 +370,7 @@ def test_a_waiting_writer_holds_new_readers_back(area):
     that waits sets WANTED, new readers wait for it, readers that already hold a
     share still get another (they would otherwise wait for a writer waiting for
     them), and the writer is granted once the holders leave."""
-    word = area.inode_locks + 24
+    word = area.inode_locks + ISLOT * 6
     flag = area.rings - 64
     holder = Semaphores(area, 0)
     holder.rlock(word)
@@ -401,7 +401,7 @@ def test_a_waiting_writer_holds_new_readers_back(area):
 
 
 def test_a_want_left_by_a_dead_writer_delays_readers_by_one_lease(area):
-    word = area.inode_locks + 32
+    word = area.inode_locks + ISLOT * 8
     area.w.store32(word, WANTED)                        # its writer died waiting
     sem = Semaphores(area, 0)
     t0 = time.monotonic()
@@ -439,7 +439,7 @@ def test_dead_holder_does_not_wedge_the_lock(area, mode):
 
 
 def test_new_worker_takes_over_a_dead_cpu(area):
-    word = area.inode_locks + 16
+    word = area.inode_locks + ISLOT * 4
 
     def die_holding():
         area.register(2)

@@ -32,6 +32,7 @@ from pnova.engine import FileSystem
 from pnova.errors import FsError
 from pnova.fsck import Checker
 from pnova.mkfs import format_device
+from pnova.shared import ISLOT
 
 from helpers import fork_workers
 
@@ -338,7 +339,7 @@ def _lookup_while_another_cpu_frees(fs: FileSystem, d: int, name: bytes) -> int:
 
 def _dir_users(fs: FileSystem, d: int) -> int:
     """The directory users word of ``d`` (pnova.namei.Namei._private_dir)."""
-    return fs.area.w.load64(fs._dir_users + 8 * (d - 1))
+    return fs.area.w.load64(fs._dir_users + ISLOT * (d - 1))
 
 
 def _names_and_reads(fs: FileSystem, d: int) -> tuple[list[bytes], int]:
@@ -444,7 +445,7 @@ def test_a_second_directory_that_comes_first_in_the_order_is_only_tried(tmp_path
     b = _Cpu(fs, 1)
     try:
         def shared_lately(ino: int) -> None:             # not one CPU's: the shared path
-            fs.area.w.store64(fs._dir_users + 8 * (ino - 1),
+            fs.area.w.store64(fs._dir_users + ISLOT * (ino - 1),
                               DIR_SHARED | (time.monotonic_ns() >> 20))
         shared_lately(1)
         shared_lately(d)
