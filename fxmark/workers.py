@@ -49,7 +49,10 @@ from dataclasses import asdict, dataclass, field
 from .workloads import Op
 
 INJECT_AFTER = 10              # the op in which an injected failure happens
-READY_TIMEOUT = 120.0          # seconds for every worker to finish its setup
+READY_TIMEOUT = 120.0          # seconds for every worker to finish its setup, plus
+STOCK_SECONDS = 2.0            # this many per second of the run: a worker stocking the
+                               # files it uses up creates about 1.3 s's worth of them per
+                               # second of the run, at its own create rate
 GRACE = 60.0                   # seconds past the stop time before a worker is killed;
                                # longer than pnova's 30 s lock timeout, so a worker stuck
                                # on a dead holder's lock reports that itself
@@ -249,7 +252,7 @@ def run_workers(n: int, setup: Callable[[int], Setup], duration: float, *,
             pids[wid], fds[wid] = pid, r
         pipes = _Pipes(fds)
         not_ready = pipes.wait(lambda w: b"ready" in pipes.lines(w),
-                               time.monotonic() + READY_TIMEOUT)
+                               time.monotonic() + READY_TIMEOUT + STOCK_SECONDS * duration)
         not_ready += [w for w in fds if w not in not_ready and b"ready" not in pipes.lines(w)]
         # Release the workers (a stop time of "now" when one of them is not
         # ready: the others then stop at once instead of measuring nothing).
