@@ -245,13 +245,18 @@ def cmd_run(a: argparse.Namespace) -> int:
 def run_plan(wls: list[workloads.Workload], targets: list[Target], schemes: list[str],
              workers: list[int], duration: float, cfg: RunConfig, out: str,
              show_progress: bool = True, rounds: int = 1) -> int:
-    """Run every (workload, target, scheme, workers), ``rounds`` times (the
-    worker counts of a round one after the other, so that each round's
-    speed-ups compare runs minutes apart at most); print the table, and with
-    rounds the medians; return the failures."""
-    plan = [(w, t, s, r, n) for w in wls for t in targets
+    """Run every (workload, target, scheme, workers), ``rounds`` times; print
+    the table, and with rounds the medians; return the failures.
+
+    A round of a workload runs every target and scheme, each with its worker
+    counts one after the other: a round's speed-ups compare runs seconds
+    apart, and its targets (the engine beside ``engine-apart`` or tmpfs) run
+    in the same minute.  The host's speed drifts by tens of percent within
+    minutes, so targets run one after the other, all rounds of one first,
+    would compare different minutes of the machine as well."""
+    plan = [(w, t, s, r, n) for w in wls for r in range(1, rounds + 1) for t in targets
             for s in (schemes if t.uses_schemes else [NO_SCHEME])
-            for r in range(1, rounds + 1) for n in workers]
+            for n in workers]
     progress = Progress(len(plan), duration, enabled=show_progress and sys.stderr.isatty())
     table = results.Table(sys.stdout)
     table.header()

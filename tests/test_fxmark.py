@@ -490,6 +490,20 @@ def test_rounds_measure_each_point_again_and_report_medians(tmp_path, capsys):
     assert last[("MWCL", "engine", "pnova", 1)]["rounds_ops"] == ops[1]
 
 
+def test_a_round_runs_every_target_before_the_next_round(tmp_path):
+    """With several targets, each round runs all of them (each with its worker
+    counts back to back) before the next round starts, so that a round's
+    targets are measured in the same minute of the machine."""
+    rc, recs = _run(tmp_path, "--workload", "MWCL", "--scheme", "pnova", "--workers", "1,2",
+                    "--target", "engine", "--target", "engine-apart", "--rounds", "2")
+    assert rc == 0
+    assert [(r["round"], r["target"], r["workers"]) for r in recs] == \
+        [(1, "engine", 1), (1, "engine", 2), (1, "engine-apart", 1), (1, "engine-apart", 2),
+         (2, "engine", 1), (2, "engine", 2), (2, "engine-apart", 1), (2, "engine-apart", 2)]
+    for r in recs:
+        _sane(r, "MWCL", r["target"], "pnova")
+
+
 def test_a_point_measured_in_rounds_is_their_median_and_fails_with_any_of_them():
     def rec(n, r, ops=None, batch="b1", failed=None):
         out = {"workload": "MWRM", "target": "engine", "scheme": "pnova", "workers": n,
