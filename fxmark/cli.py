@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, default=5.0,
                      help="seconds each run measures (default 5)")
     run.add_argument("--rounds", type=int, default=1,
-                     help="measure each point this many times, every worker count of a "
-                     "round back to back, and report medians: a point's ops/s over its "
+                     help="measure each point this many times (a round runs every target "
+                     "of a workload, each with its worker counts back to back) and report "
+                     "medians: a point's ops/s over its "
                      "rounds, a speed-up over the ratios measured within each round, with "
                      "their range (default 1)")
     run.add_argument("--direct", action="store_true",
