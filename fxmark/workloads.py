@@ -592,17 +592,20 @@ def _stock_pools(where: Callable[[int], tuple[str, str]]
     ``where(wid)`` = (directory, name prefix)."""
     def stock(fops: FileOps, shared: Any, wid: int, seconds: float) -> int:
         """Give worker ``wid`` the files it should use up in ``seconds``: the
-        rate at which it creates its first pool estimates the rate of its
-        ops, and the device's sizing (:func:`_stock_limit`) bounds it."""
+        rate at which it creates them estimates the rate of its ops, and the
+        device's sizing (:func:`_stock_limit`) bounds it. The fastest pool so
+        far sets the rate: the first ones meet a cold image and the other
+        workers stocking at the same time, and would set it too low."""
         d, prefix = where(wid)
-        took = _untimed(lambda: _make_pool(fops, d, prefix, 0))
-        rate = POOL / max(took, 1e-6)
-        want = min(_stock_limit(seconds),
-                   POOL * -(-int(rate * STOCK_MARGIN * (seconds + 0.5)) // POOL))
-        stocked = POOL
-        while stocked < want:
-            _make_pool(fops, d, prefix, stocked)
+        limit = _stock_limit(seconds)
+        stocked, rate = 0, 0.0
+        while True:
+            took = _untimed(lambda: _make_pool(fops, d, prefix, stocked))
             stocked += POOL
+            rate = max(rate, POOL / max(took, 1e-6))
+            want = POOL * -(-int(rate * STOCK_MARGIN * (seconds + 0.5)) // POOL)
+            if stocked >= min(limit, want):
+                break
         shared["stocked"][wid] = stocked
         return stocked
     return stock
