@@ -423,18 +423,24 @@ def test_a_damaged_log_array_line_is_read_from_the_twin(twinned, tmp_path, capsy
         assert fsck(capsys, img, "-n", "-f")[0] == 0, variant
 
 
+def _two_cpus_on_a_file(tmp_path) -> tuple[str, FileSystem, FileSystem, int]:
+    """A fresh image mounted as CPU 0 with CPU 1 attached, and a file of CPU 0's
+    (whose writes by CPU 1 go to a per-core local log): (path, cpu 0, cpu 1, ino)."""
+    path = str(tmp_path / "w.img")
+    format_device(path, 64 << 20, numa_nodes=1, cpus_per_node=2)
+    a = FileSystem.mount(path)
+    ino = a.create(ROOT, b"shared", 0o644).ino
+    assert (ino - 1) % 2 == 0
+    return path, a, FileSystem.attach(a, 1), ino
+
+
 def test_a_commit_between_the_reads_of_a_line_s_two_copies_is_not_damage(tmp_path):
     """A reader in one process reads a per-core log array line's two copies while
     the writer of that line, in another, commits: a writer stores the array's
     copy first, so the reader reads the twin's first; the copies it then sees
     differ only with the twin behind, which is not damage (the reverse order
     would see the twin ahead and take the array's copy for damaged)."""
-    path = str(tmp_path / "w.img")
-    format_device(path, 64 << 20, numa_nodes=1, cpus_per_node=2)
-    a = FileSystem.mount(path)
-    ino = a.create(ROOT, b"shared", 0o644).ino
-    assert (ino - 1) % 2 == 0                    # CPU 0's file: CPU 1 writes a local log
-    b = FileSystem.attach(a, 1)
+    path, a, b, ino = _two_cpus_on_a_file(tmp_path)
     b.write(ino, 0, b"b" * 100)
     assert b.get(ino).array_twin
     a.get(ino)
@@ -470,12 +476,7 @@ def test_a_reader_waits_for_a_writer_between_its_two_stores(tmp_path, monkeypatc
     import threading
 
     from pnova import rebuild
-    path = str(tmp_path / "w.img")
-    format_device(path, 64 << 20, numa_nodes=1, cpus_per_node=2)
-    a = FileSystem.mount(path)
-    ino = a.create(ROOT, b"shared", 0o644).ino
-    assert (ino - 1) % 2 == 0                    # CPU 0's file: CPU 1 writes a local log
-    b = FileSystem.attach(a, 1)
+    path, a, b, ino = _two_cpus_on_a_file(tmp_path)
     for i in range(50):
         b.write(ino, i * 100, b"b" * 100)
     assert b.get(ino).array_twin
