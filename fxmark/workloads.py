@@ -553,15 +553,23 @@ def _join(d: str, name: str) -> str:
     return f"{d}/{name}" if d else name
 
 
-# Files stocked per op a worker is expected to do (unlinks and moves run a
-# little faster than the creates that time the estimate).
-STOCK_MARGIN = 1.3
+# Files stocked per op a worker is expected to do.  A run should use up well
+# under half of its stock: a directory that loses most of its names meets its
+# log's compaction (pnova compacts a directory's log once it holds four times
+# its live entries, after 60% of its names are gone), and whether a run of two
+# seconds reached that point moved its rate by a few percent.  The creates
+# that time the estimate run slower than the unlinks and moves they stand for,
+# most where several workers stock at once (two engine workers created 10-11 k
+# files a second each while stocking and then unlinked 15-16 k a second): with
+# 1.3 two-worker runs used 56-65% of their stock and compacted, one-worker runs
+# 46-56% and did not; with 2.0 two-worker runs still used 60%.
+STOCK_MARGIN = 3.0
 
 
 def _stock_limit(d: float) -> int:
-    """The most files one worker stocks for a run of ``d`` seconds: what it
-    could use up at CREATES_PER_SEC, in whole pools."""
-    return POOL * -(-int((d + 0.5) * CREATES_PER_SEC) // POOL)
+    """The most files one worker stocks for a run of ``d`` seconds: STOCK_MARGIN
+    times what it could use up at CREATES_PER_SEC, in whole pools."""
+    return POOL * -(-int(STOCK_MARGIN * (d + 0.5) * CREATES_PER_SEC) // POOL)
 
 
 def _pool_files(n: int, d: float) -> int:

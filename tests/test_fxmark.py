@@ -689,7 +689,7 @@ def test_a_stock_follows_the_fastest_pool(monkeypatch, tmp_path):
     the same time) does not leave the worker short: the fastest pool so far
     sets the rate, and the device's sizing still bounds the stock."""
     monkeypatch.setattr(workloads, "POOL", 8)
-    monkeypatch.setattr(workloads, "CREATES_PER_SEC", 400)    # at most 1000 per worker
+    monkeypatch.setattr(workloads, "CREATES_PER_SEC", 400)    # at most 3000 per worker
     times = iter([8 / 5, 8 / 100] + [8 / 100] * 200)           # 5 files/s, then 100/s
 
     def untimed(fn):
@@ -699,14 +699,15 @@ def test_a_stock_follows_the_fastest_pool(monkeypatch, tmp_path):
     w = WORKLOADS["MWUL"]
     fops = PosixOps(str(tmp_path))
     shared = w.prepare(fops, 1)
-    # 100/s * 1.3 margin * (2 s + 0.5): 325, in whole pools of 8
-    assert w.stock(fops, shared, 0, 2.0) == 328
-    assert len(os.listdir(tmp_path / "0")) == 328
+    # 100/s * 3.0 margin * (2 s + 0.5): 750, in whole pools of 8
+    assert workloads.STOCK_MARGIN == 3.0
+    assert w.stock(fops, shared, 0, 2.0) == 752
+    assert len(os.listdir(tmp_path / "0")) == 752
     monkeypatch.setattr(workloads, "_untimed", lambda fn: (fn(), 8 / 10_000)[1])
     (tmp_path / "b").mkdir()
     fops = PosixOps(str(tmp_path / "b"))
     shared = w.prepare(fops, 2)
-    assert w.stock(fops, shared, 1, 2.0) == 1000                # the device's bound
+    assert w.stock(fops, shared, 1, 2.0) == 3000                # the device's bound
 
 
 @pytest.mark.parametrize("name", ["MWUL", "MWUM", "MWRM"])
