@@ -112,6 +112,8 @@ class EngineOps:
         return parent, last.encode()
 
     def _ino(self, path: str) -> int:
+        if not path:
+            return ROOT_INO                      # "" is the base directory, as on PosixOps
         parent, name = self._walk(path)
         return self.fs.lookup(parent, name).ino
 

@@ -204,11 +204,16 @@ def measure(workload: Workload, fops: FileOps, shared: Any, nworkers: int,
 def worker_op(workload: Workload, fops: FileOps, shared: Any, wid: int,
               duration: float) -> Setup:
     """In worker ``wid``, once it is the worker: its own stock, if the workload
-    has one, and its per-op function (with the count it stocked)."""
+    has one, and its per-op function (with the count it stocked, and the
+    workload's settle step, run once every worker has stocked)."""
     if workload.stock is None:
         return workload.worker(fops, shared, wid)
     stocked = workload.stock(fops, shared, wid, duration)
-    return workload.worker(fops, shared, wid), stocked
+    op = workload.worker(fops, shared, wid)
+    settle = workload.settle
+    if settle is None:
+        return op, stocked
+    return op, stocked, lambda: settle(fops, shared, wid)
 
 
 def adopt_stock(workload: Workload, shares: list[Any], numbers: dict[str, Any]) -> None:

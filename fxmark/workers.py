@@ -5,7 +5,12 @@ How one run goes (FxMark's protocol):
 1. The parent forks ``n`` workers.  Worker ``k`` pins itself to one CPU
    (``cpus[k % len(cpus)]``), runs ``setup(k)`` (which returns the per-op
    function, or the function and how many files the worker stocked for
-   itself) and reports "ready" on its own pipe.
+   itself, and maybe a ``settle`` step) and reports "set" on its own pipe.
+   When every worker is set (so every worker's stocking is over), the parent
+   closes the write end of the "settle" pipe; each worker then runs its
+   ``settle`` step, if it has one (a look at a directory the others stocked
+   too, so that what learning their files costs is not in the first
+   seconds of the run), and reports "ready".
 2. When every worker is ready the parent writes the common stop time
    (now + duration, CLOCK_MONOTONIC, which all processes share) into a small
    shared mapping, reads /proc/stat, and closes the write end of the "go"
@@ -50,9 +55,9 @@ from .workloads import Op
 
 INJECT_AFTER = 10              # the op in which an injected failure happens
 READY_TIMEOUT = 120.0          # seconds for every worker to finish its setup, plus
-STOCK_SECONDS = 2.0            # this many per second of the run: a worker stocking the
-                               # files it uses up creates about 1.3 s's worth of them per
-                               # second of the run, at its own create rate
+STOCK_SECONDS = 5.0            # this many per second of the run: a worker stocking the
+                               # files it uses up creates about 3 s's worth of them per
+                               # second of the run, at its own fastest create rate
 GRACE = 60.0                   # seconds past the stop time before a worker is killed;
                                # longer than pnova's 30 s lock timeout, so a worker stuck
                                # on a dead holder's lock reports that itself
@@ -61,8 +66,9 @@ MAX_PAUSED = 3.0               # replenishing may take this many times the durat
 
 
 # What a worker's setup returns: the per-op function, or it and the number of
-# files the worker stocked for itself.
-Setup = Op | tuple[Op, int]
+# files the worker stocked for itself, and maybe what it does once every
+# worker has stocked (its settle step).
+Setup = Op | tuple[Op, int] | tuple[Op, int, Callable[[], object]]
 
 
 class InjectedFailure(RuntimeError):
@@ -100,8 +106,8 @@ def usable_cpus() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-def _child(wid: int, cpu: int, setup: Callable[[int], Setup], go_r: int, out_w: int,
-           stop_at: mmap.mmap, fail_worker: int | None,
+def _child(wid: int, cpu: int, setup: Callable[[int], Setup], settle_r: int, go_r: int,
+           out_w: int, stop_at: mmap.mmap, fail_worker: int | None,
            teardown: Callable[[int], None] | None = None) -> None:
     """Body of worker ``wid``; never returns (os._exit), never raises."""
     res = WorkerResult(wid, cpu)
@@ -110,10 +116,16 @@ def _child(wid: int, cpu: int, setup: Callable[[int], Setup], go_r: int, out_w: 
     try:
         os.sched_setaffinity(0, {cpu})
         op = setup(wid)
-        if isinstance(op, tuple):                # (op, files the worker stocked)
-            op, res.stocked = op
+        settle = None
+        if isinstance(op, tuple):                # (op, files the worker stocked[, settle])
+            op, res.stocked, *rest = op
+            settle = rest[0] if rest else None
         if fail_worker == wid:
             op = _failing(op)
+        os.write(out_w, b"set\n")
+        os.read(settle_r, 1)                     # b"" once every worker is set
+        if settle is not None:
+            settle()
         os.write(out_w, b"ready\n")
         os.read(go_r, 1)                         # returns b"" when the parent closes it
         deadline = struct.unpack_from("d", stop_at, 0)[0]
@@ -234,6 +246,7 @@ def run_workers(n: int, setup: Callable[[int], Setup], duration: float, *,
     cpus = cpus or usable_cpus()
     out = PoolResult(duration)
     stop_at = mmap.mmap(-1, mmap.PAGESIZE)       # anonymous, shared with the children
+    settle_r, settle_w = os.pipe()
     go_r, go_w = os.pipe()
     pids: dict[int, int] = {}
     fds: dict[int, int] = {}
@@ -244,15 +257,22 @@ def run_workers(n: int, setup: Callable[[int], Setup], duration: float, *,
             r, w = os.pipe()
             pid = os.fork()
             if pid == 0:                         # the worker
+                os.close(settle_w)
                 os.close(go_w)
                 os.close(r)
-                _child(wid, cpus[wid % len(cpus)], setup, go_r, w, stop_at, fail_worker,
-                       teardown)
+                _child(wid, cpus[wid % len(cpus)], setup, settle_r, go_r, w, stop_at,
+                       fail_worker, teardown)
             os.close(w)
             pids[wid], fds[wid] = pid, r
         pipes = _Pipes(fds)
-        not_ready = pipes.wait(lambda w: b"ready" in pipes.lines(w),
-                               time.monotonic() + READY_TIMEOUT + STOCK_SECONDS * duration)
+        ready_by = time.monotonic() + READY_TIMEOUT + STOCK_SECONDS * duration
+        # Every worker set up (or failed, or out of time): the settle steps
+        # run now, after all the stocking (a worker that is not set then
+        # never becomes ready, below).
+        pipes.wait(lambda w: b"set" in pipes.lines(w), ready_by)
+        os.close(settle_w)
+        settle_w = -1
+        not_ready = pipes.wait(lambda w: b"ready" in pipes.lines(w), ready_by)
         not_ready += [w for w in fds if w not in not_ready and b"ready" not in pipes.lines(w)]
         # Release the workers (a stop time of "now" when one of them is not
         # ready: the others then stop at once instead of measuring nothing).
@@ -262,7 +282,7 @@ def run_workers(n: int, setup: Callable[[int], Setup], duration: float, *,
         stat0 = cpu_times(used)
         os.close(go_w)
         go_w = -1
-        unfinished = pipes.wait(lambda w: len(pipes.lines(w)) >= 2,
+        unfinished = pipes.wait(lambda w: any(x[:1] == b"{" for x in pipes.lines(w)),
                                 stop + MAX_PAUSED * duration + grace,
                                 tick if background is not None else None, interval)
         out.cpu = cpu_breakdown(stat0, cpu_times(used))
@@ -287,8 +307,9 @@ def run_workers(n: int, setup: Callable[[int], Setup], duration: float, *,
         if out.failed is None and tick_error:
             out.failed = tick_error[0]
     finally:
-        if go_w >= 0:
-            os.close(go_w)
+        for fd in (settle_w, go_w):
+            if fd >= 0:
+                os.close(fd)
         for pid in pids.values():               # only after an error in the parent itself
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -297,6 +318,7 @@ def run_workers(n: int, setup: Callable[[int], Setup], duration: float, *,
                 pass
         for r in fds.values():
             os.close(r)
+        os.close(settle_r)
         os.close(go_r)
         stop_at.close()
     return out

@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+import stat
 import statistics
 import time
 from pathlib import Path
@@ -316,6 +317,7 @@ def test_engine_ops_match_posix_ops(tmp_path):
             ops.unlink("g")
             with pytest.raises(FileNotFoundError):
                 ops.stat("g")
+            assert stat.S_ISDIR(ops.stat("")) and stat.S_ISDIR(ops.stat("x"))   # "": the base
     finally:
         fs.unmount()
 
@@ -390,6 +392,32 @@ def test_replenishing_time_is_not_measured():
     assert w.paused >= 0.05 * (w.ops // 20) >= 0.25
     assert 0.28 <= w.elapsed < 0.3 + 0.1
     assert rec["worker_paused"] == [round(w.paused, 6)]
+
+
+def test_settle_steps_run_once_every_worker_is_set_up(tmp_path):
+    # Worker 1 takes longer to set up (as a worker stocking more files does);
+    # worker 0's settle step, which reads what every worker made, comes only
+    # after it: each settle step sees both workers' setup done, and the run
+    # itself starts after the settle steps.
+    def setup(wid):
+        time.sleep(0.3 * wid)
+        (tmp_path / f"set-{wid}").write_text("")
+
+        def settle():
+            seen = sorted(p.name for p in tmp_path.glob("set-*"))
+            (tmp_path / f"saw-{wid}").write_text(" ".join(seen))
+
+        def op(seq):
+            if seq == 1:
+                (tmp_path / f"ran-{wid}").write_text(
+                    " ".join(sorted(p.name for p in tmp_path.glob("saw-*"))))
+            time.sleep(0.001)
+        return op, 0, settle
+    rec = summarise(run_workers(2, setup, 0.2))
+    assert "failed" not in rec, rec
+    for wid in range(2):
+        assert (tmp_path / f"saw-{wid}").read_text() == "set-0 set-1"
+        assert (tmp_path / f"ran-{wid}").read_text() == "saw-0 saw-1"
 
 
 def test_endless_replenishing_fails_the_run():
@@ -717,17 +745,17 @@ def test_pool_workloads_stock_the_run_before_it_starts(monkeypatch, tmp_path, na
     timed beside the other workers' ops); a refill still covers a run that
     goes beyond them, and the check counts the stocked files as well."""
     monkeypatch.setattr(workloads, "POOL", 8)
-    monkeypatch.setattr(workloads, "CREATES_PER_SEC", 40)     # at most 104 per worker
+    monkeypatch.setattr(workloads, "CREATES_PER_SEC", 40)     # at most 304 per worker
     w = WORKLOADS[name]
     fops = PosixOps(str(tmp_path))
     shared = w.prepare(fops, 2)
     assert not [n for _, _, names in os.walk(tmp_path) for n in names]   # no file yet
-    assert [w.stock(fops, shared, wid, 2.0) for wid in range(2)] == [104, 104]
-    assert shared["stocked"] == [104, 104]
+    assert [w.stock(fops, shared, wid, 2.0) for wid in range(2)] == [304, 304]
+    assert shared["stocked"] == [304, 304]
     made = sum(len([n for n in os.listdir(tmp_path / d) if n.startswith("u-")])
                for d in ("", "0", "1") if (tmp_path / d).is_dir())
-    assert made == 208
-    ops = [50, 110]                                  # the second one refills once
+    assert made == 608
+    ops = [50, 310]                                  # the second one refills once
     refills = []
     for wid, n in enumerate(ops):
         op = w.worker(fops, shared, wid)
