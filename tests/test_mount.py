@@ -97,6 +97,15 @@ def daemon_pids(image: str) -> list[int]:
     return pids
 
 
+def wait_all_gone(image: str) -> None:
+    """Wait until every process serving ``image`` has exited and released it.
+
+    A process that is exiting has lost its command line (its memory is gone)
+    but still holds its files, the image's lock among them, for a moment."""
+    wait_for(lambda: not daemon_pids(image) and not image_locked(image),
+             "every process of the mount to exit and release the image")
+
+
 def one_line(text: str) -> bool:
     return text.strip() != "" and "\n" not in text.strip() and "Traceback" not in text
 
@@ -1051,8 +1060,7 @@ def test_kill9_of_any_serving_process_aborts_and_next_mount_recovers(
     assert stopped and int(stopped[0]) in unserved(mounted), stopped
     returned = done[:]
     assert returned == list(range(len(returned)))
-    wait_for(lambda: not daemon_pids(mounted.image), "every process of the mount to exit")
-    assert not image_locked(mounted.image)
+    wait_all_gone(mounted.image)
     with open(mounted.log) as f:
         text = f.read()
     if victim == "pnova":
@@ -1109,7 +1117,7 @@ def test_a_stop_signal_in_a_stream_of_requests_unmounts_cleanly(mnt: Mount) -> N
     done, stopped = _write_until_killed(_WRITER, mnt.mnt, 300, supervisor, signal.SIGTERM)
     assert stopped and int(stopped[0]) in unserved(mnt), stopped
     assert done == list(range(len(done)))
-    wait_for(lambda: not daemon_pids(mnt.image), "every process of the mount to exit")
+    wait_all_gone(mnt.image)
     with open(mnt.log) as f:
         text = f.read()
     assert "unmounted cleanly" in text and "Traceback" not in text, text
@@ -1150,7 +1158,7 @@ def test_kill9_in_a_stream_of_large_writes_loses_nothing_acknowledged(mnt: Mount
     victim = serving_processes(mnt.image)["pnova-cpu0"]
     done, stopped = _write_until_killed(_LARGE_WRITER, m, 100, victim)
     assert stopped and int(stopped[0]) in unserved(mnt) + (errno.EIO,), stopped
-    wait_for(lambda: not daemon_pids(mnt.image), "every process of the mount to exit")
+    wait_all_gone(mnt.image)
     r = mnt.run()                                        # replaces the dead mount, recovers
     assert r.returncode == 0, r.stderr
     with open(m / "big", "rb") as f:
