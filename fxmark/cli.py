@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds each run measures (default 5)")
     run.add_argument("--rounds", type=int, default=1,
                      help="measure each point this many times (a round runs every target "
-                     "of a workload, each with its worker counts back to back) and report "
+                     "of a workload, each with its worker counts back to back, in the "
+                     "opposite order every second round) and report "
                      "medians: a point's ops/s over its "
                      "rounds, a speed-up over the ratios measured within each round, with "
                      "their range (default 1)")
@@ -254,10 +255,13 @@ def run_plan(wls: list[workloads.Workload], targets: list[Target], schemes: list
     apart, and its targets (the engine beside ``engine-apart`` or tmpfs) run
     in the same minute.  The host's speed drifts by tens of percent within
     minutes, so targets run one after the other, all rounds of one first,
-    would compare different minutes of the machine as well."""
+    would compare different minutes of the machine as well.  Every second
+    round runs the worker counts in the opposite order, so that a drift of the
+    host's speed during a round (which a round's speed-ups see whole) favours
+    neither the first count nor the last in the medians."""
     plan = [(w, t, s, r, n) for w in wls for r in range(1, rounds + 1) for t in targets
             for s in (schemes if t.uses_schemes else [NO_SCHEME])
-            for n in workers]
+            for n in (workers if r % 2 else workers[::-1])]
     progress = Progress(len(plan), duration, enabled=show_progress and sys.stderr.isatty())
     table = results.Table(sys.stdout)
     table.header()

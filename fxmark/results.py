@@ -114,6 +114,7 @@ class Table:
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self.base: dict[tuple[str, str, str, int], float] = {}
+        self.later: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
 
     def header(self) -> None:
         self._line([name for name, _ in COLUMNS])
@@ -129,10 +130,18 @@ class Table:
         if rec["workers"] == 1:
             self.base[key] = ops
         base = self.base.get(key)
+        if base is None and rec["workers"] != 1 and "round" in rec:
+            self.later.setdefault(key, []).append(rec)
         speedup = f"{ops / base:.2f}x" if base else "-"
         cpu = rec["cpu"]
         self._line(first + [f"{ops:,.0f}", speedup] +
                    [f"{cpu[k]:.2f}" for k in ("user", "sys", "idle")])
+        if rec["workers"] == 1:
+            # A round that ran its worker counts the other way round (every
+            # second one) has its speed-ups once the 1-worker point is in.
+            for later in self.later.pop(key, []):
+                self._line([later["workload"], later["target"], later["scheme"],
+                            str(later["workers"]), "", f"{later['ops_per_sec'] / ops:.2f}x"])
 
     def _line(self, cells: list[str], ragged: bool = False) -> None:
         parts = []
