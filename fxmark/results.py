@@ -114,7 +114,9 @@ class Table:
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self.base: dict[tuple[str, str, str, int], float] = {}
-        self.later: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+        # 2-worker rows of a round whose 1-worker point comes after them:
+        # (their first cells, their ops/s)
+        self.later: dict[tuple[str, str, str, int], list[tuple[list[str], float]]] = {}
 
     def header(self) -> None:
         self._line([name for name, _ in COLUMNS])
@@ -131,7 +133,7 @@ class Table:
             self.base[key] = ops
         base = self.base.get(key)
         if base is None and rec["workers"] != 1 and "round" in rec:
-            self.later.setdefault(key, []).append(rec)
+            self.later.setdefault(key, []).append((first, ops))
         speedup = f"{ops / base:.2f}x" if base else "-"
         cpu = rec["cpu"]
         self._line(first + [f"{ops:,.0f}", speedup] +
@@ -139,9 +141,8 @@ class Table:
         if rec["workers"] == 1:
             # A round that ran its worker counts the other way round (every
             # second one) has its speed-ups once the 1-worker point is in.
-            for later in self.later.pop(key, []):
-                self._line([later["workload"], later["target"], later["scheme"],
-                            str(later["workers"]), "", f"{later['ops_per_sec'] / ops:.2f}x"])
+            for cells, later_ops in self.later.pop(key, []):
+                self._line(cells + ["", f"{later_ops / ops:.2f}x"])
 
     def _line(self, cells: list[str], ragged: bool = False) -> None:
         parts = []
